@@ -1,0 +1,126 @@
+"""Forward hooks that keep projected inputs, and output-gradients taken with autograd.grad.
+
+For one example and tracked module, G = Σ_t δ_t a_tᵀ. We keep ã_t = P_inᵀ a_t from the forward pass,
+take δ_t = ∂L/∂y_t for the module outputs y with `torch.autograd.grad` (weights stay frozen and no
+`.grad` is ever materialised), project δ̃_t = P_outᵀ δ_t, and form G̃ = Σ_t δ̃_t ã_tᵀ per example —
+never the d_out x d_in gradient. Padding positions are zeroed; prompt positions keep their
+activations (they pass gradient through attention) and so contribute exactly what autograd gives.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine.capture.modules import module_has_bias_column
+from engine.data.batching import Batch
+from engine.projection import ProjectionSpec
+
+
+@dataclass
+class ForwardPass:
+    logits: torch.Tensor
+    activations: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # (B, T, k_in) per call
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # module outputs y per call
+
+
+class GradientCapture:
+    """Projected per-example gradients of tracked modules for batches of one model."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], spec: ProjectionSpec,
+                 include_bias: bool, compute_dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.modules = modules
+        self.spec = spec
+        self.compute_dtype = compute_dtype
+        self.layout = {m.name: m for m in spec.modules}
+        if list(self.layout) != list(modules):
+            raise ValueError("projection spec and tracked modules disagree on names or order")
+        self.bias_column = {name: module_has_bias_column(mod, include_bias) for name, mod in modules.items()}
+        self.p_in = {m.name: spec.side_matrix(m, "in", compute_dtype, device) for m in spec.modules}
+        self.p_out = {m.name: spec.side_matrix(m, "out", compute_dtype, device) for m in spec.modules}
+        self._mask: torch.Tensor | None = None
+        self._current: ForwardPass | None = None
+
+    def _project_input(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
+        batch_size = self._mask.shape[0]
+        a = inputs.detach().reshape(batch_size, -1, inputs.shape[-1]).to(self.compute_dtype)
+        if self.bias_column[name]:
+            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+        a = self._zero_padding(a)
+        projection = self.p_in[name]
+        return a if projection is None else a @ projection
+
+    def _zero_padding(self, values: torch.Tensor) -> torch.Tensor:
+        # where(), not a product: fully masked attention rows can leave NaN at padding positions.
+        keep = self._mask.unsqueeze(-1).bool()
+        return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            state = self._current
+            if state is None:
+                return
+            state.activations.setdefault(name, []).append(self._project_input(name, args[0]))
+            state.outputs.setdefault(name, []).append(output)
+        return record
+
+    @staticmethod
+    def _requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # Weights are frozen, so make the graph start at the embeddings: every module output downstream
+        # then has a grad_fn and autograd.grad can reach it.
+        return output.requires_grad_(True) if not output.requires_grad else output
+
+    @contextmanager
+    def hooks(self):
+        handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
+        handles.append(self.model.get_input_embeddings().register_forward_hook(self._requires_grad))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def forward(self, batch: Batch) -> ForwardPass:
+        self._mask = batch.attention_mask
+        self._current = ForwardPass(logits=torch.empty(0))
+        try:
+            with torch.enable_grad():
+                output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                    position_ids=batch.position_ids, use_cache=False)
+            self._current.logits = output.logits
+            return self._current
+        finally:
+            self._current = None
+
+    def output_gradients(self, state: ForwardPass, loss: torch.Tensor,
+                         retain_graph: bool) -> dict[str, list[torch.Tensor]]:
+        """Projected δ̃ (B, T, k_out) per module call for the summed per-example `loss`."""
+        names = [(name, i) for name, outs in state.outputs.items() for i in range(len(outs))]
+        flat_outputs = [state.outputs[name][i] for name, i in names]
+        grads = torch.autograd.grad(loss.sum(), flat_outputs, retain_graph=retain_graph, allow_unused=True)
+        batch_size = state.logits.shape[0]
+        deltas: dict[str, list[torch.Tensor]] = {}
+        for (name, _), output, grad in zip(names, flat_outputs, grads):
+            if grad is None:
+                grad = torch.zeros_like(output)
+            delta = self._zero_padding(grad.reshape(batch_size, -1, grad.shape[-1]).to(self.compute_dtype))
+            projection = self.p_out[name]
+            deltas.setdefault(name, []).append(delta if projection is None else delta @ projection)
+        return deltas
+
+    def example_gradients(self, state: ForwardPass,
+                          deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """G̃ = Σ_t δ̃_t ã_tᵀ per example and module: (B, k_out, k_in)."""
+        out = {}
+        for name in self.modules:
+            calls = zip(deltas[name], state.activations[name])
+            out[name] = sum(torch.einsum("btk,btj->bkj", delta, act) for delta, act in calls)
+        return out
+
+    def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Concatenate modules into stored rows (B, D) in layout order."""
+        return torch.cat([grads[name].flatten(start_dim=1) for name in self.modules], dim=1)

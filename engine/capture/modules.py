@@ -1,0 +1,119 @@
+"""Which modules are tracked and how each kind exposes (d_in, d_out) and its weight as d_out x d_in.
+
+A kind registers itself by module type, so supporting a new layer kind is one small subclass.
+peft's LoRA `lora_A` / `lora_B` are plain `nn.Linear`s, so they are tracked as Linear; when the model
+is a peft model only those adapter modules are tracked (the base weights are frozen, not attributed).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from engine.errors import TributaryError
+
+
+class TrackedKind:
+    registry: ClassVar[dict[type, "type[TrackedKind]"]] = {}
+    module_type: ClassVar[type]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        TrackedKind.registry[cls.module_type] = cls
+
+    @staticmethod
+    def dims(module: nn.Module) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @staticmethod
+    def weight_as_out_in(module: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def for_module(cls, module: nn.Module) -> "type[TrackedKind] | None":
+        for module_type, kind in cls.registry.items():
+            if type(module) is module_type:
+                return kind
+        return None
+
+
+class LinearKind(TrackedKind):
+    module_type = nn.Linear
+
+    @staticmethod
+    def dims(module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    @staticmethod
+    def weight_as_out_in(module: nn.Module) -> torch.Tensor:
+        return module.weight
+
+
+try:  # HF GPT-2's Conv1D stores its weight transposed: (d_in, d_out), y = x @ W + b.
+    from transformers.pytorch_utils import Conv1D
+
+    class Conv1DKind(TrackedKind):
+        module_type = Conv1D
+
+        @staticmethod
+        def dims(module: nn.Module) -> tuple[int, int]:
+            return module.weight.shape[0], module.weight.shape[1]
+
+        @staticmethod
+        def weight_as_out_in(module: nn.Module) -> torch.Tensor:
+            return module.weight.t()
+except ImportError:  # pragma: no cover - transformers is a hard dependency
+    pass
+
+
+EXCLUDED_BY_DEFAULT = ("*lm_head*", "*embed*", "*wte*", "*wpe*")
+LORA_PATTERNS = ("*lora_A*", "*lora_B*")
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    return any(".lora_A." in name or name.endswith("lora_A") for name, _ in model.named_modules())
+
+
+def select_modules(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
+    """Tracked modules in registration order, chosen by fnmatch patterns on their qualified names."""
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    supported = {
+        name: module for name, module in model.named_modules()
+        if TrackedKind.for_module(module) is not None and module is not output_embeddings
+    }
+    peft = is_peft_model(model)
+    if peft:
+        supported = {n: m for n, m in supported.items() if any(fnmatch.fnmatch(n, p) for p in LORA_PATTERNS)}
+    if patterns is None:
+        chosen = {n: m for n, m in supported.items()
+                  if not any(fnmatch.fnmatch(n, p) for p in EXCLUDED_BY_DEFAULT)}
+        if not chosen:
+            raise TributaryError("the model has no supported module (nn.Linear, GPT-2 Conv1D, LoRA) to track")
+        return chosen
+    chosen = {}
+    for pattern in patterns:
+        matched = {n: m for n, m in supported.items() if fnmatch.fnmatch(n, pattern)}
+        if not matched:
+            examples = ", ".join(list(supported)[:6])
+            scope = "LoRA adapter modules" if peft else "supported modules"
+            raise TributaryError(
+                f"model.modules pattern {pattern!r} matches no {scope}; names look like: {examples}"
+            )
+        chosen.update(matched)
+    return {n: m for n, m in supported.items() if n in chosen}
+
+
+def tracked_shapes(modules: dict[str, nn.Module], include_bias: bool) -> list[tuple[str, int, int]]:
+    shapes = []
+    for name, module in modules.items():
+        d_in, d_out = TrackedKind.for_module(module).dims(module)
+        has_bias = include_bias and getattr(module, "bias", None) is not None
+        shapes.append((name, d_in + int(has_bias), d_out))
+    return shapes
+
+
+def module_has_bias_column(module: nn.Module, include_bias: bool) -> bool:
+    return include_bias and getattr(module, "bias", None) is not None

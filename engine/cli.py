@@ -1,0 +1,111 @@
+"""The `tributary` command line: each subcommand reads a validated config and calls the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from engine.errors import TributaryError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Tributary: which training examples made this model say this?")
+console = Console(stderr=True)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(error: Exception) -> None:
+    console.print(f"[bold red]error:[/] {error}")
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def index(config: str = typer.Argument(..., help="YAML job config"),
+          overwrite: bool = typer.Option(False, help="replace a store built from different inputs"),
+          progress: bool = typer.Option(True, help="show progress bars")) -> None:
+    """Compute projected training gradients and curvature factors into the store."""
+    from engine.config import load_config
+    from engine.indexing.driver import run_index
+
+    try:
+        store = run_index(load_config(config), overwrite=overwrite, show_progress=progress)
+    except TributaryError as error:
+        _fail(error)
+    console.print(f"store: {store.path} ({store.rows} rows)")
+
+
+@app.command()
+def query(config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
+          queries: str = typer.Option(..., "--queries", help="JSONL of {text} or {prompt, completion} rows"),
+          top_k: int = typer.Option(10, "--top-k", help="training examples per query"),
+          out: Optional[str] = typer.Option(None, "--out", help="results JSONL"),
+          scores_out: Optional[str] = typer.Option(None, "--scores-out", help="full Q x N scores (.npy)"),
+          per_module: bool = typer.Option(False, "--per-module", help="per-module scores in the results"),
+          method: Optional[str] = typer.Option(None, "--method", help="override method.name")) -> None:
+    """Score queries against every training example and keep the top-k."""
+    from engine.config import load_config
+    from engine.query.run import run_query
+
+    try:
+        job = load_config(config)
+        if method is not None:
+            from engine.config import MethodConfig, parse_config
+
+            raw = job.model_dump()
+            raw["method"] = dict(raw["method"], name=method)
+            job = parse_config(raw, source=f"{config} with --method {method}")
+        scores = run_query(job, queries, top_k, out=out, scores_out=scores_out, per_module=per_module)
+    except TributaryError as error:
+        _fail(error)
+    console.print(f"scored {scores.total.shape[0]} queries against {scores.total.shape[1]} training rows")
+    if out:
+        console.print(f"results: {out}")
+
+
+@app.command()
+def info(store: str = typer.Argument(..., help="store path or URL")) -> None:
+    """Print a store's manifest and completeness."""
+    from engine.store import GradientStore
+
+    try:
+        opened = GradientStore.open(store)
+    except TributaryError as error:
+        _fail(error)
+    manifest = opened.manifest
+    summary = {key: manifest[key] for key in ("format", "code_version", "rows", "width", "dtype",
+                                               "rows_per_chunk", "complete", "fingerprints", "curvature")}
+    summary["shards_completed"] = f"{len(manifest['completed_shards'])} of {len(opened.shards())}"
+    summary["modules"] = len(manifest["projection"]["modules"])
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+
+
+@app.command()
+def demo(workdir: str = typer.Option("runs/demo", help="where the demo writes its model, data and store"),
+         small: bool = typer.Option(False, "--small", help="a smaller, faster run (for tests)")) -> None:
+    """End-to-end example on an embedded default: build, index, query, print the top examples."""
+    from engine.demo import run_demo
+
+    try:
+        run_demo(workdir, small=small)
+    except TributaryError as error:
+        _fail(error)
+
+
+if __name__ == "__main__":
+    app()

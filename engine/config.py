@@ -1,0 +1,150 @@
+"""The job configuration: a YAML file validated by pydantic; an unknown key is an error that names it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.errors import TributaryError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="HF model directory (or a hub id already in the local cache)")
+    adapter: str | None = Field(None, description="peft adapter directory; gradients of adapter weights only")
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    modules: list[str] | None = Field(
+        None, description="fnmatch patterns of tracked module names; default: every supported module "
+        "except lm_head and embeddings"
+    )
+    include_bias: bool = Field(True, description="treat a bias as a constant-1 input column (as kronfluence)")
+
+
+class DataConfig(_Section):
+    train: str = Field(description="training JSONL: rows {text} or {prompt, completion}, optional id")
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    id_field: str = "id"
+    max_length: int = Field(512, gt=1)
+    batch_size: int = Field(8, gt=0)
+    padding_side: Literal["right", "left"] = "right"
+
+
+class ProjectionConfig(_Section):
+    dim: int = Field(16, ge=0, description="per-side projection width k; 0 = identity (exact)")
+    seed: int = 0
+    kind: Literal["rademacher", "gaussian"] = "rademacher"
+
+
+class CurvatureConfig(_Section):
+    strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = "ekfac"
+    fisher: Union[Literal[True], Literal["empirical"]] = Field(
+        True, description="true: labels sampled from the model (Gauss-Newton); empirical: the data's labels"
+    )
+    seed: int = 0
+
+    @field_validator("fisher", mode="before")
+    @classmethod
+    def _fisher_words(cls, value: object) -> object:
+        if value == "true":
+            return True
+        if value is False or value == "false":
+            raise ValueError("fisher must be true (sampled labels) or 'empirical'")
+        return value
+
+
+class MethodConfig(_Section):
+    name: Literal["if", "grad_dot", "grad_cos", "source"] = "if"
+    damping: float | None = Field(None, ge=0, description="influence damping; null = 0.1 x mean eigenvalue per module")
+    eta: float | None = Field(None, gt=0, description="Source: mean learning rate of the segment")
+    steps: int | None = Field(None, gt=0, description="Source: number of optimizer steps K in the segment")
+    form: Literal["exponential", "discrete"] = Field(
+        "exponential", description="Source: (1-exp(-eta K l))/l, or the K-step form (1-(1-eta l)^K)/l"
+    )
+
+
+class StoreConfig(_Section):
+    path: str
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    rows_per_chunk: int | None = Field(None, gt=0, description="rows per Zarr chunk; default targets ~16 MiB")
+
+
+class JobConfig(_Section):
+    model: ModelConfig
+    data: DataConfig
+    projection: ProjectionConfig = ProjectionConfig()
+    curvature: CurvatureConfig = CurvatureConfig()
+    method: MethodConfig = MethodConfig()
+    store: StoreConfig
+
+    def with_method(self, method: MethodConfig) -> "JobConfig":
+        return self.model_copy(update={"method": method})
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {where}: unknown key; remove it or check its spelling")
+        elif item["type"] == "missing":
+            lines.append(f"  {where}: required key is missing")
+        else:
+            lines.append(f"  {where}: {item['msg']}")
+    return f"invalid config {source}:\n" + "\n".join(lines)
+
+
+def parse_config(raw: dict, source: str = "<dict>", base_dir: Path | None = None) -> JobConfig:
+    """Validate a config mapping. Relative data paths are resolved against `base_dir` when given."""
+    try:
+        config = JobConfig.model_validate(raw)
+    except ValidationError as error:
+        raise TributaryError(_describe(error, source)) from None
+    if base_dir is not None:
+        config = _resolve_paths(config, base_dir)
+    if config.method.name == "source" and (config.method.eta is None or config.method.steps is None):
+        raise TributaryError(
+            f"invalid config {source}: method 'source' needs method.eta (mean learning rate) and "
+            "method.steps (optimizer steps K)"
+        )
+    return config
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    if "://" in path or Path(path).is_absolute():
+        return path
+    return str((base_dir / path).resolve())
+
+
+def _resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
+    data = config.data.model_copy(update={"train": _resolve(config.data.train, base_dir)})
+    store = config.store.model_copy(update={"path": _resolve(config.store.path, base_dir)})
+    model_path = config.model.path
+    if (base_dir / model_path).exists():
+        model_path = _resolve(model_path, base_dir)
+    adapter = config.model.adapter
+    if adapter is not None and (base_dir / adapter).exists():
+        adapter = _resolve(adapter, base_dir)
+    model = config.model.model_copy(update={"path": model_path, "adapter": adapter})
+    return config.model_copy(update={"data": data, "store": store, "model": model})
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read and validate a YAML job config; relative paths in it are relative to the current directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise TributaryError(f"config file {path} does not exist; pass the path of a YAML job config")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise TributaryError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise TributaryError(f"config file {path} must hold a mapping with model, data and store sections")
+    return parse_config(raw, source=str(path), base_dir=Path.cwd())

@@ -1,0 +1,1 @@
+"""Curvature in the projected space: identity, diagonal, K-FAC and EK-FAC, from mergeable sums."""

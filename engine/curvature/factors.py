@@ -1,0 +1,95 @@
+"""Curvature factors per module: eigenbases Q_A, Q_S and the eigenvalue grid Λ (k_out x k_in).
+
+Normalisation. Ã = Σ_tokens ã ãᵀ / #tokens and S̃ = Σ_tokens δ̃ δ̃ᵀ / #examples, so that K-FAC's
+σ αᵀ estimates the Fisher of a per-example (token-summed) loss: E_n[vec G̃ vec G̃ᵀ] ≈ S̃ ⊗ Ã when
+tokens are independent. EK-FAC's Λ = E_n[(Q_Sᵀ G̃_n Q_A)²] is a mean over examples, as in kronfluence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.curvature.statistics import ModuleCovariance, ModuleLambda
+
+STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+NEEDS_COVARIANCE = {"kfac", "ekfac"}
+NEEDS_LAMBDA_PASS = {"diagonal", "ekfac"}
+
+
+@dataclass
+class ModuleFactors:
+    """Λ in the basis given by (q_s, q_a); a basis of None means the raw projected basis (identity)."""
+
+    strategy: str
+    lam: np.ndarray  # (k_out, k_in) float64
+    q_a: np.ndarray | None = None  # (k_in, k_in)
+    q_s: np.ndarray | None = None  # (k_out, k_out)
+    alpha: np.ndarray | None = None
+    sigma: np.ndarray | None = None
+
+    @property
+    def rotated(self) -> bool:
+        return self.q_a is not None
+
+
+def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    values, vectors = np.linalg.eigh(0.5 * (matrix + matrix.T))
+    return np.clip(values, 0.0, None), vectors
+
+
+def eigendecompose(covariance: ModuleCovariance, strategy: str) -> ModuleFactors:
+    """The K-FAC eigenbasis (float64) and, for K-FAC, Λ = σ αᵀ; EK-FAC's Λ comes from `correct`."""
+    if covariance.tokens == 0 or covariance.examples == 0:
+        raise ValueError("covariance has no data")
+    alpha, q_a = _eigh(covariance.a_sum / covariance.tokens)
+    sigma, q_s = _eigh(covariance.s_sum / covariance.examples)
+    lam = np.outer(sigma, alpha)
+    return ModuleFactors(strategy=strategy, lam=lam, q_a=q_a, q_s=q_s, alpha=alpha, sigma=sigma)
+
+
+def correct(factors: ModuleFactors, lambdas: ModuleLambda) -> ModuleFactors:
+    """Replace Λ by the mean of squared per-example gradients in the factors' basis."""
+    if lambdas.examples == 0:
+        raise ValueError("eigenvalue-correction sums have no data")
+    return ModuleFactors(strategy=factors.strategy, lam=lambdas.sum / lambdas.examples, q_a=factors.q_a,
+                         q_s=factors.q_s, alpha=factors.alpha, sigma=factors.sigma)
+
+
+def identity_factors(k_in: int, k_out: int) -> ModuleFactors:
+    return ModuleFactors(strategy="identity", lam=np.ones((k_out, k_in)))
+
+
+def diagonal_factors(lambdas: ModuleLambda) -> ModuleFactors:
+    return ModuleFactors(strategy="diagonal", lam=lambdas.sum / lambdas.examples)
+
+
+def rotate(grads: np.ndarray, factors: ModuleFactors) -> np.ndarray:
+    """ĝ = Q_Sᵀ G̃ Q_A for a stack of gradients (..., k_out, k_in); unchanged in the raw basis."""
+    if not factors.rotated:
+        return grads
+    return factors.q_s.T @ grads @ factors.q_a
+
+
+def unrotate(grads: np.ndarray, factors: ModuleFactors) -> np.ndarray:
+    if not factors.rotated:
+        return grads
+    return factors.q_s @ grads @ factors.q_a.T
+
+
+def initial_factors(strategy: str, covariance: dict[str, ModuleCovariance],
+                    widths: dict[str, tuple[int, int]]) -> dict[str, ModuleFactors]:
+    """Factors after pass 1: eigenbases (K-FAC/EK-FAC) or placeholders; `widths` maps name → (k_in, k_out)."""
+    if strategy in NEEDS_COVARIANCE:
+        return {name: eigendecompose(covariance[name], strategy) for name in widths}
+    return {name: identity_factors(k_in, k_out) for name, (k_in, k_out) in widths.items()}
+
+
+def final_factors(strategy: str, initial: dict[str, ModuleFactors],
+                  lambdas: dict[str, ModuleLambda]) -> dict[str, ModuleFactors]:
+    if strategy == "ekfac":
+        return {name: correct(factors, lambdas[name]) for name, factors in initial.items()}
+    if strategy == "diagonal":
+        return {name: diagonal_factors(lambdas[name]) for name in initial}
+    return initial

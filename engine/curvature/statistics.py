@@ -1,0 +1,84 @@
+"""Mergeable partial sums (sum + count) for the curvature factors.
+
+Any split of the data into parts, reduced with `merge`, gives the same factors as one pass: the
+sums are accumulated in float64, so splits differ only by float64 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ModuleCovariance:
+    """Σ_tokens ã ãᵀ over tokens and Σ_tokens δ̃ δ̃ᵀ (sampled-label δ) with their counts."""
+
+    a_sum: np.ndarray
+    s_sum: np.ndarray
+    tokens: int = 0
+    examples: int = 0
+
+    @classmethod
+    def zeros(cls, k_in: int, k_out: int) -> "ModuleCovariance":
+        return cls(np.zeros((k_in, k_in)), np.zeros((k_out, k_out)))
+
+    def merge(self, other: "ModuleCovariance") -> "ModuleCovariance":
+        return ModuleCovariance(self.a_sum + other.a_sum, self.s_sum + other.s_sum,
+                                self.tokens + other.tokens, self.examples + other.examples)
+
+
+@dataclass
+class ModuleLambda:
+    """Σ_examples (Q_Sᵀ G̃ Q_A)² — the corrected eigenvalues before dividing by the count."""
+
+    sum: np.ndarray
+    examples: int = 0
+
+    @classmethod
+    def zeros(cls, k_in: int, k_out: int) -> "ModuleLambda":
+        return cls(np.zeros((k_out, k_in)))
+
+    def merge(self, other: "ModuleLambda") -> "ModuleLambda":
+        return ModuleLambda(self.sum + other.sum, self.examples + other.examples)
+
+
+@dataclass
+class PartialSums:
+    """One worker's (or one pass's) statistics for every tracked module."""
+
+    covariance: dict[str, ModuleCovariance] = field(default_factory=dict)
+    lambdas: dict[str, ModuleLambda] = field(default_factory=dict)
+
+    def merge(self, other: "PartialSums") -> "PartialSums":
+        def join(mine: dict, theirs: dict) -> dict:
+            keys = list(mine) + [k for k in theirs if k not in mine]
+            return {k: mine[k].merge(theirs[k]) if k in mine and k in theirs else mine.get(k, theirs.get(k))
+                    for k in keys}
+        return PartialSums(join(self.covariance, other.covariance), join(self.lambdas, other.lambdas))
+
+
+def merge_all(parts: list[PartialSums]) -> PartialSums:
+    total = PartialSums()
+    for part in parts:
+        total = total.merge(part)
+    return total
+
+
+def _f64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.float64)
+
+
+def add_covariance(target: ModuleCovariance, activations: list[torch.Tensor], deltas: list[torch.Tensor],
+                   mask: torch.Tensor) -> None:
+    """Accumulate one batch: activations (B,T,k_in) and sampled-label δ̃ (B,T,k_out) per module call."""
+    for act in activations:
+        flat = _f64(act).reshape(-1, act.shape[-1])
+        target.a_sum += (flat.T @ flat).cpu().numpy()
+    for delta in deltas:
+        flat = _f64(delta).reshape(-1, delta.shape[-1])
+        target.s_sum += (flat.T @ flat).cpu().numpy()
+    target.tokens += int(mask.sum())
+    target.examples += int(mask.shape[0])

@@ -1,0 +1,1 @@
+"""Training and query rows: reading JSONL, tokenising with a loss mask, padding into batches."""

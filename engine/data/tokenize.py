@@ -1,0 +1,76 @@
+"""Token ids with a loss mask: prompt tokens get label -100, completion (or all text) tokens count."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from engine.data.rows import Row
+from engine.errors import TributaryError
+
+IGNORE = -100
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    index: int
+    input_ids: list[int]
+    labels: list[int]  # IGNORE where the token carries no loss
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return sum(1 for label in self.labels[1:] if label != IGNORE)
+
+
+def _encode(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def tokenize_row(row: Row, tokenizer, max_length: int, source: str) -> tuple[TokenizedRow, bool]:
+    """Tokenise one row; returns the row and whether it was truncated to `max_length`.
+
+    Prompt and completion are tokenised separately (prompt with the tokenizer's special tokens,
+    completion without) so the boundary between them is exact.
+    """
+    where = f"{source}:{row.line}"
+    if row.text is not None:
+        ids = _encode(tokenizer, row.text, special=True)
+        if len(ids) < 2:
+            raise TributaryError(
+                f"{where}: text has {len(ids)} token(s); at least 2 are needed for one next-token loss"
+            )
+        labels = list(ids)
+    else:
+        prompt_ids = _encode(tokenizer, row.prompt or "", special=True)
+        completion_ids = _encode(tokenizer, row.completion or "", special=False)
+        if not completion_ids:
+            raise TributaryError(f"{where}: completion has no tokens; give it text")
+        if len(prompt_ids) >= max_length:
+            raise TributaryError(
+                f"{where}: prompt is {len(prompt_ids)} tokens, not shorter than data.max_length={max_length}, "
+                "so no completion token would remain; shorten the prompt or raise data.max_length"
+            )
+        ids = prompt_ids + completion_ids
+        labels = [IGNORE] * len(prompt_ids) + completion_ids
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    tokenized = TokenizedRow(index=row.index, input_ids=ids, labels=labels)
+    if tokenized.num_loss_tokens == 0:
+        raise TributaryError(
+            f"{where}: no token carries loss (the first token is never predicted); add a prompt or more text"
+        )
+    return tokenized, truncated
+
+
+def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str) -> list[TokenizedRow]:
+    out = []
+    truncated = 0
+    for row in rows:
+        tokenized, was_truncated = tokenize_row(row, tokenizer, max_length, source)
+        out.append(tokenized)
+        truncated += was_truncated
+    if truncated:
+        log.warning("%s: %d of %d rows were longer than max_length=%d and were truncated",
+                    source, truncated, len(rows), max_length)
+    return out

@@ -1,0 +1,1 @@
+"""Building an index: job preparation (all validation), per-shard computation, and the driver."""

@@ -1,0 +1,95 @@
+"""Per-shard computation: pass 1 (projected gradients + covariance sums) and pass 2 (Λ sums).
+
+A shard is a contiguous row range; nothing here depends on which shards a worker gets, so any split
+of the rows gives the same rows and, after merging, the same statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.capture.loss import per_example_loss, sample_labels
+from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
+from engine.curvature.statistics import ModuleCovariance, ModuleLambda, PartialSums, add_covariance
+from engine.data.batching import Batch, batches
+from engine.data.tokenize import TokenizedRow
+from engine.indexing.job import ModelContext
+
+
+@dataclass
+class ShardGradients:
+    start: int
+    grads: np.ndarray  # (n, D) in the compute dtype
+    losses: np.ndarray
+    num_tokens: np.ndarray
+    sums: PartialSums
+
+
+def _curvature_labels(context: ModelContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
+    curvature = context.config.curvature
+    if curvature.fisher == "empirical":
+        return batch.labels
+    return sample_labels(logits, batch.labels, batch.position_ids, batch.indices, curvature.seed)
+
+
+def _batches(context: ModelContext, rows: list[TokenizedRow]):
+    data = context.config.data
+    for batch in batches(rows, data.batch_size, context.pad_id, data.padding_side):
+        yield batch.to(context.device)
+
+
+def gradient_pass(context: ModelContext, rows: list[TokenizedRow], start: int = 0,
+                  with_covariance: bool = True) -> ShardGradients:
+    """Projected per-example gradients of the loss, and the covariance sums for K-FAC/EK-FAC."""
+    capture = context.capture
+    curvature = context.config.curvature
+    want_covariance = with_covariance and curvature.strategy in NEEDS_COVARIANCE
+    covariance = {m.name: ModuleCovariance.zeros(m.k_in, m.k_out) for m in context.spec.modules}
+    grads, losses, tokens = [], [], []
+    with capture.hooks():
+        for batch in _batches(context, rows):
+            state = capture.forward(batch)
+            loss = per_example_loss(state.logits, batch.labels)
+            separate_fisher = want_covariance and curvature.fisher is True
+            deltas = capture.output_gradients(state, loss, retain_graph=separate_fisher)
+            grads.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
+            losses.append(loss.detach().float().cpu())
+            tokens.append(batch.num_tokens.cpu())
+            if want_covariance:
+                if separate_fisher:
+                    sampled = _curvature_labels(context, batch, state.logits)
+                    fisher_loss = per_example_loss(state.logits, sampled)
+                    deltas = capture.output_gradients(state, fisher_loss, retain_graph=False)
+                for name in capture.modules:
+                    add_covariance(covariance[name], state.activations[name], deltas[name], batch.attention_mask)
+    sums = PartialSums(covariance=covariance if want_covariance else {})
+    return ShardGradients(start, torch.cat(grads).numpy(), torch.cat(losses).numpy(),
+                          torch.cat(tokens).numpy(), sums)
+
+
+def lambda_pass(context: ModelContext, rows: list[TokenizedRow],
+                factors: dict[str, ModuleFactors]) -> PartialSums:
+    """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal)."""
+    capture = context.capture
+    bases = {
+        name: (None if not f.rotated else (torch.from_numpy(f.q_s).to(context.device),
+                                           torch.from_numpy(f.q_a).to(context.device)))
+        for name, f in factors.items()
+    }
+    lambdas = {m.name: ModuleLambda.zeros(m.k_in, m.k_out) for m in context.spec.modules}
+    with capture.hooks():
+        for batch in _batches(context, rows):
+            state = capture.forward(batch)
+            labels = _curvature_labels(context, batch, state.logits)
+            deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
+            for name, grads in capture.example_gradients(state, deltas).items():
+                grads = grads.detach().to(torch.float64)
+                if bases[name] is not None:
+                    q_s, q_a = bases[name]
+                    grads = q_s.T @ grads @ q_a
+                lambdas[name].sum += (grads ** 2).sum(dim=0).cpu().numpy()
+                lambdas[name].examples += grads.shape[0]
+    return PartialSums(lambdas=lambdas)

@@ -1,0 +1,100 @@
+"""Everything an index or query run needs, prepared and validated before anything is written."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine import __version__
+from engine.capture.capture import GradientCapture
+from engine.capture.modules import select_modules, tracked_shapes
+from engine.config import JobConfig
+from engine.data.rows import FieldNames, Row, file_fingerprint, read_rows
+from engine.data.tokenize import TokenizedRow, tokenize_rows
+from engine.errors import TributaryError
+from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
+from engine.model.loading import compute_dtype_for, load_model
+from engine.projection import ProjectionSpec, build_projection
+
+
+@dataclass
+class ModelContext:
+    """A loaded model with its tracked modules, projection and capture."""
+
+    config: JobConfig
+    model: nn.Module
+    tokenizer: object
+    modules: dict[str, nn.Module]
+    spec: ProjectionSpec
+    capture: GradientCapture
+    device: torch.device
+    pad_id: int
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        return {"model": model_fingerprint(self.model, self.modules),
+                "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+
+    def tokenize(self, rows: list[Row], source: str) -> list[TokenizedRow]:
+        return tokenize_rows(rows, self.tokenizer, self.config.data.max_length, source)
+
+
+def field_names(config: JobConfig) -> FieldNames:
+    data = config.data
+    return FieldNames(text=data.text_field, prompt=data.prompt_field, completion=data.completion_field,
+                      id=data.id_field)
+
+
+def load_model_context(config: JobConfig, spec: ProjectionSpec | None = None,
+                       device: torch.device | None = None) -> ModelContext:
+    """Load the model and build (or reuse, for queries against a store) the projection spec."""
+    model, tokenizer = load_model(config.model, device)
+    device = next(model.parameters()).device
+    modules = select_modules(model, config.model.modules)
+    shapes = tracked_shapes(modules, config.model.include_bias)
+    if spec is None:
+        projection = config.projection
+        spec = build_projection(projection.dim, projection.seed, projection.kind, shapes)
+    elif [(m.name, m.d_in, m.d_out) for m in spec.modules] != shapes:
+        raise TributaryError(
+            "the tracked modules of model.path (with model.modules / include_bias) differ from those the "
+            "store was built with; use the same model and module patterns as the index"
+        )
+    compute_dtype = compute_dtype_for(next(model.parameters()).dtype)
+    capture = GradientCapture(model, modules, spec, config.model.include_bias, compute_dtype, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return ModelContext(config, model, tokenizer, modules, spec, capture, device, pad_id)
+
+
+@dataclass
+class IndexJob:
+    context: ModelContext
+    rows: list[Row]
+    tokenized: list[TokenizedRow]
+    dataset_fingerprint: str
+
+    @property
+    def config(self) -> JobConfig:
+        return self.context.config
+
+    def manifest(self) -> dict:
+        config = self.config
+        return {
+            "code_version": __version__,
+            "fingerprints": dict(self.context.fingerprints, dataset=self.dataset_fingerprint,
+                                 projection=self.context.spec.fingerprint()),
+            "projection": self.context.spec.to_dict(),
+            "curvature": config.curvature.model_dump(),
+            "data": config.data.model_dump(exclude={"batch_size"}),
+            "model": config.model.model_dump(),
+            "config": config.model_dump(),
+        }
+
+
+def prepare_index_job(config: JobConfig, device: torch.device | None = None) -> IndexJob:
+    context = load_model_context(config, device=device)
+    rows = read_rows(config.data.train, field_names(config), what="data.train")
+    tokenized = context.tokenize(rows, config.data.train)
+    return IndexJob(context, rows, tokenized, file_fingerprint(config.data.train))

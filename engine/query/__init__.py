@@ -1,0 +1,1 @@
+"""Answering attribution queries: query gradients, the spectral transform, streaming scores, top-k."""
