@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from engine.errors import TributaryError
 
@@ -18,15 +19,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 console = Console(stderr=True)
 
 
+_handler: logging.Handler | None = None
+
+
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    """One Rich handler on the root logger; replaces only our own earlier one, never a host's handlers
+    (an in-process caller, e.g. a notebook or pytest's caplog, keeps its logging)."""
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    _handler = RichHandler(console=console, show_path=False)
+    _handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(_handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _fail(error: Exception) -> None:
-    console.print(f"[bold red]error:[/] {error}")
+    # The message is plain text: escaped (a path like a[/]b is not Rich markup) and never re-wrapped,
+    # so file paths and config keys in it stay whole and copyable.
+    console.print(f"[bold red]error:[/] {escape(str(error))}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -65,7 +79,7 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
     try:
         job = load_config(config)
         if method is not None:
-            from engine.config import MethodConfig, parse_config
+            from engine.config import parse_config
 
             raw = job.model_dump()
             raw["method"] = dict(raw["method"], name=method)

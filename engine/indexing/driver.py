@@ -12,15 +12,34 @@ from engine.errors import TributaryError
 from engine.indexing.compute import gradient_pass, lambda_pass
 from engine.indexing.job import IndexJob, prepare_index_job
 from engine.progress import progress_bar
-from engine.store import GradientStore
+from engine.store import GradientStore, location
 from engine.store.compatibility import mismatches
+from engine.store.lock import LOCK_NAME
 from engine.store.zarr_store import default_rows_per_chunk
 
 log = logging.getLogger(__name__)
 
 
+def _refuse_foreign(path: str) -> None:
+    """Creating a store empties its path: never do that to something that is not a Tributary store."""
+    if not location.exists(path):
+        return
+    fs, root = location.filesystem(path)
+    if fs.isdir(root) and all(str(entry).rstrip("/").rsplit("/", 1)[-1] == LOCK_NAME
+                              for entry in fs.ls(root, detail=False)):
+        return  # an empty directory (or one holding only our writer lock) has nothing to lose
+    try:
+        GradientStore.open(path)
+    except TributaryError:
+        raise TributaryError(
+            f"store.path {location.redact(path)} already exists and is not a Tributary store; creating the "
+            "store would delete what is there. Choose another store.path (or remove it yourself)"
+        ) from None
+
+
 def _check_existing(path: str, manifest: dict, overwrite: bool) -> bool:
     """True when an identical, complete store is already there (nothing to do)."""
+    _refuse_foreign(path)
     if overwrite or not GradientStore.exists(path):
         return False
     existing = GradientStore.open(path).manifest
@@ -57,6 +76,7 @@ def write_shard(store: GradientStore, job: IndexJob, result) -> None:
 
 
 def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = True) -> GradientStore:
+    started = time.perf_counter()
     job = prepare_index_job(config)
     manifest = job.manifest()
     if _check_existing(config.store.path, manifest, overwrite):
@@ -66,7 +86,7 @@ def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = 
     strategy = config.curvature.strategy
     shards = store.shards()
     sums = PartialSums()
-    started = time.perf_counter()
+    timings = {"setup_s": time.perf_counter() - started}
     with progress_bar(show_progress) as progress:
         task = progress.add_task("pass 1: gradients", total=len(job.rows))
         for start, stop in shards:
@@ -74,6 +94,7 @@ def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = 
             write_shard(store, job, result)
             sums = sums.merge(result.sums)
             progress.advance(task, stop - start)
+        timings["pass1_s"] = time.perf_counter() - started - timings["setup_s"]
         widths = {m.name: (m.k_in, m.k_out) for m in job.context.spec.modules}
         factors = initial_factors(strategy, sums.covariance, widths)
         if strategy in NEEDS_LAMBDA_PASS:
@@ -84,7 +105,8 @@ def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = 
                 progress.advance(task, stop - start)
             factors = final_factors(strategy, factors, lambdas.lambdas)
     store.write_factors(factors)
+    timings["total_s"] = time.perf_counter() - started
     store.update_manifest(completed_shards=[list(s) for s in shards], complete=True,
-                          seconds=round(time.perf_counter() - started, 3))
+                          timings={key: round(value, 4) for key, value in timings.items()})
     log.info("indexed %d rows into %s", len(job.rows), config.store.path)
     return store

@@ -13,12 +13,11 @@ from engine.data.rows import Row, file_fingerprint, read_rows
 from engine.errors import TributaryError
 from engine.indexing.compute import gradient_pass
 from engine.indexing.job import ModelContext, field_names, load_model_context
-from engine.projection import ProjectionSpec, build_projection
+from engine.projection import ProjectionSpec
 from engine.query.scoring import Scores, score_store, top_k
 from engine.spectral.core import transform_queries
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore
-from engine.store.compatibility import mismatches
 
 log = logging.getLogger(__name__)
 SNIPPET_CHARS = 200
@@ -36,16 +35,40 @@ def open_complete_store(path: str) -> GradientStore:
     return store
 
 
+def _projection_differences(stored: dict, config: JobConfig) -> list[str]:
+    wanted = config.projection
+    return [f"projection.{key} (store: {stored.get(key)!r}, config: {getattr(wanted, key)!r})"
+            for key in ("dim", "seed", "kind") if stored.get(key) != getattr(wanted, key)]
+
+
 def check_compatible(store: GradientStore, context: ModelContext, config: JobConfig) -> None:
-    stored = store.manifest["fingerprints"]
-    requested = build_projection(config.projection.dim, config.projection.seed, config.projection.kind,
-                                 [(m.name, m.d_in, m.d_out) for m in context.spec.modules])
-    current = dict(context.fingerprints, projection=requested.fingerprint())
-    different = mismatches(stored, current, keys=("model", "tokenizer", "projection"))
+    """Refuse a store indexed with another model, tokenizer or projection, naming what differs.
+
+    `context` is built from `config` alone (its own projection spec), so every difference shows up
+    here, with the store's and the config's values side by side.
+    """
+    manifest = store.manifest
+    stored = manifest["fingerprints"]
+    current = dict(context.fingerprints, projection=context.spec.fingerprint())
+    different = []
+    if stored.get("model") != current["model"]:
+        indexed = manifest.get("model", {})
+        keys = ("path", "adapter", "modules", "include_bias", "dtype")
+        changed = [f"model.{key} (store: {indexed.get(key)!r}, config: {getattr(config.model, key)!r})"
+                   for key in keys if key in indexed and indexed.get(key) != getattr(config.model, key)]
+        different.append("model: " + ("; ".join(changed) if changed else
+                                      f"the weights at model.path {config.model.path} changed since indexing"))
+    if stored.get("tokenizer") != current["tokenizer"]:
+        different.append("tokenizer (the tokenizer at model.path differs from the indexed one)")
+    if stored.get("projection") != current["projection"]:
+        settings = _projection_differences(manifest.get("projection", {}), config)
+        different.append("projection: " + ("; ".join(settings) if settings else
+                                           "the tracked modules or their shapes differ (model.modules / "
+                                           "model.include_bias)"))
     if different:
         raise TributaryError(
-            f"store {store.path} was built with a different " + ", ".join(different)
-            + "; query with the config the store was indexed with, or re-index"
+            f"store {store.path} was built with a different " + " and a different ".join(different)
+            + ". Query with the config the store was indexed with, or re-index"
         )
 
 
@@ -82,34 +105,59 @@ def _result_rows(queries: list[Row], scores: Scores, order: np.ndarray, ids: lis
         yield record
 
 
+def _check_outputs(out: str | None, scores_out: str | None) -> None:
+    for option, target in (("--out", out), ("--scores-out", scores_out)):
+        if target is not None and Path(target).is_dir():
+            raise TributaryError(f"{option} {target} is a directory; give a file path")
+    if out is not None and scores_out is not None and Path(out).resolve() == Path(scores_out).resolve():
+        raise TributaryError(f"--out and --scores-out are both {out}; give two different files")
+
+
 def run_query(config: JobConfig, queries_path: str, k: int, out: str | None = None,
               scores_out: str | None = None, per_module: bool = False) -> Scores:
+    """Score every query against every stored row; write results and scores only once all succeeded."""
     if k <= 0:
         raise TributaryError(f"--top-k must be positive, got {k}")
+    _check_outputs(out, scores_out)
     store = open_complete_store(config.store.path)
+    queries = read_rows(queries_path, field_names(config), what="queries file")  # before the model loads
     spec = ProjectionSpec.from_dict(store.manifest["projection"])
-    context = load_model_context(config, spec=spec)
+    context = load_model_context(config)
     check_compatible(store, context, config)
-    queries = read_rows(queries_path, field_names(config), what="queries file")
     method = method_from_config(config.method)
     factors = store.read_factors() if method.spectral is not None else None
     transformed = transform_queries(query_gradients(context, queries, queries_path), spec, method, factors)
     scores = score_store(store, transformed, method, spec, per_module=per_module)
     order = top_k(scores.total, k)
-    if scores_out is not None:
-        _atomic_write(Path(scores_out), lambda handle: np.save(handle, scores.total))
+    writes = []
     if out is not None:
         records = _result_rows(queries, scores, order, store.ids(), _snippets(config, store), method.name,
                                [m.name for m in spec.modules])
-        text = "".join(json.dumps(record) + "\n" for record in records)
-        _atomic_write(Path(out), lambda handle: handle.write(text.encode()))
+        text = "".join(json.dumps(record) + "\n" for record in records).encode()
+        writes.append((Path(out), lambda handle: handle.write(text)))
+    if scores_out is not None:
+        writes.append((Path(scores_out), lambda handle: np.save(handle, scores.total)))
+    _atomic_write_all(writes)
     return scores
+
+
+def _atomic_write_all(writes) -> None:
+    """Write every target to a `.part` file first and rename them all only when every write succeeded."""
+    parts = []
+    try:
+        for path, write in writes:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".part")
+            parts.append(tmp)
+            with open(tmp, "wb") as handle:
+                write(handle)
+        for (path, _), tmp in zip(writes, parts):
+            tmp.replace(path)
+    finally:
+        for tmp in parts:
+            tmp.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, write) -> None:
     """Write next to the target and rename, so a failure never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as handle:
-        write(handle)
-    tmp.replace(path)
+    _atomic_write_all([(path, write)])

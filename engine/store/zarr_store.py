@@ -17,6 +17,8 @@ import zarr
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.store.encoding import PHYSICAL, decode, encode
+from engine.store.location import exists as location_exists
+from engine.store.location import redact
 
 FORMAT = "tributary-store/1"
 TARGET_CHUNK_BYTES = 16 << 20
@@ -37,7 +39,11 @@ class GradientStore:
     @classmethod
     def create(cls, path: str, manifest: dict, rows: int, width: int, dtype: str,
                rows_per_chunk: int) -> "GradientStore":
-        group = zarr.open_group(path, mode="w")
+        manifest = dict(manifest, format=FORMAT, rows=rows, width=width, dtype=dtype,
+                        rows_per_chunk=rows_per_chunk, completed_shards=[], stages={}, complete=False)
+        # The manifest (complete: false) goes in with the group itself, so a run that dies while the
+        # arrays are being laid out still leaves a recognisable, incomplete store rather than a bare group.
+        group = zarr.open_group(path, mode="w", attributes={"manifest": manifest})
         group.create_array("grads", shape=(rows, width), chunks=(rows_per_chunk, width),
                            dtype=PHYSICAL[dtype], fill_value=0)
         group["grads"].attrs["logical_dtype"] = dtype
@@ -46,20 +52,21 @@ class GradientStore:
         meta.create_array("num_tokens", shape=(rows,), chunks=(rows_per_chunk,), dtype="int32", fill_value=0)
         meta.create_array("loss", shape=(rows,), chunks=(rows_per_chunk,), dtype="float32", fill_value=0)
         group.create_group("factors")
-        manifest = dict(manifest, format=FORMAT, rows=rows, width=width, dtype=dtype,
-                        rows_per_chunk=rows_per_chunk, completed_shards=[], stages={}, complete=False)
-        group.attrs["manifest"] = manifest
         return cls(group, path)
 
     @classmethod
     def open(cls, path: str, mode: str = "r") -> "GradientStore":
         try:
             group = zarr.open_group(path, mode=mode)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            raise TributaryError(f"store {path} does not exist; run `tributary index` first") from None
+        except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
+            if location_exists(path):
+                raise TributaryError(
+                    f"{redact(path)} exists but is not a Tributary store (no Zarr group); check the store path"
+                ) from None
+            raise TributaryError(f"store {redact(path)} does not exist; run `tributary index` first") from None
         manifest = group.attrs.get("manifest")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise TributaryError(f"{path} is not a Tributary store (no {FORMAT} manifest)")
+            raise TributaryError(f"{redact(path)} is not a Tributary store (no {FORMAT} manifest)")
         return cls(group, path)
 
     @staticmethod
@@ -67,7 +74,7 @@ class GradientStore:
         try:
             zarr.open_group(path, mode="r")
             return True
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
             return False
 
     # ---- manifest -------------------------------------------------------------------------------

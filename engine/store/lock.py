@@ -1,0 +1,116 @@
+"""One writer per store: a lock object in the store that names its owner.
+
+The lock is `lock.json` at the store's root, holding host, pid, user and start time. A second
+`tributary index` on a locked store is refused with the owner's details. Stale locks: a lock whose
+host is this machine and whose pid is no longer alive is taken over (logged as a warning); a lock held
+from another host is never broken automatically — `tributary index --break-lock` removes it once you
+have made sure that run is gone. Local stores create the lock with O_EXCL, so two writers racing on one
+file system cannot both win; object stores have no exclusive create, so the lock is written, read back
+and kept only if it is still ours.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+from engine.errors import TributaryError
+from engine.store.location import filesystem, is_url, join, redact
+
+log = logging.getLogger(__name__)
+LOCK_NAME = "lock.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_text(owner: dict) -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+    return f"host {owner.get('host')} pid {owner.get('pid')} user {owner.get('user')} since {started}"
+
+
+class StoreLock:
+    def __init__(self, store_location: str, break_lock: bool = False):
+        self.location = join(store_location, LOCK_NAME)
+        self.store_location = store_location
+        self.break_lock = break_lock
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "user": _user(),
+                      "started": time.time(), "token": uuid.uuid4().hex}
+        self.held = False
+
+    def _read(self) -> dict | None:
+        fs, path = filesystem(self.location)
+        try:
+            return json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return {"host": "?", "pid": -1, "user": "?", "started": 0, "token": "unreadable"}
+
+    def _is_stale(self, owner: dict) -> bool:
+        return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+
+    def acquire(self) -> None:
+        fs, path = filesystem(self.location)
+        current = self._read()
+        if current is not None:
+            if self.break_lock or self._is_stale(current):
+                reason = "--break-lock" if self.break_lock else "its process is gone"
+                log.warning("removing the lock of %s on %s (%s)", _owner_text(current),
+                            redact(self.store_location), reason)
+                fs.rm_file(path)
+            else:
+                raise TributaryError(
+                    f"store {redact(self.store_location)} is being written by {_owner_text(current)}; wait for "
+                    "that run to finish, or, if it is gone, run again with --break-lock"
+                )
+        payload = json.dumps(self.owner).encode()
+        if not is_url(self.location):
+            fs.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                raise TributaryError(
+                    f"store {redact(self.store_location)} was locked by another writer just now; try again later"
+                ) from None
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(payload)
+        else:
+            fs.pipe_file(path, payload)
+            if (self._read() or {}).get("token") != self.owner["token"]:
+                raise TributaryError(f"store {redact(self.store_location)} was locked by another writer just now")
+        self.held = True
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        fs, path = filesystem(self.location)
+        if (self._read() or {}).get("token") == self.owner["token"]:
+            fs.rm_file(path)
+        self.held = False
+
+    def __enter__(self) -> "StoreLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "?"
