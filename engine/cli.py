@@ -52,13 +52,15 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
 @app.command()
 def index(config: str = typer.Argument(..., help="YAML job config"),
           overwrite: bool = typer.Option(False, help="replace a store built from different inputs"),
-          progress: bool = typer.Option(True, help="show progress bars")) -> None:
+          progress: bool = typer.Option(True, help="show progress bars"),
+          break_lock: bool = typer.Option(False, "--break-lock",
+                                          help="remove another run's writer lock (only once that run is gone)")) -> None:
     """Compute projected training gradients and curvature factors into the store."""
     from engine.config import load_config
     from engine.indexing.driver import run_index
 
     try:
-        store = run_index(load_config(config), overwrite=overwrite, show_progress=progress)
+        store = run_index(load_config(config), overwrite=overwrite, show_progress=progress, break_lock=break_lock)
     except TributaryError as error:
         _fail(error)
     console.print(f"store: {store.path} ({store.rows} rows)")
@@ -93,20 +95,34 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
 
 
 @app.command()
-def info(store: str = typer.Argument(..., help="store path or URL")) -> None:
-    """Print a store's manifest and completeness."""
+def info(store: str = typer.Argument(..., help="store path or URL"),
+         verify: bool = typer.Option(False, "--verify", help="re-read every shard and check its checksum")) -> None:
+    """Print a store's manifest and completeness; with --verify, check every shard's checksum."""
     from engine.store import GradientStore
+    from engine.store.integrity import verify as verify_store
 
     try:
         opened = GradientStore.open(store)
     except TributaryError as error:
         _fail(error)
     manifest = opened.manifest
-    summary = {key: manifest[key] for key in ("format", "code_version", "rows", "width", "dtype",
-                                               "rows_per_chunk", "complete", "fingerprints", "curvature")}
-    summary["shards_completed"] = f"{len(manifest['completed_shards'])} of {len(opened.shards())}"
+    summary = {key: manifest.get(key) for key in ("format", "code_version", "rows", "width", "dtype",
+                                                   "rows_per_chunk", "complete", "fingerprints", "curvature",
+                                                   "stages", "timings")}
+    summary["shards_completed"] = f"{len(manifest.get('completed_shards', []))} of {len(opened.shards())}"
     summary["modules"] = len(manifest["projection"]["modules"])
+    summary["nodes"] = sorted({entry["node"] for entry in manifest.get("shards", {}).get("gradients", {}).values()})
+    summary["runs"] = len(manifest.get("runs", []))
+    problems: list[str] = []
+    if verify:
+        checked, problems = verify_store(opened)
+        summary["verify"] = {"shards_checked": checked, "problems": problems}
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if problems:
+        console.print(f"[bold red]verify:[/] {len(problems)} problem(s):")
+        for problem in problems:
+            console.print(f"  {escape(problem)}", soft_wrap=True)
+        raise typer.Exit(code=1)
 
 
 @app.command()

@@ -76,6 +76,17 @@ class StoreConfig(_Section):
     rows_per_chunk: int | None = Field(None, gt=0, description="rows per Zarr chunk; default targets ~16 MiB")
 
 
+class ClusterConfig(_Section):
+    address: str = Field("local", description="local (start Ray here), auto (join the running cluster) or HOST:PORT")
+    workers: int | None = Field(None, gt=0, description="actors; default one per GPU, or CPUs / cpus_per_worker")
+    gpus_per_worker: float = Field(1, ge=0, description="GPUs per actor (ignored on CPU-only clusters)")
+    cpus_per_worker: int = Field(1, gt=0, description="CPUs per actor, also its torch thread count")
+    local_cpus: int | None = Field(None, gt=0, description="address local: CPUs Ray may use (default: all)")
+    node_ip_address: str | None = Field(
+        None, description="address the driver's node binds; address local defaults to loopback 127.0.0.2 on Linux"
+    )
+
+
 class JobConfig(_Section):
     model: ModelConfig
     data: DataConfig
@@ -83,6 +94,7 @@ class JobConfig(_Section):
     curvature: CurvatureConfig = CurvatureConfig()
     method: MethodConfig = MethodConfig()
     store: StoreConfig
+    cluster: ClusterConfig | None = Field(None, description="run on Ray; absent = in this process")
 
     def with_method(self, method: MethodConfig) -> "JobConfig":
         return self.model_copy(update={"method": method})

@@ -63,14 +63,15 @@ def tokenize_row(row: Row, tokenizer, max_length: int, source: str) -> tuple[Tok
     return tokenized, truncated
 
 
-def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str) -> list[TokenizedRow]:
+def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str,
+                  log_truncation: bool = True) -> list[TokenizedRow]:
     out = []
     truncated = 0
     for row in rows:
         tokenized, was_truncated = tokenize_row(row, tokenizer, max_length, source)
         out.append(tokenized)
         truncated += was_truncated
-    if truncated:
+    if truncated and log_truncation:
         log.warning("%s: %d of %d rows were longer than max_length=%d and were truncated",
                     source, truncated, len(rows), max_length)
     return out

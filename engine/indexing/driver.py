@@ -1,23 +1,39 @@
-"""The single-process index driver: pass 1 over shards, eigendecomposition, pass 2, all into one store."""
+"""The index driver: plans shards, hands them to an executor (this process or Ray actors), commits
+each finished shard once in the manifest, reduces the per-shard statistics, and resumes a store that
+an earlier run left incomplete.
+
+Stages: `gradients` (pass 1: rows + covariance sums per shard) → `eigen` (driver: reduce in shard
+order, eigendecompose in float64) → `lambdas` (pass 2: EK-FAC/diagonal Λ sums per shard) → `final`.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import socket
 import time
 
 from engine.config import JobConfig
-from engine.curvature.factors import NEEDS_LAMBDA_PASS, final_factors, initial_factors
-from engine.curvature.statistics import PartialSums
+from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS, final_factors, initial_factors
+from engine.curvature.packing import (covariance_width, lambda_width, reduce_rows, unpack_covariance,
+                                      unpack_lambda)
+from engine.data.rows import file_fingerprint, read_rows
+from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.indexing.compute import gradient_pass, lambda_pass
-from engine.indexing.job import IndexJob, prepare_index_job
+from engine.indexing.executor import make_executor
+from engine.indexing.job import build_manifest, field_names
+from engine.model.loading import checked_tokenizer
 from engine.progress import progress_bar
+from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
 from engine.store.compatibility import mismatches
-from engine.store.lock import LOCK_NAME
+from engine.store.lock import StoreLock
 from engine.store.zarr_store import default_rows_per_chunk
+from engine.indexing.worker import CHAOS
 
 log = logging.getLogger(__name__)
+SETTINGS = ("curvature", "data", "dtype", "rows_per_chunk", "rows")
 
 
 def _refuse_foreign(path: str) -> None:
@@ -25,9 +41,8 @@ def _refuse_foreign(path: str) -> None:
     if not location.exists(path):
         return
     fs, root = location.filesystem(path)
-    if fs.isdir(root) and all(str(entry).rstrip("/").rsplit("/", 1)[-1] == LOCK_NAME
-                              for entry in fs.ls(root, detail=False)):
-        return  # an empty directory (or one holding only our writer lock) has nothing to lose
+    if fs.isdir(root) and not fs.ls(root, detail=False):
+        return
     try:
         GradientStore.open(path)
     except TributaryError:
@@ -37,76 +52,161 @@ def _refuse_foreign(path: str) -> None:
         ) from None
 
 
-def _check_existing(path: str, manifest: dict, overwrite: bool) -> bool:
-    """True when an identical, complete store is already there (nothing to do)."""
+def _settings(manifest: dict) -> dict:
+    return {key: manifest.get(key) for key in SETTINGS}
+
+
+def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> tuple[GradientStore, bool]:
+    """(store, resumed). A complete, identical store is returned as is; see `run_index`."""
+    path = config.store.path
     _refuse_foreign(path)
-    if overwrite or not GradientStore.exists(path):
-        return False
-    existing = GradientStore.open(path).manifest
-    different = mismatches(existing.get("fingerprints", {}), manifest["fingerprints"])
-    if different:
-        raise TributaryError(
-            f"store {path} was built from a different " + ", ".join(different)
-            + "; choose another store.path or pass --overwrite to replace it"
-        )
-    settings_changed = existing.get("curvature") != manifest["curvature"]
-    if existing.get("complete") and not settings_changed:
-        return True
-    if settings_changed:
-        raise TributaryError(
-            f"store {path} was built with curvature settings {existing.get('curvature')}; "
-            "choose another store.path or pass --overwrite to rebuild it"
-        )
-    return False
+    if GradientStore.exists(path):
+        existing = GradientStore.open(path).manifest
+        if overwrite:
+            location.remove(path)
+        else:
+            different = mismatches(existing.get("fingerprints", {}), manifest["fingerprints"])
+            if different:
+                raise TributaryError(
+                    f"store {location.redact(path)} was built from a different " + ", ".join(different)
+                    + "; choose another store.path or pass --overwrite to replace it"
+                )
+            changed = [key for key in SETTINGS if existing.get(key) != manifest.get(key)]
+            if changed:
+                raise TributaryError(
+                    f"store {location.redact(path)} was built with other settings ({', '.join(changed)}: "
+                    + "; ".join(f"{k}: store {existing.get(k)} vs now {manifest.get(k)}" for k in changed)
+                    + "); choose another store.path or pass --overwrite to rebuild it"
+                )
+            return GradientStore.open(path, mode="r+"), True
+    store = GradientStore.create(path, manifest, rows=manifest["rows"], width=manifest["width"],
+                                 dtype=manifest["dtype"], rows_per_chunk=manifest["rows_per_chunk"])
+    return store, False
 
 
-def create_store(job: IndexJob) -> GradientStore:
-    config = job.config
-    width = job.context.spec.total_width
-    rows_per_chunk = config.store.rows_per_chunk or default_rows_per_chunk(width, config.store.dtype,
-                                                                           len(job.rows))
-    return GradientStore.create(config.store.path, job.manifest(), rows=len(job.rows), width=width,
-                                dtype=config.store.dtype, rows_per_chunk=rows_per_chunk)
+class _DriverChaos:
+    """Test hook: TRIBUTARY_CHAOS=driver:STAGE:N kills this driver with SIGKILL after N commits in STAGE."""
+
+    def __init__(self):
+        parts = os.environ.get(CHAOS, "").split(":")
+        self.target = (parts[1], int(parts[2])) if len(parts) == 3 and parts[0] == "driver" else None
+
+    def after_commit(self, stage: str, committed: int) -> None:
+        if self.target == (stage, committed):
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_shard(store: GradientStore, job: IndexJob, result) -> None:
-    stop = result.start + len(result.grads)
-    ids = [row.id for row in job.rows[result.start:stop]]
-    store.write_rows(result.start, result.grads, ids, result.num_tokens, result.losses)
+class IndexRun:
+    """One run of the driver over a store: commits shards and records what this run computed."""
+
+    def __init__(self, store: GradientStore, executor, spec: ProjectionSpec, progress, workers: int):
+        self.store = store
+        self.executor = executor
+        self.spec = spec
+        self.progress = progress
+        self.chaos = _DriverChaos()
+        manifest = store.manifest
+        self.record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+                       "workers": workers, "computed": {}}
+        self.runs = list(manifest.get("runs", [])) + [self.record]
+        store.update_manifest(runs=self.runs)
+
+    def stage(self, stage: str) -> None:
+        manifest = self.store.manifest
+        shards = self.store.shards()
+        committed = dict(manifest.get("shards", {}).get(stage, {}))
+        pending = [i for i in range(len(shards)) if str(i) not in committed]
+        computed = self.record["computed"].setdefault(stage, [])
+        task = self.progress.add_task(f"{stage:<9}", total=self.store.rows,
+                                      completed=sum(shards[int(i)][1] - shards[int(i)][0] for i in committed))
+        for receipt in self.executor.run(stage, pending):
+            shard = receipt["shard"]
+            if str(shard) in committed:
+                continue  # a late duplicate from a re-issued shard: each shard is committed once
+            committed[str(shard)] = {k: receipt[k] for k in ("checksum", "node", "pid", "seconds")}
+            computed.append(shard)
+            self._commit(stage, committed)
+            self.progress.advance(task, shards[shard][1] - shards[shard][0])
+            self.chaos.after_commit(stage, len(computed))
+
+    def _commit(self, stage: str, committed: dict) -> None:
+        manifest = self.store.manifest
+        all_shards = dict(manifest.get("shards", {}), **{stage: committed})
+        changes = {"shards": all_shards, "runs": self.runs}
+        if stage == "gradients":
+            changes["completed_shards"] = sorted(int(i) for i in committed)
+        self.store.update_manifest(**changes)
+
+    def mark(self, stage: str) -> None:
+        self.store.update_manifest(stages=dict(self.store.manifest.get("stages", {}), **{stage: True}))
+
+    def done(self, stage: str) -> bool:
+        return bool(self.store.manifest.get("stages", {}).get(stage))
 
 
-def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = True) -> GradientStore:
+def _validated_rows(config: JobConfig):
+    """Read and tokenise every training row before anything is loaded or written (errors name file:line)."""
+    tokenizer = checked_tokenizer(config.model.path)
+    rows = read_rows(config.data.train, field_names(config), what="data.train")
+    tokenize_rows(rows, tokenizer, config.data.max_length, config.data.train)
+    return rows
+
+
+def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = True,
+              break_lock: bool = False) -> GradientStore:
     started = time.perf_counter()
-    job = prepare_index_job(config)
-    manifest = job.manifest()
-    if _check_existing(config.store.path, manifest, overwrite):
-        log.info("store %s is complete and up to date; nothing to do", config.store.path)
-        return GradientStore.open(config.store.path)
-    store = create_store(job)
-    strategy = config.curvature.strategy
-    shards = store.shards()
-    sums = PartialSums()
-    timings = {"setup_s": time.perf_counter() - started}
-    with progress_bar(show_progress) as progress:
-        task = progress.add_task("pass 1: gradients", total=len(job.rows))
-        for start, stop in shards:
-            result = gradient_pass(job.context, job.tokenized[start:stop], start)
-            write_shard(store, job, result)
-            sums = sums.merge(result.sums)
-            progress.advance(task, stop - start)
-        timings["pass1_s"] = time.perf_counter() - started - timings["setup_s"]
-        widths = {m.name: (m.k_in, m.k_out) for m in job.context.spec.modules}
-        factors = initial_factors(strategy, sums.covariance, widths)
-        if strategy in NEEDS_LAMBDA_PASS:
-            task = progress.add_task("pass 2: eigenvalues", total=len(job.rows))
-            lambdas = PartialSums()
-            for start, stop in shards:
-                lambdas = lambdas.merge(lambda_pass(job.context, job.tokenized[start:stop], factors))
-                progress.advance(task, stop - start)
-            factors = final_factors(strategy, factors, lambdas.lambdas)
-    store.write_factors(factors)
-    timings["total_s"] = time.perf_counter() - started
-    store.update_manifest(completed_shards=[list(s) for s in shards], complete=True,
-                          timings={key: round(value, 4) for key, value in timings.items()})
-    log.info("indexed %d rows into %s", len(job.rows), config.store.path)
+    rows = _validated_rows(config)
+    executor = make_executor(config)
+    try:
+        facts = executor.describe()
+        spec = ProjectionSpec.from_dict(facts["spec"])
+        manifest = build_manifest(config, spec, facts["fingerprints"], file_fingerprint(config.data.train))
+        manifest.update(rows=len(rows), width=spec.total_width, dtype=config.store.dtype,
+                        rows_per_chunk=config.store.rows_per_chunk
+                        or default_rows_per_chunk(spec.total_width, config.store.dtype, len(rows)))
+        with StoreLock(config.store.path, break_lock=break_lock):
+            store, resumed = _open_or_create(config, manifest, overwrite)
+            if store.manifest.get("complete"):
+                log.info("store %s is complete and up to date; nothing to do", location.redact(config.store.path))
+                return store
+            if resumed:
+                done = len(store.manifest.get("completed_shards", []))
+                log.info("resuming %s: %d of %d gradient shards already done",
+                         location.redact(config.store.path), done, len(store.shards()))
+            timings = {"setup_s": time.perf_counter() - started}
+            _run_stages(config, store, executor, spec, show_progress, timings)
+            timings["total_s"] = time.perf_counter() - started
+            store.update_manifest(complete=True, timings={k: round(v, 4) for k, v in timings.items()})
+    finally:
+        executor.shutdown()
+    log.info("indexed %d rows into %s", len(rows), location.redact(config.store.path))
     return store
+
+
+def _run_stages(config: JobConfig, store: GradientStore, executor, spec: ProjectionSpec, show_progress: bool,
+                timings: dict) -> None:
+    strategy = config.curvature.strategy
+    widths = {m.name: (m.k_in, m.k_out) for m in spec.modules}
+    workers = len(getattr(executor, "actors", [None]))
+    with progress_bar(show_progress) as progress:
+        run = IndexRun(store, executor, spec, progress, workers)
+        if strategy in NEEDS_COVARIANCE:
+            store.create_partials("covariance", covariance_width(spec), 2)
+        clock = time.perf_counter()
+        run.stage("gradients")
+        timings["pass1_s"] = time.perf_counter() - clock
+        if not run.done("eigen"):
+            covariance = {}
+            if strategy in NEEDS_COVARIANCE:
+                covariance = unpack_covariance(*reduce_rows(*store.read_partials("covariance")), spec)
+            store.write_factors(initial_factors(strategy, covariance, widths))
+            run.mark("eigen")
+        if strategy in NEEDS_LAMBDA_PASS:
+            store.create_partials("lambda", lambda_width(spec), 1)
+            executor.reset()
+            clock = time.perf_counter()
+            run.stage("lambdas")
+            timings["pass2_s"] = time.perf_counter() - clock
+            lambdas = unpack_lambda(*reduce_rows(*store.read_partials("lambda")), spec)
+            store.write_factors(final_factors(strategy, store.read_factors(), lambdas))
+        run.mark("final")

@@ -79,18 +79,22 @@ class IndexJob:
     def config(self) -> JobConfig:
         return self.context.config
 
-    def manifest(self) -> dict:
-        config = self.config
-        return {
-            "code_version": __version__,
-            "fingerprints": dict(self.context.fingerprints, dataset=self.dataset_fingerprint,
-                                 projection=self.context.spec.fingerprint()),
-            "projection": self.context.spec.to_dict(),
-            "curvature": config.curvature.model_dump(),
-            "data": config.data.model_dump(exclude={"batch_size"}),
-            "model": config.model.model_dump(),
-            "config": config.model_dump(),
-        }
+
+def build_manifest(config: JobConfig, spec: ProjectionSpec, fingerprints: dict, dataset_fingerprint: str) -> dict:
+    """What a store records about how it was built (credentials never appear: paths are redacted)."""
+    from engine.store.location import redact
+
+    settings = config.model_dump()
+    settings["store"]["path"] = redact(settings["store"]["path"])
+    return {
+        "code_version": __version__,
+        "fingerprints": dict(fingerprints, dataset=dataset_fingerprint, projection=spec.fingerprint()),
+        "projection": spec.to_dict(),
+        "curvature": config.curvature.model_dump(),
+        "data": config.data.model_dump(exclude={"batch_size", "train"}),
+        "model": config.model.model_dump(),
+        "config": settings,
+    }
 
 
 def prepare_index_job(config: JobConfig, device: torch.device | None = None) -> IndexJob:

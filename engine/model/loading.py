@@ -35,6 +35,18 @@ def load_tokenizer(path: str):
         raise TributaryError(f"model.path {path}: no tokenizer could be loaded ({error})") from None
 
 
+def checked_tokenizer(path: str):
+    """The tokenizer of model.path, with a clear error when the path does not exist."""
+    if not Path(path).exists():
+        raise TributaryError(
+            f"model.path {path} does not exist; give a local HF model directory "
+            "(models are never downloaded at run time)"
+        )
+    if not (Path(path) / "config.json").is_file():
+        raise TributaryError(f"model.path {path} is not an HF model directory (it has no config.json)")
+    return load_tokenizer(path)
+
+
 def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple[nn.Module, object]:
     """(model, tokenizer); weights frozen, eval mode.
 

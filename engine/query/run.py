@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ from engine.errors import TributaryError
 from engine.indexing.compute import gradient_pass
 from engine.indexing.job import ModelContext, field_names, load_model_context
 from engine.projection import ProjectionSpec
-from engine.query.scoring import Scores, score_store, top_k
-from engine.spectral.core import transform_queries
+from engine.query.scoring import score_store, top_k_with_scores
+from engine.spectral.core import score_block_per_module, transform_queries
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore
 
@@ -85,16 +86,16 @@ def _snippets(config: JobConfig, store: GradientStore) -> list[str] | None:
     return [row.display[:SNIPPET_CHARS] for row in read_rows(train, field_names(config))]
 
 
-def _result_rows(queries: list[Row], scores: Scores, order: np.ndarray, ids: list[str],
-                 snippets: list[str] | None, method: str, module_names: list[str]):
+def _result_rows(queries: list[Row], result: "QueryResult", ids: list[str], snippets: list[str] | None,
+                 method: str, module_names: list[str]):
     for q, query in enumerate(queries):
         entries = []
-        for rank, index in enumerate(order[q], start=1):
-            entry = {"rank": rank, "index": int(index), "id": ids[index], "score": float(scores.total[q, index])}
+        for rank, (index, score) in enumerate(zip(result.top_indices[q], result.top_scores[q]), start=1):
+            entry = {"rank": rank, "index": int(index), "id": ids[index], "score": float(score)}
             if snippets is not None:
                 entry["snippet"] = snippets[index]
-            if scores.per_module is not None:
-                entry["per_module"] = {name: float(scores.per_module[m, q, index])
+            if result.per_module is not None:
+                entry["per_module"] = {name: float(result.per_module[q][rank - 1, m])
                                        for m, name in enumerate(module_names)}
             entries.append(entry)
         record = {"query": q, "id": query.id, "method": method, "top_k": entries}
@@ -103,6 +104,43 @@ def _result_rows(queries: list[Row], scores: Scores, order: np.ndarray, ids: lis
         else:
             record.update(prompt=query.prompt, completion=query.completion)
         yield record
+
+
+@dataclass
+class QueryResult:
+    top_indices: np.ndarray  # (Q, k), best first, ties to the lower training index
+    top_scores: np.ndarray  # (Q, k)
+    total: np.ndarray | None  # (Q, N) full scores; on a cluster only when --scores-out asks for them
+    per_module: list[np.ndarray] | None = None  # per query (k, M): each module's share of the top-k scores
+
+
+def _per_module_top(store: GradientStore, transformed: np.ndarray, top_indices: np.ndarray, spec: ProjectionSpec,
+                    method) -> list[np.ndarray]:
+    """Per-module scores of the top-k rows only, read back from the store (cheap for any N)."""
+    out = []
+    for q, indices in enumerate(top_indices):
+        rows = store.read_row_selection(indices)
+        out.append(score_block_per_module(transformed[q:q + 1], rows, spec, method)[:, 0, :].T)
+    return out
+
+
+def _score(config: JobConfig, store: GradientStore, transformed: np.ndarray, method, k: int,
+           need_full: bool) -> QueryResult:
+    if config.cluster is None:
+        total = score_store(store, transformed, method)
+        indices, values = top_k_with_scores(total, k)
+        return QueryResult(indices, values, total)
+    from engine.distributed.cluster import connect, pool_size
+    from engine.distributed.scoring import score_on_cluster
+
+    connect(config.cluster)
+    indices, values, total = score_on_cluster(store, transformed, method.normalise, k, need_full, config.cluster,
+                                              pool_size(config.cluster))
+    return QueryResult(indices, values, total)
+
+
+def store_spec(store: GradientStore) -> ProjectionSpec:
+    return ProjectionSpec.from_dict(store.manifest["projection"])
 
 
 def _check_outputs(out: str | None, scores_out: str | None) -> None:
@@ -114,31 +152,36 @@ def _check_outputs(out: str | None, scores_out: str | None) -> None:
 
 
 def run_query(config: JobConfig, queries_path: str, k: int, out: str | None = None,
-              scores_out: str | None = None, per_module: bool = False) -> Scores:
-    """Score every query against every stored row; write results and scores only once all succeeded."""
+              scores_out: str | None = None, per_module: bool = False) -> QueryResult:
+    """Score every query against every stored row; write results and scores only once all succeeded.
+
+    Queries are scored as one batch, so each stored chunk is read once for all of them; with a
+    `cluster` section the rows are split over Ray actors that each return their top-k.
+    """
     if k <= 0:
         raise TributaryError(f"--top-k must be positive, got {k}")
     _check_outputs(out, scores_out)
     store = open_complete_store(config.store.path)
     queries = read_rows(queries_path, field_names(config), what="queries file")  # before the model loads
-    spec = ProjectionSpec.from_dict(store.manifest["projection"])
+    spec = store_spec(store)
     context = load_model_context(config)
     check_compatible(store, context, config)
     method = method_from_config(config.method)
     factors = store.read_factors() if method.spectral is not None else None
     transformed = transform_queries(query_gradients(context, queries, queries_path), spec, method, factors)
-    scores = score_store(store, transformed, method, spec, per_module=per_module)
-    order = top_k(scores.total, k)
+    result = _score(config, store, transformed, method, k, need_full=scores_out is not None)
+    if per_module:
+        result.per_module = _per_module_top(store, transformed, result.top_indices, spec, method)
     writes = []
     if out is not None:
-        records = _result_rows(queries, scores, order, store.ids(), _snippets(config, store), method.name,
+        records = _result_rows(queries, result, store.ids(), _snippets(config, store), method.name,
                                [m.name for m in spec.modules])
         text = "".join(json.dumps(record) + "\n" for record in records).encode()
         writes.append((Path(out), lambda handle: handle.write(text)))
     if scores_out is not None:
-        writes.append((Path(scores_out), lambda handle: np.save(handle, scores.total)))
+        writes.append((Path(scores_out), lambda handle: np.save(handle, result.total)))
     _atomic_write_all(writes)
-    return scores
+    return result
 
 
 def _atomic_write_all(writes) -> None:

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from engine.projection import ProjectionSpec
-from engine.spectral.core import score_block, score_block_per_module
+from engine.spectral.core import score_block
 from engine.spectral.methods import Method
 from engine.store import GradientStore
 
 
-@dataclass
-class Scores:
-    total: np.ndarray  # (Q, N) float64, columns in training-file order
-    per_module: np.ndarray | None  # (M, Q, N) when asked for
-
-
-def score_store(store: GradientStore, transformed: np.ndarray, method: Method, spec: ProjectionSpec,
-                per_module: bool = False) -> Scores:
+def score_store(store: GradientStore, transformed: np.ndarray, method: Method) -> np.ndarray:
+    """(Q, N) scores, reading each row-chunk of the store once for the whole query batch."""
     total = np.empty((transformed.shape[0], store.rows))
-    modules = np.empty((len(spec.modules), transformed.shape[0], store.rows)) if per_module else None
     for start, stop, rows in store.iter_chunks():
         total[:, start:stop] = score_block(transformed, rows, method)
-        if modules is not None:
-            modules[:, :, start:stop] = score_block_per_module(transformed, rows, spec, method)
-    return Scores(total, modules)
+    return total
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -37,3 +25,21 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     for q, row in enumerate(scores):
         order[q] = np.lexsort((columns, -row))[:k]
     return order
+
+
+def top_k_with_scores(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    order = top_k(scores, k)
+    return order, np.take_along_axis(scores, order, axis=1)
+
+
+def merge_top_k(indices: list[np.ndarray], values: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge per-range top-k lists: the same order as `top_k` on the full matrix (ties → lower index)."""
+    all_indices = np.concatenate(indices, axis=1)
+    all_values = np.concatenate(values, axis=1)
+    k = min(k, all_indices.shape[1])
+    merged_indices = np.empty((all_indices.shape[0], k), dtype=np.int64)
+    merged_values = np.empty((all_indices.shape[0], k))
+    for q in range(all_indices.shape[0]):
+        order = np.lexsort((all_indices[q], -all_values[q]))[:k]
+        merged_indices[q], merged_values[q] = all_indices[q, order], all_values[q, order]
+    return merged_indices, merged_values

@@ -1,6 +1,6 @@
 """One writer per store: a lock object in the store that names its owner.
 
-The lock is `lock.json` at the store's root, holding host, pid, user and start time. A second
+The lock is `STORE.lock` beside the store (so replacing the store never removes it), holding host, pid, user and start time. A second
 `tributary index` on a locked store is refused with the owner's details. Stale locks: a lock whose
 host is this machine and whose pid is no longer alive is taken over (logged as a warning); a lock held
 from another host is never broken automatically — `tributary index --break-lock` removes it once you
@@ -20,10 +20,10 @@ import time
 import uuid
 
 from engine.errors import TributaryError
-from engine.store.location import filesystem, is_url, join, redact
+from engine.store.location import filesystem, is_url, redact
 
 log = logging.getLogger(__name__)
-LOCK_NAME = "lock.json"
+LOCK_SUFFIX = ".lock"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -43,7 +43,7 @@ def _owner_text(owner: dict) -> str:
 
 class StoreLock:
     def __init__(self, store_location: str, break_lock: bool = False):
-        self.location = join(store_location, LOCK_NAME)
+        self.location = store_location.rstrip("/") + LOCK_SUFFIX
         self.store_location = store_location
         self.break_lock = break_lock
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "user": _user(),

@@ -17,6 +17,7 @@ import zarr
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.store.encoding import PHYSICAL, decode, encode
+from engine.store.integrity import SHARD_ARRAYS, checksum
 from engine.store.location import exists as location_exists
 from engine.store.location import redact
 
@@ -99,15 +100,50 @@ class GradientStore:
 
     # ---- rows -----------------------------------------------------------------------------------
     def write_rows(self, start: int, grads: np.ndarray, ids: list[str], num_tokens: np.ndarray,
-                   losses: np.ndarray) -> None:
+                   losses: np.ndarray) -> str:
+        """Write a shard's rows; returns the checksum of exactly what was stored."""
         stop = start + len(grads)
-        self.group["grads"][start:stop] = encode(grads, self.manifest["dtype"])
-        self.group["rows/id"][start:stop] = np.asarray(ids, dtype=str)
-        self.group["rows/num_tokens"][start:stop] = np.asarray(num_tokens, dtype=np.int32)
-        self.group["rows/loss"][start:stop] = np.asarray(losses, dtype=np.float32)
+        arrays = {"grads": encode(grads, self.manifest["dtype"]), "rows/id": np.asarray(ids, dtype=str),
+                  "rows/num_tokens": np.asarray(num_tokens, dtype=np.int32),
+                  "rows/loss": np.asarray(losses, dtype=np.float32)}
+        for name, values in arrays.items():
+            self.group[name][start:stop] = values
+        return checksum(arrays)
+
+    def shard_checksum(self, shard: int) -> str:
+        """Re-read one shard's rows and checksum them (raises if a chunk cannot be decoded)."""
+        start, stop = self.shards()[shard]
+        return checksum({name: self.group[name][start:stop] for name in SHARD_ARRAYS})
+
+    def chunk_key(self, shard: int) -> str:
+        start, stop = self.shards()[shard]
+        return f"grads/c/{shard}/0 (rows {start}..{stop - 1})"
+
+    # ---- per-shard partial sums -------------------------------------------------------------------
+    def create_partials(self, name: str, width: int, counts: int) -> None:
+        """One row per shard (one chunk each), so every shard's writer owns its chunk."""
+        shards = len(self.shards())
+        root = self.group.require_group("partials")
+        if name not in root:
+            root.create_array(name, shape=(shards, width), chunks=(1, width), dtype="float64", fill_value=0)
+            root.create_array(f"{name}_counts", shape=(shards, counts), chunks=(1, counts), dtype="int64",
+                              fill_value=0)
+
+    def write_partial(self, name: str, shard: int, vector: np.ndarray, counts: np.ndarray) -> None:
+        self.group[f"partials/{name}"][shard] = vector
+        self.group[f"partials/{name}_counts"][shard] = counts
+
+    def read_partials(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.group[f"partials/{name}"][...], self.group[f"partials/{name}_counts"][...]
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return decode(self.group["grads"][start:stop], self.manifest["dtype"])
+
+    def read_row_selection(self, indices) -> np.ndarray:
+        """Rows at arbitrary indices, in the order given."""
+        indices = np.asarray(indices, dtype=np.int64)
+        raw = self.group["grads"].get_orthogonal_selection((indices, slice(None)))
+        return decode(raw, self.manifest["dtype"])
 
     def iter_chunks(self):
         for start, stop in self.shards():

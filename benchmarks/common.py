@@ -1,0 +1,60 @@
+"""Helpers shared by the benchmarks: machine description, a GPT-2-like model on random text, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": memory,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    payload = dict(payload, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def random_corpus(rows: int, words_per_row: int, vocabulary: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocabulary)]
+    return [" ".join(rng.choice(words) for _ in range(words_per_row)) for _ in range(rows)]
+
+
+def gpt2_like(directory: Path, texts: list[str], hidden: int, layers: int, heads: int, positions: int) -> Path:
+    from engine.tiny import save_tiny
+
+    vocabulary_texts = [" ".join(sorted({w for t in texts for w in t.split()}))]
+    return save_tiny(directory, "gpt2", vocabulary_texts, hidden=hidden, layers=layers, heads=heads,
+                     max_positions=positions)
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    return path

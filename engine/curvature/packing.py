@@ -1,0 +1,61 @@
+"""Flatten per-module partial sums into one float64 vector per shard (and back) for the store.
+
+Each shard's sums are kept in the store, one row per shard, so a resumed or re-issued run never
+loses statistics, and the driver reduces them in shard order: the factors are then the same for
+any number of workers and any assignment of shards to them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.curvature.statistics import ModuleCovariance, ModuleLambda
+from engine.projection import ProjectionSpec
+
+
+def covariance_width(spec: ProjectionSpec) -> int:
+    return sum(m.k_in ** 2 + m.k_out ** 2 for m in spec.modules)
+
+
+def lambda_width(spec: ProjectionSpec) -> int:
+    return sum(m.k_in * m.k_out for m in spec.modules)
+
+
+def pack_covariance(sums: dict[str, ModuleCovariance], spec: ProjectionSpec) -> tuple[np.ndarray, np.ndarray]:
+    vector = np.concatenate([np.concatenate([sums[m.name].a_sum.ravel(), sums[m.name].s_sum.ravel()])
+                             for m in spec.modules])
+    first = sums[spec.modules[0].name]
+    return vector, np.array([first.tokens, first.examples], dtype=np.int64)
+
+
+def unpack_covariance(vector: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleCovariance]:
+    out, offset = {}, 0
+    for m in spec.modules:
+        a = vector[offset:offset + m.k_in ** 2].reshape(m.k_in, m.k_in)
+        offset += m.k_in ** 2
+        s = vector[offset:offset + m.k_out ** 2].reshape(m.k_out, m.k_out)
+        offset += m.k_out ** 2
+        out[m.name] = ModuleCovariance(a.copy(), s.copy(), int(counts[0]), int(counts[1]))
+    return out
+
+
+def pack_lambda(sums: dict[str, ModuleLambda], spec: ProjectionSpec) -> tuple[np.ndarray, np.ndarray]:
+    vector = np.concatenate([sums[m.name].sum.ravel() for m in spec.modules])
+    return vector, np.array([sums[spec.modules[0].name].examples], dtype=np.int64)
+
+
+def unpack_lambda(vector: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleLambda]:
+    out, offset = {}, 0
+    for m in spec.modules:
+        width = m.k_in * m.k_out
+        out[m.name] = ModuleLambda(vector[offset:offset + width].reshape(m.k_out, m.k_in).copy(), int(counts[0]))
+        offset += width
+    return out
+
+
+def reduce_rows(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sum shard rows in shard order (a fixed order, so the result does not depend on the workers)."""
+    total = np.zeros(rows.shape[1])
+    for row in rows:
+        total += row
+    return total, counts.sum(axis=0)

@@ -1,0 +1,57 @@
+"""Scoring on the cluster: each actor owns a contiguous row range of the store, scores a whole batch
+of queries against it in one read, and returns its top-k (and, on request, its score columns).
+The driver merges the candidates with the same deterministic order as a dense top-k."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.config import ClusterConfig
+from engine.query.scoring import merge_top_k, top_k_with_scores
+from engine.spectral.core import score_block
+from engine.spectral.methods import Method
+
+
+class RowRangeScorer:
+    def __init__(self, store_path: str, start_shard: int, stop_shard: int, threads: int = 1):
+        import torch
+
+        from engine.store import GradientStore
+
+        torch.set_num_threads(threads)
+        self.store = GradientStore.open(store_path)
+        shards = self.store.shards()[start_shard:stop_shard]
+        self.start, self.stop = shards[0][0], shards[-1][1]
+        self.shards = shards
+
+    def score(self, transformed: np.ndarray, normalise: bool, k: int, full: bool):
+        method = Method("stored-rows", needs_curvature=False, normalise=normalise, spectral=None)
+        columns = np.empty((transformed.shape[0], self.stop - self.start))
+        for start, stop in self.shards:
+            block = self.store.read_rows(start, stop)
+            columns[:, start - self.start:stop - self.start] = score_block(transformed, block, method)
+        indices, values = top_k_with_scores(columns, k)
+        return indices + self.start, values, (columns if full else None)
+
+
+def _ranges(shards: int, actors: int) -> list[tuple[int, int]]:
+    bounds = np.linspace(0, shards, min(actors, shards) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def score_on_cluster(store, transformed: np.ndarray, normalise: bool, k: int, full: bool,
+                     cluster: ClusterConfig, actors: int):
+    """(top indices (Q, k), top scores (Q, k), full (Q, N) or None)."""
+    import ray
+
+    scorer = ray.remote(RowRangeScorer).options(num_cpus=cluster.cpus_per_worker)
+    pool = [scorer.remote(store.path, a, b, cluster.cpus_per_worker)
+            for a, b in _ranges(len(store.shards()), actors)]
+    try:
+        shared = ray.put(transformed)
+        parts = ray.get([actor.score.remote(shared, normalise, k, full) for actor in pool])
+    finally:
+        for actor in pool:
+            ray.kill(actor)
+    indices, values = merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
+    return indices, values, (np.concatenate([p[2] for p in parts], axis=1) if full else None)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Start a Ray head node by hand on this machine (use on a few machines you can ssh into).
+#   bash launch/ray/start_head.sh [PORT]            -> prints the address workers join
+# Then on every worker machine:  bash launch/ray/start_worker.sh HEAD_IP:PORT
+# And run jobs with `cluster: {address: auto}` (on the head) or `address: HEAD_IP:PORT`.
+set -euo pipefail
+port=${1:-6379}
+export RAY_USAGE_STATS_ENABLED=0
+# Bind to the address other nodes reach; RAY_NODE_IP overrides the guess (e.g. an InfiniBand address).
+node_ip=${RAY_NODE_IP:-$(hostname -I | awk '{print $1}')}
+ray start --head --node-ip-address="$node_ip" --port="$port" \
+  --num-gpus="${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}" --include-dashboard=true --dashboard-host=127.0.0.1
+echo "workers join with: bash launch/ray/start_worker.sh $node_ip:$port"

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Join this machine to a running Ray head:  bash launch/ray/start_worker.sh HEAD_IP:PORT
+set -euo pipefail
+head=${1:?usage: start_worker.sh HEAD_IP:PORT}
+export RAY_USAGE_STATS_ENABLED=0
+node_ip=${RAY_NODE_IP:-$(hostname -I | awk '{print $1}')}
+ray start --address="$head" --node-ip-address="$node_ip" \
+  --num-gpus="${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | wc -l)}"

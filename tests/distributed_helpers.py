@@ -1,0 +1,73 @@
+"""Helpers for the distributed and store tests: configs, store comparison, running the CLI as a process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from engine.store import GradientStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def store_config(model: Path, train: Path, store: str, cluster: dict | None = None, **sections) -> dict:
+    raw = {
+        "model": {"path": str(model), "dtype": "float32"},
+        "data": {"train": str(train), "max_length": 32, "batch_size": 2},
+        "projection": {"dim": 4, "seed": 3},
+        "curvature": {"strategy": "ekfac", "seed": 1},
+        "method": {"name": "if"},
+        "store": {"path": store, "dtype": "float32", "rows_per_chunk": 3},
+    }
+    for section, values in sections.items():
+        raw[section] = dict(raw.get(section, {}), **values)
+    if cluster is not None:
+        raw["cluster"] = cluster
+    return raw
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def store_contents(path: str) -> dict:
+    store = GradientStore.open(path)
+    factors = store.read_factors()
+    return {
+        "grads": store.group["grads"][...],
+        "ids": store.ids(),
+        "meta": store.row_metadata(),
+        "factors": {name: {field: getattr(f, field) for field in ("lam", "q_a", "q_s")} for name, f in factors.items()},
+    }
+
+
+def assert_same_store(ours: dict, reference: dict, factor_tolerance: float = 1e-10) -> None:
+    assert ours["ids"] == reference["ids"]
+    assert ours["grads"].dtype == reference["grads"].dtype
+    assert np.array_equal(ours["grads"], reference["grads"]), "stored rows differ (bitwise)"
+    for key in ("num_tokens", "loss"):
+        assert np.array_equal(ours["meta"][key], reference["meta"][key])
+    assert ours["factors"].keys() == reference["factors"].keys()
+    for name, fields in reference["factors"].items():
+        for field, value in fields.items():
+            other = ours["factors"][name][field]
+            if value is None:
+                assert other is None
+                continue
+            if field == "lam":
+                np.testing.assert_allclose(other, value, rtol=0, atol=factor_tolerance * max(1.0, np.abs(value).max()))
+            else:  # eigenvectors up to sign: compare the projectors Q diag(1) Qᵀ column by column
+                signs = np.sign(np.sum(other * value, axis=0))
+                np.testing.assert_allclose(other * signs, value, rtol=0, atol=1e-8)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    environment = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=environment,
+                          capture_output=True, text=True, timeout=timeout)
