@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -13,6 +14,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from engine.errors import TributaryError
+from engine.store.location import redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tributary: which training examples made this model say this?")
@@ -33,7 +35,10 @@ def _setup_logging(verbose: bool) -> None:
     _handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(_handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock"):
+    # Object-store clients log request headers (with the access key id) at debug level: keep them quiet
+    # even under --verbose, so credentials never reach a log.
+    for noisy in ("httpx", "urllib3", "filelock", "botocore", "aiobotocore", "boto3", "s3fs", "fsspec", "aiohttp",
+                  "gcsfs", "google"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -47,6 +52,11 @@ def _fail(error: Exception) -> None:
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
     _setup_logging(verbose)
+    # Quiet start-up: no per-file weight-loading bars (our own bars show progress), and DeepSpeed, which
+    # transformers imports when saving, need not probe for an accelerator on a machine without CUDA.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @app.command()
@@ -63,7 +73,7 @@ def index(config: str = typer.Argument(..., help="YAML job config"),
         store = run_index(load_config(config), overwrite=overwrite, show_progress=progress, break_lock=break_lock)
     except TributaryError as error:
         _fail(error)
-    console.print(f"store: {store.path} ({store.rows} rows)")
+    console.print(f"store: {redact(store.path)} ({store.rows} rows)")
 
 
 @app.command()

@@ -48,11 +48,19 @@ class GradientCapture:
     def _project_input(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
         batch_size = self._mask.shape[0]
         a = inputs.detach().reshape(batch_size, -1, inputs.shape[-1]).to(self.compute_dtype)
-        if self.bias_column[name]:
-            a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-        a = self._zero_padding(a)
         projection = self.p_in[name]
-        return a if projection is None else a @ projection
+        if projection is None:
+            if self.bias_column[name]:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            return self._zero_padding(a)
+        # [a, 1] @ P_in = a @ P_in[:-1] + P_in[-1]: the bias column is never materialised
+        if self.bias_column[name]:
+            projected = torch.addmm(projection[-1], a.reshape(-1, a.shape[-1]), projection[:-1])
+            projected = projected.view(batch_size, -1, projection.shape[1])
+        else:
+            projected = a @ projection
+        # padding is zeroed after the projection (row-wise, so a NaN at padding stays in its own row)
+        return self._zero_padding(projected)
 
     def _zero_padding(self, values: torch.Tensor) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
@@ -107,9 +115,9 @@ class GradientCapture:
         for (name, _), output, grad in zip(names, flat_outputs, grads):
             if grad is None:
                 grad = torch.zeros_like(output)
-            delta = self._zero_padding(grad.reshape(batch_size, -1, grad.shape[-1]).to(self.compute_dtype))
+            delta = grad.reshape(batch_size, -1, grad.shape[-1]).to(self.compute_dtype)
             projection = self.p_out[name]
-            deltas.setdefault(name, []).append(delta if projection is None else delta @ projection)
+            deltas.setdefault(name, []).append(self._zero_padding(delta if projection is None else delta @ projection))
         return deltas
 
     def example_gradients(self, state: ForwardPass,

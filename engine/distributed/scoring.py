@@ -27,8 +27,7 @@ class RowRangeScorer:
     def score(self, transformed: np.ndarray, normalise: bool, k: int, full: bool):
         method = Method("stored-rows", needs_curvature=False, normalise=normalise, spectral=None)
         columns = np.empty((transformed.shape[0], self.stop - self.start))
-        for start, stop in self.shards:
-            block = self.store.read_rows(start, stop)
+        for start, stop, block in self.store.iter_chunks(self.shards):
             columns[:, start - self.start:stop - self.start] = score_block(transformed, block, method)
         indices, values = top_k_with_scores(columns, k)
         return indices + self.start, values, (columns if full else None)

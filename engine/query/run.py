@@ -30,7 +30,7 @@ def open_complete_store(path: str) -> GradientStore:
     if not manifest.get("complete"):
         done = len(manifest.get("completed_shards", []))
         raise TributaryError(
-            f"store {path} is incomplete ({done} of {len(store.shards())} shards done); "
+            f"store {redact(path)} is incomplete ({done} of {len(store.shards())} shards done); "
             "run `tributary index` with the same config to finish it"
         )
     return store
@@ -68,7 +68,7 @@ def check_compatible(store: GradientStore, context: ModelContext, config: JobCon
                                            "model.include_bias)"))
     if different:
         raise TributaryError(
-            f"store {store.path} was built with a different " + " and a different ".join(different)
+            f"store {redact(store.path)} was built with a different " + " and a different ".join(different)
             + ". Query with the config the store was indexed with, or re-index"
         )
 

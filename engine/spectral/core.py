@@ -41,11 +41,16 @@ def transform_queries(query_rows: np.ndarray, spec: ProjectionSpec, method: Meth
 
 
 def score_block(transformed: np.ndarray, train_rows: np.ndarray, method: Method) -> np.ndarray:
-    """(Q, n) scores of transformed queries against a block of stored rows."""
-    train_rows = np.asarray(train_rows, dtype=np.float64)
-    scores = transformed @ train_rows.T
+    """(Q, n) scores of transformed queries against a block of stored rows.
+
+    The arithmetic runs in the stored precision: float64 for float64 stores (exact tests), float32 for
+    float32/float16/bfloat16 rows, whose own rounding already exceeds float32's.
+    """
+    dtype = np.float64 if train_rows.dtype == np.float64 else np.float32
+    train_rows = np.asarray(train_rows, dtype=dtype)
+    scores = (np.asarray(transformed, dtype=dtype) @ train_rows.T).astype(np.float64)
     if method.normalise:
-        norms = np.linalg.norm(train_rows, axis=1)
+        norms = np.linalg.norm(train_rows.astype(np.float64), axis=1)
         scores = scores / np.where(norms > 0, norms, 1.0)[None, :]
     return scores
 

@@ -11,6 +11,7 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 _USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
 
@@ -27,6 +28,21 @@ def is_url(location: str) -> bool:
 def filesystem(location: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, root = fsspec.core.url_to_fs(location)
     return fs, root.rstrip("/")
+
+
+def local_path(location: str) -> str | None:
+    """The file-system path of a local location (a plain path or a file:// URL); None for remote URLs."""
+    if not is_url(location):
+        return location
+    fs, root = filesystem(location)
+    return root if isinstance(fs, LocalFileSystem) else None
+
+
+def zarr_location(location: str) -> str:
+    """What to hand Zarr: a file:// URL as its plain path (Zarr's LocalStore creates the directories a
+    nested array needs; fsspec's local file system does not), any other URL unchanged."""
+    path = local_path(location)
+    return location if path is None else path
 
 
 def join(location: str, name: str) -> str:

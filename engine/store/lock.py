@@ -1,12 +1,13 @@
-"""One writer per store: a lock object in the store that names its owner.
+"""One writer per store: a lock object beside the store that names its owner.
 
-The lock is `STORE.lock` beside the store (so replacing the store never removes it), holding host, pid, user and start time. A second
-`tributary index` on a locked store is refused with the owner's details. Stale locks: a lock whose
-host is this machine and whose pid is no longer alive is taken over (logged as a warning); a lock held
-from another host is never broken automatically — `tributary index --break-lock` removes it once you
-have made sure that run is gone. Local stores create the lock with O_EXCL, so two writers racing on one
-file system cannot both win; object stores have no exclusive create, so the lock is written, read back
-and kept only if it is still ours.
+The lock is `STORE.lock` beside the store (so replacing the store never removes it), holding host,
+pid, user and start time. A second `tributary index` on a locked store is refused with the owner's
+details. Stale locks: a lock whose host is this machine and whose pid is no longer alive is taken
+over (logged as a warning); a lock held from another host is never broken automatically —
+`tributary index --break-lock` removes it once you have made sure that run is gone. Local stores
+(plain paths and file:// URLs) create the lock with O_EXCL, so two writers racing on one file system
+cannot both win; object stores have no exclusive create, so the lock is written, read back and kept
+only if it is still ours.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import uuid
 
 from engine.errors import TributaryError
-from engine.store.location import filesystem, is_url, redact
+from engine.store.location import filesystem, local_path, redact
 
 log = logging.getLogger(__name__)
 LOCK_SUFFIX = ".lock"
@@ -77,7 +78,7 @@ class StoreLock:
                     "that run to finish, or, if it is gone, run again with --break-lock"
                 )
         payload = json.dumps(self.owner).encode()
-        if not is_url(self.location):
+        if local_path(self.location) is not None:  # a plain path or a file:// URL
             fs.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

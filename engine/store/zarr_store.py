@@ -11,6 +11,8 @@ A shard is a whole number of row-chunks, so a writer never shares a chunk with a
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import zarr
 
@@ -19,7 +21,7 @@ from engine.errors import TributaryError
 from engine.store.encoding import PHYSICAL, decode, encode
 from engine.store.integrity import SHARD_ARRAYS, checksum
 from engine.store.location import exists as location_exists
-from engine.store.location import redact
+from engine.store.location import redact, zarr_location
 
 FORMAT = "tributary-store/1"
 TARGET_CHUNK_BYTES = 16 << 20
@@ -44,7 +46,7 @@ class GradientStore:
                         rows_per_chunk=rows_per_chunk, completed_shards=[], stages={}, complete=False)
         # The manifest (complete: false) goes in with the group itself, so a run that dies while the
         # arrays are being laid out still leaves a recognisable, incomplete store rather than a bare group.
-        group = zarr.open_group(path, mode="w", attributes={"manifest": manifest})
+        group = zarr.open_group(zarr_location(path), mode="w", attributes={"manifest": manifest})
         group.create_array("grads", shape=(rows, width), chunks=(rows_per_chunk, width),
                            dtype=PHYSICAL[dtype], fill_value=0)
         group["grads"].attrs["logical_dtype"] = dtype
@@ -58,7 +60,7 @@ class GradientStore:
     @classmethod
     def open(cls, path: str, mode: str = "r") -> "GradientStore":
         try:
-            group = zarr.open_group(path, mode=mode)
+            group = zarr.open_group(zarr_location(path), mode=mode)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
             if location_exists(path):
                 raise TributaryError(
@@ -73,7 +75,7 @@ class GradientStore:
     @staticmethod
     def exists(path: str) -> bool:
         try:
-            zarr.open_group(path, mode="r")
+            zarr.open_group(zarr_location(path), mode="r")
             return True
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
             return False
@@ -145,9 +147,19 @@ class GradientStore:
         raw = self.group["grads"].get_orthogonal_selection((indices, slice(None)))
         return decode(raw, self.manifest["dtype"])
 
-    def iter_chunks(self):
-        for start, stop in self.shards():
-            yield start, stop, self.read_rows(start, stop)
+    def iter_chunks(self, shards: list[tuple[int, int]] | None = None):
+        """(start, stop, rows) per chunk; the next chunk is read in a background thread while the caller
+        works on this one (decompression and BLAS both release the GIL)."""
+        shards = self.shards() if shards is None else shards
+        if not shards:
+            return
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            pending = reader.submit(self.read_rows, *shards[0])
+            for index, (start, stop) in enumerate(shards):
+                rows = pending.result()
+                if index + 1 < len(shards):
+                    pending = reader.submit(self.read_rows, *shards[index + 1])
+                yield start, stop, rows
 
     def ids(self) -> list[str]:
         return [str(x) for x in self.group["rows/id"][:]]

@@ -1,0 +1,90 @@
+"""Scoring read throughput: streaming the store while scoring Q ∈ {1, 16, 128} queries, against a
+plain sequential read of the same array (the roofline here), side by side in one run.
+
+Usage: python -m benchmarks.scoring [--rows 40000] [--width 4096] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import write_result
+from engine.query.scoring import score_store
+from engine.spectral.methods import Method
+from engine.store import GradientStore
+from engine.store.zarr_store import default_rows_per_chunk
+
+GRAD_DOT = Method("grad_dot", needs_curvature=False, normalise=False, spectral=None)
+
+
+def build_store(path: Path, rows: int, width: int) -> GradientStore:
+    spec = {"dim": 0, "seed": 0, "kind": "rademacher", "modules": []}
+    chunk = default_rows_per_chunk(width, "float32", rows)
+    store = GradientStore.create(str(path), {"projection": spec}, rows=rows, width=width, dtype="float32",
+                                 rows_per_chunk=chunk)
+    generator = np.random.default_rng(0)
+    for start, stop in store.shards():
+        block = generator.standard_normal((stop - start, width), dtype=np.float32)
+        store.write_rows(start, block, [str(i) for i in range(start, stop)], np.ones(stop - start), np.zeros(stop - start))
+    return store
+
+
+def sequential_read(store: GradientStore) -> float:
+    started = time.perf_counter()
+    for start, stop in store.shards():
+        store.read_rows(start, stop)
+    return time.perf_counter() - started
+
+
+def scoring(store: GradientStore, queries: int, width: int) -> float:
+    transformed = np.random.default_rng(queries).standard_normal((queries, width))
+    started = time.perf_counter()
+    score_store(store, transformed, GRAD_DOT)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=40000)
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tributary-scoring-"))
+    try:
+        store = build_store(work / "store.zarr", args.rows, args.width)
+        size = args.rows * args.width * 4
+        variants = {"sequential read": lambda: sequential_read(store)}
+        for q in (1, 16, 128):
+            variants[f"score Q={q}"] = (lambda q=q: scoring(store, q, args.width))
+        for run in variants.values():
+            run()  # warm-up (page cache, BLAS threads)
+        times = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, run in variants.items():
+                times[name].append(run())
+        roofline = statistics.median(times["sequential read"])
+        table = {}
+        for name, samples in times.items():
+            seconds = statistics.median(samples)
+            table[name] = {"seconds_median": round(seconds, 4), "gib_per_s": round(size / seconds / 2**30, 3),
+                           "fraction_of_roofline": round(roofline / seconds, 3),
+                           "samples": [round(s, 4) for s in samples]}
+        print(f"store: {args.rows} rows x {args.width} float32 = {size / 2**30:.2f} GiB, zstd, chunks of "
+              f"{store.rows_per_chunk} rows")
+        for name, row in table.items():
+            print(f"{name:<16} {row['gib_per_s']:>7} GiB/s  {row['fraction_of_roofline']:>6} of roofline")
+        path = write_result("scoring", {"rows": args.rows, "width": args.width, "bytes": size, "results": table})
+        print(f"wrote {path}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
