@@ -19,6 +19,7 @@ from engine.query.scoring import score_store, top_k_with_scores
 from engine.spectral.core import score_block_per_module, transform_queries
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore
+from engine.store.location import redact
 
 log = logging.getLogger(__name__)
 SNIPPET_CHARS = 200
