@@ -169,23 +169,35 @@ class GradientStore:
 
     # ---- factors --------------------------------------------------------------------------------
     def write_factors(self, factors: dict[str, ModuleFactors]) -> None:
+        """One float64 array per field with every module's values concatenated in layout order (a few
+        arrays, not five per module: an LLM has hundreds of modules and each array costs a metadata write)."""
         root = self.group["factors"]
-        for name, module in factors.items():
-            node = root.require_group(name)
-            node.attrs["strategy"] = module.strategy
-            for field in FACTOR_FIELDS:
-                value = getattr(module, field)
-                if value is None:
-                    continue
-                array = node.create_array(field, shape=value.shape, dtype="float64", overwrite=True)
-                array[...] = value
+        strategies = {module.strategy for module in factors.values()}
+        root.attrs["strategy"] = strategies.pop()
+        for field in FACTOR_FIELDS:
+            pieces = [getattr(factors[m["name"]], field) for m in self.manifest["projection"]["modules"]]
+            if any(piece is None for piece in pieces):
+                if field in root:
+                    del root[field]
+                continue
+            packed = np.concatenate([np.asarray(piece, dtype=np.float64).ravel() for piece in pieces])
+            array = root.create_array(field, shape=packed.shape, dtype="float64", overwrite=True)
+            array[...] = packed
 
     def read_factors(self) -> dict[str, ModuleFactors]:
-        out = {}
         root = self.group["factors"]
-        for module in self.manifest["projection"]["modules"]:
-            name = module["name"]
-            node = root[name]
-            fields = {field: node[field][...] for field in FACTOR_FIELDS if field in node}
-            out[name] = ModuleFactors(strategy=node.attrs["strategy"], **fields)
+        modules = self.manifest["projection"]["modules"]
+        packed = {field: root[field][...] for field in FACTOR_FIELDS if field in root}
+        offsets = dict.fromkeys(packed, 0)
+        out = {}
+        for module in modules:
+            k_in, k_out = module["k_in"], module["k_out"]
+            shapes = {"lam": (k_out, k_in), "q_a": (k_in, k_in), "q_s": (k_out, k_out), "alpha": (k_in,),
+                      "sigma": (k_out,)}
+            fields = {}
+            for field, values in packed.items():
+                size = int(np.prod(shapes[field]))
+                fields[field] = values[offsets[field]:offsets[field] + size].reshape(shapes[field])
+                offsets[field] += size
+            out[module["name"]] = ModuleFactors(strategy=root.attrs["strategy"], **fields)
         return out
