@@ -58,3 +58,17 @@ def gpt2_like(directory: Path, texts: list[str], hidden: int, layers: int, heads
 def write_jsonl(path: Path, texts: list[str]) -> Path:
     path.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
     return path
+
+
+def side_by_side(variants: dict, rounds: int) -> dict[str, list[float]]:
+    """Warm every variant up once, then run them round-robin, so drift in machine speed hits all alike.
+
+    Each variant is a callable returning the seconds to count (it may exclude its own set-up).
+    """
+    for run in variants.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, run in variants.items():
+            times[name].append(run())
+    return times

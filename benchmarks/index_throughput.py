@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import gpt2_like, random_corpus, write_jsonl, write_result
+from benchmarks.common import gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
 from engine.capture.loss import per_example_loss
 from engine.config import parse_config
 from engine.data.batching import batches
@@ -85,12 +85,7 @@ def main() -> None:
         for dim in (0, 16, 64):
             variants[f"gradients@{dim}"] = (lambda d=dim: index_seconds(config(d, "identity")))
         variants["ekfac@16"] = lambda: index_seconds(config(16, "ekfac"))
-        for run in variants.values():  # warm-up: first-call allocations and imports
-            run()
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, run in variants.items():
-                times[name].append(run())
+        times = side_by_side(variants, args.rounds)
         bare = statistics.median(times["bare"])
         table = {}
         for name, samples in times.items():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import side_by_side, write_result
 from engine.query.scoring import score_store
 from engine.spectral.methods import Method
 from engine.store import GradientStore
@@ -63,12 +63,7 @@ def main() -> None:
         variants = {"sequential read": lambda: sequential_read(store)}
         for q in (1, 16, 128):
             variants[f"score Q={q}"] = (lambda q=q: scoring(store, q, args.width))
-        for run in variants.values():
-            run()  # warm-up (page cache, BLAS threads)
-        times = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, run in variants.items():
-                times[name].append(run())
+        times = side_by_side(variants, args.rounds)
         roofline = statistics.median(times["sequential read"])
         table = {}
         for name, samples in times.items():

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import gpt2_like, random_corpus, write_jsonl, write_result
+from benchmarks.common import gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
 from engine.config import parse_config
 from engine.curvature.packing import covariance_width
 from engine.indexing.compute import gradient_pass
@@ -63,12 +63,7 @@ def main() -> None:
 
         variants = {"pass 1, no store": without_writes, "pass 1 + float32 store": lambda: with_writes("float32"),
                     "pass 1 + bfloat16 store": lambda: with_writes("bfloat16")}
-        for run in variants.values():
-            run()
-        times = {name: [] for name in variants}
-        for _ in range(args.rounds):
-            for name, run in variants.items():
-                times[name].append(run())
+        times = side_by_side(variants, args.rounds)
         base = statistics.median(times["pass 1, no store"])
         table = {name: {"seconds_median": round(statistics.median(s), 4),
                         "overhead_vs_no_store": round(statistics.median(s) / base - 1, 4),

@@ -71,3 +71,23 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     environment = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", **(env or {}))
     return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=environment,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def single_thread_store(model: Path, train: Path, path: str) -> str:
+    """The single-process store at one torch thread — the workers' count (cpus_per_worker = 1).
+
+    BLAS kernels may round differently with another thread count, so bitwise equality with the
+    distributed store is claimed (and documented) at the same thread count.
+    """
+    import torch
+
+    from engine.config import parse_config
+    from engine.indexing.driver import run_index
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_index(parse_config(store_config(model, train, path)), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return path

@@ -11,27 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_failure(result, *expected: str) -> None:
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    assert "error:" in result.output
-    for text in expected:
-        assert text in result.output, f"{text!r} not in {result.output!r}"
-
+from tests.cli_helpers import assert_clean_failure, invoke
 
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -17,13 +17,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from engine.cli import app
 from engine.data.tokenize import IGNORE, TokenizedRow
 from engine.query.scoring import top_k
 from engine.store import GradientStore
 from engine.tiny import save_tiny
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
 from tests.reference import autograd_per_example
+from tests.cli_helpers import assert_clean_failure, invoke
 
 runner = CliRunner()
 
@@ -36,23 +36,9 @@ QUERIES = [
 ]
 
 
-def invoke(*args: str):
-    return runner.invoke(app, [str(a) for a in args])
-
-
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
-
-
-def assert_clean_failure(result, *expected: str) -> None:
-    """Exit code 2, a one-paragraph message naming the input, no traceback."""
-    assert result.exit_code == 2, result.output
-    assert isinstance(result.exception, SystemExit)
-    assert "Traceback" not in result.output
-    assert "error:" in result.output
-    for text in expected:
-        assert text in result.output, f"{text!r} not in {result.output!r}"
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -13,7 +13,8 @@ from engine.query.run import run_query
 from engine.query.scoring import top_k
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
-from tests.distributed_helpers import assert_same_store, run_cli, store_config, store_contents, write_config
+from tests.distributed_helpers import (assert_same_store, run_cli, single_thread_store, store_config,
+                                      store_contents, write_config)
 
 ray = pytest.importorskip("ray")
 
@@ -36,21 +37,8 @@ def train_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_store(tiny_models, train_file, tmp_path_factory):
-    """The single-process core's store (12 rows in 4 shards of 3), at the workers' torch thread count.
-
-    BLAS kernels may round differently with another thread count, so bitwise equality is claimed (and
-    documented) for the same thread count: cpus_per_worker = 1 here.
-    """
-    import torch
-
-    path = str(tmp_path_factory.mktemp("reference") / "store.zarr")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_index(parse_config(store_config(tiny_models["gpt2"], train_file, path)), show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return path
+    """The single-process core's store (12 rows in 4 shards of 3), at the workers' thread count."""
+    return single_thread_store(tiny_models["gpt2"], train_file, str(tmp_path_factory.mktemp("reference") / "store.zarr"))
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])

@@ -28,11 +28,11 @@ import numpy as np
 import pytest
 
 from engine.config import parse_config
-from engine.indexing.driver import run_index
 from engine.query.run import run_query
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
-from tests.distributed_helpers import ROOT, assert_same_store, run_cli, store_config, store_contents, write_config
+from tests.distributed_helpers import (ROOT, assert_same_store, run_cli, single_thread_store, store_config,
+                                      store_contents, write_config)
 
 RAY_CLI = Path(sys.executable).with_name("ray")
 if not RAY_CLI.exists():
@@ -224,16 +224,8 @@ def queries_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_process_store(tiny_models, train_file, tmp_path_factory):
     """The single-process store at one torch thread (the workers' thread count: cpus_per_worker = 1)."""
-    import torch
-
-    path = str(tmp_path_factory.mktemp("two_nodes_reference") / "store.zarr")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_index(parse_config(store_config(tiny_models["gpt2"], train_file, path)), show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    return path
+    return single_thread_store(tiny_models["gpt2"], train_file,
+                               str(tmp_path_factory.mktemp("two_nodes_reference") / "store.zarr"))
 
 
 def cluster_section(cluster: TwoNodeCluster) -> dict:
