@@ -78,17 +78,37 @@ def index(config: str = typer.Argument(..., help="YAML job config"),
 
 @app.command()
 def query(config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
-          queries: str = typer.Option(..., "--queries", help="JSONL of {text} or {prompt, completion} rows"),
-          top_k: int = typer.Option(10, "--top-k", help="training examples per query"),
+          queries: str = typer.Option(..., "--queries", help="JSONL of {text} or {prompt, completion} rows "
+                                      "({prompt} with --generate)"),
+          top_k: int = typer.Option(10, "--top-k", help="supporting (and opposing) training examples per query"),
           out: Optional[str] = typer.Option(None, "--out", help="results JSONL"),
           scores_out: Optional[str] = typer.Option(None, "--scores-out", help="full Q x N scores (.npy)"),
+          report: Optional[str] = typer.Option(None, "--report", help="self-contained HTML report"),
           per_module: bool = typer.Option(False, "--per-module", help="per-module scores in the results"),
-          method: Optional[str] = typer.Option(None, "--method", help="override method.name")) -> None:
-    """Score queries against every training example and keep the top-k."""
+          per_token: bool = typer.Option(False, "--per-token", help="each completion token's share of each score"),
+          measurement: str = typer.Option("logprob_sum", "--measurement",
+                                          help="logprob_sum | logprob_mean | margin of the completion tokens"),
+          method: Optional[str] = typer.Option(None, "--method", help="override method.name"),
+          generate: bool = typer.Option(False, "--generate", help="complete each prompt with the model, then attribute"),
+          max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="--generate: tokens to generate"),
+          sample: bool = typer.Option(False, "--sample", help="--generate: sample (with --seed) instead of greedy"),
+          temperature: float = typer.Option(1.0, "--temperature", help="--generate --sample: temperature"),
+          top_p: float = typer.Option(1.0, "--top-p", help="--generate --sample: nucleus mass"),
+          seed: int = typer.Option(0, "--seed", help="--generate --sample: seed (query i uses seed + i)"),
+          chat: Optional[bool] = typer.Option(None, "--chat/--no-chat",
+                                              help="--generate: wrap the prompt in the chat template "
+                                                   "(default: when the tokenizer has one)")) -> None:
+    """Score queries against every training example and keep the top-k supporters and opposers."""
+    from engine.capture.measurement import MEASUREMENTS
     from engine.config import load_config
-    from engine.query.run import run_query
+    from engine.query.generate import GenerationSettings
+    from engine.query.run import QueryOptions, run_query
 
     try:
+        if measurement not in MEASUREMENTS:
+            raise TributaryError(f"--measurement {measurement!r} is unknown; use one of {', '.join(MEASUREMENTS)}")
+        if max_new_tokens <= 0:
+            raise TributaryError(f"--max-new-tokens must be positive, got {max_new_tokens}")
         job = load_config(config)
         if method is not None:
             from engine.config import parse_config
@@ -96,12 +116,17 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
             raw = job.model_dump()
             raw["method"] = dict(raw["method"], name=method)
             job = parse_config(raw, source=f"{config} with --method {method}")
-        scores = run_query(job, queries, top_k, out=out, scores_out=scores_out, per_module=per_module)
+        generation = (GenerationSettings(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
+                                         top_p=top_p, seed=seed, chat=chat) if generate else None)
+        options = QueryOptions(k=top_k, measurement=measurement, per_module=per_module, per_token=per_token,
+                               generation=generation)
+        result = run_query(job, queries, top_k, out=out, scores_out=scores_out, options=options, report=report)
     except TributaryError as error:
         _fail(error)
-    console.print(f"scored {scores.total.shape[0]} queries against {scores.total.shape[1]} training rows")
-    if out:
-        console.print(f"results: {out}")
+    console.print(f"scored {len(result.top_indices)} queries against every training row")
+    for label, target in (("results", out), ("scores", scores_out), ("report", report)):
+        if target:
+            console.print(f"{label}: {target}")
 
 
 @app.command()

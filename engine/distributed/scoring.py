@@ -29,8 +29,9 @@ class RowRangeScorer:
         columns = np.empty((transformed.shape[0], self.stop - self.start))
         for start, stop, block in self.store.iter_chunks(self.shards):
             columns[:, start - self.start:stop - self.start] = score_block(transformed, block, method)
-        indices, values = top_k_with_scores(columns, k)
-        return indices + self.start, values, (columns if full else None)
+        top, top_values = top_k_with_scores(columns, k)
+        bottom, bottom_values = top_k_with_scores(-columns, k)
+        return top + self.start, top_values, bottom + self.start, -bottom_values, (columns if full else None)
 
 
 def _ranges(shards: int, actors: int) -> list[tuple[int, int]]:
@@ -40,7 +41,7 @@ def _ranges(shards: int, actors: int) -> list[tuple[int, int]]:
 
 def score_on_cluster(store, transformed: np.ndarray, normalise: bool, k: int, full: bool,
                      cluster: ClusterConfig, actors: int):
-    """(top indices (Q, k), top scores (Q, k), full (Q, N) or None)."""
+    """(top indices, top scores, bottom indices, bottom scores — each (Q, k) — and full (Q, N) or None)."""
     import ray
 
     scorer = ray.remote(RowRangeScorer).options(num_cpus=cluster.cpus_per_worker)
@@ -52,5 +53,6 @@ def score_on_cluster(store, transformed: np.ndarray, normalise: bool, k: int, fu
     finally:
         for actor in pool:
             ray.kill(actor)
-    indices, values = merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
-    return indices, values, (np.concatenate([p[2] for p in parts], axis=1) if full else None)
+    top, top_values = merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
+    bottom, bottom_values = merge_top_k([p[2] for p in parts], [-p[3] for p in parts], k)
+    return top, top_values, bottom, -bottom_values, (np.concatenate([p[4] for p in parts], axis=1) if full else None)

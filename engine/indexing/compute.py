@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from engine.capture.loss import per_example_loss, sample_labels
+from engine.capture.measurement import measurement_loss
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
 from engine.curvature.statistics import ModuleCovariance, ModuleLambda, PartialSums, add_covariance
 from engine.data.batching import Batch, batches
@@ -42,8 +43,9 @@ def _batches(context: ModelContext, rows: list[TokenizedRow]):
 
 
 def gradient_pass(context: ModelContext, rows: list[TokenizedRow], start: int = 0,
-                  with_covariance: bool = True) -> ShardGradients:
-    """Projected per-example gradients of the loss, and the covariance sums for K-FAC/EK-FAC."""
+                  with_covariance: bool = True, measurement: str = "logprob_sum") -> ShardGradients:
+    """Projected per-example gradients of the loss (queries: of `measurement`), and the covariance sums
+    for K-FAC/EK-FAC (training rows only)."""
     capture = context.capture
     curvature = context.config.curvature
     want_covariance = with_covariance and curvature.strategy in NEEDS_COVARIANCE
@@ -52,7 +54,7 @@ def gradient_pass(context: ModelContext, rows: list[TokenizedRow], start: int = 
     with capture.hooks():
         for batch in _batches(context, rows):
             state = capture.forward(batch)
-            loss = per_example_loss(state.logits, batch.labels)
+            loss = measurement_loss(measurement, state.logits, batch.labels)
             separate_fisher = want_covariance and curvature.fisher is True
             deltas = capture.output_gradients(state, loss, retain_graph=separate_fisher)
             grads.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
