@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 bash launch/setup.sh --dev
+# Headless Chromium for the HTML report's screenshot test (Debian's `chromium`; CI runs as root). Non-fatal.
+command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+  || echo "chromium not installed: the report screenshot test will skip"
 export RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled TOKENIZERS_PARALLELISM=false
 .venv/bin/python -m pytest -q "$@"
 budget=${TRIBUTARY_TEST_BUDGET_S:-4200}

@@ -186,3 +186,13 @@ def test_generate_through_the_cli_writes_results(trained, indexed, tmp_path):
     assert record["top_k"][0]["snippet"] == CANARY
     no_template = invoke("query", config_path, "--queries", prompts, "--generate", "--chat")
     assert no_template.exit_code == 2 and "chat template" in no_template.output
+
+
+def test_query_writes_a_self_contained_report(trained, indexed, tmp_path):
+    queries = write_jsonl(tmp_path / "q.jsonl", [
+        {"id": "canary", "prompt": "the purple walrus sings", "completion": " opera beneath the frozen moon"}])
+    report = tmp_path / "report.html"
+    run_query(indexed, str(queries), 3, options=QueryOptions(k=3, per_token=True), report=str(report))
+    page = report.read_text()
+    assert "purple walrus" in page and "s07" in page and CANARY in page
+    assert "<script" not in page and "http://" not in page and "https://" not in page
