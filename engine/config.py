@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -27,10 +27,14 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    train: str = Field(description="training JSONL: rows {text} or {prompt, completion}, optional id")
+    train: str = Field(description="training JSONL: rows {text}, {prompt, completion} or {messages}, optional id")
     text_field: str = "text"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
+    messages_field: str = Field(
+        "messages", description="chat rows: a list of {role: system|user|assistant, content}, rendered with the "
+        "tokenizer's chat template; only assistant tokens carry loss"
+    )
     id_field: str = "id"
     max_length: int = Field(512, gt=1)
     batch_size: int = Field(8, gt=0)
@@ -45,7 +49,7 @@ class ProjectionConfig(_Section):
 
 class CurvatureConfig(_Section):
     strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = "ekfac"
-    fisher: Union[Literal[True], Literal["empirical"]] = Field(
+    fisher: Literal[True, "empirical"] = Field(
         True, description="true: labels sampled from the model (Gauss-Newton); empirical: the data's labels"
     )
     seed: int = 0
@@ -96,7 +100,7 @@ class JobConfig(_Section):
     store: StoreConfig
     cluster: ClusterConfig | None = Field(None, description="run on Ray; absent = in this process")
 
-    def with_method(self, method: MethodConfig) -> "JobConfig":
+    def with_method(self, method: MethodConfig) -> JobConfig:
         return self.model_copy(update={"method": method})
 
 

@@ -12,13 +12,16 @@ import torch
 SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>"]
 
 
-def build_tokenizer(texts: list[str], add_bos: bool):
+def build_tokenizer(texts: list[str], add_bos: bool, extra_special: tuple[str, ...] = ()):
+    """A word-level tokenizer on `texts`. `extra_special` (e.g. ChatML's `<|im_start|>`, `<|im_end|>`) are
+    added as special tokens after the four defaults, so ids 0-3 stay pad, unk, bos, eos."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL))
+    special = SPECIAL + [token for token in extra_special if token not in SPECIAL]
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=special))
     if add_bos:
         bos = tokenizer.token_to_id("<bos>")
         tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
@@ -47,10 +50,17 @@ def build_model(kind: str, vocab_size: int, hidden: int = 16, layers: int = 2, h
     return model
 
 
-def save_tiny(directory: str | Path, kind: str, texts: list[str], **model_args) -> Path:
-    """Build a tokenizer on `texts` and a matching tiny model, and save both to `directory`."""
+def save_tiny(directory: str | Path, kind: str, texts: list[str], extra_special: tuple[str, ...] = (),
+              chat_template: str | None = None, **model_args) -> Path:
+    """Build a tokenizer on `texts` and a matching tiny model, and save both to `directory`.
+
+    `extra_special` adds special tokens to the vocabulary and `chat_template` (a Jinja string) is saved
+    with the tokenizer, for chat rows; by default neither is set.
+    """
     directory = Path(directory)
-    tokenizer = build_tokenizer(texts, add_bos=(kind == "llama"))
+    tokenizer = build_tokenizer(texts, add_bos=(kind == "llama"), extra_special=tuple(extra_special))
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     model = build_model(kind, vocab_size=len(tokenizer), **model_args)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

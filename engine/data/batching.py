@@ -17,7 +17,7 @@ class Batch:
     position_ids: torch.Tensor  # (B, T), counted over real tokens only, so padding side does not matter
     labels: torch.Tensor  # (B, T), IGNORE for prompt and padding
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return Batch(self.indices, self.input_ids.to(device), self.attention_mask.to(device),
                      self.position_ids.to(device), self.labels.to(device))
 

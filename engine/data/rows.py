@@ -1,4 +1,4 @@
-"""Read JSONL rows into text or prompt/completion records, naming file and line for any bad row."""
+"""Read JSONL rows into text, prompt/completion or chat records, naming file and line for any bad row."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.data.chat import Messages, parse_messages
+from engine.data.chat import display as chat_display
 from engine.errors import TributaryError
 
 
 @dataclass(frozen=True)
 class Row:
-    """One example: `text` (every token counts) or `prompt` + `completion` (only completion tokens count)."""
+    """One example: `text` (every token counts), `prompt` + `completion` (only completion tokens count)
+    or `messages`, a conversation of (role, content) pairs (only assistant turns count; engine/data/chat.py)."""
 
     index: int
     id: str
@@ -20,11 +23,14 @@ class Row:
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
+    messages: Messages | None = None
 
     @property
     def display(self) -> str:
         if self.text is not None:
             return self.text
+        if self.messages is not None:
+            return chat_display(self.messages)
         return f"{self.prompt}{self.completion}"
 
 
@@ -34,6 +40,7 @@ class FieldNames:
     prompt: str = "prompt"
     completion: str = "completion"
     id: str = "id"
+    messages: str = "messages"
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -56,6 +63,10 @@ def _row_from_record(record: object, index: int, line: int, fields: FieldNames, 
         if not text.strip():
             raise TributaryError(f"{where}: field '{fields.text}' is empty; remove the row or give it text")
         return Row(index=index, id=row_id, line=line, text=text)
+    if fields.messages in record and not (fields.prompt in record and fields.completion in record):
+        # a chat row; a stray prompt field (as in UltraChat: prompt + messages) does not make it a prompt row
+        messages = parse_messages(record[fields.messages], where, fields.messages)
+        return Row(index=index, id=row_id, line=line, messages=messages)
     if fields.prompt in record or fields.completion in record:
         prompt = record.get(fields.prompt)
         completion = record.get(fields.completion)
@@ -72,8 +83,9 @@ def _row_from_record(record: object, index: int, line: int, fields: FieldNames, 
             )
         return Row(index=index, id=row_id, line=line, prompt=prompt, completion=completion)
     raise TributaryError(
-        f"{where}: row has neither '{fields.text}' nor '{fields.prompt}'+'{fields.completion}' "
-        f"(keys: {sorted(record)}); set data.text_field / prompt_field / completion_field to match"
+        f"{where}: row has neither '{fields.text}' nor '{fields.prompt}'+'{fields.completion}' nor "
+        f"'{fields.messages}' (keys: {sorted(record)}); set data.text_field / prompt_field / completion_field / "
+        "messages_field to match"
     )
 
 

@@ -1,10 +1,12 @@
-"""Token ids with a loss mask: prompt tokens get label -100, completion (or all text) tokens count."""
+"""Token ids with a loss mask: prompt tokens get label -100, completion (or all text) tokens count;
+chat rows go through the tokenizer's chat template and only assistant tokens count (engine/data/chat.py)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
+from engine.data.chat import tokenize_chat
 from engine.data.rows import Row
 from engine.errors import TributaryError
 
@@ -31,9 +33,21 @@ def tokenize_row(row: Row, tokenizer, max_length: int, source: str) -> tuple[Tok
     """Tokenise one row; returns the row and whether it was truncated to `max_length`.
 
     Prompt and completion are tokenised separately (prompt with the tokenizer's special tokens,
-    completion without) so the boundary between them is exact.
+    completion without) so the boundary between them is exact. A chat row is rendered with the
+    tokenizer's chat template; only its assistant tokens carry loss (engine/data/chat.py has the rule).
     """
     where = f"{source}:{row.line}"
+    if row.messages is not None:
+        ids, labels = tokenize_chat(row.messages, tokenizer, where)
+        truncated = len(ids) > max_length
+        tokenized = TokenizedRow(index=row.index, input_ids=ids[:max_length], labels=labels[:max_length])
+        if tokenized.num_loss_tokens == 0:
+            raise TributaryError(
+                f"{where}: the conversation is {len(ids)} tokens and no assistant token remains within "
+                f"data.max_length={max_length}; shorten the turns before the first assistant reply or raise "
+                "data.max_length"
+            )
+        return tokenized, truncated
     if row.text is not None:
         ids = _encode(tokenizer, row.text, special=True)
         if len(ids) < 2:

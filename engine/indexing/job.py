@@ -44,7 +44,7 @@ class ModelContext:
 def field_names(config: JobConfig) -> FieldNames:
     data = config.data
     return FieldNames(text=data.text_field, prompt=data.prompt_field, completion=data.completion_field,
-                      id=data.id_field)
+                      id=data.id_field, messages=data.messages_field)
 
 
 def load_model_context(config: JobConfig, spec: ProjectionSpec | None = None,

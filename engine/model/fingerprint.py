@@ -39,5 +39,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
         "class": type(tokenizer).__name__,
         "vocab": sorted(tokenizer.get_vocab().items()),
         "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+        "chat_template": getattr(tokenizer, "chat_template", None),
     }
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -69,16 +71,176 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=DTYPES[config.dtype],
                                                  local_files_only=True)
     if config.adapter is not None:
-        model = _attach_adapter(model, config.adapter)
+        model = _attach_adapter(model, config.adapter, path)
     model.requires_grad_(False)
     model.eval()
     model.to(device)
     return model, load_tokenizer(path)
 
 
-def _attach_adapter(model: nn.Module, adapter: str) -> nn.Module:
+def _attach_adapter(model: nn.Module, adapter: str, model_path: str | None = None) -> nn.Module:
+    """Wrap `model` in the peft adapter at `adapter`, after checking it was made for this base model.
+
+    The adapter's `adapter_config.json` must exist; its `base_model_name_or_path` is compared with
+    `model.path` by `check_adapter_base` (a different base is an error naming both, an undecidable one
+    a logged warning), and its `target_modules` must name modules of the model. Anything peft still
+    refuses (e.g. a shape mismatch) is re-raised as a TributaryError naming both paths.
+    """
     from peft import PeftModel
 
     if not Path(adapter).is_dir():
         raise TributaryError(f"model.adapter {adapter} is not a directory; give a peft adapter directory")
-    return PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    adapter_config = _read_adapter_config(adapter)
+    if model_path is not None:
+        check_adapter_base(adapter, adapter_config.get("base_model_name_or_path"), model_path)
+    _check_target_modules(model, adapter, adapter_config, model_path)
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    except (ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise TributaryError(
+            f"model.adapter {adapter} cannot be attached to model.path {model_path}: "
+            f"{type(error).__name__}: {_first_lines(str(error))}; use the adapter's own base model"
+        ) from None
+
+
+def _first_lines(text: str, lines: int = 3) -> str:
+    return " ".join(text.strip().splitlines()[:lines])
+
+
+def _read_adapter_config(adapter: str) -> dict:
+    path = Path(adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise TributaryError(f"model.adapter {adapter} has no adapter_config.json; give a peft adapter directory")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise TributaryError(f"model.adapter {path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise TributaryError(f"model.adapter {path} must hold a JSON object")
+    return config
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_HUB_CACHE = re.compile(r"models--([^/\\]+?)--([^/\\]+)")
+
+
+def _hub_id_of_cache_path(path: Path) -> str | None:
+    """`org/name` for a directory inside the HF hub cache (`.../models--org--name/snapshots/HASH`)."""
+    match = None
+    for part in path.parts:
+        match = _HUB_CACHE.fullmatch(part) or match
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
+def _model_names(path: Path) -> tuple[set[str], set[str]]:
+    """(names, hub ids) a local model directory is known by: its resolved path and basename; hub ids from
+    an HF cache path and from `_name_or_path` in its config.json (transformers 4 wrote it on save)."""
+    resolved = path.resolve()
+    names = {str(resolved), resolved.name.lower()}
+    hub_ids = set()
+    cached = _hub_id_of_cache_path(resolved)
+    if cached:
+        hub_ids.add(cached.lower())
+    try:
+        recorded = json.loads((path / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, str) and recorded.strip():
+        recorded = recorded.strip().rstrip("/")
+        if _HUB_ID.match(recorded) and not Path(recorded).exists():
+            hub_ids.add(recorded.lower())
+        names.add(recorded.replace("\\", "/").rsplit("/", 1)[-1].lower())
+    names.update(hub_id.rsplit("/", 1)[-1] for hub_id in hub_ids)
+    return names, hub_ids
+
+
+def _architecture(path: Path) -> dict | None:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ignored = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures", "use_cache"}
+    return {k: v for k, v in config.items() if k not in ignored} if isinstance(config, dict) else None
+
+
+def check_adapter_base(adapter: str, base: object, model_path: str) -> None:
+    """Refuse an adapter made for another base model; warn and go on when that cannot be decided.
+
+    The rule, with B = the adapter's `base_model_name_or_path` and M = `model.path`:
+
+    * **different** (a TributaryError naming both) when B is a local model directory whose config.json
+      describes another architecture than M's (model type, sizes, vocabulary ...: every key but
+      `_name_or_path`, `transformers_version`, dtype, `architectures`, `use_cache`), whatever the names;
+      or when B is a hub id and M is known by other hub ids only (see below);
+    * **same** (go on silently) when B and M resolve to the same directory, or their last path
+      components match (case-insensitive: the hub id `HuggingFaceTB/SmolLM2-135M` and a local copy
+      `/models/SmolLM2-135M`), or B equals a hub id M is known by: M's `models--org--name` HF cache
+      path or the `_name_or_path` recorded in M's config.json;
+    * **undecidable** (a logged warning, and the adapter is used) otherwise: B is missing, B is a local
+      directory with the same architecture under another name (a copy or a fine-tune of the base), or
+      B is a hub id / a path from another machine while M records no hub id. The target-module and
+      shape checks that follow still refuse an adapter that cannot fit the model.
+    """
+    if not isinstance(base, str) or not base.strip():
+        log.warning("model.adapter %s records no base_model_name_or_path; cannot check that it was made for "
+                    "model.path %s, using it anyway", adapter, model_path)
+        return
+    base = base.strip().rstrip("/\\") or base
+    model_dir = Path(model_path)
+    names, hub_ids = _model_names(model_dir)
+    base_dir = Path(base)
+    base_is_local = base_dir.is_dir() and (base_dir / "config.json").is_file()
+    base_name = base.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    if base_is_local:
+        if base_dir.resolve() == model_dir.resolve():
+            return
+        base_arch, model_arch = _architecture(base_dir), _architecture(model_dir)
+        if base_arch is not None and model_arch is not None and base_arch != model_arch:
+            differing = sorted((k for k in set(base_arch) | set(model_arch) if base_arch.get(k) != model_arch.get(k)),
+                               key=lambda k: (k != "model_type", k))
+            shown = ", ".join(f"{k}: {base_arch.get(k)!r} vs {model_arch.get(k)!r}" for k in differing[:4])
+            raise TributaryError(
+                f"model.adapter {adapter} was made for base model {base}, not model.path {model_path} "
+                f"(their config.json differ: {shown}); use the adapter's base model as model.path or an adapter "
+                "trained on this model"
+            )
+        _, base_hub_ids = _model_names(base_dir)
+        if base_name in names or base_hub_ids & hub_ids:
+            return
+        log.warning("model.adapter %s was made for %s and model.path is %s: another directory with the same "
+                    "architecture (a copy or a fine-tune?); using the adapter", adapter, base, model_path)
+        return
+    if base_name in names or base.lower() in hub_ids:
+        return
+    if _HUB_ID.match(base) and hub_ids:
+        raise TributaryError(
+            f"model.adapter {adapter} was made for base model {base}, not model.path {model_path} "
+            f"(known as {', '.join(sorted(hub_ids))}); use the adapter's base model as model.path or an adapter "
+            "trained on this model"
+        )
+    log.warning("model.adapter %s names base model %s; cannot tell whether model.path %s is that model "
+                "(no matching name, and the base is not a local directory); using the adapter", adapter, base,
+                model_path)
+
+
+def _check_target_modules(model: nn.Module, adapter: str, adapter_config: dict, model_path: str | None) -> None:
+    """Every module the adapter targets must exist in the model (peft's matching: exact name or name suffix)."""
+    targets = adapter_config.get("target_modules")
+    names = [name for name, _ in model.named_modules() if name]
+    if isinstance(targets, str):
+        if any(re.fullmatch(targets, name) for name in names):
+            return
+        missing = [targets]
+    elif isinstance(targets, (list, tuple)):
+        missing = [t for t in targets
+                   if not any(name == t or name.endswith("." + t) for name in names)]
+    else:
+        return  # peft derives the targets from the model type; it refuses what it cannot match
+    if missing:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"})
+        raise TributaryError(
+            f"model.adapter {adapter} targets modules {missing} that model.path {model_path} does not have "
+            f"(its linear layers are named {', '.join(leaves[:12])}); the adapter was made for another "
+            "architecture — use its base model"
+        )

@@ -208,8 +208,8 @@ def _load_queries(config: JobConfig, context: ModelContext | None, queries_path:
                 for g in generated]
     rows = read_rows(queries_path, field_names(config), what="queries file")
     tokenized = context.tokenize(rows, queries_path)
-    return [Query(row.id, tok, text=row.text, prompt=row.prompt, completion=row.completion)
-            for row, tok in zip(rows, tokenized)]
+    return [Query(row.id, tok, text=row.text if row.messages is None else row.display, prompt=row.prompt,
+                  completion=row.completion) for row, tok in zip(rows, tokenized)]
 
 
 def _check_outputs(out: str | None, scores_out: str | None) -> None:
