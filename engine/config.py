@@ -24,6 +24,10 @@ class ModelConfig(_Section):
         "except lm_head and embeddings"
     )
     include_bias: bool = Field(True, description="treat a bias as a constant-1 input column (as kronfluence)")
+    adapter_mode: Literal["adapter", "merged", "base"] = Field(
+        "adapter", description="with an adapter: attribute its weights (adapter), the merged model's weights "
+        "(merged: adapter folded into the base), or the base model alone (base: adapter checked, not applied)"
+    )
 
 
 class DataConfig(_Section):

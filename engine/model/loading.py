@@ -71,7 +71,13 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=DTYPES[config.dtype],
                                                  local_files_only=True)
     if config.adapter is not None:
-        model = _attach_adapter(model, config.adapter, path)
+        adapted = _attach_adapter(model, config.adapter, path)
+        if config.adapter_mode == "adapter":
+            model = adapted
+        elif config.adapter_mode == "merged":
+            model = adapted.merge_and_unload()  # W + scaling·B A folded in: plain modules, tracked as usual
+        else:
+            model = adapted.unload()  # checked against the base, then removed: the base model alone
     model.requires_grad_(False)
     model.eval()
     model.to(device)
