@@ -161,13 +161,19 @@ def info(store: str = typer.Argument(..., help="store path or URL"),
 
 
 @app.command()
-def demo(workdir: str = typer.Option("runs/demo", help="where the demo writes its model, data and store"),
-         small: bool = typer.Option(False, "--small", help="a smaller, faster run (for tests)")) -> None:
-    """End-to-end example on an embedded default: build, index, query, print the top examples."""
-    from engine.demo import run_demo
-
+def demo(workdir: str = typer.Option("runs/demo", help="where the demo writes its data, adapter, store and report"),
+         small: bool = typer.Option(False, "--small", help="fewer speeches, steps and tokens (for tests)"),
+         toy: bool = typer.Option(False, "--toy", help="the seconds-long toy: a tiny GPT-2 on template sentences")) -> None:
+    """End to end on the embedded default: SmolLM2 + LoRA on Shakespeare, Ray index, generations attributed."""
     try:
-        run_demo(workdir, small=small)
+        if toy:
+            from engine.demo_assets.toy import run_toy_demo
+
+            run_toy_demo(workdir, small=small)
+        else:
+            from engine.demo import run_demo
+
+            run_demo(workdir, small=small)
     except TributaryError as error:
         _fail(error)
 

