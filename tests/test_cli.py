@@ -258,3 +258,18 @@ def test_incomplete_store_is_refused_for_queries(projected):
 def test_info_on_missing_store_fails_cleanly(tmp_path):
     assert_clean_failure(invoke("info", tmp_path / "nowhere.zarr"), "does not exist")
     assert not (tmp_path / "nowhere.zarr").exists()
+
+
+def test_snippet_of_a_prompt_row_is_its_completion(tiny_models, tmp_path):
+    rows = [{"id": "p0", "prompt": "the fox eats", "completion": " berries in the forest"},
+            {"id": "p1", "prompt": "a seal eats", "completion": " fish in the cold sea"}]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    config = write_config(tmp_path / "job.yaml", job_config(tmp_path, tiny_models["gpt2"], train,
+                                                            curvature={"strategy": "identity"},
+                                                            method={"name": "grad_dot"}))
+    assert invoke("index", config, "--no-progress").exit_code == 0
+    out = tmp_path / "results.jsonl"
+    result = invoke("query", config, "--queries", train, "--top-k", 2, "--out", out)
+    assert result.exit_code == 0, result.output
+    for record in read_jsonl(out):
+        assert {e["id"]: e["snippet"] for e in record["top_k"]} == {row["id"]: row["completion"] for row in rows}

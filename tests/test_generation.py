@@ -14,7 +14,7 @@ from engine.config import parse_config
 from engine.data.batching import collate
 from engine.data.rows import Row
 from engine.data.tokenize import IGNORE, TokenizedRow, tokenize_rows
-from engine.indexing.compute import gradient_pass
+from engine.indexing.compute import gradient_pass, token_gradients
 from engine.indexing.driver import run_index
 from engine.indexing.job import load_model_context
 from engine.query.generate import GenerationSettings, generate, read_prompts
@@ -112,6 +112,35 @@ def test_generated_query_gradients_cover_completion_tokens_only(trained, tmp_pat
     full_loss = autograd_per_example(context.model, context.modules, [generated[0].row], context.pad_id,
                                      labels_override=[torch.tensor([generated[0].row.input_ids])])
     assert float((full_loss[0] - reference[0]).norm() / reference[0].norm()) > 1e-3, "prompt tokens would matter"
+
+
+@pytest.mark.parametrize("measurement", ["logprob_sum", "margin"])
+def test_token_gradients_equal_autograd_of_each_tokens_term(measurement, trained, tmp_path):
+    """Per-token views: one forward and a backward per token give each token's own gradient."""
+    context = load_model_context(_config(trained, tmp_path))
+    prompts = read_prompts(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the purple walrus"}])), "prompt", "id")
+    row = generate(context.model, context.tokenizer, prompts, GenerationSettings(4, chat=False), 16, "p")[0].row
+    ours = torch.from_numpy(token_gradients(context, row, measurement))
+    positions = [t for t in range(1, len(row.labels)) if row.labels[t] != IGNORE]
+    references = []
+    for position in positions:  # a fresh forward per token, autograd of that token's term alone
+        labels = torch.full((1, len(row.labels)), IGNORE)
+        labels[0, position] = row.labels[position]
+        reference = gradient_pass(context, [TokenizedRow(row.index, row.input_ids, labels[0].tolist())],
+                                  with_covariance=False, measurement=measurement).grads
+        references.append(torch.from_numpy(reference))
+    reference = torch.cat(references)
+    assert ours.shape == (len(positions), reference.shape[1]) and len(positions) == 4
+    assert float((ours - reference).norm() / reference.norm()) < 1e-10
+    whole = gradient_pass(context, [row], with_covariance=False, measurement=measurement).grads
+    np.testing.assert_allclose(ours.sum(dim=0).numpy(), whole[0], rtol=1e-8, atol=1e-10)
+    if measurement == "logprob_sum":  # and brute-force autograd on the weights (dim 0: the rows are exact)
+        brute = torch.cat([autograd_per_example(context.model, context.modules, [row], context.pad_id,
+                                                labels_override=[torch.tensor([
+                                                    [row.labels[t] if t == position else IGNORE
+                                                     for t in range(len(row.labels))]])])
+                           for position in positions])
+        assert float((ours - brute).norm() / brute.norm()) < 1e-6
 
 
 def test_measurements_match_their_formulas(trained, tmp_path):

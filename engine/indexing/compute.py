@@ -16,7 +16,7 @@ from engine.capture.measurement import measurement_loss
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
 from engine.curvature.statistics import ModuleCovariance, ModuleLambda, PartialSums, add_covariance
 from engine.data.batching import Batch, batches
-from engine.data.tokenize import TokenizedRow
+from engine.data.tokenize import IGNORE, TokenizedRow
 from engine.indexing.job import ModelContext
 
 
@@ -70,6 +70,28 @@ def gradient_pass(context: ModelContext, rows: list[TokenizedRow], start: int = 
     sums = PartialSums(covariance=covariance if want_covariance else {})
     return ShardGradients(start, torch.cat(grads).numpy(), torch.cat(losses).numpy(),
                           torch.cat(tokens).numpy(), sums)
+
+
+def token_gradients(context: ModelContext, row: TokenizedRow, measurement: str = "logprob_sum") -> np.ndarray:
+    """(T, D): for each counted token t of `row`, the projected gradient of token t's own term of
+    `measurement` (they sum to the row's gradient for logprob_sum and margin).
+
+    One forward pass and one backward per token: the graph is kept, so the T gradients cost T backwards
+    through the tracked part of the model instead of T forward + backward passes.
+    """
+    capture = context.capture
+    batch = next(_batches(context, [row]))
+    counted = (batch.labels[0, 1:] != IGNORE).nonzero().flatten() + 1
+    out = []
+    with capture.hooks():
+        state = capture.forward(batch)
+        for number, position in enumerate(counted.tolist()):
+            labels = torch.full_like(batch.labels, IGNORE)
+            labels[0, position] = batch.labels[0, position]
+            loss = measurement_loss(measurement, state.logits, labels)
+            deltas = capture.output_gradients(state, loss, retain_graph=number < len(counted) - 1)
+            out.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
+    return torch.cat(out).numpy()
 
 
 def lambda_pass(context: ModelContext, rows: list[TokenizedRow],

@@ -116,15 +116,3 @@ def generate(model, tokenizer, prompts: list[PromptRow], settings: GenerationSet
 def token_pieces(tokenizer, row: TokenizedRow) -> list[str]:
     """The decoded text of each counted (completion) token, for per-token views."""
     return [tokenizer.decode([row.input_ids[t]]) for t in range(1, len(row.labels)) if row.labels[t] != IGNORE]
-
-
-def per_token_rows(row: TokenizedRow) -> list[TokenizedRow]:
-    """One row per counted token t (t ≥ 1), carrying loss at t only: their gradients sum to the row's."""
-    rows = []
-    for position in range(1, len(row.labels)):
-        if row.labels[position] == IGNORE:
-            continue
-        labels = [IGNORE] * len(row.labels)
-        labels[position] = row.labels[position]
-        rows.append(TokenizedRow(index=row.index, input_ids=row.input_ids, labels=labels))
-    return rows

@@ -12,11 +12,11 @@ import numpy as np
 from engine.config import JobConfig
 from engine.data.rows import file_fingerprint, read_rows
 from engine.errors import TributaryError
-from engine.indexing.compute import gradient_pass
+from engine.indexing.compute import gradient_pass, token_gradients
 from engine.indexing.job import ModelContext, field_names, load_model_context
 from engine.data.tokenize import TokenizedRow
 from engine.projection import ProjectionSpec
-from engine.query.generate import GenerationSettings, generate, per_token_rows, read_prompts, token_pieces
+from engine.query.generate import GenerationSettings, generate, read_prompts, token_pieces
 from engine.query.scoring import score_store, top_k_with_scores
 from engine.spectral.core import score_block, score_block_per_module, transform_queries
 from engine.spectral.methods import method_from_config
@@ -81,7 +81,9 @@ def _snippets(config: JobConfig, store: GradientStore) -> list[str] | None:
     if not train.is_file() or file_fingerprint(train) != store.manifest["fingerprints"].get("dataset"):
         log.warning("data.train is missing or differs from the indexed data; results carry ids, no snippets")
         return None
-    return [row.display[:SNIPPET_CHARS] for row in read_rows(train, field_names(config))]
+    # A prompt/completion row is shown by its completion: the text it taught (its prompt carries no loss).
+    return [(row.completion if row.completion is not None else row.display)[:SNIPPET_CHARS]
+            for row in read_rows(train, field_names(config))]
 
 
 @dataclass
@@ -169,10 +171,9 @@ def _per_token(context: ModelContext, store: GradientStore, queries: list[Query]
     """
     out: dict[str, list[np.ndarray]] = {kind: [] for kind in listed}
     for q, query in enumerate(queries):
-        token_rows = per_token_rows(query.row)
-        grads = gradient_pass(context, token_rows, with_covariance=False, measurement=measurement).grads
+        grads = token_gradients(context, query.row, measurement)
         if measurement == "logprob_mean":
-            grads = grads / len(token_rows)
+            grads = grads / len(grads)
         if method.normalise:  # Grad-Cos: every share is divided by the norm of the whole query gradient
             token_side = grads / max(float(np.linalg.norm(grads.sum(axis=0))), 1e-300)
         else:
