@@ -392,8 +392,9 @@ class InMemoryAttribution:
                                  f"(shapes {wrong[:4]}, unknown {unknown[:4]})")
         out = {}
         for module in self.spec.modules:
-            weight = f"{module.name}.weight"
-            bias = f"{module.name}.bias" if self.capture.bias_column[module.name] else None
+            prefix = f"{module.name}." if module.name else ""  # the model itself may be the Linear
+            weight = f"{prefix}weight"
+            bias = f"{prefix}bias" if self.capture.bias_column[module.name] else None
             missing = [n for n in (weight, bias) if n is not None and n not in state]
             if missing:
                 raise TributaryError(f"exp_avg_sq at checkpoint {name} has no entry for {missing}")
