@@ -17,6 +17,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str = Field(description="HF model directory (or a hub id already in the local cache)")
+    tokenizer: str | None = Field(None, description="tokenizer directory; default model.path")
     adapter: str | None = Field(None, description="peft adapter directory; gradients of adapter weights only")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     modules: list[str] | None = Field(
@@ -210,8 +211,26 @@ def _resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
     adapter = config.model.adapter
     if adapter is not None and (base_dir / adapter).exists():
         adapter = _resolve(adapter, base_dir)
-    model = config.model.model_copy(update={"path": model_path, "adapter": adapter})
-    return config.model_copy(update={"data": data, "store": store, "model": model})
+    tokenizer = config.model.tokenizer
+    if tokenizer is not None and (base_dir / tokenizer).exists():
+        tokenizer = _resolve(tokenizer, base_dir)
+    model = config.model.model_copy(update={"path": model_path, "adapter": adapter, "tokenizer": tokenizer})
+    return config.model_copy(update={"data": data, "store": store, "model": model,
+                                     "training_run": _resolve_run_paths(config.training_run, base_dir)})
+
+
+def _resolve_run_paths(run: TrainingRunConfig | None, base_dir: Path) -> TrainingRunConfig | None:
+    if run is None:
+        return None
+    checkpoints = [_resolve(c, base_dir) if isinstance(c, str) else c.model_copy(update={"path": _resolve(c.path, base_dir)})
+                   for c in run.checkpoints]
+    segments = run.segments
+    if isinstance(segments, list):
+        segments = [s.model_copy(update={
+            "checkpoints": [_resolve(c, base_dir) if isinstance(c, str) else c for c in s.checkpoints],
+            "data": None if s.data is None else _resolve(s.data, base_dir)}) for s in segments]
+    trainer_dir = None if run.trainer_dir is None else _resolve(run.trainer_dir, base_dir)
+    return run.model_copy(update={"checkpoints": checkpoints, "segments": segments, "trainer_dir": trainer_dir})
 
 
 def load_config(path: str | Path) -> JobConfig:

@@ -81,7 +81,7 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     model.requires_grad_(False)
     model.eval()
     model.to(device)
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(config.tokenizer or path)
 
 
 def _attach_adapter(model: nn.Module, adapter: str, model_path: str | None = None) -> nn.Module:
