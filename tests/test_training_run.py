@@ -201,3 +201,26 @@ def test_results_and_per_module_shares_for_a_multi_checkpoint_method(run_setup, 
             assert sum(entry["per_module"].values()) == pytest.approx(total[q, entry["index"]], rel=1e-9)
             assert entry["id"] == f"t{entry['index']}" and entry["snippet"] == SENTENCES[entry["index"]]
     assert result.top_scores.shape == (2, 3)
+
+
+def test_cli_info_and_query_on_a_run_store(run_setup, tmp_path):
+    """`tributary info` lists the plan and every checkpoint store (with --verify, their checksums);
+    `tributary query --method trak` scores through the CLI like the library call."""
+    import yaml
+
+    from tests.cli_helpers import invoke
+
+    root, raw, checkpoints, store, queries = run_setup
+    result = invoke("info", store.path, "--verify")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert summary["format"] == "tributary-run/1" and summary["complete"]
+    assert {key: value["complete"] for key, value in summary["checkpoints"].items()} == {"c0": True, "c1": True,
+                                                                                       "c2": True}
+    assert all(not value["verify"]["problems"] for value in summary["checkpoints"].values())
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = invoke("query", config, "--queries", queries, "--method", "trak", "--scores-out", tmp_path / "cli.npy")
+    assert result.exit_code == 0, result.output
+    np.testing.assert_allclose(np.load(tmp_path / "cli.npy"), _scores(raw, queries, {"name": "trak"}, tmp_path),
+                               rtol=1e-12)
