@@ -380,8 +380,9 @@ class InMemoryAttribution:
 
     def _checkpoint_preconditioner(self, name: str) -> dict[str, np.ndarray]:
         checkpoint = self._checkpoints[name]
-        if checkpoint.exp_avg_sq is None:
-            raise TributaryError(f"the preconditioned (Adam) variant needs exp_avg_sq at checkpoint {name}")
+        if checkpoint.exp_avg_sq is None or checkpoint.step is None:
+            raise TributaryError(f"the preconditioned (Adam) variant needs exp_avg_sq and the optimizer step (for "
+                                 f"the bias correction) at checkpoint {name}")
         state = checkpoint.exp_avg_sq
         expected = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
         wrong = [f"{n}: {tuple(state[n].shape)} vs {expected[n]}" for n in state if n in expected
@@ -399,7 +400,7 @@ class InMemoryAttribution:
             if missing:
                 raise TributaryError(f"exp_avg_sq at checkpoint {name} has no entry for {missing}")
             def precondition(n: str) -> np.ndarray:
-                return adam_preconditioner(state[n].detach().numpy(), checkpoint.step or 1, self.run.beta2,
+                return adam_preconditioner(state[n].detach().numpy(), checkpoint.step, self.run.beta2,
                                            self.run.eps)
             out[module.name] = module_layout(precondition(weight), None if bias is None else precondition(bias),
                                              module, f"exp_avg_sq at checkpoint {name}")
