@@ -135,7 +135,11 @@ def info(store: str = typer.Argument(..., help="store path or URL"),
     """Print a store's manifest and completeness; with --verify, check every shard's checksum."""
     from engine.store import GradientStore
     from engine.store.integrity import verify as verify_store
+    from engine.store.run_store import RunStore, is_run_store
 
+    if is_run_store(store):
+        _run_info(RunStore.open(store), verify)
+        return
     try:
         opened = GradientStore.open(store)
     except TributaryError as error:
@@ -152,6 +156,36 @@ def info(store: str = typer.Argument(..., help="store path or URL"),
     if verify:
         checked, problems = verify_store(opened)
         summary["verify"] = {"shards_checked": checked, "problems": problems}
+    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+    if problems:
+        console.print(f"[bold red]verify:[/] {len(problems)} problem(s):")
+        for problem in problems:
+            console.print(f"  {escape(problem)}", soft_wrap=True)
+        raise typer.Exit(code=1)
+
+
+def _run_info(run, verify: bool) -> None:
+    """A training-run store: its plan, and each checkpoint store's completeness (and checksums with --verify)."""
+    from engine.store.integrity import verify as verify_store
+
+    manifest = run.manifest
+    summary = {key: manifest.get(key) for key in ("format", "complete", "curvature", "segments_done", "timings")}
+    summary["plan"] = manifest["plan"]
+    checkpoints, problems = {}, []
+    keys = [c["name"] for c in manifest["plan"]["checkpoints"]]
+    keys += [f"avg{s['index']}" for s in manifest["plan"]["segments"]] if manifest["plan"].get("averaged") else []
+    for key in keys:
+        if not run.has_checkpoint(key):
+            checkpoints[key] = "not written yet"
+            continue
+        sub = run.checkpoint(key)
+        checkpoints[key] = {"rows": sub.rows, "complete": sub.manifest.get("complete"),
+                            "shards_completed": f"{len(sub.manifest.get('completed_shards', []))} of {len(sub.shards())}"}
+        if verify:
+            checked, found = verify_store(sub)
+            checkpoints[key]["verify"] = {"shards_checked": checked, "problems": found}
+            problems.extend(f"{key}: {p}" for p in found)
+    summary["checkpoints"] = checkpoints
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     if problems:
         console.print(f"[bold red]verify:[/] {len(problems)} problem(s):")

@@ -17,6 +17,7 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str = Field(description="HF model directory (or a hub id already in the local cache)")
+    tokenizer: str | None = Field(None, description="tokenizer directory; default model.path")
     adapter: str | None = Field(None, description="peft adapter directory; gradients of adapter weights only")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     modules: list[str] | None = Field(
@@ -68,14 +69,68 @@ class CurvatureConfig(_Section):
         return value
 
 
+METHOD_NAMES = ("grad_dot", "grad_cos", "if", "source", "fast_source", "tracin", "trak", "datainf")
+
+
 class MethodConfig(_Section):
-    name: Literal["if", "grad_dot", "grad_cos", "source"] = "if"
-    damping: float | None = Field(None, ge=0, description="influence damping; null = 0.1 x mean eigenvalue per module")
-    eta: float | None = Field(None, gt=0, description="Source: mean learning rate of the segment")
-    steps: int | None = Field(None, gt=0, description="Source: number of optimizer steps K in the segment")
+    name: Literal["grad_dot", "grad_cos", "if", "source", "fast_source", "tracin", "trak", "datainf"] = "if"
+    damping: float | None = Field(
+        None, ge=0, description="if / trak: damping (null = 0.1 x mean eigenvalue per module); datainf: λ for "
+        "every module (null = 0.1 x mean squared gradient norm / width, per module)"
+    )
+    eta: float | None = Field(None, gt=0, description="Source, one segment: mean learning rate of the segment")
+    steps: int | None = Field(None, gt=0, description="Source, one segment: number of optimizer steps K")
     form: Literal["exponential", "discrete"] = Field(
         "exponential", description="Source: (1-exp(-eta K l))/l, or the K-step form (1-(1-eta l)^K)/l"
     )
+
+
+class CheckpointConfig(_Section):
+    path: str = Field(description="HF model directory of this checkpoint")
+    learning_rate: float | None = Field(None, gt=0, description="learning rate at this checkpoint (TracInCP's η_c)")
+    step: int | None = Field(None, ge=0, description="optimizer step of this checkpoint")
+
+
+class SegmentConfig(_Section):
+    checkpoints: list[str | int] = Field(description="the segment's checkpoints: paths or indices into "
+                                         "training_run.checkpoints")
+    steps: int | None = Field(None, gt=0, description="optimizer steps K in the segment (default: from steps)")
+    learning_rate: float | None = Field(None, gt=0, description="mean learning rate over the segment")
+    data: str | None = Field(None, description="this stage's training JSONL (continual training); "
+                             "default data.train")
+
+
+class OptimizerConfig(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum β: Source uses η/(1-β)")
+    preconditioned: bool = Field(
+        False, description="adam/adamw: Source with P·H, P = 1/(sqrt(v̂)+eps) from each checkpoint's optimizer state"
+    )
+    state_file: str = Field("optimizer.pt", description="optimizer state file inside each checkpoint directory")
+    beta2: float | None = Field(None, gt=0, lt=1, description="Adam β2 (default: from the optimizer state)")
+    eps: float | None = Field(None, gt=0, description="Adam ε (default: from the optimizer state)")
+
+
+class TrainingRunConfig(_Section):
+    checkpoints: list[str | CheckpointConfig] = Field(
+        default_factory=list, description="checkpoints in training order: HF directories or {path, learning_rate, step}"
+    )
+    trainer_dir: str | None = Field(
+        None, description="an HF Trainer output_dir: its checkpoint-STEP directories (and the final model in the "
+        "directory itself), learning rates from trainer_state.json"
+    )
+    segments: int | list[SegmentConfig] = Field(
+        1, description="number of equal groups of checkpoints, or the segments/stages listed"
+    )
+    boundaries: list[int] | None = Field(
+        None, description="stage boundaries in optimizer steps (instead of segments): checkpoint steps in "
+        "(T_l-1, T_l] form segment l"
+    )
+    learning_rate: float | None = Field(None, gt=0, description="constant learning rate, when not given otherwise")
+    total_steps: int | None = Field(None, gt=0, description="the step the last segment ends at (default: its "
+                                    "last checkpoint's step)")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    averaged: bool = Field(False, description="also index each segment's averaged parameters (Fast-Source)")
 
 
 class StoreConfig(_Section):
@@ -103,6 +158,9 @@ class JobConfig(_Section):
     method: MethodConfig = MethodConfig()
     store: StoreConfig
     cluster: ClusterConfig | None = Field(None, description="run on Ray; absent = in this process")
+    training_run: TrainingRunConfig | None = Field(
+        None, description="checkpoints and segments of the training run; absent = the final model only"
+    )
 
     def with_method(self, method: MethodConfig) -> JobConfig:
         return self.model_copy(update={"method": method})
@@ -129,10 +187,11 @@ def parse_config(raw: dict, source: str = "<dict>", base_dir: Path | None = None
         raise TributaryError(_describe(error, source)) from None
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
-    if config.method.name == "source" and (config.method.eta is None or config.method.steps is None):
+    if (config.method.name == "source" and config.training_run is None
+            and (config.method.eta is None or config.method.steps is None)):
         raise TributaryError(
             f"invalid config {source}: method 'source' needs method.eta (mean learning rate) and "
-            "method.steps (optimizer steps K)"
+            "method.steps (optimizer steps K), or a training_run section"
         )
     return config
 
@@ -152,8 +211,26 @@ def _resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
     adapter = config.model.adapter
     if adapter is not None and (base_dir / adapter).exists():
         adapter = _resolve(adapter, base_dir)
-    model = config.model.model_copy(update={"path": model_path, "adapter": adapter})
-    return config.model_copy(update={"data": data, "store": store, "model": model})
+    tokenizer = config.model.tokenizer
+    if tokenizer is not None and (base_dir / tokenizer).exists():
+        tokenizer = _resolve(tokenizer, base_dir)
+    model = config.model.model_copy(update={"path": model_path, "adapter": adapter, "tokenizer": tokenizer})
+    return config.model_copy(update={"data": data, "store": store, "model": model,
+                                     "training_run": _resolve_run_paths(config.training_run, base_dir)})
+
+
+def _resolve_run_paths(run: TrainingRunConfig | None, base_dir: Path) -> TrainingRunConfig | None:
+    if run is None:
+        return None
+    checkpoints = [_resolve(c, base_dir) if isinstance(c, str) else c.model_copy(update={"path": _resolve(c.path, base_dir)})
+                   for c in run.checkpoints]
+    segments = run.segments
+    if isinstance(segments, list):
+        segments = [s.model_copy(update={
+            "checkpoints": [_resolve(c, base_dir) if isinstance(c, str) else c for c in s.checkpoints],
+            "data": None if s.data is None else _resolve(s.data, base_dir)}) for s in segments]
+    trainer_dir = None if run.trainer_dir is None else _resolve(run.trainer_dir, base_dir)
+    return run.model_copy(update={"checkpoints": checkpoints, "segments": segments, "trainer_dir": trainer_dir})
 
 
 def load_config(path: str | Path) -> JobConfig:

@@ -227,7 +227,7 @@ def test_query_bad_options_and_paths(store_config, tiny_models, tmp_path):
     queries = write_jsonl(tmp_path / "queries.jsonl", [{"id": "q", "text": SENTENCES[1]}])
     query_fails(tmp_path, config, tmp_path / "absent.jsonl", f"queries file {tmp_path / 'absent.jsonl'} does not exist")
     query_fails(tmp_path, config, queries, "--top-k must be positive", extra=["--top-k", "0"])
-    query_fails(tmp_path, config, queries, "--method", "name", extra=["--method", "tracin"])
+    query_fails(tmp_path, config, queries, "--method", "name", extra=["--method", "lissa"])  # not a method (tracin now is)
     # the model is gone
     no_model = dict(raw, model=dict(raw["model"], path=str(tmp_path / "gone")))
     query_fails(tmp_path, write_config(tmp_path / "no_model.yaml", no_model), queries,

@@ -85,7 +85,9 @@ class GradientCapture:
     @contextmanager
     def hooks(self):
         handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
-        handles.append(self.model.get_input_embeddings().register_forward_hook(self._requires_grad))
+        embeddings = getattr(self.model, "get_input_embeddings", None)
+        if embeddings is not None:  # a plain torch model starts the graph at its (grad-requiring) inputs instead
+            handles.append(embeddings().register_forward_hook(self._requires_grad))
         try:
             yield self
         finally:
@@ -93,13 +95,19 @@ class GradientCapture:
                 handle.remove()
 
     def forward(self, batch: Batch) -> ForwardPass:
-        self._mask = batch.attention_mask
+        def call() -> torch.Tensor:
+            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False).logits
+        return self.run(call, batch.attention_mask)
+
+    def run(self, call, mask: torch.Tensor) -> ForwardPass:
+        """Run `call()` (a forward pass returning the outputs) with the hooks recording; `mask` (B, T) marks
+        the counted positions (ones for a plain model with one position per example)."""
+        self._mask = mask
         self._current = ForwardPass(logits=torch.empty(0))
         try:
             with torch.enable_grad():
-                output = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids, use_cache=False)
-            self._current.logits = output.logits
+                self._current.logits = call()
             return self._current
         finally:
             self._current = None

@@ -14,6 +14,7 @@ import numpy as np
 from engine.curvature.statistics import ModuleCovariance, ModuleLambda
 
 STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
+DENSE = "dense"  # a full eigendecomposition of one module's projected gradient covariance (TRAK-style)
 NEEDS_COVARIANCE = {"kfac", "ekfac"}
 NEEDS_LAMBDA_PASS = {"diagonal", "ekfac"}
 
@@ -28,10 +29,15 @@ class ModuleFactors:
     q_s: np.ndarray | None = None  # (k_out, k_out)
     alpha: np.ndarray | None = None
     sigma: np.ndarray | None = None
+    basis: np.ndarray | None = None  # dense: (k, k) eigenvectors of the vectorised gradient covariance; lam (k,)
 
     @property
     def rotated(self) -> bool:
         return self.q_a is not None
+
+    @property
+    def dense(self) -> bool:
+        return self.basis is not None
 
 
 def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,16 +72,29 @@ def diagonal_factors(lambdas: ModuleLambda) -> ModuleFactors:
 
 
 def rotate(grads: np.ndarray, factors: ModuleFactors) -> np.ndarray:
-    """ĝ = Q_Sᵀ G̃ Q_A for a stack of gradients (..., k_out, k_in); unchanged in the raw basis."""
+    """ĝ = Q_Sᵀ G̃ Q_A for a stack of gradients (..., k_out, k_in); unchanged in the raw basis.
+
+    Dense factors rotate the row-major vectorised gradient instead: ĝ = Bᵀ vec(G̃), shape (..., k)."""
+    if factors.dense:
+        return grads.reshape(*grads.shape[:-2], -1) @ factors.basis
     if not factors.rotated:
         return grads
     return factors.q_s.T @ grads @ factors.q_a
 
 
-def unrotate(grads: np.ndarray, factors: ModuleFactors) -> np.ndarray:
+def unrotate(grads: np.ndarray, factors: ModuleFactors, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """The inverse of `rotate`; dense factors need the module's (k_out, k_in) `shape` back."""
+    if factors.dense:
+        return (grads @ factors.basis.T).reshape(*grads.shape[:-1], *shape)
     if not factors.rotated:
         return grads
     return factors.q_s @ grads @ factors.q_a.T
+
+
+def dense_factors(gram: np.ndarray) -> ModuleFactors:
+    """Eigendecomposition (float64) of one module's Σ_i vec(G̃_i) vec(G̃_i)ᵀ: TRAK's ΦᵀΦ."""
+    lam, basis = _eigh(gram)
+    return ModuleFactors(strategy=DENSE, lam=lam, basis=basis)
 
 
 def initial_factors(strategy: str, covariance: dict[str, ModuleCovariance],

@@ -82,3 +82,22 @@ def add_covariance(target: ModuleCovariance, activations: list[torch.Tensor], de
         target.s_sum += (flat.T @ flat).cpu().numpy()
     target.tokens += int(mask.sum())
     target.examples += int(mask.shape[0])
+
+
+def add_lambda(target: ModuleLambda, grads: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor] | None,
+               scale: torch.Tensor | None = None, count: bool = True) -> None:
+    """Accumulate Σ_n (Q_Sᵀ (s ⊙ G̃_n) Q_A)² for per-example gradients (B, k_out, k_in).
+
+    `basis` = (Q_S, Q_A), or None for the raw basis (diagonal); `scale` an elementwise (k_out, k_in)
+    factor (Adam's P^{1/2}, for the factors of P^{1/2} H P^{1/2}); `count` False adds a further label
+    draw of the same examples (an exact Fisher sums over the output dimensions).
+    """
+    grads = grads.detach().to(torch.float64)
+    if scale is not None:
+        grads = grads * scale
+    if basis is not None:
+        q_s, q_a = basis
+        grads = q_s.T @ grads @ q_a
+    target.sum += (grads ** 2).sum(dim=0).cpu().numpy()
+    if count:
+        target.examples += grads.shape[0]

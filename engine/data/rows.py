@@ -33,6 +33,11 @@ class Row:
             return chat_display(self.messages)
         return f"{self.prompt}{self.completion}"
 
+    def snippet(self, chars: int) -> str:
+        """What results show of the row: a prompt/completion row by its completion (the text it taught; its
+        prompt carries no loss), any other row by its display text."""
+        return (self.completion if self.completion is not None else self.display)[:chars]
+
 
 @dataclass(frozen=True)
 class FieldNames:

@@ -14,7 +14,7 @@ import torch
 from engine.capture.loss import per_example_loss, sample_labels
 from engine.capture.measurement import measurement_loss
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
-from engine.curvature.statistics import ModuleCovariance, ModuleLambda, PartialSums, add_covariance
+from engine.curvature.statistics import ModuleCovariance, ModuleLambda, PartialSums, add_covariance, add_lambda
 from engine.data.batching import Batch, batches
 from engine.data.tokenize import IGNORE, TokenizedRow
 from engine.indexing.job import ModelContext
@@ -94,10 +94,13 @@ def token_gradients(context: ModelContext, row: TokenizedRow, measurement: str =
     return torch.cat(out).numpy()
 
 
-def lambda_pass(context: ModelContext, rows: list[TokenizedRow],
-                factors: dict[str, ModuleFactors]) -> PartialSums:
-    """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal)."""
+def lambda_pass(context: ModelContext, rows: list[TokenizedRow], factors: dict[str, ModuleFactors],
+                scale: dict[str, np.ndarray] | None = None) -> PartialSums:
+    """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal).
+    `scale` multiplies each G̃_n elementwise first (Adam's P^{1/2}: the factors of P^{1/2} H P^{1/2})."""
     capture = context.capture
+    scales = None if scale is None else {name: torch.from_numpy(np.asarray(value, dtype=np.float64)).to(context.device)
+                                         for name, value in scale.items()}
     bases = {
         name: (None if not f.rotated else (torch.from_numpy(f.q_s).to(context.device),
                                            torch.from_numpy(f.q_a).to(context.device)))
@@ -110,10 +113,5 @@ def lambda_pass(context: ModelContext, rows: list[TokenizedRow],
             labels = _curvature_labels(context, batch, state.logits)
             deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
             for name, grads in capture.example_gradients(state, deltas).items():
-                grads = grads.detach().to(torch.float64)
-                if bases[name] is not None:
-                    q_s, q_a = bases[name]
-                    grads = q_s.T @ grads @ q_a
-                lambdas[name].sum += (grads ** 2).sum(dim=0).cpu().numpy()
-                lambdas[name].examples += grads.shape[0]
+                add_lambda(lambdas[name], grads, bases[name], None if scales is None else scales[name])
     return PartialSums(lambdas=lambdas)

@@ -23,7 +23,7 @@ from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.indexing.executor import make_executor
 from engine.indexing.job import build_manifest, field_names
-from engine.model.loading import checked_tokenizer
+from engine.model.loading import checked_tokenizer, load_tokenizer
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
@@ -146,40 +146,58 @@ class IndexRun:
 
 def _validated_rows(config: JobConfig):
     """Read and tokenise every training row before anything is loaded or written (errors name file:line)."""
-    tokenizer = checked_tokenizer(config.model.path)
+    tokenizer = checked_tokenizer(config.model.path) if config.model.tokenizer is None else \
+        load_tokenizer(config.model.tokenizer)
     rows = read_rows(config.data.train, field_names(config), what="data.train")
     tokenize_rows(rows, tokenizer, config.data.max_length, config.data.train)
     return rows
 
 
 def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = True,
-              break_lock: bool = False) -> GradientStore:
+              break_lock: bool = False):
+    """Index `config`: a GradientStore, or with a `training_run` section a RunStore (one store per checkpoint)."""
+    from engine.training_run.resolve import resolve_run
+
+    plan = resolve_run(config)
+    if plan is not None:
+        from engine.indexing.run_driver import run_training_index
+
+        return run_training_index(config, plan, overwrite=overwrite, show_progress=show_progress,
+                                  break_lock=break_lock)
     started = time.perf_counter()
     rows = _validated_rows(config)
     executor = make_executor(config)
     try:
-        facts = executor.describe()
-        spec = ProjectionSpec.from_dict(facts["spec"])
-        manifest = build_manifest(config, spec, facts["fingerprints"], file_fingerprint(config.data.train))
-        manifest.update(rows=len(rows), width=spec.total_width, dtype=config.store.dtype,
-                        rows_per_chunk=config.store.rows_per_chunk
-                        or default_rows_per_chunk(spec.total_width, config.store.dtype, len(rows)))
         with StoreLock(config.store.path, break_lock=break_lock):
-            store, resumed = _open_or_create(config, manifest, overwrite)
-            if store.manifest.get("complete"):
-                log.info("store %s is complete and up to date; nothing to do", location.redact(config.store.path))
-                return store
-            if resumed:
-                done = len(store.manifest.get("completed_shards", []))
-                log.info("resuming %s: %d of %d gradient shards already done",
-                         location.redact(config.store.path), done, len(store.shards()))
-            timings = {"setup_s": time.perf_counter() - started}
-            _run_stages(config, store, executor, spec, show_progress, timings)
-            timings["total_s"] = time.perf_counter() - started
-            store.update_manifest(complete=True, timings={k: round(v, 4) for k, v in timings.items()})
+            store = build_store(config, len(rows), executor, overwrite, show_progress, started)
     finally:
         executor.shutdown()
     log.info("indexed %d rows into %s", len(rows), location.redact(config.store.path))
+    return store
+
+
+def build_store(config: JobConfig, rows: int, executor, overwrite: bool, show_progress: bool,
+                started: float | None = None) -> GradientStore:
+    """Create (or resume) the store at config.store.path and run every stage; the caller holds the lock."""
+    started = time.perf_counter() if started is None else started
+    facts = executor.describe()
+    spec = ProjectionSpec.from_dict(facts["spec"])
+    manifest = build_manifest(config, spec, facts["fingerprints"], file_fingerprint(config.data.train))
+    manifest.update(rows=rows, width=spec.total_width, dtype=config.store.dtype,
+                    rows_per_chunk=config.store.rows_per_chunk
+                    or default_rows_per_chunk(spec.total_width, config.store.dtype, rows))
+    store, resumed = _open_or_create(config, manifest, overwrite)
+    if store.manifest.get("complete"):
+        log.info("store %s is complete and up to date; nothing to do", location.redact(config.store.path))
+        return store
+    if resumed:
+        done = len(store.manifest.get("completed_shards", []))
+        log.info("resuming %s: %d of %d gradient shards already done",
+                 location.redact(config.store.path), done, len(store.shards()))
+    timings = {"setup_s": time.perf_counter() - started}
+    _run_stages(config, store, executor, spec, show_progress, timings)
+    timings["total_s"] = time.perf_counter() - started
+    store.update_manifest(complete=True, timings={k: round(v, 4) for k, v in timings.items()})
     return store
 
 

@@ -47,6 +47,7 @@ class ShardWorker:
         self._rows = None
         self._store: GradientStore | None = None
         self._factors: dict[str, ModuleFactors] | None = None
+        self._scale = None
 
     # ---- facts for the driver --------------------------------------------------------------------
     def describe(self) -> dict:
@@ -107,6 +108,19 @@ class ShardWorker:
         self._maybe_die("lambdas", shard)
         store.write_partial("lambda", shard, *pack_lambda(sums.lambdas, self.context.spec))
         return self._receipt("lambdas", shard, started)
+
+    def segment_lambdas(self, shard: int) -> dict:
+        """Training runs: Σ (Q_Sᵀ (s ⊙ G̃) Q_A)² of one shard in its segment's shared eigenbasis ("segment_basis",
+        written by the driver), with s = P̄^{1/2} when the store holds a "segment_scale" (Adam)."""
+        started = time.perf_counter()
+        store = self._open()
+        if self._factors is None:
+            self._factors = store.read_factors("segment_basis")
+            self._scale = store.read_module_arrays("segment_scale") if store.has_group("segment_scale") else None
+        start, stop = store.shards()[shard]
+        sums = lambda_pass(self.context, self._tokenized(start, stop), self._factors, self._scale)
+        store.write_partial("segment_lambda", shard, *pack_lambda(sums.lambdas, self.context.spec))
+        return self._receipt("segment_lambdas", shard, started)
 
     def reset(self) -> None:
         """Forget cached store state (a new stage may have written new factors)."""

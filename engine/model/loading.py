@@ -84,7 +84,7 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     model.requires_grad_(False)
     model.eval()
     model.to(device)
-    return model, load_tokenizer(path)
+    return model, load_tokenizer(config.tokenizer or path)
 
 
 

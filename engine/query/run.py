@@ -18,16 +18,26 @@ from engine.data.tokenize import TokenizedRow
 from engine.projection import ProjectionSpec
 from engine.query.generate import GenerationSettings, generate, read_prompts, token_pieces
 from engine.query.scoring import score_store, top_k_with_scores
-from engine.spectral.core import score_block, score_block_per_module, transform_queries
+from engine.spectral.core import score_block, transform_queries
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore
 from engine.store.location import redact
+from engine.store.run_store import RunStore, is_run_store
+from engine.query.resources import StoreResources
+from engine.training_run.configs import checkpoint_config
+from engine.training_run.resolve import require_schedule
 
 log = logging.getLogger(__name__)
 SNIPPET_CHARS = 200
 
 
-def open_complete_store(path: str) -> GradientStore:
+def open_complete_store(path: str) -> GradientStore | RunStore:
+    if is_run_store(path):
+        run = RunStore.open(path)
+        if not run.manifest.get("complete"):
+            raise TributaryError(f"training-run store {redact(path)} is incomplete; run `tributary index` with the "
+                                 "same config to finish it")
+        return run
     store = GradientStore.open(path)
     manifest = store.manifest
     if not manifest.get("complete"):
@@ -37,6 +47,29 @@ def open_complete_store(path: str) -> GradientStore:
             "run `tributary index` with the same config to finish it"
         )
     return store
+
+
+def final_model(config: JobConfig, opened: GradientStore | RunStore) -> tuple[JobConfig, GradientStore]:
+    """(config of the final model, its store): a training run's last checkpoint and its sub-store."""
+    if isinstance(opened, GradientStore):
+        return config, opened
+    plan = opened.plan
+    final = plan.final
+    dataset = plan.datasets[plan.segments[final.segment].dataset]
+    return checkpoint_config(config, final.path, dataset, opened.checkpoint_path(final.name)), \
+        opened.checkpoint(final.name)
+
+
+def _check_method(config: JobConfig, opened: GradientStore | RunStore, method, options) -> None:
+    """Refuse, before any model loads, a method the store cannot serve or an option the method lacks."""
+    if isinstance(opened, RunStore):
+        require_schedule(opened.plan, method.name)
+    elif method.name == "fast_source":
+        raise TributaryError("method fast_source needs a training-run store indexed with training_run.averaged: true")
+    per_token_ok = method.build_terms is None or (method.spectral is not None and not isinstance(opened, RunStore))
+    if options.per_token and not per_token_ok:
+        raise TributaryError(f"--per-token is available for grad_dot, grad_cos, if and one-segment source on a "
+                             f"single-checkpoint store, not for method {method.name}; drop --per-token")
 
 
 def _projection_differences(stored: dict, config: JobConfig) -> list[str]:
@@ -81,9 +114,7 @@ def _snippets(config: JobConfig, store: GradientStore) -> list[str] | None:
     if not train.is_file() or file_fingerprint(train) != store.manifest["fingerprints"].get("dataset"):
         log.warning("data.train is missing or differs from the indexed data; results carry ids, no snippets")
         return None
-    # A prompt/completion row is shown by its completion: the text it taught (its prompt carries no loss).
-    return [(row.completion if row.completion is not None else row.display)[:SNIPPET_CHARS]
-            for row in read_rows(train, field_names(config))]
+    return [row.snippet(SNIPPET_CHARS) for row in read_rows(train, field_names(config))]
 
 
 @dataclass
@@ -151,13 +182,6 @@ def _result_rows(queries: list[Query], result: QueryResult, ids: list[str], snip
         else:
             record.update(prompt=query.prompt, completion=query.completion)
         yield record
-
-
-def _per_module(store: GradientStore, transformed: np.ndarray, indices: np.ndarray, spec: ProjectionSpec,
-                method) -> list[np.ndarray]:
-    """Per-module scores of the listed rows only, read back from the store (cheap for any N)."""
-    return [score_block_per_module(transformed[q:q + 1], store.read_row_selection(rows), spec, method)[:, 0, :].T
-            for q, rows in enumerate(indices)]
 
 
 def _per_token(context: ModelContext, store: GradientStore, queries: list[Query], listed: dict[str, np.ndarray],
@@ -236,29 +260,39 @@ def run_query(config: JobConfig, queries_path: str, k: int, out: str | None = No
     if k <= 0:
         raise TributaryError(f"--top-k must be positive, got {k}")
     _check_outputs(out, scores_out)
-    store = open_complete_store(config.store.path)
+    opened = open_complete_store(config.store.path)
+    method = method_from_config(config.method)
+    _check_method(config, opened, method, options)
     prompts = None
     if options.generation is not None:  # read (and validate) the queries file before the model loads
         prompts = read_prompts(queries_path, config.data.prompt_field, config.data.id_field)
     else:
         read_rows(queries_path, field_names(config), what="queries file")
+    model_config, store = final_model(config, opened)
     spec = store_spec(store)
-    context = load_model_context(config)
-    check_compatible(store, context, config)
+    context = load_model_context(model_config)
+    check_compatible(store, context, model_config)
     queries = _load_queries(config, context, queries_path, options, prompts)
-    method = method_from_config(config.method)
-    factors = store.read_factors() if method.spectral is not None else None
-    grads = gradient_pass(context, [q.row for q in queries], with_covariance=False,
-                          measurement=options.measurement).grads
-    transformed = transform_queries(grads, spec, method, factors)
-    result = _score(config, store, transformed, method, k, need_full=scores_out is not None)
+    resources = StoreResources(config, opened, spec, context, [q.row for q in queries], options.measurement)
+    terms = method.terms(resources)
+    if resources.is_single_term(terms):
+        transformed = terms[0].transformed
+        result = _score(config, store, transformed, method, k, need_full=scores_out is not None)
+    else:
+        if config.cluster is not None:
+            log.warning("method %s scores several checkpoints; scoring in this process, not on the cluster",
+                        method.name)
+        result = QueryResult(*resources.score(terms, method, k))
     listed = {"top": result.top_indices, "bottom": result.bottom_indices}
     if options.per_module:
-        result.per_module = {kind: _per_module(store, transformed, rows, spec, method) for kind, rows in listed.items()}
+        result.per_module = {kind: resources.per_module(terms, rows, method) for kind, rows in listed.items()}
     if options.per_token:
+        factors = store.read_factors() if method.spectral is not None else None
         result.per_token = _per_token(context, store, queries, listed, spec, method, factors, options.measurement)
     pieces = [token_pieces(context.tokenizer, q.row) for q in queries]
-    records = list(_result_rows(queries, result, store.ids(), _snippets(config, store), method.name,
+    ids, snippets = ((store.ids(), _snippets(config, store)) if resources.run is None
+                     else (resources.ids(), resources.snippets(SNIPPET_CHARS)))
+    records = list(_result_rows(queries, result, ids, snippets, method.name,
                                 [m.name for m in spec.modules], options, pieces))
     writes = []
     if out is not None:

@@ -1,16 +1,34 @@
 """Apply a method to query gradients and score them against stored training rows.
 
 Every method only changes the query side: q' = Q_S (F(Λ) ⊙ Q_Sᵀ G̃_q Q_A) Q_Aᵀ, and then
-score(q, i) = ⟨q', G̃_i⟩ against the raw stored rows, so one store serves every method.
+score(q, i) = ⟨q', G̃_i⟩ against the raw stored rows, so one store serves every method. A method over
+several checkpoints produces one transformed query per set of stored rows (a `QueryTerm`), and the
+score is the sum of the terms' inner products with their rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 
 from engine.curvature.factors import ModuleFactors, rotate, unrotate
 from engine.projection import ProjectionSpec
-from engine.spectral.methods import Method
+
+if TYPE_CHECKING:
+    from engine.spectral.methods import Method
+
+ModuleArrays = dict[str, np.ndarray]
+
+
+@dataclass
+class QueryTerm:
+    """A transformed query batch (Q, D) to be scored against the stored rows under `key`
+    (a checkpoint "c0", "c1", ..., or a segment's averaged parameters "avg0", ...)."""
+
+    key: str
+    transformed: np.ndarray
 
 
 def module_view(rows: np.ndarray, spec: ProjectionSpec, name: str) -> np.ndarray:
@@ -19,25 +37,44 @@ def module_view(rows: np.ndarray, spec: ProjectionSpec, name: str) -> np.ndarray
     return block.reshape(rows.shape[0], module.k_out, module.k_in)
 
 
+def apply_spectral(query_rows: np.ndarray, spec: ProjectionSpec, factors: dict[str, ModuleFactors],
+                   function: Callable[[np.ndarray], np.ndarray], scale_in: ModuleArrays | None = None,
+                   scale_out: ModuleArrays | None = None) -> np.ndarray:
+    """Per module: scale_out ⊙ f(C)(scale_in ⊙ G̃) with f(C) = Q F(Λ) Qᵀ in the factors' basis, (Q, D) float64.
+
+    The elementwise scales carry a diagonal preconditioner (Adam's P^{±1/2}); None means 1.
+    """
+    query_rows = np.asarray(query_rows, dtype=np.float64)
+    out = np.empty_like(query_rows)
+    for module in spec.modules:
+        grads = module_view(query_rows, spec, module.name)
+        if scale_in is not None:
+            grads = grads * scale_in[module.name]
+        module_factors = factors[module.name]
+        result = unrotate(rotate(grads, module_factors) * function(module_factors.lam), module_factors,
+                          (module.k_out, module.k_in))
+        if scale_out is not None:
+            result = result * scale_out[module.name]
+        out[:, module.offset:module.offset + module.width] = result.reshape(len(query_rows), -1)
+    return out
+
+
+def normalise_rows(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
 def transform_queries(query_rows: np.ndarray, spec: ProjectionSpec, method: Method,
                       factors: dict[str, ModuleFactors] | None) -> np.ndarray:
-    """The query side of the score, in the raw projected layout (Q, D), float64."""
+    """The query side of a single-checkpoint score, in the raw projected layout (Q, D), float64."""
     query_rows = np.asarray(query_rows, dtype=np.float64)
     if method.normalise:
-        norms = np.linalg.norm(query_rows, axis=1, keepdims=True)
-        query_rows = query_rows / np.where(norms > 0, norms, 1.0)
+        query_rows = normalise_rows(query_rows)
     if method.spectral is None:
         return query_rows
     if factors is None:
         raise ValueError(f"method {method.name} needs curvature factors")
-    out = np.empty_like(query_rows)
-    for module in spec.modules:
-        grads = module_view(query_rows, spec, module.name)
-        module_factors = factors[module.name]
-        preconditioned = unrotate(rotate(grads, module_factors) * method.spectral(module_factors.lam),
-                                  module_factors)
-        out[:, module.offset:module.offset + module.width] = preconditioned.reshape(len(query_rows), -1)
-    return out
+    return apply_spectral(query_rows, spec, factors, method.spectral)
 
 
 def score_block(transformed: np.ndarray, train_rows: np.ndarray, method: Method) -> np.ndarray:
@@ -53,6 +90,16 @@ def score_block(transformed: np.ndarray, train_rows: np.ndarray, method: Method)
         norms = np.linalg.norm(train_rows.astype(np.float64), axis=1)
         scores = scores / np.where(norms > 0, norms, 1.0)[None, :]
     return scores
+
+
+def score_terms(terms: list[QueryTerm], blocks: Callable[[str], Iterable[tuple[int, int, np.ndarray]]],
+                rows: int, method: Method) -> np.ndarray:
+    """(Q, rows): Σ over terms of the term's query side against its rows, streamed as (start, stop, block)."""
+    total = np.zeros((terms[0].transformed.shape[0], rows))
+    for term in terms:
+        for start, stop, block in blocks(term.key):
+            total[:, start:stop] += score_block(term.transformed, block, method)
+    return total
 
 
 def score_block_per_module(transformed: np.ndarray, train_rows: np.ndarray, spec: ProjectionSpec,

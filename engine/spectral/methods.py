@@ -2,22 +2,61 @@
 
 score(q, i) = Σ_m ⟨F(Λ_m) ⊙ ĝ_{q,m}, ĝ_{i,m}⟩ with ĝ = Q_Sᵀ G̃ Q_A. Scores are *not* divided by N
 (as in kronfluence): for influence and Source the predicted change of the query loss when example i
-is removed from N training examples is score / N. Positive = the example supports the query.
-EK-FAC influence scores equal kronfluence's exactly (tests/test_kronfluence.py). For K-FAC,
+is removed from the N training examples of its dataset is score / N. Positive = the example supports
+the query. EK-FAC influence scores equal kronfluence's exactly (tests/test_kronfluence.py). For K-FAC,
 Λ = σ αᵀ with S̃ normalised per example (kronfluence: per token), so with r = tokens/examples
 Tributary's K-FAC score at damping d = (1/r) × kronfluence's at damping d/r.
+
+A method turns query gradients into `QueryTerm`s — one transformed query batch per set of stored rows
+(a checkpoint, or a segment's averaged parameters) — from a `Resources` object that hands out query
+gradients, factors and stored rows. The LM store (engine/query) and in-memory models
+(engine/attribution/in_memory.py) both implement `Resources`, so every method runs the same code on both.
+
+| method | query side | needs |
+|---|---|---|
+| grad_dot | g_q at the final model, F = 1 | final model |
+| grad_cos | g_q/‖g_q‖, rows divided by ‖g_i‖ | final model |
+| if | F = 1/(λ + d) in the final model's EK-FAC basis | final model |
+| datainf | (1/n) Σ_i (g_i g_iᵀ + λ_l I)⁻¹ g_q per module (Sherman-Morrison) | final model, a pass over the rows |
+| trak | (ΦᵀΦ + d I)⁻¹ g_q^c per module (dense), averaged over checkpoints | final model or checkpoints/models |
+| tracin | Σ_c η_c g_q^c against the rows of checkpoint c | checkpoints + learning rates |
+| source | walk back through segments: score F_r, transport S = e^{−η̄KH} | checkpoints, η̄, K; Adam: optimizer state |
+| fast_source | source, with rows and factors at each segment's averaged parameters | checkpoints averaged per segment |
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
 from engine.config import MethodConfig
+from engine.curvature.factors import ModuleFactors
+from engine.errors import TributaryError
+from engine.projection import ProjectionSpec
+from engine.spectral.core import ModuleArrays, QueryTerm, apply_spectral, module_view, transform_queries
+from engine.training_run.plan import RunPlan, SegmentPlan
 
 SpectralFunction = Callable[[np.ndarray], np.ndarray]
+
+
+class Resources(Protocol):
+    """What a method may ask for. Keys: checkpoints "c0".., segments "s0".. (factors averaged over the
+    segment's checkpoints; for a preconditioned run, of P^{1/2} H P^{1/2}), averaged parameters "avg0".."""
+
+    spec: ProjectionSpec
+    plan: RunPlan
+
+    def query_gradients(self, key: str) -> np.ndarray: ...
+
+    def factors(self, key: str) -> dict[str, ModuleFactors]: ...
+
+    def dense_factors(self, key: str) -> dict[str, ModuleFactors]: ...
+
+    def training_blocks(self, key: str) -> Iterable[np.ndarray]: ...
+
+    def preconditioner(self, segment: int) -> ModuleArrays: ...
 
 
 @dataclass(frozen=True)
@@ -25,8 +64,18 @@ class Method:
     name: str
     needs_curvature: bool
     normalise: bool  # unit-normalise both sides over all modules (Grad-Cos)
-    spectral: Callable[[np.ndarray], np.ndarray] | None  # None: F = 1, no rotation needed
+    spectral: SpectralFunction | None  # single-checkpoint F(Λ); None: F = 1, no rotation needed
+    build_terms: Callable[[Resources], list[QueryTerm]] | None = None  # None: F at the final checkpoint
 
+    def terms(self, resources: Resources) -> list[QueryTerm]:
+        if self.build_terms is not None:
+            return self.build_terms(resources)
+        final = resources.plan.final.name
+        factors = resources.factors(final) if self.spectral is not None else None
+        return [QueryTerm(final, transform_queries(resources.query_gradients(final), resources.spec, self, factors))]
+
+
+# ---- spectral functions --------------------------------------------------------------------------
 
 def default_damping(lam: np.ndarray) -> float:
     """0.1 x the mean eigenvalue of the module (kronfluence's heuristic)."""
@@ -54,6 +103,16 @@ def source_exponential(eta: float, steps: int) -> SpectralFunction:
     return lambda lam: _with_limit_at_zero(lam, horizon, lambda x: -np.expm1(-horizon * x))
 
 
+def _discrete_power(eta: float, steps: int, lam: np.ndarray) -> np.ndarray:
+    """(1 − ηλ)^K, through log1p where 1 − ηλ > 0."""
+    step = eta * np.asarray(lam, dtype=np.float64)
+    out = np.empty_like(step)
+    stable = step < 1.0
+    out[stable] = np.exp(steps * np.log1p(-step[stable]))
+    out[~stable] = np.power(1.0 - step[~stable], steps)
+    return out
+
+
 def source_discrete(eta: float, steps: int) -> SpectralFunction:
     """(1 − (1 − ηλ)^K)/λ: exactly K gradient-descent steps of size η on the quadratic surrogate."""
     def numerator(lam: np.ndarray) -> np.ndarray:
@@ -71,14 +130,180 @@ def source_transport(eta: float, steps: int) -> SpectralFunction:
     return lambda lam: np.exp(-eta * steps * np.asarray(lam, dtype=np.float64))
 
 
+def source_transport_discrete(eta: float, steps: int) -> SpectralFunction:
+    """(1 − ηλ)^K: the transport of K explicit steps (the discrete form's S)."""
+    return lambda lam: _discrete_power(eta, steps, lam)
+
+
+SOURCE_FORMS = {"exponential": (source_exponential, source_transport),
+                "discrete": (source_discrete, source_transport_discrete)}
+
+
+# ---- Adam's preconditioner (Source App. C) ---------------------------------------------------------
+
+def adam_preconditioner(exp_avg_sq: np.ndarray, step: int, beta2: float, eps: float) -> np.ndarray:
+    """P = 1/(√v̂ + ε) with v̂ = v/(1 − β₂^t): the diagonal Adam multiplies the gradient by (momentum aside)."""
+    corrected = np.asarray(exp_avg_sq, dtype=np.float64) / (1.0 - beta2 ** max(int(step), 1))
+    return 1.0 / (np.sqrt(corrected) + eps)
+
+
+# ---- multi-checkpoint methods --------------------------------------------------------------------
+
+def _tracin_terms(resources: Resources) -> list[QueryTerm]:
+    """TracInCP: Σ_c η_c ⟨g_q^c, g_i^c⟩ (η_c the effective learning rate at checkpoint c)."""
+    plan = resources.plan
+    terms = []
+    for checkpoint in plan.checkpoints:
+        eta = checkpoint.learning_rate
+        if eta is None:
+            if plan.multi:
+                raise TributaryError(
+                    f"method tracin needs the learning rate at checkpoint {checkpoint.name} ({checkpoint.path}); "
+                    "give training_run.learning_rate or the checkpoint's learning_rate"
+                )
+            eta = 1.0  # the final model alone: TracIn-last, i.e. Grad-Dot
+        terms.append(QueryTerm(checkpoint.name, eta * resources.query_gradients(checkpoint.name)))
+    return terms
+
+
+def _trak_terms(damping: float | None) -> Callable[[Resources], list[QueryTerm]]:
+    """TRAK-style: per module (ΦᵀΦ + d I)⁻¹ g_q with Φ the stored (projected) training gradients at
+    checkpoint c (dense eigendecomposition, d default 0.1 × mean eigenvalue); the ensemble over
+    checkpoints (or independently trained models listed as checkpoints) averages their scores."""
+    inverse = influence_function(damping)
+
+    def build(resources: Resources) -> list[QueryTerm]:
+        checkpoints = resources.plan.checkpoints
+        return [QueryTerm(c.name, apply_spectral(resources.query_gradients(c.name), resources.spec,
+                                                 resources.dense_factors(c.name), inverse) / len(checkpoints))
+                for c in checkpoints]
+    return build
+
+
+def datainf_damping(blocks: Iterable[np.ndarray], spec: ProjectionSpec) -> dict[str, float]:
+    """λ_l = 0.1 · mean_i ‖g_il‖² / k_l per module (FiMO's DataInf setting)."""
+    sums = {m.name: 0.0 for m in spec.modules}
+    count = 0
+    for block in blocks:
+        block = np.asarray(block, dtype=np.float64)
+        count += len(block)
+        for m in spec.modules:
+            sums[m.name] += float(np.sum(block[:, m.offset:m.offset + m.width] ** 2))
+    if count == 0:
+        raise ValueError("DataInf needs training rows")
+    return {m.name: 0.1 * sums[m.name] / count / m.width for m in spec.modules}
+
+
+def datainf_transform(query_rows: np.ndarray, blocks: Callable[[], Iterable[np.ndarray]], spec: ProjectionSpec,
+                      damping: float | None) -> np.ndarray:
+    """DataInf's query side: per module l, (1/n) Σ_i (g_il g_ilᵀ + λ_l I)⁻¹ v_l
+    = (1/λ_l) [v_l − (1/n) Σ_i g_il (g_ilᵀ v_l) / (λ_l + ‖g_il‖²)], the average of rank-one inverses
+    in place of the inverse of the average. `blocks()` streams the training rows (once more when the
+    damping is the default)."""
+    query_rows = np.asarray(query_rows, dtype=np.float64)
+    lambdas = (datainf_damping(blocks(), spec) if damping is None else {m.name: float(damping) for m in spec.modules})
+    sums = {m.name: np.zeros((len(query_rows), m.width)) for m in spec.modules}
+    count = 0
+    for block in blocks():
+        block = np.asarray(block, dtype=np.float64)
+        count += len(block)
+        for m in spec.modules:
+            g = block[:, m.offset:m.offset + m.width]
+            v = query_rows[:, m.offset:m.offset + m.width]
+            weights = (v @ g.T) / (lambdas[m.name] + np.sum(g ** 2, axis=1))[None, :]
+            sums[m.name] += weights @ g
+    out = np.empty_like(query_rows)
+    for m in spec.modules:
+        v = query_rows[:, m.offset:m.offset + m.width]
+        out[:, m.offset:m.offset + m.width] = (v - sums[m.name] / count) / lambdas[m.name]
+    return out
+
+
+def _datainf_terms(damping: float | None) -> Callable[[Resources], list[QueryTerm]]:
+    def build(resources: Resources) -> list[QueryTerm]:
+        final = resources.plan.final.name
+        transformed = datainf_transform(resources.query_gradients(final), lambda: resources.training_blocks(final),
+                                        resources.spec, damping)
+        return [QueryTerm(final, transformed)]
+    return build
+
+
+def _segment_schedule(segment: SegmentPlan, plan: RunPlan, config: MethodConfig) -> tuple[float, int]:
+    eta, steps = segment.eta, segment.steps
+    if config.eta is not None or config.steps is not None:
+        if len(plan.segments) > 1:
+            raise TributaryError(
+                "method.eta / method.steps describe a single segment, but the training run has "
+                f"{len(plan.segments)} segments; remove them (each segment's η̄ and K come from training_run)"
+            )
+        eta = config.eta if config.eta is not None else eta
+        steps = config.steps if config.steps is not None else steps
+    if eta is None or steps is None:
+        raise TributaryError(
+            f"method {config.name} needs the mean learning rate and step count of segment {segment.index}; "
+            "give method.eta and method.steps, or describe the run in training_run (learning rates, steps)"
+        )
+    return eta, steps
+
+
+def _source_terms(config: MethodConfig, averaged: bool) -> Callable[[Resources], list[QueryTerm]]:
+    """Source (Bae et al. eq. 22-24), with every factor applied to the query side:
+    u_L = ∇f(z_q, θ^s); for ℓ = L..1: score against segment ℓ's rows with F_r(H̄_ℓ) u_ℓ, where
+    F_r = (1 − e^{−η̄Kλ})/λ and the rows are averaged over the segment's checkpoints (Fast-Source: taken
+    at its averaged parameters); then u_{ℓ−1} = S̄_ℓᵀ u_ℓ with S̄ = e^{−η̄K H̄}.
+    Adam (P diagonal): H → P H; with M = P^{1/2} H P^{1/2} (the segment's factors are M's),
+    F_r side = P^{1/2} F_r(M) P^{1/2} u and S̄ᵀ u = P^{−1/2} e^{−η̄K M} P^{1/2} u."""
+    score_function, transport = SOURCE_FORMS[config.form]
+
+    def build(resources: Resources) -> list[QueryTerm]:
+        plan, spec = resources.plan, resources.spec
+        if averaged and not plan.averaged:
+            raise TributaryError(
+                "method fast_source needs gradients at each segment's averaged parameters; index with "
+                "training_run.averaged: true"
+            )
+        u = resources.query_gradients(plan.final.name)
+        terms = []
+        for segment in reversed(plan.segments):
+            eta, steps = _segment_schedule(segment, plan, config)
+            factors = resources.factors(segment.averaged if averaged else f"s{segment.index}")
+            root = inverse_root = None
+            if plan.preconditioned:
+                preconditioner = resources.preconditioner(segment.index)
+                root = {name: np.sqrt(p) for name, p in preconditioner.items()}
+                inverse_root = {name: 1.0 / r for name, r in root.items()}
+            side = apply_spectral(u, spec, factors, score_function(eta, steps), root, root)
+            keys = (segment.averaged,) if averaged else segment.checkpoints
+            terms.extend(QueryTerm(key, side / len(keys)) for key in keys)
+            if segment.index != plan.segments[0].index:
+                u = apply_spectral(u, spec, factors, transport(eta, steps), root, inverse_root)
+        return terms
+    return build
+
+
 def method_from_config(config: MethodConfig) -> Method:
-    if config.name == "grad_dot":
-        return Method("grad_dot", needs_curvature=False, normalise=False, spectral=None)
-    if config.name == "grad_cos":
-        return Method("grad_cos", needs_curvature=False, normalise=True, spectral=None)
-    if config.name == "if":
-        return Method("if", needs_curvature=True, normalise=False, spectral=influence_function(config.damping))
-    if config.name == "source":
-        build = source_exponential if config.form == "exponential" else source_discrete
-        return Method("source", needs_curvature=True, normalise=False, spectral=build(config.eta, config.steps))
-    raise ValueError(f"unknown method {config.name!r}")
+    name = config.name
+    if name == "grad_dot":
+        return Method(name, needs_curvature=False, normalise=False, spectral=None)
+    if name == "grad_cos":
+        return Method(name, needs_curvature=False, normalise=True, spectral=None)
+    if name == "if":
+        return Method(name, needs_curvature=True, normalise=False, spectral=influence_function(config.damping))
+    if name in ("source", "fast_source"):
+        spectral = None
+        if config.eta is not None and config.steps is not None:
+            spectral = SOURCE_FORMS[config.form][0](config.eta, config.steps)
+        return Method(name, needs_curvature=True, normalise=False, spectral=spectral,
+                      build_terms=_source_terms(config, averaged=name == "fast_source"))
+    if name == "tracin":
+        return Method(name, needs_curvature=False, normalise=False, spectral=None, build_terms=_tracin_terms)
+    if name == "trak":
+        return Method(name, needs_curvature=False, normalise=False, spectral=None,
+                      build_terms=_trak_terms(config.damping))
+    if name == "datainf":
+        return Method(name, needs_curvature=False, normalise=False, spectral=None,
+                      build_terms=_datainf_terms(config.damping))
+    raise ValueError(f"unknown method {name!r}")
+
+
+__all__ = ["Method", "Resources", "QueryTerm", "method_from_config", "module_view"]

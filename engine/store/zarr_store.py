@@ -167,37 +167,68 @@ class GradientStore:
     def row_metadata(self) -> dict[str, np.ndarray]:
         return {"num_tokens": self.group["rows/num_tokens"][:], "loss": self.group["rows/loss"][:]}
 
-    # ---- factors --------------------------------------------------------------------------------
-    def write_factors(self, factors: dict[str, ModuleFactors]) -> None:
+    # ---- factors ----------------------------------------------------------------------------------
+    def write_factors(self, factors: dict[str, ModuleFactors], name: str = "factors") -> None:
         """One float64 array per field with every module's values concatenated in layout order (a few
-        arrays, not five per module: an LLM has hundreds of modules and each array costs a metadata write)."""
-        root = self.group["factors"]
-        strategies = {module.strategy for module in factors.values()}
-        root.attrs["strategy"] = strategies.pop()
-        for field in FACTOR_FIELDS:
-            pieces = [getattr(factors[m["name"]], field) for m in self.manifest["projection"]["modules"]]
-            if any(piece is None for piece in pieces):
-                if field in root:
-                    del root[field]
-                continue
-            packed = np.concatenate([np.asarray(piece, dtype=np.float64).ravel() for piece in pieces])
-            array = root.create_array(field, shape=packed.shape, dtype="float64", overwrite=True)
-            array[...] = packed
+        arrays, not five per module: an LLM has hundreds of modules and each array costs a metadata write).
+        `name` is the group: "factors" (this checkpoint's own), or e.g. "segment_basis" for a training run."""
+        write_factor_group(self.group.require_group(name), factors, self.manifest["projection"]["modules"])
 
-    def read_factors(self) -> dict[str, ModuleFactors]:
-        root = self.group["factors"]
-        modules = self.manifest["projection"]["modules"]
-        packed = {field: root[field][...] for field in FACTOR_FIELDS if field in root}
-        offsets = dict.fromkeys(packed, 0)
-        out = {}
-        for module in modules:
-            k_in, k_out = module["k_in"], module["k_out"]
-            shapes = {"lam": (k_out, k_in), "q_a": (k_in, k_in), "q_s": (k_out, k_out), "alpha": (k_in,),
-                      "sigma": (k_out,)}
-            fields = {}
-            for field, values in packed.items():
-                size = int(np.prod(shapes[field]))
-                fields[field] = values[offsets[field]:offsets[field] + size].reshape(shapes[field])
-                offsets[field] += size
-            out[module["name"]] = ModuleFactors(strategy=root.attrs["strategy"], **fields)
-        return out
+    def read_factors(self, name: str = "factors") -> dict[str, ModuleFactors]:
+        return read_factor_group(self.group[name], self.manifest["projection"]["modules"])
+
+    def has_group(self, name: str) -> bool:
+        return name in self.group
+
+    def write_module_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        """Per-module (k_out, k_in) float64 arrays (e.g. Adam's preconditioner), packed in layout order."""
+        write_module_arrays(self.group, name, arrays, self.manifest["projection"]["modules"])
+
+    def read_module_arrays(self, name: str) -> dict[str, np.ndarray]:
+        return read_module_arrays(self.group, name, self.manifest["projection"]["modules"])
+
+
+def write_factor_group(root: zarr.Group, factors: dict[str, ModuleFactors], modules: list[dict]) -> None:
+    strategies = {module.strategy for module in factors.values()}
+    root.attrs["strategy"] = strategies.pop()
+    for field in FACTOR_FIELDS:
+        pieces = [getattr(factors[m["name"]], field) for m in modules]
+        if any(piece is None for piece in pieces):
+            if field in root:
+                del root[field]
+            continue
+        packed = np.concatenate([np.asarray(piece, dtype=np.float64).ravel() for piece in pieces])
+        array = root.create_array(field, shape=packed.shape, dtype="float64", overwrite=True)
+        array[...] = packed
+
+
+def read_factor_group(root: zarr.Group, modules: list[dict]) -> dict[str, ModuleFactors]:
+    packed = {field: root[field][...] for field in FACTOR_FIELDS if field in root}
+    offsets = dict.fromkeys(packed, 0)
+    out = {}
+    for module in modules:
+        k_in, k_out = module["k_in"], module["k_out"]
+        shapes = {"lam": (k_out, k_in), "q_a": (k_in, k_in), "q_s": (k_out, k_out), "alpha": (k_in,),
+                  "sigma": (k_out,)}
+        fields = {}
+        for field, values in packed.items():
+            size = int(np.prod(shapes[field]))
+            fields[field] = values[offsets[field]:offsets[field] + size].reshape(shapes[field])
+            offsets[field] += size
+        out[module["name"]] = ModuleFactors(strategy=root.attrs["strategy"], **fields)
+    return out
+
+
+def write_module_arrays(group: zarr.Group, name: str, arrays: dict[str, np.ndarray], modules: list[dict]) -> None:
+    packed = np.concatenate([np.asarray(arrays[m["name"]], dtype=np.float64).ravel() for m in modules])
+    group.create_array(name, shape=packed.shape, dtype="float64", overwrite=True)[...] = packed
+
+
+def read_module_arrays(group: zarr.Group, name: str, modules: list[dict]) -> dict[str, np.ndarray]:
+    packed = group[name][...]
+    out, offset = {}, 0
+    for m in modules:
+        size = m["k_in"] * m["k_out"]
+        out[m["name"]] = packed[offset:offset + size].reshape(m["k_out"], m["k_in"])
+        offset += size
+    return out

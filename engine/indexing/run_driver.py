@@ -1,0 +1,219 @@
+"""Index a whole training run: one gradient store per checkpoint in one group, then Source's per-segment factors.
+
+Order of work (each step resumable, recorded in the sub-stores' and the root's manifests):
+1. every input is checked first: the run plan (engine.training_run.resolve), every dataset's rows, the
+   optimizer states of a preconditioned run, and the learning rates/steps the configured method needs;
+2. for each checkpoint (and each segment's averaged parameters, for Fast-Source) a fresh executor — the
+   workers load that checkpoint's weights — builds a complete single-checkpoint store under
+   checkpoints/<key>, with the same projection (the spec is checked against the run's);
+3. for each segment that is more than one plain checkpoint: the covariance sums of its checkpoints are added
+   and eigendecomposed once, every checkpoint's Λ is computed in that shared basis (a pass per checkpoint,
+   of P̄^{1/2}-scaled gradients for Adam) and the sums are averaged — Source App. D.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.capture.modules import select_modules, tracked_shapes
+from engine.config import JobConfig
+from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS, ModuleFactors, final_factors, initial_factors
+from engine.curvature.packing import lambda_width, reduce_rows, unpack_covariance, unpack_lambda
+from engine.curvature.statistics import PartialSums, merge_all
+from engine.errors import TributaryError
+from engine.indexing.driver import IndexRun, _validated_rows, build_store
+from engine.indexing.executor import make_executor
+from engine.progress import progress_bar
+from engine.projection import ProjectionSpec, build_projection
+from engine.store import GradientStore, location
+from engine.store.lock import StoreLock
+from engine.store.run_store import RunStore, is_run_store
+from engine.training_run.configs import checkpoint_config
+from engine.training_run.optimizer_state import meta_model, read_preconditioner
+from engine.training_run.plan import RunPlan, SegmentPlan
+from engine.training_run.preconditioner import average
+from engine.training_run.resolve import require_schedule
+
+log = logging.getLogger(__name__)
+
+
+def _run_manifest(config: JobConfig, plan: RunPlan, spec: ProjectionSpec) -> dict:
+    return {"plan": plan.to_dict(), "projection": spec.to_dict(), "curvature": config.curvature.model_dump(),
+            "store": {"dtype": config.store.dtype, "rows_per_chunk": config.store.rows_per_chunk}}
+
+
+def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> RunStore:
+    path = config.store.path
+    if location.exists(path):
+        if overwrite:
+            location.remove(path)
+        elif is_run_store(path):
+            existing = RunStore.open(path, mode="r+")
+            different = [key for key in ("plan", "projection", "curvature", "store")
+                         if existing.manifest.get(key) != manifest[key]]
+            if different:
+                raise TributaryError(
+                    f"store {location.redact(path)} was built for another training run or settings "
+                    f"({', '.join(different)} differ); choose another store.path or pass --overwrite to rebuild it"
+                )
+            return existing
+        elif GradientStore.exists(path):
+            raise TributaryError(f"store.path {location.redact(path)} holds a single-checkpoint store; choose another "
+                                 "store.path for the training run, or pass --overwrite to replace it")
+        else:
+            fs, root = location.filesystem(path)
+            if not (fs.isdir(root) and not fs.ls(root, detail=False)):
+                raise TributaryError(f"store.path {location.redact(path)} already exists and is not a Tributary store; "
+                                     "choose another store.path (or remove it yourself)")
+    return RunStore.create(path, manifest)
+
+
+def _averaged_model(paths: list[str], target: Path, dtype: torch.dtype) -> str:
+    """Save the mean of the checkpoints' parameters (Fast-Source's θ̄_ℓ) as an HF model directory."""
+    from transformers import AutoModelForCausalLM
+
+    total = None
+    for path in paths:
+        state = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, local_files_only=True).state_dict()
+        total = state if total is None else {k: total[k] + state[k] for k in total}
+    model = AutoModelForCausalLM.from_pretrained(paths[-1], dtype=dtype, local_files_only=True)
+    model.load_state_dict({k: (v / len(paths)).to(dtype) for k, v in total.items()})
+    model.save_pretrained(target)
+    return str(target)
+
+
+def _averaged_root(config: JobConfig) -> Path:
+    local = location.local_path(config.store.path)
+    if local is None:
+        raise TributaryError("training_run.averaged writes each segment's averaged model next to the store, so "
+                             "store.path must be local; use a local store.path (or set averaged: false)")
+    return Path(local + ".averaged")
+
+
+def _index_checkpoint(config: JobConfig, rows: int, show_progress: bool, spec: ProjectionSpec) -> GradientStore:
+    executor = make_executor(config)
+    try:
+        store = build_store(config, rows, executor, overwrite=False, show_progress=show_progress)
+    finally:
+        executor.shutdown()
+    if ProjectionSpec.from_dict(store.manifest["projection"]).fingerprint() != spec.fingerprint():
+        raise TributaryError(
+            f"checkpoint {config.model.path} has other tracked modules or shapes than the run's final checkpoint; "
+            "every checkpoint of a run must be the same architecture"
+        )
+    return store
+
+
+def _shared_lambdas(config: JobConfig, store: GradientStore, basis: dict[str, ModuleFactors],
+                    scale: dict[str, np.ndarray] | None, spec: ProjectionSpec, show_progress: bool) -> PartialSums:
+    """Λ sums of one checkpoint in a segment's shared basis (the worker stage `segment_lambdas`)."""
+    store.write_factors(basis, "segment_basis")
+    if scale is not None:
+        store.write_module_arrays("segment_scale", scale)
+    store.create_partials("segment_lambda", lambda_width(spec), 1)
+    executor = make_executor(config)
+    try:
+        with progress_bar(show_progress) as progress:
+            IndexRun(store, executor, spec, progress, len(getattr(executor, "actors", [None]))).stage("segment_lambdas")
+    finally:
+        executor.shutdown()
+    return PartialSums(lambdas=unpack_lambda(*reduce_rows(*store.read_partials("segment_lambda")), spec))
+
+
+def _segment_factors(config: JobConfig, root: RunStore, plan: RunPlan, segment: SegmentPlan, keys: list[str],
+                     configs: dict[str, JobConfig], spec: ProjectionSpec, scale: dict[str, np.ndarray] | None,
+                     show_progress: bool) -> dict[str, ModuleFactors]:
+    """Covariances added over `keys`, one eigendecomposition, Λ at every key in that basis, averaged."""
+    strategy = config.curvature.strategy
+    widths = {m.name: (m.k_in, m.k_out) for m in spec.modules}
+    stores = {key: root.checkpoint(key, mode="r+") for key in keys}
+    covariance = {}
+    if strategy in NEEDS_COVARIANCE:
+        covariance = merge_all([PartialSums(covariance=unpack_covariance(*reduce_rows(*store.read_partials("covariance")),
+                                                                         spec)) for store in stores.values()]).covariance
+    basis = initial_factors(strategy, covariance, widths)
+    if strategy not in NEEDS_LAMBDA_PASS:
+        return basis
+    lambdas = merge_all([_shared_lambdas(configs[key], stores[key], basis, scale, spec, show_progress)
+                         for key in keys]).lambdas
+    return final_factors(strategy, basis, lambdas)
+
+
+def run_training_index(config: JobConfig, plan: RunPlan, overwrite: bool = False, show_progress: bool = True,
+                       break_lock: bool = False) -> RunStore:
+    started = time.perf_counter()
+    require_schedule(plan, config.method.name)
+    strategy = config.curvature.strategy
+    if plan.preconditioned and strategy not in NEEDS_LAMBDA_PASS:
+        raise TributaryError(f"training_run.optimizer.preconditioned needs curvature.strategy ekfac or diagonal "
+                             f"(Λ of P^1/2 H P^1/2 comes from the eigenvalue-correction pass), not {strategy}")
+    rows = {}
+    for dataset in plan.datasets:
+        rows[dataset] = len(_validated_rows(config.model_copy(update={"data": config.data.model_copy(
+            update={"train": dataset})})))
+    model = meta_model(plan.final.path)
+    modules = select_modules(model, config.model.modules)
+    spec = build_projection(config.projection.dim, config.projection.seed, config.projection.kind,
+                            tracked_shapes(modules, config.model.include_bias))
+    preconditioners = {}
+    if plan.preconditioned:
+        for checkpoint in plan.checkpoints:
+            preconditioners[checkpoint.name] = read_preconditioner(
+                checkpoint.path, model, modules, spec, config.model.include_bias, config.training_run.optimizer)
+    averaged_root = _averaged_root(config) if plan.averaged else None
+    configs = {c.name: checkpoint_config(config, c.path, plan.datasets[plan.segments[c.segment].dataset],
+                                         RunStore.checkpoint_path_for(config.store.path, c.name))
+               for c in plan.checkpoints}
+    with StoreLock(config.store.path, break_lock=break_lock):
+        root = _open_or_create(config, _run_manifest(config, plan, spec), overwrite)
+        if root.manifest.get("complete"):
+            log.info("store %s is complete and up to date; nothing to do", location.redact(config.store.path))
+            return root
+        for checkpoint in plan.checkpoints:
+            dataset = plan.datasets[plan.segments[checkpoint.segment].dataset]
+            log.info("checkpoint %s (%s)", checkpoint.name, checkpoint.path)
+            store = _index_checkpoint(configs[checkpoint.name], rows[dataset], show_progress, spec)
+            if plan.preconditioned:
+                store.write_module_arrays("preconditioner", preconditioners[checkpoint.name])
+        for segment in plan.segments:
+            if segment.index in root.manifest["segments_done"]:
+                continue
+            scale = None
+            if plan.preconditioned:
+                mean = average([preconditioners[name] for name in segment.checkpoints])
+                root.write_segment_preconditioner(segment.index, mean)
+                scale = {name: np.sqrt(p) for name, p in mean.items()}
+            if len(segment.checkpoints) > 1 or scale is not None:
+                factors = _segment_factors(config, root, plan, segment, list(segment.checkpoints), configs, spec,
+                                           scale, show_progress)
+                root.write_segment_factors(segment.index, factors)
+            if plan.averaged:
+                _index_averaged(config, root, plan, segment, averaged_root, rows, spec, scale, show_progress)
+            root.update_manifest(segments_done=root.manifest["segments_done"] + [segment.index])
+        root.update_manifest(complete=True, timings={"total_s": round(time.perf_counter() - started, 4)})
+    log.info("indexed %d checkpoints into %s", len(plan.checkpoints), location.redact(config.store.path))
+    return root
+
+
+def _index_averaged(config: JobConfig, root: RunStore, plan: RunPlan, segment: SegmentPlan, averaged_root: Path,
+                    rows: dict[str, int], spec: ProjectionSpec, scale: dict[str, np.ndarray] | None,
+                    show_progress: bool) -> None:
+    """Fast-Source: a store at the segment's averaged parameters (own factors; of P̄^{1/2} H P̄^{1/2} for Adam)."""
+    from engine.model.loading import DTYPES
+
+    key = segment.averaged
+    paths = [plan.checkpoint(name).path for name in segment.checkpoints]
+    weights = _averaged_model(paths, averaged_root / key, DTYPES[config.model.dtype])
+    dataset = plan.datasets[segment.dataset]
+    sub = checkpoint_config(config, weights, dataset, root.checkpoint_path(key))
+    store = _index_checkpoint(sub, rows[dataset], show_progress, spec)
+    if scale is not None:
+        own = store.read_factors()
+        basis = {name: ModuleFactors(f.strategy, f.lam, f.q_a, f.q_s, f.alpha, f.sigma) for name, f in own.items()}
+        lambdas = _shared_lambdas(sub, store, basis, scale, spec, show_progress).lambdas
+        store.write_factors(final_factors(config.curvature.strategy, basis, lambdas), "preconditioned_factors")

@@ -1,0 +1,104 @@
+"""A store for a whole training run: one Zarr group holding one gradient store per checkpoint.
+
+Layout:
+  attrs["manifest"]            format tributary-run/1, the resolved run plan, the projection spec (shared
+                               by every checkpoint), settings, `segments_done`, `complete`
+  checkpoints/<c0|c1|..>       a complete single-checkpoint store each (tributary-store/1: grads, rows,
+                               factors, its own manifest with that checkpoint's fingerprints); avg<l> for a
+                               segment's averaged parameters (Fast-Source)
+  segments/s<l>/factors        Source's factors of segment l: covariances averaged over its checkpoints, one
+                               eigenbasis, Λ corrected at every checkpoint and averaged (of P̄^{1/2} H P̄^{1/2}
+                               for a preconditioned run); absent when the segment is one plain checkpoint
+  segments/s<l>/preconditioner P̄ of segment l (Adam), per module in the stored layout
+
+A store written before training runs existed is a plain tributary-store/1 group: one checkpoint, one segment.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from engine.curvature.factors import ModuleFactors
+from engine.errors import TributaryError
+from engine.store.location import redact, zarr_location
+from engine.store.zarr_store import (GradientStore, read_factor_group, read_module_arrays, write_factor_group,
+                                     write_module_arrays)
+from engine.training_run.plan import RunPlan
+
+RUN_FORMAT = "tributary-run/1"
+
+
+def is_run_store(path: str) -> bool:
+    try:
+        manifest = zarr.open_group(zarr_location(path), mode="r").attrs.get("manifest")
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == RUN_FORMAT
+
+
+class RunStore:
+    def __init__(self, group: zarr.Group, path: str):
+        self.group = group
+        self.path = path
+
+    @classmethod
+    def create(cls, path: str, manifest: dict) -> "RunStore":
+        manifest = dict(manifest, format=RUN_FORMAT, segments_done=[], complete=False)
+        group = zarr.open_group(zarr_location(path), mode="w", attributes={"manifest": manifest})
+        group.require_group("checkpoints")
+        group.require_group("segments")
+        return cls(group, path)
+
+    @classmethod
+    def open(cls, path: str, mode: str = "r") -> "RunStore":
+        if not is_run_store(path):
+            raise TributaryError(f"{redact(path)} is not a Tributary training-run store ({RUN_FORMAT})")
+        return cls(zarr.open_group(zarr_location(path), mode=mode), path)
+
+    @property
+    def manifest(self) -> dict:
+        return dict(self.group.attrs["manifest"])
+
+    def update_manifest(self, **changes) -> None:
+        self.group.attrs["manifest"] = dict(self.manifest, **changes)
+
+    @property
+    def plan(self) -> RunPlan:
+        return RunPlan.from_dict(self.manifest["plan"])
+
+    @property
+    def modules(self) -> list[dict]:
+        return self.manifest["projection"]["modules"]
+
+    @staticmethod
+    def checkpoint_path_for(path: str, key: str) -> str:
+        return f"{path.rstrip('/')}/checkpoints/{key}"
+
+    def checkpoint_path(self, key: str) -> str:
+        return self.checkpoint_path_for(self.path, key)
+
+    def checkpoint(self, key: str, mode: str = "r") -> GradientStore:
+        return GradientStore.open(self.checkpoint_path(key), mode=mode)
+
+    def has_checkpoint(self, key: str) -> bool:
+        return GradientStore.exists(self.checkpoint_path(key))
+
+    # ---- per-segment factors ------------------------------------------------------------------------
+    def _segment(self, index: int) -> zarr.Group:
+        return self.group.require_group(f"segments/s{index}")
+
+    def write_segment_factors(self, index: int, factors: dict[str, ModuleFactors]) -> None:
+        write_factor_group(self._segment(index).require_group("factors"), factors, self.modules)
+
+    def has_segment_factors(self, index: int) -> bool:
+        return f"segments/s{index}/factors" in self.group
+
+    def read_segment_factors(self, index: int) -> dict[str, ModuleFactors]:
+        return read_factor_group(self.group[f"segments/s{index}/factors"], self.modules)
+
+    def write_segment_preconditioner(self, index: int, arrays: dict[str, np.ndarray]) -> None:
+        write_module_arrays(self._segment(index), "preconditioner", arrays, self.modules)
+
+    def read_segment_preconditioner(self, index: int) -> dict[str, np.ndarray]:
+        return read_module_arrays(self.group[f"segments/s{index}"], "preconditioner", self.modules)

@@ -1,0 +1,5 @@
+"""The training run behind a store: checkpoints, segments, learning rates, optimizer state."""
+
+from engine.training_run.plan import CheckpointPlan, RunPlan, SegmentPlan
+
+__all__ = ["CheckpointPlan", "RunPlan", "SegmentPlan"]
