@@ -111,11 +111,9 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
             raise TributaryError(f"--max-new-tokens must be positive, got {max_new_tokens}")
         job = load_config(config)
         if method is not None:
-            from engine.config import parse_config
+            from engine.config import with_method_name
 
-            raw = job.model_dump()
-            raw["method"] = dict(raw["method"], name=method)
-            job = parse_config(raw, source=f"{config} with --method {method}")
+            job = with_method_name(job, method, source=f"{config} with --method {method}")
         generation = (GenerationSettings(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                                          top_p=top_p, seed=seed, chat=chat) if generate else None)
         options = QueryOptions(k=top_k, measurement=measurement, per_module=per_module, per_token=per_token,
