@@ -145,6 +145,7 @@ class Attributor:
         self.scan = scan or default_scan(config, store)
         self.scoring_passes = 0  # reads of the whole store (one per `attribute` call and normalisation)
         self._factors = None
+        self._methods: dict[str, Method] = {}
         if method_from_config(config.method).spectral is not None:
             self.factors()
 
@@ -159,10 +160,11 @@ class Attributor:
     def method(self, name: str | None = None, source: str = "method") -> Method:
         """The config's method, or the one named (validated as the config would be: an unknown name, or
         source without eta/steps, is a TributaryError)."""
-        config = self.config
-        if name is not None and name != config.method.name:
-            config = with_method_name(config, name, source)
-        return method_from_config(config.method)
+        name = self.config.method.name if name is None else name
+        if name not in self._methods:
+            config = self.config if name == self.config.method.name else with_method_name(self.config, name, source)
+            self._methods[name] = method_from_config(config.method)
+        return self._methods[name]
 
     def factors(self) -> dict:
         """The curvature factors, read from the store the first time a method needs them."""
