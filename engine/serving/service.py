@@ -10,6 +10,7 @@ import threading
 from engine.config import ClusterConfig, JobConfig, parse_config
 from engine.errors import TributaryError
 from engine.serving.auth import read_token
+from engine.store.location import redact
 
 log = logging.getLogger(__name__)
 APP_NAME = "tributary"
@@ -48,6 +49,7 @@ def build_application(config: JobConfig):
     scorers = _range_scorers(config) if config.cluster is not None else None
     return AttributionService.options(
         num_replicas=serve.replicas, max_ongoing_requests=serve.max_ongoing_requests,
+        max_constructor_retry_count=1,  # a replica that cannot load (bad config, wrong store) fails again
         ray_actor_options={"num_cpus": serve.replica_cpus, "num_gpus": serve.replica_gpus,
                            "runtime_env": {"env_vars": forwarded_environment()}},
     ).bind(config, scorers)
@@ -71,17 +73,25 @@ def start_service(config: JobConfig, name: str = APP_NAME, route_prefix: str = "
     try:
         serve.run(build_application(config), name=name, route_prefix=route_prefix)
     except (RuntimeError, TributaryError) as error:
+        reason = _failure_reason(name) or str(error)
         stop_service(name)
-        raise TributaryError(f"the service did not start: {_last_line(error)}") from None
+        raise TributaryError(f"the service did not start: {reason}") from None
     url = f"http://{config.serve.host}:{config.serve.port}{route_prefix.rstrip('/')}"
-    log.info("serving %s on %s (%d replica(s))", config.store.path, url, config.serve.replicas)
+    log.debug("serving %s on %s (%d replica(s))", redact(config.store.path), url, config.serve.replicas)
     return url
 
 
-def _last_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    errors = [line for line in lines if "TributaryError" in line]
-    return (errors or lines or [type(error).__name__])[-1]
+def _failure_reason(name: str) -> str | None:
+    """The error a replica raised while starting (a TributaryError names the input), from Serve's status."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications[name].deployments.values()
+    except (KeyError, RuntimeError):
+        return None
+    lines = [line.strip() for deployment in deployments for line in (deployment.message or "").splitlines()]
+    named = [line.split("TributaryError:", 1)[1].strip() for line in lines if "TributaryError:" in line]
+    return named[-1] if named else None
 
 
 def stop_service(name: str = APP_NAME) -> None:
