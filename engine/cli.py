@@ -131,8 +131,8 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
 def serve(config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
           host: Optional[str] = typer.Option(None, "--host", help="address to bind (default serve.host, 127.0.0.1)"),
           port: Optional[int] = typer.Option(None, "--port", help="port (default serve.port, 8000)"),
-          replicas: Optional[int] = typer.Option(None, "--replicas", help="service replicas (default serve.replicas, 1)"),
-          ) -> None:
+          replicas: Optional[int] = typer.Option(None, "--replicas",
+                                                 help="service replicas (default serve.replicas, 1)")) -> None:
     """Serve attribution over HTTP (Ray Serve): POST /v1/attribute, GET /v1/health, GET /v1/info."""
     from engine.config import load_config
     from engine.serving.service import serve_until_stopped, with_serve_options

@@ -20,6 +20,7 @@ import numpy as np
 
 from engine.config import JobConfig, with_method_name
 from engine.data.rows import Row, file_fingerprint, read_rows
+from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.indexing.compute import gradient_pass
 from engine.indexing.job import ModelContext, field_names, load_model_context
@@ -173,8 +174,9 @@ class Attributor:
         return self._factors
 
     # ---- queries ----------------------------------------------------------------------------------
-    def queries_from_rows(self, rows: list[Row], source: str) -> list[Query]:
-        tokenized = self.context.tokenize(rows, source)
+    def queries_from_rows(self, rows: list[Row], source: str, tokenizer=None) -> list[Query]:
+        """Tokenised queries (with `tokenizer` when given: a copy another thread may use meanwhile)."""
+        tokenized = tokenize_rows(rows, tokenizer or self.context.tokenizer, self.config.data.max_length, source)
         return [Query(row.id, tok, text=row.text if row.messages is None else row.display, prompt=row.prompt,
                       completion=row.completion) for row, tok in zip(rows, tokenized)]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,16 +12,12 @@ from engine.config import JobConfig
 from engine.data.rows import read_rows
 from engine.errors import TributaryError
 from engine.indexing.job import field_names
-from engine.query.attributor import (Attributor, QueryGroup, QueryOptions, check_compatible,  # noqa: F401
-                                     open_complete_store, store_spec)
+from engine.query.attributor import Attributor, QueryGroup, QueryOptions, open_complete_store
 from engine.query.generate import read_prompts
 from engine.query.records import Query
-from engine.query.scoring import QueryResult  # noqa: F401  (re-exported: callers import it from here)
+from engine.query.scoring import QueryResult
 from engine.store import GradientStore
 from engine.store.location import redact
-
-log = logging.getLogger(__name__)
-
 
 def _load_queries(attributor: Attributor, queries_path: str, options: QueryOptions, prompts=None) -> list[Query]:
     if options.generation is not None:

@@ -11,6 +11,7 @@ replica sends its batches to (the sharding of the distributed scorer, engine/dis
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 
 import numpy as np
@@ -68,6 +69,7 @@ class AttributionService:
         del token
         scan = ShardedScan(range_scorers) if range_scorers else None
         self.attributor = Attributor.load(config, scan=scan)
+        self.request_tokenizer = copy.deepcopy(self.attributor.context.tokenizer)  # for the event loop's use
         self.counts = {"requests": 0, "queries": 0, "batches": 0, "rejected": 0, "timed_out": 0}
         self._batched.set_max_batch_size(config.serve.batch_max_queries)
         self._batched.set_batch_wait_timeout_s(config.serve.batch_wait_s)
@@ -78,7 +80,7 @@ class AttributionService:
     # ---- endpoints ----------------------------------------------------------------------------------
     async def attribute(self, request: AttributeRequest) -> dict:
         try:
-            prepared = prepare(request, self.attributor, self.limits)
+            prepared = prepare(request, self.attributor, self.limits, self.request_tokenizer)
         except RequestError:
             self.counts["rejected"] += 1
             raise

@@ -117,11 +117,14 @@ def _check_prompt_tokens(request: AttributeRequest, tokenizer, limits: Limits) -
                                limits.max_prompt_tokens)
 
 
-def prepare(request: AttributeRequest, attributor: Attributor, limits: Limits) -> PreparedRequest:
-    """Validate a request in the order cheap to dear; tokenise its queries (not for generate)."""
+def prepare(request: AttributeRequest, attributor: Attributor, limits: Limits, tokenizer) -> PreparedRequest:
+    """Validate a request in the order cheap to dear; tokenise its queries (not for generate).
+
+    `tokenizer` is the caller's own copy of the model's: a fast tokenizer may refuse concurrent use, and
+    a batch may be using the model's own at the same time.
+    """
     _check_sizes(request, limits)
     method = _method(request, attributor)
-    tokenizer = attributor.context.tokenizer
     _check_fields(request, tokenizer)
     _check_prompt_tokens(request, tokenizer, limits)
     options = QueryOptions(k=request.top_k, measurement=request.measurement)
@@ -134,7 +137,7 @@ def prepare(request: AttributeRequest, attributor: Attributor, limits: Limits) -
     for i, query in enumerate(request.queries):
         row = Row(index=i, id=ids[i], line=i, prompt=query.prompt, completion=query.completion)
         try:
-            queries.extend(attributor.queries_from_rows([row], source="queries"))
+            queries.extend(attributor.queries_from_rows([row], source="queries", tokenizer=tokenizer))
         except TributaryError as error:
             raise RequestError(422, str(error), f"queries.{i}") from None
     return PreparedRequest(options, method, queries=queries)
