@@ -8,6 +8,7 @@ Its config has a `cluster` section, so its scoring passes run on two shared row-
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import socket
@@ -23,6 +24,7 @@ from engine.config import parse_config
 from engine.errors import TributaryError
 from engine.indexing.driver import run_index
 from engine.serving.auth import read_token, token_digest, token_matches
+from engine.serving.batching import PassQueue
 from engine.serving.client import AttributionClient, ServiceError
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
@@ -268,6 +270,55 @@ def test_token_never_appears_in_logs(served, capfd):
     for secret in (TOKEN, WRONG_TOKEN):
         assert secret not in captured.out + captured.err
         assert not [file.name for file, text in zip(logs, texts) if secret in text]
+
+
+# ---- the pass queue (no service needed) -------------------------------------------------------------
+
+def test_pass_queue_puts_everything_that_waited_into_the_next_pass():
+    """While a pass runs, arrivals wait; the next pass takes them all, up to max_size, skipping abandoned ones."""
+    first_pass_running, release = threading.Event(), threading.Event()
+    passes: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        passes.append(list(items))
+        if len(passes) == 1:
+            first_pass_running.set()
+            assert release.wait(10)
+        return [10 * item for item in items]
+
+    async def scenario():
+        queue = PassQueue(run, size=lambda item: 3 if item == 4 else 1, max_size=4, wait_s=0.0)
+        first = asyncio.create_task(queue.submit(0))
+        assert await asyncio.to_thread(first_pass_running.wait, 10)
+        waiting = {item: asyncio.create_task(queue.submit(item)) for item in range(1, 8)}
+        await asyncio.sleep(0.05)
+        waiting.pop(2).cancel()  # gave up (a timeout): never scored
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(first, *waiting.values())
+
+    results = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert results == [0, 10, 30, 40, 50, 60, 70]
+    # sizes: item 4 counts 3, the others 1; at most 4 per pass, arrival order kept
+    assert passes == [[0], [1, 3], [4, 5], [6, 7]]
+
+
+def test_pass_queue_reports_a_failed_pass_and_keeps_going():
+    calls = []
+
+    def run(items: list[int]) -> list[int]:
+        calls.append(items)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        return items
+
+    async def scenario():
+        queue = PassQueue(run, size=lambda item: 1, max_size=8, wait_s=0.0)
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            await queue.submit(1)
+        return await queue.submit(2)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == 2
 
 
 # ---- config and start-up (no service needed) --------------------------------------------------------

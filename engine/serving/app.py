@@ -1,9 +1,10 @@
 """The Serve deployment: each replica loads the store, model and factors once (an Attributor) and answers
 concurrent requests in batches, one scoring pass per batch.
 
-Requests are validated and tokenised as they arrive (validation.py); `@serve.batch` gathers them (up to
-serve.batch_max_queries queries, waiting at most serve.batch_wait_s) and the batch runs in a worker
-thread, so requests keep arriving and queue for the next pass meanwhile. With a `cluster` section the
+Requests are validated and tokenised as they arrive (validation.py), then wait in the pass queue
+(batching.py): when the scorer is free, the next pass takes every waiting request (up to
+serve.batch_max_queries queries) and runs in a worker thread, so requests keep arriving and queue for the
+pass after meanwhile. With a `cluster` section the
 store's rows are split into contiguous ranges, each scored by one `RowRangeScorer` deployment that every
 replica sends its batches to (the sharding of the distributed scorer, engine/distributed/scoring.py).
 """
@@ -27,6 +28,7 @@ from engine.distributed.scoring import merge_parts
 from engine.query.attributor import Attributor, QueryGroup
 from engine.query.scoring import QueryResult
 from engine.serving.auth import BearerAuth, read_token, token_digest
+from engine.serving.batching import PassQueue
 from engine.serving.responses import RequestError
 from engine.serving.schema import AttributeRequest, AttributeResponse, ErrorBody
 from engine.serving.validation import BodyLimit, Limits, PreparedRequest, prepare
@@ -71,8 +73,8 @@ class AttributionService:
         self.attributor = Attributor.load(config, scan=scan)
         self.request_tokenizer = copy.deepcopy(self.attributor.context.tokenizer)  # for the event loop's use
         self.counts = {"requests": 0, "queries": 0, "batches": 0, "rejected": 0, "timed_out": 0}
-        self._batched.set_max_batch_size(config.serve.batch_max_queries)
-        self._batched.set_batch_wait_timeout_s(config.serve.batch_wait_s)
+        self.passes = PassQueue(self._score_batch, size=lambda item: item.size,
+                                max_size=config.serve.batch_max_queries, wait_s=config.serve.batch_wait_s)
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -86,7 +88,7 @@ class AttributionService:
             raise
         timeout = self.config.serve.request_timeout_s
         try:
-            outcome = await asyncio.wait_for(self._batched(prepared), timeout)
+            outcome = await asyncio.wait_for(self.passes.submit(prepared), timeout)
         except asyncio.TimeoutError:
             self.counts["timed_out"] += 1
             raise RequestError(504, f"not answered within serve.request_timeout_s = {timeout} s; retry later, send "
@@ -113,10 +115,6 @@ class AttributionService:
         }
 
     # ---- batching -----------------------------------------------------------------------------------
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01, batch_size_fn=_queries_in)
-    async def _batched(self, items: list[PreparedRequest]) -> list:
-        return await asyncio.to_thread(self._score_batch, items)
-
     def _score_batch(self, items: list[PreparedRequest]) -> list:
         """Each request's records, or the RequestError that answers it; one scoring pass for all of them."""
         outcomes: list = [None] * len(items)
