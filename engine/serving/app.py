@@ -66,9 +66,8 @@ class AttributionService:
         torch.set_num_threads(max(1, int(config.serve.replica_cpus)))
         self.config = config
         self.limits = Limits.from_config(config)
-        token = read_token(config.serve)
+        token = read_token(config.serve)  # only its digest is kept
         self._digest = None if token is None else token_digest(token)
-        del token
         scan = ShardedScan(range_scorers) if range_scorers else None
         self.attributor = Attributor.load(config, scan=scan)
         self.request_tokenizer = copy.deepcopy(self.attributor.context.tokenizer)  # for the event loop's use
@@ -98,8 +97,9 @@ class AttributionService:
         return {"results": outcome}
 
     def info(self) -> dict:
-        attributor = self.attributor
-        context = serve.get_replica_context()
+        attributor, serving = self.attributor, self.config.serve
+        ranges = len(attributor.scan.scorers) if isinstance(attributor.scan, ShardedScan) else 0
+        replica = serve.get_replica_context().replica_id.unique_id
         return {
             "service": {"version": __version__, "auth": self._digest is not None},
             "store": manifest_summary(attributor.store),
@@ -107,11 +107,10 @@ class AttributionService:
                       "adapter_mode": self.config.model.adapter_mode},
             "methods": {"default": self.config.method.name, "available": list(method_names())},
             "measurements": list(MEASUREMENTS),
-            "limits": dict(self.limits.describe(), request_timeout_s=self.config.serve.request_timeout_s),
-            "batching": {"batch_max_queries": self.config.serve.batch_max_queries,
-                         "batch_wait_s": self.config.serve.batch_wait_s,
-                         "row_ranges": len(attributor.scan.scorers) if isinstance(attributor.scan, ShardedScan) else 0},
-            "replica": dict(self.counts, id=context.replica_id.unique_id, scoring_passes=attributor.scoring_passes),
+            "limits": dict(self.limits.describe(), request_timeout_s=serving.request_timeout_s),
+            "batching": {"batch_max_queries": serving.batch_max_queries, "batch_wait_s": serving.batch_wait_s,
+                         "row_ranges": ranges},
+            "replica": dict(self.counts, id=replica, scoring_passes=attributor.scoring_passes),
         }
 
     # ---- batching -----------------------------------------------------------------------------------
