@@ -111,11 +111,9 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
             raise TributaryError(f"--max-new-tokens must be positive, got {max_new_tokens}")
         job = load_config(config)
         if method is not None:
-            from engine.config import parse_config
+            from engine.config import with_method_name
 
-            raw = job.model_dump()
-            raw["method"] = dict(raw["method"], name=method)
-            job = parse_config(raw, source=f"{config} with --method {method}")
+            job = with_method_name(job, method, source=f"{config} with --method {method}")
         generation = (GenerationSettings(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
                                          top_p=top_p, seed=seed, chat=chat) if generate else None)
         options = QueryOptions(k=top_k, measurement=measurement, per_module=per_module, per_token=per_token,
@@ -130,12 +128,32 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
 
 
 @app.command()
+def serve(config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
+          host: Optional[str] = typer.Option(None, "--host", help="address to bind (default serve.host, 127.0.0.1)"),
+          port: Optional[int] = typer.Option(None, "--port", help="port (default serve.port, 8000)"),
+          replicas: Optional[int] = typer.Option(None, "--replicas",
+                                                 help="service replicas (default serve.replicas, 1)")) -> None:
+    """Serve attribution over HTTP (Ray Serve): POST /v1/attribute, GET /v1/health, GET /v1/info."""
+    from engine.config import load_config
+    from engine.serving.service import serve_until_stopped, with_serve_options
+
+    try:
+        job = with_serve_options(load_config(config), f"{config} with command-line options", host=host, port=port,
+                                 replicas=replicas)
+        serve_until_stopped(job, on_ready=lambda url: console.print(
+            f"serving {redact(job.store.path)} on {url} (API: {url}/docs); Ctrl-C stops it", soft_wrap=True))
+    except TributaryError as error:
+        _fail(error)
+
+
+@app.command()
 def info(store: str = typer.Argument(..., help="store path or URL"),
          verify: bool = typer.Option(False, "--verify", help="re-read every shard and check its checksum")) -> None:
     """Print a store's manifest and completeness; with --verify, check every shard's checksum."""
     from engine.store import GradientStore
     from engine.store.integrity import verify as verify_store
     from engine.store.run_store import RunStore, is_run_store
+    from engine.store.summary import manifest_summary
 
     if is_run_store(store):
         _run_info(RunStore.open(store), verify)
@@ -144,14 +162,7 @@ def info(store: str = typer.Argument(..., help="store path or URL"),
         opened = GradientStore.open(store)
     except TributaryError as error:
         _fail(error)
-    manifest = opened.manifest
-    summary = {key: manifest.get(key) for key in ("format", "code_version", "rows", "width", "dtype",
-                                                   "rows_per_chunk", "complete", "fingerprints", "curvature",
-                                                   "stages", "timings")}
-    summary["shards_completed"] = f"{len(manifest.get('completed_shards', []))} of {len(opened.shards())}"
-    summary["modules"] = len(manifest["projection"]["modules"])
-    summary["nodes"] = sorted({entry["node"] for entry in manifest.get("shards", {}).get("gradients", {}).values()})
-    summary["runs"] = len(manifest.get("runs", []))
+    summary = manifest_summary(opened)
     problems: list[str] = []
     if verify:
         checked, problems = verify_store(opened)

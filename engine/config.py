@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -150,6 +150,32 @@ class ClusterConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    """`tributary serve`: where it listens, how it batches, what a request may ask, who may ask."""
+
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds (loopback unless told otherwise)")
+    port: int = Field(8000, gt=0, lt=65536)
+    replicas: int = Field(1, gt=0, description="service replicas, each holding the model and the store handle")
+    replica_cpus: float = Field(1, gt=0, description="CPUs per replica (also its torch thread count, at least 1)")
+    replica_gpus: float = Field(0, ge=0, description="GPUs per replica (query gradients and generation)")
+    max_queries_per_request: int = Field(32, gt=0, description="more queries in one request: 413")
+    max_prompt_chars: int = Field(8000, gt=0, description="a longer prompt or completion: 413")
+    max_prompt_tokens: int | None = Field(None, gt=0, description="a prompt with more tokens: 413; "
+                                          "default data.max_length - 1")
+    max_new_tokens: int = Field(256, gt=0, description="generate.max_new_tokens above this: 413")
+    max_top_k: int = Field(100, gt=0, description="top_k above this: 422")
+    max_request_bytes: int = Field(1 << 20, gt=0, description="a larger request body: 413")
+    request_timeout_s: float = Field(60, gt=0, description="a request not answered by then: 504")
+    batch_max_queries: int = Field(64, gt=0, description="queries scored together in one pass of the store")
+    batch_wait_s: float = Field(0.01, ge=0, description="how long a pass waits for more requests to join it")
+    max_ongoing_requests: int = Field(256, gt=0, description="requests a replica holds at once (queued for "
+                                      "a batch or being scored); more wait at the proxy")
+    auth_token_env: str | None = Field(None, description="name of the environment variable holding the bearer "
+                                       "token (read on the replicas' nodes)")
+    auth_token_file: str | None = Field(None, description="file holding the bearer token (read on the replicas' "
+                                        "nodes)")
+
+
 class JobConfig(_Section):
     model: ModelConfig
     data: DataConfig
@@ -161,6 +187,7 @@ class JobConfig(_Section):
     training_run: TrainingRunConfig | None = Field(
         None, description="checkpoints and segments of the training run; absent = the final model only"
     )
+    serve: ServeConfig = ServeConfig()
 
     def with_method(self, method: MethodConfig) -> JobConfig:
         return self.model_copy(update={"method": method})
@@ -193,7 +220,36 @@ def parse_config(raw: dict, source: str = "<dict>", base_dir: Path | None = None
             f"invalid config {source}: method 'source' needs method.eta (mean learning rate) and "
             "method.steps (optimizer steps K), or a training_run section"
         )
+    _check_serve(config, source)
     return config
+
+
+def _check_serve(config: JobConfig, source: str) -> None:
+    serve = config.serve
+    if serve.auth_token_env is not None and serve.auth_token_file is not None:
+        raise TributaryError(f"invalid config {source}: give serve.auth_token_env or serve.auth_token_file, not both")
+    if serve.batch_max_queries < serve.max_queries_per_request:
+        raise TributaryError(
+            f"invalid config {source}: serve.batch_max_queries ({serve.batch_max_queries}) is smaller than "
+            f"serve.max_queries_per_request ({serve.max_queries_per_request}); a full request must fit in one batch"
+        )
+    if serve.max_prompt_tokens is not None and serve.max_prompt_tokens >= config.data.max_length:
+        raise TributaryError(
+            f"invalid config {source}: serve.max_prompt_tokens ({serve.max_prompt_tokens}) must be below "
+            f"data.max_length ({config.data.max_length}) so a completion token fits"
+        )
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method a config (and a request) may name: the values `method.name` accepts."""
+    return tuple(get_args(MethodConfig.model_fields["name"].annotation))
+
+
+def with_method_name(config: JobConfig, name: str, source: str) -> JobConfig:
+    """The config with `method.name` replaced, validated as a whole (e.g. source needs eta and steps)."""
+    raw = config.model_dump()
+    raw["method"] = dict(raw["method"], name=name)
+    return parse_config(raw, source=source)
 
 
 def _resolve(path: str, base_dir: Path) -> str:
@@ -215,7 +271,10 @@ def _resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
     if tokenizer is not None and (base_dir / tokenizer).exists():
         tokenizer = _resolve(tokenizer, base_dir)
     model = config.model.model_copy(update={"path": model_path, "adapter": adapter, "tokenizer": tokenizer})
-    return config.model_copy(update={"data": data, "store": store, "model": model,
+    token_file = config.serve.auth_token_file
+    serve = config.serve.model_copy(update={"auth_token_file": None if token_file is None else
+                                            _resolve(token_file, base_dir)})
+    return config.model_copy(update={"data": data, "store": store, "model": model, "serve": serve,
                                      "training_run": _resolve_run_paths(config.training_run, base_dir)})
 
 

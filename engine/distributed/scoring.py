@@ -1,15 +1,19 @@
-"""Scoring on the cluster: each actor owns a contiguous row range of the store, scores a whole batch
+"""Scoring on the cluster: each scorer owns a contiguous row range of the store, scores a whole batch
 of queries against it in one read, and returns its top-k (and, on request, its score columns).
-The driver merges the candidates with the same deterministic order as a dense top-k."""
+The caller merges the candidates with the same deterministic order as a dense top-k.
+
+`tributary query` starts one actor per range for a run; `tributary serve` deploys one long-lived scorer
+per range that every service replica sends its batches to."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from engine.config import ClusterConfig
-from engine.query.scoring import merge_top_k, top_k_with_scores
+from engine.query.scoring import QueryResult, merge_top_k, stored_rows_method, top_k_with_scores
 from engine.spectral.core import score_block
-from engine.spectral.methods import Method
+
+RangePart = tuple  # (top + start, top scores, bottom + start, bottom scores, columns or None) of one range
 
 
 class RowRangeScorer:
@@ -19,13 +23,13 @@ class RowRangeScorer:
         from engine.store import GradientStore
 
         torch.set_num_threads(threads)
-        self.store = GradientStore.open(store_path)
+        self.store = GradientStore.open(store_path)  # read-only
         shards = self.store.shards()[start_shard:stop_shard]
         self.start, self.stop = shards[0][0], shards[-1][1]
         self.shards = shards
 
-    def score(self, transformed: np.ndarray, normalise: bool, k: int, full: bool):
-        method = Method("stored-rows", needs_curvature=False, normalise=normalise, spectral=None)
+    def score(self, transformed: np.ndarray, normalise: bool, k: int, full: bool) -> RangePart:
+        method = stored_rows_method(normalise)
         columns = np.empty((transformed.shape[0], self.stop - self.start))
         for start, stop, block in self.store.iter_chunks(self.shards):
             columns[:, start - self.start:stop - self.start] = score_block(transformed, block, method)
@@ -34,25 +38,32 @@ class RowRangeScorer:
         return top + self.start, top_values, bottom + self.start, -bottom_values, (columns if full else None)
 
 
-def _ranges(shards: int, actors: int) -> list[tuple[int, int]]:
-    bounds = np.linspace(0, shards, min(actors, shards) + 1).round().astype(int)
+def row_ranges(shards: int, scorers: int) -> list[tuple[int, int]]:
+    """Contiguous shard ranges [a, b), one per scorer (fewer when there are fewer shards than scorers)."""
+    bounds = np.linspace(0, shards, min(scorers, shards) + 1).round().astype(int)
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def merge_parts(parts: list[RangePart], k: int, full: bool) -> QueryResult:
+    """The ranges' candidates merged in range order: the dense top-k, ties to the lower training index."""
+    top, top_values = merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
+    bottom, bottom_values = merge_top_k([p[2] for p in parts], [-p[3] for p in parts], k)
+    total = np.concatenate([p[4] for p in parts], axis=1) if full else None
+    return QueryResult(top, top_values, bottom, -bottom_values, total)
+
+
 def score_on_cluster(store, transformed: np.ndarray, normalise: bool, k: int, full: bool,
-                     cluster: ClusterConfig, actors: int):
-    """(top indices, top scores, bottom indices, bottom scores — each (Q, k) — and full (Q, N) or None)."""
+                     cluster: ClusterConfig, actors: int) -> QueryResult:
+    """One scoring pass on actors started for it (and stopped after): top/bottom (Q, k), full (Q, N) or None."""
     import ray
 
     scorer = ray.remote(RowRangeScorer).options(num_cpus=cluster.cpus_per_worker)
     pool = [scorer.remote(store.path, a, b, cluster.cpus_per_worker)
-            for a, b in _ranges(len(store.shards()), actors)]
+            for a, b in row_ranges(len(store.shards()), actors)]
     try:
         shared = ray.put(transformed)
         parts = ray.get([actor.score.remote(shared, normalise, k, full) for actor in pool])
     finally:
         for actor in pool:
             ray.kill(actor)
-    top, top_values = merge_top_k([p[0] for p in parts], [p[1] for p in parts], k)
-    bottom, bottom_values = merge_top_k([p[2] for p in parts], [-p[3] for p in parts], k)
-    return top, top_values, bottom, -bottom_values, (np.concatenate([p[4] for p in parts], axis=1) if full else None)
+    return merge_parts(parts, k, full)

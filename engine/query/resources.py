@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 class StoreResources:
     def __init__(self, config: JobConfig, store: GradientStore | RunStore, spec: ProjectionSpec,
-                 final_context: ModelContext, rows: list[TokenizedRow], measurement: str):
+                 final_context: ModelContext, rows: list[TokenizedRow], measurement: str,
+                 shared: dict | None = None):
         self.config = config
         self.spec = spec
         self.run = store if isinstance(store, RunStore) else None
@@ -45,11 +46,15 @@ class StoreResources:
         self._rows = rows
         self._measurement = measurement
         self._cache: dict[tuple, object] = {}
+        # stores, factors and dense Grams do not depend on the queries: a long-lived caller (the service)
+        # passes one dict to every instance so they are read once
+        self._shared: dict[tuple, object] = {} if shared is None else shared
 
     def _cached(self, key: tuple, compute):
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
+        cache = self._cache if key[0] == "queries" else self._shared
+        if key not in cache:
+            cache[key] = compute()
+        return cache[key]
 
     def store(self, key: str) -> GradientStore:
         if self.run is None:
@@ -107,7 +112,9 @@ class StoreResources:
 
     def snippets(self, chars: int) -> list[str] | None:
         out = []
-        for d, path in enumerate(self.plan.datasets):
+        # a single-checkpoint store's one dataset is data.train (its plan names a placeholder)
+        datasets = self.plan.datasets if self.run is not None else (self.config.data.train,)
+        for d, path in enumerate(datasets):
             store = self.store(self._dataset_key(d))
             if not Path(path).is_file() or file_fingerprint(path) != store.manifest["fingerprints"].get("dataset"):
                 log.warning("training file %s is missing or differs from the indexed one; results carry ids, no "

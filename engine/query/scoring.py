@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from engine.spectral.core import score_block
 from engine.spectral.methods import Method
 from engine.store import GradientStore
+
+
+@dataclass
+class QueryResult:
+    top_indices: np.ndarray  # (Q, k), best first, ties to the lower training index
+    top_scores: np.ndarray  # (Q, k)
+    bottom_indices: np.ndarray  # (Q, k): most opposing first (most negative score)
+    bottom_scores: np.ndarray
+    total: np.ndarray | None  # (Q, N) full scores; on a cluster only when --scores-out asks for them
+    per_module: dict[str, list[np.ndarray]] | None = None  # "top"/"bottom" → per query (k, M)
+    per_token: dict[str, list[np.ndarray]] | None = None  # "top"/"bottom" → per query (k, T)
+    records: list[dict] | None = None  # the results JSONL records
+
+    def select(self, start: int, stop: int, k: int) -> QueryResult:
+        """Queries start..stop with their first k entries: a top-k list's prefix is the smaller top-k."""
+        total = None if self.total is None else self.total[start:stop]
+        return QueryResult(self.top_indices[start:stop, :k], self.top_scores[start:stop, :k],
+                           self.bottom_indices[start:stop, :k], self.bottom_scores[start:stop, :k], total)
+
+
+def stored_rows_method(normalise: bool) -> Method:
+    """What the store side of a score needs to know of a method: only whether rows are unit-normalised."""
+    return Method("stored-rows", needs_curvature=False, normalise=normalise, spectral=None)
 
 
 def score_store(store: GradientStore, transformed: np.ndarray, method: Method) -> np.ndarray:
@@ -15,6 +40,16 @@ def score_store(store: GradientStore, transformed: np.ndarray, method: Method) -
     for start, stop, rows in store.iter_chunks():
         total[:, start:stop] = score_block(transformed, rows, method)
     return total
+
+
+def rank_store(store: GradientStore, transformed: np.ndarray, normalise: bool, k: int,
+               full: bool = True) -> QueryResult:
+    """One pass over the store in this process: the top-k supporters and opposers of every query, and the
+    full scores (here they exist anyway, so `full` changes nothing)."""
+    total = score_store(store, transformed, stored_rows_method(normalise))
+    top, top_scores = top_k_with_scores(total, k)
+    bottom, bottom_scores = top_k_with_scores(-total, k)
+    return QueryResult(top, top_scores, bottom, -bottom_scores, total)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,293 @@
+"""Load once, score many: everything a query needs, and the scoring pass that answers a batch of them.
+
+`Attributor.load` opens the store (read-only), loads the model with its tracked modules, checks that the
+two belong together, and keeps the training ids, snippets and curvature factors. `Attributor.attribute`
+answers groups of queries (each group with its own method, measurement and k) with one gradient pass per
+measurement and one read of the store per normalisation (Grad-Cos or not), whatever the number of groups.
+`tributary query` builds one per run; every replica of `tributary serve` builds one at start-up and
+scores each batch of requests with it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from engine.config import JobConfig, with_method_name
+from engine.data.rows import Row
+from engine.data.tokenize import tokenize_rows
+from engine.errors import TributaryError
+from engine.indexing.compute import token_gradients
+from engine.indexing.job import ModelContext, field_names, load_model_context
+from engine.projection import ProjectionSpec
+from engine.query.generate import GenerationSettings, PromptRow, generate, token_pieces
+from engine.query.records import Query, result_records
+from engine.query.resources import StoreResources
+from engine.query.scoring import QueryResult, rank_store
+from engine.spectral.core import QueryTerm, score_block, transform_queries
+from engine.spectral.methods import Method, method_from_config
+from engine.store import GradientStore
+from engine.store.location import redact
+from engine.store.run_store import RunStore, is_run_store
+from engine.training_run.configs import checkpoint_config
+from engine.training_run.resolve import require_schedule
+
+log = logging.getLogger(__name__)
+SNIPPET_CHARS = 200
+
+# One scoring pass: (transformed queries (Q, D), unit-normalise stored rows?, k, keep full scores?) → ranks.
+Scan = Callable[[np.ndarray, bool, int, bool], QueryResult]
+
+
+def open_complete_store(path: str) -> GradientStore | RunStore:
+    """A complete store (read-only: nothing here writes one): a single-checkpoint store or a training run's."""
+    if is_run_store(path):
+        run = RunStore.open(path)
+        if not run.manifest.get("complete"):
+            raise TributaryError(f"training-run store {redact(path)} is incomplete; run `tributary index` with the "
+                                 "same config to finish it")
+        return run
+    store = GradientStore.open(path)
+    manifest = store.manifest
+    if not manifest.get("complete"):
+        done = len(manifest.get("completed_shards", []))
+        raise TributaryError(
+            f"store {redact(path)} is incomplete ({done} of {len(store.shards())} shards done); "
+            "run `tributary index` with the same config to finish it"
+        )
+    return store
+
+
+def final_model(config: JobConfig, opened: GradientStore | RunStore) -> tuple[JobConfig, GradientStore]:
+    """(config of the final model, its store): a training run's last checkpoint and its sub-store."""
+    if isinstance(opened, GradientStore):
+        return config, opened
+    plan = opened.plan
+    final = plan.final
+    dataset = plan.datasets[plan.segments[final.segment].dataset]
+    return (checkpoint_config(config, final.path, dataset, opened.checkpoint_path(final.name)),
+            opened.checkpoint(final.name))
+
+
+def check_method(opened: GradientStore | RunStore, method: Method, per_token: bool) -> None:
+    """Refuse, before any model loads, a method the store cannot serve or an option the method lacks."""
+    if isinstance(opened, RunStore):
+        require_schedule(opened.plan, method.name)
+    elif method.name == "fast_source":
+        raise TributaryError("method fast_source needs a training-run store indexed with training_run.averaged: true")
+    per_token_ok = method.build_terms is None or (method.spectral is not None and not isinstance(opened, RunStore))
+    if per_token and not per_token_ok:
+        raise TributaryError(f"--per-token is available for grad_dot, grad_cos, if and one-segment source on a "
+                             f"single-checkpoint store, not for method {method.name}; drop --per-token")
+
+
+def _projection_differences(stored: dict, config: JobConfig) -> list[str]:
+    wanted = config.projection
+    return [f"projection.{key} (store: {stored.get(key)!r}, config: {getattr(wanted, key)!r})"
+            for key in ("dim", "seed", "kind") if stored.get(key) != getattr(wanted, key)]
+
+
+def check_compatible(store: GradientStore, context: ModelContext, config: JobConfig) -> None:
+    """Refuse a store indexed with another model, tokenizer or projection, naming what differs.
+
+    `context` is built from `config` alone (its own projection spec), so every difference shows up
+    here, with the store's and the config's values side by side.
+    """
+    manifest = store.manifest
+    stored = manifest["fingerprints"]
+    current = dict(context.fingerprints, projection=context.spec.fingerprint())
+    different = []
+    if stored.get("model") != current["model"]:
+        indexed = manifest.get("model", {})
+        keys = ("path", "adapter", "modules", "include_bias", "dtype")
+        changed = [f"model.{key} (store: {indexed.get(key)!r}, config: {getattr(config.model, key)!r})"
+                   for key in keys if key in indexed and indexed.get(key) != getattr(config.model, key)]
+        different.append("model: " + ("; ".join(changed) if changed else
+                                      f"the weights at model.path {config.model.path} changed since indexing"))
+    if stored.get("tokenizer") != current["tokenizer"]:
+        different.append("tokenizer (the tokenizer at model.path differs from the indexed one)")
+    if stored.get("projection") != current["projection"]:
+        settings = _projection_differences(manifest.get("projection", {}), config)
+        different.append("projection: " + ("; ".join(settings) if settings else
+                                           "the tracked modules or their shapes differ (model.modules / "
+                                           "model.include_bias)"))
+    if different:
+        raise TributaryError(
+            f"store {redact(store.path)} was built with a different " + " and a different ".join(different)
+            + ". Query with the config the store was indexed with, or re-index"
+        )
+
+
+def store_spec(store: GradientStore) -> ProjectionSpec:
+    return ProjectionSpec.from_dict(store.manifest["projection"])
+
+
+def default_scan(config: JobConfig, store: GradientStore) -> Scan:
+    """In this process, or, with a `cluster` section, on row-range actors started for each pass."""
+    if config.cluster is None:
+        return lambda transformed, normalise, k, full: rank_store(store, transformed, normalise, k, full)
+    cluster = config.cluster
+
+    def on_cluster(transformed: np.ndarray, normalise: bool, k: int, full: bool) -> QueryResult:
+        from engine.distributed.cluster import connect, pool_size
+        from engine.distributed.scoring import score_on_cluster
+
+        connect(cluster)
+        return score_on_cluster(store, transformed, normalise, k, full, cluster, pool_size(cluster))
+    return on_cluster
+
+
+@dataclass(frozen=True)
+class QueryOptions:
+    k: int = 10
+    measurement: str = "logprob_sum"
+    per_module: bool = False
+    per_token: bool = False
+    generation: GenerationSettings | None = None
+
+
+@dataclass
+class QueryGroup:
+    """Queries attributed with one method, measurement and k (a query file, or one request)."""
+
+    queries: list[Query]
+    options: QueryOptions
+    method: Method
+
+
+class Attributor:
+    """`opened` is the store as opened (a training run's, or a single-checkpoint one); `store` is the final
+    model's store, which the single-term methods scan and the model context matches."""
+
+    def __init__(self, config: JobConfig, opened: GradientStore | RunStore, context: ModelContext,
+                 scan: Scan | None = None):
+        self.config = config
+        self.opened = opened
+        _, self.store = final_model(config, opened)
+        self.context = context
+        self.spec = store_spec(self.store)
+        self._shared: dict = {}  # stores and factors the methods read, kept across batches
+        rows = self._resources([], "logprob_sum")
+        self.ids = rows.ids()
+        self.snippets = rows.snippets(SNIPPET_CHARS)
+        self.module_names = [m.name for m in self.spec.modules]
+        self.scan = scan or default_scan(config, self.store)
+        self.scoring_passes = 0  # reads of the whole store (one per `attribute` call and normalisation)
+        self._factors = None
+        self._methods: dict[str, Method] = {}
+        if method_from_config(config.method).spectral is not None:
+            self.factors()
+
+    @classmethod
+    def load(cls, config: JobConfig, opened: GradientStore | RunStore | None = None,
+             scan: Scan | None = None) -> Attributor:
+        """Open the store (unless given) and load the final model; refuse a store built from other inputs."""
+        opened = opened or open_complete_store(config.store.path)
+        model_config, store = final_model(config, opened)
+        context = load_model_context(model_config)
+        check_compatible(store, context, model_config)
+        return cls(config, opened, context, scan)
+
+    def _resources(self, rows, measurement: str) -> StoreResources:
+        return StoreResources(self.config, self.opened, self.spec, self.context, rows, measurement,
+                              shared=self._shared)
+
+    def method(self, name: str | None = None, source: str = "method") -> Method:
+        """The config's method, or the one named (validated as the config would be: an unknown name,
+        source without eta/steps, or a method the store cannot serve is a TributaryError)."""
+        name = self.config.method.name if name is None else name
+        if name not in self._methods:
+            config = self.config if name == self.config.method.name else with_method_name(self.config, name, source)
+            method = method_from_config(config.method)
+            check_method(self.opened, method, per_token=False)
+            self._methods[name] = method
+        return self._methods[name]
+
+    def factors(self) -> dict:
+        """The curvature factors, read from the store the first time a method needs them."""
+        if self._factors is None:
+            self._factors = self.store.read_factors()
+        return self._factors
+
+    # ---- queries ----------------------------------------------------------------------------------
+    def queries_from_rows(self, rows: list[Row], source: str, tokenizer=None) -> list[Query]:
+        """Tokenised queries (with `tokenizer` when given: a copy another thread may use meanwhile)."""
+        tokenized = tokenize_rows(rows, tokenizer or self.context.tokenizer, self.config.data.max_length, source)
+        return [Query(row.id, tok, text=row.text if row.messages is None else row.display, prompt=row.prompt,
+                      completion=row.completion) for row, tok in zip(rows, tokenized)]
+
+    def generated_queries(self, prompts: list[PromptRow], settings: GenerationSettings, source: str) -> list[Query]:
+        """Complete each prompt with the model; the generated token ids are what gets attributed."""
+        generated = generate(self.context.model, self.context.tokenizer, prompts, settings,
+                             self.config.data.max_length, source)
+        return [Query(g.prompt.id, g.row, prompt=g.prompt_text, completion=g.completion, generated=True)
+                for g in generated]
+
+    # ---- scoring ----------------------------------------------------------------------------------
+    def attribute(self, groups: list[QueryGroup], need_full: bool = False) -> list[QueryResult]:
+        """Each group's results (with records). Methods with one term at the final checkpoint share one read
+        of the store per normalisation for all groups; a method over several checkpoints or stages (TracIn,
+        TRAK ensembles, multi-segment Source) reads its stores for its group, in this process."""
+        prepared = [self._resources([q.row for q in group.queries], group.options.measurement) for group in groups]
+        terms = [group.method.terms(resources) for group, resources in zip(groups, prepared)]
+        results: list[QueryResult | None] = [None] * len(groups)
+        single = [i for i in range(len(groups)) if prepared[i].is_single_term(terms[i])]
+        for i in set(range(len(groups))) - set(single):
+            if self.config.cluster is not None:
+                log.warning("method %s scores several checkpoints; scoring in this process, not on the cluster",
+                            groups[i].method.name)
+            results[i] = QueryResult(*prepared[i].score(terms[i], groups[i].method, groups[i].options.k))
+        for normalise in sorted({groups[i].method.normalise for i in single}):
+            members = [i for i in single if groups[i].method.normalise == normalise]
+            k = max(groups[i].options.k for i in members)
+            ranked = self.scan(np.concatenate([terms[i][0].transformed for i in members]), normalise, k, need_full)
+            self.scoring_passes += 1
+            start = 0
+            for i in members:
+                stop = start + len(groups[i].queries)
+                results[i] = ranked.select(start, stop, groups[i].options.k)
+                start = stop
+        for group, resources, group_terms, result in zip(groups, prepared, terms, results):
+            self._add_details(group, resources, group_terms, result)
+        return results
+
+    def _factors_for(self, method: Method) -> dict | None:
+        return self.factors() if method.spectral is not None else None
+
+    def _add_details(self, group: QueryGroup, resources: StoreResources, terms: list[QueryTerm],
+                     result: QueryResult) -> None:
+        options, method = group.options, group.method
+        listed = {"top": result.top_indices, "bottom": result.bottom_indices}
+        if options.per_module:
+            result.per_module = {kind: resources.per_module(terms, rows, method) for kind, rows in listed.items()}
+        if options.per_token:
+            result.per_token = self._per_token(group.queries, listed, method, options.measurement)
+        pieces = [token_pieces(self.context.tokenizer, q.row) for q in group.queries]
+        result.records = result_records(group.queries, result, self.ids, self.snippets, method.name,
+                                        options.measurement, self.module_names, pieces)
+
+    def _per_token(self, queries: list[Query], listed: dict[str, np.ndarray], method: Method,
+                   measurement: str) -> dict[str, list[np.ndarray]]:
+        """Per listed kind ("top"/"bottom"), (k, T) per query: each listed row's score split over the
+        completion tokens (single-checkpoint stores, single-term methods: see `check_method`).
+
+        Token t's share is the score of the gradient of token t's own term of the measurement, so the shares
+        sum to the score (exactly for logprob_sum and margin; logprob_mean divides each term by T). The token
+        gradients (one forward and one backward per token) serve every listed kind.
+        """
+        out: dict[str, list[np.ndarray]] = {kind: [] for kind in listed}
+        for q, query in enumerate(queries):
+            grads = token_gradients(self.context, query.row, measurement)
+            if measurement == "logprob_mean":
+                grads = grads / len(grads)
+            if method.normalise:  # Grad-Cos: every share is divided by the norm of the whole query gradient
+                token_side = grads / max(float(np.linalg.norm(grads.sum(axis=0))), 1e-300)
+            else:
+                token_side = transform_queries(grads, self.spec, method, self._factors_for(method))
+            for kind, indices in listed.items():
+                out[kind].append(score_block(token_side, self.store.read_row_selection(indices[q]), method).T)
+        return out

@@ -1,0 +1,190 @@
+"""The Serve deployment: each replica loads the store, model and factors once (an Attributor) and answers
+concurrent requests in batches, one scoring pass per batch.
+
+Requests are validated and tokenised as they arrive (validation.py), then wait in the pass queue
+(batching.py): when the scorer is free, the next pass takes every waiting request (up to
+serve.batch_max_queries queries) and runs in a worker thread, so requests keep arriving and queue for the
+pass after meanwhile. With a `cluster` section the
+store's rows are split into contiguous ranges, each scored by one `RowRangeScorer` deployment that every
+replica sends its batches to (the sharding of the distributed scorer, engine/distributed/scoring.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from engine import __version__
+from engine.capture.measurement import MEASUREMENTS
+from engine.config import JobConfig, method_names
+from engine.distributed.scoring import merge_parts
+from engine.query.attributor import Attributor, QueryGroup
+from engine.query.scoring import QueryResult
+from engine.serving.auth import BearerAuth, read_token, token_digest
+from engine.serving.batching import PassQueue
+from engine.serving.responses import RequestError
+from engine.serving.schema import AttributeRequest, AttributeResponse, ErrorBody
+from engine.serving.validation import BodyLimit, Limits, PreparedRequest, prepare
+from engine.store.summary import manifest_summary
+
+log = logging.getLogger(__name__)
+ERROR_RESPONSES = {status: {"model": ErrorBody, "description": text} for status, text in (
+    (400, "unknown method or measurement"), (401, "missing or wrong bearer token (when auth is on)"),
+    (413, "too many queries, too long a prompt, or too large a body (the limit is in the body)"),
+    (422, "malformed body (the field is named)"), (500, "the scoring pass failed"),
+    (504, "not answered within serve.request_timeout_s"))}
+
+
+class ShardedScan:
+    """A scoring pass on the shared row-range scorers: each scores its rows, this replica merges them."""
+
+    def __init__(self, scorers: list):
+        self.scorers = scorers
+
+    def __call__(self, transformed: np.ndarray, normalise: bool, k: int, full: bool) -> QueryResult:
+        responses = [scorer.score.remote(transformed, normalise, k, full) for scorer in self.scorers]
+        return merge_parts([response.result() for response in responses], k, full)
+
+
+def _queries_in(items: list[PreparedRequest]) -> int:
+    return sum(item.size for item in items)
+
+
+@serve.deployment(name="attribution")
+@serve.ingress()
+class AttributionService:
+    def __init__(self, config: JobConfig, range_scorers: list | None = None):
+        import torch
+
+        torch.set_num_threads(max(1, int(config.serve.replica_cpus)))
+        self.config = config
+        self.limits = Limits.from_config(config)
+        token = read_token(config.serve)  # only its digest is kept
+        self._digest = None if token is None else token_digest(token)
+        scan = ShardedScan(range_scorers) if range_scorers else None
+        self.attributor = Attributor.load(config, scan=scan)
+        self.request_tokenizer = copy.deepcopy(self.attributor.context.tokenizer)  # for the event loop's use
+        self.counts = {"requests": 0, "queries": 0, "batches": 0, "rejected": 0, "timed_out": 0}
+        self.passes = PassQueue(self._score_batch, size=lambda item: item.size,
+                                max_size=config.serve.batch_max_queries, wait_s=config.serve.batch_wait_s)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self)
+
+    # ---- endpoints ----------------------------------------------------------------------------------
+    async def attribute(self, request: AttributeRequest) -> dict:
+        try:
+            prepared = prepare(request, self.attributor, self.limits, self.request_tokenizer)
+        except RequestError:
+            self.counts["rejected"] += 1
+            raise
+        timeout = self.config.serve.request_timeout_s
+        try:
+            outcome = await asyncio.wait_for(self.passes.submit(prepared), timeout)
+        except asyncio.TimeoutError:
+            self.counts["timed_out"] += 1
+            raise RequestError(504, f"not answered within serve.request_timeout_s = {timeout} s; retry later, send "
+                               "fewer queries, or raise the limit") from None
+        if isinstance(outcome, RequestError):
+            raise outcome
+        return {"results": outcome}
+
+    def info(self) -> dict:
+        attributor, serving = self.attributor, self.config.serve
+        ranges = len(attributor.scan.scorers) if isinstance(attributor.scan, ShardedScan) else 0
+        replica = serve.get_replica_context().replica_id.unique_id
+        return {
+            "service": {"version": __version__, "auth": self._digest is not None},
+            "store": manifest_summary(attributor.store),
+            "model": {"path": self.config.model.path, "adapter": self.config.model.adapter,
+                      "adapter_mode": self.config.model.adapter_mode},
+            "methods": {"default": self.config.method.name, "available": list(method_names())},
+            "measurements": list(MEASUREMENTS),
+            "limits": dict(self.limits.describe(), request_timeout_s=serving.request_timeout_s),
+            "batching": {"batch_max_queries": serving.batch_max_queries, "batch_wait_s": serving.batch_wait_s,
+                         "row_ranges": ranges},
+            "replica": dict(self.counts, id=replica, scoring_passes=attributor.scoring_passes),
+        }
+
+    # ---- batching -----------------------------------------------------------------------------------
+    def _score_batch(self, items: list[PreparedRequest]) -> list:
+        """Each request's records, or the RequestError that answers it; one scoring pass for all of them."""
+        outcomes: list = [None] * len(items)
+        groups, members = [], []
+        for i, item in enumerate(items):
+            queries = item.queries
+            if item.prompts is not None:
+                try:
+                    queries = self.attributor.generated_queries(item.prompts, item.generation, "queries")
+                except Exception as error:  # one request's generation must not fail the batch
+                    outcomes[i] = RequestError(422, f"generation failed: {error}", "queries")
+                    continue
+            groups.append(QueryGroup(queries, item.options, item.method))
+            members.append(i)
+        if groups:
+            try:
+                results = self.attributor.attribute(groups)
+            except Exception as error:
+                log.exception("a scoring pass over %d requests failed", len(groups))
+                for i in members:
+                    outcomes[i] = RequestError(500, f"the scoring pass failed ({type(error).__name__}: {error}); "
+                                               "the service keeps running, retry the request")
+            else:
+                for i, result in zip(members, results):
+                    outcomes[i] = result.records
+        self.counts["batches"] += 1
+        self.counts["requests"] += len(items)
+        self.counts["queries"] += _queries_in(items)
+        return outcomes
+
+
+def build_api(service: AttributionService) -> FastAPI:
+    """The replica's HTTP API: routes bound to this replica's service, with auth and a body limit around."""
+    api = FastAPI(title="Tributary", version=__version__,
+                  description="Which training examples made this model say this? Send queries (prompt and "
+                              "completion), get the training examples that most support and oppose each.")
+
+    @api.exception_handler(RequestError)
+    async def refused(_: Request, error: RequestError) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @api.exception_handler(RequestValidationError)
+    async def malformed(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        fields = ["body" if problem["type"] == "json_invalid" else
+                  ".".join(str(part) for part in problem["loc"] if part != "body") or "body" for problem in problems]
+        message = "; ".join(f"{field}: {problem['msg']}" for field, problem in zip(fields, problems))
+        return JSONResponse({"error": message, "field": fields[0] if fields else "body"}, status_code=422)
+
+    @api.get("/v1/health", summary="Liveness (never needs a token)")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/info", summary="The store's manifest summary, methods, limits and this replica's counters",
+             responses={401: ERROR_RESPONSES[401]})
+    async def info() -> dict:
+        return service.info()
+
+    @api.post("/v1/attribute", response_model=AttributeResponse, response_model_exclude_none=True,
+              summary="Top supporting and opposing training examples of each query", responses=ERROR_RESPONSES)
+    async def attribute(request: AttributeRequest) -> dict:
+        return await service.attribute(request)
+
+    api.add_middleware(BodyLimit, max_bytes=service.limits.max_request_bytes)
+    api.add_middleware(BearerAuth, digest=service._digest)  # outermost: nothing runs before the token check
+    return api
+
+
+# The scorers of one contiguous row range of the store each (one replica per range, shared by every
+# service replica): engine/distributed/scoring.py's RowRangeScorer as a deployment.
+def range_scorer_deployment():
+    from engine.distributed.scoring import RowRangeScorer
+
+    return serve.deployment(RowRangeScorer)
