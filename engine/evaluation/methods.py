@@ -23,13 +23,27 @@ ALONG_TRAINING = ("source", "fast_source", "tracin")
 
 def final_model_scores(task, final: Parameters, methods: Sequence[MethodConfig | str],
                        settings: Settings = Settings()) -> dict[str, np.ndarray]:
-    """(Q, N) scores of each method on the final model alone (FiMO's setting)."""
-    attribution = InMemoryAttribution(task.model, task.loss, TrainingRun.final_only(final, task.train), settings)
+    """(Q, N) scores of each method on the final model alone (FiMO's setting). Methods given as
+    MethodConfigs are labelled by name, or by `name@steps` when they set steps (Source at several K)."""
+    attribution = final_model_attribution(task, final, settings)
     out = {}
     for method in methods:
         config = method if isinstance(method, MethodConfig) else MethodConfig(name=method)
         out[label(config)] = attribution.scores(config, task.queries)
     return out
+
+
+def scores_with(attribution: InMemoryAttribution, task, methods: Sequence[MethodConfig | str]) -> dict[str, np.ndarray]:
+    out = {}
+    for method in methods:
+        config = method if isinstance(method, MethodConfig) else MethodConfig(name=method)
+        out[label(config)] = attribution.scores(config, task.queries)
+    return out
+
+
+def final_model_attribution(task, final: Parameters, settings: Settings = Settings()) -> InMemoryAttribution:
+    """One attribution object per model: its factors and gradients are computed once for every method."""
+    return InMemoryAttribution(task.model, task.loss, TrainingRun.final_only(final, task.train), settings)
 
 
 def run_scores(task, run: TrainingRun, method: MethodConfig | str, settings: Settings = Settings()) -> np.ndarray:
@@ -63,7 +77,7 @@ def all_scores(task, final: Parameters, run: TrainingRun, methods: Sequence[str]
 
 
 def label(config: MethodConfig) -> str:
-    return config.name
+    return config.name if config.steps is None else f"{config.name}@{config.steps}"
 
 
 def random_scores(task, seed: int = 0) -> np.ndarray:
