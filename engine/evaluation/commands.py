@@ -71,7 +71,7 @@ def run_gold(task_name: str, methods: Sequence[str], left_out: int, seeds: int, 
         matrix = random_scores(task) if method == "random" else scores_with(attribution, task, [method])[method]
         out[method] = {metric: agreement(matrix, gold, metric, mean_adjust) for metric in ("cosine", "spearman")}
     return {"task": task.summary(), "mode": mode, "paired": paired, "left_out": left_out, "seeds": seeds,
-            "steps": list(steps), "further_learning_rate": rate, "gold_seed_variance": gold.seed_variance().tolist(),
+            "steps": list(steps), "further_learning_rate": rate, "gold_seed_variance": gold.seed_variance().tolist() if seeds > 1 else None,
             "agreement": out}
 
 

