@@ -223,5 +223,73 @@ def demo(workdir: str = typer.Option("runs/demo", help="where the demo writes it
         _fail(error)
 
 
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate methods: LDS, FiMO's gold standard, subset removal "
+                       "(offline tasks: diabetes, breast_cancer, wine, digits, shakespeare)")
+app.add_typer(eval_app, name="eval")
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TributaryError(f"{option} {text!r} must be comma-separated integers, e.g. 1,10,100") from None
+
+
+def _print_json(result: dict) -> None:
+    typer.echo(json.dumps(result, indent=2))
+
+
+@eval_app.command("lds")
+def eval_lds(task: str = typer.Option("diabetes", help="diabetes | breast_cancer | wine | digits | shakespeare"),
+             methods: str = typer.Option("grad_dot,if,source", help="comma-separated methods (and 'random')"),
+             alpha: float = typer.Option(0.5, help="fraction of the training rows each subset keeps"),
+             subsets: int = typer.Option(40, help="M random subsets"),
+             seeds: int = typer.Option(2, help="R retraining seeds per subset"),
+             cache: Optional[str] = typer.Option(None, help="Zarr directory of the ground truth (reused next time)"),
+             workers: int = typer.Option(0, help="Ray workers for the retraining (0: in this process)"),
+             projection_dim: int = typer.Option(0, help="gradient projection per side (0: exact)")) -> None:
+    """Linear datamodeling score of each method (mean, bootstrap 95% CI over queries)."""
+    from engine.evaluation.commands import run_lds
+
+    try:
+        _print_json(run_lds(task, methods.split(","), alpha, subsets, seeds, cache, workers, projection_dim))
+    except TributaryError as error:
+        _fail(error)
+
+
+@eval_app.command("gold")
+def eval_gold(task: str = typer.Option("diabetes", help="diabetes | breast_cancer | wine | digits | shakespeare"),
+              methods: str = typer.Option("grad_dot,grad_cos,if,trak,source", help="comma-separated methods"),
+              left_out: int = typer.Option(40, help="left-out training examples"),
+              seeds: int = typer.Option(8, help="S further-training seeds"),
+              steps: str = typer.Option("1,10,100,300", help="further-training steps at which to compare"),
+              mode: str = typer.Option("remove", help="remove (same batch order minus i) | every_batch"),
+              unpaired: bool = typer.Option(False, "--unpaired", help="independent batch orders (for comparison)"),
+              workers: int = typer.Option(0, help="Ray workers for the further training (0: in this process)")) -> None:
+    """Cosine and Spearman of each method against FiMO's further-training gold standard, per step."""
+    from engine.evaluation.commands import run_gold
+
+    try:
+        _print_json(run_gold(task, methods.split(","), left_out, seeds, _integers(steps, "--steps"), mode,
+                             not unpaired, workers))
+    except TributaryError as error:
+        _fail(error)
+
+
+@eval_app.command("removal")
+def eval_removal(task: str = typer.Option("wine", help="diabetes | breast_cancer | wine | digits | shakespeare"),
+                 methods: str = typer.Option("if,source,random", help="comma-separated methods"),
+                 k: str = typer.Option("5,10", help="numbers of top supporters removed"),
+                 seeds: int = typer.Option(2, help="retraining seeds"),
+                 workers: int = typer.Option(0, help="Ray workers (0: in this process)")) -> None:
+    """Remove each query's top-k supporters, retrain, report queries flipped (or the loss increase)."""
+    from engine.evaluation.commands import run_removal
+
+    try:
+        _print_json(run_removal(task, methods.split(","), _integers(k, "--k"), seeds, workers))
+    except TributaryError as error:
+        _fail(error)
+
+
 if __name__ == "__main__":
     app()
