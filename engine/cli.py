@@ -167,6 +167,11 @@ def info(store: str = typer.Argument(..., help="store path or URL"),
     if verify:
         checked, problems = verify_store(opened)
         summary["verify"] = {"shards_checked": checked, "problems": problems}
+    _print_summary(summary, problems)
+
+
+def _print_summary(summary: dict, problems: list[str]) -> None:
+    """The store summary as JSON on stdout; verification problems on stderr, and exit code 1 if any."""
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     if problems:
         console.print(f"[bold red]verify:[/] {len(problems)} problem(s):")
@@ -197,12 +202,7 @@ def _run_info(run, verify: bool) -> None:
             checkpoints[key]["verify"] = {"shards_checked": checked, "problems": found}
             problems.extend(f"{key}: {p}" for p in found)
     summary["checkpoints"] = checkpoints
-    sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-    if problems:
-        console.print(f"[bold red]verify:[/] {len(problems)} problem(s):")
-        for problem in problems:
-            console.print(f"  {escape(problem)}", soft_wrap=True)
-        raise typer.Exit(code=1)
+    _print_summary(summary, problems)
 
 
 @app.command()
