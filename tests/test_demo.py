@@ -30,7 +30,12 @@ def test_smollm2_demo_small_runs_end_to_end(smollm2_dir, tmp_path, monkeypatch):
     """The real default: SmolLM2 + LoRA on Shakespeare, indexed by two Ray workers, generations attributed."""
     monkeypatch.setenv("TRIBUTARY_CACHE", str(smollm2_dir.parent))  # reuse the session's conversion
     workdir = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), "--small"])
+    try:
+        result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), "--small"])
+    finally:
+        import ray
+
+        ray.shutdown()  # the demo started Ray in this process; later tests start their own
     assert result.exit_code == 0, result.output
     train_ids = [json.loads(line)["id"] for line in (workdir / "train.jsonl").read_text().splitlines()]
     records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
