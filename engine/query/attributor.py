@@ -177,7 +177,6 @@ class Attributor:
         self.module_names = [m.name for m in self.spec.modules]
         self.scan = scan or default_scan(config, self.store)
         self.scoring_passes = 0  # reads of the whole store (one per `attribute` call and normalisation)
-        self._factors = None
         self._methods: dict[str, Method] = {}
         if method_from_config(config.method).spectral is not None:
             self.factors()
@@ -208,10 +207,10 @@ class Attributor:
         return self._methods[name]
 
     def factors(self) -> dict:
-        """The curvature factors, read from the store the first time a method needs them."""
-        if self._factors is None:
-            self._factors = self.store.read_factors()
-        return self._factors
+        """The final model's curvature factors, read the first time a method needs them and kept in the cache
+        the methods' own reads share."""
+        resources = self._resources([], "logprob_sum")
+        return resources.factors(resources.plan.final.name)
 
     # ---- queries ----------------------------------------------------------------------------------
     def queries_from_rows(self, rows: list[Row], source: str, tokenizer=None) -> list[Query]:
