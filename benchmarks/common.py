@@ -28,9 +28,15 @@ def machine() -> dict:
         memory = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gib": memory,
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": memory,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def write_result(name: str, payload: dict) -> Path:
@@ -51,8 +57,9 @@ def gpt2_like(directory: Path, texts: list[str], hidden: int, layers: int, heads
     from engine.tiny import save_tiny
 
     vocabulary_texts = [" ".join(sorted({w for t in texts for w in t.split()}))]
-    return save_tiny(directory, "gpt2", vocabulary_texts, hidden=hidden, layers=layers, heads=heads,
-                     max_positions=positions)
+    return save_tiny(
+        directory, "gpt2", vocabulary_texts, hidden=hidden, layers=layers, heads=heads, max_positions=positions
+    )
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:

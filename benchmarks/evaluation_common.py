@@ -14,12 +14,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import RESULTS, machine  # noqa: E402
 
-COLOURS = {"grad_dot": "tab:blue", "grad_cos": "tab:cyan", "if": "tab:red", "source": "tab:green",
-           "fast_source": "tab:olive", "trak": "tab:purple", "tracin": "tab:orange", "datainf": "tab:brown",
-           "random": "tab:gray"}
-NAMES = {"grad_dot": "Grad-Dot", "grad_cos": "Grad-Cos", "if": "IF (EK-FAC)", "source": "Source",
-         "fast_source": "Fast-Source", "trak": "TRAK-style", "tracin": "TracInCP", "datainf": "DataInf",
-         "random": "random"}
+COLOURS = {
+    "grad_dot": "tab:blue",
+    "grad_cos": "tab:cyan",
+    "if": "tab:red",
+    "source": "tab:green",
+    "fast_source": "tab:olive",
+    "trak": "tab:purple",
+    "tracin": "tab:orange",
+    "datainf": "tab:brown",
+    "random": "tab:gray",
+}
+NAMES = {
+    "grad_dot": "Grad-Dot",
+    "grad_cos": "Grad-Cos",
+    "if": "IF (EK-FAC)",
+    "source": "Source",
+    "fast_source": "Fast-Source",
+    "trak": "TRAK-style",
+    "tracin": "TracInCP",
+    "datainf": "DataInf",
+    "random": "random",
+}
 
 
 def arguments(description: str) -> argparse.Namespace:
@@ -32,6 +48,7 @@ def arguments(description: str) -> argparse.Namespace:
 def markdown_table(header: list[str], rows: list[list], path: Path) -> str:
     def cell(value) -> str:
         return f"{value:.3f}" if isinstance(value, float) else str(value)
+
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     text = "\n".join(lines) + "\n"

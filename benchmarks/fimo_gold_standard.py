@@ -42,21 +42,32 @@ def evaluate(name: str, mode: str, left_out_count: int, seeds: int, queries: int
     fixed = scores_with(attribution, task, [m for m in METHODS if m not in ("source", "trak")])
     # TRAK projects its gradients (here to 32 per side: the text model's first layer is 136 x 32 wide)
     fixed["trak"] = final_model_scores(task, final, ["trak"], Settings(projection_dim=32))["trak"]
-    source = [scores_with(attribution, task, [MethodConfig(name="source", eta=rate, steps=k)])[f"source@{k}"]
-              for k in steps]
+    source = [
+        scores_with(attribution, task, [MethodConfig(name="source", eta=rate, steps=k)])[f"source@{k}"] for k in steps
+    ]
     curves = {}
     for metric in ("cosine", "spearman"):
         curves[metric] = {m: agreement(fixed[m], gold, metric) for m in fixed}
         curves[metric]["source"] = agreement(None, gold, metric, per_step_scores=source)
-    return {"task": task.summary(), "mode": mode, "left_out": int(left_out_count), "seeds": seeds,
-            "further_learning_rate": rate, "batch_size": stage.batch_size, "steps": steps,
-            "gold_seed_variance": gold.seed_variance().tolist(), "curves": curves,
-            "seconds": {"gold_standard": trained, "total": clock()}}
+    return {
+        "task": task.summary(),
+        "mode": mode,
+        "left_out": int(left_out_count),
+        "seeds": seeds,
+        "further_learning_rate": rate,
+        "batch_size": stage.batch_size,
+        "steps": steps,
+        "gold_seed_variance": gold.seed_variance().tolist(),
+        "curves": curves,
+        "seconds": {"gold_standard": trained, "total": clock()},
+    }
 
 
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
-    size = dict(left_out_count=100, seeds=50, queries=100) if args.full else dict(left_out_count=40, seeds=8, queries=50)
+    size = (
+        dict(left_out_count=100, seeds=50, queries=100) if args.full else dict(left_out_count=40, seeds=8, queries=50)
+    )
     results = {}
     for kind, name, mode in (("tabular", "diabetes", "remove"), ("text", "shakespeare", "every_batch")):
         results[kind] = evaluate(name, mode, workers=args.workers, **size)

@@ -42,8 +42,12 @@ def bare_forward_backward(model, tokenized, pad_id: int) -> float:
     model.requires_grad_(True)
     started = time.perf_counter()
     for batch in batches(tokenized, BATCH, pad_id):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids, use_cache=False).logits
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits
         per_example_loss(logits, batch.labels).sum().backward()
         model.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - started
@@ -68,37 +72,54 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tributary-bench-"))
     try:
         texts = random_corpus(args.rows, SEQUENCE, vocabulary=8000)
-        model_dir = gpt2_like(work / "model", texts, hidden=args.hidden, layers=args.layers, heads=4,
-                              positions=SEQUENCE)
+        model_dir = gpt2_like(
+            work / "model", texts, hidden=args.hidden, layers=args.layers, heads=4, positions=SEQUENCE
+        )
         train = write_jsonl(work / "train.jsonl", texts)
 
         def config(dim: int, strategy: str) -> dict:
-            return {"model": {"path": str(model_dir)},
-                    "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": BATCH},
-                    "projection": {"dim": dim}, "curvature": {"strategy": strategy},
-                    "store": {"path": str(work / f"store-{dim}-{strategy}.zarr")}}
+            return {
+                "model": {"path": str(model_dir)},
+                "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": BATCH},
+                "projection": {"dim": dim},
+                "curvature": {"strategy": strategy},
+                "store": {"path": str(work / f"store-{dim}-{strategy}.zarr")},
+            }
 
         job = prepare_index_job(parse_config(config(16, "identity")))
         parameters = sum(p.numel() for p in job.context.model.parameters())
         tokens = sum(len(row.input_ids) for row in job.tokenized)
         variants = {"bare": lambda: bare_forward_backward(job.context.model, job.tokenized, job.context.pad_id)}
         for dim in (0, 16, 64):
-            variants[f"gradients@{dim}"] = (lambda d=dim: index_seconds(config(d, "identity")))
+            variants[f"gradients@{dim}"] = lambda d=dim: index_seconds(config(d, "identity"))
         variants["ekfac@16"] = lambda: index_seconds(config(16, "ekfac"))
         times = side_by_side(variants, args.rounds)
         bare = statistics.median(times["bare"])
         table = {}
         for name, samples in times.items():
             seconds = statistics.median(samples)
-            table[name] = {"seconds_median": round(seconds, 4), "examples_per_s": round(args.rows / seconds, 2),
-                           "tokens_per_s": round(tokens / seconds, 1), "ratio_to_bare": round(bare / seconds, 3),
-                           "samples": [round(s, 4) for s in samples]}
+            table[name] = {
+                "seconds_median": round(seconds, 4),
+                "examples_per_s": round(args.rows / seconds, 2),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "ratio_to_bare": round(bare / seconds, 3),
+                "samples": [round(s, 4) for s in samples],
+            }
         print(f"model: {parameters / 1e6:.1f}M parameters, {args.rows} rows x {SEQUENCE} tokens, batch {BATCH}")
         print(f"{'variant':<14}{'examples/s':>12}{'tokens/s':>12}{'ratio to bare':>15}")
         for name, row in table.items():
             print(f"{name:<14}{row['examples_per_s']:>12}{row['tokens_per_s']:>12}{row['ratio_to_bare']:>15}")
-        path = write_result("index_throughput", {"parameters": parameters, "rows": args.rows, "sequence": SEQUENCE,
-                                                 "batch": BATCH, "rounds": args.rounds, "results": table})
+        path = write_result(
+            "index_throughput",
+            {
+                "parameters": parameters,
+                "rows": args.rows,
+                "sequence": SEQUENCE,
+                "batch": BATCH,
+                "rounds": args.rounds,
+                "results": table,
+            },
+        )
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -39,8 +39,9 @@ def main() -> None:
     by_alpha: dict[str, list[dict]] = {m: [] for m in scores}
     truths = {}
     for alpha in ALPHAS:
-        truths[alpha] = ground_truth(task, alpha, subsets, seeds, workers=args.workers,
-                                     cache=f"{CACHE}/digits-{alpha}-{subsets}-{seeds}")
+        truths[alpha] = ground_truth(
+            task, alpha, subsets, seeds, workers=args.workers, cache=f"{CACHE}/digits-{alpha}-{subsets}-{seeds}"
+        )
         for method, matrix in scores.items():
             by_alpha[method].append(lds(matrix, truths[alpha]))
         print("alpha", alpha, clock(), flush=True)
@@ -51,18 +52,32 @@ def main() -> None:
             by_dim[method].append(lds(projected[method], truths[0.5]))
     removal = {m: subset_removal(task, scores[m], removal_k, removal_seeds, workers=args.workers) for m in REMOVED}
     print("removal", clock(), flush=True)
-    write_result("lds_alpha", {"task": task.summary(), "size": "full" if args.full else "default",
-                               "subsets": subsets, "seeds": seeds, "alphas": list(ALPHAS), "lds_by_alpha": by_alpha,
-                               "dims": list(DIMS), "lds_by_projection_dim": by_dim, "subset_removal": removal,
-                               "seconds": clock()})
+    write_result(
+        "lds_alpha",
+        {
+            "task": task.summary(),
+            "size": "full" if args.full else "default",
+            "subsets": subsets,
+            "seeds": seeds,
+            "alphas": list(ALPHAS),
+            "lds_by_alpha": by_alpha,
+            "dims": list(DIMS),
+            "lds_by_projection_dim": by_dim,
+            "subset_removal": removal,
+            "seconds": clock(),
+        },
+    )
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     for method, values in by_alpha.items():
         mean = np.array([v["mean"] for v in values])
         low, high = np.array([v["ci95"][0] for v in values]), np.array([v["ci95"][1] for v in values])
         axes[0].plot(ALPHAS, mean, marker="o", color=COLOURS[method], label=NAMES[method])
         axes[0].fill_between(ALPHAS, low, high, color=COLOURS[method], alpha=0.12)
-    axes[0].set(xlabel="α (fraction of training data kept)", ylabel="LDS (mean, 95% bootstrap CI)",
-                title=f"digits: LDS vs α ({subsets} subsets × {seeds} seeds)")
+    axes[0].set(
+        xlabel="α (fraction of training data kept)",
+        ylabel="LDS (mean, 95% bootstrap CI)",
+        title=f"digits: LDS vs α ({subsets} subsets × {seeds} seeds)",
+    )
     positions = np.arange(len(DIMS))
     for offset, method in enumerate(PROJECTED):
         values = by_dim[method]
@@ -73,8 +88,11 @@ def main() -> None:
     axes[1].set(xlabel="projection dim per side", ylabel="LDS at α = 0.5", title="what compression costs")
     for method, result in removal.items():
         axes[2].plot(result["k"], result["value"], marker="o", color=COLOURS[method], label=NAMES[method])
-    axes[2].set(xlabel="top-k supporters removed", ylabel="fraction of queries flipped",
-                title=f"subset removal ({removal['if']['eligible_queries']} queries)")
+    axes[2].set(
+        xlabel="top-k supporters removed",
+        ylabel="fraction of queries flipped",
+        title=f"subset removal ({removal['if']['eligible_queries']} queries)",
+    )
     for axis in axes:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
@@ -85,8 +103,9 @@ def main() -> None:
     rows = [[NAMES[m]] + [v["mean"] for v in by_alpha[m]] for m in by_alpha]
     text = markdown_table(["method"] + [f"α={a}" for a in ALPHAS], rows, RESULTS / "lds_alpha.md")
     rows = [[NAMES[m]] + [v["mean"] for v in by_dim[m]] for m in PROJECTED]
-    text += "\n" + markdown_table(["method (α=0.5)"] + ["exact" if d == 0 else f"dim {d}" for d in DIMS], rows,
-                                  RESULTS / "lds_projection.md")
+    text += "\n" + markdown_table(
+        ["method (α=0.5)"] + ["exact" if d == 0 else f"dim {d}" for d in DIMS], rows, RESULTS / "lds_projection.md"
+    )
     rows = [[NAMES[m]] + [float(v) for v in removal[m]["value"]] for m in REMOVED]
     text += "\n" + markdown_table(["method"] + [f"k={k}" for k in removal_k], rows, RESULTS / "subset_removal.md")
     print(text)

@@ -45,11 +45,14 @@ def main() -> None:
         tokens = args.rows * SEQUENCE
 
         def index(workers: int) -> dict:
-            raw = {"model": {"path": str(model)},
-                   "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": 8},
-                   "projection": {"dim": 16}, "curvature": {"strategy": "ekfac"},
-                   "store": {"path": str(work / f"store-{workers}.zarr"), "rows_per_chunk": 8},
-                   "cluster": {"address": "local", "workers": workers, "cpus_per_worker": 1}}
+            raw = {
+                "model": {"path": str(model)},
+                "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": 8},
+                "projection": {"dim": 16},
+                "curvature": {"strategy": "ekfac"},
+                "store": {"path": str(work / f"store-{workers}.zarr"), "rows_per_chunk": 8},
+                "cluster": {"address": "local", "workers": workers, "cpus_per_worker": 1},
+            }
             started = time.perf_counter()
             timings = run_index(parse_config(raw), overwrite=True, show_progress=False).manifest["timings"]
             wall = time.perf_counter() - started
@@ -63,16 +66,22 @@ def main() -> None:
         table = {}
         for workers, runs in samples.items():
             passes = statistics.median(run["passes_s"] for run in runs)
-            table[f"{workers}_workers"] = {"passes_s_median": round(passes, 3), "tokens_per_s": round(tokens / passes, 1),
-                                           "wall_s_median": round(statistics.median(r["wall_s"] for r in runs), 3),
-                                           "samples_passes_s": [round(r["passes_s"], 3) for r in runs]}
+            table[f"{workers}_workers"] = {
+                "passes_s_median": round(passes, 3),
+                "tokens_per_s": round(tokens / passes, 1),
+                "wall_s_median": round(statistics.median(r["wall_s"] for r in runs), 3),
+                "samples_passes_s": [round(r["passes_s"], 3) for r in runs],
+            }
         speedup = table["1_workers"]["passes_s_median"] / table["2_workers"]["passes_s_median"]
         print(f"{args.rows} rows x {SEQUENCE} tokens, GPT-2-like {args.hidden}x{args.layers}, EK-FAC, dim 16")
         for name, row in table.items():
-            print(f"{name:<10} tokens/s {row['tokens_per_s']:>9}  passes {row['passes_s_median']:.2f}s  wall {row['wall_s_median']:.2f}s")
+            print(
+                f"{name:<10} tokens/s {row['tokens_per_s']:>9}  passes {row['passes_s_median']:.2f}s  wall {row['wall_s_median']:.2f}s"
+            )
         print(f"speed-up 2 vs 1 workers: {speedup:.2f}x (goal >= 1.7x)")
-        path = write_result("scaling", {"rows": args.rows, "sequence": SEQUENCE, "results": table,
-                                        "speedup_2_vs_1": round(speedup, 3)})
+        path = write_result(
+            "scaling", {"rows": args.rows, "sequence": SEQUENCE, "results": table, "speedup_2_vs_1": round(speedup, 3)}
+        )
         print(f"wrote {path}")
     finally:
         ray.shutdown()

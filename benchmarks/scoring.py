@@ -27,12 +27,15 @@ GRAD_DOT = Method("grad_dot", needs_curvature=False, normalise=False, spectral=N
 def build_store(path: Path, rows: int, width: int) -> GradientStore:
     spec = {"dim": 0, "seed": 0, "kind": "rademacher", "modules": []}
     chunk = default_rows_per_chunk(width, "float32", rows)
-    store = GradientStore.create(str(path), {"projection": spec}, rows=rows, width=width, dtype="float32",
-                                 rows_per_chunk=chunk)
+    store = GradientStore.create(
+        str(path), {"projection": spec}, rows=rows, width=width, dtype="float32", rows_per_chunk=chunk
+    )
     generator = np.random.default_rng(0)
     for start, stop in store.shards():
         block = generator.standard_normal((stop - start, width), dtype=np.float32)
-        store.write_rows(start, block, [str(i) for i in range(start, stop)], np.ones(stop - start), np.zeros(stop - start))
+        store.write_rows(
+            start, block, [str(i) for i in range(start, stop)], np.ones(stop - start), np.zeros(stop - start)
+        )
     return store
 
 
@@ -62,17 +65,22 @@ def main() -> None:
         size = args.rows * args.width * 4
         variants = {"sequential read": lambda: sequential_read(store)}
         for q in (1, 16, 128):
-            variants[f"score Q={q}"] = (lambda q=q: scoring(store, q, args.width))
+            variants[f"score Q={q}"] = lambda q=q: scoring(store, q, args.width)
         times = side_by_side(variants, args.rounds)
         roofline = statistics.median(times["sequential read"])
         table = {}
         for name, samples in times.items():
             seconds = statistics.median(samples)
-            table[name] = {"seconds_median": round(seconds, 4), "gib_per_s": round(size / seconds / 2**30, 3),
-                           "fraction_of_roofline": round(roofline / seconds, 3),
-                           "samples": [round(s, 4) for s in samples]}
-        print(f"store: {args.rows} rows x {args.width} float32 = {size / 2**30:.2f} GiB, zstd, chunks of "
-              f"{store.rows_per_chunk} rows")
+            table[name] = {
+                "seconds_median": round(seconds, 4),
+                "gib_per_s": round(size / seconds / 2**30, 3),
+                "fraction_of_roofline": round(roofline / seconds, 3),
+                "samples": [round(s, 4) for s in samples],
+            }
+        print(
+            f"store: {args.rows} rows x {args.width} float32 = {size / 2**30:.2f} GiB, zstd, chunks of "
+            f"{store.rows_per_chunk} rows"
+        )
         for name, row in table.items():
             print(f"{name:<16} {row['gib_per_s']:>7} GiB/s  {row['fraction_of_roofline']:>6} of roofline")
         path = write_result("scoring", {"rows": args.rows, "width": args.width, "bytes": size, "results": table})

@@ -33,8 +33,10 @@ from engine.config import parse_config
 from engine.indexing.driver import run_index
 
 CONCURRENCY = (1, 8, 32)
-VARIANTS = {"batched": {"batch_max_queries": 64, "max_queries_per_request": 32},
-            "single": {"batch_max_queries": 1, "max_queries_per_request": 1}}
+VARIANTS = {
+    "batched": {"batch_max_queries": 64, "max_queries_per_request": 32},
+    "single": {"batch_max_queries": 1, "max_queries_per_request": 1},
+}
 WORDS_PER_ROW = 24
 
 
@@ -87,16 +89,22 @@ def main() -> None:
         texts = random_corpus(args.rows, WORDS_PER_ROW, vocabulary=500)
         model = gpt2_like(work / "model", texts, hidden=64, layers=2, heads=2, positions=WORDS_PER_ROW + 8)
         train = write_jsonl(work / "train.jsonl", texts)
-        raw = {"model": {"path": str(model)}, "data": {"train": str(train), "max_length": WORDS_PER_ROW + 8,
-                                                        "batch_size": 32},
-               "projection": {"dim": args.dim}, "curvature": {"strategy": "kfac"}, "method": {"name": "if"},
-               "store": {"path": str(work / "store.zarr")}}
+        raw = {
+            "model": {"path": str(model)},
+            "data": {"train": str(train), "max_length": WORDS_PER_ROW + 8, "batch_size": 32},
+            "projection": {"dim": args.dim},
+            "curvature": {"strategy": "kfac"},
+            "method": {"name": "if"},
+            "store": {"path": str(work / "store.zarr")},
+        }
         started = time.perf_counter()
         store = run_index(parse_config(raw), show_progress=False)
         index_s = time.perf_counter() - started
         store_bytes = store.rows * store.manifest["width"] * 4
-        queries = [{"prompt": " ".join(text.split()[:6]), "completion": " " + " ".join(text.split()[6:14])}
-                   for text in random_corpus(64, 14, vocabulary=500, seed=1)]
+        queries = [
+            {"prompt": " ".join(text.split()[:6]), "completion": " " + " ".join(text.split()[6:14])}
+            for text in random_corpus(64, 14, vocabulary=500, seed=1)
+        ]
 
         ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
         urls = {}
@@ -106,8 +114,10 @@ def main() -> None:
         for url in urls.values():  # warm-up: first request of each replica
             run_load(url, 1, 4, queries)
 
-        samples = {name: {c: {"rps": [], "latencies": [], "passes": 0, "requests": 0} for c in CONCURRENCY}
-                   for name in VARIANTS}
+        samples = {
+            name: {c: {"rps": [], "latencies": [], "passes": 0, "requests": 0} for c in CONCURRENCY}
+            for name in VARIANTS
+        }
         for round_ in range(args.rounds):
             for clients in CONCURRENCY:
                 order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
@@ -136,26 +146,48 @@ def main() -> None:
                     "requests_per_scoring_pass": round(cell["requests"] / max(1, cell["passes"]), 2),
                     "requests_per_s_samples": [round(x, 2) for x in cell["rps"]],
                 }
-        gain = {str(c): round(table["batched"][str(c)]["requests_per_s_median"]
-                              / table["single"][str(c)]["requests_per_s_median"], 2) for c in CONCURRENCY}
-        print(f"store: {store.rows} rows x {store.manifest['width']} ({store_bytes / 2**20:.0f} MiB float32), "
-              f"indexed in {index_s:.0f} s")
+        gain = {
+            str(c): round(
+                table["batched"][str(c)]["requests_per_s_median"] / table["single"][str(c)]["requests_per_s_median"], 2
+            )
+            for c in CONCURRENCY
+        }
+        print(
+            f"store: {store.rows} rows x {store.manifest['width']} ({store_bytes / 2**20:.0f} MiB float32), "
+            f"indexed in {index_s:.0f} s"
+        )
         print(f"{'variant':<8} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'req/pass':>8}")
         for name in VARIANTS:
             for clients in CONCURRENCY:
                 row = table[name][str(clients)]
-                print(f"{name:<8} {clients:>7} {row['requests_per_s_median']:>7} {row['p50_ms']:>7} "
-                      f"{row['p99_ms']:>7} {row['requests_per_scoring_pass']:>8}")
+                print(
+                    f"{name:<8} {clients:>7} {row['requests_per_s_median']:>7} {row['p50_ms']:>7} "
+                    f"{row['p99_ms']:>7} {row['requests_per_scoring_pass']:>8}"
+                )
         print(f"batching gain (req/s batched / single): {gain}")
-        path = write_result("serving", {
-            "rows": store.rows, "width": store.manifest["width"], "store_mib": round(store_bytes / 2**20, 1),
-            "model": "GPT-2-like, hidden 64, 2 layers", "projection_dim": args.dim, "method": "if (kfac)",
-            "requests_per_measurement": args.requests, "rounds": args.rounds, "top_k": 10,
-            "queries_per_request": 1, "results": table, "batching_gain": gain,
-            "variants": VARIANTS, "batch_wait_s": 0.005,
-            "load_average": {"start": [round(x, 2) for x in load_at_start],
-                             "end": [round(x, 2) for x in os.getloadavg()]},
-        })
+        path = write_result(
+            "serving",
+            {
+                "rows": store.rows,
+                "width": store.manifest["width"],
+                "store_mib": round(store_bytes / 2**20, 1),
+                "model": "GPT-2-like, hidden 64, 2 layers",
+                "projection_dim": args.dim,
+                "method": "if (kfac)",
+                "requests_per_measurement": args.requests,
+                "rounds": args.rounds,
+                "top_k": 10,
+                "queries_per_request": 1,
+                "results": table,
+                "batching_gain": gain,
+                "variants": VARIANTS,
+                "batch_wait_s": 0.005,
+                "load_average": {
+                    "start": [round(x, 2) for x in load_at_start],
+                    "end": [round(x, 2) for x in os.getloadavg()],
+                },
+            },
+        )
         print(f"wrote {path}")
     finally:
         try:

@@ -29,13 +29,19 @@ def settings(task: Task) -> dict[str, Task]:
     per_epoch = -(-len(task.train) // stage.batch_size)
     half = len(task.train) // 2
     first, second = tuple(range(half)), tuple(range(half, len(task.train)))
-    two_stage = Recipe((Stage(15 * -(-half // stage.batch_size), stage.learning_rate, stage.batch_size, first),
-                        Stage(15 * -(-(len(task.train) - half) // stage.batch_size), stage.learning_rate,
-                              stage.batch_size, second)))
-    return {"converged (30 epochs)": task,
-            "non-converged (2 epochs)": task.with_recipe(Recipe((Stage(2 * per_epoch, stage.learning_rate,
-                                                                      stage.batch_size),)), "2-epochs"),
-            "two-stage (15 + 15 epochs)": task.with_recipe(two_stage, "two-stage")}
+    two_stage = Recipe(
+        (
+            Stage(15 * -(-half // stage.batch_size), stage.learning_rate, stage.batch_size, first),
+            Stage(15 * -(-(len(task.train) - half) // stage.batch_size), stage.learning_rate, stage.batch_size, second),
+        )
+    )
+    return {
+        "converged (30 epochs)": task,
+        "non-converged (2 epochs)": task.with_recipe(
+            Recipe((Stage(2 * per_epoch, stage.learning_rate, stage.batch_size),)), "2-epochs"
+        ),
+        "two-stage (15 + 15 epochs)": task.with_recipe(two_stage, "two-stage"),
+    }
 
 
 def main() -> None:
@@ -48,14 +54,30 @@ def main() -> None:
             final, run = task.train_reference(seed=0)
             scores = all_scores(task, final, run, METHODS)
             scores["random"] = random_scores(task)
-            truth = ground_truth(task, 0.5, subsets, seeds, workers=args.workers,
-                                 cache=f"{CACHE}/{task.name.replace('/', '-')}-{subsets}-{seeds}")
+            truth = ground_truth(
+                task,
+                0.5,
+                subsets,
+                seeds,
+                workers=args.workers,
+                cache=f"{CACHE}/{task.name.replace('/', '-')}-{subsets}-{seeds}",
+            )
             results.setdefault(base.name, {})[setting] = {
-                "task": task.summary(), "query_loss": float(task.measure(final).mean()),
-                "lds": {m: lds(s, truth) for m, s in scores.items()}}
+                "task": task.summary(),
+                "query_loss": float(task.measure(final).mean()),
+                "lds": {m: lds(s, truth) for m, s in scores.items()},
+            }
             print(base.name, setting, clock(), flush=True)
-    write_result("source_vs_if", {"size": "full" if args.full else "default", "subsets": subsets, "seeds": seeds,
-                                  "results": results, "seconds": clock()})
+    write_result(
+        "source_vs_if",
+        {
+            "size": "full" if args.full else "default",
+            "subsets": subsets,
+            "seeds": seeds,
+            "results": results,
+            "seconds": clock(),
+        },
+    )
     methods = list(METHODS) + ["random"]
     figure, axes = plt.subplots(1, len(results), figsize=(12, 4), sharey=True)
     rows = []
@@ -65,8 +87,9 @@ def main() -> None:
             values = [by_setting[s]["lds"][method] for s in by_setting]
             mean = np.array([v["mean"] for v in values])
             error = np.array([[v["mean"] - v["ci95"][0], v["ci95"][1] - v["mean"]] for v in values]).T
-            axis.bar(positions + 0.16 * offset - 0.32, mean, 0.16, yerr=error, color=COLOURS[method],
-                     label=NAMES[method])
+            axis.bar(
+                positions + 0.16 * offset - 0.32, mean, 0.16, yerr=error, color=COLOURS[method], label=NAMES[method]
+            )
         axis.set_xticks(positions, [s.split(" (")[0] for s in by_setting])
         axis.set_title(f"{name}: LDS at α = 0.5 ({subsets} subsets × {seeds} seeds)")
         axis.grid(alpha=0.3, axis="y")

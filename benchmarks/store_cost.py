@@ -38,9 +38,13 @@ def main() -> None:
         train = write_jsonl(work / "train.jsonl", texts)
         workers = {}
         for dtype in ("float32", "bfloat16"):
-            raw = {"model": {"path": str(model)}, "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": 8},
-                   "projection": {"dim": args.dim}, "curvature": {"strategy": "ekfac"},
-                   "store": {"path": str(work / f"store-{dtype}.zarr"), "rows_per_chunk": 8, "dtype": dtype}}
+            raw = {
+                "model": {"path": str(model)},
+                "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": 8},
+                "projection": {"dim": args.dim},
+                "curvature": {"strategy": "ekfac"},
+                "store": {"path": str(work / f"store-{dtype}.zarr"), "rows_per_chunk": 8, "dtype": dtype},
+            }
             config = parse_config(raw)
             run_index(config, show_progress=False)  # lays out the store; the timed passes rewrite it
             worker = ShardWorker(config)
@@ -61,13 +65,21 @@ def main() -> None:
                 gradient_pass(worker.context, worker._tokenized(start, stop), start)
             return time.perf_counter() - started
 
-        variants = {"pass 1, no store": without_writes, "pass 1 + float32 store": lambda: with_writes("float32"),
-                    "pass 1 + bfloat16 store": lambda: with_writes("bfloat16")}
+        variants = {
+            "pass 1, no store": without_writes,
+            "pass 1 + float32 store": lambda: with_writes("float32"),
+            "pass 1 + bfloat16 store": lambda: with_writes("bfloat16"),
+        }
         times = side_by_side(variants, args.rounds)
         base = statistics.median(times["pass 1, no store"])
-        table = {name: {"seconds_median": round(statistics.median(s), 4),
-                        "overhead_vs_no_store": round(statistics.median(s) / base - 1, 4),
-                        "samples": [round(x, 4) for x in s]} for name, s in times.items()}
+        table = {
+            name: {
+                "seconds_median": round(statistics.median(s), 4),
+                "overhead_vs_no_store": round(statistics.median(s) / base - 1, 4),
+                "samples": [round(x, 4) for x in s],
+            }
+            for name, s in times.items()
+        }
         width = workers["float32"].context.spec.total_width
         print(f"{args.rows} rows x {SEQUENCE} tokens, dim {args.dim} ({width} floats per row)")
         for name, row in table.items():

@@ -53,10 +53,17 @@ def two_segments(seed: int) -> dict:
     exact = removal_effect(model, final, eps, (x[n:], y[n:]))
     data, queries = Dataset(x[:n], y[:n]), Dataset(x[n:], y[n:])
     rates = [0.3, 0.3, 0.1, 0.1]
-    run = TrainingRun([Segment([Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[:2], rates[:2])], data,
-                               eta=0.3, steps=20),
-                       Segment([Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[2:], rates[2:])], data,
-                               eta=0.1, steps=20)], averaged=True)
+    run = TrainingRun(
+        [
+            Segment(
+                [Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[:2], rates[:2])], data, eta=0.3, steps=20
+            ),
+            Segment(
+                [Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[2:], rates[2:])], data, eta=0.1, steps=20
+            ),
+        ],
+        averaged=True,
+    )
     final_only = InMemoryAttribution(model, squared_error(), TrainingRun.final_only(checkpoints[-1], data))
     scores = _methods(run, final_only, model, queries, slice(0, n))
     return {name: mean_correlation(s, exact) for name, s in scores.items()}
@@ -69,15 +76,23 @@ def continual(seed: int) -> dict:
     x2, y2 = _task(seed + 1000, n2, shift=1.0)
     start = {name: p.detach() for name, p in model.named_parameters()}
     eps = torch.zeros(n1, dtype=torch.float64, requires_grad=True)
-    final, checkpoints = train(model, start, [(x1[:n1], y1[:n1], 20), (x2, y2, 20)], sgd([0.3] * 20 + [0.1] * 20),
-                               [eps, None], every=10)
+    final, checkpoints = train(
+        model, start, [(x1[:n1], y1[:n1], 20), (x2, y2, 20)], sgd([0.3] * 20 + [0.1] * 20), [eps, None], every=10
+    )
     exact = removal_effect(model, final, eps, (x1[n1:], y1[n1:]))
     stage1, stage2, queries = Dataset(x1[:n1], y1[:n1]), Dataset(x2, y2), Dataset(x1[n1:], y1[n1:])
     rates = [0.3, 0.3, 0.1, 0.1]
-    run = TrainingRun([Segment([Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[:2], rates[:2])], stage1,
-                               eta=0.3, steps=20),
-                       Segment([Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[2:], rates[2:])], stage2,
-                               eta=0.1, steps=20)], averaged=True)
+    run = TrainingRun(
+        [
+            Segment(
+                [Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[:2], rates[:2])], stage1, eta=0.3, steps=20
+            ),
+            Segment(
+                [Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[2:], rates[2:])], stage2, eta=0.1, steps=20
+            ),
+        ],
+        averaged=True,
+    )
     union = Dataset(torch.cat([x1[:n1], x2]), torch.cat([y1[:n1], y2]))
     final_only = InMemoryAttribution(model, squared_error(), TrainingRun.final_only(checkpoints[-1], union))
     scores = _methods(run, final_only, model, queries, slice(0, n1))
@@ -88,9 +103,12 @@ def _summary(per_seed: list[dict]) -> dict:
     out = {}
     for name in per_seed[0]:
         values = np.array([figures[name] for figures in per_seed])
-        out[name] = {"pearson_mean": round(float(values[:, 0].mean()), 3), "pearson_min": round(float(values[:, 0].min()), 3),
-                     "spearman_mean": round(float(values[:, 1].mean()), 3),
-                     "spearman_min": round(float(values[:, 1].min()), 3)}
+        out[name] = {
+            "pearson_mean": round(float(values[:, 0].mean()), 3),
+            "pearson_min": round(float(values[:, 0].min()), 3),
+            "spearman_mean": round(float(values[:, 1].mean()), 3),
+            "spearman_min": round(float(values[:, 1].min()), 3),
+        }
     return out
 
 
@@ -106,10 +124,19 @@ def main() -> None:
         results[setting] = _summary(per_seed)
         print(setting)
         for name, figures in results[setting].items():
-            print(f"  {name:<22} Pearson {figures['pearson_mean']:.3f} (min {figures['pearson_min']:.3f})  "
-                  f"Spearman {figures['spearman_mean']:.3f} (min {figures['spearman_min']:.3f})")
-    path = write_result("unrolling_accuracy", {"seeds": args.seeds, "queries": QUERIES, "results": results,
-                                               "seconds": round(time.perf_counter() - started, 1)})
+            print(
+                f"  {name:<22} Pearson {figures['pearson_mean']:.3f} (min {figures['pearson_min']:.3f})  "
+                f"Spearman {figures['spearman_mean']:.3f} (min {figures['spearman_min']:.3f})"
+            )
+    path = write_result(
+        "unrolling_accuracy",
+        {
+            "seeds": args.seeds,
+            "queries": QUERIES,
+            "results": results,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
     print(f"wrote {path}")
 
 

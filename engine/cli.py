@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -16,8 +15,9 @@ from rich.markup import escape
 from engine.errors import TributaryError
 from engine.store.location import redact
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Tributary: which training examples made this model say this?")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Tributary: which training examples made this model say this?"
+)
 console = Console(stderr=True)
 
 
@@ -37,8 +37,19 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     # Object-store clients log request headers (with the access key id) at debug level: keep them quiet
     # even under --verbose, so credentials never reach a log.
-    for noisy in ("httpx", "urllib3", "filelock", "botocore", "aiobotocore", "boto3", "s3fs", "fsspec", "aiohttp",
-                  "gcsfs", "google"):
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "filelock",
+        "botocore",
+        "aiobotocore",
+        "boto3",
+        "s3fs",
+        "fsspec",
+        "aiohttp",
+        "gcsfs",
+        "google",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -60,11 +71,14 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
 
 
 @app.command()
-def index(config: str = typer.Argument(..., help="YAML job config"),
-          overwrite: bool = typer.Option(False, help="replace a store built from different inputs"),
-          progress: bool = typer.Option(True, help="show progress bars"),
-          break_lock: bool = typer.Option(False, "--break-lock",
-                                          help="remove another run's writer lock (only once that run is gone)")) -> None:
+def index(
+    config: str = typer.Argument(..., help="YAML job config"),
+    overwrite: bool = typer.Option(False, help="replace a store built from different inputs"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+    break_lock: bool = typer.Option(
+        False, "--break-lock", help="remove another run's writer lock (only once that run is gone)"
+    ),
+) -> None:
     """Compute projected training gradients and curvature factors into the store."""
     from engine.config import load_config
     from engine.indexing.driver import run_index
@@ -77,27 +91,33 @@ def index(config: str = typer.Argument(..., help="YAML job config"),
 
 
 @app.command()
-def query(config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
-          queries: str = typer.Option(..., "--queries", help="JSONL of {text} or {prompt, completion} rows "
-                                      "({prompt} with --generate)"),
-          top_k: int = typer.Option(10, "--top-k", help="supporting (and opposing) training examples per query"),
-          out: Optional[str] = typer.Option(None, "--out", help="results JSONL"),
-          scores_out: Optional[str] = typer.Option(None, "--scores-out", help="full Q x N scores (.npy)"),
-          report: Optional[str] = typer.Option(None, "--report", help="self-contained HTML report"),
-          per_module: bool = typer.Option(False, "--per-module", help="per-module scores in the results"),
-          per_token: bool = typer.Option(False, "--per-token", help="each completion token's share of each score"),
-          measurement: str = typer.Option("logprob_sum", "--measurement",
-                                          help="logprob_sum | logprob_mean | margin of the completion tokens"),
-          method: Optional[str] = typer.Option(None, "--method", help="override method.name"),
-          generate: bool = typer.Option(False, "--generate", help="complete each prompt with the model, then attribute"),
-          max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="--generate: tokens to generate"),
-          sample: bool = typer.Option(False, "--sample", help="--generate: sample (with --seed) instead of greedy"),
-          temperature: float = typer.Option(1.0, "--temperature", help="--generate --sample: temperature"),
-          top_p: float = typer.Option(1.0, "--top-p", help="--generate --sample: nucleus mass"),
-          seed: int = typer.Option(0, "--seed", help="--generate --sample: seed (query i uses seed + i)"),
-          chat: Optional[bool] = typer.Option(None, "--chat/--no-chat",
-                                              help="--generate: wrap the prompt in the chat template "
-                                                   "(default: when the tokenizer has one)")) -> None:
+def query(
+    config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
+    queries: str = typer.Option(
+        ..., "--queries", help="JSONL of {text} or {prompt, completion} rows ({prompt} with --generate)"
+    ),
+    top_k: int = typer.Option(10, "--top-k", help="supporting (and opposing) training examples per query"),
+    out: str | None = typer.Option(None, "--out", help="results JSONL"),
+    scores_out: str | None = typer.Option(None, "--scores-out", help="full Q x N scores (.npy)"),
+    report: str | None = typer.Option(None, "--report", help="self-contained HTML report"),
+    per_module: bool = typer.Option(False, "--per-module", help="per-module scores in the results"),
+    per_token: bool = typer.Option(False, "--per-token", help="each completion token's share of each score"),
+    measurement: str = typer.Option(
+        "logprob_sum", "--measurement", help="logprob_sum | logprob_mean | margin of the completion tokens"
+    ),
+    method: str | None = typer.Option(None, "--method", help="override method.name"),
+    generate: bool = typer.Option(False, "--generate", help="complete each prompt with the model, then attribute"),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="--generate: tokens to generate"),
+    sample: bool = typer.Option(False, "--sample", help="--generate: sample (with --seed) instead of greedy"),
+    temperature: float = typer.Option(1.0, "--temperature", help="--generate --sample: temperature"),
+    top_p: float = typer.Option(1.0, "--top-p", help="--generate --sample: nucleus mass"),
+    seed: int = typer.Option(0, "--seed", help="--generate --sample: seed (query i uses seed + i)"),
+    chat: bool | None = typer.Option(
+        None,
+        "--chat/--no-chat",
+        help="--generate: wrap the prompt in the chat template (default: when the tokenizer has one)",
+    ),
+) -> None:
     """Score queries against every training example and keep the top-k supporters and opposers."""
     from engine.capture.measurement import MEASUREMENTS
     from engine.config import load_config
@@ -114,10 +134,16 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
             from engine.config import with_method_name
 
             job = with_method_name(job, method, source=f"{config} with --method {method}")
-        generation = (GenerationSettings(max_new_tokens=max_new_tokens, sample=sample, temperature=temperature,
-                                         top_p=top_p, seed=seed, chat=chat) if generate else None)
-        options = QueryOptions(k=top_k, measurement=measurement, per_module=per_module, per_token=per_token,
-                               generation=generation)
+        generation = (
+            GenerationSettings(
+                max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed, chat=chat
+            )
+            if generate
+            else None
+        )
+        options = QueryOptions(
+            k=top_k, measurement=measurement, per_module=per_module, per_token=per_token, generation=generation
+        )
         result = run_query(job, queries, top_k, out=out, scores_out=scores_out, options=options, report=report)
     except TributaryError as error:
         _fail(error)
@@ -128,27 +154,35 @@ def query(config: str = typer.Argument(..., help="YAML job config (the one the s
 
 
 @app.command()
-def serve(config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
-          host: Optional[str] = typer.Option(None, "--host", help="address to bind (default serve.host, 127.0.0.1)"),
-          port: Optional[int] = typer.Option(None, "--port", help="port (default serve.port, 8000)"),
-          replicas: Optional[int] = typer.Option(None, "--replicas",
-                                                 help="service replicas (default serve.replicas, 1)")) -> None:
+def serve(
+    config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
+    host: str | None = typer.Option(None, "--host", help="address to bind (default serve.host, 127.0.0.1)"),
+    port: int | None = typer.Option(None, "--port", help="port (default serve.port, 8000)"),
+    replicas: int | None = typer.Option(None, "--replicas", help="service replicas (default serve.replicas, 1)"),
+) -> None:
     """Serve attribution over HTTP (Ray Serve): POST /v1/attribute, GET /v1/health, GET /v1/info."""
     from engine.config import load_config
     from engine.serving.service import serve_until_stopped, with_serve_options
 
     try:
-        job = with_serve_options(load_config(config), f"{config} with command-line options", host=host, port=port,
-                                 replicas=replicas)
-        serve_until_stopped(job, on_ready=lambda url: console.print(
-            f"serving {redact(job.store.path)} on {url} (API: {url}/docs); Ctrl-C stops it", soft_wrap=True))
+        job = with_serve_options(
+            load_config(config), f"{config} with command-line options", host=host, port=port, replicas=replicas
+        )
+        serve_until_stopped(
+            job,
+            on_ready=lambda url: console.print(
+                f"serving {redact(job.store.path)} on {url} (API: {url}/docs); Ctrl-C stops it", soft_wrap=True
+            ),
+        )
     except TributaryError as error:
         _fail(error)
 
 
 @app.command()
-def info(store: str = typer.Argument(..., help="store path or URL"),
-         verify: bool = typer.Option(False, "--verify", help="re-read every shard and check its checksum")) -> None:
+def info(
+    store: str = typer.Argument(..., help="store path or URL"),
+    verify: bool = typer.Option(False, "--verify", help="re-read every shard and check its checksum"),
+) -> None:
     """Print a store's manifest and completeness; with --verify, check every shard's checksum."""
     from engine.store import GradientStore
     from engine.store.integrity import verify as verify_store
@@ -195,8 +229,11 @@ def _run_info(run, verify: bool) -> None:
             checkpoints[key] = "not written yet"
             continue
         sub = run.checkpoint(key)
-        checkpoints[key] = {"rows": sub.rows, "complete": sub.manifest.get("complete"),
-                            "shards_completed": f"{len(sub.manifest.get('completed_shards', []))} of {len(sub.shards())}"}
+        checkpoints[key] = {
+            "rows": sub.rows,
+            "complete": sub.manifest.get("complete"),
+            "shards_completed": f"{len(sub.manifest.get('completed_shards', []))} of {len(sub.shards())}",
+        }
         if verify:
             checked, found = verify_store(sub)
             checkpoints[key]["verify"] = {"shards_checked": checked, "problems": found}
@@ -206,9 +243,11 @@ def _run_info(run, verify: bool) -> None:
 
 
 @app.command()
-def demo(workdir: str = typer.Option("runs/demo", help="where the demo writes its data, adapter, store and report"),
-         small: bool = typer.Option(False, "--small", help="fewer speeches, steps and tokens (for tests)"),
-         toy: bool = typer.Option(False, "--toy", help="the seconds-long toy: a tiny GPT-2 on template sentences")) -> None:
+def demo(
+    workdir: str = typer.Option("runs/demo", help="where the demo writes its data, adapter, store and report"),
+    small: bool = typer.Option(False, "--small", help="fewer speeches, steps and tokens (for tests)"),
+    toy: bool = typer.Option(False, "--toy", help="the seconds-long toy: a tiny GPT-2 on template sentences"),
+) -> None:
     """End to end on the embedded default: SmolLM2 + LoRA on Shakespeare, Ray index, generations attributed."""
     try:
         if toy:
@@ -223,8 +262,11 @@ def demo(workdir: str = typer.Option("runs/demo", help="where the demo writes it
         _fail(error)
 
 
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate methods: LDS, FiMO's gold standard, subset removal "
-                       "(offline tasks: diabetes, breast_cancer, wine, digits, shakespeare)")
+eval_app = typer.Typer(
+    no_args_is_help=True,
+    help="Evaluate methods: LDS, FiMO's gold standard, subset removal "
+    "(offline tasks: diabetes, breast_cancer, wine, digits, shakespeare)",
+)
 app.add_typer(eval_app, name="eval")
 
 
@@ -240,14 +282,16 @@ def _print_json(result: dict) -> None:
 
 
 @eval_app.command("lds")
-def eval_lds(task: str = typer.Option("diabetes", help="diabetes | breast_cancer | wine | digits | shakespeare"),
-             methods: str = typer.Option("grad_dot,if,source", help="comma-separated methods (and 'random')"),
-             alpha: float = typer.Option(0.5, help="fraction of the training rows each subset keeps"),
-             subsets: int = typer.Option(40, help="M random subsets"),
-             seeds: int = typer.Option(2, help="R retraining seeds per subset"),
-             cache: Optional[str] = typer.Option(None, help="Zarr directory of the ground truth (reused next time)"),
-             workers: int = typer.Option(0, help="Ray workers for the retraining (0: in this process)"),
-             projection_dim: int = typer.Option(0, help="gradient projection per side (0: exact)")) -> None:
+def eval_lds(
+    task: str = typer.Option("diabetes", help="diabetes | breast_cancer | wine | digits | shakespeare"),
+    methods: str = typer.Option("grad_dot,if,source", help="comma-separated methods (and 'random')"),
+    alpha: float = typer.Option(0.5, help="fraction of the training rows each subset keeps"),
+    subsets: int = typer.Option(40, help="M random subsets"),
+    seeds: int = typer.Option(2, help="R retraining seeds per subset"),
+    cache: str | None = typer.Option(None, help="Zarr directory of the ground truth (reused next time)"),
+    workers: int = typer.Option(0, help="Ray workers for the retraining (0: in this process)"),
+    projection_dim: int = typer.Option(0, help="gradient projection per side (0: exact)"),
+) -> None:
     """Linear datamodeling score of each method (mean, bootstrap 95% CI over queries)."""
     from engine.evaluation.commands import run_lds
 
@@ -258,30 +302,37 @@ def eval_lds(task: str = typer.Option("diabetes", help="diabetes | breast_cancer
 
 
 @eval_app.command("gold")
-def eval_gold(task: str = typer.Option("diabetes", help="diabetes | breast_cancer | wine | digits | shakespeare"),
-              methods: str = typer.Option("grad_dot,grad_cos,if,trak,source", help="comma-separated methods"),
-              left_out: int = typer.Option(40, help="left-out training examples"),
-              seeds: int = typer.Option(8, help="S further-training seeds"),
-              steps: str = typer.Option("1,10,100,300", help="further-training steps at which to compare"),
-              mode: str = typer.Option("remove", help="remove (same batch order minus i) | every_batch"),
-              unpaired: bool = typer.Option(False, "--unpaired", help="independent batch orders (for comparison)"),
-              workers: int = typer.Option(0, help="Ray workers for the further training (0: in this process)")) -> None:
+def eval_gold(
+    task: str = typer.Option("diabetes", help="diabetes | breast_cancer | wine | digits | shakespeare"),
+    methods: str = typer.Option("grad_dot,grad_cos,if,trak,source", help="comma-separated methods"),
+    left_out: int = typer.Option(40, help="left-out training examples"),
+    seeds: int = typer.Option(8, help="S further-training seeds"),
+    steps: str = typer.Option("1,10,100,300", help="further-training steps at which to compare"),
+    mode: str = typer.Option("remove", help="remove (same batch order minus i) | every_batch"),
+    unpaired: bool = typer.Option(False, "--unpaired", help="independent batch orders (for comparison)"),
+    workers: int = typer.Option(0, help="Ray workers for the further training (0: in this process)"),
+) -> None:
     """Cosine and Spearman of each method against FiMO's further-training gold standard, per step."""
     from engine.evaluation.commands import run_gold
 
     try:
-        _print_json(run_gold(task, methods.split(","), left_out, seeds, _integers(steps, "--steps"), mode,
-                             not unpaired, workers))
+        _print_json(
+            run_gold(
+                task, methods.split(","), left_out, seeds, _integers(steps, "--steps"), mode, not unpaired, workers
+            )
+        )
     except TributaryError as error:
         _fail(error)
 
 
 @eval_app.command("removal")
-def eval_removal(task: str = typer.Option("wine", help="diabetes | breast_cancer | wine | digits | shakespeare"),
-                 methods: str = typer.Option("if,source,random", help="comma-separated methods"),
-                 k: str = typer.Option("5,10", help="numbers of top supporters removed"),
-                 seeds: int = typer.Option(2, help="retraining seeds"),
-                 workers: int = typer.Option(0, help="Ray workers (0: in this process)")) -> None:
+def eval_removal(
+    task: str = typer.Option("wine", help="diabetes | breast_cancer | wine | digits | shakespeare"),
+    methods: str = typer.Option("if,source,random", help="comma-separated methods"),
+    k: str = typer.Option("5,10", help="numbers of top supporters removed"),
+    seeds: int = typer.Option(2, help="retraining seeds"),
+    workers: int = typer.Option(0, help="Ray workers (0: in this process)"),
+) -> None:
     """Remove each query's top-k supporters, retrain, report queries flipped (or the loss increase)."""
     from engine.evaluation.commands import run_removal
 

@@ -21,13 +21,15 @@ class ModelConfig(_Section):
     adapter: str | None = Field(None, description="peft adapter directory; gradients of adapter weights only")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     modules: list[str] | None = Field(
-        None, description="fnmatch patterns of tracked module names; default: every supported module "
-        "except lm_head and embeddings"
+        None,
+        description="fnmatch patterns of tracked module names; default: every supported module "
+        "except lm_head and embeddings",
     )
     include_bias: bool = Field(True, description="treat a bias as a constant-1 input column (as kronfluence)")
     adapter_mode: Literal["adapter", "merged", "base"] = Field(
-        "adapter", description="with an adapter: attribute its weights (adapter), the merged model's weights "
-        "(merged: adapter folded into the base), or the base model alone (base: adapter checked, not applied)"
+        "adapter",
+        description="with an adapter: attribute its weights (adapter), the merged model's weights "
+        "(merged: adapter folded into the base), or the base model alone (base: adapter checked, not applied)",
     )
 
 
@@ -37,8 +39,9 @@ class DataConfig(_Section):
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = Field(
-        "messages", description="chat rows: a list of {role: system|user|assistant, content}, rendered with the "
-        "tokenizer's chat template; only assistant tokens carry loss"
+        "messages",
+        description="chat rows: a list of {role: system|user|assistant, content}, rendered with the "
+        "tokenizer's chat template; only assistant tokens carry loss",
     )
     id_field: str = "id"
     max_length: int = Field(512, gt=1)
@@ -75,8 +78,10 @@ METHOD_NAMES = ("grad_dot", "grad_cos", "if", "source", "fast_source", "tracin",
 class MethodConfig(_Section):
     name: Literal["grad_dot", "grad_cos", "if", "source", "fast_source", "tracin", "trak", "datainf"] = "if"
     damping: float | None = Field(
-        None, ge=0, description="if / trak: damping (null = 0.1 x mean eigenvalue per module); datainf: λ for "
-        "every module (null = 0.1 x mean squared gradient norm / width, per module)"
+        None,
+        ge=0,
+        description="if / trak: damping (null = 0.1 x mean eigenvalue per module); datainf: λ for "
+        "every module (null = 0.1 x mean squared gradient norm / width, per module)",
     )
     eta: float | None = Field(None, gt=0, description="Source, one segment: mean learning rate of the segment")
     steps: int | None = Field(None, gt=0, description="Source, one segment: number of optimizer steps K")
@@ -92,12 +97,12 @@ class CheckpointConfig(_Section):
 
 
 class SegmentConfig(_Section):
-    checkpoints: list[str | int] = Field(description="the segment's checkpoints: paths or indices into "
-                                         "training_run.checkpoints")
+    checkpoints: list[str | int] = Field(
+        description="the segment's checkpoints: paths or indices into training_run.checkpoints"
+    )
     steps: int | None = Field(None, gt=0, description="optimizer steps K in the segment (default: from steps)")
     learning_rate: float | None = Field(None, gt=0, description="mean learning rate over the segment")
-    data: str | None = Field(None, description="this stage's training JSONL (continual training); "
-                             "default data.train")
+    data: str | None = Field(None, description="this stage's training JSONL (continual training); default data.train")
 
 
 class OptimizerConfig(_Section):
@@ -116,19 +121,22 @@ class TrainingRunConfig(_Section):
         default_factory=list, description="checkpoints in training order: HF directories or {path, learning_rate, step}"
     )
     trainer_dir: str | None = Field(
-        None, description="an HF Trainer output_dir: its checkpoint-STEP directories (and the final model in the "
-        "directory itself), learning rates from trainer_state.json"
+        None,
+        description="an HF Trainer output_dir: its checkpoint-STEP directories (and the final model in the "
+        "directory itself), learning rates from trainer_state.json",
     )
     segments: int | list[SegmentConfig] = Field(
         1, description="number of equal groups of checkpoints, or the segments/stages listed"
     )
     boundaries: list[int] | None = Field(
-        None, description="stage boundaries in optimizer steps (instead of segments): checkpoint steps in "
-        "(T_l-1, T_l] form segment l"
+        None,
+        description="stage boundaries in optimizer steps (instead of segments): checkpoint steps in "
+        "(T_l-1, T_l] form segment l",
     )
     learning_rate: float | None = Field(None, gt=0, description="constant learning rate, when not given otherwise")
-    total_steps: int | None = Field(None, gt=0, description="the step the last segment ends at (default: its "
-                                    "last checkpoint's step)")
+    total_steps: int | None = Field(
+        None, gt=0, description="the step the last segment ends at (default: its last checkpoint's step)"
+    )
     optimizer: OptimizerConfig = OptimizerConfig()
     averaged: bool = Field(False, description="also index each segment's averaged parameters (Fast-Source)")
 
@@ -160,20 +168,24 @@ class ServeConfig(_Section):
     replica_gpus: float = Field(0, ge=0, description="GPUs per replica (query gradients and generation)")
     max_queries_per_request: int = Field(32, gt=0, description="more queries in one request: 413")
     max_prompt_chars: int = Field(8000, gt=0, description="a longer prompt or completion: 413")
-    max_prompt_tokens: int | None = Field(None, gt=0, description="a prompt with more tokens: 413; "
-                                          "default data.max_length - 1")
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="a prompt with more tokens: 413; default data.max_length - 1"
+    )
     max_new_tokens: int = Field(256, gt=0, description="generate.max_new_tokens above this: 413")
     max_top_k: int = Field(100, gt=0, description="top_k above this: 422")
     max_request_bytes: int = Field(1 << 20, gt=0, description="a larger request body: 413")
     request_timeout_s: float = Field(60, gt=0, description="a request not answered by then: 504")
     batch_max_queries: int = Field(64, gt=0, description="queries scored together in one pass of the store")
     batch_wait_s: float = Field(0.01, ge=0, description="how long a pass waits for more requests to join it")
-    max_ongoing_requests: int = Field(256, gt=0, description="requests a replica holds at once (queued for "
-                                      "a batch or being scored); more wait at the proxy")
-    auth_token_env: str | None = Field(None, description="name of the environment variable holding the bearer "
-                                       "token (read on the replicas' nodes)")
-    auth_token_file: str | None = Field(None, description="file holding the bearer token (read on the replicas' "
-                                        "nodes)")
+    max_ongoing_requests: int = Field(
+        256,
+        gt=0,
+        description="requests a replica holds at once (queued for a batch or being scored); more wait at the proxy",
+    )
+    auth_token_env: str | None = Field(
+        None, description="name of the environment variable holding the bearer token (read on the replicas' nodes)"
+    )
+    auth_token_file: str | None = Field(None, description="file holding the bearer token (read on the replicas' nodes)")
 
 
 class JobConfig(_Section):
@@ -214,8 +226,11 @@ def parse_config(raw: dict, source: str = "<dict>", base_dir: Path | None = None
         raise TributaryError(_describe(error, source)) from None
     if base_dir is not None:
         config = _resolve_paths(config, base_dir)
-    if (config.method.name == "source" and config.training_run is None
-            and (config.method.eta is None or config.method.steps is None)):
+    if (
+        config.method.name == "source"
+        and config.training_run is None
+        and (config.method.eta is None or config.method.steps is None)
+    ):
         raise TributaryError(
             f"invalid config {source}: method 'source' needs method.eta (mean learning rate) and "
             "method.steps (optimizer steps K), or a training_run section"
@@ -272,22 +287,38 @@ def _resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
         tokenizer = _resolve(tokenizer, base_dir)
     model = config.model.model_copy(update={"path": model_path, "adapter": adapter, "tokenizer": tokenizer})
     token_file = config.serve.auth_token_file
-    serve = config.serve.model_copy(update={"auth_token_file": None if token_file is None else
-                                            _resolve(token_file, base_dir)})
-    return config.model_copy(update={"data": data, "store": store, "model": model, "serve": serve,
-                                     "training_run": _resolve_run_paths(config.training_run, base_dir)})
+    serve = config.serve.model_copy(
+        update={"auth_token_file": None if token_file is None else _resolve(token_file, base_dir)}
+    )
+    return config.model_copy(
+        update={
+            "data": data,
+            "store": store,
+            "model": model,
+            "serve": serve,
+            "training_run": _resolve_run_paths(config.training_run, base_dir),
+        }
+    )
 
 
 def _resolve_run_paths(run: TrainingRunConfig | None, base_dir: Path) -> TrainingRunConfig | None:
     if run is None:
         return None
-    checkpoints = [_resolve(c, base_dir) if isinstance(c, str) else c.model_copy(update={"path": _resolve(c.path, base_dir)})
-                   for c in run.checkpoints]
+    checkpoints = [
+        _resolve(c, base_dir) if isinstance(c, str) else c.model_copy(update={"path": _resolve(c.path, base_dir)})
+        for c in run.checkpoints
+    ]
     segments = run.segments
     if isinstance(segments, list):
-        segments = [s.model_copy(update={
-            "checkpoints": [_resolve(c, base_dir) if isinstance(c, str) else c for c in s.checkpoints],
-            "data": None if s.data is None else _resolve(s.data, base_dir)}) for s in segments]
+        segments = [
+            s.model_copy(
+                update={
+                    "checkpoints": [_resolve(c, base_dir) if isinstance(c, str) else c for c in s.checkpoints],
+                    "data": None if s.data is None else _resolve(s.data, base_dir),
+                }
+            )
+            for s in segments
+        ]
     trainer_dir = None if run.trainer_dir is None else _resolve(run.trainer_dir, base_dir)
     return run.model_copy(update={"checkpoints": checkpoints, "segments": segments, "trainer_dir": trainer_dir})
 

@@ -36,7 +36,9 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 def _print_results(records: list[dict]) -> None:
     for record in records:
         title = record["prompt"].rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>")[0]
-        answer = " / ".join(line.strip() for line in record["completion"].replace("<|im_end|>", "").splitlines() if line.strip())
+        answer = " / ".join(
+            line.strip() for line in record["completion"].replace("<|im_end|>", "").splitlines() if line.strip()
+        )
         console.print(f"\n[bold]{title}[/] →[italic] {answer}[/]")
         table = Table(show_header=True, header_style="bold")
         table.add_column("rank")
@@ -93,36 +95,57 @@ def run_demo(workdir: str, small: bool = False) -> list[dict]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    rows = passages(size["rows"], seed=0, tokenizer=tokenizer, plays=DEMO_PLAYS, max_words=size["words"],
-                    min_words=size["words"] // 2)
+    rows = passages(
+        size["rows"],
+        seed=0,
+        tokenizer=tokenizer,
+        plays=DEMO_PLAYS,
+        max_words=size["words"],
+        min_words=size["words"] // 2,
+    )
     train = _write_jsonl(root / "train.jsonl", [{k: row[k] for k in ("id", "prompt", "completion")} for row in rows])
     stages.begin("lora", f"LoRA fine-tune on {len(rows)} speeches from {len(DEMO_PLAYS)} plays ({size['steps']} steps)")
     adapter = train_lora(model_dir, rows, root / "adapter", steps=size["steps"], lr=size["lr"], seed=0)
-    config = parse_config({
-        "model": {"path": str(model_dir), "adapter": str(adapter)},
-        "data": {"train": str(train), "max_length": 112, "batch_size": 8},
-        "projection": {"dim": 16, "seed": 0},
-        "curvature": {"strategy": "ekfac", "fisher": True, "seed": 0},
-        "method": {"name": "if"},
-        "store": {"path": str(root / "store.zarr"), "rows_per_chunk": 8},
-        "cluster": {"address": "local", "workers": size["workers"], "cpus_per_worker": 1},
-    }, source="the demo's config")
+    config = parse_config(
+        {
+            "model": {"path": str(model_dir), "adapter": str(adapter)},
+            "data": {"train": str(train), "max_length": 112, "batch_size": 8},
+            "projection": {"dim": 16, "seed": 0},
+            "curvature": {"strategy": "ekfac", "fisher": True, "seed": 0},
+            "method": {"name": "if"},
+            "store": {"path": str(root / "store.zarr"), "rows_per_chunk": 8},
+            "cluster": {"address": "local", "workers": size["workers"], "cpus_per_worker": 1},
+        },
+        source="the demo's config",
+    )
     (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
     stages.begin("index", f"indexing the LoRA training set on {size['workers']} Ray workers (adapter weights, EK-FAC)")
     run_index(config, overwrite=True)
     # Bare user turns: generation applies the chat template, exactly as the training prompts were made.
-    queries = _write_jsonl(root / "prompts.jsonl", [{"id": q["id"], "prompt": q["prompt"]} for q in demo_queries(tokenizer)])
-    stages.begin("attribute", f"generating three answers ({size['max_new_tokens']} tokens, greedy) and attributing "
-                 "them, token by token")
+    queries = _write_jsonl(
+        root / "prompts.jsonl", [{"id": q["id"], "prompt": q["prompt"]} for q in demo_queries(tokenizer)]
+    )
+    stages.begin(
+        "attribute",
+        f"generating three answers ({size['max_new_tokens']} tokens, greedy) and attributing them, token by token",
+    )
     generation = GenerationSettings(max_new_tokens=size["max_new_tokens"], chat=True)
-    result = run_query(config, str(queries), 5, out=str(root / "results.jsonl"),
-                       options=QueryOptions(k=5, per_token=True, generation=generation),
-                       report=str(root / "report.html"))
+    result = run_query(
+        config,
+        str(queries),
+        5,
+        out=str(root / "results.jsonl"),
+        options=QueryOptions(k=5, per_token=True, generation=generation),
+        report=str(root / "report.html"),
+    )
     seconds = stages.finish()
     console.print("\n[bold]The training speeches that most support each answer[/] (influence, EK-FAC)")
     _print_results(result.records)
     total = round(time.perf_counter() - started, 1)
     (root / "timings.json").write_text(json.dumps({"seconds": seconds, "total": total, "size": size}, indent=1))
-    console.print(f"\ndone in {total:.0f} s (" + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
-                  + f")\nreport: {root / 'report.html'}\nresults: {root / 'results.jsonl'}")
+    console.print(
+        f"\ndone in {total:.0f} s ("
+        + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+        + f")\nreport: {root / 'report.html'}\nresults: {root / 'results.jsonl'}"
+    )
     return result.records

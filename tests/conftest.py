@@ -47,8 +47,10 @@ def vocabulary_texts() -> list[str]:
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny GPT-2 (Conv1D) and Llama (Linear) models with their tokenizers, saved once per session."""
     root = tmp_path_factory.mktemp("models")
-    return {kind: save_tiny(root / kind, kind, vocabulary_texts(), hidden=8, layers=2, heads=2, seed=1)
-            for kind in ("gpt2", "llama")}
+    return {
+        kind: save_tiny(root / kind, kind, vocabulary_texts(), hidden=8, layers=2, heads=2, seed=1)
+        for kind in ("gpt2", "llama")
+    }
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +65,12 @@ def lora_adapters(tiny_models, tmp_path_factory) -> dict[str, Path]:
     for kind, path in tiny_models.items():
         torch.manual_seed(2)
         base = AutoModelForCausalLM.from_pretrained(path)
-        peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets[kind],
-                                                     lora_dropout=0.0, fan_in_fan_out=(kind == "gpt2")))
+        peft_model = get_peft_model(
+            base,
+            LoraConfig(
+                r=2, lora_alpha=4, target_modules=targets[kind], lora_dropout=0.0, fan_in_fan_out=(kind == "gpt2")
+            ),
+        )
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.3)
@@ -91,6 +97,7 @@ def job_config(tmp_path: Path, model_path: Path, train: Path, **sections) -> dic
 def make_config(tmp_path):
     def build(model_path: Path, train: Path, **sections):
         return parse_config(job_config(tmp_path, model_path, train, **sections))
+
     return build
 
 
@@ -101,8 +108,10 @@ def text_train(tmp_path) -> Path:
 
 @pytest.fixture
 def prompt_train(tmp_path) -> Path:
-    return write_jsonl(tmp_path / "train_prompts.jsonl",
-                       [{"id": f"p{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)])
+    return write_jsonl(
+        tmp_path / "train_prompts.jsonl",
+        [{"id": f"p{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)],
+    )
 
 
 @pytest.fixture(scope="session")

@@ -69,8 +69,14 @@ def assert_same_store(ours: dict, reference: dict, factor_tolerance: float = 1e-
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     environment = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], cwd=ROOT, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def single_thread_store(model: Path, train: Path, path: str) -> str:

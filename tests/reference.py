@@ -9,8 +9,9 @@ from engine.capture.modules import TrackedKind
 from engine.data.batching import collate
 
 
-def autograd_per_example(model, modules: dict, tokenized_rows, pad_id: int, include_bias: bool = True,
-                         labels_override=None) -> torch.Tensor:
+def autograd_per_example(
+    model, modules: dict, tokenized_rows, pad_id: int, include_bias: bool = True, labels_override=None
+) -> torch.Tensor:
     """(N, D) gradients in the store layout: per module the d_out x (d_in [+1 bias]) gradient, row-major.
 
     Each example runs alone (no padding) and `torch.autograd.grad` differentiates its summed loss
@@ -28,8 +29,12 @@ def autograd_per_example(model, modules: dict, tokenized_rows, pad_id: int, incl
         for i, row in enumerate(tokenized_rows):
             batch = collate([row], pad_id)
             labels = batch.labels if labels_override is None else labels_override[i]
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                           position_ids=batch.position_ids, use_cache=False).logits
+            logits = model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).logits
             loss = per_example_loss(logits, labels).sum()
             grads = dict(zip([id(p) for p in params], torch.autograd.grad(loss, params)))
             pieces = []

@@ -46,6 +46,7 @@ def copy_adapter(source: Path, target: Path, **changes) -> Path:
 
 # ---- which base model ----------------------------------------------------------------------------
 
+
 def test_adapter_for_another_base_model_is_refused_naming_both(tiny_models, lora_adapters):
     adapter = str(lora_adapters["llama"])
     with pytest.raises(TributaryError) as error:
@@ -74,8 +75,9 @@ def test_matching_adapter_loads_without_warning(kind, tiny_models, lora_adapters
 
 def test_adapter_whose_targets_the_model_lacks_is_refused(tiny_models, lora_adapters, tmp_path):
     # claims the gpt2 base, but targets llama's q_proj / v_proj / up_proj
-    adapter = copy_adapter(lora_adapters["llama"], tmp_path / "mislabelled",
-                           base_model_name_or_path=str(tiny_models["gpt2"]))
+    adapter = copy_adapter(
+        lora_adapters["llama"], tmp_path / "mislabelled", base_model_name_or_path=str(tiny_models["gpt2"])
+    )
     with pytest.raises(TributaryError, match=r"targets modules \[.*'q_proj'.*\] that model.path .*gpt2 does not have"):
         load_model(ModelConfig(path=str(tiny_models["gpt2"]), adapter=str(adapter)))
 
@@ -101,6 +103,7 @@ def _model_dir(root: Path, name: str, **config) -> Path:
 
 def test_base_model_naming_rule(tmp_path, caplog):
     """Same / different / undecidable, as check_adapter_base documents."""
+
     def verdict(base, model_path) -> str:
         caplog.clear()
         try:
@@ -134,6 +137,7 @@ def test_base_model_naming_rule(tmp_path, caplog):
 
 # ---- peft model == hand-built model with explicit LoRA linears -----------------------------------
 
+
 class ExplicitLoRA(nn.Module):
     """base(x) + B(A(x)) * scaling, with A and B plain nn.Linear layers."""
 
@@ -164,8 +168,12 @@ def hand_built(peft_model, path: Path) -> tuple[nn.Module, dict[str, str]]:
         plain_name = name.removeprefix("base_model.model.")
         parent_name, _, child = plain_name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        replacement = ExplicitLoRA(getattr(parent, child), layer.lora_A["default"].weight.detach().clone(),
-                                   layer.lora_B["default"].weight.detach().clone(), layer.scaling["default"])
+        replacement = ExplicitLoRA(
+            getattr(parent, child),
+            layer.lora_A["default"].weight.detach().clone(),
+            layer.lora_B["default"].weight.detach().clone(),
+            layer.scaling["default"],
+        )
         setattr(parent, child, replacement)
         for side in ("lora_A", "lora_B"):
             names[f"{name}.{side}.default"] = f"{plain_name}.{side}"
@@ -176,8 +184,7 @@ def hand_built(peft_model, path: Path) -> tuple[nn.Module, dict[str, str]]:
 
 def _scores(context, train_rows, query_rows):
     train = gradient_pass(context, train_rows)
-    factors = initial_factors("ekfac", train.sums.covariance,
-                              {m.name: (m.k_in, m.k_out) for m in context.spec.modules})
+    factors = initial_factors("ekfac", train.sums.covariance, {m.name: (m.k_in, m.k_out) for m in context.spec.modules})
     factors = final_factors("ekfac", factors, lambda_pass(context, train_rows, factors).lambdas)
     queries = gradient_pass(context, query_rows, with_covariance=False).grads
     out = {}
@@ -189,8 +196,9 @@ def _scores(context, train_rows, query_rows):
 
 @pytest.mark.parametrize("kind,dim", [("llama", 0), ("gpt2", 0), ("llama", 4)])
 def test_peft_scores_equal_hand_built_lora_scores(kind, dim, tiny_models, lora_adapters, text_train, make_config):
-    config = make_config(tiny_models[kind], text_train, model={"adapter": str(lora_adapters[kind])},
-                         projection={"dim": dim})
+    config = make_config(
+        tiny_models[kind], text_train, model={"adapter": str(lora_adapters[kind])}, projection={"dim": dim}
+    )
     peft_context = load_model_context(config)
     hand_model, names = hand_built(peft_context.model, tiny_models[kind])
     # Tributary's own module selection on the hand-built model finds exactly the explicit LoRA linears
@@ -198,12 +206,22 @@ def test_peft_scores_equal_hand_built_lora_scores(kind, dim, tiny_models, lora_a
     hand_modules = {name: hand_model.get_submodule(names[name]) for name in peft_context.modules}
     assert all(type(m) is nn.Linear for m in hand_modules.values())
     capture = GradientCapture(hand_model, hand_modules, peft_context.spec, True, torch.float64, torch.device("cpu"))
-    hand_context = ModelContext(config, hand_model, peft_context.tokenizer, hand_modules, peft_context.spec,
-                                capture, torch.device("cpu"), peft_context.pad_id)
+    hand_context = ModelContext(
+        config,
+        hand_model,
+        peft_context.tokenizer,
+        hand_modules,
+        peft_context.spec,
+        capture,
+        torch.device("cpu"),
+        peft_context.pad_id,
+    )
 
     rows = hand_context.tokenize(read_rows(text_train), "train")
-    queries = hand_context.tokenize([Row(index=i, id=f"q{i}", line=i + 1, prompt=p, completion=" " + c)
-                                     for i, (p, c) in enumerate(PROMPTS)], "queries")
+    queries = hand_context.tokenize(
+        [Row(index=i, id=f"q{i}", line=i + 1, prompt=p, completion=" " + c) for i, (p, c) in enumerate(PROMPTS)],
+        "queries",
+    )
     peft_grads, peft_scores, _ = _scores(peft_context, rows, queries)
     hand_grads, hand_scores, factors = _scores(hand_context, rows, queries)
 
@@ -214,6 +232,7 @@ def test_peft_scores_equal_hand_built_lora_scores(kind, dim, tiny_models, lora_a
         assert scale > 0
         np.testing.assert_allclose(peft_scores[name], hand_scores[name], rtol=0, atol=1e-8 * scale)
     if dim == 0:  # and both equal autograd on the hand-built model's plain linears
-        reference = autograd_per_example(hand_model, {names[n]: m for n, m in hand_modules.items()}, rows,
-                                         peft_context.pad_id).numpy()
+        reference = autograd_per_example(
+            hand_model, {names[n]: m for n, m in hand_modules.items()}, rows, peft_context.pad_id
+        ).numpy()
         np.testing.assert_allclose(hand_grads, reference, rtol=0, atol=1e-8 * np.abs(reference).max())

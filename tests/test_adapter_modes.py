@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -40,8 +39,9 @@ def _merged_by_hand(base_path, adapter_path):
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_merged_mode_equals_hand_merged_weights(kind, tiny_models, lora_adapters, make_config, text_train):
-    config = make_config(tiny_models[kind], text_train,
-                         model={"adapter": str(lora_adapters[kind]), "adapter_mode": "merged"})
+    config = make_config(
+        tiny_models[kind], text_train, model={"adapter": str(lora_adapters[kind]), "adapter_mode": "merged"}
+    )
     job = prepare_index_job(config)
     assert not any("lora" in name for name in job.context.modules)
     ours = torch.from_numpy(gradient_pass(job.context, job.tokenized).grads)
@@ -54,11 +54,17 @@ def test_merged_mode_equals_hand_merged_weights(kind, tiny_models, lora_adapters
 
 def test_base_mode_equals_no_adapter(tiny_models, lora_adapters, make_config, text_train):
     base = prepare_index_job(make_config(tiny_models["llama"], text_train))
-    mode = prepare_index_job(make_config(tiny_models["llama"], text_train,
-                                         model={"adapter": str(lora_adapters["llama"]), "adapter_mode": "base"}))
+    mode = prepare_index_job(
+        make_config(
+            tiny_models["llama"], text_train, model={"adapter": str(lora_adapters["llama"]), "adapter_mode": "base"}
+        )
+    )
     assert list(mode.context.modules) == list(base.context.modules)
-    assert torch.equal(torch.from_numpy(gradient_pass(mode.context, mode.tokenized).grads),
-                       torch.from_numpy(gradient_pass(base.context, base.tokenized).grads))
-    adapter = prepare_index_job(make_config(tiny_models["llama"], text_train,
-                                            model={"adapter": str(lora_adapters["llama"])}))
+    assert torch.equal(
+        torch.from_numpy(gradient_pass(mode.context, mode.tokenized).grads),
+        torch.from_numpy(gradient_pass(base.context, base.tokenized).grads),
+    )
+    adapter = prepare_index_job(
+        make_config(tiny_models["llama"], text_train, model={"adapter": str(lora_adapters["llama"])})
+    )
     assert all("lora_" in name for name in adapter.context.modules)

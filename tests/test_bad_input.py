@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from engine.store import GradientStore
-from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.cli_helpers import assert_clean_failure, invoke
+from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
+
 
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -48,25 +49,48 @@ BAD_TRAINING_FILES = {
     # name: (lines, line the error names, words the message must contain)
     "empty text": ([TEXT, json.dumps({"text": ""})], 2, ["field 'text' is empty", "remove the row"]),
     "blank text": ([TEXT, json.dumps({"text": "   "})], 2, ["field 'text' is empty"]),
-    "one-token text": ([TEXT, TEXT.replace('"ok"', '"one"').replace(SENTENCES[0], "fox")], 2,
-                       ["1 token(s)", "at least 2"]),
-    "empty completion": ([json.dumps({"prompt": PROMPTS[0][0], "completion": ""})], 1,
-                         ["field 'completion' is empty", "give it a completion"]),
-    "blank completion": ([TEXT, json.dumps({"prompt": PROMPTS[0][0], "completion": "  "})], 2,
-                         ["field 'completion' is empty"]),
-    "prompt without completion": ([TEXT, json.dumps({"prompt": PROMPTS[0][0]})], 2,
-                                  ["field 'completion' is missing", "needs a completion"]),
+    "one-token text": (
+        [TEXT, TEXT.replace('"ok"', '"one"').replace(SENTENCES[0], "fox")],
+        2,
+        ["1 token(s)", "at least 2"],
+    ),
+    "empty completion": (
+        [json.dumps({"prompt": PROMPTS[0][0], "completion": ""})],
+        1,
+        ["field 'completion' is empty", "give it a completion"],
+    ),
+    "blank completion": (
+        [TEXT, json.dumps({"prompt": PROMPTS[0][0], "completion": "  "})],
+        2,
+        ["field 'completion' is empty"],
+    ),
+    "prompt without completion": (
+        [TEXT, json.dumps({"prompt": PROMPTS[0][0]})],
+        2,
+        ["field 'completion' is missing", "needs a completion"],
+    ),
     "not JSON": ([TEXT, TEXT, '{"text": "the owl eats mice"'], 3, ["not valid JSON"]),
     "not an object": ([TEXT, json.dumps(["the", "owl"])], 2, ["must be a JSON object", "got list"]),
     "text not a string": ([TEXT, json.dumps({"text": 3})], 2, ["field 'text' must be a string"]),
-    "no known field": ([TEXT, json.dumps({"id": "x", "body": "the owl"})], 2,
-                       ["neither 'text' nor 'prompt'+'completion'", "data.text_field"]),
-    "duplicate id": ([json.dumps({"id": "a", "text": SENTENCES[0]}), json.dumps({"id": "b", "text": SENTENCES[1]}),
-                      json.dumps({"id": "a", "text": SENTENCES[2]})], 3,
-                     ["id 'a' already used on line 1", "must be unique"]),
+    "no known field": (
+        [TEXT, json.dumps({"id": "x", "body": "the owl"})],
+        2,
+        ["neither 'text' nor 'prompt'+'completion'", "data.text_field"],
+    ),
+    "duplicate id": (
+        [
+            json.dumps({"id": "a", "text": SENTENCES[0]}),
+            json.dumps({"id": "b", "text": SENTENCES[1]}),
+            json.dumps({"id": "a", "text": SENTENCES[2]}),
+        ],
+        3,
+        ["id 'a' already used on line 1", "must be unique"],
+    ),
     "prompt longer than max_length": (
-        [TEXT, json.dumps({"prompt": "the fox eats berries in the forest at night", "completion": " now"})], 2,
-        ["prompt is 9 tokens", "data.max_length=6", "shorten the prompt or raise data.max_length"]),
+        [TEXT, json.dumps({"prompt": "the fox eats berries in the forest at night", "completion": " now"})],
+        2,
+        ["prompt is 9 tokens", "data.max_length=6", "shorten the prompt or raise data.max_length"],
+    ),
 }
 
 
@@ -97,8 +121,11 @@ def test_overlong_rows_are_truncated_and_counted_in_the_log(tiny_models, tmp_pat
         result = invoke("index", write_config(tmp_path / "job.yaml", raw), "--no-progress")
     assert result.exit_code == 0, result.output
     messages = [r.getMessage() for r in caplog.records if r.name == "engine.data.tokenize"]
-    assert any(f"{train}: {len(SENTENCES)} of {len(SENTENCES) + 1} rows were longer than max_length=4"
-               in message and "truncated" in message for message in messages), messages
+    assert any(
+        f"{train}: {len(SENTENCES)} of {len(SENTENCES) + 1} rows were longer than max_length=4" in message
+        and "truncated" in message
+        for message in messages
+    ), messages
     store = GradientStore.open(raw["store"]["path"])
     assert store.manifest["complete"] is True and store.rows == len(SENTENCES) + 1
     tokens = store.row_metadata()["num_tokens"]
@@ -106,6 +133,7 @@ def test_overlong_rows_are_truncated_and_counted_in_the_log(tiny_models, tmp_pat
 
 
 # ---- config --------------------------------------------------------------------------------------
+
 
 def _rename(raw: dict, path: tuple[str, ...], new: str) -> dict:
     section = raw
@@ -115,11 +143,14 @@ def _rename(raw: dict, path: tuple[str, ...], new: str) -> dict:
     return raw
 
 
-@pytest.mark.parametrize("path, typo, named", [
-    (("projection",), "projecton", "projecton: unknown key"),
-    (("data", "max_length"), "max_lenght", "data.max_lenght: unknown key"),
-    (("store", "dtype"), "dtyp", "store.dtyp: unknown key"),
-])
+@pytest.mark.parametrize(
+    "path, typo, named",
+    [
+        (("projection",), "projecton", "projecton: unknown key"),
+        (("data", "max_length"), "max_lenght", "data.max_lenght: unknown key"),
+        (("store", "dtype"), "dtyp", "store.dtyp: unknown key"),
+    ],
+)
 def test_config_key_typo_names_the_key(path, typo, named, tiny_models, text_train, tmp_path):
     raw = _rename(base_config(tmp_path, tiny_models["gpt2"], text_train), path, typo)
     index_fails(tmp_path, raw, str(tmp_path / "job.yaml"), named, "check its spelling")
@@ -136,7 +167,9 @@ def test_config_bad_values_and_missing_sections(tiny_models, text_train, tmp_pat
 
 
 def test_config_file_unreadable(tmp_path):
-    assert_clean_failure(invoke("index", tmp_path / "nope.yaml"), f"config file {tmp_path / 'nope.yaml'} does not exist")
+    assert_clean_failure(
+        invoke("index", tmp_path / "nope.yaml"), f"config file {tmp_path / 'nope.yaml'} does not exist"
+    )
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: {path: [unclosed\n")
     assert_clean_failure(invoke("index", bad), f"config file {bad} is not valid YAML")
@@ -156,10 +189,15 @@ def test_model_path_that_is_not_a_model(text_train, tmp_path):
 
 
 def test_module_pattern_matching_nothing(tiny_models, text_train, tmp_path):
-    raw = base_config(tmp_path, tiny_models["gpt2"], text_train,
-                      model={"modules": ["transformer.h.0.mlp.c_fc", "*.no_such_layer"]})
-    index_fails(tmp_path, raw, "model.modules pattern '*.no_such_layer' matches no supported modules",
-                "transformer.h.0.attn.c_attn")
+    raw = base_config(
+        tmp_path, tiny_models["gpt2"], text_train, model={"modules": ["transformer.h.0.mlp.c_fc", "*.no_such_layer"]}
+    )
+    index_fails(
+        tmp_path,
+        raw,
+        "model.modules pattern '*.no_such_layer' matches no supported modules",
+        "transformer.h.0.attn.c_attn",
+    )
 
 
 def test_store_path_holding_other_files_is_not_wiped(tiny_models, text_train, tmp_path):
@@ -182,6 +220,7 @@ def test_error_text_is_printed_literally(tiny_models, tmp_path):
 
 # ---- queries ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def store_config(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_queries")
@@ -195,8 +234,9 @@ def store_config(tiny_models, tmp_path_factory):
 
 def query_fails(tmp_path: Path, config: Path, queries: Path, *expected: str, extra=()):
     out, scores_out = tmp_path / "out" / "results.jsonl", tmp_path / "out" / "scores.npy"
-    result = invoke("query", config, "--queries", queries, "--top-k", 3, "--out", out, "--scores-out", scores_out,
-                    *extra)
+    result = invoke(
+        "query", config, "--queries", queries, "--top-k", 3, "--out", out, "--scores-out", scores_out, *extra
+    )
     assert_clean_failure(result, *expected)
     assert not out.exists() and not scores_out.exists()
     assert not list(tmp_path.rglob("*.part"))
@@ -204,14 +244,20 @@ def query_fails(tmp_path: Path, config: Path, queries: Path, *expected: str, ext
 
 
 BAD_QUERY_FILES = {
-    "missing field": ([json.dumps({"id": "q0", "text": SENTENCES[0]}), json.dumps({"id": "q1", "txt": "the owl"})], 2,
-                      ["row has neither 'text' nor 'prompt'+'completion'", "'txt'"]),
+    "missing field": (
+        [json.dumps({"id": "q0", "text": SENTENCES[0]}), json.dumps({"id": "q1", "txt": "the owl"})],
+        2,
+        ["row has neither 'text' nor 'prompt'+'completion'", "'txt'"],
+    ),
     "empty text": ([json.dumps({"text": ""})], 1, ["field 'text' is empty"]),
     "one token": ([json.dumps({"text": "owl"})], 1, ["1 token(s)"]),
     "empty completion": ([json.dumps({"prompt": "the owl", "completion": ""})], 1, ["field 'completion' is empty"]),
     "not JSON": ([json.dumps({"text": SENTENCES[0]}), "text: the owl"], 2, ["not valid JSON"]),
-    "duplicate id": ([json.dumps({"id": "q", "text": SENTENCES[0]}), json.dumps({"id": "q", "text": SENTENCES[1]})],
-                     2, ["id 'q' already used on line 1"]),
+    "duplicate id": (
+        [json.dumps({"id": "q", "text": SENTENCES[0]}), json.dumps({"id": "q", "text": SENTENCES[1]})],
+        2,
+        ["id 'q' already used on line 1"],
+    ),
 }
 
 
@@ -227,15 +273,26 @@ def test_query_bad_options_and_paths(store_config, tiny_models, tmp_path):
     queries = write_jsonl(tmp_path / "queries.jsonl", [{"id": "q", "text": SENTENCES[1]}])
     query_fails(tmp_path, config, tmp_path / "absent.jsonl", f"queries file {tmp_path / 'absent.jsonl'} does not exist")
     query_fails(tmp_path, config, queries, "--top-k must be positive", extra=["--top-k", "0"])
-    query_fails(tmp_path, config, queries, "--method", "name", extra=["--method", "lissa"])  # not a method (tracin now is)
+    query_fails(
+        tmp_path, config, queries, "--method", "name", extra=["--method", "lissa"]
+    )  # not a method (tracin now is)
     # the model is gone
     no_model = dict(raw, model=dict(raw["model"], path=str(tmp_path / "gone")))
-    query_fails(tmp_path, write_config(tmp_path / "no_model.yaml", no_model), queries,
-                f"model.path {tmp_path / 'gone'} does not exist")
+    query_fails(
+        tmp_path,
+        write_config(tmp_path / "no_model.yaml", no_model),
+        queries,
+        f"model.path {tmp_path / 'gone'} does not exist",
+    )
     # the store is not there
     no_store = dict(raw, store=dict(raw["store"], path=str(tmp_path / "missing.zarr")))
-    query_fails(tmp_path, write_config(tmp_path / "no_store.yaml", no_store), queries,
-                f"store {tmp_path / 'missing.zarr'} does not exist", "tributary index")
+    query_fails(
+        tmp_path,
+        write_config(tmp_path / "no_store.yaml", no_store),
+        queries,
+        f"store {tmp_path / 'missing.zarr'} does not exist",
+        "tributary index",
+    )
     assert not (tmp_path / "missing.zarr").exists()
     # --out names a directory, and --out == --scores-out
     (tmp_path / "a_dir").mkdir()
@@ -251,7 +308,8 @@ def test_query_after_bad_input_then_good_input_writes_both(store_config, tmp_pat
     """The same command succeeds once the input is fixed (the failures above were about the input)."""
     queries = write_jsonl(tmp_path / "queries.jsonl", [{"id": "q", "text": SENTENCES[1]}])
     out, scores_out = tmp_path / "out" / "results.jsonl", tmp_path / "out" / "scores.npy"
-    result = invoke("query", store_config[2], "--queries", queries, "--top-k", 2, "--out", out,
-                    "--scores-out", scores_out)
+    result = invoke(
+        "query", store_config[2], "--queries", queries, "--top-k", 2, "--out", out, "--scores-out", scores_out
+    )
     assert result.exit_code == 0, result.output
     assert out.is_file() and scores_out.is_file() and not list(tmp_path.rglob("*.part"))

@@ -37,20 +37,22 @@ TEMPLATES = {
     "chatml_trim": _ROLE_HEADER + "{{ m['content'] | trim }}<|im_end|>\n{% endfor %}" + _GENERATION_PROMPT,
     # assistant text marked with {% generation %}: the tokenizer's own assistant mask is used
     "generation": _ROLE_HEADER + "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>"
-                  "{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}"
-                  + _GENERATION_PROMPT,
+    "{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n{% endfor %}" + _GENERATION_PROMPT,
 }
 
 CHATS = [
-    [{"role": "system", "content": "you are a zoo guide"},
-     {"role": "user", "content": "what does the fox eat"},
-     {"role": "assistant", "content": "the fox eats berries in the forest"}],
-    [{"role": "user", "content": "what does the owl eat"},
-     {"role": "assistant", "content": " the owl eats mice at night "},
-     {"role": "user", "content": "and the seal"},
-     {"role": "assistant", "content": "a seal eats fish in the cold sea"}],
-    [{"role": "user", "content": "the otter"},
-     {"role": "assistant", "content": "eats clams in the harbor"}],
+    [
+        {"role": "system", "content": "you are a zoo guide"},
+        {"role": "user", "content": "what does the fox eat"},
+        {"role": "assistant", "content": "the fox eats berries in the forest"},
+    ],
+    [
+        {"role": "user", "content": "what does the owl eat"},
+        {"role": "assistant", "content": " the owl eats mice at night "},
+        {"role": "user", "content": "and the seal"},
+        {"role": "assistant", "content": "a seal eats fish in the cold sea"},
+    ],
+    [{"role": "user", "content": "the otter"}, {"role": "assistant", "content": "eats clams in the harbor"}],
 ]
 
 
@@ -62,9 +64,20 @@ def chat_vocabulary() -> list[str]:
 def chat_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny GPT-2 and Llama whose word-level tokenizers know ChatML's tokens and carry a chat template."""
     root = tmp_path_factory.mktemp("chat_models")
-    return {kind: save_tiny(root / kind, kind, chat_vocabulary(), extra_special=(IM_START, IM_END),
-                            chat_template=TEMPLATES["chatml"], hidden=8, layers=2, heads=2, seed=3)
-            for kind in ("gpt2", "llama")}
+    return {
+        kind: save_tiny(
+            root / kind,
+            kind,
+            chat_vocabulary(),
+            extra_special=(IM_START, IM_END),
+            chat_template=TEMPLATES["chatml"],
+            hidden=8,
+            layers=2,
+            heads=2,
+            seed=3,
+        )
+        for kind in ("gpt2", "llama")
+    }
 
 
 @pytest.fixture
@@ -86,6 +99,7 @@ def hand_built(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 # ---- the mask ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
 def test_mask_matches_independent_construction(template, chat_models, chat_train):
     tokenizer = load_tokenizer(str(chat_models["llama"]))
@@ -98,7 +112,9 @@ def test_mask_matches_independent_construction(template, chat_models, chat_train
         assert row.input_ids == ids
         assert row.labels == labels
         # the ids are exactly what the tokenizer's chat template gives
-        assert row.input_ids == list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+        assert row.input_ids == list(
+            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        )
         assert row.num_loss_tokens == sum(len(m["content"].split()) + 1 for m in messages if m["role"] == "assistant")
 
 
@@ -110,8 +126,10 @@ def test_end_of_turn_is_counted_only_right_after_the_content(chat_models):
     tokenizer = load_tokenizer(str(chat_models["gpt2"]))
     vocab = tokenizer.get_vocab()
     messages = (("user", "the otter"), ("assistant", "eats clams"))
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} sea <|im_end|>"
-                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} sea <|im_end|>"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+    )
     ids, labels = tokenize_chat(messages, tokenizer, "x:1")
     counted = [tokenizer.convert_ids_to_tokens(i) for i, label in zip(ids, labels) if label != IGNORE]
     assert counted == ["eats", "clams"]  # "sea" separates the content from <|im_end|>
@@ -136,6 +154,7 @@ def test_ultrachat_style_row_with_a_prompt_field_is_a_chat_row(tmp_path):
 
 # ---- gradients -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_dim0_chat_gradients_match_autograd_on_assistant_tokens(kind, chat_models, chat_train, make_config):
     config = make_config(chat_models[kind], chat_train, data={"batch_size": 2, "max_length": 64})
@@ -144,15 +163,17 @@ def test_dim0_chat_gradients_match_autograd_on_assistant_tokens(kind, chat_model
     assert next(context.model.parameters()).dtype == torch.float64
     ours = torch.from_numpy(gradient_pass(context, job.tokenized).grads)
     labels = [torch.tensor([hand_built(context.tokenizer, messages)[1]]) for messages in CHATS]
-    reference = autograd_per_example(context.model, context.modules, job.tokenized, context.pad_id,
-                                     labels_override=labels)
+    reference = autograd_per_example(
+        context.model, context.modules, job.tokenized, context.pad_id, labels_override=labels
+    )
     assert ours.shape == reference.shape
     assert float((ours - reference).norm() / reference.norm()) < 1e-10
     assert (reference.norm(dim=1) > 0).all()
     # not vacuous: the loss over every token gives other gradients
     everything = [torch.tensor([row.input_ids]) for row in job.tokenized]
-    all_tokens = autograd_per_example(context.model, context.modules, job.tokenized, context.pad_id,
-                                      labels_override=everything)
+    all_tokens = autograd_per_example(
+        context.model, context.modules, job.tokenized, context.pad_id, labels_override=everything
+    )
     assert float((all_tokens - reference).norm() / reference.norm()) > 1e-2
 
 
@@ -167,6 +188,7 @@ def test_cli_index_accepts_chat_jsonl(chat_models, chat_train, tmp_path):
 
 # ---- bad input -----------------------------------------------------------------------------------
 
+
 def write_config(path: Path, raw: dict) -> Path:
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
@@ -175,22 +197,32 @@ def write_config(path: Path, raw: dict) -> Path:
 GOOD = {"messages": CHATS[2]}
 BAD_CHATS = {
     # name: (the bad row on line 2, words the message must contain)
-    "no assistant": ({"messages": [{"role": "user", "content": "the otter"}]},
-                     ["no assistant turn", "add an assistant message"]),
-    "empty assistant": ({"messages": [{"role": "user", "content": "the otter"},
-                                      {"role": "assistant", "content": "  "}]},
-                        ["messages[1] is an assistant turn with empty content", "give it text"]),
-    "no role": ({"messages": [{"content": "the otter"}, {"role": "assistant", "content": "eats"}]},
-                ["messages[0] has no 'role'", "system, user or assistant"]),
-    "no content": ({"messages": [{"role": "user"}, {"role": "assistant", "content": "eats"}]},
-                   ["messages[0] has no 'content'"]),
-    "unknown role": ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "eats"}]},
-                     ["unknown role 'tool'", "use system, user or assistant"]),
+    "no assistant": (
+        {"messages": [{"role": "user", "content": "the otter"}]},
+        ["no assistant turn", "add an assistant message"],
+    ),
+    "empty assistant": (
+        {"messages": [{"role": "user", "content": "the otter"}, {"role": "assistant", "content": "  "}]},
+        ["messages[1] is an assistant turn with empty content", "give it text"],
+    ),
+    "no role": (
+        {"messages": [{"content": "the otter"}, {"role": "assistant", "content": "eats"}]},
+        ["messages[0] has no 'role'", "system, user or assistant"],
+    ),
+    "no content": (
+        {"messages": [{"role": "user"}, {"role": "assistant", "content": "eats"}]},
+        ["messages[0] has no 'content'"],
+    ),
+    "unknown role": (
+        {"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "eats"}]},
+        ["unknown role 'tool'", "use system, user or assistant"],
+    ),
     "not a list": ({"messages": "hello"}, ["field 'messages' must be a list"]),
     "empty list": ({"messages": []}, ["field 'messages' is an empty list"]),
-    "content not a string": ({"messages": [{"role": "user", "content": None},
-                                           {"role": "assistant", "content": "eats"}]},
-                             ["messages[0] (user) 'content' must be a string"]),
+    "content not a string": (
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "eats"}]},
+        ["messages[0] (user) 'content' must be a string"],
+    ),
 }
 
 
@@ -209,28 +241,53 @@ def test_bad_chat_rows_are_refused_naming_file_and_line(name, chat_models, tmp_p
 
 
 def test_chat_row_needs_a_chat_template(tiny_models, tmp_path):
-    _index_fails(tmp_path, tiny_models["gpt2"], [{"text": "the owl eats mice"}, GOOD],
-                 "model.path's tokenizer has no chat template", "use prompt/completion rows or a chat model")
+    _index_fails(
+        tmp_path,
+        tiny_models["gpt2"],
+        [{"text": "the owl eats mice"}, GOOD],
+        "model.path's tokenizer has no chat template",
+        "use prompt/completion rows or a chat model",
+    )
 
 
 def test_chat_row_the_template_rejects(chat_models, tmp_path):
     strict = TEMPLATES["chatml"].replace(
         "{% for m in messages %}",
         "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
-        "{{ raise_exception('system message must come first') }}{% endif %}")
+        "{{ raise_exception('system message must come first') }}{% endif %}",
+    )
     model = tmp_path / "strict"
-    save_tiny(model, "gpt2", chat_vocabulary(), extra_special=(IM_START, IM_END), chat_template=strict,
-              hidden=8, layers=1, heads=2)
-    row = {"messages": [{"role": "user", "content": "the otter"}, {"role": "system", "content": "a guide"},
-                        {"role": "assistant", "content": "eats"}]}
+    save_tiny(
+        model,
+        "gpt2",
+        chat_vocabulary(),
+        extra_special=(IM_START, IM_END),
+        chat_template=strict,
+        hidden=8,
+        layers=1,
+        heads=2,
+    )
+    row = {
+        "messages": [
+            {"role": "user", "content": "the otter"},
+            {"role": "system", "content": "a guide"},
+            {"role": "assistant", "content": "eats"},
+        ]
+    }
     _index_fails(tmp_path, model, [GOOD, row], "rejected this conversation", "system message must come first")
 
 
 def test_overlong_chat_row_without_an_assistant_token_left_is_an_error(chat_models, tmp_path):
     long_user = {"role": "user", "content": " ".join(["the owl eats mice at night"] * 3)}
     row = {"messages": [long_user, {"role": "assistant", "content": "eats clams"}]}
-    _index_fails(tmp_path, chat_models["gpt2"], [GOOD, row], "no assistant token remains within data.max_length=16",
-                 "raise data.max_length", data={"max_length": 16})
+    _index_fails(
+        tmp_path,
+        chat_models["gpt2"],
+        [GOOD, row],
+        "no assistant token remains within data.max_length=16",
+        "raise data.max_length",
+        data={"max_length": 16},
+    )
 
 
 def test_overlong_chat_rows_are_truncated_and_counted(chat_models, tmp_path, caplog):
@@ -266,11 +323,19 @@ def test_byte_level_bpe_tokens_of_assistant_content_and_end_of_turn(chat_models)
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     texts = [m["content"] for chat in CHATS for m in chat] + ["system user assistant [INST] [/INST]"]
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", IM_START, IM_END],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<s>", "</s>", IM_START, IM_END],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>")
-    llama2 = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-              "{% elif m['role'] == 'assistant' %} {{ m['content'] | trim }} {{ eos_token }}{% endif %}{% endfor %}")
+    llama2 = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% elif m['role'] == 'assistant' %} {{ m['content'] | trim }} {{ eos_token }}{% endif %}{% endfor %}"
+    )
     for template, end in ((TEMPLATES["chatml"], IM_END), (llama2, " </s>")):
         tokenizer.chat_template = template
         for chat in CHATS[1:]:
@@ -285,12 +350,14 @@ def test_byte_level_bpe_tokens_of_assistant_content_and_end_of_turn(chat_models)
                     runs.append(current)
                     current = []
             runs += [current] if current else []
-            expected = [m["content"] if end == IM_END else m["content"].strip() for m in chat if m["role"] == "assistant"]
+            expected = [
+                m["content"] if end == IM_END else m["content"].strip() for m in chat if m["role"] == "assistant"
+            ]
             assert len(runs) == len(expected)
             for run, content in zip(runs, expected):
                 decoded = tokenizer.decode(run)
                 # a token that straddles the template's space before the content (" the") counts whole
-                assert decoded.endswith(content + end) and not decoded[:-len(content + end)].strip(), decoded
+                assert decoded.endswith(content + end) and not decoded[: -len(content + end)].strip(), decoded
 
 
 def test_content_equal_to_a_header_word_without_generation_prompt(chat_models):

@@ -21,9 +21,9 @@ from engine.data.tokenize import IGNORE, TokenizedRow
 from engine.query.scoring import top_k
 from engine.store import GradientStore
 from engine.tiny import save_tiny
+from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
 from tests.reference import autograd_per_example
-from tests.cli_helpers import assert_clean_failure, invoke
 
 runner = CliRunner()
 
@@ -51,6 +51,7 @@ def reference_top_k(scores: np.ndarray, k: int) -> np.ndarray:
 
 
 # ---- an independent computation of the scores ---------------------------------------------------
+
 
 def reference_gradients(model_path: Path, rows: list[dict]) -> tuple[torch.Tensor, list[tuple[str, int]]]:
     """(n, D) per-example gradients by brute-force autograd, and (module, width) in layout order.
@@ -81,23 +82,37 @@ def reference_gradients(model_path: Path, rows: list[dict]) -> tuple[torch.Tenso
 
 # ---- one indexed store shared by the module ----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def indexed(tiny_models, tmp_path_factory):
     """grad_dot, projection dim 0 (exact), 3 rows per chunk so scoring streams several chunks."""
     root = tmp_path_factory.mktemp("cli")
     train = write_jsonl(root / "train.jsonl", TRAIN)
     queries = write_jsonl(root / "queries.jsonl", QUERIES)
-    raw = job_config(root, tiny_models["gpt2"], train, curvature={"strategy": "identity"},
-                     method={"name": "grad_dot"}, store={"rows_per_chunk": 3})
+    raw = job_config(
+        root,
+        tiny_models["gpt2"],
+        train,
+        curvature={"strategy": "identity"},
+        method={"name": "grad_dot"},
+        store={"rows_per_chunk": 3},
+    )
     config = write_config(root / "job.yaml", raw)
     result = invoke("index", config, "--no-progress")
     assert result.exit_code == 0, result.output
     store = Path(raw["store"]["path"])
     assert store.is_dir()
     grads, widths = reference_gradients(tiny_models["gpt2"], TRAIN + QUERIES)
-    return {"root": root, "config": config, "raw": raw, "store": store, "queries": queries,
-            "train_grads": grads[:len(TRAIN)].numpy(), "query_grads": grads[len(TRAIN):].numpy(),
-            "widths": widths}
+    return {
+        "root": root,
+        "config": config,
+        "raw": raw,
+        "store": store,
+        "queries": queries,
+        "train_grads": grads[: len(TRAIN)].numpy(),
+        "query_grads": grads[len(TRAIN) :].numpy(),
+        "widths": widths,
+    }
 
 
 def test_info_prints_complete_manifest(indexed):
@@ -121,8 +136,18 @@ def test_store_rows_are_in_training_file_order(indexed):
 
 def test_query_scores_match_autograd_dot_products(indexed):
     out, scores_out = indexed["root"] / "results.jsonl", indexed["root"] / "scores.npy"
-    result = invoke("query", indexed["config"], "--queries", indexed["queries"], "--top-k", 3,
-                    "--out", out, "--scores-out", scores_out)
+    result = invoke(
+        "query",
+        indexed["config"],
+        "--queries",
+        indexed["queries"],
+        "--top-k",
+        3,
+        "--out",
+        out,
+        "--scores-out",
+        scores_out,
+    )
     assert result.exit_code == 0, result.output
 
     scores = np.load(scores_out)
@@ -152,8 +177,20 @@ def test_query_equal_to_a_training_row_ranks_it_first_with_grad_cos(indexed):
     picks = [5, 2, 7]
     queries = write_jsonl(indexed["root"] / "copies.jsonl", [{"id": f"c{i}", "text": TRAIN[i]["text"]} for i in picks])
     out, scores_out = indexed["root"] / "cos.jsonl", indexed["root"] / "cos.npy"
-    result = invoke("query", indexed["config"], "--queries", queries, "--top-k", 2, "--method", "grad_cos",
-                    "--out", out, "--scores-out", scores_out)
+    result = invoke(
+        "query",
+        indexed["config"],
+        "--queries",
+        queries,
+        "--top-k",
+        2,
+        "--method",
+        "grad_cos",
+        "--out",
+        out,
+        "--scores-out",
+        scores_out,
+    )
     assert result.exit_code == 0, result.output
     scores = np.load(scores_out)
     train = indexed["train_grads"]
@@ -169,8 +206,9 @@ def test_query_equal_to_a_training_row_ranks_it_first_with_grad_cos(indexed):
 
 def test_per_module_scores_sum_to_total_and_match_reference(indexed):
     out = indexed["root"] / "per_module.jsonl"
-    result = invoke("query", indexed["config"], "--queries", indexed["queries"], "--top-k", len(TRAIN),
-                    "--out", out, "--per-module")
+    result = invoke(
+        "query", indexed["config"], "--queries", indexed["queries"], "--top-k", len(TRAIN), "--out", out, "--per-module"
+    )
     assert result.exit_code == 0, result.output
     names = [name for name, _ in indexed["widths"]]
     bounds = np.cumsum([0] + [width for _, width in indexed["widths"]])
@@ -200,14 +238,21 @@ def test_top_k_sorts_descending_with_ties_to_the_lower_index():
 
 # ---- refusals ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def projected(tiny_models, tmp_path_factory):
     """A store with a real projection (dim 2, seed 0) to query with changed settings."""
     root = tmp_path_factory.mktemp("projected")
     train = write_jsonl(root / "train.jsonl", TRAIN)
     queries = write_jsonl(root / "queries.jsonl", QUERIES[:1])
-    raw = job_config(root, tiny_models["gpt2"], train, projection={"dim": 2, "seed": 0},
-                     curvature={"strategy": "identity"}, method={"name": "grad_dot"})
+    raw = job_config(
+        root,
+        tiny_models["gpt2"],
+        train,
+        projection={"dim": 2, "seed": 0},
+        curvature={"strategy": "identity"},
+        method={"name": "grad_dot"},
+    )
     result = invoke("index", write_config(root / "job.yaml", raw), "--no-progress")
     assert result.exit_code == 0, result.output
     return {"root": root, "raw": raw, "queries": queries}
@@ -225,7 +270,9 @@ def _query_refused(projected, raw: dict, name: str, *expected: str) -> None:
 
 def test_query_refuses_other_projection_seed(projected):
     raw = dict(projected["raw"], projection={"dim": 2, "seed": 1})
-    _query_refused(projected, raw, "seed", "projection.seed (store: 0, config: 1)", str(projected["raw"]["store"]["path"]))
+    _query_refused(
+        projected, raw, "seed", "projection.seed (store: 0, config: 1)", str(projected["raw"]["store"]["path"])
+    )
 
 
 def test_query_refuses_other_projection_dim(projected):
@@ -261,12 +308,17 @@ def test_info_on_missing_store_fails_cleanly(tmp_path):
 
 
 def test_snippet_of_a_prompt_row_is_its_completion(tiny_models, tmp_path):
-    rows = [{"id": "p0", "prompt": "the fox eats", "completion": " berries in the forest"},
-            {"id": "p1", "prompt": "a seal eats", "completion": " fish in the cold sea"}]
+    rows = [
+        {"id": "p0", "prompt": "the fox eats", "completion": " berries in the forest"},
+        {"id": "p1", "prompt": "a seal eats", "completion": " fish in the cold sea"},
+    ]
     train = write_jsonl(tmp_path / "train.jsonl", rows)
-    config = write_config(tmp_path / "job.yaml", job_config(tmp_path, tiny_models["gpt2"], train,
-                                                            curvature={"strategy": "identity"},
-                                                            method={"name": "grad_dot"}))
+    config = write_config(
+        tmp_path / "job.yaml",
+        job_config(
+            tmp_path, tiny_models["gpt2"], train, curvature={"strategy": "identity"}, method={"name": "grad_dot"}
+        ),
+    )
     assert invoke("index", config, "--no-progress").exit_code == 0
     out = tmp_path / "results.jsonl"
     result = invoke("query", config, "--queries", train, "--top-k", 2, "--out", out)

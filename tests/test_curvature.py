@@ -64,9 +64,15 @@ def _assert_same_factors(one, other, names) -> None:
         assert _relative(final2[name].lam, final[name].lam) < TOLERANCE  # EK-FAC's corrected Λ
 
 
-@pytest.mark.parametrize("kind,dim,data", [
-    ("gpt2", 0, "text_train"), ("gpt2", 4, "prompt_train"), ("llama", 0, "prompt_train"), ("llama", 4, "text_train"),
-])
+@pytest.mark.parametrize(
+    "kind,dim,data",
+    [
+        ("gpt2", 0, "text_train"),
+        ("gpt2", 4, "prompt_train"),
+        ("llama", 0, "prompt_train"),
+        ("llama", 4, "text_train"),
+    ],
+)
 def test_merged_partial_sums_equal_one_pass(kind, dim, data, tiny_models, make_config, request):
     """Statistics of two or three parts (split inside a batch), merged, equal one pass to 1e-10.
 
@@ -75,25 +81,28 @@ def test_merged_partial_sums_equal_one_pass(kind, dim, data, tiny_models, make_c
     Q diag Qᵀ of both factors, K-FAC's σαᵀ and EK-FAC's Λ (which goes through the lambda pass of
     each part with the merged eigenbasis).
     """
-    config = make_config(tiny_models[kind], request.getfixturevalue(data), projection={"dim": dim},
-                         data={"batch_size": 3})
+    config = make_config(
+        tiny_models[kind], request.getfixturevalue(data), projection={"dim": dim}, data={"batch_size": 3}
+    )
     job = prepare_index_job(config)
     rows, names = job.tokenized, list(job.context.modules)
     n = len(rows)
     one = _fit(job.context, [rows])
     assert one[0].covariance[names[0]].tokens == sum(len(row.input_ids) for row in rows)
-    for parts in ([rows[:n // 2], rows[n // 2:]], [rows[:1], rows[1:n - 1], rows[n - 1:]]):
+    for parts in ([rows[: n // 2], rows[n // 2 :]], [rows[:1], rows[1 : n - 1], rows[n - 1 :]]):
         _assert_same_factors(one, _fit(job.context, parts), names)
 
 
 def test_sharded_driver_equals_one_pass(tiny_models, text_train, make_config):
     """run_index over 3-row shards with batches of 2 stores the rows and factors of one 8-row pass."""
-    config = make_config(tiny_models["llama"], text_train, projection={"dim": 4}, data={"batch_size": 2},
-                         store={"rows_per_chunk": 3})
+    config = make_config(
+        tiny_models["llama"], text_train, projection={"dim": 4}, data={"batch_size": 2}, store={"rows_per_chunk": 3}
+    )
     store = run_index(config, show_progress=False)
     assert len(store.shards()) == 3
-    job = prepare_index_job(make_config(tiny_models["llama"], text_train, projection={"dim": 4},
-                                        data={"batch_size": 8}))
+    job = prepare_index_job(
+        make_config(tiny_models["llama"], text_train, projection={"dim": 4}, data={"batch_size": 8})
+    )
     reference = _fit(job.context, [job.tokenized])
     rows = gradient_pass(job.context, job.tokenized).grads
     assert _relative(store.read_rows(0, store.rows), rows) < TOLERANCE
@@ -112,8 +121,11 @@ PLACES = ["forest", "valley", "harbor", "meadow", "snow", "field", "sea"]
 
 
 def _sentences(generator: np.random.Generator, count: int) -> list[str]:
-    return [f"{generator.choice(['the', 'a'])} {generator.choice(ANIMALS)} eats {generator.choice(FOODS)} "
-            f"in the {generator.choice(PLACES)}" for _ in range(count)]
+    return [
+        f"{generator.choice(['the', 'a'])} {generator.choice(ANIMALS)} eats {generator.choice(FOODS)} "
+        f"in the {generator.choice(PLACES)}"
+        for _ in range(count)
+    ]
 
 
 def _save_gpt2(directory, train_texts: list[str] | None, steps: int, layer_norm_eps: float):
@@ -155,11 +167,19 @@ class LayerJacobian:
         self.theta = torch.cat([weight, module.bias[:, None]], dim=1).detach().clone()
 
     def logits(self, theta: torch.Tensor, batch) -> torch.Tensor:
-        weight = theta[:, :self.d_in]
+        weight = theta[:, : self.d_in]
         params = {self.names[0]: weight.T if self.conv1d else weight, self.names[1]: theta[:, self.d_in]}
-        return functional_call(self.context.model, params, (), dict(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-            use_cache=False)).logits[0]
+        return functional_call(
+            self.context.model,
+            params,
+            (),
+            dict(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ),
+        ).logits[0]
 
     def example(self, row, fisher_seeds=()):
         """Counted positions' (J_t (V x P), p_t, true label, sampled labels per seed)."""
@@ -170,10 +190,15 @@ class LayerJacobian:
         jacobian = jacobian.reshape(logits.shape[0], logits.shape[1], -1).numpy()
         probs = torch.softmax(logits, dim=-1).numpy()
         labels = batch.labels[0].numpy()
-        sampled = [sample_labels(logits[None], batch.labels, batch.position_ids, batch.indices, seed)[0].numpy()
-                   for seed in fisher_seeds]
-        return [(jacobian[t], probs[t], labels[t + 1], [s[t + 1] for s in sampled])
-                for t in range(len(labels) - 1) if labels[t + 1] != IGNORE]
+        sampled = [
+            sample_labels(logits[None], batch.labels, batch.position_ids, batch.indices, seed)[0].numpy()
+            for seed in fisher_seeds
+        ]
+        return [
+            (jacobian[t], probs[t], labels[t + 1], [s[t + 1] for s in sampled])
+            for t in range(len(labels) - 1)
+            if labels[t + 1] != IGNORE
+        ]
 
 
 def _residual_gradient(jacobian: np.ndarray, probs: np.ndarray, label: int) -> np.ndarray:
@@ -267,8 +292,10 @@ def test_ekfac_and_kfac_influence_track_exact_gauss_newton_influence(trained_gpt
 
     damping = 0.1 * float(np.trace(gauss_newton)) / size
     method = method_from_config(MethodConfig(name="if", damping=damping))
-    scores = {name: score_block(transform_queries(query_rows, spec, method, f), train_rows, method)
-              for name, f in (("ekfac", ekfac), ("kfac", kfac))}
+    scores = {
+        name: score_block(transform_queries(query_rows, spec, method, f), train_rows, method)
+        for name, f in (("ekfac", ekfac), ("kfac", kfac))
+    }
     scores["grad_dot"] = query_rows @ train_rows.T
     figures = {}
     for curvature_name, curvature in (("gn", gauss_newton), ("sampled", sampled_fisher)):
@@ -299,15 +326,23 @@ def test_kfac_normalisation_matches_exact_fisher_with_one_counted_token(tmp_path
     generator = np.random.default_rng(11)
     prompts = []
     for index in range(128):  # "<det> <animal> eats <food> in the <place>" cut after 2..6 words
-        words = [generator.choice(["the", "a"]), generator.choice(ANIMALS), "eats", generator.choice(FOODS),
-                 "in", "the", generator.choice(PLACES)]
+        words = [
+            generator.choice(["the", "a"]),
+            generator.choice(ANIMALS),
+            "eats",
+            generator.choice(FOODS),
+            "in",
+            "the",
+            generator.choice(PLACES),
+        ]
         cut = int(generator.integers(2, 7))
         prompts.append({"id": f"p{index}", "prompt": " ".join(words[:cut]), "completion": " " + words[cut]})
     train = write_jsonl(tmp_path / "train.jsonl", prompts)
     model = _save_gpt2(tmp_path / "model", None, steps=0, layer_norm_eps=1e-12)
     name = "transformer.h.1.mlp.c_fc"
-    job = prepare_index_job(parse_config(job_config(tmp_path, model, train, model={"modules": [name]},
-                                                    data={"batch_size": 16})))
+    job = prepare_index_job(
+        parse_config(job_config(tmp_path, model, train, model={"modules": [name]}, data={"batch_size": 16}))
+    )
     assert all(row.num_loss_tokens == 1 for row in job.tokenized)
     token_counts = [len(row.input_ids) for row in job.tokenized]
     assert min(token_counts) < max(token_counts)
@@ -316,8 +351,9 @@ def test_kfac_normalisation_matches_exact_fisher_with_one_counted_token(tmp_path
     widths = {m.name: (m.k_in, m.k_out) for m in job.context.spec.modules}
     covariance = merge_all([gradient_pass(c, job.tokenized).sums for c in contexts]).covariance
     initial = initial_factors("ekfac", covariance, widths)
-    ekfac = final_factors("ekfac", initial,
-                          merge_all([lambda_pass(c, job.tokenized, initial) for c in contexts]).lambdas)
+    ekfac = final_factors(
+        "ekfac", initial, merge_all([lambda_pass(c, job.tokenized, initial) for c in contexts]).lambdas
+    )
     kfac = initial[name]
     covariance_a = kfac.q_a @ np.diag(kfac.alpha) @ kfac.q_a.T
     covariance_s = kfac.q_s @ np.diag(kfac.sigma) @ kfac.q_s.T
@@ -328,7 +364,7 @@ def test_kfac_normalisation_matches_exact_fisher_with_one_counted_token(tmp_path
     fisher = np.zeros((d_out * d_in, d_out * d_in))
     trace_gn, variance = 0.0, 0.0
     for row in job.tokenized:
-        (jacobian, probs, _, draws), = layer.example(row, FISHER_SEEDS)
+        ((jacobian, probs, _, draws),) = layer.example(row, FISHER_SEEDS)
         for draw in draws:
             sampled = _residual_gradient(jacobian, probs, draw)
             fisher += np.outer(sampled, sampled)

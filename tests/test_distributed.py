@@ -13,13 +13,23 @@ from engine.query.run import run_query
 from engine.query.scoring import top_k
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
-from tests.distributed_helpers import (assert_same_store, run_cli, single_thread_store, store_config,
-                                      store_contents, write_config)
+from tests.distributed_helpers import (
+    assert_same_store,
+    run_cli,
+    single_thread_store,
+    store_config,
+    store_contents,
+    write_config,
+)
 
 ray = pytest.importorskip("ray")
 
-TRAIN = SENTENCES + ["the owl eats mice at night", "a bear eats honey in the valley",
-                     "the fox eats berries in the forest", "a crow eats seeds in the meadow"]  # exact ties
+TRAIN = SENTENCES + [
+    "the owl eats mice at night",
+    "a bear eats honey in the valley",
+    "the fox eats berries in the forest",
+    "a crow eats seeds in the meadow",
+]  # exact ties
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +48,9 @@ def train_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference_store(tiny_models, train_file, tmp_path_factory):
     """The single-process core's store (12 rows in 4 shards of 3), at the workers' thread count."""
-    return single_thread_store(tiny_models["gpt2"], train_file, str(tmp_path_factory.mktemp("reference") / "store.zarr"))
+    return single_thread_store(
+        tiny_models["gpt2"], train_file, str(tmp_path_factory.mktemp("reference") / "store.zarr")
+    )
 
 
 @pytest.mark.parametrize("workers", [1, 2, 3])
@@ -53,8 +65,9 @@ def test_workers_give_the_single_process_store(workers, local_ray, tiny_models, 
 
 
 @pytest.mark.parametrize("stage,shard", [("gradients", 1), ("lambdas", 2)])
-def test_actor_killed_mid_shard_is_reissued(stage, shard, local_ray, tiny_models, train_file, reference_store,
-                                            tmp_path, monkeypatch):
+def test_actor_killed_mid_shard_is_reissued(
+    stage, shard, local_ray, tiny_models, train_file, reference_store, tmp_path, monkeypatch
+):
     marker = tmp_path / "killed"
     monkeypatch.setenv("TRIBUTARY_CHAOS", f"actor:{stage}:{shard}:{marker}")
     path = str(tmp_path / "store.zarr")
@@ -75,7 +88,9 @@ def test_driver_killed_then_resumed_redoes_only_unfinished_shards(tiny_models, t
     path = str(tmp_path / "store.zarr")
     config = write_config(tmp_path / "job.yaml", store_config(tiny_models["gpt2"], train_file, path))
     single_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    killed = run_cli("index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": "driver:gradients:2", **single_thread})
+    killed = run_cli(
+        "index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": "driver:gradients:2", **single_thread}
+    )
     assert killed.returncode == -9, killed.stderr
     manifest = GradientStore.open(path).manifest
     assert not manifest["complete"] and len(manifest["completed_shards"]) == 2

@@ -26,8 +26,14 @@ def linear_task(n: int = 40, d: int = 3, batch: int | None = None, seed: int = 0
     rng = np.random.default_rng(seed)
     x = torch.tensor(rng.standard_normal((n + 6, d)))
     y = x @ torch.tensor(rng.standard_normal((d, 1))) + 0.5 * torch.tensor(rng.standard_normal((n + 6, 1)))
-    return Task("linear", lambda: nn.Linear(d, 1), "squared_error", Dataset(x[:n], y[:n]), Dataset(x[n:], y[n:]),
-                Recipe((Stage(20, 0.1, batch),)))
+    return Task(
+        "linear",
+        lambda: nn.Linear(d, 1),
+        "squared_error",
+        Dataset(x[:n], y[:n]),
+        Dataset(x[n:], y[n:]),
+        Recipe((Stage(20, 0.1, batch),)),
+    )
 
 
 def off_optimum(task: Task) -> dict[str, torch.Tensor]:
@@ -36,17 +42,20 @@ def off_optimum(task: Task) -> dict[str, torch.Tensor]:
 
 # ---- statistics --------------------------------------------------------------------------------------
 
+
 def test_spearman_and_cosine_match_scipy_and_the_formula():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 5, size=(4, 30)).astype(float)  # many ties
     b = rng.standard_normal((4, 30))
     expected = [scipy.stats.spearmanr(a[i], b[i]).statistic for i in range(4)]
     np.testing.assert_allclose(spearman(a, b), expected, rtol=1e-12)
-    np.testing.assert_allclose(cosine(a, b), [a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i])
-                                              for i in range(4)], rtol=1e-12)
+    np.testing.assert_allclose(
+        cosine(a, b), [a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i]) for i in range(4)], rtol=1e-12
+    )
 
 
 # ---- LDS ---------------------------------------------------------------------------------------------
+
 
 def test_lds_of_the_true_datamodel_is_one_and_of_random_scores_zero():
     """Measured output = Σ_kept β + small noise: the true datamodel's scores reach LDS ≈ 1; random scores
@@ -63,8 +72,9 @@ def test_lds_of_the_true_datamodel_is_one_and_of_random_scores_zero():
     # per query it is Spearman of the seed-mean measurements against −masks @ scores
     per_query = lds_per_query(task.true_scores(), truth)
     predictions = -(truth.masks.astype(float) @ task.true_scores().T)
-    np.testing.assert_allclose(per_query[3], scipy.stats.spearmanr(truth.mean[:, 3], predictions[:, 3]).statistic,
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        per_query[3], scipy.stats.spearmanr(truth.mean[:, 3], predictions[:, 3]).statistic, rtol=1e-12
+    )
 
 
 def test_lds_subsets_have_alpha_n_examples():
@@ -73,6 +83,7 @@ def test_lds_subsets_have_alpha_n_examples():
 
 
 # ---- the ground-truth cache --------------------------------------------------------------------------
+
 
 def test_cached_ground_truth_is_reused_and_refused_when_the_task_changed(tmp_path):
     task = AdditiveTask(np.random.default_rng(2).standard_normal((5, 20)))
@@ -96,17 +107,21 @@ def test_cache_refuses_a_changed_model_and_reuses_without_retraining(tmp_path, m
 
     def no_retraining(*args, **kwargs):
         raise AssertionError("retrained although the cache holds this ground truth")
+
     monkeypatch.setattr(lds_module, "retrain_subsets", no_retraining)
     again = ground_truth(tabular("wine", train=40, queries=5, epochs=1, hidden=4), 0.5, 3, 1, cache=tmp_path / "truth")
     assert again.reused
     np.testing.assert_array_equal(truth.measurements, again.measurements)
-    for changed in (tabular("wine", train=40, queries=5, epochs=1, hidden=5),  # the model
-                    tabular("wine", train=40, queries=5, epochs=2, hidden=4)):  # the training recipe
+    for changed in (
+        tabular("wine", train=40, queries=5, epochs=1, hidden=5),  # the model
+        tabular("wine", train=40, queries=5, epochs=2, hidden=4),
+    ):  # the training recipe
         with pytest.raises(TributaryError, match="another setting"):
             ground_truth(changed, 0.5, 3, 1, cache=tmp_path / "truth")
 
 
 # ---- batch orders ------------------------------------------------------------------------------------
+
 
 def test_paired_runs_see_the_same_batch_order_minus_the_left_out_example():
     recipe = Recipe((Stage(7, 0.1, 4),))
@@ -128,6 +143,7 @@ def test_paired_runs_see_the_same_batch_order_minus_the_left_out_example():
 
 
 # ---- the gold standard -------------------------------------------------------------------------------
+
 
 def closed_form_losses(task: Task, start: dict, weights: np.ndarray, rate: float, steps: int) -> np.ndarray:
     """Full-batch GD on Σ_j w_j ½(x_jᵀθ − y_j)² from θ_0: θ_K = θ* + (I − ηH)^K (θ_0 − θ*)."""
@@ -174,6 +190,7 @@ def test_paired_seeds_give_a_lower_variance_gold_standard_than_unpaired():
 
 # ---- Ray ---------------------------------------------------------------------------------------------
 
+
 def test_retraining_as_ray_tasks_equals_the_in_process_result():
     import ray
 
@@ -191,6 +208,7 @@ def test_retraining_as_ray_tasks_equals_the_in_process_result():
 
 # ---- subset removal ----------------------------------------------------------------------------------
 
+
 def test_subset_removal_retrains_without_each_querys_top_k():
     task = linear_task(n=30)
     scores = np.random.default_rng(0).standard_normal((len(task.queries), 30))
@@ -198,24 +216,35 @@ def test_subset_removal_retrains_without_each_querys_top_k():
     # independent: retrain query 2's run by hand
     keep = np.ones(30, bool)
     keep[np.argsort(-scores[2], kind="stable")[:3]] = False
-    by_hand = execute(task, [RunSpec(seed=50_000 + r, keep=keep, init_seed=50_000 + r) for r in range(2)],
-                      task.recipe, [task.recipe.steps])[:, 0, 2].mean()
-    base = execute(task, [RunSpec(seed=50_000 + r, init_seed=50_000 + r) for r in range(2)],
-                   task.recipe, [task.recipe.steps])[:, 0, 2].mean()
+    by_hand = execute(
+        task,
+        [RunSpec(seed=50_000 + r, keep=keep, init_seed=50_000 + r) for r in range(2)],
+        task.recipe,
+        [task.recipe.steps],
+    )[:, 0, 2].mean()
+    base = execute(
+        task, [RunSpec(seed=50_000 + r, init_seed=50_000 + r) for r in range(2)], task.recipe, [task.recipe.steps]
+    )[:, 0, 2].mean()
     others = []
     for q in range(len(task.queries)):
         keep = np.ones(30, bool)
         keep[np.argsort(-scores[q], kind="stable")[:3]] = False
-        mine = execute(task, [RunSpec(seed=50_000 + r, keep=keep, init_seed=50_000 + r) for r in range(2)],
-                       task.recipe, [task.recipe.steps])[:, 0, q].mean()
-        full = execute(task, [RunSpec(seed=50_000 + r, init_seed=50_000 + r) for r in range(2)],
-                       task.recipe, [task.recipe.steps])[:, 0, q].mean()
+        mine = execute(
+            task,
+            [RunSpec(seed=50_000 + r, keep=keep, init_seed=50_000 + r) for r in range(2)],
+            task.recipe,
+            [task.recipe.steps],
+        )[:, 0, q].mean()
+        full = execute(
+            task, [RunSpec(seed=50_000 + r, init_seed=50_000 + r) for r in range(2)], task.recipe, [task.recipe.steps]
+        )[:, 0, q].mean()
         others.append(mine - full)
     assert by_hand - base == pytest.approx(others[2])
     assert result["value"][0] == pytest.approx(np.mean(others), rel=1e-10)
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
+
 
 def test_bad_inputs_are_refused_before_any_work(tmp_path):
     task = AdditiveTask(np.ones((3, 10)))

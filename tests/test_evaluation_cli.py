@@ -15,8 +15,20 @@ runner = CliRunner()
 
 
 def test_eval_lds_prints_the_lds_and_reuses_its_cache(tmp_path):
-    arguments = ["eval", "lds", "--task", "wine", "--methods", "grad_dot,random", "--subsets", "4", "--seeds", "1",
-                 "--cache", str(tmp_path / "truth")]
+    arguments = [
+        "eval",
+        "lds",
+        "--task",
+        "wine",
+        "--methods",
+        "grad_dot,random",
+        "--subsets",
+        "4",
+        "--seeds",
+        "1",
+        "--cache",
+        str(tmp_path / "truth"),
+    ]
     first = runner.invoke(app, arguments)
     assert first.exit_code == 0, first.output
     result = json.loads(first.output)
@@ -26,8 +38,9 @@ def test_eval_lds_prints_the_lds_and_reuses_its_cache(tmp_path):
     truth = ground_truth(task, 0.5, 4, 1, cache=tmp_path / "truth")
     assert truth.reused
     final, run = task.train_reference(seed=0)
-    assert result["lds"]["grad_dot"]["mean"] == lds(all_scores(task, final, run, ["grad_dot"])["grad_dot"],
-                                                    truth)["mean"]
+    assert (
+        result["lds"]["grad_dot"]["mean"] == lds(all_scores(task, final, run, ["grad_dot"])["grad_dot"], truth)["mean"]
+    )
     second = runner.invoke(app, arguments)
     assert second.exit_code == 0 and json.loads(second.output)["ground_truth_reused"]
 
@@ -42,8 +55,23 @@ def test_eval_reports_bad_options_clearly():
 
 
 def test_eval_gold_prints_agreement_per_step():
-    result = runner.invoke(app, ["eval", "gold", "--task", "wine", "--methods", "grad_dot,source", "--left-out", "5",
-                                 "--seeds", "1", "--steps", "1,3"])
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            "gold",
+            "--task",
+            "wine",
+            "--methods",
+            "grad_dot,source",
+            "--left-out",
+            "5",
+            "--seeds",
+            "1",
+            "--steps",
+            "1,3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert payload["agreement"]["grad_dot"]["cosine"]["steps"] == [1, 3]

@@ -33,8 +33,9 @@ PLACES = ["forest", "river", "meadow", "marsh", "valley", "harbor"]
 def trained(tmp_path_factory):
     """A tiny GPT-2 trained on template sentences plus one canary sentence, and its training file."""
     rng = random.Random(0)
-    texts = sorted({f"the {rng.choice(ANIMALS)} eats {rng.choice(FOODS)} in the {rng.choice(PLACES)}"
-                    for _ in range(80)})
+    texts = sorted(
+        {f"the {rng.choice(ANIMALS)} eats {rng.choice(FOODS)} in the {rng.choice(PLACES)}" for _ in range(80)}
+    )
     texts.insert(7, CANARY)
     tokenizer = build_tokenizer(texts, add_bos=False)
     torch.manual_seed(0)
@@ -44,8 +45,9 @@ def trained(tmp_path_factory):
     model.train()
     for step in range(250):
         batch = collate(random.Random(step).sample(rows, 16), tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids).logits
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
         loss = per_example_loss(logits, batch.labels).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -74,20 +76,30 @@ def indexed(trained, tmp_path_factory):
 
 
 def test_generate_is_reproducible_with_a_seed(trained, tmp_path):
-    prompts = read_prompts(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the otter eats"},
-                                                                   {"prompt": "the purple walrus"}])),
-                           "prompt", "id")
+    prompts = read_prompts(
+        str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the otter eats"}, {"prompt": "the purple walrus"}])),
+        "prompt",
+        "id",
+    )
     context = load_model_context(_config(trained, tmp_path))
     sampled = GenerationSettings(max_new_tokens=6, sample=True, seed=11, chat=False)
     first = generate(context.model, context.tokenizer, prompts, sampled, 16, "p.jsonl")
     again = generate(context.model, context.tokenizer, prompts, sampled, 16, "p.jsonl")
     assert [g.row.input_ids for g in first] == [g.row.input_ids for g in again]
-    others = [generate(context.model, context.tokenizer, prompts, GenerationSettings(6, True, 1.5, 1.0, seed, False),
-                       16, "p.jsonl") for seed in range(4)]
+    others = [
+        generate(
+            context.model, context.tokenizer, prompts, GenerationSettings(6, True, 1.5, 1.0, seed, False), 16, "p.jsonl"
+        )
+        for seed in range(4)
+    ]
     assert len({tuple(o[0].row.input_ids) for o in others}) > 1, "different seeds never changed the sample"
     greedy = generate(context.model, context.tokenizer, prompts, GenerationSettings(6, chat=False), 16, "p.jsonl")
-    reference = context.model.generate(input_ids=torch.tensor([context.tokenizer("the purple walrus")["input_ids"]]),
-                                       max_new_tokens=6, do_sample=False, pad_token_id=0)
+    reference = context.model.generate(
+        input_ids=torch.tensor([context.tokenizer("the purple walrus")["input_ids"]]),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert greedy[1].row.input_ids == reference[0].tolist()
     assert greedy[1].completion.split()[:2] == ["sings", "opera"], "the canary was learned"
 
@@ -95,9 +107,11 @@ def test_generate_is_reproducible_with_a_seed(trained, tmp_path):
 def test_generated_query_gradients_cover_completion_tokens_only(trained, tmp_path):
     config = _config(trained, tmp_path)
     context = load_model_context(config)
-    prompts = read_prompts(str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the wolf eats"},
-                                                                   {"prompt": "the purple walrus sings"}])),
-                           "prompt", "id")
+    prompts = read_prompts(
+        str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the wolf eats"}, {"prompt": "the purple walrus sings"}])),
+        "prompt",
+        "id",
+    )
     generated = generate(context.model, context.tokenizer, prompts, GenerationSettings(5, chat=False), 16, "p")
     ours = torch.from_numpy(gradient_pass(context, [g.row for g in generated], with_covariance=False).grads)
     # independent labels: the prompt's own tokenisation is masked, everything after it counts
@@ -105,12 +119,18 @@ def test_generated_query_gradients_cover_completion_tokens_only(trained, tmp_pat
     for prompt, g in zip(prompts, generated):
         prompt_length = len(context.tokenizer(prompt.prompt)["input_ids"])
         labels = torch.tensor([[IGNORE] * prompt_length + g.row.input_ids[prompt_length:]])
-        references.append(autograd_per_example(context.model, context.modules, [g.row], context.pad_id,
-                                               labels_override=[labels]))
+        references.append(
+            autograd_per_example(context.model, context.modules, [g.row], context.pad_id, labels_override=[labels])
+        )
     reference = torch.cat(references)
     assert float((ours - reference).norm() / reference.norm()) < 1e-6
-    full_loss = autograd_per_example(context.model, context.modules, [generated[0].row], context.pad_id,
-                                     labels_override=[torch.tensor([generated[0].row.input_ids])])
+    full_loss = autograd_per_example(
+        context.model,
+        context.modules,
+        [generated[0].row],
+        context.pad_id,
+        labels_override=[torch.tensor([generated[0].row.input_ids])],
+    )
     assert float((full_loss[0] - reference[0]).norm() / reference[0].norm()) > 1e-3, "prompt tokens would matter"
 
 
@@ -126,8 +146,12 @@ def test_token_gradients_equal_autograd_of_each_tokens_term(measurement, trained
     for position in positions:  # a fresh forward per token, autograd of that token's term alone
         labels = torch.full((1, len(row.labels)), IGNORE)
         labels[0, position] = row.labels[position]
-        reference = gradient_pass(context, [TokenizedRow(row.index, row.input_ids, labels[0].tolist())],
-                                  with_covariance=False, measurement=measurement).grads
+        reference = gradient_pass(
+            context,
+            [TokenizedRow(row.index, row.input_ids, labels[0].tolist())],
+            with_covariance=False,
+            measurement=measurement,
+        ).grads
         references.append(torch.from_numpy(reference))
     reference = torch.cat(references)
     assert ours.shape == (len(positions), reference.shape[1]) and len(positions) == 4
@@ -135,19 +159,29 @@ def test_token_gradients_equal_autograd_of_each_tokens_term(measurement, trained
     whole = gradient_pass(context, [row], with_covariance=False, measurement=measurement).grads
     np.testing.assert_allclose(ours.sum(dim=0).numpy(), whole[0], rtol=1e-8, atol=1e-10)
     if measurement == "logprob_sum":  # and brute-force autograd on the weights (dim 0: the rows are exact)
-        brute = torch.cat([autograd_per_example(context.model, context.modules, [row], context.pad_id,
-                                                labels_override=[torch.tensor([
-                                                    [row.labels[t] if t == position else IGNORE
-                                                     for t in range(len(row.labels))]])])
-                           for position in positions])
+        brute = torch.cat(
+            [
+                autograd_per_example(
+                    context.model,
+                    context.modules,
+                    [row],
+                    context.pad_id,
+                    labels_override=[
+                        torch.tensor([[row.labels[t] if t == position else IGNORE for t in range(len(row.labels))]])
+                    ],
+                )
+                for position in positions
+            ]
+        )
         assert float((ours - brute).norm() / brute.norm()) < 1e-6
 
 
 def test_measurements_match_their_formulas(trained, tmp_path):
     config = _config(trained, tmp_path)
     context = load_model_context(config)
-    row = tokenize_rows([Row(0, "q", 1, prompt="the purple walrus", completion=" sings opera")],
-                        context.tokenizer, 16, "q")[0]
+    row = tokenize_rows(
+        [Row(0, "q", 1, prompt="the purple walrus", completion=" sings opera")], context.tokenizer, 16, "q"
+    )[0]
     summed = gradient_pass(context, [row], with_covariance=False, measurement="logprob_sum").grads
     mean = gradient_pass(context, [row], with_covariance=False, measurement="logprob_mean").grads
     np.testing.assert_allclose(mean, summed / row.num_loss_tokens, rtol=1e-10, atol=1e-14)
@@ -165,28 +199,32 @@ def test_measurements_match_their_formulas(trained, tmp_path):
             if labels[t] == IGNORE:
                 continue
             z = logits[t]
-            others = torch.cat([z[:labels[t]], z[labels[t] + 1:]])
+            others = torch.cat([z[: labels[t]], z[labels[t] + 1 :]])
             total = total - (z[labels[t]] - torch.logsumexp(others, 0))
         grads = torch.autograd.grad(total, params)
     finally:
         for p in params:
             p.requires_grad_(False)
     pieces = []
-    for i, module in enumerate(context.modules.values()):
+    for i, _module in enumerate(context.modules.values()):
         weight, bias = grads[2 * i], grads[2 * i + 1]
         pieces.append(torch.cat([weight.t(), bias[:, None]], dim=1).flatten())
     reference = torch.cat(pieces)
     assert float((margin[0] - reference).norm() / reference.norm()) < 1e-6
 
 
-@pytest.mark.parametrize("method", [{"name": "if"}, {"name": "source", "eta": 0.003, "steps": 250},
-                                    {"name": "grad_cos"}])
+@pytest.mark.parametrize(
+    "method", [{"name": "if"}, {"name": "source", "eta": 0.003, "steps": 250}, {"name": "grad_cos"}]
+)
 def test_planted_canary_is_the_top_supporter(method, trained, indexed, tmp_path):
     config = indexed.with_method(indexed.method.model_copy(update=method))
-    queries = write_jsonl(tmp_path / "q.jsonl", [
-        {"id": "canary", "prompt": "the purple walrus sings", "completion": " opera beneath the frozen moon"},
-        {"id": "copy", "text": trained["texts"][20]},
-    ])
+    queries = write_jsonl(
+        tmp_path / "q.jsonl",
+        [
+            {"id": "canary", "prompt": "the purple walrus sings", "completion": " opera beneath the frozen moon"},
+            {"id": "copy", "text": trained["texts"][20]},
+        ],
+    )
     result = run_query(config, str(queries), 3, options=QueryOptions(k=3, per_token=True))
     canary_index = trained["texts"].index(CANARY)
     assert result.top_indices[0, 0] == canary_index
@@ -207,8 +245,20 @@ def test_generate_through_the_cli_writes_results(trained, indexed, tmp_path):
     config_path.write_text(yaml.safe_dump(indexed.model_dump()))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "w", "prompt": "the purple walrus"}])
     out = tmp_path / "r.jsonl"
-    result = invoke("query", config_path, "--queries", prompts, "--generate", "--no-chat", "--max-new-tokens", 4,
-                    "--top-k", 2, "--out", out)
+    result = invoke(
+        "query",
+        config_path,
+        "--queries",
+        prompts,
+        "--generate",
+        "--no-chat",
+        "--max-new-tokens",
+        4,
+        "--top-k",
+        2,
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert record["generated"] is True and record["completion"].split()[:2] == ["sings", "opera"]
@@ -218,8 +268,10 @@ def test_generate_through_the_cli_writes_results(trained, indexed, tmp_path):
 
 
 def test_query_writes_a_self_contained_report(trained, indexed, tmp_path):
-    queries = write_jsonl(tmp_path / "q.jsonl", [
-        {"id": "canary", "prompt": "the purple walrus sings", "completion": " opera beneath the frozen moon"}])
+    queries = write_jsonl(
+        tmp_path / "q.jsonl",
+        [{"id": "canary", "prompt": "the purple walrus sings", "completion": " opera beneath the frozen moon"}],
+    )
     report = tmp_path / "report.html"
     run_query(indexed, str(queries), 3, options=QueryOptions(k=3, per_token=True), report=str(report))
     page = report.read_text()

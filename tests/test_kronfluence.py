@@ -70,11 +70,16 @@ QUERIES = [
 
 def _summed_next_token_loss(model: nn.Module, batch: dict) -> torch.Tensor:
     """Σ over the batch and over tokens whose (shifted) label is not -100 of the next-token cross-entropy."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], use_cache=False).logits
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
     logits, labels = logits[:, :-1], batch["labels"][:, 1:]
-    return functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                    ignore_index=IGNORE, reduction="sum")
+    return functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 class CausalLMTask(Task):
@@ -102,8 +107,12 @@ class RowDataset(Dataset):
     def __init__(self, tokenized, pad_id: int):
         batch = collate(list(tokenized), pad_id, "right")
         self.items = [
-            {"input_ids": batch.input_ids[i], "attention_mask": batch.attention_mask[i],
-             "position_ids": batch.position_ids[i], "labels": batch.labels[i]}
+            {
+                "input_ids": batch.input_ids[i],
+                "attention_mask": batch.attention_mask[i],
+                "position_ids": batch.position_ids[i],
+                "labels": batch.labels[i],
+            }
             for i in range(len(tokenized))
         ]
 
@@ -150,8 +159,9 @@ def _compare(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
 def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp_path):
     train = _mixed_train(tmp_path / "mixed_train.jsonl")
     queries = write_jsonl(tmp_path / "queries.jsonl", QUERIES)
-    config = make_config(tiny_models[kind], train, curvature={"strategy": "ekfac", "fisher": "empirical"},
-                         method={"name": "if"})
+    config = make_config(
+        tiny_models[kind], train, curvature={"strategy": "ekfac", "fisher": "empirical"}, method={"name": "if"}
+    )
     assert config.projection.dim == 0 and config.model.dtype == "float64" and config.model.include_bias
 
     # --- kronfluence, on its own copy of the same model and the same tokenized rows ---
@@ -162,28 +172,51 @@ def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp
     _conv1d_to_linear(model, module_names)
     task = CausalLMTask(module_names)
     model = prepare_model(model, task)
-    analyzer = Analyzer(analysis_name="tributary", model=model, task=task, cpu=True, disable_tqdm=True,
-                        output_dir=str(tmp_path / "kronfluence"), disable_model_save=True)
+    analyzer = Analyzer(
+        analysis_name="tributary",
+        model=model,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(tmp_path / "kronfluence"),
+        disable_model_save=True,
+    )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
     train_set = RowDataset(job.tokenized, job.context.pad_id)
     query_set = RowDataset(query_rows, job.context.pad_id)
     f64 = torch.float64
-    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=True,
-                                  activation_covariance_dtype=f64, gradient_covariance_dtype=f64,
-                                  eigendecomposition_dtype=f64, per_sample_gradient_dtype=f64, lambda_dtype=f64)
-    analyzer.fit_all_factors("ekfac", dataset=train_set, per_device_batch_size=5, factor_args=factor_args,
-                             overwrite_output_dir=True)
+    factor_args = FactorArguments(
+        strategy="ekfac",
+        use_empirical_fisher=True,
+        activation_covariance_dtype=f64,
+        gradient_covariance_dtype=f64,
+        eigendecomposition_dtype=f64,
+        per_sample_gradient_dtype=f64,
+        lambda_dtype=f64,
+    )
+    analyzer.fit_all_factors(
+        "ekfac", dataset=train_set, per_device_batch_size=5, factor_args=factor_args, overwrite_output_dir=True
+    )
     lambdas = analyzer.load_lambda_matrices("ekfac")
-    their_lambda = {name: (lambdas["lambda_matrix"][name] / lambdas["num_lambda_processed"][name]).numpy()
-                    for name in module_names}
+    their_lambda = {
+        name: (lambdas["lambda_matrix"][name] / lambdas["num_lambda_processed"][name]).numpy() for name in module_names
+    }
     damping = 1e-3 * float(np.mean(np.concatenate([lam.ravel() for lam in their_lambda.values()])))
 
     def kronfluence_scores(name: str, damping_factor: float | None) -> np.ndarray:
-        score_args = ScoreArguments(damping_factor=damping_factor, per_sample_gradient_dtype=f64,
-                                    precondition_dtype=f64, score_dtype=f64)
-        analyzer.compute_pairwise_scores(name, "ekfac", query_dataset=query_set, train_dataset=train_set,
-                                         per_device_query_batch_size=2, per_device_train_batch_size=4,
-                                         score_args=score_args, overwrite_output_dir=True)
+        score_args = ScoreArguments(
+            damping_factor=damping_factor, per_sample_gradient_dtype=f64, precondition_dtype=f64, score_dtype=f64
+        )
+        analyzer.compute_pairwise_scores(
+            name,
+            "ekfac",
+            query_dataset=query_set,
+            train_dataset=train_set,
+            per_device_query_batch_size=2,
+            per_device_train_batch_size=4,
+            score_args=score_args,
+            overwrite_output_dir=True,
+        )
         return analyzer.load_pairwise_scores(name)["all_modules"].to(f64).numpy()
 
     # --- Tributary ---
@@ -197,8 +230,7 @@ def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp
 
     for label, damping_value in [("numeric", damping), ("heuristic", None)]:
         theirs = kronfluence_scores(f"pairwise_{label}", damping_value)
-        ours = run_query(config.with_method(MethodConfig(name="if", damping=damping_value)), str(queries),
-                         k=3).total
+        ours = run_query(config.with_method(MethodConfig(name="if", damping=damping_value)), str(queries), k=3).total
         assert ours.shape == theirs.shape == (len(QUERIES), len(job.tokenized))
         assert np.abs(theirs).max() > 0
         factor = 1.0  # see the module docstring

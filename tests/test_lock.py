@@ -48,8 +48,9 @@ def _config(tmp_path: Path, tiny_models, train_file, store: Path) -> Path:
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
-    return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _lock_file(store: Path) -> Path:
@@ -97,8 +98,9 @@ def test_second_writer_is_refused_naming_the_owner(tiny_models, train_file, buil
 
 
 def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tiny_models, train_file, tmp_path):
-    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True, check=True)
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead_pid = int(finished.stdout)  # reaped by subprocess.run: no such process any more
     store = tmp_path / "store.zarr"
     _write_lock(store, socket.gethostname(), dead_pid)

@@ -23,8 +23,9 @@ def setting():
     model = mlp(3, 16, seed=0)
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(N + Q, 3, generator=generator, dtype=torch.float64)
-    targets = torch.sin(inputs.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(N + Q, 1, generator=generator,
-                                                                            dtype=torch.float64)
+    targets = torch.sin(inputs.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(
+        N + Q, 1, generator=generator, dtype=torch.float64
+    )
     start = {name: p.detach() for name, p in model.named_parameters()}
     rates = [0.3] * 10 + [0.2] * 10 + [0.1] * 10
     _, checkpoints = train(model, start, [(inputs[:N], targets[:N], 30)], sgd(rates), [None], every=10)
@@ -39,10 +40,13 @@ def _grads(model, params, data: Dataset, dim: int = 0) -> np.ndarray:
 def test_tracin_equals_loop_over_checkpoints(setting, momentum):
     """TracInCP = Σ_c η_c ⟨g_q^c, g_i^c⟩ with η_c the learning rate at checkpoint c (÷ (1 − β) with momentum)."""
     model, train_data, queries, checkpoints, rates = setting
-    run = TrainingRun([Segment([Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[:2], rates[:2])],
-                               train_data),
-                       Segment([Checkpoint(checkpoints[2], learning_rate=rates[2])], train_data)],
-                      momentum=momentum)
+    run = TrainingRun(
+        [
+            Segment([Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[:2], rates[:2])], train_data),
+            Segment([Checkpoint(checkpoints[2], learning_rate=rates[2])], train_data),
+        ],
+        momentum=momentum,
+    )
     scores = InMemoryAttribution(model, squared_error(), run).scores("tracin", queries)
     expected = np.zeros((Q, N))
     for params, rate in zip(checkpoints, rates):
@@ -79,14 +83,15 @@ def test_datainf_equals_its_formula(setting, damping):
     model, train_data, queries, checkpoints, _ = setting
     final = checkpoints[-1]
     scores = InMemoryAttribution(model, squared_error(), TrainingRun.final_only(final, train_data)).scores(
-        "datainf", queries, damping=damping)
+        "datainf", queries, damping=damping
+    )
     widths = module_widths(model)
     train_parts = split_modules(_grads(model, final, train_data), widths)
     query_parts = split_modules(_grads(model, final, queries), widths)
     loops = np.zeros((Q, N))
     inverses = np.zeros((Q, N))
     for g, v in zip(train_parts, query_parts):
-        lam = 0.1 * np.mean(np.sum(g ** 2, axis=1)) / g.shape[1] if damping is None else damping
+        lam = 0.1 * np.mean(np.sum(g**2, axis=1)) / g.shape[1] if damping is None else damping
         for q in range(Q):
             for k in range(N):
                 correction = sum((v[q] @ g[i]) * (g[i] @ g[k]) / (lam + g[i] @ g[i]) for i in range(N)) / N
@@ -101,9 +106,11 @@ def test_grad_dot_and_engine_gradients_equal_autograd(setting):
     """The in-memory capture's rows (dim 0 and dim 4) equal torch.func's per-example gradients."""
     model, train_data, queries, checkpoints, _ = setting
     for dim in (0, 4):
-        attribution = InMemoryAttribution(model, squared_error(), TrainingRun.final_only(checkpoints[-1], train_data),
-                                          Settings(projection_dim=dim))
-        np.testing.assert_allclose(attribution.gradients("c0"), _grads(model, checkpoints[-1], train_data, dim),
-                                   rtol=1e-12, atol=1e-14)
+        attribution = InMemoryAttribution(
+            model, squared_error(), TrainingRun.final_only(checkpoints[-1], train_data), Settings(projection_dim=dim)
+        )
+        np.testing.assert_allclose(
+            attribution.gradients("c0"), _grads(model, checkpoints[-1], train_data, dim), rtol=1e-12, atol=1e-14
+        )
         expected = _grads(model, checkpoints[-1], queries, dim) @ _grads(model, checkpoints[-1], train_data, dim).T
         np.testing.assert_allclose(attribution.scores("grad_dot", queries), expected, rtol=1e-10, atol=1e-12)

@@ -30,8 +30,12 @@ moto_server = pytest.importorskip("moto.server")
 KEY_ID = "tributary-test-key-ID"
 SECRET = "tributary-test-SECRET-value"
 BUCKET = "tributary-test-bucket"
-TRAIN = SENTENCES + ["the owl eats mice at night", "a bear eats honey in the valley",
-                     "the fox eats berries in the forest", "a crow eats seeds in the meadow"]  # 4 shards of 3
+TRAIN = SENTENCES + [
+    "the owl eats mice at night",
+    "a bear eats honey in the valley",
+    "the fox eats berries in the forest",
+    "a crow eats seeds in the meadow",
+]  # 4 shards of 3
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -97,8 +101,9 @@ def reference(tiny_models, train_file, queries_file, tmp_path_factory):
         torch.set_num_threads(threads)
     config = write_config(root / "job.yaml", raw)
     scores = root / "scores.npy"
-    queried = run_cli("query", str(config), "--queries", str(queries_file), "--scores-out", str(scores),
-                      env=SINGLE_THREAD)
+    queried = run_cli(
+        "query", str(config), "--queries", str(queries_file), "--scores-out", str(scores), env=SINGLE_THREAD
+    )
     assert queried.returncode == 0, queried.stderr
     return {"path": path, "scores": np.load(scores)}
 
@@ -109,8 +114,11 @@ def _objects(kind: str, url: str) -> dict[str, bytes]:
         import boto3
 
         client = boto3.client("s3")
-        keys = [entry["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-                for entry in page.get("Contents", [])]
+        keys = [
+            entry["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+            for entry in page.get("Contents", [])
+        ]
         return {key: client.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
     root = Path(location.local_path(url)).parent
     return {str(path): path.read_bytes() for path in root.rglob("*") if path.is_file()}
@@ -122,16 +130,18 @@ def _assert_no_credentials(text: str, where: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["s3", "file"])
-def test_store_at_url_indexes_resumes_and_queries(kind, s3_endpoint, tiny_models, train_file, queries_file,
-                                                  reference, tmp_path):
+def test_store_at_url_indexes_resumes_and_queries(
+    kind, s3_endpoint, tiny_models, train_file, queries_file, reference, tmp_path
+):
     url = f"s3://{BUCKET}/{tmp_path.name}/store.zarr" if kind == "s3" else (tmp_path / "out" / "store.zarr").as_uri()
     assert url.startswith(("s3://", "file:///"))
     config = write_config(tmp_path / "job.yaml", store_config(tiny_models["gpt2"], train_file, url))
     outputs = []
 
     # (a) the driver is killed after two gradient shards, then a second run resumes
-    killed = run_cli("index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": "driver:gradients:2",
-                                                                 **SINGLE_THREAD})
+    killed = run_cli(
+        "index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": "driver:gradients:2", **SINGLE_THREAD}
+    )
     outputs.append(killed)
     assert killed.returncode == -9, killed.stderr
     manifest = GradientStore.open(url).manifest
@@ -146,8 +156,9 @@ def test_store_at_url_indexes_resumes_and_queries(kind, s3_endpoint, tiny_models
     assert "its process is gone" in " ".join(resumed.stderr.split()), "the stale lock is taken over, with a warning"
     manifest = GradientStore.open(url).manifest
     assert manifest["complete"] and len(manifest["runs"]) == 2
-    assert sorted(manifest["runs"][1]["computed"]["gradients"]) == sorted(set(range(4)) - first), \
+    assert sorted(manifest["runs"][1]["computed"]["gradients"]) == sorted(set(range(4)) - first), (
         "only the unfinished shards are redone"
+    )
     assert manifest["config"]["store"]["path"] == url
     assert not location.exists(url + LOCK_SUFFIX), "a finished index leaves no lock"
 
@@ -156,8 +167,9 @@ def test_store_at_url_indexes_resumes_and_queries(kind, s3_endpoint, tiny_models
 
     # (c) query against the URL store: the same scores as against the local store
     scores = tmp_path / "scores.npy"
-    queried = run_cli("query", str(config), "--queries", str(queries_file), "--scores-out", str(scores),
-                      env=SINGLE_THREAD)
+    queried = run_cli(
+        "query", str(config), "--queries", str(queries_file), "--scores-out", str(scores), env=SINGLE_THREAD
+    )
     outputs.append(queried)
     assert queried.returncode == 0, queried.stderr
     assert np.array_equal(np.load(scores), reference["scores"])

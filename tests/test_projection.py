@@ -58,8 +58,14 @@ print(json.dumps({"threads": torch.get_num_threads(), "hashes": out}))
 
 
 def _hashes_in_subprocess(threads: int) -> dict:
-    result = subprocess.run([sys.executable, "-c", _HASH_SCRIPT, str(threads), json.dumps(MATRIX_CASES)],
-                            cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", _HASH_SCRIPT, str(threads), json.dumps(MATRIX_CASES)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["threads"] == threads
     return payload["hashes"]
@@ -86,8 +92,11 @@ def test_matrices_bit_identical_across_processes_and_thread_counts():
             assert one[f"{kind}/{seed}/{module}/{side}"] == digest
     # keyed by seed, module and side: any change gives a different matrix
     base = projection_matrix(0, "m", "in", 8, 4, "gaussian")
-    for other in (projection_matrix(1, "m", "in", 8, 4, "gaussian"), projection_matrix(0, "n", "in", 8, 4, "gaussian"),
-                  projection_matrix(0, "m", "out", 8, 4, "gaussian")):
+    for other in (
+        projection_matrix(1, "m", "in", 8, 4, "gaussian"),
+        projection_matrix(0, "n", "in", 8, 4, "gaussian"),
+        projection_matrix(0, "m", "out", 8, 4, "gaussian"),
+    ):
         assert not np.array_equal(base, other)
 
 
@@ -174,14 +183,18 @@ def test_dim_zero_or_at_least_the_side_width_is_the_identity():
     assert spec.total_width == 81 + 72 + 16
 
 
-@pytest.mark.parametrize("kind,data,dim,projection_kind", [
-    ("gpt2", "text_train", 4, "rademacher"),
-    ("gpt2", "prompt_train", 5, "gaussian"),
-    ("llama", "text_train", 4, "gaussian"),
-    ("llama", "prompt_train", 8, "rademacher"),  # d_in = 8 stays exact, d_out = 16 is projected
-])
-def test_projected_rows_equal_projection_of_exact_gradient(kind, data, dim, projection_kind, tiny_models,
-                                                           make_config, request):
+@pytest.mark.parametrize(
+    "kind,data,dim,projection_kind",
+    [
+        ("gpt2", "text_train", 4, "rademacher"),
+        ("gpt2", "prompt_train", 5, "gaussian"),
+        ("llama", "text_train", 4, "gaussian"),
+        ("llama", "prompt_train", 8, "rademacher"),  # d_in = 8 stays exact, d_out = 16 is projected
+    ],
+)
+def test_projected_rows_equal_projection_of_exact_gradient(
+    kind, data, dim, projection_kind, tiny_models, make_config, request
+):
     """Rows captured at dim k equal P_outᵀ G P_in, with G the exact (dim 0) per-example gradient.
 
     The capture never forms G: it projects activations and output-gradients token by token and sums
@@ -201,12 +214,14 @@ def test_projected_rows_equal_projection_of_exact_gradient(kind, data, dim, proj
     n = len(exact)
     for module, exact_module in zip(spec.modules, exact_spec.modules):
         assert (module.name, module.d_in, module.d_out) == (exact_module.name, exact_module.d_in, exact_module.d_out)
-        g = exact[:, exact_module.offset:exact_module.offset + exact_module.width].reshape(n, module.d_out, module.d_in)
+        g = exact[:, exact_module.offset : exact_module.offset + exact_module.width].reshape(
+            n, module.d_out, module.d_in
+        )
         p_in = spec.side_matrix(module, "in", torch.float64)
         p_out = spec.side_matrix(module, "out", torch.float64)
         p_in = np.eye(module.d_in) if p_in is None else p_in.numpy()
         p_out = np.eye(module.d_out) if p_out is None else p_out.numpy()
         expected = p_out.T @ g @ p_in
-        ours = projected[:, module.offset:module.offset + module.width].reshape(n, module.k_out, module.k_in)
+        ours = projected[:, module.offset : module.offset + module.width].reshape(n, module.k_out, module.k_in)
         assert np.linalg.norm(expected) > 0
         assert np.linalg.norm(ours - expected) <= 1e-10 * np.linalg.norm(expected), module.name

@@ -49,8 +49,11 @@ def free_port() -> int:
 
 
 def store_snapshot(path: Path) -> dict[str, str]:
-    return {str(file.relative_to(path)): hashlib.sha256(file.read_bytes()).hexdigest()
-            for file in sorted(path.rglob("*")) if file.is_file()}
+    return {
+        str(file.relative_to(path)): hashlib.sha256(file.read_bytes()).hexdigest()
+        for file in sorted(path.rglob("*"))
+        if file.is_file()
+    }
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -68,9 +71,16 @@ def served(tiny_models, tmp_path_factory):
     cli_config = root / "cli.yaml"
     cli_config.write_text(yaml.safe_dump(raw))
     raw["cluster"] = {"address": "local", "workers": 2, "cpus_per_worker": 1}
-    raw["serve"] = {"port": free_port(), "replica_cpus": 0.5, "auth_token_file": str(root / "token"),
-                    "max_queries_per_request": MAX_QUERIES, "max_prompt_tokens": MAX_PROMPT_TOKENS,
-                    "max_request_bytes": MAX_BYTES, "batch_max_queries": 64, "batch_wait_s": 0.02}
+    raw["serve"] = {
+        "port": free_port(),
+        "replica_cpus": 0.5,
+        "auth_token_file": str(root / "token"),
+        "max_queries_per_request": MAX_QUERIES,
+        "max_prompt_tokens": MAX_PROMPT_TOKENS,
+        "max_request_bytes": MAX_BYTES,
+        "batch_max_queries": 64,
+        "batch_wait_s": 0.02,
+    }
     store = Path(raw["store"]["path"])
     before = store_snapshot(store)
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
@@ -78,8 +88,7 @@ def served(tiny_models, tmp_path_factory):
 
     try:
         url = start_service(parse_config(raw))
-        yield {"url": url, "cli_config": cli_config, "root": root, "store": store,
-               "before": before}
+        yield {"url": url, "cli_config": cli_config, "root": root, "store": store, "before": before}
     finally:
         stop_service()
         ray.shutdown()
@@ -112,14 +121,16 @@ def assert_same_records(served_records: list[dict], cli: list[dict]) -> None:
     assert len(served_records) == len(cli)
     for ours, theirs in zip(served_records, cli):
         for kind in ("top_k", "bottom_k"):
-            np.testing.assert_allclose([e["score"] for e in ours[kind]], [e["score"] for e in theirs[kind]],
-                                       rtol=1e-9, atol=1e-9)
+            np.testing.assert_allclose(
+                [e["score"] for e in ours[kind]], [e["score"] for e in theirs[kind]], rtol=1e-9, atol=1e-9
+            )
             for entry in ours[kind] + theirs[kind]:
                 entry.pop("score")
         assert ours == theirs
 
 
 # ---- results --------------------------------------------------------------------------------------
+
 
 def test_results_equal_tributary_query(served, client, reference):
     assert_same_records(client.attribute(QUERIES, top_k=5), reference)
@@ -167,6 +178,7 @@ def test_32_concurrent_clients_are_batched(served, reference):
 
 # ---- refusals -------------------------------------------------------------------------------------
 
+
 def raw_post(served, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
     import http.client
 
@@ -194,15 +206,27 @@ BAD_REQUESTS = [
     (json.dumps(valid(top_k=0)).encode(), 422, "top_k", None),
     (json.dumps(valid(queries=[{"completion": " eats"}])).encode(), 422, "queries.0.prompt", None),
     (json.dumps(valid(queries=[{"prompt": "the fox"}])).encode(), 422, "queries.0.completion", None),
-    (json.dumps(valid(queries=[{"prompt": "the fox", "completion": " eats", "color": 1}])).encode(), 422,
-     "queries.0.color", None),
+    (
+        json.dumps(valid(queries=[{"prompt": "the fox", "completion": " eats", "color": 1}])).encode(),
+        422,
+        "queries.0.color",
+        None,
+    ),
     (json.dumps(valid(queries=[])).encode(), 422, "queries", None),
     (json.dumps(valid(top_k=1000)).encode(), 422, "top_k", 100),
     (json.dumps(valid(queries=QUERIES[:1] * (MAX_QUERIES + 1))).encode(), 413, "queries", MAX_QUERIES),
-    (json.dumps(valid(queries=[{"prompt": " ".join(["the"] * 20), "completion": " fox"}])).encode(), 413,
-     "queries.0.prompt", MAX_PROMPT_TOKENS),
-    (json.dumps(valid(queries=[{"prompt": "the " * 3000, "completion": " fox"}])).encode(), 413, "queries.0.prompt",
-     8000),
+    (
+        json.dumps(valid(queries=[{"prompt": " ".join(["the"] * 20), "completion": " fox"}])).encode(),
+        413,
+        "queries.0.prompt",
+        MAX_PROMPT_TOKENS,
+    ),
+    (
+        json.dumps(valid(queries=[{"prompt": "the " * 3000, "completion": " fox"}])).encode(),
+        413,
+        "queries.0.prompt",
+        8000,
+    ),
     (json.dumps(valid(padding="x" * MAX_BYTES)).encode(), 413, "body", MAX_BYTES),
     (json.dumps(valid(method="tracin-of-dreams")).encode(), 400, "method", None),
     (json.dumps(valid(method="source")).encode(), 400, "method", None),  # known, but the config has no eta/steps
@@ -229,6 +253,7 @@ def test_client_raises_with_the_service_error(client):
 
 
 # ---- access ---------------------------------------------------------------------------------------
+
 
 def test_bearer_token_auth(served):
     url = served["url"]
@@ -273,6 +298,7 @@ def test_token_never_appears_in_logs(served, capfd):
 
 
 # ---- the pass queue (no service needed) -------------------------------------------------------------
+
 
 def test_pass_queue_puts_everything_that_waited_into_the_next_pass():
     """While a pass runs, arrivals wait; the next pass takes them all, up to max_size, skipping abandoned ones."""
@@ -322,6 +348,7 @@ def test_pass_queue_reports_a_failed_pass_and_keeps_going():
 
 
 # ---- config and start-up (no service needed) --------------------------------------------------------
+
 
 def test_token_from_environment_or_file(tmp_path, monkeypatch, tiny_models, text_train):
     base = job_config(tmp_path, tiny_models["gpt2"], text_train)

@@ -37,8 +37,10 @@ def indexed(request, tiny_models, tmp_path_factory):
     kind, dim = request.param
     root = tmp_path_factory.mktemp(f"source-{kind}")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    queries = write_jsonl(root / "queries.jsonl",
-                          [{"id": f"q{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)])
+    queries = write_jsonl(
+        root / "queries.jsonl",
+        [{"id": f"q{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)],
+    )
     raw = job_config(root, tiny_models[kind], train, projection={"dim": dim})
     store = run_index(parse_config(raw), show_progress=False)
     query_job = prepare_index_job(parse_config(dict(raw, data=dict(raw["data"], train=str(queries)))))
@@ -59,8 +61,9 @@ def test_small_horizon_is_grad_dot(indexed):
     """
     spec, factors, train_rows, query_rows, lam = indexed
     grad_dot = query_rows @ train_rows.T
-    assert np.allclose(grad_dot, _scores(MethodConfig(name="grad_dot"), query_rows, train_rows, spec, None),
-                       rtol=1e-12, atol=0)
+    assert np.allclose(
+        grad_dot, _scores(MethodConfig(name="grad_dot"), query_rows, train_rows, spec, None), rtol=1e-12, atol=0
+    )
     for form in ("exponential", "discrete"):
         errors = []
         for scale in (1e-1, 1e-2, 1e-3, 1e-4):
@@ -92,9 +95,10 @@ def test_large_horizon_is_influence_with_damping_one_over_horizon(indexed):
         assert np.all(excess <= np.minimum(x / 2, 1.0 / np.maximum(x, 1e-300)) + 1e-12)
     errors = []
     for decade in (1, 2, 3, 4):
-        horizon = 10.0 ** decade / positive.min()
-        source = _scores(MethodConfig(name="source", eta=horizon / 1000, steps=1000), query_rows, train_rows,
-                         spec, factors)
+        horizon = 10.0**decade / positive.min()
+        source = _scores(
+            MethodConfig(name="source", eta=horizon / 1000, steps=1000), query_rows, train_rows, spec, factors
+        )
         influence = _scores(MethodConfig(name="if", damping=1.0 / horizon), query_rows, train_rows, spec, factors)
         errors.append(_relative(source, influence))
     print("Source vs IF(1/ηK), relative score errors:", errors)
@@ -103,6 +107,7 @@ def test_large_horizon_is_influence_with_damping_one_over_horizon(indexed):
 
 
 # ---- the unrolled quadratic -------------------------------------------------------------------------
+
 
 def _orthogonal(generator: np.random.Generator, size: int) -> np.ndarray:
     q, r = np.linalg.qr(generator.standard_normal((size, size)))
@@ -140,11 +145,13 @@ def _losses(generator: np.random.Generator, width: int, count: int):
     def loss(index: int, theta: torch.Tensor) -> torch.Tensor:
         margin = targets[index] * (features[index] @ theta)
         return torch.nn.functional.softplus(-margin) + 0.1 * (features[index] @ theta) ** 4 / width
+
     return loss
 
 
-def _unrolled_scores(hessian: np.ndarray, theta_star: np.ndarray, loss, count: int, eta: float,
-                     steps: int) -> np.ndarray:
+def _unrolled_scores(
+    hessian: np.ndarray, theta_star: np.ndarray, loss, count: int, eta: float, steps: int
+) -> np.ndarray:
     """−d L_q(θ_K)/dε_i after K steps θ ← θ − η ∇(R(θ) + Σ_i ε_i L_i(θ)) from θ*,
     with R(θ) = ½(θ−θ*)ᵀH(θ−θ*).
 
@@ -157,9 +164,9 @@ def _unrolled_scores(hessian: np.ndarray, theta_star: np.ndarray, loss, count: i
     for _ in range(steps):
         shift = theta - theta_star
         objective = 0.5 * shift @ hessian @ shift + sum(eps[i] * loss(i, theta) for i in range(count))
-        gradient, = torch.autograd.grad(objective, theta, create_graph=True)
+        (gradient,) = torch.autograd.grad(objective, theta, create_graph=True)
         theta = theta - eta * gradient
-    derivative, = torch.autograd.grad(loss(count, theta), eps)
+    (derivative,) = torch.autograd.grad(loss(count, theta), eps)
     return -derivative.numpy()
 
 
@@ -188,12 +195,12 @@ def test_discrete_form_equals_unrolled_gradient_descent_and_exponential_converge
     errors, unrolled_errors = [], []
     for eta, steps in ((0.1, 25), (0.05, 50), (0.025, 100), (0.0125, 200)):
         unrolled = _unrolled_scores(hessian, theta_star, loss, count, eta, steps)[None, :]
-        discrete = _scores(MethodConfig(name="source", eta=eta, steps=steps, form="discrete"),
-                           query_rows, train_rows, spec, factors)
+        discrete = _scores(
+            MethodConfig(name="source", eta=eta, steps=steps, form="discrete"), query_rows, train_rows, spec, factors
+        )
         unrolled_errors.append(_relative(discrete, unrolled))
         assert unrolled_errors[-1] < 1e-8, (eta, discrete, unrolled)
-        exponential = _scores(MethodConfig(name="source", eta=eta, steps=steps), query_rows, train_rows, spec,
-                              factors)
+        exponential = _scores(MethodConfig(name="source", eta=eta, steps=steps), query_rows, train_rows, spec, factors)
         errors.append(_relative(exponential, discrete))
     print("exponential vs discrete, relative errors:", errors, "discrete vs unrolled worst:", max(unrolled_errors))
     ratios = np.array(errors[1:]) / np.array(errors[:-1])
@@ -203,8 +210,9 @@ def test_discrete_form_equals_unrolled_gradient_descent_and_exponential_converge
     matrix = (np.eye(22) - np.linalg.matrix_power(np.eye(22) - eta * hessian, steps)) @ np.linalg.pinv(hessian)
     null = np.abs(np.linalg.eigvalsh(hessian)) < 1e-12
     assert null.sum() == 1 + 2  # λ = 0 in m1, σ = 0 in m2 (x 2 α): there F must equal ηK
-    discrete = _scores(MethodConfig(name="source", eta=eta, steps=steps, form="discrete"), query_rows, train_rows,
-                       spec, factors)
+    discrete = _scores(
+        MethodConfig(name="source", eta=eta, steps=steps, form="discrete"), query_rows, train_rows, spec, factors
+    )
     # pinv drops the null space, where (I − (I − ηH)^K)H⁻¹ = ηK I: add it back from the eigenvectors
     values, vectors = np.linalg.eigh(hessian)
     null_part = eta * steps * vectors[:, np.abs(values) < 1e-12] @ vectors[:, np.abs(values) < 1e-12].T

@@ -19,12 +19,10 @@ import torch
 from engine.config import parse_config
 from engine.curvature.factors import final_factors, initial_factors
 from engine.curvature.statistics import merge_all
-from engine.errors import TributaryError
 from engine.indexing.compute import gradient_pass, lambda_pass
 from engine.indexing.driver import run_index
 from engine.indexing.job import prepare_index_job
 from engine.query.run import run_query
-from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.resolve import resolve_run
 from tests.conftest import SENTENCES, job_config, write_jsonl
@@ -55,8 +53,9 @@ def _train_checkpoints(base: Path, out: Path, saves=(2, 4, 6), log_every: int = 
         if step in saves:
             path = out / f"checkpoint-{step}"
             model.save_pretrained(path)
-            (path / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": max(saves),
-                                                                 "log_history": history}))
+            (path / "trainer_state.json").write_text(
+                json.dumps({"global_step": step, "max_steps": max(saves), "log_history": history})
+            )
             paths.append(path)
     return paths
 
@@ -67,8 +66,9 @@ def run_setup(tiny_models, tmp_path_factory):
     checkpoints = _train_checkpoints(tiny_models["gpt2"], root / "trainer")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     queries = write_jsonl(root / "queries.jsonl", QUERIES)
-    raw = job_config(root, tiny_models["gpt2"], train, training_run={"trainer_dir": str(root / "trainer"),
-                                                                     "segments": 2})
+    raw = job_config(
+        root, tiny_models["gpt2"], train, training_run={"trainer_dir": str(root / "trainer"), "segments": 2}
+    )
     store = run_index(parse_config(raw), show_progress=False)
     return root, raw, checkpoints, store, queries
 
@@ -104,8 +104,9 @@ def test_each_checkpoint_store_holds_that_checkpoints_gradients(run_setup):
     root, raw, checkpoints, store, _ = run_setup
     for index, weights in enumerate(checkpoints):
         rows = store.checkpoint(f"c{index}").read_rows(0, len(SENTENCES))
-        np.testing.assert_allclose(rows, _reference_rows(raw, weights, Path(raw["data"]["train"])),
-                                   rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            rows, _reference_rows(raw, weights, Path(raw["data"]["train"])), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_segment_factors_average_over_checkpoints_in_one_basis(run_setup):
@@ -135,7 +136,7 @@ def _scores(raw: dict, queries: Path, method: dict, tmp: Path) -> np.ndarray:
 
 
 def _per_module(rows: np.ndarray, spec) -> list[np.ndarray]:
-    return [rows[:, m.offset:m.offset + m.width] for m in spec.modules]
+    return [rows[:, m.offset : m.offset + m.width] for m in spec.modules]
 
 
 def test_methods_on_the_store_equal_their_explicit_formulas(run_setup, tmp_path):
@@ -160,7 +161,7 @@ def test_methods_on_the_store_equal_their_explicit_formulas(run_setup, tmp_path)
 
     datainf = np.zeros_like(tracin)
     for g, v in zip(_per_module(rows[-1], spec), _per_module(query_rows[-1], spec)):
-        lam = 0.1 * np.mean(np.sum(g ** 2, axis=1)) / g.shape[1]
+        lam = 0.1 * np.mean(np.sum(g**2, axis=1)) / g.shape[1]
         for i in range(len(g)):
             datainf -= np.outer(v @ g[i], g[i] @ g.T) / (lam + g[i] @ g[i]) / len(g) / lam
         datainf += v @ g.T / lam
@@ -171,11 +172,14 @@ def test_methods_on_the_store_equal_their_explicit_formulas(run_setup, tmp_path)
         for m in spec.modules:
             f = factors[m.name]
             basis = np.kron(f.q_s, f.q_a)
-            out[m.offset:m.offset + m.width, m.offset:m.offset + m.width] = basis @ np.diag(function(f.lam).ravel()) @ basis.T
+            out[m.offset : m.offset + m.width, m.offset : m.offset + m.width] = (
+                basis @ np.diag(function(f.lam).ravel()) @ basis.T
+            )
         return out
 
     def residual(horizon):
         return lambda lam: np.where(lam > 0, -np.expm1(-horizon * lam) / np.where(lam > 0, lam, 1.0), horizon)
+
     first, second = plan.segments
     r1 = dense(store.read_segment_factors(0), residual(first.eta * first.steps))
     final_factors_ = store.checkpoint("c2").read_factors()
@@ -192,8 +196,14 @@ def test_results_and_per_module_shares_for_a_multi_checkpoint_method(run_setup, 
     from engine.query.run import QueryOptions
 
     config = parse_config(dict(raw, method={"name": "tracin"}))
-    result = run_query(config, str(queries), k=3, out=str(tmp_path / "r.jsonl"), scores_out=str(tmp_path / "s.npy"),
-                       options=QueryOptions(k=3, per_module=True))
+    result = run_query(
+        config,
+        str(queries),
+        k=3,
+        out=str(tmp_path / "r.jsonl"),
+        scores_out=str(tmp_path / "s.npy"),
+        options=QueryOptions(k=3, per_module=True),
+    )
     total = np.load(tmp_path / "s.npy")
     for q, record in enumerate(json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()):
         assert [e["index"] for e in record["top_k"]] == list(np.argsort(-total[q], kind="stable")[:3])
@@ -213,14 +223,18 @@ def test_cli_info_and_query_on_a_run_store(run_setup, tmp_path):
     root, raw, checkpoints, store, queries = run_setup
     result = invoke("info", store.path, "--verify")
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["format"] == "tributary-run/1" and summary["complete"]
-    assert {key: value["complete"] for key, value in summary["checkpoints"].items()} == {"c0": True, "c1": True,
-                                                                                       "c2": True}
+    assert {key: value["complete"] for key, value in summary["checkpoints"].items()} == {
+        "c0": True,
+        "c1": True,
+        "c2": True,
+    }
     assert all(not value["verify"]["problems"] for value in summary["checkpoints"].values())
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
     result = invoke("query", config, "--queries", queries, "--method", "trak", "--scores-out", tmp_path / "cli.npy")
     assert result.exit_code == 0, result.output
-    np.testing.assert_allclose(np.load(tmp_path / "cli.npy"), _scores(raw, queries, {"name": "trak"}, tmp_path),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "cli.npy"), _scores(raw, queries, {"name": "trak"}, tmp_path), rtol=1e-12
+    )

@@ -33,8 +33,11 @@ def test_run_on_two_workers_equals_single_process(local_ray, tiny_models, tmp_pa
     run = {"trainer_dir": str(tmp_path / "trainer")}
 
     def build(path: str, cluster: dict | None):
-        return run_index(parse_config(store_config(tiny_models["gpt2"], train, path, cluster=cluster,
-                                                   training_run=run)), show_progress=False)
+        return run_index(
+            parse_config(store_config(tiny_models["gpt2"], train, path, cluster=cluster, training_run=run)),
+            show_progress=False,
+        )
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -45,7 +48,11 @@ def test_run_on_two_workers_equals_single_process(local_ray, tiny_models, tmp_pa
     for key in ("c0", "c1"):
         manifest = distributed.checkpoint(key).manifest
         assert len({entry["pid"] for entry in manifest["shards"]["segment_lambdas"].values()}) == 2
-        assert_same_store(store_contents(distributed.checkpoint_path(key)), store_contents(reference.checkpoint_path(key)))
+        assert_same_store(
+            store_contents(distributed.checkpoint_path(key)), store_contents(reference.checkpoint_path(key))
+        )
     ours, theirs = distributed.read_segment_factors(0), reference.read_segment_factors(0)
     for name, factors in theirs.items():
-        np.testing.assert_allclose(ours[name].lam, factors.lam, rtol=0, atol=1e-10 * max(1.0, np.abs(factors.lam).max()))
+        np.testing.assert_allclose(
+            ours[name].lam, factors.lam, rtol=0, atol=1e-10 * max(1.0, np.abs(factors.lam).max())
+        )

@@ -39,9 +39,19 @@ def _trainer_run(base: Path, out: Path) -> list[Path]:
         def __getitem__(self, index: int) -> dict:
             ids = torch.tensor(tokenizer(SENTENCES[index])["input_ids"][:6])
             return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, max_steps=4, save_steps=2,
-                             logging_steps=1, learning_rate=5e-3, report_to=[], use_cpu=True, save_only_model=False,
-                             disable_tqdm=True)
+
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        save_steps=2,
+        logging_steps=1,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_only_model=False,
+        disable_tqdm=True,
+    )
     Trainer(model=model, args=args, train_dataset=Rows()).train()
     return [out / "checkpoint-2", out / "checkpoint-4"]
 
@@ -52,9 +62,13 @@ def adam_run(tiny_models, tmp_path_factory):
     checkpoints = _trainer_run(tiny_models["gpt2"], root / "trainer")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     queries = write_jsonl(root / "queries.jsonl", [{"id": "q", "text": SENTENCES[2]}])
-    raw = job_config(root, tiny_models["gpt2"], train, method={"name": "source"},
-                     training_run={"trainer_dir": str(root / "trainer"),
-                                   "optimizer": {"name": "adamw", "preconditioned": True}})
+    raw = job_config(
+        root,
+        tiny_models["gpt2"],
+        train,
+        method={"name": "source"},
+        training_run={"trainer_dir": str(root / "trainer"), "optimizer": {"name": "adamw", "preconditioned": True}},
+    )
     return root, raw, checkpoints, queries
 
 
@@ -74,6 +88,7 @@ def _explicit_preconditioner(checkpoint: Path, model, module_name: str) -> np.nd
         entry = by_name[name]
         v = entry["exp_avg_sq"].double().numpy() / (1 - beta2 ** int(entry["step"]))
         return 1.0 / (np.sqrt(v) + eps)
+
     return np.concatenate([p(f"{module_name}.weight").T, p(f"{module_name}.bias")[:, None]], axis=1)
 
 
@@ -122,8 +137,13 @@ def test_fast_source_indexes_the_averaged_parameters(tiny_models, tmp_path):
 
     checkpoints = _train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2, 4))
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    raw = job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "fast_source"},
-                     training_run={"trainer_dir": str(tmp_path / "trainer"), "averaged": True})
+    raw = job_config(
+        tmp_path,
+        tiny_models["gpt2"],
+        train,
+        method={"name": "fast_source"},
+        training_run={"trainer_dir": str(tmp_path / "trainer"), "averaged": True},
+    )
     store = run_index(parse_config(raw), show_progress=False)
     models = [AutoModelForCausalLM.from_pretrained(c, dtype=torch.float64) for c in checkpoints]
     average = models[0]
@@ -131,14 +151,19 @@ def test_fast_source_indexes_the_averaged_parameters(tiny_models, tmp_path):
         for p, q in zip(average.parameters(), models[1].parameters()):
             p.copy_((p + q) / 2)
     average.save_pretrained(tmp_path / "average")
-    np.testing.assert_allclose(store.checkpoint("avg0").read_rows(0, len(SENTENCES)),
-                               _reference_rows(raw, tmp_path / "average", train), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        store.checkpoint("avg0").read_rows(0, len(SENTENCES)),
+        _reference_rows(raw, tmp_path / "average", train),
+        rtol=1e-9,
+        atol=1e-12,
+    )
     queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "text": SENTENCES[0]}])
     result = run_query(parse_config(raw), str(queries), k=3)
     assert result.total.shape == (1, len(SENTENCES)) and np.all(np.isfinite(result.total))
 
 
 # ---- bad input --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def plain_checkpoints(tiny_models, tmp_path_factory) -> tuple[Path, list[Path], Path]:
@@ -167,8 +192,13 @@ def _refused(raw: dict, *phrases: str) -> None:
 def test_checkpoints_with_another_architecture_are_refused(tiny_models, plain_checkpoints, tmp_path):
     root, plain, wide = plain_checkpoints
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES])
-    raw = job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "tracin"},
-                     training_run={"checkpoints": [str(plain[0]), str(wide)], "learning_rate": 0.1})
+    raw = job_config(
+        tmp_path,
+        tiny_models["gpt2"],
+        train,
+        method={"name": "tracin"},
+        training_run={"checkpoints": [str(plain[0]), str(wide)], "learning_rate": 0.1},
+    )
     _refused(raw, "different architectures", str(plain[0].resolve()), str(wide.resolve()), "n_embd")
 
 
@@ -176,24 +206,55 @@ def test_segments_without_checkpoints_are_refused(tiny_models, plain_checkpoints
     root, plain, _ = plain_checkpoints
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES])
     run = {"learning_rate": 0.1}
-    _refused(job_config(tmp_path, tiny_models["gpt2"], train, training_run=dict(
-        run, segments=[{"checkpoints": []}, {"checkpoints": [str(plain[0])]}])),
-        "training_run.segments[0] has no checkpoints")
-    _refused(job_config(tmp_path, tiny_models["gpt2"], train, training_run=dict(
-        run, checkpoints=[str(p) for p in plain], segments=3)), "segments is 3 but there are 2 checkpoints")
-    _refused(job_config(tmp_path, tiny_models["gpt2"], train, training_run=dict(
-        run, checkpoints=[{"path": str(plain[0]), "step": 2}, {"path": str(plain[1]), "step": 4}], boundaries=[1])),
-        "segment 0 (steps (0, 1]) has no checkpoints")
+    _refused(
+        job_config(
+            tmp_path,
+            tiny_models["gpt2"],
+            train,
+            training_run=dict(run, segments=[{"checkpoints": []}, {"checkpoints": [str(plain[0])]}]),
+        ),
+        "training_run.segments[0] has no checkpoints",
+    )
+    _refused(
+        job_config(
+            tmp_path,
+            tiny_models["gpt2"],
+            train,
+            training_run=dict(run, checkpoints=[str(p) for p in plain], segments=3),
+        ),
+        "segments is 3 but there are 2 checkpoints",
+    )
+    _refused(
+        job_config(
+            tmp_path,
+            tiny_models["gpt2"],
+            train,
+            training_run=dict(
+                run,
+                checkpoints=[{"path": str(plain[0]), "step": 2}, {"path": str(plain[1]), "step": 4}],
+                boundaries=[1],
+            ),
+        ),
+        "segment 0 (steps (0, 1]) has no checkpoints",
+    )
 
 
 def test_learning_rate_that_cannot_be_inferred_is_refused(tiny_models, plain_checkpoints, tmp_path):
     root, plain, _ = plain_checkpoints
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES])
     run = {"checkpoints": [{"path": str(plain[0]), "step": 2}, {"path": str(plain[1]), "step": 4}]}
-    _refused(job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "source"}, training_run=run),
-             "mean learning rate of segment 0", "cannot be inferred", "training_run.learning_rate")
-    _refused(job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "tracin"}, training_run=run),
-             "learning rate at checkpoint", str(plain[0].resolve()), "cannot be inferred")
+    _refused(
+        job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "source"}, training_run=run),
+        "mean learning rate of segment 0",
+        "cannot be inferred",
+        "training_run.learning_rate",
+    )
+    _refused(
+        job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "tracin"}, training_run=run),
+        "learning rate at checkpoint",
+        str(plain[0].resolve()),
+        "cannot be inferred",
+    )
 
 
 def test_optimizer_state_that_does_not_match_is_refused(tiny_models, plain_checkpoints, tmp_path):
@@ -201,10 +262,16 @@ def test_optimizer_state_that_does_not_match_is_refused(tiny_models, plain_check
 
     root, plain, wide = plain_checkpoints
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": s} for s in SENTENCES])
-    run = {"checkpoints": [{"path": str(p), "step": 2 * (i + 1)} for i, p in enumerate(plain)], "learning_rate": 0.01,
-           "optimizer": {"name": "adam", "preconditioned": True}}
-    _refused(job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "source"}, training_run=run),
-             "optimizer.pt", "does not exist")
+    run = {
+        "checkpoints": [{"path": str(p), "step": 2 * (i + 1)} for i, p in enumerate(plain)],
+        "learning_rate": 0.01,
+        "optimizer": {"name": "adam", "preconditioned": True},
+    }
+    _refused(
+        job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "source"}, training_run=run),
+        "optimizer.pt",
+        "does not exist",
+    )
     wide_model = AutoModelForCausalLM.from_pretrained(wide)
     optimizer = torch.optim.Adam(wide_model.parameters())
     wide_model(input_ids=torch.tensor([[2, 5, 6]]), labels=torch.tensor([[2, 5, 6]])).loss.backward()
@@ -212,8 +279,11 @@ def test_optimizer_state_that_does_not_match_is_refused(tiny_models, plain_check
     for path in plain:
         torch.save(optimizer.state_dict(), path / "optimizer.pt")
     try:
-        _refused(job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "source"}, training_run=run),
-                 "does not match the model's parameters", "optimizer.pt")
+        _refused(
+            job_config(tmp_path, tiny_models["gpt2"], train, method={"name": "source"}, training_run=run),
+            "does not match the model's parameters",
+            "optimizer.pt",
+        )
     finally:
         for path in plain:
             (path / "optimizer.pt").unlink()
@@ -225,18 +295,24 @@ def test_in_memory_bad_input():
     params = {n: p.detach() for n, p in model.named_parameters()}
     data = Dataset(torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64))
     with pytest.raises(TributaryError, match="segment 1 has no checkpoints"):
-        InMemoryAttribution(model, squared_error(), TrainingRun([Segment([Checkpoint(params)], data),
-                                                                 Segment([], data)]))
+        InMemoryAttribution(
+            model, squared_error(), TrainingRun([Segment([Checkpoint(params)], data), Segment([], data)])
+        )
     other = {n: p.detach() for n, p in mlp(2, 5).named_parameters()}
     with pytest.raises(TributaryError, match="different architecture"):
-        InMemoryAttribution(model, squared_error(), TrainingRun([Segment([Checkpoint(params), Checkpoint(other)], data)]))
+        InMemoryAttribution(
+            model, squared_error(), TrainingRun([Segment([Checkpoint(params), Checkpoint(other)], data)])
+        )
     run = TrainingRun([Segment([Checkpoint(params, learning_rate=0.1), Checkpoint(params)], data)])
     with pytest.raises(TributaryError, match="learning rate at checkpoint c1"):
         InMemoryAttribution(model, squared_error(), run).scores("tracin", data)
     with pytest.raises(TributaryError, match="mean learning rate and step count of segment 0"):
         InMemoryAttribution(model, squared_error(), run).scores("source", data)
     wrong = {n: torch.ones(3, 3) for n in params}
-    adam = TrainingRun([Segment([Checkpoint(params, exp_avg_sq=wrong, step=3)], data, eta=0.1, steps=3)],
-                       optimizer="adam", preconditioned=True)
+    adam = TrainingRun(
+        [Segment([Checkpoint(params, exp_avg_sq=wrong, step=3)], data, eta=0.1, steps=3)],
+        optimizer="adam",
+        preconditioned=True,
+    )
     with pytest.raises(TributaryError, match="exp_avg_sq at checkpoint c0 does not match"):
         InMemoryAttribution(model, squared_error(), adam).scores("source", data)

@@ -31,8 +31,15 @@ from engine.config import parse_config
 from engine.query.run import run_query
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
-from tests.distributed_helpers import (ROOT, assert_same_store, run_cli, single_thread_store, store_config,
-                                      store_contents, write_config)
+from tests.distributed_helpers import (
+    ROOT,
+    assert_same_store,
+    run_cli,
+    single_thread_store,
+    store_config,
+    store_contents,
+    write_config,
+)
 
 RAY_CLI = Path(sys.executable).with_name("ray")
 if not RAY_CLI.exists():
@@ -41,8 +48,12 @@ if not RAY_CLI.exists():
 IP = "127.0.0.2"
 START_TIMEOUT_S = 60
 STOP_TIMEOUT_S = 20
-TRAIN = SENTENCES + ["the owl eats mice at night", "a bear eats honey in the valley",
-                     "the fox eats berries in the forest", "a crow eats seeds in the meadow"]  # 12 rows, 4 shards
+TRAIN = SENTENCES + [
+    "the owl eats mice at night",
+    "a bear eats honey in the valley",
+    "the fox eats berries in the forest",
+    "a crow eats seeds in the meadow",
+]  # 12 rows, 4 shards
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 # Asks the cluster (from a fresh process) for its alive nodes, polling until there are `want` of them.
@@ -61,8 +72,14 @@ print(json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in aliv
 
 
 def _ray_env() -> dict:
-    return dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false",
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return dict(
+        os.environ,
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+    )
 
 
 def _free_ports(count: int) -> list[int]:
@@ -116,9 +133,15 @@ class TwoNodeCluster:
         log = self.temp_dir.parent / f"{self.temp_dir.name}-{name}.log"
         self.logs.append(log)
         with open(log, "wb") as handle:
-            process = subprocess.Popen([str(RAY_CLI), "start", "--block", *arguments], cwd=ROOT, env=_ray_env(),
-                                       stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                [str(RAY_CLI), "start", "--block", *arguments],
+                cwd=ROOT,
+                env=_ray_env(),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.processes.append(process)
         return process
 
@@ -129,13 +152,27 @@ class TwoNodeCluster:
     def start(self) -> None:
         gcs, client, dashboard, head_agent, second_agent = _free_ports(5)
         self.address = f"{IP}:{gcs}"
-        common = [f"--node-ip-address={IP}", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000",
-                  "--disable-usage-stats"]
-        head = self._start("head", [
-            "--head", f"--port={gcs}", *common, '--resources={"head_node": 1}', "--include-dashboard=false",
-            f"--temp-dir={self.temp_dir}", f"--ray-client-server-port={client}", f"--dashboard-port={dashboard}",
-            f"--dashboard-agent-listen-port={head_agent}",
-        ])
+        common = [
+            f"--node-ip-address={IP}",
+            "--num-cpus=1",
+            "--num-gpus=0",
+            "--object-store-memory=100000000",
+            "--disable-usage-stats",
+        ]
+        head = self._start(
+            "head",
+            [
+                "--head",
+                f"--port={gcs}",
+                *common,
+                '--resources={"head_node": 1}',
+                "--include-dashboard=false",
+                f"--temp-dir={self.temp_dir}",
+                f"--ray-client-server-port={client}",
+                f"--dashboard-port={dashboard}",
+                f"--dashboard-agent-listen-port={head_agent}",
+            ],
+        )
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:  # the GCS answers once the head is up
             if head.poll() is not None:
@@ -147,14 +184,26 @@ class TwoNodeCluster:
                 if time.monotonic() > deadline:
                     self._fail(f"the head's GCS did not listen on {self.address} within {START_TIMEOUT_S} s")
                 time.sleep(0.5)
-        second = self._start("second", [
-            f"--address={self.address}", *common, '--resources={"second_node": 1}',
-            f"--temp-dir={self.temp_dir}", f"--dashboard-agent-listen-port={second_agent}",
-        ])
+        second = self._start(
+            "second",
+            [
+                f"--address={self.address}",
+                *common,
+                '--resources={"second_node": 1}',
+                f"--temp-dir={self.temp_dir}",
+                f"--dashboard-agent-listen-port={second_agent}",
+            ],
+        )
         left = max(5.0, deadline - time.monotonic())
         try:
-            probe = subprocess.run([sys.executable, "-c", NODES_PROBE, self.address, "2", str(left), IP],
-                                   cwd=ROOT, env=_ray_env(), capture_output=True, text=True, timeout=left + 30)
+            probe = subprocess.run(
+                [sys.executable, "-c", NODES_PROBE, self.address, "2", str(left), IP],
+                cwd=ROOT,
+                env=_ray_env(),
+                capture_output=True,
+                text=True,
+                timeout=left + 30,
+            )
         except subprocess.TimeoutExpired:
             self._fail("asking the cluster for its nodes timed out")
         if probe.returncode != 0:
@@ -224,8 +273,9 @@ def queries_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def single_process_store(tiny_models, train_file, tmp_path_factory):
     """The single-process store at one torch thread (the workers' thread count: cpus_per_worker = 1)."""
-    return single_thread_store(tiny_models["gpt2"], train_file,
-                               str(tmp_path_factory.mktemp("two_nodes_reference") / "store.zarr"))
+    return single_thread_store(
+        tiny_models["gpt2"], train_file, str(tmp_path_factory.mktemp("two_nodes_reference") / "store.zarr")
+    )
 
 
 def cluster_section(cluster: TwoNodeCluster) -> dict:
@@ -237,15 +287,17 @@ def two_node_store(two_nodes, tiny_models, train_file, tmp_path_factory):
     """`tributary index` run as its own process against the two-node cluster: (config path, store path)."""
     root = tmp_path_factory.mktemp("two_nodes_index")
     path = str(root / "store.zarr")
-    config = write_config(root / "job.yaml", store_config(tiny_models["gpt2"], train_file, path,
-                                                          cluster=cluster_section(two_nodes)))
+    config = write_config(
+        root / "job.yaml", store_config(tiny_models["gpt2"], train_file, path, cluster=cluster_section(two_nodes))
+    )
     done = run_cli("index", str(config), "--no-progress", env=SINGLE_THREAD, timeout=180)
     assert done.returncode == 0, f"tributary index failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return config, path
 
 
-def test_both_nodes_write_shards_and_the_store_equals_the_single_process_one(two_nodes, two_node_store,
-                                                                            single_process_store):
+def test_both_nodes_write_shards_and_the_store_equals_the_single_process_one(
+    two_nodes, two_node_store, single_process_store
+):
     _, path = two_node_store
     manifest = GradientStore.open(path).manifest
     assert manifest["complete"] and manifest["runs"][-1]["workers"] == 2
@@ -260,22 +312,36 @@ def test_both_nodes_write_shards_and_the_store_equals_the_single_process_one(two
     assert_same_store(store_contents(path), store_contents(single_process_store))
 
 
-def test_query_through_the_cluster_gives_the_single_process_scores(two_node_store, single_process_store,
-                                                                  tiny_models, train_file, queries_file, tmp_path):
+def test_query_through_the_cluster_gives_the_single_process_scores(
+    two_node_store, single_process_store, tiny_models, train_file, queries_file, tmp_path
+):
     import torch
 
     config, path = two_node_store
     scores = tmp_path / "scores.npy"
     results = tmp_path / "results.jsonl"
-    done = run_cli("query", str(config), "--queries", str(queries_file), "--top-k", "12", "--scores-out",
-                   str(scores), "--out", str(results), env=SINGLE_THREAD, timeout=180)
+    done = run_cli(
+        "query",
+        str(config),
+        "--queries",
+        str(queries_file),
+        "--top-k",
+        "12",
+        "--scores-out",
+        str(scores),
+        "--out",
+        str(results),
+        env=SINGLE_THREAD,
+        timeout=180,
+    )
     assert done.returncode == 0, f"tributary query failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dense = run_query(parse_config(store_config(tiny_models["gpt2"], train_file, single_process_store)),
-                          str(queries_file), k=12)
+        dense = run_query(
+            parse_config(store_config(tiny_models["gpt2"], train_file, single_process_store)), str(queries_file), k=12
+        )
     finally:
         torch.set_num_threads(threads)
     clustered = np.load(scores)

@@ -24,6 +24,7 @@ def _relative(ours: np.ndarray, reference: np.ndarray) -> float:
 
 # ---- one segment: the closed form ------------------------------------------------------------------
 
+
 def test_one_segment_source_equals_closed_form():
     """Linear regression (Gauss-Newton = Hessian, so EK-FAC is exact): one segment of three checkpoints.
 
@@ -46,14 +47,18 @@ def test_one_segment_source_equals_closed_form():
     def mean_loss(flat: torch.Tensor) -> torch.Tensor:
         weight, bias = flat[:d].reshape(1, d), flat[d:]
         return (0.5 * ((inputs[:n] @ weight.T + bias - targets[:n]) ** 2).sum(dim=1)).mean()
+
     hessian = torch.func.hessian(mean_loss)(torch.zeros(d + 1, dtype=torch.float64))
-    matrix = (torch.eye(d + 1, dtype=torch.float64) - torch.linalg.matrix_exp(-eta * steps * hessian)) @ torch.linalg.inv(hessian)
+    matrix = (
+        torch.eye(d + 1, dtype=torch.float64) - torch.linalg.matrix_exp(-eta * steps * hessian)
+    ) @ torch.linalg.inv(hessian)
     rows = np.mean([per_example_gradients(model, c, data.inputs, data.targets) for c in checkpoints], axis=0)
     query_rows = per_example_gradients(model, checkpoints[-1], queries.inputs, queries.targets)
     np.testing.assert_allclose(scores, query_rows @ matrix.numpy() @ rows.T, rtol=1e-9, atol=1e-11)
 
 
 # ---- two segments of SGD on a 2-layer MLP ------------------------------------------------------------
+
 
 def _regression(seed: int, inputs: int, count: int, shift: float = 0.0):
     generator = torch.Generator().manual_seed(seed)
@@ -77,15 +82,28 @@ def test_two_segments_track_the_unrolled_derivative_better_than_if():
     final, checkpoints = train(model, start, [(x[:n], y[:n], 40)], sgd([0.3] * 20 + [0.1] * 20), [eps], every=10)
     exact = removal_effect(model, final, eps, (x[n:], y[n:]))
     data, queries = Dataset(x[:n], y[:n]), Dataset(x[n:], y[n:])
-    run = TrainingRun([Segment([Checkpoint(c) for c in checkpoints[:2]], data, eta=0.3, steps=20),
-                       Segment([Checkpoint(c) for c in checkpoints[2:]], data, eta=0.1, steps=20)], averaged=True)
+    run = TrainingRun(
+        [
+            Segment([Checkpoint(c) for c in checkpoints[:2]], data, eta=0.3, steps=20),
+            Segment([Checkpoint(c) for c in checkpoints[2:]], data, eta=0.1, steps=20),
+        ],
+        averaged=True,
+    )
     source = InMemoryAttribution(model, squared_error(), run)
     final_only = InMemoryAttribution(model, squared_error(), TrainingRun.final_only(checkpoints[-1], data))
-    scores = {"source": source.scores("source", queries), "fast_source": source.scores("fast_source", queries),
-              "if": final_only.scores("if", queries), "grad_dot": final_only.scores("grad_dot", queries)}
+    scores = {
+        "source": source.scores("source", queries),
+        "fast_source": source.scores("fast_source", queries),
+        "if": final_only.scores("if", queries),
+        "grad_dot": final_only.scores("grad_dot", queries),
+    }
     figures = {name: mean_correlation(s, exact) for name, s in scores.items()}
-    print("two segments, (Pearson, Spearman) with the exact unrolled effect:", figures,
-          "Source size error:", _relative(scores["source"] / n, exact))
+    print(
+        "two segments, (Pearson, Spearman) with the exact unrolled effect:",
+        figures,
+        "Source size error:",
+        _relative(scores["source"] / n, exact),
+    )
     assert figures["source"][0] > 0.95 and figures["source"][1] > 0.9
     assert figures["source"][0] > figures["if"][0] + 0.05 and figures["source"][1] > figures["if"][1] + 0.05
     assert figures["fast_source"][0] > figures["if"][0] + 0.05
@@ -109,11 +127,18 @@ def test_more_segments_converge_to_the_unrolled_derivative_on_linear_regression(
     errors = []
     for count in (1, 2, 4):
         size = 40 // count
-        segments = [Segment([Checkpoint(c) for c in checkpoints[i * size:(i + 1) * size]], data,
-                            eta=float(np.mean(([0.3] * 20 + [0.1] * 20)[i * size:(i + 1) * size])), steps=size)
-                    for i in range(count)]
-        scores = InMemoryAttribution(model, squared_error(), TrainingRun(segments)).scores("source", queries,
-                                                                                          form="discrete")
+        segments = [
+            Segment(
+                [Checkpoint(c) for c in checkpoints[i * size : (i + 1) * size]],
+                data,
+                eta=float(np.mean(([0.3] * 20 + [0.1] * 20)[i * size : (i + 1) * size])),
+                steps=size,
+            )
+            for i in range(count)
+        ]
+        scores = InMemoryAttribution(model, squared_error(), TrainingRun(segments)).scores(
+            "source", queries, form="discrete"
+        )
         errors.append(_relative(scores / n, exact))
     print("linear regression, score/N vs exact, 1/2/4 segments:", errors)
     assert errors[0] > 2 * errors[1] and errors[1] > 2 * errors[2] and errors[2] < 0.01
@@ -130,27 +155,41 @@ def test_continual_training_attributes_stage_one_better_than_if_on_the_union():
     x2, y2 = _regression(1, 8, n2, shift=1.0)
     start = {name: p.detach() for name, p in model.named_parameters()}
     eps = torch.zeros(n1, dtype=torch.float64, requires_grad=True)
-    final, checkpoints = train(model, start, [(x1[:n1], y1[:n1], 20), (x2, y2, 20)], sgd([0.3] * 20 + [0.1] * 20),
-                               [eps, None], every=10)
+    final, checkpoints = train(
+        model, start, [(x1[:n1], y1[:n1], 20), (x2, y2, 20)], sgd([0.3] * 20 + [0.1] * 20), [eps, None], every=10
+    )
     exact = removal_effect(model, final, eps, (x1[n1:], y1[n1:]))
     stage1, stage2, queries = Dataset(x1[:n1], y1[:n1]), Dataset(x2, y2), Dataset(x1[n1:], y1[n1:])
-    run = TrainingRun([Segment([Checkpoint(c) for c in checkpoints[:2]], stage1, eta=0.3, steps=20),
-                       Segment([Checkpoint(c) for c in checkpoints[2:]], stage2, eta=0.1, steps=20)])
+    run = TrainingRun(
+        [
+            Segment([Checkpoint(c) for c in checkpoints[:2]], stage1, eta=0.3, steps=20),
+            Segment([Checkpoint(c) for c in checkpoints[2:]], stage2, eta=0.1, steps=20),
+        ]
+    )
     attribution = InMemoryAttribution(model, squared_error(), run)
     source = attribution.scores("source", queries)
     assert source.shape == (q, n1 + n2) and attribution.columns(0) == slice(0, n1)
     union = Dataset(torch.cat([x1[:n1], x2]), torch.cat([y1[:n1], y2]))
     influence = InMemoryAttribution(model, squared_error(), TrainingRun.final_only(checkpoints[-1], union)).scores(
-        "if", queries)
-    figures = {"source": mean_correlation(source[:, :n1], exact), "if_union": mean_correlation(influence[:, :n1], exact)}
-    print("continual, stage-1 examples, (Pearson, Spearman):", figures,
-          "Source size error:", _relative(source[:, :n1] / n1, exact))
+        "if", queries
+    )
+    figures = {
+        "source": mean_correlation(source[:, :n1], exact),
+        "if_union": mean_correlation(influence[:, :n1], exact),
+    }
+    print(
+        "continual, stage-1 examples, (Pearson, Spearman):",
+        figures,
+        "Source size error:",
+        _relative(source[:, :n1] / n1, exact),
+    )
     assert figures["source"][0] > 0.9 and figures["source"][1] > 0.85
     assert figures["source"][0] > figures["if_union"][0] + 0.15
     assert figures["source"][1] > figures["if_union"][1] + 0.15
 
 
 # ---- Adam on a diagonal quadratic -------------------------------------------------------------------
+
 
 def _diagonal_problem(n: int = 30, q: int = 6, d: int = 6):
     """Linear regression without bias whose training inputs are axis-aligned (x_i = s_i e_{i mod d}), so the
@@ -176,6 +215,7 @@ def _adam_moments(model, data: Dataset, steps: int, lr: float, every: int):
         if (k + 1) % every == 0:
             snapshots.append({name: v.clone() for name, v in moments.items()})
         return out
+
     return step, recording, snapshots
 
 
@@ -190,7 +230,7 @@ def test_adam_preconditioned_source_equals_unrolled_preconditioned_descent():
     _, recording, snapshots = _adam_moments(model, data, 25, 0.05, 25)
     train(model, start, [(data.inputs, data.targets, 25)], recording, [None], every=25)
     v = snapshots[-1]["weight"]
-    preconditioner = 1.0 / ((v / (1 - 0.999 ** 25)).sqrt() + 1e-8)
+    preconditioner = 1.0 / ((v / (1 - 0.999**25)).sqrt() + 1e-8)
     optimum = torch.linalg.lstsq(data.inputs, data.targets).solution.T
     errors = []
     for eta, steps in ((0.004, 25), (0.002, 50), (0.001, 100)):
@@ -198,8 +238,10 @@ def test_adam_preconditioned_source_equals_unrolled_preconditioned_descent():
 
         def preconditioned(params, grads, k, eta=eta):
             return {"weight": params["weight"] - eta * preconditioner * grads[0]}
-        final, _ = train(model, {"weight": optimum}, [(data.inputs, data.targets, steps)], preconditioned, [eps],
-                         every=steps)
+
+        final, _ = train(
+            model, {"weight": optimum}, [(data.inputs, data.targets, steps)], preconditioned, [eps], every=steps
+        )
         exact = removal_effect(model, final, eps, (queries.inputs, queries.targets))
         checkpoint = Checkpoint({"weight": optimum}, exp_avg_sq={"weight": v}, step=25)
         run = TrainingRun([Segment([checkpoint], data, eta=eta, steps=steps)], optimizer="adam", preconditioned=True)
@@ -208,8 +250,12 @@ def test_adam_preconditioned_source_equals_unrolled_preconditioned_descent():
         assert _relative(discrete, exact) < 1e-9, (eta, _relative(discrete, exact))
         errors.append(_relative(attribution.scores("source", queries) / n, exact))
         plain = TrainingRun([Segment([checkpoint], data, eta=eta, steps=steps)], optimizer="adam")
-        assert _relative(InMemoryAttribution(model, squared_error(), plain).scores("source", queries, form="discrete")
-                         / n, exact) > 0.1  # without P the prediction is far off: P matters here
+        assert (
+            _relative(
+                InMemoryAttribution(model, squared_error(), plain).scores("source", queries, form="discrete") / n, exact
+            )
+            > 0.1
+        )  # without P the prediction is far off: P matters here
     print("Adam, exponential vs exact unrolled preconditioned descent:", errors)
     assert errors[0] > errors[1] > errors[2] and errors[2] < 0.05
 
@@ -226,18 +272,25 @@ def test_adam_preconditioned_source_tracks_real_adam():
     final, checkpoints = train(model, start, [(data.inputs, data.targets, 100)], recording, [eps], every=25)
     exact = removal_effect(model, final, eps, (queries.inputs, queries.targets))
     chain = [Checkpoint(c, exp_avg_sq=s, step=25 * (i + 1)) for i, (c, s) in enumerate(zip(checkpoints, snapshots))]
-    preconditioned = InMemoryAttribution(model, squared_error(), TrainingRun(
-        [Segment(chain, data, eta=0.05, steps=100)], optimizer="adam", preconditioned=True)).scores("source", queries)
-    plain = InMemoryAttribution(model, squared_error(), TrainingRun(
-        [Segment(chain, data, eta=0.05, steps=100)], optimizer="adam")).scores("source", queries)
-    figures = {"preconditioned": (mean_correlation(preconditioned, exact), _relative(preconditioned / n, exact)),
-               "plain": (mean_correlation(plain, exact), _relative(plain / n, exact))}
+    preconditioned = InMemoryAttribution(
+        model,
+        squared_error(),
+        TrainingRun([Segment(chain, data, eta=0.05, steps=100)], optimizer="adam", preconditioned=True),
+    ).scores("source", queries)
+    plain = InMemoryAttribution(
+        model, squared_error(), TrainingRun([Segment(chain, data, eta=0.05, steps=100)], optimizer="adam")
+    ).scores("source", queries)
+    figures = {
+        "preconditioned": (mean_correlation(preconditioned, exact), _relative(preconditioned / n, exact)),
+        "plain": (mean_correlation(plain, exact), _relative(plain / n, exact)),
+    }
     print("real Adam, ((Pearson, Spearman), size error):", figures)
     assert figures["preconditioned"][1] < 0.1 and figures["plain"][1] > 3 * figures["preconditioned"][1]
     assert figures["preconditioned"][0][0] >= figures["plain"][0][0]
 
 
 # ---- the walk through segments, with explicit matrices ---------------------------------------------
+
 
 def _explicit_function(factors, spec, function) -> np.ndarray:
     """Block-diagonal f(H) = B diag(F(Λ)) Bᵀ per module, B = Q_S ⊗ Q_A (row-major vec), as a dense matrix."""
@@ -262,9 +315,14 @@ def test_segment_walk_equals_explicit_matrices(method):
     data, queries = Dataset(x[:10], y[:10]), Dataset(x[10:], y[10:])
     start = {name: p.detach() for name, p in model.named_parameters()}
     _, checkpoints = train(model, start, [(data.inputs, data.targets, 8)], sgd([0.1] * 8), [None], every=2)
-    run = TrainingRun([Segment([Checkpoint(c, learning_rate=0.1) for c in checkpoints[:2]], data, eta=0.1, steps=4),
-                       Segment([Checkpoint(c, learning_rate=0.1) for c in checkpoints[2:]], data, eta=0.1, steps=3)],
-                      momentum=0.5, averaged=True)
+    run = TrainingRun(
+        [
+            Segment([Checkpoint(c, learning_rate=0.1) for c in checkpoints[:2]], data, eta=0.1, steps=4),
+            Segment([Checkpoint(c, learning_rate=0.1) for c in checkpoints[2:]], data, eta=0.1, steps=3),
+        ],
+        momentum=0.5,
+        averaged=True,
+    )
     attribution = InMemoryAttribution(model, squared_error(), run)
     assert [s.eta for s in attribution.plan.segments] == [0.2, 0.2]
     assert [c.learning_rate for c in attribution.plan.checkpoints] == [0.2] * 4
@@ -272,6 +330,7 @@ def test_segment_walk_equals_explicit_matrices(method):
 
     def gradients(params) -> np.ndarray:
         return per_example_gradients(model, params, data.inputs, data.targets)
+
     if method == "source":
         rows = [np.mean([gradients(c) for c in group], axis=0) for group in groups]
         factors = [attribution.factors(f"s{index}") for index in range(2)]
@@ -287,6 +346,7 @@ def test_segment_walk_equals_explicit_matrices(method):
 
     def residual(horizon):
         return lambda lam: np.where(lam > 1e-300, -np.expm1(-horizon * lam) / np.maximum(lam, 1e-300), horizon)
+
     u = per_example_gradients(model, checkpoints[-1], queries.inputs, queries.targets)
     r1 = _explicit_function(factors[0], spec, residual(0.2 * 4))
     r2 = _explicit_function(factors[1], spec, residual(0.2 * 3))

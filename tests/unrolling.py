@@ -5,7 +5,7 @@ training loop (SGD, SGD with momentum, or Adam), full batch, weights (1 + ε_i) 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -26,12 +26,22 @@ def squared_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return 0.5 * ((outputs - targets) ** 2).reshape(len(outputs), -1).sum(dim=1)
 
 
-def per_example_gradients(model: nn.Module, parameters: Parameters, inputs: torch.Tensor, targets: torch.Tensor,
-                          loss=squared_loss, dim: int = 0, seed: int = 0, kind: str = "rademacher") -> np.ndarray:
+def per_example_gradients(
+    model: nn.Module,
+    parameters: Parameters,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss=squared_loss,
+    dim: int = 0,
+    seed: int = 0,
+    kind: str = "rademacher",
+) -> np.ndarray:
     """(N, D) in the store layout: per nn.Linear, the d_out x (d_in + bias) gradient, projected to
     P_outᵀ G P_in when `dim` > 0 (sides not wider than dim kept exact), row-major, modules in order."""
+
     def one(params: Parameters, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return loss(functional_call(model, params, (x[None],)), y[None]).sum()
+
     grads = vmap(grad(one), in_dims=(None, 0, 0))(parameters, inputs, targets)
     pieces = []
     for name, module in model.named_modules():
@@ -76,6 +86,7 @@ def sgd(learning_rates: list[float], momentum: float = 0.0) -> Step:
             state[name] = buffer
             out[name] = p - learning_rates[k] * buffer
         return out
+
     return step
 
 
@@ -90,15 +101,23 @@ def adam(learning_rate: float, beta1: float, beta2: float, eps: float, moments: 
         for (name, p), g in zip(params.items(), grads):
             m[name] = beta1 * m.get(name, torch.zeros_like(g)) + (1 - beta1) * g
             v[name] = beta2 * v.get(name, torch.zeros_like(g)) + (1 - beta2) * g * g
-            m_hat, v_hat = m[name] / (1 - beta1 ** t), v[name] / (1 - beta2 ** t)
+            m_hat, v_hat = m[name] / (1 - beta1**t), v[name] / (1 - beta2**t)
             out[name] = p - learning_rate * m_hat / (v_hat.sqrt() + eps)
             moments[name] = v[name].detach().clone()
         return out
+
     return step
 
 
-def train(model: nn.Module, start: Parameters, stages: list[tuple[torch.Tensor, torch.Tensor, int]], step: Step,
-          weights: list[torch.Tensor | None], every: int, loss=squared_loss) -> tuple[Parameters, list[Parameters]]:
+def train(
+    model: nn.Module,
+    start: Parameters,
+    stages: list[tuple[torch.Tensor, torch.Tensor, int]],
+    step: Step,
+    weights: list[torch.Tensor | None],
+    every: int,
+    loss=squared_loss,
+) -> tuple[Parameters, list[Parameters]]:
     """Full-batch training through `stages` [(inputs, targets, steps)], each with per-example weights
     (1 + ε) on its mean loss (None: all 1); keeps a graph to the weights. Checkpoints every `every` steps."""
     params = {name: p.detach().clone().requires_grad_(True) for name, p in start.items()}
@@ -115,21 +134,28 @@ def train(model: nn.Module, start: Parameters, stages: list[tuple[torch.Tensor, 
     return params, checkpoints
 
 
-def removal_effect(model: nn.Module, final: Parameters, eps: torch.Tensor, queries: tuple[torch.Tensor, torch.Tensor],
-                   loss=squared_loss) -> np.ndarray:
+def removal_effect(
+    model: nn.Module,
+    final: Parameters,
+    eps: torch.Tensor,
+    queries: tuple[torch.Tensor, torch.Tensor],
+    loss=squared_loss,
+) -> np.ndarray:
     """(Q, N): −d L_q(θ_T)/dε_i by autograd through the loop: the first-order change of each query's loss
     when example i is removed (ε_i = −1). Source's score / N predicts it (positive = supports)."""
     inputs, targets = queries
     query_losses = loss(functional_call(model, final, (inputs,)), targets)
     basis = torch.eye(len(inputs), dtype=query_losses.dtype)
-    derivative, = torch.autograd.grad(query_losses, eps, grad_outputs=basis, is_grads_batched=True)
+    (derivative,) = torch.autograd.grad(query_losses, eps, grad_outputs=basis, is_grads_batched=True)
     return -derivative.numpy()
 
 
 def mean_correlation(predicted: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
     """(Pearson, Spearman) between predicted and exact effects over training examples, averaged over queries."""
+
     def ranks(values: np.ndarray) -> np.ndarray:
         return np.argsort(np.argsort(values)).astype(float)
+
     pearson = [np.corrcoef(p, e)[0, 1] for p, e in zip(predicted, exact)]
     spearman = [np.corrcoef(ranks(p), ranks(e))[0, 1] for p, e in zip(predicted, exact)]
     return float(np.mean(pearson)), float(np.mean(spearman))

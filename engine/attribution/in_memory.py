@@ -25,8 +25,8 @@ True samples labels from the model (the LM path's default); "empirical" uses the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +39,14 @@ from engine.capture.modules import tracked_shapes
 from engine.config import MethodConfig
 from engine.curvature.dense import dense_gram_factors
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS, ModuleFactors, final_factors, initial_factors
-from engine.curvature.statistics import (ModuleCovariance, ModuleLambda, PartialSums, add_covariance, add_lambda,
-                                         merge_all)
+from engine.curvature.statistics import (
+    ModuleCovariance,
+    ModuleLambda,
+    PartialSums,
+    add_covariance,
+    add_lambda,
+    merge_all,
+)
 from engine.errors import TributaryError
 from engine.projection import ProjectionSpec, build_projection
 from engine.spectral.core import QueryTerm, score_terms
@@ -52,6 +58,7 @@ Tensor = torch.Tensor
 
 
 # ---- what the caller supplies ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ExampleLoss:
@@ -73,6 +80,7 @@ def _flat(outputs: Tensor) -> Tensor:
 
 def squared_error() -> ExampleLoss:
     """½‖f(x) − y‖² (Gaussian likelihood with unit variance)."""
+
     def loss(outputs: Tensor, targets: Tensor) -> Tensor:
         return 0.5 * ((_flat(outputs) - _flat(targets).to(outputs.dtype)) ** 2).sum(dim=1)
 
@@ -83,11 +91,13 @@ def squared_error() -> ExampleLoss:
     def hessian_root(outputs: Tensor) -> Tensor:
         width = _flat(outputs).shape[1]
         return torch.eye(width, dtype=outputs.dtype).expand(outputs.shape[0], width, width)
+
     return ExampleLoss(loss, sample, hessian_root)
 
 
 def cross_entropy() -> ExampleLoss:
     """Softmax cross-entropy on logits (B, C) with integer targets (B,)."""
+
     def loss(outputs: Tensor, targets: Tensor) -> Tensor:
         return functional.cross_entropy(outputs, targets.long(), reduction="none")
 
@@ -99,6 +109,7 @@ def cross_entropy() -> ExampleLoss:
         hessian = torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
         values, vectors = torch.linalg.eigh(hessian)
         return (vectors * values.clamp(min=0).sqrt().unsqueeze(-2)).to(outputs.dtype)
+
     return ExampleLoss(loss, sample, hessian_root)
 
 
@@ -143,7 +154,7 @@ class TrainingRun:
     averaged: bool = False  # Fast-Source: also compute at each segment's averaged parameters
 
     @classmethod
-    def final_only(cls, parameters: Mapping[str, Tensor], data: Dataset) -> "TrainingRun":
+    def final_only(cls, parameters: Mapping[str, Tensor], data: Dataset) -> TrainingRun:
         return cls([Segment([Checkpoint(parameters)], data)])
 
 
@@ -163,6 +174,7 @@ class Settings:
 
 # ---- the attribution engine for one model and one run -------------------------------------------
 
+
 def _segment_rate(rate: float | None, run: TrainingRun) -> float | None:
     if rate is None or run.optimizer != "sgd":
         return rate
@@ -179,10 +191,12 @@ class InMemoryAttribution:
         self.settings = settings
         self.modules = self._tracked(model, settings.modules)
         shapes = tracked_shapes(self.modules, settings.include_bias)
-        self.spec: ProjectionSpec = build_projection(settings.projection_dim, settings.projection_seed,
-                                                     settings.projection_kind, shapes)
-        self.capture = GradientCapture(model, self.modules, self.spec, settings.include_bias, settings.dtype,
-                                       torch.device("cpu"))
+        self.spec: ProjectionSpec = build_projection(
+            settings.projection_dim, settings.projection_seed, settings.projection_kind, shapes
+        )
+        self.capture = GradientCapture(
+            model, self.modules, self.spec, settings.include_bias, settings.dtype, torch.device("cpu")
+        )
         self.plan, self._parameters, self._data, self._checkpoints = self._describe(run)
         self._cache: dict[tuple, object] = {}
         self._queries: Dataset | None = None
@@ -196,8 +210,10 @@ class InMemoryAttribution:
             return linears
         missing = [n for n in names if n not in linears]
         if missing:
-            raise TributaryError(f"Settings.modules names {missing}, which are not nn.Linear modules of the model "
-                                 f"(it has {', '.join(linears)})")
+            raise TributaryError(
+                f"Settings.modules names {missing}, which are not nn.Linear modules of the model "
+                f"(it has {', '.join(linears)})"
+            )
         return {n: linears[n] for n in names}
 
     def _check_parameters(self, parameters: Mapping[str, Tensor], where: str) -> dict[str, Tensor]:
@@ -206,7 +222,9 @@ class InMemoryAttribution:
         if given != expected:
             missing = sorted(set(expected) - set(given))
             extra = sorted(set(given) - set(expected))
-            shapes = [f"{n}: {given[n]} vs model {expected[n]}" for n in expected if n in given and given[n] != expected[n]]
+            shapes = [
+                f"{n}: {given[n]} vs model {expected[n]}" for n in expected if n in given and given[n] != expected[n]
+            ]
             raise TributaryError(
                 f"{where} has a different architecture from the model (missing {missing[:4]}, unexpected "
                 f"{extra[:4]}, shapes {shapes[:4]}); every checkpoint must hold the same parameters"
@@ -235,17 +253,27 @@ class InMemoryAttribution:
                 parameters[name] = self._check_parameters(checkpoint.parameters, f"checkpoint {name} (segment {index})")
                 data[name] = segment.data
                 originals[name] = checkpoint
-                checkpoints.append(CheckpointPlan(name, index, learning_rate=_segment_rate(checkpoint.learning_rate, run),
-                                                  step=checkpoint.step))
+                checkpoints.append(
+                    CheckpointPlan(
+                        name, index, learning_rate=_segment_rate(checkpoint.learning_rate, run), step=checkpoint.step
+                    )
+                )
                 names.append(name)
             plan = SegmentPlan(index, tuple(names), _segment_rate(segment.eta, run), segment.steps, dataset)
             segments.append(plan)
             if run.averaged:
-                parameters[plan.averaged] = {key: torch.stack([parameters[n][key] for n in names]).mean(dim=0)
-                                             for key in parameters[names[0]]}
+                parameters[plan.averaged] = {
+                    key: torch.stack([parameters[n][key] for n in names]).mean(dim=0) for key in parameters[names[0]]
+                }
                 data[plan.averaged] = segment.data
-        plan = RunPlan(tuple(checkpoints), tuple(segments), tuple(f"dataset{i}" for i in range(len(datasets))),
-                       run.optimizer, run.preconditioned, run.averaged)
+        plan = RunPlan(
+            tuple(checkpoints),
+            tuple(segments),
+            tuple(f"dataset{i}" for i in range(len(datasets))),
+            run.optimizer,
+            run.preconditioned,
+            run.averaged,
+        )
         self._datasets = datasets
         return plan, parameters, data, originals
 
@@ -263,7 +291,7 @@ class InMemoryAttribution:
     def _batches(self, data: Dataset) -> Iterator[tuple[Tensor, Tensor]]:
         size = self.settings.batch_size or max(len(data), 1)
         for start in range(0, len(data), size):
-            yield data.inputs[start:start + size], data.targets[start:start + size]
+            yield data.inputs[start : start + size], data.targets[start : start + size]
 
     def _forward(self, parameters: dict[str, Tensor], inputs: Tensor) -> tuple[ForwardPass, Tensor]:
         x = inputs.detach().to(self.settings.dtype).requires_grad_(True)
@@ -286,8 +314,10 @@ class InMemoryAttribution:
                 raise TributaryError("Settings.fisher 'exact' needs an ExampleLoss with `hessian_root`")
             roots = self.loss.hessian_root(outputs.detach())
             flat = _flat(outputs)
-            return [self.capture.output_gradients(state, (flat * roots[:, :, k]).sum(dim=1), retain_graph=True)
-                    for k in range(roots.shape[2])]
+            return [
+                self.capture.output_gradients(state, (flat * roots[:, :, k]).sum(dim=1), retain_graph=True)
+                for k in range(roots.shape[2])
+            ]
         raise TributaryError(f"Settings.fisher {fisher!r} is unknown; use 'exact', True or 'empirical'")
 
     def _gradients(self, parameters: dict[str, Tensor], data: Dataset, loss: ExampleLoss) -> np.ndarray:
@@ -310,11 +340,14 @@ class InMemoryAttribution:
                     add_covariance(sums[name], state.activations[name], [d for draw in draws for d in draw[name]], mask)
         return sums
 
-    def _lambdas(self, key: str, factors: dict[str, ModuleFactors],
-                 scale: dict[str, np.ndarray] | None) -> dict[str, ModuleLambda]:
+    def _lambdas(
+        self, key: str, factors: dict[str, ModuleFactors], scale: dict[str, np.ndarray] | None
+    ) -> dict[str, ModuleLambda]:
         sums = {m.name: ModuleLambda.zeros(m.k_in, m.k_out) for m in self.spec.modules}
-        bases = {name: (torch.from_numpy(f.q_s), torch.from_numpy(f.q_a)) if f.rotated else None
-                 for name, f in factors.items()}
+        bases = {
+            name: (torch.from_numpy(f.q_s), torch.from_numpy(f.q_a)) if f.rotated else None
+            for name, f in factors.items()
+        }
         scales = {name: torch.from_numpy(s) for name, s in scale.items()} if scale is not None else {}
         generator = torch.Generator().manual_seed(self.settings.seed)
         with self.capture.hooks():
@@ -335,7 +368,9 @@ class InMemoryAttribution:
         initial = initial_factors(strategy, covariance, widths)
         if strategy not in NEEDS_LAMBDA_PASS:
             if scale is not None:
-                raise TributaryError(f"the preconditioned (Adam) variant needs strategy ekfac or diagonal, not {strategy}")
+                raise TributaryError(
+                    f"the preconditioned (Adam) variant needs strategy ekfac or diagonal, not {strategy}"
+                )
             return initial
         lambdas = merge_all([PartialSums(lambdas=self._lambdas(key, initial, scale)) for key in keys]).lambdas
         return final_factors(strategy, initial, lambdas)
@@ -353,12 +388,14 @@ class InMemoryAttribution:
     def query_gradients(self, key: str) -> np.ndarray:
         if self._queries is None:
             raise ValueError("no queries set; call scores()")
-        return self._cached(("queries", key), lambda: self._gradients(self._parameters[key], self._queries,
-                                                                     self._measurement))
+        return self._cached(
+            ("queries", key), lambda: self._gradients(self._parameters[key], self._queries, self._measurement)
+        )
 
     def factors(self, key: str) -> dict[str, ModuleFactors]:
-        """"cJ": checkpoint J's own factors; "sL": averaged over segment L's checkpoints; "avgL": at segment L's
+        """ "cJ": checkpoint J's own factors; "sL": averaged over segment L's checkpoints; "avgL": at segment L's
         averaged parameters. For a preconditioned run, "sL" and "avgL" are the factors of P̄^{1/2} H P̄^{1/2}."""
+
         def compute() -> dict[str, ModuleFactors]:
             if key.startswith("c"):
                 return self._fit([key], None)
@@ -370,6 +407,7 @@ class InMemoryAttribution:
                 return self._fit([key], scale)
             names = self.plan.segments[index].checkpoints
             return self.factors(names[0]) if len(names) == 1 and scale is None else self._fit(names, scale)
+
         return self._cached(("factors", key), compute)
 
     def dense_factors(self, key: str) -> dict[str, ModuleFactors]:
@@ -381,16 +419,23 @@ class InMemoryAttribution:
     def _checkpoint_preconditioner(self, name: str) -> dict[str, np.ndarray]:
         checkpoint = self._checkpoints[name]
         if checkpoint.exp_avg_sq is None or checkpoint.step is None:
-            raise TributaryError(f"the preconditioned (Adam) variant needs exp_avg_sq and the optimizer step (for "
-                                 f"the bias correction) at checkpoint {name}")
+            raise TributaryError(
+                f"the preconditioned (Adam) variant needs exp_avg_sq and the optimizer step (for "
+                f"the bias correction) at checkpoint {name}"
+            )
         state = checkpoint.exp_avg_sq
         expected = {n: tuple(p.shape) for n, p in self.model.named_parameters()}
-        wrong = [f"{n}: {tuple(state[n].shape)} vs {expected[n]}" for n in state if n in expected
-                 and tuple(state[n].shape) != expected[n]]
+        wrong = [
+            f"{n}: {tuple(state[n].shape)} vs {expected[n]}"
+            for n in state
+            if n in expected and tuple(state[n].shape) != expected[n]
+        ]
         unknown = [n for n in state if n not in expected]
         if wrong or unknown:
-            raise TributaryError(f"exp_avg_sq at checkpoint {name} does not match the model's parameters "
-                                 f"(shapes {wrong[:4]}, unknown {unknown[:4]})")
+            raise TributaryError(
+                f"exp_avg_sq at checkpoint {name} does not match the model's parameters "
+                f"(shapes {wrong[:4]}, unknown {unknown[:4]})"
+            )
         out = {}
         for module in self.spec.modules:
             prefix = f"{module.name}." if module.name else ""  # the model itself may be the Linear
@@ -399,17 +444,23 @@ class InMemoryAttribution:
             missing = [n for n in (weight, bias) if n is not None and n not in state]
             if missing:
                 raise TributaryError(f"exp_avg_sq at checkpoint {name} has no entry for {missing}")
+
             def precondition(n: str) -> np.ndarray:
-                return adam_preconditioner(state[n].detach().numpy(), checkpoint.step, self.run.beta2,
-                                           self.run.eps)
-            out[module.name] = module_layout(precondition(weight), None if bias is None else precondition(bias),
-                                             module, f"exp_avg_sq at checkpoint {name}")
+                return adam_preconditioner(state[n].detach().numpy(), checkpoint.step, self.run.beta2, self.run.eps)
+
+            out[module.name] = module_layout(
+                precondition(weight),
+                None if bias is None else precondition(bias),
+                module,
+                f"exp_avg_sq at checkpoint {name}",
+            )
         return out
 
     def preconditioner(self, segment: int) -> dict[str, np.ndarray]:
         names = self.plan.segments[segment].checkpoints
-        return self._cached(("preconditioner", segment),
-                            lambda: average([self._checkpoint_preconditioner(n) for n in names]))
+        return self._cached(
+            ("preconditioner", segment), lambda: average([self._checkpoint_preconditioner(n) for n in names])
+        )
 
     # ---- scores ------------------------------------------------------------------------------------
     def terms(self, method: Method, queries: Dataset, measurement: ExampleLoss | None = None) -> list[QueryTerm]:
@@ -418,8 +469,9 @@ class InMemoryAttribution:
         self._queries, self._measurement = queries, measurement or self.loss
         return method.terms(self)
 
-    def scores(self, method: str | MethodConfig, queries: Dataset, measurement: ExampleLoss | None = None,
-               **options) -> np.ndarray:
+    def scores(
+        self, method: str | MethodConfig, queries: Dataset, measurement: ExampleLoss | None = None, **options
+    ) -> np.ndarray:
         """(Q, total_rows) scores of `method` (a name with MethodConfig options, or a MethodConfig)."""
         config = method if isinstance(method, MethodConfig) else MethodConfig(name=method, **options)
         resolved = method_from_config(config)
@@ -428,8 +480,18 @@ class InMemoryAttribution:
         def blocks(key: str):
             columns = self.columns(self.plan.dataset_of(key))
             yield columns.start, columns.stop, self.gradients(key)
+
         return score_terms(terms, blocks, self.total_rows, resolved)
 
 
-__all__ = ["Checkpoint", "Dataset", "ExampleLoss", "InMemoryAttribution", "Segment", "Settings", "TrainingRun",
-           "cross_entropy", "squared_error"]
+__all__ = [
+    "Checkpoint",
+    "Dataset",
+    "ExampleLoss",
+    "InMemoryAttribution",
+    "Segment",
+    "Settings",
+    "TrainingRun",
+    "cross_entropy",
+    "squared_error",
+]

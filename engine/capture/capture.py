@@ -30,8 +30,15 @@ class ForwardPass:
 class GradientCapture:
     """Projected per-example gradients of tracked modules for batches of one model."""
 
-    def __init__(self, model: nn.Module, modules: dict[str, nn.Module], spec: ProjectionSpec,
-                 include_bias: bool, compute_dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        model: nn.Module,
+        modules: dict[str, nn.Module],
+        spec: ProjectionSpec,
+        include_bias: bool,
+        compute_dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.model = model
         self.modules = modules
         self.spec = spec
@@ -74,6 +81,7 @@ class GradientCapture:
                 return
             state.activations.setdefault(name, []).append(self._project_input(name, args[0]))
             state.outputs.setdefault(name, []).append(output)
+
         return record
 
     @staticmethod
@@ -96,8 +104,13 @@ class GradientCapture:
 
     def forward(self, batch: Batch) -> ForwardPass:
         def call() -> torch.Tensor:
-            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                              position_ids=batch.position_ids, use_cache=False).logits
+            return self.model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).logits
+
         return self.run(call, batch.attention_mask)
 
     def run(self, call, mask: torch.Tensor) -> ForwardPass:
@@ -112,8 +125,9 @@ class GradientCapture:
         finally:
             self._current = None
 
-    def output_gradients(self, state: ForwardPass, loss: torch.Tensor,
-                         retain_graph: bool) -> dict[str, list[torch.Tensor]]:
+    def output_gradients(
+        self, state: ForwardPass, loss: torch.Tensor, retain_graph: bool
+    ) -> dict[str, list[torch.Tensor]]:
         """Projected δ̃ (B, T, k_out) per module call for the summed per-example `loss`."""
         names = [(name, i) for name, outs in state.outputs.items() for i in range(len(outs))]
         flat_outputs = [state.outputs[name][i] for name, i in names]
@@ -128,8 +142,7 @@ class GradientCapture:
             deltas.setdefault(name, []).append(self._zero_padding(delta if projection is None else delta @ projection))
         return deltas
 
-    def example_gradients(self, state: ForwardPass,
-                          deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def example_gradients(self, state: ForwardPass, deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         """G̃ = Σ_t δ̃_t ã_tᵀ per example and module: (B, k_out, k_in)."""
         out = {}
         for name in self.modules:

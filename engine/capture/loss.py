@@ -18,8 +18,10 @@ def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     if shifted_logits.dtype in (torch.float16, torch.bfloat16):
         shifted_logits = shifted_logits.float()
     token_loss = functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
-        ignore_index=IGNORE, reduction="none",
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="none",
     )
     return token_loss.view(shifted_labels.shape).sum(dim=1)
 
@@ -31,8 +33,9 @@ def _uniforms(seed: int, example_index: int, length: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def sample_labels(logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor,
-                  example_indices: list[int], seed: int) -> torch.Tensor:
+def sample_labels(
+    logits: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, example_indices: list[int], seed: int
+) -> torch.Tensor:
     """Labels drawn from the model's predictive distribution at every counted position (true Fisher).
 
     Each example's draws come from its own counter-based stream keyed by (seed, example index) and
@@ -45,9 +48,9 @@ def sample_labels(logits: torch.Tensor, labels: torch.Tensor, position_ids: torc
     probabilities = torch.softmax(logits[:, :-1].to(torch.float64), dim=-1)
     cumulative = probabilities.cumsum(dim=-1)
     width = labels.shape[1]
-    uniforms = torch.stack([
-        torch.from_numpy(_uniforms(seed, index, width + 1)) for index in example_indices
-    ]).to(logits.device)
+    uniforms = torch.stack([torch.from_numpy(_uniforms(seed, index, width + 1)) for index in example_indices]).to(
+        logits.device
+    )
     # the draw for the token at position p+1 uses uniform number p+1 of its example's stream
     per_position = torch.gather(uniforms, 1, position_ids[:, 1:] + 1)
     draws = torch.searchsorted(cumulative, per_position.unsqueeze(-1)).squeeze(-1)

@@ -17,7 +17,7 @@ from engine.errors import TributaryError
 
 
 class TrackedKind:
-    registry: ClassVar[dict[type, "type[TrackedKind]"]] = {}
+    registry: ClassVar[dict[type, type[TrackedKind]]] = {}
     module_type: ClassVar[type]
 
     def __init_subclass__(cls, **kwargs):
@@ -33,7 +33,7 @@ class TrackedKind:
         raise NotImplementedError
 
     @classmethod
-    def for_module(cls, module: nn.Module) -> "type[TrackedKind] | None":
+    def for_module(cls, module: nn.Module) -> type[TrackedKind] | None:
         for module_type, kind in cls.registry.items():
             if type(module) is module_type:
                 return kind
@@ -81,15 +81,15 @@ def select_modules(model: nn.Module, patterns: list[str] | None) -> dict[str, nn
     """Tracked modules in registration order, chosen by fnmatch patterns on their qualified names."""
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     supported = {
-        name: module for name, module in model.named_modules()
+        name: module
+        for name, module in model.named_modules()
         if TrackedKind.for_module(module) is not None and module is not output_embeddings
     }
     peft = is_peft_model(model)
     if peft:
         supported = {n: m for n, m in supported.items() if any(fnmatch.fnmatch(n, p) for p in LORA_PATTERNS)}
     if patterns is None:
-        chosen = {n: m for n, m in supported.items()
-                  if not any(fnmatch.fnmatch(n, p) for p in EXCLUDED_BY_DEFAULT)}
+        chosen = {n: m for n, m in supported.items() if not any(fnmatch.fnmatch(n, p) for p in EXCLUDED_BY_DEFAULT)}
         if not chosen:
             raise TributaryError("the model has no supported module (nn.Linear, GPT-2 Conv1D, LoRA) to track")
         return chosen
@@ -99,9 +99,7 @@ def select_modules(model: nn.Module, patterns: list[str] | None) -> dict[str, nn
         if not matched:
             examples = ", ".join(list(supported)[:6])
             scope = "LoRA adapter modules" if peft else "supported modules"
-            raise TributaryError(
-                f"model.modules pattern {pattern!r} matches no {scope}; names look like: {examples}"
-            )
+            raise TributaryError(f"model.modules pattern {pattern!r} matches no {scope}; names look like: {examples}")
         chosen.update(matched)
     return {n: m for n, m in supported.items() if n in chosen}
 

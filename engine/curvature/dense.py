@@ -6,7 +6,7 @@ every module's projected width is at most MAX_DENSE_WIDTH (k ≤ 4096 per module
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -34,7 +34,7 @@ def gram_sums(blocks: Iterable[np.ndarray], spec: ProjectionSpec) -> dict[str, n
     for block in blocks:
         block = np.asarray(block, dtype=np.float64)
         for m in spec.modules:
-            part = block[:, m.offset:m.offset + m.width]
+            part = block[:, m.offset : m.offset + m.width]
             sums[m.name] += part.T @ part
     return sums
 

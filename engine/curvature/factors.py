@@ -59,8 +59,14 @@ def correct(factors: ModuleFactors, lambdas: ModuleLambda) -> ModuleFactors:
     """Replace Λ by the mean of squared per-example gradients in the factors' basis."""
     if lambdas.examples == 0:
         raise ValueError("eigenvalue-correction sums have no data")
-    return ModuleFactors(strategy=factors.strategy, lam=lambdas.sum / lambdas.examples, q_a=factors.q_a,
-                         q_s=factors.q_s, alpha=factors.alpha, sigma=factors.sigma)
+    return ModuleFactors(
+        strategy=factors.strategy,
+        lam=lambdas.sum / lambdas.examples,
+        q_a=factors.q_a,
+        q_s=factors.q_s,
+        alpha=factors.alpha,
+        sigma=factors.sigma,
+    )
 
 
 def identity_factors(k_in: int, k_out: int) -> ModuleFactors:
@@ -97,16 +103,18 @@ def dense_factors(gram: np.ndarray) -> ModuleFactors:
     return ModuleFactors(strategy=DENSE, lam=lam, basis=basis)
 
 
-def initial_factors(strategy: str, covariance: dict[str, ModuleCovariance],
-                    widths: dict[str, tuple[int, int]]) -> dict[str, ModuleFactors]:
+def initial_factors(
+    strategy: str, covariance: dict[str, ModuleCovariance], widths: dict[str, tuple[int, int]]
+) -> dict[str, ModuleFactors]:
     """Factors after pass 1: eigenbases (K-FAC/EK-FAC) or placeholders; `widths` maps name → (k_in, k_out)."""
     if strategy in NEEDS_COVARIANCE:
         return {name: eigendecompose(covariance[name], strategy) for name in widths}
     return {name: identity_factors(k_in, k_out) for name, (k_in, k_out) in widths.items()}
 
 
-def final_factors(strategy: str, initial: dict[str, ModuleFactors],
-                  lambdas: dict[str, ModuleLambda]) -> dict[str, ModuleFactors]:
+def final_factors(
+    strategy: str, initial: dict[str, ModuleFactors], lambdas: dict[str, ModuleLambda]
+) -> dict[str, ModuleFactors]:
     if strategy == "ekfac":
         return {name: correct(factors, lambdas[name]) for name, factors in initial.items()}
     if strategy == "diagonal":

@@ -14,7 +14,7 @@ from engine.projection import ProjectionSpec
 
 
 def covariance_width(spec: ProjectionSpec) -> int:
-    return sum(m.k_in ** 2 + m.k_out ** 2 for m in spec.modules)
+    return sum(m.k_in**2 + m.k_out**2 for m in spec.modules)
 
 
 def lambda_width(spec: ProjectionSpec) -> int:
@@ -22,8 +22,9 @@ def lambda_width(spec: ProjectionSpec) -> int:
 
 
 def pack_covariance(sums: dict[str, ModuleCovariance], spec: ProjectionSpec) -> tuple[np.ndarray, np.ndarray]:
-    vector = np.concatenate([np.concatenate([sums[m.name].a_sum.ravel(), sums[m.name].s_sum.ravel()])
-                             for m in spec.modules])
+    vector = np.concatenate(
+        [np.concatenate([sums[m.name].a_sum.ravel(), sums[m.name].s_sum.ravel()]) for m in spec.modules]
+    )
     first = sums[spec.modules[0].name]
     return vector, np.array([first.tokens, first.examples], dtype=np.int64)
 
@@ -31,10 +32,10 @@ def pack_covariance(sums: dict[str, ModuleCovariance], spec: ProjectionSpec) -> 
 def unpack_covariance(vector: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleCovariance]:
     out, offset = {}, 0
     for m in spec.modules:
-        a = vector[offset:offset + m.k_in ** 2].reshape(m.k_in, m.k_in)
-        offset += m.k_in ** 2
-        s = vector[offset:offset + m.k_out ** 2].reshape(m.k_out, m.k_out)
-        offset += m.k_out ** 2
+        a = vector[offset : offset + m.k_in**2].reshape(m.k_in, m.k_in)
+        offset += m.k_in**2
+        s = vector[offset : offset + m.k_out**2].reshape(m.k_out, m.k_out)
+        offset += m.k_out**2
         out[m.name] = ModuleCovariance(a.copy(), s.copy(), int(counts[0]), int(counts[1]))
     return out
 
@@ -48,7 +49,7 @@ def unpack_lambda(vector: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) 
     out, offset = {}, 0
     for m in spec.modules:
         width = m.k_in * m.k_out
-        out[m.name] = ModuleLambda(vector[offset:offset + width].reshape(m.k_out, m.k_in).copy(), int(counts[0]))
+        out[m.name] = ModuleLambda(vector[offset : offset + width].reshape(m.k_out, m.k_in).copy(), int(counts[0]))
         offset += width
     return out
 

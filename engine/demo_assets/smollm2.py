@@ -141,12 +141,15 @@ def _convert_and_save(source: Path, out: Path) -> None:
     # dequantize=True: dense float32 weights whether transformers reads this architecture with its
     # packed-GGUF loader (which keeps Q4 blocks when the `kernels` package is installed) or, as for
     # llama in transformers 5.23, with the legacy loader that dequantises anyway.
-    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        source.parent, gguf_file=source.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
     packed = sorted({type(module).__name__ for module in model.modules() if "gguf" in type(module).__name__.lower()})
     if packed or any(parameter.dtype != torch.float32 for parameter in model.parameters()):
-        raise TributaryError(f"{source}: transformers kept GGUF-packed modules {packed} in the model; "
-                             "the demo needs dense float32 weights")
+        raise TributaryError(
+            f"{source}: transformers kept GGUF-packed modules {packed} in the model; "
+            "the demo needs dense float32 weights"
+        )
     # The weights are plain float32 now: drop the GGUF quantiser and its config record, or
     # save_pretrained refuses ("quantized with gguf and is not serializable") and a later
     # from_pretrained(out) would look for the GGUF file again.

@@ -20,8 +20,8 @@ from rich.table import Table
 from engine.capture.loss import per_example_loss
 from engine.config import load_config
 from engine.data.batching import collate
-from engine.data.tokenize import tokenize_rows
 from engine.data.rows import Row
+from engine.data.tokenize import tokenize_rows
 from engine.indexing.driver import run_index
 from engine.query.run import run_query
 from engine.tiny import build_model, build_tokenizer
@@ -29,16 +29,21 @@ from engine.tiny import build_model, build_tokenizer
 ANIMALS = ["fox", "owl", "bear", "otter", "crow", "hare", "wolf", "seal", "deer", "lynx", "mole", "wren"]
 FOODS = ["berries", "fish", "mice", "honey", "seeds", "roots", "grubs", "clams", "moss", "nuts"]
 PLACES = ["forest", "river", "meadow", "marsh", "valley", "harbor", "cave", "orchard"]
-QUERIES = [("the otter eats", "clams in the harbor"), ("the owl eats", "mice in the forest"),
-           ("the bear eats", "honey in the valley")]
+QUERIES = [
+    ("the otter eats", "clams in the harbor"),
+    ("the owl eats", "mice in the forest"),
+    ("the bear eats", "honey in the valley"),
+]
 
 console = Console()
 
 
 def corpus(size: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
-    sentences = {f"the {a} eats {f} in the {p}" for a, f, p in
-                 [(q.split()[1], *c.replace(" in the", "").split()) for q, c in QUERIES]}
+    sentences = {
+        f"the {a} eats {f} in the {p}"
+        for a, f, p in [(q.split()[1], *c.replace(" in the", "").split()) for q, c in QUERIES]
+    }
     while len(sentences) < size:
         sentences.add(f"the {rng.choice(ANIMALS)} eats {rng.choice(FOODS)} in the {rng.choice(PLACES)}")
     ordered = sorted(sentences)
@@ -47,15 +52,17 @@ def corpus(size: int, seed: int = 0) -> list[str]:
 
 
 def _train(model, tokenizer, texts: list[str], steps: int) -> None:
-    rows = tokenize_rows([Row(index=i, id=str(i), line=i + 1, text=t) for i, t in enumerate(texts)],
-                         tokenizer, 32, "demo corpus")
+    rows = tokenize_rows(
+        [Row(index=i, id=str(i), line=i + 1, text=t) for i, t in enumerate(texts)], tokenizer, 32, "demo corpus"
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = random.Random(0)
     model.train()
     for _ in range(steps):
         batch = collate(generator.sample(rows, 16), tokenizer.pad_token_id)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids).logits
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
         loss = per_example_loss(logits, batch.labels).mean()
         optimizer.zero_grad()
         loss.backward()
@@ -93,8 +100,7 @@ def run_toy_demo(workdir: str, small: bool = False) -> list[dict]:
     console.print("[bold]2/3[/] indexing the training set (projected gradients + EK-FAC)")
     run_index(job, overwrite=True)
     console.print("[bold]3/3[/] attributing three completions")
-    run_query(job, str(root / "queries.jsonl"), 3, out=str(root / "results.jsonl"),
-              scores_out=str(root / "scores.npy"))
+    run_query(job, str(root / "queries.jsonl"), 3, out=str(root / "results.jsonl"), scores_out=str(root / "scores.npy"))
     results = [json.loads(line) for line in open(root / "results.jsonl")]
     for result in results:
         table = Table(title=f"{result['prompt']} →{result['completion']}", title_justify="left")

@@ -44,8 +44,13 @@ def forwarded_environment() -> dict[str, str]:
     Credentials are deliberately not forwarded (runtime environments are visible in Ray's state API):
     workers read them from their own node's environment, as the Ray processes there were started.
     """
-    names = ("TRIBUTARY_CHAOS", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
-             "HF_HUB_DISABLE_PROGRESS_BARS")
+    names = (
+        "TRIBUTARY_CHAOS",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "TOKENIZERS_PARALLELISM",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+    )
     return {name: os.environ[name] for name in names if name in os.environ}
 
 

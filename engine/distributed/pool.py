@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import Iterator
+from collections.abc import Iterator
 
 from engine.config import ClusterConfig, JobConfig
 from engine.errors import TributaryError
@@ -29,8 +29,10 @@ class RayExecutor:
         from engine.indexing.worker import ShardWorker
 
         actor_class = ray.remote(ShardWorker).options(
-            num_cpus=cluster.cpus_per_worker, num_gpus=cluster.gpus_per_worker if _has_gpus() else 0,
-            max_restarts=MAX_ATTEMPTS, max_task_retries=0,
+            num_cpus=cluster.cpus_per_worker,
+            num_gpus=cluster.gpus_per_worker if _has_gpus() else 0,
+            max_restarts=MAX_ATTEMPTS,
+            max_task_retries=0,
             runtime_env={"env_vars": forwarded_environment()},
         )
         self.actors = [actor_class.remote(config, threads=cluster.cpus_per_worker) for _ in range(size)]

@@ -32,7 +32,7 @@ class RowRangeScorer:
         method = stored_rows_method(normalise)
         columns = np.empty((transformed.shape[0], self.stop - self.start))
         for start, stop, block in self.store.iter_chunks(self.shards):
-            columns[:, start - self.start:stop - self.start] = score_block(transformed, block, method)
+            columns[:, start - self.start : stop - self.start] = score_block(transformed, block, method)
         top, top_values = top_k_with_scores(columns, k)
         bottom, bottom_values = top_k_with_scores(-columns, k)
         return top + self.start, top_values, bottom + self.start, -bottom_values, (columns if full else None)
@@ -52,14 +52,16 @@ def merge_parts(parts: list[RangePart], k: int, full: bool) -> QueryResult:
     return QueryResult(top, top_values, bottom, -bottom_values, total)
 
 
-def score_on_cluster(store, transformed: np.ndarray, normalise: bool, k: int, full: bool,
-                     cluster: ClusterConfig, actors: int) -> QueryResult:
+def score_on_cluster(
+    store, transformed: np.ndarray, normalise: bool, k: int, full: bool, cluster: ClusterConfig, actors: int
+) -> QueryResult:
     """One scoring pass on actors started for it (and stopped after): top/bottom (Q, k), full (Q, N) or None."""
     import ray
 
     scorer = ray.remote(RowRangeScorer).options(num_cpus=cluster.cpus_per_worker)
-    pool = [scorer.remote(store.path, a, b, cluster.cpus_per_worker)
-            for a, b in row_ranges(len(store.shards()), actors)]
+    pool = [
+        scorer.remote(store.path, a, b, cluster.cpus_per_worker) for a, b in row_ranges(len(store.shards()), actors)
+    ]
     try:
         shared = ray.put(transformed)
         parts = ray.get([actor.score.remote(shared, normalise, k, full) for actor in pool])

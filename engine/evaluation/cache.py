@@ -8,8 +8,8 @@ different key it is refused, naming what changed, so stale ground truth is never
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zarr
@@ -17,8 +17,9 @@ import zarr
 from engine.errors import TributaryError
 
 
-def load_or_compute(path: str | Path | None, key: dict, compute: Callable[[], dict[str, np.ndarray]]
-                    ) -> tuple[dict[str, np.ndarray], bool]:
+def load_or_compute(
+    path: str | Path | None, key: dict, compute: Callable[[], dict[str, np.ndarray]]
+) -> tuple[dict[str, np.ndarray], bool]:
     """The arrays cached at `path` for `key`, or `compute()` written there. Returns (arrays, reused)."""
     key = json.loads(json.dumps(key))  # the form it takes in the attributes
     if path is None:
@@ -38,7 +39,9 @@ def load_or_compute(path: str | Path | None, key: dict, compute: Callable[[], di
         if complete:
             return {name: np.asarray(group[name][...]) for name in group.array_keys()}, True
     elif path.exists() and any(path.iterdir()):
-        raise TributaryError(f"ground truth cache {path} exists and is not a Tributary cache; give an empty or new path")
+        raise TributaryError(
+            f"ground truth cache {path} exists and is not a Tributary cache; give an empty or new path"
+        )
     arrays = compute()
     group = zarr.open_group(str(path), mode="w", attributes={"key": key, "complete": False})
     for name, values in arrays.items():

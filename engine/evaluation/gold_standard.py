@@ -10,8 +10,8 @@ the sign of the store's scores, so methods compare directly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -46,9 +46,18 @@ def further_recipe(steps: int, learning_rate: float, batch_size: int | None) -> 
     return Recipe((Stage(steps, learning_rate, batch_size),))
 
 
-def gold_standard(task, final: Parameters, left_out: Sequence[int], recipe: Recipe, record_at: Sequence[int],
-                  seeds: int = 4, mode: str = "remove", paired: bool = True, seed: int = 0,
-                  workers: int = 0) -> GoldStandard:
+def gold_standard(
+    task,
+    final: Parameters,
+    left_out: Sequence[int],
+    recipe: Recipe,
+    record_at: Sequence[int],
+    seeds: int = 4,
+    mode: str = "remove",
+    paired: bool = True,
+    seed: int = 0,
+    workers: int = 0,
+) -> GoldStandard:
     """Further-train from `final` with `recipe` (one stage, typically 1/10 of the original learning rate),
     measuring at each step of `record_at`; S = `seeds` seeds."""
     if mode not in MODES:
@@ -58,8 +67,10 @@ def gold_standard(task, final: Parameters, left_out: Sequence[int], recipe: Reci
     if len(left_out) == 0 or left_out.min() < 0 or left_out.max() >= n or len(set(left_out.tolist())) != len(left_out):
         raise TributaryError(f"left-out examples must be distinct indices in [0, {n}) (got {left_out.tolist()[:8]})")
     if seeds < 1 or not record_at or min(record_at) < 1 or max(record_at) > recipe.steps:
-        raise TributaryError(f"need seeds >= 1 and recorded steps within 1..{recipe.steps} (got seeds={seeds}, "
-                             f"steps={list(record_at)[:8]})")
+        raise TributaryError(
+            f"need seeds >= 1 and recorded steps within 1..{recipe.steps} (got seeds={seeds}, "
+            f"steps={list(record_at)[:8]})"
+        )
     runs = []
     for s in range(seeds):
         base = 10_000 * (seed + 1) + s
@@ -78,8 +89,13 @@ def gold_standard(task, final: Parameters, left_out: Sequence[int], recipe: Reci
     return GoldStandard(tuple(int(t) for t in record_at), left_out, sensitivities.transpose(0, 2, 3, 1))
 
 
-def agreement(scores: np.ndarray, gold: GoldStandard, metric: str = "cosine", mean_adjust: bool = True,
-              per_step_scores: Sequence[np.ndarray] | None = None) -> dict:
+def agreement(
+    scores: np.ndarray,
+    gold: GoldStandard,
+    metric: str = "cosine",
+    mean_adjust: bool = True,
+    per_step_scores: Sequence[np.ndarray] | None = None,
+) -> dict:
     """Per step: mean and SEM over queries of cosine (or Spearman) between a method's scores on the
     left-out examples and the gold standard. `per_step_scores` gives a method whose scores depend on the
     amount of further training (Source with K = that step) one (Q, N) matrix per recorded step."""

@@ -7,7 +7,7 @@ Ray and in-process results agree (tests/test_evaluation.py). Only measurements t
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -17,8 +17,9 @@ from engine.errors import TributaryError
 from engine.evaluation.training import Parameters, Recipe, RunSpec, repeat, stack
 
 
-def run_chunk(task, runs: Sequence[RunSpec], recipe: Recipe, record_at: Sequence[int], start: Parameters | None,
-              what: str) -> np.ndarray:
+def run_chunk(
+    task, runs: Sequence[RunSpec], recipe: Recipe, record_at: Sequence[int], start: Parameters | None, what: str
+) -> np.ndarray:
     """(len(runs), len(record_at), Q) query losses ("loss") or 0/1 correctness ("correct")."""
     trainer = task.trainer()
     if start is None:
@@ -36,8 +37,17 @@ def _remote_chunk(task, runs, recipe, record_at, start, what):
     return run_chunk(task, runs, recipe, record_at, start, what)
 
 
-def execute(task, runs: Sequence[RunSpec], recipe: Recipe, record_at: Sequence[int], start: Parameters | None = None,
-            what: str = "loss", workers: int = 0, chunk: int = 64, address: str = "local") -> np.ndarray:
+def execute(
+    task,
+    runs: Sequence[RunSpec],
+    recipe: Recipe,
+    record_at: Sequence[int],
+    start: Parameters | None = None,
+    what: str = "loss",
+    workers: int = 0,
+    chunk: int = 64,
+    address: str = "local",
+) -> np.ndarray:
     """Measurements of every run at every recorded step: (len(runs), len(record_at), Q).
 
     workers 0: in this process. workers > 0: Ray tasks on the cluster at `address` ("local" starts one on
@@ -46,7 +56,7 @@ def execute(task, runs: Sequence[RunSpec], recipe: Recipe, record_at: Sequence[i
         raise TributaryError(f"measurement {what!r} is unknown; use 'loss' or 'correct'")
     if workers < 0:
         raise TributaryError(f"workers {workers} must be 0 (in process) or a positive number of Ray workers")
-    chunks = [list(runs[i:i + chunk]) for i in range(0, len(runs), chunk)]
+    chunks = [list(runs[i : i + chunk]) for i in range(0, len(runs), chunk)]
     if workers == 0:
         return np.concatenate([run_chunk(task, c, recipe, record_at, start, what) for c in chunks])
     import ray

@@ -40,8 +40,15 @@ def subset_masks(n: int, alpha: float, subsets: int, seed: int) -> np.ndarray:
     return masks
 
 
-def ground_truth(task, alpha: float = 0.5, subsets: int = 50, seeds: int = 2, seed: int = 0, workers: int = 0,
-                 cache: str | Path | None = None) -> GroundTruth:
+def ground_truth(
+    task,
+    alpha: float = 0.5,
+    subsets: int = 50,
+    seeds: int = 2,
+    seed: int = 0,
+    workers: int = 0,
+    cache: str | Path | None = None,
+) -> GroundTruth:
     """Retrain on M α-subsets × R seeds (Ray tasks when workers > 0), or reuse the cache at `cache`."""
     if not 0 < alpha < 1:
         raise TributaryError(f"alpha {alpha} must lie strictly between 0 and 1 (the kept fraction)")
@@ -50,8 +57,15 @@ def ground_truth(task, alpha: float = 0.5, subsets: int = 50, seeds: int = 2, se
     n = len(task.train) if hasattr(task, "train") else task.effects.shape[1]
     if int(np.floor(alpha * n)) < 1:
         raise TributaryError(f"alpha {alpha} keeps no example of the {n} training rows; raise alpha")
-    key = {"job": "lds", "task": task.name, "fingerprint": task.fingerprint(), "alpha": alpha,
-           "subsets": subsets, "seeds": seeds, "seed": seed}
+    key = {
+        "job": "lds",
+        "task": task.name,
+        "fingerprint": task.fingerprint(),
+        "alpha": alpha,
+        "subsets": subsets,
+        "seeds": seeds,
+        "seed": seed,
+    }
 
     def compute() -> dict[str, np.ndarray]:
         masks = subset_masks(n, alpha, subsets, seed)
@@ -59,6 +73,7 @@ def ground_truth(task, alpha: float = 0.5, subsets: int = 50, seeds: int = 2, se
         run_seeds = np.array([1000 * (seed + 1) + j * seeds + r for j in range(subsets) for r in range(seeds)])
         values = retrain_subsets(task, repeated, run_seeds, workers)
         return {"masks": masks, "measurements": values.reshape(subsets, seeds, -1)}
+
     arrays, reused = load_or_compute(cache, key, compute)
     return GroundTruth(arrays["masks"].astype(bool), arrays["measurements"], reused)
 

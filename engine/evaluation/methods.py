@@ -9,7 +9,7 @@ Source is `source` on the final model with the further-training learning rate an
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,8 +21,9 @@ FINAL_MODEL = ("grad_dot", "grad_cos", "if", "trak", "datainf")
 ALONG_TRAINING = ("source", "fast_source", "tracin")
 
 
-def final_model_scores(task, final: Parameters, methods: Sequence[MethodConfig | str],
-                       settings: Settings = Settings()) -> dict[str, np.ndarray]:
+def final_model_scores(
+    task, final: Parameters, methods: Sequence[MethodConfig | str], settings: Settings = Settings()
+) -> dict[str, np.ndarray]:
     """(Q, N) scores of each method on the final model alone (FiMO's setting). Methods given as
     MethodConfigs are labelled by name, or by `name@steps` when they set steps (Source at several K)."""
     attribution = final_model_attribution(task, final, settings)
@@ -50,8 +51,15 @@ def run_scores(task, run: TrainingRun, method: MethodConfig | str, settings: Set
     """(Q, N) scores of a method that uses the training run's checkpoints, in training-row order."""
     config = method if isinstance(method, MethodConfig) else MethodConfig(name=method)
     if run.averaged != (config.name == "fast_source"):
-        run = TrainingRun(run.segments, run.optimizer, run.momentum, run.preconditioned, run.beta2, run.eps,
-                          averaged=config.name == "fast_source")
+        run = TrainingRun(
+            run.segments,
+            run.optimizer,
+            run.momentum,
+            run.preconditioned,
+            run.beta2,
+            run.eps,
+            averaged=config.name == "fast_source",
+        )
     attribution = InMemoryAttribution(task.model, task.loss, run, settings)
     raw = attribution.scores(config, task.queries)
     full = np.zeros((len(task.queries), len(task.train)))
@@ -66,8 +74,9 @@ def run_scores(task, run: TrainingRun, method: MethodConfig | str, settings: Set
     return full
 
 
-def all_scores(task, final: Parameters, run: TrainingRun, methods: Sequence[str],
-               settings: Settings = Settings()) -> dict[str, np.ndarray]:
+def all_scores(
+    task, final: Parameters, run: TrainingRun, methods: Sequence[str], settings: Settings = Settings()
+) -> dict[str, np.ndarray]:
     finals = [m for m in methods if m in FINAL_MODEL]
     out = final_model_scores(task, final, finals, settings) if finals else {}
     for method in methods:

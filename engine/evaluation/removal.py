@@ -8,7 +8,7 @@ larger k). Regression and language modelling: the mean increase of the query's l
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -18,8 +18,9 @@ from engine.evaluation.training import RunSpec
 from engine.query.scoring import top_k
 
 
-def subset_removal(task, scores: np.ndarray, k_values: Sequence[int], seeds: int = 3, seed: int = 0,
-                   workers: int = 0) -> dict:
+def subset_removal(
+    task, scores: np.ndarray, k_values: Sequence[int], seeds: int = 3, seed: int = 0, workers: int = 0
+) -> dict:
     n, q = len(task.train), len(task.queries)
     scores = np.asarray(scores, np.float64)
     if scores.shape != (q, n):
@@ -28,8 +29,9 @@ def subset_removal(task, scores: np.ndarray, k_values: Sequence[int], seeds: int
         raise TributaryError(f"removal sizes k must lie in 1..{n - 1} (got {list(k_values)})")
     what = "correct" if task.counts_flips else "loss"
     run_seeds = [50_000 * (seed + 1) + r for r in range(seeds)]
-    base = execute(task, [RunSpec(seed=s, init_seed=s) for s in run_seeds], task.recipe, [task.recipe.steps],
-                   None, what, workers)[:, 0]  # (R, Q)
+    base = execute(
+        task, [RunSpec(seed=s, init_seed=s) for s in run_seeds], task.recipe, [task.recipe.steps], None, what, workers
+    )[:, 0]  # (R, Q)
     order = top_k(scores, max(k_values))
     runs = []
     for k in k_values:
@@ -43,9 +45,17 @@ def subset_removal(task, scores: np.ndarray, k_values: Sequence[int], seeds: int
     if task.counts_flips:
         eligible = base.min(axis=0) == 1.0
         flipped = np.maximum.accumulate(own < 0.5, axis=0)[:, eligible]
-        return {"k": list(k_values), "metric": "fraction flipped", "eligible_queries": int(eligible.sum()),
-                "value": flipped.mean(axis=1).tolist() if eligible.any() else [float("nan")] * len(k_values)}
+        return {
+            "k": list(k_values),
+            "metric": "fraction flipped",
+            "eligible_queries": int(eligible.sum()),
+            "value": flipped.mean(axis=1).tolist() if eligible.any() else [float("nan")] * len(k_values),
+        }
     change = own - base.mean(axis=0)[None, :]
-    return {"k": list(k_values), "metric": "query loss increase", "eligible_queries": q,
-            "value": change.mean(axis=1).tolist(),
-            "sem": (change.std(axis=1, ddof=1) / np.sqrt(q)).tolist()}
+    return {
+        "k": list(k_values),
+        "metric": "query loss increase",
+        "eligible_queries": q,
+        "value": change.mean(axis=1).tolist(),
+        "sem": (change.std(axis=1, ddof=1) / np.sqrt(q)).tolist(),
+    }

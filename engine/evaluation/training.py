@@ -16,8 +16,8 @@ RandomSamplerLOO), and two runs with the same seed and the same kept set see ide
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -46,8 +46,15 @@ class Recipe:
         return sum(stage.steps for stage in self.stages)
 
     def describe(self) -> list[dict]:
-        return [{"steps": s.steps, "learning_rate": s.learning_rate, "batch_size": s.batch_size,
-                 "examples": None if s.examples is None else len(s.examples)} for s in self.stages]
+        return [
+            {
+                "steps": s.steps,
+                "learning_rate": s.learning_rate,
+                "batch_size": s.batch_size,
+                "examples": None if s.examples is None else len(s.examples),
+            }
+            for s in self.stages
+        ]
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,7 @@ def step_plan(run: RunSpec, recipe: Recipe, n: int) -> tuple[np.ndarray, np.ndar
             for start in range(0, max(len(order), 1), size):
                 if done == stage.steps:
                     break
-                batch = order[start:start + size]
+                batch = order[start : start + size]
                 weights = np.full(len(batch), 1.0 / max(len(batch), 1))
                 if down >= 0:  # FiMO: mean batch loss − ℓ_i / n, in every step
                     batch, weights = np.r_[batch, down], np.r_[weights, -1.0 / kept_count]
@@ -88,8 +95,8 @@ def step_plan(run: RunSpec, recipe: Recipe, n: int) -> tuple[np.ndarray, np.ndar
     indices = np.zeros((len(batches), width), np.int64)
     weights = np.zeros((len(batches), width))
     for step, (batch, weight) in enumerate(batches):
-        indices[step, :len(batch)] = batch
-        weights[step, :len(batch)] = weight
+        indices[step, : len(batch)] = batch
+        weights[step, : len(batch)] = weight
     return indices, weights, rates
 
 
@@ -116,6 +123,7 @@ class Trainer:
     def __post_init__(self) -> None:
         def one(parameters: Parameters, inputs: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, parameters, (inputs,))
+
         self._forward = vmap(one, in_dims=(0, None))
         self._batched = vmap(one, in_dims=(0, 0))
 
@@ -126,11 +134,19 @@ class Trainer:
         """(R, n) per-example losses of every run on `data`."""
         outputs = self.outputs(stacked, data.inputs)
         runs, count = outputs.shape[:2]
-        targets = data.targets.unsqueeze(0).expand(runs, *data.targets.shape).reshape(runs * count, *data.targets.shape[1:])
+        targets = (
+            data.targets.unsqueeze(0).expand(runs, *data.targets.shape).reshape(runs * count, *data.targets.shape[1:])
+        )
         return self.loss.loss(outputs.reshape(runs * count, *outputs.shape[2:]), targets).reshape(runs, count)
 
-    def train(self, start: Parameters, runs: Sequence[RunSpec], recipe: Recipe, record_at: Sequence[int],
-              measure: Callable[[Parameters], torch.Tensor]) -> np.ndarray:
+    def train(
+        self,
+        start: Parameters,
+        runs: Sequence[RunSpec],
+        recipe: Recipe,
+        record_at: Sequence[int],
+        measure: Callable[[Parameters], torch.Tensor],
+    ) -> np.ndarray:
         """Train every run from `start` (stacked, R leading) and return measure(θ) at each recorded step:
         (R, len(record_at), ...). Step 0 is the start."""
         n = len(self.data)
@@ -159,7 +175,7 @@ class Trainer:
             total = (losses.reshape(runs_, width_) * weights[:, step]).sum()
             grads = torch.autograd.grad(total, list(parameters.values()))
             with torch.no_grad():
-                for (name, p), g in zip(parameters.items(), grads):
+                for (_name, p), g in zip(parameters.items(), grads):
                     rate = rates[:, step].reshape(-1, *([1] * (p.dim() - 1)))
                     p -= rate * g
         return np.stack([recorded[int(s)] for s in record_at], axis=1)

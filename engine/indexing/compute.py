@@ -42,8 +42,13 @@ def _batches(context: ModelContext, rows: list[TokenizedRow]):
         yield batch.to(context.device)
 
 
-def gradient_pass(context: ModelContext, rows: list[TokenizedRow], start: int = 0,
-                  with_covariance: bool = True, measurement: str = "logprob_sum") -> ShardGradients:
+def gradient_pass(
+    context: ModelContext,
+    rows: list[TokenizedRow],
+    start: int = 0,
+    with_covariance: bool = True,
+    measurement: str = "logprob_sum",
+) -> ShardGradients:
     """Projected per-example gradients of the loss (queries: of `measurement`), and the covariance sums
     for K-FAC/EK-FAC (training rows only)."""
     capture = context.capture
@@ -68,8 +73,7 @@ def gradient_pass(context: ModelContext, rows: list[TokenizedRow], start: int = 
                 for name in capture.modules:
                     add_covariance(covariance[name], state.activations[name], deltas[name], batch.attention_mask)
     sums = PartialSums(covariance=covariance if want_covariance else {})
-    return ShardGradients(start, torch.cat(grads).numpy(), torch.cat(losses).numpy(),
-                          torch.cat(tokens).numpy(), sums)
+    return ShardGradients(start, torch.cat(grads).numpy(), torch.cat(losses).numpy(), torch.cat(tokens).numpy(), sums)
 
 
 def token_gradients(context: ModelContext, row: TokenizedRow, measurement: str = "logprob_sum") -> np.ndarray:
@@ -94,16 +98,29 @@ def token_gradients(context: ModelContext, row: TokenizedRow, measurement: str =
     return torch.cat(out).numpy()
 
 
-def lambda_pass(context: ModelContext, rows: list[TokenizedRow], factors: dict[str, ModuleFactors],
-                scale: dict[str, np.ndarray] | None = None) -> PartialSums:
+def lambda_pass(
+    context: ModelContext,
+    rows: list[TokenizedRow],
+    factors: dict[str, ModuleFactors],
+    scale: dict[str, np.ndarray] | None = None,
+) -> PartialSums:
     """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal).
     `scale` multiplies each G̃_n elementwise first (Adam's P^{1/2}: the factors of P^{1/2} H P^{1/2})."""
     capture = context.capture
-    scales = None if scale is None else {name: torch.from_numpy(np.asarray(value, dtype=np.float64)).to(context.device)
-                                         for name, value in scale.items()}
+    scales = (
+        None
+        if scale is None
+        else {
+            name: torch.from_numpy(np.asarray(value, dtype=np.float64)).to(context.device)
+            for name, value in scale.items()
+        }
+    )
     bases = {
-        name: (None if not f.rotated else (torch.from_numpy(f.q_s).to(context.device),
-                                           torch.from_numpy(f.q_a).to(context.device)))
+        name: (
+            None
+            if not f.rotated
+            else (torch.from_numpy(f.q_s).to(context.device), torch.from_numpy(f.q_a).to(context.device))
+        )
         for name, f in factors.items()
     }
     lambdas = {m.name: ModuleLambda.zeros(m.k_in, m.k_out) for m in context.spec.modules}

@@ -16,13 +16,13 @@ import time
 
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS, final_factors, initial_factors
-from engine.curvature.packing import (covariance_width, lambda_width, reduce_rows, unpack_covariance,
-                                      unpack_lambda)
+from engine.curvature.packing import covariance_width, lambda_width, reduce_rows, unpack_covariance, unpack_lambda
 from engine.data.rows import file_fingerprint, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.indexing.executor import make_executor
 from engine.indexing.job import build_manifest, field_names
+from engine.indexing.worker import CHAOS
 from engine.model.loading import checked_tokenizer, load_tokenizer
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
@@ -30,7 +30,6 @@ from engine.store import GradientStore, location
 from engine.store.compatibility import mismatches
 from engine.store.lock import StoreLock
 from engine.store.zarr_store import default_rows_per_chunk
-from engine.indexing.worker import CHAOS
 
 log = logging.getLogger(__name__)
 SETTINGS = ("curvature", "data", "dtype", "rows_per_chunk", "rows")
@@ -68,7 +67,8 @@ def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> tuple
             different = mismatches(existing.get("fingerprints", {}), manifest["fingerprints"])
             if different:
                 raise TributaryError(
-                    f"store {location.redact(path)} was built from a different " + ", ".join(different)
+                    f"store {location.redact(path)} was built from a different "
+                    + ", ".join(different)
                     + "; choose another store.path or pass --overwrite to replace it"
                 )
             changed = [key for key in SETTINGS if existing.get(key) != manifest.get(key)]
@@ -79,8 +79,14 @@ def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> tuple
                     + "); choose another store.path or pass --overwrite to rebuild it"
                 )
             return GradientStore.open(path, mode="r+"), True
-    store = GradientStore.create(path, manifest, rows=manifest["rows"], width=manifest["width"],
-                                 dtype=manifest["dtype"], rows_per_chunk=manifest["rows_per_chunk"])
+    store = GradientStore.create(
+        path,
+        manifest,
+        rows=manifest["rows"],
+        width=manifest["width"],
+        dtype=manifest["dtype"],
+        rows_per_chunk=manifest["rows_per_chunk"],
+    )
     return store, False
 
 
@@ -106,8 +112,12 @@ class IndexRun:
         self.progress = progress
         self.chaos = _DriverChaos()
         manifest = store.manifest
-        self.record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
-                       "workers": workers, "computed": {}}
+        self.record = {
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "host": socket.gethostname(),
+            "workers": workers,
+            "computed": {},
+        }
         self.runs = list(manifest.get("runs", [])) + [self.record]
         store.update_manifest(runs=self.runs)
 
@@ -117,8 +127,11 @@ class IndexRun:
         committed = dict(manifest.get("shards", {}).get(stage, {}))
         pending = [i for i in range(len(shards)) if str(i) not in committed]
         computed = self.record["computed"].setdefault(stage, [])
-        task = self.progress.add_task(f"{stage:<9}", total=self.store.rows,
-                                      completed=sum(shards[int(i)][1] - shards[int(i)][0] for i in committed))
+        task = self.progress.add_task(
+            f"{stage:<9}",
+            total=self.store.rows,
+            completed=sum(shards[int(i)][1] - shards[int(i)][0] for i in committed),
+        )
         for receipt in self.executor.run(stage, pending):
             shard = receipt["shard"]
             if str(shard) in committed:
@@ -146,15 +159,17 @@ class IndexRun:
 
 def _validated_rows(config: JobConfig):
     """Read and tokenise every training row before anything is loaded or written (errors name file:line)."""
-    tokenizer = checked_tokenizer(config.model.path) if config.model.tokenizer is None else \
-        load_tokenizer(config.model.tokenizer)
+    tokenizer = (
+        checked_tokenizer(config.model.path)
+        if config.model.tokenizer is None
+        else load_tokenizer(config.model.tokenizer)
+    )
     rows = read_rows(config.data.train, field_names(config), what="data.train")
     tokenize_rows(rows, tokenizer, config.data.max_length, config.data.train)
     return rows
 
 
-def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = True,
-              break_lock: bool = False):
+def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = True, break_lock: bool = False):
     """Index `config`: a GradientStore, or with a `training_run` section a RunStore (one store per checkpoint)."""
     from engine.training_run.resolve import resolve_run
 
@@ -162,8 +177,7 @@ def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = 
     if plan is not None:
         from engine.indexing.run_driver import run_training_index
 
-        return run_training_index(config, plan, overwrite=overwrite, show_progress=show_progress,
-                                  break_lock=break_lock)
+        return run_training_index(config, plan, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock)
     started = time.perf_counter()
     rows = _validated_rows(config)
     executor = make_executor(config)
@@ -176,24 +190,33 @@ def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = 
     return store
 
 
-def build_store(config: JobConfig, rows: int, executor, overwrite: bool, show_progress: bool,
-                started: float | None = None) -> GradientStore:
+def build_store(
+    config: JobConfig, rows: int, executor, overwrite: bool, show_progress: bool, started: float | None = None
+) -> GradientStore:
     """Create (or resume) the store at config.store.path and run every stage; the caller holds the lock."""
     started = time.perf_counter() if started is None else started
     facts = executor.describe()
     spec = ProjectionSpec.from_dict(facts["spec"])
     manifest = build_manifest(config, spec, facts["fingerprints"], file_fingerprint(config.data.train))
-    manifest.update(rows=rows, width=spec.total_width, dtype=config.store.dtype,
-                    rows_per_chunk=config.store.rows_per_chunk
-                    or default_rows_per_chunk(spec.total_width, config.store.dtype, rows))
+    manifest.update(
+        rows=rows,
+        width=spec.total_width,
+        dtype=config.store.dtype,
+        rows_per_chunk=config.store.rows_per_chunk
+        or default_rows_per_chunk(spec.total_width, config.store.dtype, rows),
+    )
     store, resumed = _open_or_create(config, manifest, overwrite)
     if store.manifest.get("complete"):
         log.info("store %s is complete and up to date; nothing to do", location.redact(config.store.path))
         return store
     if resumed:
         done = len(store.manifest.get("completed_shards", []))
-        log.info("resuming %s: %d of %d gradient shards already done",
-                 location.redact(config.store.path), done, len(store.shards()))
+        log.info(
+            "resuming %s: %d of %d gradient shards already done",
+            location.redact(config.store.path),
+            done,
+            len(store.shards()),
+        )
     timings = {"setup_s": time.perf_counter() - started}
     _run_stages(config, store, executor, spec, show_progress, timings)
     timings["total_s"] = time.perf_counter() - started
@@ -201,8 +224,9 @@ def build_store(config: JobConfig, rows: int, executor, overwrite: bool, show_pr
     return store
 
 
-def _run_stages(config: JobConfig, store: GradientStore, executor, spec: ProjectionSpec, show_progress: bool,
-                timings: dict) -> None:
+def _run_stages(
+    config: JobConfig, store: GradientStore, executor, spec: ProjectionSpec, show_progress: bool, timings: dict
+) -> None:
     strategy = config.curvature.strategy
     widths = {m.name: (m.k_in, m.k_out) for m in spec.modules}
     workers = len(getattr(executor, "actors", [None]))

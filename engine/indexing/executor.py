@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from engine.config import JobConfig
 from engine.indexing.worker import ShardWorker

@@ -34,8 +34,10 @@ class ModelContext:
 
     @property
     def fingerprints(self) -> dict[str, str]:
-        return {"model": model_fingerprint(self.model, self.modules),
-                "tokenizer": tokenizer_fingerprint(self.tokenizer)}
+        return {
+            "model": model_fingerprint(self.model, self.modules),
+            "tokenizer": tokenizer_fingerprint(self.tokenizer),
+        }
 
     def tokenize(self, rows: list[Row], source: str) -> list[TokenizedRow]:
         return tokenize_rows(rows, self.tokenizer, self.config.data.max_length, source)
@@ -43,12 +45,18 @@ class ModelContext:
 
 def field_names(config: JobConfig) -> FieldNames:
     data = config.data
-    return FieldNames(text=data.text_field, prompt=data.prompt_field, completion=data.completion_field,
-                      id=data.id_field, messages=data.messages_field)
+    return FieldNames(
+        text=data.text_field,
+        prompt=data.prompt_field,
+        completion=data.completion_field,
+        id=data.id_field,
+        messages=data.messages_field,
+    )
 
 
-def load_model_context(config: JobConfig, spec: ProjectionSpec | None = None,
-                       device: torch.device | None = None) -> ModelContext:
+def load_model_context(
+    config: JobConfig, spec: ProjectionSpec | None = None, device: torch.device | None = None
+) -> ModelContext:
     """Load the model and build (or reuse, for queries against a store) the projection spec."""
     model, tokenizer = load_model(config.model, device)
     device = next(model.parameters()).device

@@ -43,8 +43,12 @@ log = logging.getLogger(__name__)
 
 
 def _run_manifest(config: JobConfig, plan: RunPlan, spec: ProjectionSpec) -> dict:
-    return {"plan": plan.to_dict(), "projection": spec.to_dict(), "curvature": config.curvature.model_dump(),
-            "store": {"dtype": config.store.dtype, "rows_per_chunk": config.store.rows_per_chunk}}
+    return {
+        "plan": plan.to_dict(),
+        "projection": spec.to_dict(),
+        "curvature": config.curvature.model_dump(),
+        "store": {"dtype": config.store.dtype, "rows_per_chunk": config.store.rows_per_chunk},
+    }
 
 
 def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> RunStore:
@@ -54,8 +58,11 @@ def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> RunSt
             location.remove(path)
         elif is_run_store(path):
             existing = RunStore.open(path, mode="r+")
-            different = [key for key in ("plan", "projection", "curvature", "store")
-                         if existing.manifest.get(key) != manifest[key]]
+            different = [
+                key
+                for key in ("plan", "projection", "curvature", "store")
+                if existing.manifest.get(key) != manifest[key]
+            ]
             if different:
                 raise TributaryError(
                     f"store {location.redact(path)} was built for another training run or settings "
@@ -63,13 +70,17 @@ def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> RunSt
                 )
             return existing
         elif GradientStore.exists(path):
-            raise TributaryError(f"store.path {location.redact(path)} holds a single-checkpoint store; choose another "
-                                 "store.path for the training run, or pass --overwrite to replace it")
+            raise TributaryError(
+                f"store.path {location.redact(path)} holds a single-checkpoint store; choose another "
+                "store.path for the training run, or pass --overwrite to replace it"
+            )
         else:
             fs, root = location.filesystem(path)
             if not (fs.isdir(root) and not fs.ls(root, detail=False)):
-                raise TributaryError(f"store.path {location.redact(path)} already exists and is not a Tributary store; "
-                                     "choose another store.path (or remove it yourself)")
+                raise TributaryError(
+                    f"store.path {location.redact(path)} already exists and is not a Tributary store; "
+                    "choose another store.path (or remove it yourself)"
+                )
     return RunStore.create(path, manifest)
 
 
@@ -90,8 +101,10 @@ def _averaged_model(paths: list[str], target: Path, dtype: torch.dtype) -> str:
 def _averaged_root(config: JobConfig) -> Path:
     local = location.local_path(config.store.path)
     if local is None:
-        raise TributaryError("training_run.averaged writes each segment's averaged model next to the store, so "
-                             "store.path must be local; use a local store.path (or set averaged: false)")
+        raise TributaryError(
+            "training_run.averaged writes each segment's averaged model next to the store, so "
+            "store.path must be local; use a local store.path (or set averaged: false)"
+        )
     return Path(local + ".averaged")
 
 
@@ -109,8 +122,14 @@ def _index_checkpoint(config: JobConfig, rows: int, show_progress: bool, spec: P
     return store
 
 
-def _shared_lambdas(config: JobConfig, store: GradientStore, basis: dict[str, ModuleFactors],
-                    scale: dict[str, np.ndarray] | None, spec: ProjectionSpec, show_progress: bool) -> PartialSums:
+def _shared_lambdas(
+    config: JobConfig,
+    store: GradientStore,
+    basis: dict[str, ModuleFactors],
+    scale: dict[str, np.ndarray] | None,
+    spec: ProjectionSpec,
+    show_progress: bool,
+) -> PartialSums:
     """Λ sums of one checkpoint in a segment's shared basis (the worker stage `segment_lambdas`)."""
     store.write_factors(basis, "segment_basis")
     if scale is not None:
@@ -125,50 +144,78 @@ def _shared_lambdas(config: JobConfig, store: GradientStore, basis: dict[str, Mo
     return PartialSums(lambdas=unpack_lambda(*reduce_rows(*store.read_partials("segment_lambda")), spec))
 
 
-def _segment_factors(config: JobConfig, root: RunStore, plan: RunPlan, segment: SegmentPlan, keys: list[str],
-                     configs: dict[str, JobConfig], spec: ProjectionSpec, scale: dict[str, np.ndarray] | None,
-                     show_progress: bool) -> dict[str, ModuleFactors]:
+def _segment_factors(
+    config: JobConfig,
+    root: RunStore,
+    plan: RunPlan,
+    segment: SegmentPlan,
+    keys: list[str],
+    configs: dict[str, JobConfig],
+    spec: ProjectionSpec,
+    scale: dict[str, np.ndarray] | None,
+    show_progress: bool,
+) -> dict[str, ModuleFactors]:
     """Covariances added over `keys`, one eigendecomposition, Λ at every key in that basis, averaged."""
     strategy = config.curvature.strategy
     widths = {m.name: (m.k_in, m.k_out) for m in spec.modules}
     stores = {key: root.checkpoint(key, mode="r+") for key in keys}
     covariance = {}
     if strategy in NEEDS_COVARIANCE:
-        covariance = merge_all([PartialSums(covariance=unpack_covariance(*reduce_rows(*store.read_partials("covariance")),
-                                                                         spec)) for store in stores.values()]).covariance
+        covariance = merge_all(
+            [
+                PartialSums(covariance=unpack_covariance(*reduce_rows(*store.read_partials("covariance")), spec))
+                for store in stores.values()
+            ]
+        ).covariance
     basis = initial_factors(strategy, covariance, widths)
     if strategy not in NEEDS_LAMBDA_PASS:
         return basis
-    lambdas = merge_all([_shared_lambdas(configs[key], stores[key], basis, scale, spec, show_progress)
-                         for key in keys]).lambdas
+    lambdas = merge_all(
+        [_shared_lambdas(configs[key], stores[key], basis, scale, spec, show_progress) for key in keys]
+    ).lambdas
     return final_factors(strategy, basis, lambdas)
 
 
-def run_training_index(config: JobConfig, plan: RunPlan, overwrite: bool = False, show_progress: bool = True,
-                       break_lock: bool = False) -> RunStore:
+def run_training_index(
+    config: JobConfig, plan: RunPlan, overwrite: bool = False, show_progress: bool = True, break_lock: bool = False
+) -> RunStore:
     started = time.perf_counter()
     require_schedule(plan, config.method.name)
     strategy = config.curvature.strategy
     if plan.preconditioned and strategy not in NEEDS_LAMBDA_PASS:
-        raise TributaryError(f"training_run.optimizer.preconditioned needs curvature.strategy ekfac or diagonal "
-                             f"(Λ of P^1/2 H P^1/2 comes from the eigenvalue-correction pass), not {strategy}")
+        raise TributaryError(
+            f"training_run.optimizer.preconditioned needs curvature.strategy ekfac or diagonal "
+            f"(Λ of P^1/2 H P^1/2 comes from the eigenvalue-correction pass), not {strategy}"
+        )
     rows = {}
     for dataset in plan.datasets:
-        rows[dataset] = len(_validated_rows(config.model_copy(update={"data": config.data.model_copy(
-            update={"train": dataset})})))
+        rows[dataset] = len(
+            _validated_rows(config.model_copy(update={"data": config.data.model_copy(update={"train": dataset})}))
+        )
     model = meta_model(plan.final.path)
     modules = select_modules(model, config.model.modules)
-    spec = build_projection(config.projection.dim, config.projection.seed, config.projection.kind,
-                            tracked_shapes(modules, config.model.include_bias))
+    spec = build_projection(
+        config.projection.dim,
+        config.projection.seed,
+        config.projection.kind,
+        tracked_shapes(modules, config.model.include_bias),
+    )
     preconditioners = {}
     if plan.preconditioned:
         for checkpoint in plan.checkpoints:
             preconditioners[checkpoint.name] = read_preconditioner(
-                checkpoint.path, model, modules, spec, config.model.include_bias, config.training_run.optimizer)
+                checkpoint.path, model, modules, spec, config.model.include_bias, config.training_run.optimizer
+            )
     averaged_root = _averaged_root(config) if plan.averaged else None
-    configs = {c.name: checkpoint_config(config, c.path, plan.datasets[plan.segments[c.segment].dataset],
-                                         RunStore.checkpoint_path_for(config.store.path, c.name))
-               for c in plan.checkpoints}
+    configs = {
+        c.name: checkpoint_config(
+            config,
+            c.path,
+            plan.datasets[plan.segments[c.segment].dataset],
+            RunStore.checkpoint_path_for(config.store.path, c.name),
+        )
+        for c in plan.checkpoints
+    }
     with StoreLock(config.store.path, break_lock=break_lock):
         root = _open_or_create(config, _run_manifest(config, plan, spec), overwrite)
         if root.manifest.get("complete"):
@@ -189,8 +236,9 @@ def run_training_index(config: JobConfig, plan: RunPlan, overwrite: bool = False
                 root.write_segment_preconditioner(segment.index, mean)
                 scale = {name: np.sqrt(p) for name, p in mean.items()}
             if len(segment.checkpoints) > 1 or scale is not None:
-                factors = _segment_factors(config, root, plan, segment, list(segment.checkpoints), configs, spec,
-                                           scale, show_progress)
+                factors = _segment_factors(
+                    config, root, plan, segment, list(segment.checkpoints), configs, spec, scale, show_progress
+                )
                 root.write_segment_factors(segment.index, factors)
             if plan.averaged:
                 _index_averaged(config, root, plan, segment, averaged_root, rows, spec, scale, show_progress)
@@ -200,9 +248,17 @@ def run_training_index(config: JobConfig, plan: RunPlan, overwrite: bool = False
     return root
 
 
-def _index_averaged(config: JobConfig, root: RunStore, plan: RunPlan, segment: SegmentPlan, averaged_root: Path,
-                    rows: dict[str, int], spec: ProjectionSpec, scale: dict[str, np.ndarray] | None,
-                    show_progress: bool) -> None:
+def _index_averaged(
+    config: JobConfig,
+    root: RunStore,
+    plan: RunPlan,
+    segment: SegmentPlan,
+    averaged_root: Path,
+    rows: dict[str, int],
+    spec: ProjectionSpec,
+    scale: dict[str, np.ndarray] | None,
+    show_progress: bool,
+) -> None:
     """Fast-Source: a store at the segment's averaged parameters (own factors; of P̄^{1/2} H P̄^{1/2} for Adam)."""
     from engine.model.loading import DTYPES
 

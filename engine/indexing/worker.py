@@ -51,8 +51,12 @@ class ShardWorker:
 
     # ---- facts for the driver --------------------------------------------------------------------
     def describe(self) -> dict:
-        return {"spec": self.context.spec.to_dict(), "fingerprints": self.context.fingerprints,
-                "node": _node_id(), "pid": os.getpid()}
+        return {
+            "spec": self.context.spec.to_dict(),
+            "fingerprints": self.context.fingerprints,
+            "node": _node_id(),
+            "pid": os.getpid(),
+        }
 
     def ping(self) -> int:
         return os.getpid()
@@ -66,12 +70,23 @@ class ShardWorker:
     def _tokenized(self, start: int, stop: int):
         if self._rows is None:
             self._rows = read_rows(self.config.data.train, field_names(self.config), what="data.train")
-        return tokenize_rows(self._rows[start:stop], self.context.tokenizer, self.config.data.max_length,
-                             self.config.data.train, log_truncation=False)
+        return tokenize_rows(
+            self._rows[start:stop],
+            self.context.tokenizer,
+            self.config.data.max_length,
+            self.config.data.train,
+            log_truncation=False,
+        )
 
     def _receipt(self, stage: str, shard: int, started: float, checksum: str | None = None) -> dict:
-        return {"stage": stage, "shard": shard, "checksum": checksum, "node": _node_id(), "pid": os.getpid(),
-                "seconds": round(time.perf_counter() - started, 4)}
+        return {
+            "stage": stage,
+            "shard": shard,
+            "checksum": checksum,
+            "node": _node_id(),
+            "pid": os.getpid(),
+            "seconds": round(time.perf_counter() - started, 4),
+        }
 
     @staticmethod
     def _maybe_die(stage: str, shard: int) -> None:

@@ -21,8 +21,13 @@ def model_fingerprint(model: nn.Module, modules: dict[str, nn.Module]) -> str:
     config = getattr(model, "config", None)
     if config is not None:
         raw = config.to_dict()
-        for volatile in ("_name_or_path", "transformers_version", "_attn_implementation",
-                         "attn_implementation", "_attn_implementation_autoset"):
+        for volatile in (
+            "_name_or_path",
+            "transformers_version",
+            "_attn_implementation",
+            "attn_implementation",
+            "_attn_implementation_autoset",
+        ):
             raw.pop(volatile, None)
         digest.update(json.dumps(raw, sort_keys=True, default=str).encode())
     for name, module in modules.items():

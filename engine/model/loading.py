@@ -18,8 +18,7 @@ from engine.errors import TributaryError
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def compute_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -71,8 +70,9 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
         model_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise TributaryError(f"model.path {path} is not an HF model directory: {error}") from None
-    model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=DTYPES[config.dtype],
-                                                 local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=model_config, dtype=DTYPES[config.dtype], local_files_only=True
+    )
     if config.adapter is not None:
         adapted = _attach_adapter(model, config.adapter, path)
         if config.adapter_mode == "adapter":
@@ -87,7 +87,6 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     return model, load_tokenizer(config.tokenizer or path)
 
 
-
 @contextmanager
 def quiet_peft_deprecations() -> Iterator[None]:
     """peft asks transformers 5 for a renamed attribute (`is_gradient_checkpointing`) and transformers
@@ -95,6 +94,7 @@ def quiet_peft_deprecations() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
+
 
 def _attach_adapter(model: nn.Module, adapter: str, model_path: str | None = None) -> nn.Module:
     """Wrap `model` in the peft adapter at `adapter`, after checking it was made for this base model.
@@ -201,8 +201,12 @@ def check_adapter_base(adapter: str, base: object, model_path: str) -> None:
       shape checks that follow still refuse an adapter that cannot fit the model.
     """
     if not isinstance(base, str) or not base.strip():
-        log.warning("model.adapter %s records no base_model_name_or_path; cannot check that it was made for "
-                    "model.path %s, using it anyway", adapter, model_path)
+        log.warning(
+            "model.adapter %s records no base_model_name_or_path; cannot check that it was made for "
+            "model.path %s, using it anyway",
+            adapter,
+            model_path,
+        )
         return
     base = base.strip().rstrip("/\\") or base
     model_dir = Path(model_path)
@@ -215,8 +219,10 @@ def check_adapter_base(adapter: str, base: object, model_path: str) -> None:
             return
         base_arch, model_arch = _architecture(base_dir), _architecture(model_dir)
         if base_arch is not None and model_arch is not None and base_arch != model_arch:
-            differing = sorted((k for k in set(base_arch) | set(model_arch) if base_arch.get(k) != model_arch.get(k)),
-                               key=lambda k: (k != "model_type", k))
+            differing = sorted(
+                (k for k in set(base_arch) | set(model_arch) if base_arch.get(k) != model_arch.get(k)),
+                key=lambda k: (k != "model_type", k),
+            )
             shown = ", ".join(f"{k}: {base_arch.get(k)!r} vs {model_arch.get(k)!r}" for k in differing[:4])
             raise TributaryError(
                 f"model.adapter {adapter} was made for base model {base}, not model.path {model_path} "
@@ -226,8 +232,13 @@ def check_adapter_base(adapter: str, base: object, model_path: str) -> None:
         _, base_hub_ids = _model_names(base_dir)
         if base_name in names or base_hub_ids & hub_ids:
             return
-        log.warning("model.adapter %s was made for %s and model.path is %s: another directory with the same "
-                    "architecture (a copy or a fine-tune?); using the adapter", adapter, base, model_path)
+        log.warning(
+            "model.adapter %s was made for %s and model.path is %s: another directory with the same "
+            "architecture (a copy or a fine-tune?); using the adapter",
+            adapter,
+            base,
+            model_path,
+        )
         return
     if base_name in names or base.lower() in hub_ids:
         return
@@ -237,9 +248,13 @@ def check_adapter_base(adapter: str, base: object, model_path: str) -> None:
             f"(known as {', '.join(sorted(hub_ids))}); use the adapter's base model as model.path or an adapter "
             "trained on this model"
         )
-    log.warning("model.adapter %s names base model %s; cannot tell whether model.path %s is that model "
-                "(no matching name, and the base is not a local directory); using the adapter", adapter, base,
-                model_path)
+    log.warning(
+        "model.adapter %s names base model %s; cannot tell whether model.path %s is that model "
+        "(no matching name, and the base is not a local directory); using the adapter",
+        adapter,
+        base,
+        model_path,
+    )
 
 
 def _check_target_modules(model: nn.Module, adapter: str, adapter_config: dict, model_path: str | None) -> None:
@@ -251,13 +266,17 @@ def _check_target_modules(model: nn.Module, adapter: str, adapter_config: dict, 
             return
         missing = [targets]
     elif isinstance(targets, (list, tuple)):
-        missing = [t for t in targets
-                   if not any(name == t or name.endswith("." + t) for name in names)]
+        missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
     else:
         return  # peft derives the targets from the model type; it refuses what it cannot match
     if missing:
-        leaves = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"})
+        leaves = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+            }
+        )
         raise TributaryError(
             f"model.adapter {adapter} targets modules {missing} that model.path {model_path} does not have "
             f"(its linear layers are named {', '.join(leaves[:12])}); the adapter was made for another "

@@ -25,7 +25,7 @@ def projection_matrix(seed: int, module: str, side: str, rows: int, cols: int, k
     generator = np.random.Generator(np.random.Philox(key=_key(seed, module, side)))
     if kind == "rademacher":
         bits = generator.integers(0, 2, size=(rows, cols), dtype=np.int8)
-        matrix = (2.0 * bits - 1.0)
+        matrix = 2.0 * bits - 1.0
     elif kind == "gaussian":
         matrix = generator.standard_normal(size=(rows, cols))
     else:
@@ -69,19 +69,24 @@ class ProjectionSpec:
         return sum(module.width for module in self.modules)
 
     def to_dict(self) -> dict:
-        return {"dim": self.dim, "seed": self.seed, "kind": self.kind,
-                "modules": [asdict(module) for module in self.modules]}
+        return {
+            "dim": self.dim,
+            "seed": self.seed,
+            "kind": self.kind,
+            "modules": [asdict(module) for module in self.modules],
+        }
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "ProjectionSpec":
+    def from_dict(cls, raw: dict) -> ProjectionSpec:
         modules = tuple(ModuleProjection(**module) for module in raw["modules"])
         return cls(dim=raw["dim"], seed=raw["seed"], kind=raw["kind"], modules=modules)
 
-    def side_matrix(self, module: ModuleProjection, side: str, dtype: torch.dtype,
-                    device: torch.device | str = "cpu") -> torch.Tensor | None:
+    def side_matrix(
+        self, module: ModuleProjection, side: str, dtype: torch.dtype, device: torch.device | str = "cpu"
+    ) -> torch.Tensor | None:
         """P_in (d_in x k_in) or P_out (d_out x k_out); None where that side is the identity."""
         rows, cols = (module.d_in, module.k_in) if side == "in" else (module.d_out, module.k_out)
         if rows == cols:
@@ -100,8 +105,9 @@ def build_projection(dim: int, seed: int, kind: str, shapes: list[tuple[str, int
     modules = []
     offset = 0
     for name, d_in, d_out in shapes:
-        module = ModuleProjection(name=name, d_in=d_in, d_out=d_out, k_in=_side_width(dim, d_in),
-                                  k_out=_side_width(dim, d_out), offset=offset)
+        module = ModuleProjection(
+            name=name, d_in=d_in, d_out=d_out, k_in=_side_width(dim, d_in), k_out=_side_width(dim, d_out), offset=offset
+        )
         modules.append(module)
         offset += module.width
     return ProjectionSpec(dim=dim, seed=seed, kind=kind, modules=tuple(modules))

@@ -11,9 +11,8 @@ scores each batch of requests with it.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -22,7 +21,7 @@ from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.indexing.compute import token_gradients
-from engine.indexing.job import ModelContext, field_names, load_model_context
+from engine.indexing.job import ModelContext, load_model_context
 from engine.projection import ProjectionSpec
 from engine.query.generate import GenerationSettings, PromptRow, generate, token_pieces
 from engine.query.records import Query, result_records
@@ -48,8 +47,10 @@ def open_complete_store(path: str) -> GradientStore | RunStore:
     if is_run_store(path):
         run = RunStore.open(path)
         if not run.manifest.get("complete"):
-            raise TributaryError(f"training-run store {redact(path)} is incomplete; run `tributary index` with the "
-                                 "same config to finish it")
+            raise TributaryError(
+                f"training-run store {redact(path)} is incomplete; run `tributary index` with the "
+                "same config to finish it"
+            )
         return run
     store = GradientStore.open(path)
     manifest = store.manifest
@@ -69,8 +70,10 @@ def final_model(config: JobConfig, opened: GradientStore | RunStore) -> tuple[Jo
     plan = opened.plan
     final = plan.final
     dataset = plan.datasets[plan.segments[final.segment].dataset]
-    return (checkpoint_config(config, final.path, dataset, opened.checkpoint_path(final.name)),
-            opened.checkpoint(final.name))
+    return (
+        checkpoint_config(config, final.path, dataset, opened.checkpoint_path(final.name)),
+        opened.checkpoint(final.name),
+    )
 
 
 def check_method(opened: GradientStore | RunStore, method: Method, per_token: bool) -> None:
@@ -81,14 +84,19 @@ def check_method(opened: GradientStore | RunStore, method: Method, per_token: bo
         raise TributaryError("method fast_source needs a training-run store indexed with training_run.averaged: true")
     per_token_ok = method.build_terms is None or (method.spectral is not None and not isinstance(opened, RunStore))
     if per_token and not per_token_ok:
-        raise TributaryError(f"--per-token is available for grad_dot, grad_cos, if and one-segment source on a "
-                             f"single-checkpoint store, not for method {method.name}; drop --per-token")
+        raise TributaryError(
+            f"--per-token is available for grad_dot, grad_cos, if and one-segment source on a "
+            f"single-checkpoint store, not for method {method.name}; drop --per-token"
+        )
 
 
 def _projection_differences(stored: dict, config: JobConfig) -> list[str]:
     wanted = config.projection
-    return [f"projection.{key} (store: {stored.get(key)!r}, config: {getattr(wanted, key)!r})"
-            for key in ("dim", "seed", "kind") if stored.get(key) != getattr(wanted, key)]
+    return [
+        f"projection.{key} (store: {stored.get(key)!r}, config: {getattr(wanted, key)!r})"
+        for key in ("dim", "seed", "kind")
+        if stored.get(key) != getattr(wanted, key)
+    ]
 
 
 def check_compatible(store: GradientStore, context: ModelContext, config: JobConfig) -> None:
@@ -104,20 +112,35 @@ def check_compatible(store: GradientStore, context: ModelContext, config: JobCon
     if stored.get("model") != current["model"]:
         indexed = manifest.get("model", {})
         keys = ("path", "adapter", "modules", "include_bias", "dtype")
-        changed = [f"model.{key} (store: {indexed.get(key)!r}, config: {getattr(config.model, key)!r})"
-                   for key in keys if key in indexed and indexed.get(key) != getattr(config.model, key)]
-        different.append("model: " + ("; ".join(changed) if changed else
-                                      f"the weights at model.path {config.model.path} changed since indexing"))
+        changed = [
+            f"model.{key} (store: {indexed.get(key)!r}, config: {getattr(config.model, key)!r})"
+            for key in keys
+            if key in indexed and indexed.get(key) != getattr(config.model, key)
+        ]
+        different.append(
+            "model: "
+            + (
+                "; ".join(changed)
+                if changed
+                else f"the weights at model.path {config.model.path} changed since indexing"
+            )
+        )
     if stored.get("tokenizer") != current["tokenizer"]:
         different.append("tokenizer (the tokenizer at model.path differs from the indexed one)")
     if stored.get("projection") != current["projection"]:
         settings = _projection_differences(manifest.get("projection", {}), config)
-        different.append("projection: " + ("; ".join(settings) if settings else
-                                           "the tracked modules or their shapes differ (model.modules / "
-                                           "model.include_bias)"))
+        different.append(
+            "projection: "
+            + (
+                "; ".join(settings)
+                if settings
+                else "the tracked modules or their shapes differ (model.modules / model.include_bias)"
+            )
+        )
     if different:
         raise TributaryError(
-            f"store {redact(store.path)} was built with a different " + " and a different ".join(different)
+            f"store {redact(store.path)} was built with a different "
+            + " and a different ".join(different)
             + ". Query with the config the store was indexed with, or re-index"
         )
 
@@ -138,6 +161,7 @@ def default_scan(config: JobConfig, store: GradientStore) -> Scan:
 
         connect(cluster)
         return score_on_cluster(store, transformed, normalise, k, full, cluster, pool_size(cluster))
+
     return on_cluster
 
 
@@ -163,8 +187,9 @@ class Attributor:
     """`opened` is the store as opened (a training run's, or a single-checkpoint one); `store` is the final
     model's store, which the single-term methods scan and the model context matches."""
 
-    def __init__(self, config: JobConfig, opened: GradientStore | RunStore, context: ModelContext,
-                 scan: Scan | None = None):
+    def __init__(
+        self, config: JobConfig, opened: GradientStore | RunStore, context: ModelContext, scan: Scan | None = None
+    ):
         self.config = config
         self.opened = opened
         _, self.store = final_model(config, opened)
@@ -182,8 +207,9 @@ class Attributor:
             self.factors()
 
     @classmethod
-    def load(cls, config: JobConfig, opened: GradientStore | RunStore | None = None,
-             scan: Scan | None = None) -> Attributor:
+    def load(
+        cls, config: JobConfig, opened: GradientStore | RunStore | None = None, scan: Scan | None = None
+    ) -> Attributor:
         """Open the store (unless given) and load the final model; refuse a store built from other inputs."""
         opened = opened or open_complete_store(config.store.path)
         model_config, store = final_model(config, opened)
@@ -192,8 +218,7 @@ class Attributor:
         return cls(config, opened, context, scan)
 
     def _resources(self, rows, measurement: str) -> StoreResources:
-        return StoreResources(self.config, self.opened, self.spec, self.context, rows, measurement,
-                              shared=self._shared)
+        return StoreResources(self.config, self.opened, self.spec, self.context, rows, measurement, shared=self._shared)
 
     def method(self, name: str | None = None, source: str = "method") -> Method:
         """The config's method, or the one named (validated as the config would be: an unknown name,
@@ -216,15 +241,25 @@ class Attributor:
     def queries_from_rows(self, rows: list[Row], source: str, tokenizer=None) -> list[Query]:
         """Tokenised queries (with `tokenizer` when given: a copy another thread may use meanwhile)."""
         tokenized = tokenize_rows(rows, tokenizer or self.context.tokenizer, self.config.data.max_length, source)
-        return [Query(row.id, tok, text=row.text if row.messages is None else row.display, prompt=row.prompt,
-                      completion=row.completion) for row, tok in zip(rows, tokenized)]
+        return [
+            Query(
+                row.id,
+                tok,
+                text=row.text if row.messages is None else row.display,
+                prompt=row.prompt,
+                completion=row.completion,
+            )
+            for row, tok in zip(rows, tokenized)
+        ]
 
     def generated_queries(self, prompts: list[PromptRow], settings: GenerationSettings, source: str) -> list[Query]:
         """Complete each prompt with the model; the generated token ids are what gets attributed."""
-        generated = generate(self.context.model, self.context.tokenizer, prompts, settings,
-                             self.config.data.max_length, source)
-        return [Query(g.prompt.id, g.row, prompt=g.prompt_text, completion=g.completion, generated=True)
-                for g in generated]
+        generated = generate(
+            self.context.model, self.context.tokenizer, prompts, settings, self.config.data.max_length, source
+        )
+        return [
+            Query(g.prompt.id, g.row, prompt=g.prompt_text, completion=g.completion, generated=True) for g in generated
+        ]
 
     # ---- scoring ----------------------------------------------------------------------------------
     def attribute(self, groups: list[QueryGroup], need_full: bool = False) -> list[QueryResult]:
@@ -237,8 +272,10 @@ class Attributor:
         single = [i for i in range(len(groups)) if prepared[i].is_single_term(terms[i])]
         for i in set(range(len(groups))) - set(single):
             if self.config.cluster is not None:
-                log.warning("method %s scores several checkpoints; scoring in this process, not on the cluster",
-                            groups[i].method.name)
+                log.warning(
+                    "method %s scores several checkpoints; scoring in this process, not on the cluster",
+                    groups[i].method.name,
+                )
             results[i] = QueryResult(*prepared[i].score(terms[i], groups[i].method, groups[i].options.k))
         for normalise in sorted({groups[i].method.normalise for i in single}):
             members = [i for i in single if groups[i].method.normalise == normalise]
@@ -257,8 +294,9 @@ class Attributor:
     def _factors_for(self, method: Method) -> dict | None:
         return self.factors() if method.spectral is not None else None
 
-    def _add_details(self, group: QueryGroup, resources: StoreResources, terms: list[QueryTerm],
-                     result: QueryResult) -> None:
+    def _add_details(
+        self, group: QueryGroup, resources: StoreResources, terms: list[QueryTerm], result: QueryResult
+    ) -> None:
         options, method = group.options, group.method
         listed = {"top": result.top_indices, "bottom": result.bottom_indices}
         if options.per_module:
@@ -266,11 +304,13 @@ class Attributor:
         if options.per_token:
             result.per_token = self._per_token(group.queries, listed, method, options.measurement)
         pieces = [token_pieces(self.context.tokenizer, q.row) for q in group.queries]
-        result.records = result_records(group.queries, result, self.ids, self.snippets, method.name,
-                                        options.measurement, self.module_names, pieces)
+        result.records = result_records(
+            group.queries, result, self.ids, self.snippets, method.name, options.measurement, self.module_names, pieces
+        )
 
-    def _per_token(self, queries: list[Query], listed: dict[str, np.ndarray], method: Method,
-                   measurement: str) -> dict[str, list[np.ndarray]]:
+    def _per_token(
+        self, queries: list[Query], listed: dict[str, np.ndarray], method: Method, measurement: str
+    ) -> dict[str, list[np.ndarray]]:
         """Per listed kind ("top"/"bottom"), (k, T) per query: each listed row's score split over the
         completion tokens (single-checkpoint stores, single-term methods: see `check_method`).
 

@@ -23,8 +23,14 @@ class GenerationSettings:
     chat: bool | None = None  # None: use the tokenizer's chat template when it has one
 
     def describe(self) -> dict:
-        return {"max_new_tokens": self.max_new_tokens, "sample": self.sample, "temperature": self.temperature,
-                "top_p": self.top_p, "seed": self.seed, "chat": self.chat}
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "sample": self.sample,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "chat": self.chat,
+        }
 
 
 @dataclass(frozen=True)
@@ -58,9 +64,7 @@ def read_prompts(path: str, prompt_field: str, id_field: str) -> list[PromptRow]
             raise TributaryError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
         prompt = record.get(prompt_field) if isinstance(record, dict) else None
         if not isinstance(prompt, str) or not prompt.strip():
-            raise TributaryError(
-                f"{path}:{line_number}: --generate needs a non-empty '{prompt_field}' in every row"
-            )
+            raise TributaryError(f"{path}:{line_number}: --generate needs a non-empty '{prompt_field}' in every row")
         rows.append(PromptRow(len(rows), str(record.get(id_field, len(rows))), line_number, prompt))
     if not rows:
         raise TributaryError(f"queries file {path} has no rows")
@@ -75,14 +79,16 @@ def _prompt_ids(tokenizer, prompt: PromptRow, chat: bool, source: str) -> tuple[
             f"{source}:{prompt.line}: --chat needs a chat template, and model.path's tokenizer has none; "
             "pass --no-chat to generate from the raw prompt, or use a chat (instruct) model"
         )
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt.prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt.prompt}], tokenize=False, add_generation_prompt=True
+    )
     return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[PromptRow], settings: GenerationSettings, max_length: int,
-             source: str) -> list[Generated]:
+def generate(
+    model, tokenizer, prompts: list[PromptRow], settings: GenerationSettings, max_length: int, source: str
+) -> list[Generated]:
     chat = bool(getattr(tokenizer, "chat_template", None)) if settings.chat is None else settings.chat
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -103,12 +109,13 @@ def generate(model, tokenizer, prompts: list[PromptRow], settings: GenerationSet
         else:
             options.update(temperature=None, top_p=None, top_k=None)
         output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **options)
-        completion_ids = output[0, len(ids):].tolist()
+        completion_ids = output[0, len(ids) :].tolist()
         if not completion_ids:
             raise TributaryError(f"{source}:{prompt.line}: the model generated no token for this prompt")
         completion = tokenizer.decode(completion_ids, skip_special_tokens=True)
-        row = TokenizedRow(index=prompt.index, input_ids=ids + completion_ids,
-                           labels=[IGNORE] * len(ids) + completion_ids)
+        row = TokenizedRow(
+            index=prompt.index, input_ids=ids + completion_ids, labels=[IGNORE] * len(ids) + completion_ids
+        )
         out.append(Generated(prompt, text, completion, row))
     return out
 

@@ -20,8 +20,9 @@ class Query:
     generated: bool = False
 
 
-def _entries(kind: str, q: int, result: QueryResult, ids: list[str], snippets: list[str] | None,
-             module_names: list[str]) -> list[dict]:
+def _entries(
+    kind: str, q: int, result: QueryResult, ids: list[str], snippets: list[str] | None, module_names: list[str]
+) -> list[dict]:
     indices = result.top_indices if kind == "top" else result.bottom_indices
     scores = result.top_scores if kind == "top" else result.bottom_scores
     entries = []
@@ -30,22 +31,37 @@ def _entries(kind: str, q: int, result: QueryResult, ids: list[str], snippets: l
         if snippets is not None:
             entry["snippet"] = snippets[index]
         if result.per_module is not None:
-            entry["per_module"] = {name: float(result.per_module[kind][q][rank - 1, m])
-                                   for m, name in enumerate(module_names)}
+            entry["per_module"] = {
+                name: float(result.per_module[kind][q][rank - 1, m]) for m, name in enumerate(module_names)
+            }
         if result.per_token is not None:
             entry["per_token"] = [float(x) for x in result.per_token[kind][q][rank - 1]]
         entries.append(entry)
     return entries
 
 
-def result_records(queries: list[Query], result: QueryResult, ids: list[str], snippets: list[str] | None,
-                   method: str, measurement: str, module_names: list[str], pieces: list[list[str]]) -> list[dict]:
+def result_records(
+    queries: list[Query],
+    result: QueryResult,
+    ids: list[str],
+    snippets: list[str] | None,
+    method: str,
+    measurement: str,
+    module_names: list[str],
+    pieces: list[list[str]],
+) -> list[dict]:
     records = []
     for q, query in enumerate(queries):
-        record = {"query": q, "id": query.id, "method": method, "measurement": measurement,
-                  "generated": query.generated, "completion_tokens": pieces[q],
-                  "top_k": _entries("top", q, result, ids, snippets, module_names),
-                  "bottom_k": _entries("bottom", q, result, ids, snippets, module_names)}
+        record = {
+            "query": q,
+            "id": query.id,
+            "method": method,
+            "measurement": measurement,
+            "generated": query.generated,
+            "completion_tokens": pieces[q],
+            "top_k": _entries("top", q, result, ids, snippets, module_names),
+            "bottom_k": _entries("bottom", q, result, ids, snippets, module_names),
+        }
         if result.per_token is not None and record["top_k"]:
             record["token_scores"] = record["top_k"][0]["per_token"]
         if query.text is not None:

@@ -9,8 +9,8 @@ that checkpoint's weights (the final one is the model already loaded for the que
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -34,9 +34,16 @@ log = logging.getLogger(__name__)
 
 
 class StoreResources:
-    def __init__(self, config: JobConfig, store: GradientStore | RunStore, spec: ProjectionSpec,
-                 final_context: ModelContext, rows: list[TokenizedRow], measurement: str,
-                 shared: dict | None = None):
+    def __init__(
+        self,
+        config: JobConfig,
+        store: GradientStore | RunStore,
+        spec: ProjectionSpec,
+        final_context: ModelContext,
+        rows: list[TokenizedRow],
+        measurement: str,
+        shared: dict | None = None,
+    ):
         self.config = config
         self.spec = spec
         self.run = store if isinstance(store, RunStore) else None
@@ -68,9 +75,12 @@ class StoreResources:
             if key != self.plan.final.name:
                 checkpoint = self.plan.checkpoint(key)
                 dataset = self.plan.datasets[self.plan.segments[checkpoint.segment].dataset]
-                context = load_model_context(checkpoint_config(self.config, checkpoint.path, dataset,
-                                                               self.run.checkpoint_path(key)), spec=self.spec)
+                context = load_model_context(
+                    checkpoint_config(self.config, checkpoint.path, dataset, self.run.checkpoint_path(key)),
+                    spec=self.spec,
+                )
             return gradient_pass(context, self._rows, with_covariance=False, measurement=self._measurement).grads
+
         return self._cached(("queries", key), compute)
 
     def factors(self, key: str) -> dict[str, ModuleFactors]:
@@ -83,6 +93,7 @@ class StoreResources:
                     return self.run.read_segment_factors(index)
                 return self.factors(self.plan.segments[index].checkpoints[0])
             return self.store(key).read_factors()
+
         return self._cached(("factors", key), compute)
 
     def dense_factors(self, key: str) -> dict[str, ModuleFactors]:
@@ -117,15 +128,18 @@ class StoreResources:
         for d, path in enumerate(datasets):
             store = self.store(self._dataset_key(d))
             if not Path(path).is_file() or file_fingerprint(path) != store.manifest["fingerprints"].get("dataset"):
-                log.warning("training file %s is missing or differs from the indexed one; results carry ids, no "
-                            "snippets", path)
+                log.warning(
+                    "training file %s is missing or differs from the indexed one; results carry ids, no snippets", path
+                )
                 return None
             out.extend(row.snippet(chars) for row in read_rows(path, field_names(self.config)))
         return out
 
     def is_single_term(self, terms: list[QueryTerm]) -> bool:
         """One term against the one set of rows: the plain single-store scoring path applies."""
-        return len(terms) == 1 and len(self.plan.datasets) == 1 and (self.run is None or len(self.plan.checkpoints) == 1)
+        return (
+            len(terms) == 1 and len(self.plan.datasets) == 1 and (self.run is None or len(self.plan.checkpoints) == 1)
+        )
 
     def _blocks(self, key: str):
         offset = self.offsets()[self.plan.dataset_of(key)]
@@ -156,7 +170,8 @@ class StoreResources:
             for term in terms:
                 inside, rows = self._selection(term.key, listed)
                 if len(inside):
-                    shares[inside] += score_block_per_module(term.transformed[q:q + 1], rows, self.spec,
-                                                             method)[:, 0, :].T
+                    shares[inside] += score_block_per_module(term.transformed[q : q + 1], rows, self.spec, method)[
+                        :, 0, :
+                    ].T
             out.append(shares)
         return out

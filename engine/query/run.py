@@ -35,9 +35,16 @@ def _check_outputs(out: str | None, scores_out: str | None) -> None:
         raise TributaryError(f"--out and --scores-out are both {out}; give two different files")
 
 
-def run_query(config: JobConfig, queries_path: str, k: int, out: str | None = None,
-              scores_out: str | None = None, per_module: bool = False,
-              options: QueryOptions | None = None, report: str | None = None) -> QueryResult:
+def run_query(
+    config: JobConfig,
+    queries_path: str,
+    k: int,
+    out: str | None = None,
+    scores_out: str | None = None,
+    per_module: bool = False,
+    options: QueryOptions | None = None,
+    report: str | None = None,
+) -> QueryResult:
     """Score every query against every stored row; write results, scores and report only once all succeeded.
 
     Queries are scored as one batch, so each stored chunk is read once for all of them; with a
@@ -57,7 +64,7 @@ def run_query(config: JobConfig, queries_path: str, k: int, out: str | None = No
     attributor = Attributor.load(config, opened)
     queries = _load_queries(attributor, queries_path, options, prompts)
     group = QueryGroup(queries, options, attributor.method())
-    result, = attributor.attribute([group], need_full=scores_out is not None)
+    (result,) = attributor.attribute([group], need_full=scores_out is not None)
     records = result.records
     writes = []
     if out is not None:
@@ -75,10 +82,18 @@ def run_query(config: JobConfig, queries_path: str, k: int, out: str | None = No
 
 
 def run_settings(config: JobConfig, training_rows: int, options: QueryOptions) -> dict:
-    settings = {"model": config.model.path, "adapter": config.model.adapter, "method": config.method.name,
-                "damping": config.method.damping, "projection dim": config.projection.dim,
-                "curvature": config.curvature.strategy, "fisher": config.curvature.fisher,
-                "store": redact(config.store.path), "training rows": training_rows, "measurement": options.measurement}
+    settings = {
+        "model": config.model.path,
+        "adapter": config.model.adapter,
+        "method": config.method.name,
+        "damping": config.method.damping,
+        "projection dim": config.projection.dim,
+        "curvature": config.curvature.strategy,
+        "fisher": config.curvature.fisher,
+        "store": redact(config.store.path),
+        "training rows": training_rows,
+        "measurement": options.measurement,
+    }
     if config.method.name == "source":
         settings.update(eta=config.method.eta, steps=config.method.steps)
     if options.generation is not None:

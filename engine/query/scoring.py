@@ -25,8 +25,13 @@ class QueryResult:
     def select(self, start: int, stop: int, k: int) -> QueryResult:
         """Queries start..stop with their first k entries: a top-k list's prefix is the smaller top-k."""
         total = None if self.total is None else self.total[start:stop]
-        return QueryResult(self.top_indices[start:stop, :k], self.top_scores[start:stop, :k],
-                           self.bottom_indices[start:stop, :k], self.bottom_scores[start:stop, :k], total)
+        return QueryResult(
+            self.top_indices[start:stop, :k],
+            self.top_scores[start:stop, :k],
+            self.bottom_indices[start:stop, :k],
+            self.bottom_scores[start:stop, :k],
+            total,
+        )
 
 
 def stored_rows_method(normalise: bool) -> Method:
@@ -42,8 +47,9 @@ def score_store(store: GradientStore, transformed: np.ndarray, method: Method) -
     return total
 
 
-def rank_store(store: GradientStore, transformed: np.ndarray, normalise: bool, k: int,
-               full: bool = True) -> QueryResult:
+def rank_store(
+    store: GradientStore, transformed: np.ndarray, normalise: bool, k: int, full: bool = True
+) -> QueryResult:
     """One pass over the store in this process: the top-k supporters and opposers of every query, and the
     full scores (here they exist anyway, so `full` changes nothing)."""
     total = score_store(store, transformed, stored_rows_method(normalise))

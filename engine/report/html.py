@@ -122,7 +122,9 @@ def _highlight_source(record: dict) -> tuple[list | None, str]:
         return scores, "token scores"
     top = record.get("top_k") or []
     if top and isinstance(top[0], dict) and isinstance(top[0].get("per_token"), list) and top[0]["per_token"]:
-        return top[0]["per_token"], f"per-token score of the top supporter ({top[0].get('id', top[0].get('index', ''))})"
+        return top[0][
+            "per_token"
+        ], f"per-token score of the top supporter ({top[0].get('id', top[0].get('index', ''))})"
     return None, ""
 
 
@@ -138,15 +140,21 @@ def _generation(record: dict) -> str:
         parts.append(f'<span class="prompt" title="prompt">{_text(prompt)}</span>')
     if isinstance(tokens, list) and tokens:
         scale = _max_abs(scores or [])
-        sep = "" if not prompt or str(prompt).endswith((" ", "\n")) or _display_piece(tokens[0]).startswith((" ", "\n")) else " "
+        sep = (
+            ""
+            if not prompt or str(prompt).endswith((" ", "\n")) or _display_piece(tokens[0]).startswith((" ", "\n"))
+            else " "
+        )
         parts.append(sep)
         for i, piece in enumerate(tokens):
             value = _number(scores[i]) if scores is not None and i < len(scores) else None
             title = f"token {i}: {_display_piece(piece)!r}"
             if value is not None:
                 title += f" score {_format_score(value)}"
-            parts.append(f'<span class="tok" title="{_text(title)}"{_token_background(value, scale)}>'
-                         f"{_text(_display_piece(piece))}</span>")
+            parts.append(
+                f'<span class="tok" title="{_text(title)}"{_token_background(value, scale)}>'
+                f"{_text(_display_piece(piece))}</span>"
+            )
     elif completion:
         if prompt and not str(prompt).endswith((" ", "\n")) and not str(completion).startswith((" ", "\n")):
             parts.append(" ")
@@ -160,10 +168,12 @@ def _generation(record: dict) -> str:
             f'<div class="legend">shading: {_text(source)}; '
             f'<span class="sw" style="background: rgba(var(--neg), 0.85)"></span>opposing '
             f'<span class="sw" style="background: rgba(var(--pos), 0.85)"></span>supporting; '
-            f"largest magnitude {_text(_format_score(scale).lstrip('+'))}; hover a token for its value</div>")
+            f"largest magnitude {_text(_format_score(scale).lstrip('+'))}; hover a token for its value</div>"
+        )
     elif scores is not None:
-        parts.append('<div class="legend">token scores present but the completion tokens were not recorded; '
-                     "no shading</div>")
+        parts.append(
+            '<div class="legend">token scores present but the completion tokens were not recorded; no shading</div>'
+        )
     return "".join(parts)
 
 
@@ -172,8 +182,9 @@ def _per_module(entry: dict) -> str:
     if not isinstance(modules, dict) or not modules:
         return ""
     items = sorted(modules.items(), key=lambda kv: -abs(_number(kv[1]) or 0.0))
-    rows = "".join(f'<tr><td class="id">{_text(name)}</td><td class="num">{_text(_format_score(v))}</td></tr>'
-                   for name, v in items)
+    rows = "".join(
+        f'<tr><td class="id">{_text(name)}</td><td class="num">{_text(_format_score(v))}</td></tr>' for name, v in items
+    )
     return f"<details><summary>per module ({len(items)})</summary><table>{rows}</table></details>"
 
 
@@ -201,11 +212,14 @@ def _examples_table(entries: Any, kind: str, scale: float) -> str:
             f'<tr><td class="num">{_text(entry.get("rank", position))}</td>'
             f'<td class="id">{_text(entry.get("id", index if index is not None else ""))}</td>'
             f'<td class="num">{_text("" if index is None else index)}</td>'
-            f'<td{css}>{_text(_format_score(entry.get("score")))}{bar}</td>'
-            f'<td class="snippet">{snippet_html}{_per_module(entry)}</td></tr>')
-    return ('<table class="examples"><colgroup><col style="width: 6%"><col style="width: 17%"><col style="width: 8%">'
-            '<col style="width: 11%"><col></colgroup><thead><tr><th>rank</th><th>id</th><th>index</th><th>score</th>'
-            f'<th>training example</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            f"<td{css}>{_text(_format_score(entry.get('score')))}{bar}</td>"
+            f'<td class="snippet">{snippet_html}{_per_module(entry)}</td></tr>'
+        )
+    return (
+        '<table class="examples"><colgroup><col style="width: 6%"><col style="width: 17%"><col style="width: 8%">'
+        '<col style="width: 11%"><col></colgroup><thead><tr><th>rank</th><th>id</th><th>index</th><th>score</th>'
+        f"<th>training example</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def _query_section(position: int, record: dict) -> str:
@@ -216,19 +230,23 @@ def _query_section(position: int, record: dict) -> str:
         if record.get(key) not in (None, ""):
             meta.append(f"<span>{label} <b>{_text(record[key])}</b></span>")
     if "generated" in record:
-        meta.append(f'<span class="tag">{"generated by the model" if record["generated"] else "given completion"}</span>')
+        meta.append(
+            f'<span class="tag">{"generated by the model" if record["generated"] else "given completion"}</span>'
+        )
     top = record.get("top_k")
     bottom = record.get("bottom_k")
     scale = _max_abs(e.get("score") for e in (top or []) + (bottom or []) if isinstance(e, dict))
-    return (f'<section class="query" id="q-{position}">'
-            f"<h2>Query {_text(query_id)}</h2>"
-            f'<div class="meta">{"".join(meta)}</div>'
-            f"{_generation(record)}"
-            f"<h3>Top supporting training examples</h3>"
-            f"{_examples_table(top, 'top supporting examples', scale)}"
-            f"<h3>Top opposing training examples</h3>"
-            f"{_examples_table(bottom, 'top opposing examples', scale)}"
-            "</section>")
+    return (
+        f'<section class="query" id="q-{position}">'
+        f"<h2>Query {_text(query_id)}</h2>"
+        f'<div class="meta">{"".join(meta)}</div>'
+        f"{_generation(record)}"
+        f"<h3>Top supporting training examples</h3>"
+        f"{_examples_table(top, 'top supporting examples', scale)}"
+        f"<h3>Top opposing training examples</h3>"
+        f"{_examples_table(bottom, 'top opposing examples', scale)}"
+        "</section>"
+    )
 
 
 def _flatten(settings: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -259,16 +277,20 @@ def _settings_table(settings: dict | None) -> str:
     items = _flatten(settings or {})
     if not items:
         return '<p class="none">no settings recorded.</p>'
-    rows = "".join(f'<tr><td class="key">{_text(k)}</td><td class="value">{_text(_setting_value(v))}</td></tr>'
-                   for k, v in items)
-    return f'<table class="settings"><thead><tr><th>setting</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>'
+    rows = "".join(
+        f'<tr><td class="key">{_text(k)}</td><td class="value">{_text(_setting_value(v))}</td></tr>' for k, v in items
+    )
+    return (
+        f'<table class="settings"><thead><tr><th>setting</th><th>value</th></tr></thead><tbody>{rows}</tbody></table>'
+    )
 
 
 def render_html_report(records: list[dict], settings: dict | None, title: str = "Tributary attribution report") -> str:
     """The report as one HTML string (see the module docstring)."""
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise TributaryError("the report needs a list of result records (dicts), one per query, "
-                             "as `tributary query --out` writes them")
+        raise TributaryError(
+            "the report needs a list of result records (dicts), one per query, as `tributary query --out` writes them"
+        )
     if settings is not None and not isinstance(settings, dict):
         raise TributaryError("the report's settings must be a dict of setting name -> value")
     methods = sorted({str(r["method"]) for r in records if r.get("method") not in (None, "")})
@@ -279,23 +301,26 @@ def render_html_report(records: list[dict], settings: dict | None, title: str = 
     sections = "".join(_query_section(i, r) for i, r in enumerate(records))
     if not records:
         sections = '<p class="none">no queries in these results.</p>'
-    return ("<!DOCTYPE html>\n"
-            '<html lang="en"><head><meta charset="utf-8">'
-            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{_text(title)}</title><style>{_CSS}</style></head>\n"
-            f"<body><main><h1>{_text(title)}</h1>"
-            f'<p class="sub">{_text(summary)}. A positive score means the training example supports the '
-            "completion (removing it would raise the completion's loss); a negative score means it opposes it.</p>"
-            + (f'<nav class="toc">queries: {toc}</nav>' if records else "")
-            + f"{sections}"
-            f'<section class="settings" id="settings"><h2>Settings</h2>{_settings_table(settings)}</section>'
-            f"<footer>Tributary {_text(__version__)} · self-contained report: no scripts, no network assets.</footer>"
-            "</main></body></html>\n")
+    return (
+        "<!DOCTYPE html>\n"
+        '<html lang="en"><head><meta charset="utf-8">'
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_text(title)}</title><style>{_CSS}</style></head>\n"
+        f"<body><main><h1>{_text(title)}</h1>"
+        f'<p class="sub">{_text(summary)}. A positive score means the training example supports the '
+        "completion (removing it would raise the completion's loss); a negative score means it opposes it.</p>"
+        + (f'<nav class="toc">queries: {toc}</nav>' if records else "")
+        + f"{sections}"
+        f'<section class="settings" id="settings"><h2>Settings</h2>{_settings_table(settings)}</section>'
+        f"<footer>Tributary {_text(__version__)} · self-contained report: no scripts, no network assets.</footer>"
+        "</main></body></html>\n"
+    )
 
 
-def write_html_report(records: list[dict], settings: dict | None, path: str | Path,
-                      title: str = "Tributary attribution report") -> Path:
+def write_html_report(
+    records: list[dict], settings: dict | None, path: str | Path, title: str = "Tributary attribution report"
+) -> Path:
     """Write the report to PATH atomically (PATH.part, then rename); return PATH."""
     path = Path(path)
     document = render_html_report(records, settings, title=title)
@@ -323,10 +348,12 @@ def load_results(path: str | Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise TributaryError(f"{path}:{line_number}: invalid JSON ({exc.msg}); "
-                                     "expected one results record per line") from None
+                raise TributaryError(
+                    f"{path}:{line_number}: invalid JSON ({exc.msg}); expected one results record per line"
+                ) from None
             if not isinstance(record, dict):
-                raise TributaryError(f"{path}:{line_number}: expected a JSON object (one results record), "
-                                     f"got {type(record).__name__}")
+                raise TributaryError(
+                    f"{path}:{line_number}: expected a JSON object (one results record), got {type(record).__name__}"
+                )
             records.append(record)
     return records

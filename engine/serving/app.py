@@ -35,11 +35,17 @@ from engine.serving.validation import BodyLimit, Limits, PreparedRequest, prepar
 from engine.store.summary import manifest_summary
 
 log = logging.getLogger(__name__)
-ERROR_RESPONSES = {status: {"model": ErrorBody, "description": text} for status, text in (
-    (400, "unknown method or measurement"), (401, "missing or wrong bearer token (when auth is on)"),
-    (413, "too many queries, too long a prompt, or too large a body (the limit is in the body)"),
-    (422, "malformed body (the field is named)"), (500, "the scoring pass failed"),
-    (504, "not answered within serve.request_timeout_s"))}
+ERROR_RESPONSES = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in (
+        (400, "unknown method or measurement"),
+        (401, "missing or wrong bearer token (when auth is on)"),
+        (413, "too many queries, too long a prompt, or too large a body (the limit is in the body)"),
+        (422, "malformed body (the field is named)"),
+        (500, "the scoring pass failed"),
+        (504, "not answered within serve.request_timeout_s"),
+    )
+}
 
 
 class ShardedScan:
@@ -72,8 +78,12 @@ class AttributionService:
         self.attributor = Attributor.load(config, scan=scan)
         self.request_tokenizer = copy.deepcopy(self.attributor.context.tokenizer)  # for the event loop's use
         self.counts = {"requests": 0, "queries": 0, "batches": 0, "rejected": 0, "timed_out": 0}
-        self.passes = PassQueue(self._score_batch, size=lambda item: item.size,
-                                max_size=config.serve.batch_max_queries, wait_s=config.serve.batch_wait_s)
+        self.passes = PassQueue(
+            self._score_batch,
+            size=lambda item: item.size,
+            max_size=config.serve.batch_max_queries,
+            wait_s=config.serve.batch_wait_s,
+        )
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -90,8 +100,11 @@ class AttributionService:
             outcome = await asyncio.wait_for(self.passes.submit(prepared), timeout)
         except asyncio.TimeoutError:
             self.counts["timed_out"] += 1
-            raise RequestError(504, f"not answered within serve.request_timeout_s = {timeout} s; retry later, send "
-                               "fewer queries, or raise the limit") from None
+            raise RequestError(
+                504,
+                f"not answered within serve.request_timeout_s = {timeout} s; retry later, send "
+                "fewer queries, or raise the limit",
+            ) from None
         if isinstance(outcome, RequestError):
             raise outcome
         return {"results": outcome}
@@ -103,13 +116,19 @@ class AttributionService:
         return {
             "service": {"version": __version__, "auth": self._digest is not None},
             "store": manifest_summary(attributor.store),
-            "model": {"path": self.config.model.path, "adapter": self.config.model.adapter,
-                      "adapter_mode": self.config.model.adapter_mode},
+            "model": {
+                "path": self.config.model.path,
+                "adapter": self.config.model.adapter,
+                "adapter_mode": self.config.model.adapter_mode,
+            },
             "methods": {"default": self.config.method.name, "available": list(method_names())},
             "measurements": list(MEASUREMENTS),
             "limits": dict(self.limits.describe(), request_timeout_s=serving.request_timeout_s),
-            "batching": {"batch_max_queries": serving.batch_max_queries, "batch_wait_s": serving.batch_wait_s,
-                         "row_ranges": ranges},
+            "batching": {
+                "batch_max_queries": serving.batch_max_queries,
+                "batch_wait_s": serving.batch_wait_s,
+                "row_ranges": ranges,
+            },
             "replica": dict(self.counts, id=replica, scoring_passes=attributor.scoring_passes),
         }
 
@@ -134,8 +153,11 @@ class AttributionService:
             except Exception as error:
                 log.exception("a scoring pass over %d requests failed", len(groups))
                 for i in members:
-                    outcomes[i] = RequestError(500, f"the scoring pass failed ({type(error).__name__}: {error}); "
-                                               "the service keeps running, retry the request")
+                    outcomes[i] = RequestError(
+                        500,
+                        f"the scoring pass failed ({type(error).__name__}: {error}); "
+                        "the service keeps running, retry the request",
+                    )
             else:
                 for i, result in zip(members, results):
                     outcomes[i] = result.records
@@ -147,9 +169,12 @@ class AttributionService:
 
 def build_api(service: AttributionService) -> FastAPI:
     """The replica's HTTP API: routes bound to this replica's service, with auth and a body limit around."""
-    api = FastAPI(title="Tributary", version=__version__,
-                  description="Which training examples made this model say this? Send queries (prompt and "
-                              "completion), get the training examples that most support and oppose each.")
+    api = FastAPI(
+        title="Tributary",
+        version=__version__,
+        description="Which training examples made this model say this? Send queries (prompt and "
+        "completion), get the training examples that most support and oppose each.",
+    )
 
     @api.exception_handler(RequestError)
     async def refused(_: Request, error: RequestError) -> JSONResponse:
@@ -158,8 +183,12 @@ def build_api(service: AttributionService) -> FastAPI:
     @api.exception_handler(RequestValidationError)
     async def malformed(_: Request, error: RequestValidationError) -> JSONResponse:
         problems = error.errors()
-        fields = ["body" if problem["type"] == "json_invalid" else
-                  ".".join(str(part) for part in problem["loc"] if part != "body") or "body" for problem in problems]
+        fields = [
+            "body"
+            if problem["type"] == "json_invalid"
+            else ".".join(str(part) for part in problem["loc"] if part != "body") or "body"
+            for problem in problems
+        ]
         message = "; ".join(f"{field}: {problem['msg']}" for field, problem in zip(fields, problems))
         return JSONResponse({"error": message, "field": fields[0] if fields else "body"}, status_code=422)
 
@@ -167,13 +196,21 @@ def build_api(service: AttributionService) -> FastAPI:
     async def health() -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/info", summary="The store's manifest summary, methods, limits and this replica's counters",
-             responses={401: ERROR_RESPONSES[401]})
+    @api.get(
+        "/v1/info",
+        summary="The store's manifest summary, methods, limits and this replica's counters",
+        responses={401: ERROR_RESPONSES[401]},
+    )
     async def info() -> dict:
         return service.info()
 
-    @api.post("/v1/attribute", response_model=AttributeResponse, response_model_exclude_none=True,
-              summary="Top supporting and opposing training examples of each query", responses=ERROR_RESPONSES)
+    @api.post(
+        "/v1/attribute",
+        response_model=AttributeResponse,
+        response_model_exclude_none=True,
+        summary="Top supporting and opposing training examples of each query",
+        responses=ERROR_RESPONSES,
+    )
     async def attribute(request: AttributeRequest) -> dict:
         return await service.attribute(request)
 

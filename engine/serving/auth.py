@@ -59,7 +59,7 @@ def token_matches(authorization: bytes | None, digest: bytes) -> bool:
 def _route(scope) -> str:
     """The path below the application's route prefix (ASGI puts the prefix in both root_path and path)."""
     path, root = scope["path"], scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class BearerAuth:
@@ -77,5 +77,9 @@ class BearerAuth:
         if token_matches(authorization, self.digest):
             await self.app(scope, receive, send)
             return
-        await send_json(send, 401, {"error": "missing or wrong bearer token; send 'Authorization: Bearer <token>'"},
-                        headers=[(b"www-authenticate", b'Bearer realm="tributary"')])
+        await send_json(
+            send,
+            401,
+            {"error": "missing or wrong bearer token; send 'Authorization: Bearer <token>'"},
+            headers=[(b"www-authenticate", b'Bearer realm="tributary"')],
+        )

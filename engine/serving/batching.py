@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Outcome = TypeVar("Outcome")
@@ -21,8 +22,9 @@ Outcome = TypeVar("Outcome")
 class PassQueue(Generic[Item, Outcome]):
     """`await submit(item)` returns `run(batch)[i]` for the item; `run` runs in a worker thread, one at a time."""
 
-    def __init__(self, run: Callable[[list[Item]], list[Outcome]], size: Callable[[Item], int], max_size: int,
-                 wait_s: float):
+    def __init__(
+        self, run: Callable[[list[Item]], list[Outcome]], size: Callable[[Item], int], max_size: int, wait_s: float
+    ):
         self.run = run
         self.size = size
         self.max_size = max_size

@@ -86,8 +86,14 @@ class AttributionClient:
     def openapi(self) -> dict:
         return self._checked("GET", "/openapi.json")
 
-    def attribute(self, queries: list[dict], top_k: int = 10, method: str | None = None,
-                  measurement: str | None = None, generate: bool | dict = False) -> list[dict]:
+    def attribute(
+        self,
+        queries: list[dict],
+        top_k: int = 10,
+        method: str | None = None,
+        measurement: str | None = None,
+        generate: bool | dict = False,
+    ) -> list[dict]:
         """One result per query: {"id", "top_k": [...], "bottom_k": [...], ...} (see the README)."""
         body: dict = {"queries": queries, "top_k": top_k, "generate": generate}
         if method is not None:

@@ -15,8 +15,10 @@ class _Body(BaseModel):
 class QueryIn(_Body):
     prompt: str = Field(min_length=1, description="the prompt (tokenised with the tokenizer's special tokens)")
     completion: str | None = Field(
-        None, min_length=1, description="the text whose log-probability given the prompt is attributed; "
-        "omit it with `generate`, where the model writes it"
+        None,
+        min_length=1,
+        description="the text whose log-probability given the prompt is attributed; "
+        "omit it with `generate`, where the model writes it",
     )
     id: str | None = Field(None, max_length=256, description="echoed in the result; default: the query's position")
 
@@ -27,23 +29,32 @@ class GenerateIn(_Body):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int = 0
-    chat: bool | None = Field(None, description="wrap the prompt in the chat template (default: when the "
-                              "tokenizer has one)")
+    chat: bool | None = Field(
+        None, description="wrap the prompt in the chat template (default: when the tokenizer has one)"
+    )
 
     def settings(self) -> GenerationSettings:
-        return GenerationSettings(max_new_tokens=self.max_new_tokens, sample=self.sample,
-                                  temperature=self.temperature, top_p=self.top_p, seed=self.seed, chat=self.chat)
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens,
+            sample=self.sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            chat=self.chat,
+        )
 
 
 class AttributeRequest(_Body):
     queries: list[QueryIn] = Field(min_length=1, description="at most serve.max_queries_per_request")
     top_k: int = Field(10, gt=0, description="supporting (and opposing) training examples per query")
-    method: str | None = Field(None, description="attribution method (GET /v1/info lists them); default: the "
-                               "config's method.name")
+    method: str | None = Field(
+        None, description="attribution method (GET /v1/info lists them); default: the config's method.name"
+    )
     measurement: str = Field("logprob_sum", description="logprob_sum | logprob_mean | margin")
     generate: GenerateIn | bool = Field(
-        False, description="complete each prompt with the model first, then attribute the generated tokens; "
-        "true for the defaults"
+        False,
+        description="complete each prompt with the model first, then attribute the generated tokens; "
+        "true for the defaults",
     )
 
     def generation(self) -> GenerateIn | None:
@@ -57,8 +68,9 @@ class TrainingExample(BaseModel):
     index: int = Field(description="row of the training file (0-based)")
     id: str
     score: float = Field(description="positive: the example supports the query")
-    snippet: str | None = Field(None, description="the start of the training text (absent when data.train "
-                                "is not the indexed file)")
+    snippet: str | None = Field(
+        None, description="the start of the training text (absent when data.train is not the indexed file)"
+    )
 
 
 class QueryAttribution(BaseModel):

@@ -35,10 +35,12 @@ def _range_scorers(config: JobConfig) -> list:
     cluster = config.cluster
     _, store = final_model(config, open_complete_store(config.store.path))  # a training run: its final model's
     deployment = range_scorer_deployment()
-    return [deployment.options(name=f"rows-{a}-{b}", num_replicas=1,
-                               ray_actor_options={"num_cpus": cluster.cpus_per_worker, "num_gpus": 0})
-            .bind(store.path, a, b, cluster.cpus_per_worker)
-            for a, b in row_ranges(len(store.shards()), pool_size(cluster))]
+    return [
+        deployment.options(
+            name=f"rows-{a}-{b}", num_replicas=1, ray_actor_options={"num_cpus": cluster.cpus_per_worker, "num_gpus": 0}
+        ).bind(store.path, a, b, cluster.cpus_per_worker)
+        for a, b in row_ranges(len(store.shards()), pool_size(cluster))
+    ]
 
 
 def build_application(config: JobConfig):
@@ -48,10 +50,14 @@ def build_application(config: JobConfig):
     serve = config.serve
     scorers = _range_scorers(config) if config.cluster is not None else None
     return AttributionService.options(
-        num_replicas=serve.replicas, max_ongoing_requests=serve.max_ongoing_requests,
+        num_replicas=serve.replicas,
+        max_ongoing_requests=serve.max_ongoing_requests,
         max_constructor_retry_count=1,  # a replica that cannot load (bad config, wrong store) fails again
-        ray_actor_options={"num_cpus": serve.replica_cpus, "num_gpus": serve.replica_gpus,
-                           "runtime_env": {"env_vars": forwarded_environment()}},
+        ray_actor_options={
+            "num_cpus": serve.replica_cpus,
+            "num_gpus": serve.replica_gpus,
+            "runtime_env": {"env_vars": forwarded_environment()},
+        },
     ).bind(config, scorers)
 
 

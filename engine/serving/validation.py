@@ -31,13 +31,24 @@ class Limits:
     def from_config(cls, config: JobConfig) -> Limits:
         serve = config.serve
         prompt_tokens = serve.max_prompt_tokens or config.data.max_length - 1
-        return cls(serve.max_queries_per_request, serve.max_prompt_chars, prompt_tokens, serve.max_new_tokens,
-                   serve.max_top_k, serve.max_request_bytes)
+        return cls(
+            serve.max_queries_per_request,
+            serve.max_prompt_chars,
+            prompt_tokens,
+            serve.max_new_tokens,
+            serve.max_top_k,
+            serve.max_request_bytes,
+        )
 
     def describe(self) -> dict:
-        return {"max_queries_per_request": self.max_queries, "max_prompt_chars": self.max_chars,
-                "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens,
-                "max_top_k": self.max_top_k, "max_request_bytes": self.max_request_bytes}
+        return {
+            "max_queries_per_request": self.max_queries,
+            "max_prompt_chars": self.max_chars,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "max_new_tokens": self.max_new_tokens,
+            "max_top_k": self.max_top_k,
+            "max_request_bytes": self.max_request_bytes,
+        }
 
 
 @dataclass
@@ -57,28 +68,43 @@ class PreparedRequest:
 
 def _check_sizes(request: AttributeRequest, limits: Limits) -> None:
     if len(request.queries) > limits.max_queries:
-        raise RequestError(413, f"{len(request.queries)} queries in one request; at most {limits.max_queries} "
-                           "(serve.max_queries_per_request): split the request", "queries", limits.max_queries)
+        raise RequestError(
+            413,
+            f"{len(request.queries)} queries in one request; at most {limits.max_queries} "
+            "(serve.max_queries_per_request): split the request",
+            "queries",
+            limits.max_queries,
+        )
     for i, query in enumerate(request.queries):
         for name in ("prompt", "completion"):
             text = getattr(query, name)
             if text is not None and len(text) > limits.max_chars:
-                raise RequestError(413, f"queries.{i}.{name} is {len(text)} characters; at most {limits.max_chars} "
-                                   "(serve.max_prompt_chars)", f"queries.{i}.{name}", limits.max_chars)
+                raise RequestError(
+                    413,
+                    f"queries.{i}.{name} is {len(text)} characters; at most {limits.max_chars} "
+                    "(serve.max_prompt_chars)",
+                    f"queries.{i}.{name}",
+                    limits.max_chars,
+                )
     if request.top_k > limits.max_top_k:
-        raise RequestError(422, f"top_k {request.top_k} is above serve.max_top_k = {limits.max_top_k}",
-                           "top_k", limits.max_top_k)
+        raise RequestError(
+            422, f"top_k {request.top_k} is above serve.max_top_k = {limits.max_top_k}", "top_k", limits.max_top_k
+        )
     generation = request.generation()
     if generation is not None and generation.max_new_tokens > limits.max_new_tokens:
-        raise RequestError(413, f"generate.max_new_tokens {generation.max_new_tokens} is above serve.max_new_tokens "
-                           f"= {limits.max_new_tokens}", "generate.max_new_tokens", limits.max_new_tokens)
+        raise RequestError(
+            413,
+            f"generate.max_new_tokens {generation.max_new_tokens} is above serve.max_new_tokens "
+            f"= {limits.max_new_tokens}",
+            "generate.max_new_tokens",
+            limits.max_new_tokens,
+        )
 
 
 def _method(request: AttributeRequest, attributor: Attributor) -> Method:
     """The requested method, checked against every name the config accepts (so new methods need no change)."""
     if request.method is not None and request.method not in method_names():
-        raise RequestError(400, f"unknown method {request.method!r}; use one of {', '.join(method_names())}",
-                           "method")
+        raise RequestError(400, f"unknown method {request.method!r}; use one of {', '.join(method_names())}", "method")
     try:
         return attributor.method(request.method, source=f"the service's config with method {request.method!r}")
     except TributaryError as error:  # a known method the config cannot run (e.g. source without eta/steps)
@@ -87,34 +113,43 @@ def _method(request: AttributeRequest, attributor: Attributor) -> Method:
 
 def _check_fields(request: AttributeRequest, tokenizer) -> None:
     if request.measurement not in MEASUREMENTS:
-        raise RequestError(400, f"unknown measurement {request.measurement!r}; use one of {', '.join(MEASUREMENTS)}",
-                           "measurement")
+        raise RequestError(
+            400, f"unknown measurement {request.measurement!r}; use one of {', '.join(MEASUREMENTS)}", "measurement"
+        )
     generation = request.generation()
     seen: dict[str, int] = {}
     for i, query in enumerate(request.queries):
         if generation is None and query.completion is None:
-            raise RequestError(422, f"queries.{i}.completion is required unless generate is set",
-                               f"queries.{i}.completion")
+            raise RequestError(
+                422, f"queries.{i}.completion is required unless generate is set", f"queries.{i}.completion"
+            )
         if generation is not None and query.completion is not None:
-            raise RequestError(422, f"queries.{i}.completion: omit it with generate (the model writes the completion)",
-                               f"queries.{i}.completion")
+            raise RequestError(
+                422,
+                f"queries.{i}.completion: omit it with generate (the model writes the completion)",
+                f"queries.{i}.completion",
+            )
         query_id = query.id if query.id is not None else str(i)
         if query_id in seen:
-            raise RequestError(422, f"queries.{i}.id {query_id!r} is already used by queries.{seen[query_id]}",
-                               f"queries.{i}.id")
+            raise RequestError(
+                422, f"queries.{i}.id {query_id!r} is already used by queries.{seen[query_id]}", f"queries.{i}.id"
+            )
         seen[query_id] = i
     if generation is not None and generation.chat and not getattr(tokenizer, "chat_template", None):
-        raise RequestError(422, "generate.chat is true but the model's tokenizer has no chat template",
-                           "generate.chat")
+        raise RequestError(422, "generate.chat is true but the model's tokenizer has no chat template", "generate.chat")
 
 
 def _check_prompt_tokens(request: AttributeRequest, tokenizer, limits: Limits) -> None:
     for i, query in enumerate(request.queries):
         tokens = len(tokenizer(query.prompt, add_special_tokens=True)["input_ids"])
         if tokens > limits.max_prompt_tokens:
-            raise RequestError(413, f"queries.{i}.prompt is {tokens} tokens; at most {limits.max_prompt_tokens} "
-                               "(serve.max_prompt_tokens, default data.max_length - 1)", f"queries.{i}.prompt",
-                               limits.max_prompt_tokens)
+            raise RequestError(
+                413,
+                f"queries.{i}.prompt is {tokens} tokens; at most {limits.max_prompt_tokens} "
+                "(serve.max_prompt_tokens, default data.max_length - 1)",
+                f"queries.{i}.prompt",
+                limits.max_prompt_tokens,
+            )
 
 
 def prepare(request: AttributeRequest, attributor: Attributor, limits: Limits, tokenizer) -> PreparedRequest:
@@ -151,8 +186,13 @@ class BodyLimit:
         self.max_bytes = max_bytes
 
     async def _too_large(self, send) -> None:
-        await send_json(send, 413, RequestError(413, f"request body over {self.max_bytes} bytes "
-                                                "(serve.max_request_bytes)", "body", self.max_bytes).body())
+        await send_json(
+            send,
+            413,
+            RequestError(
+                413, f"request body over {self.max_bytes} bytes (serve.max_request_bytes)", "body", self.max_bytes
+            ).body(),
+        )
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):

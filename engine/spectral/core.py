@@ -8,8 +8,9 @@ score is the sum of the terms' inner products with their rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,13 +34,18 @@ class QueryTerm:
 
 def module_view(rows: np.ndarray, spec: ProjectionSpec, name: str) -> np.ndarray:
     module = next(m for m in spec.modules if m.name == name)
-    block = rows[:, module.offset:module.offset + module.width]
+    block = rows[:, module.offset : module.offset + module.width]
     return block.reshape(rows.shape[0], module.k_out, module.k_in)
 
 
-def apply_spectral(query_rows: np.ndarray, spec: ProjectionSpec, factors: dict[str, ModuleFactors],
-                   function: Callable[[np.ndarray], np.ndarray], scale_in: ModuleArrays | None = None,
-                   scale_out: ModuleArrays | None = None) -> np.ndarray:
+def apply_spectral(
+    query_rows: np.ndarray,
+    spec: ProjectionSpec,
+    factors: dict[str, ModuleFactors],
+    function: Callable[[np.ndarray], np.ndarray],
+    scale_in: ModuleArrays | None = None,
+    scale_out: ModuleArrays | None = None,
+) -> np.ndarray:
     """Per module: scale_out ⊙ f(C)(scale_in ⊙ G̃) with f(C) = Q F(Λ) Qᵀ in the factors' basis, (Q, D) float64.
 
     The elementwise scales carry a diagonal preconditioner (Adam's P^{±1/2}); None means 1.
@@ -51,11 +57,12 @@ def apply_spectral(query_rows: np.ndarray, spec: ProjectionSpec, factors: dict[s
         if scale_in is not None:
             grads = grads * scale_in[module.name]
         module_factors = factors[module.name]
-        result = unrotate(rotate(grads, module_factors) * function(module_factors.lam), module_factors,
-                          (module.k_out, module.k_in))
+        result = unrotate(
+            rotate(grads, module_factors) * function(module_factors.lam), module_factors, (module.k_out, module.k_in)
+        )
         if scale_out is not None:
             result = result * scale_out[module.name]
-        out[:, module.offset:module.offset + module.width] = result.reshape(len(query_rows), -1)
+        out[:, module.offset : module.offset + module.width] = result.reshape(len(query_rows), -1)
     return out
 
 
@@ -64,8 +71,9 @@ def normalise_rows(rows: np.ndarray) -> np.ndarray:
     return rows / np.where(norms > 0, norms, 1.0)
 
 
-def transform_queries(query_rows: np.ndarray, spec: ProjectionSpec, method: Method,
-                      factors: dict[str, ModuleFactors] | None) -> np.ndarray:
+def transform_queries(
+    query_rows: np.ndarray, spec: ProjectionSpec, method: Method, factors: dict[str, ModuleFactors] | None
+) -> np.ndarray:
     """The query side of a single-checkpoint score, in the raw projected layout (Q, D), float64."""
     query_rows = np.asarray(query_rows, dtype=np.float64)
     if method.normalise:
@@ -92,8 +100,9 @@ def score_block(transformed: np.ndarray, train_rows: np.ndarray, method: Method)
     return scores
 
 
-def score_terms(terms: list[QueryTerm], blocks: Callable[[str], Iterable[tuple[int, int, np.ndarray]]],
-                rows: int, method: Method) -> np.ndarray:
+def score_terms(
+    terms: list[QueryTerm], blocks: Callable[[str], Iterable[tuple[int, int, np.ndarray]]], rows: int, method: Method
+) -> np.ndarray:
     """(Q, rows): Σ over terms of the term's query side against its rows, streamed as (start, stop, block)."""
     total = np.zeros((terms[0].transformed.shape[0], rows))
     for term in terms:
@@ -102,15 +111,18 @@ def score_terms(terms: list[QueryTerm], blocks: Callable[[str], Iterable[tuple[i
     return total
 
 
-def score_block_per_module(transformed: np.ndarray, train_rows: np.ndarray, spec: ProjectionSpec,
-                           method: Method) -> np.ndarray:
+def score_block_per_module(
+    transformed: np.ndarray, train_rows: np.ndarray, spec: ProjectionSpec, method: Method
+) -> np.ndarray:
     """(M, Q, n): each module's share of the score; they sum to `score_block`."""
     train_rows = np.asarray(train_rows, dtype=np.float64)
     denominator = 1.0
     if method.normalise:
         norms = np.linalg.norm(train_rows, axis=1)
         denominator = np.where(norms > 0, norms, 1.0)[None, :]
-    return np.stack([
-        transformed[:, m.offset:m.offset + m.width] @ train_rows[:, m.offset:m.offset + m.width].T / denominator
-        for m in spec.modules
-    ])
+    return np.stack(
+        [
+            transformed[:, m.offset : m.offset + m.width] @ train_rows[:, m.offset : m.offset + m.width].T / denominator
+            for m in spec.modules
+        ]
+    )

@@ -26,8 +26,9 @@ gradients, factors and stored rows. The LM store (engine/query) and in-memory mo
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -77,6 +78,7 @@ class Method:
 
 # ---- spectral functions --------------------------------------------------------------------------
 
+
 def default_damping(lam: np.ndarray) -> float:
     """0.1 x the mean eigenvalue of the module (kronfluence's heuristic)."""
     return 0.1 * float(np.mean(lam))
@@ -86,6 +88,7 @@ def influence_function(damping: float | None) -> SpectralFunction:
     def apply(lam: np.ndarray) -> np.ndarray:
         d = default_damping(lam) if damping is None else damping
         return 1.0 / (lam + d)
+
     return apply
 
 
@@ -115,6 +118,7 @@ def _discrete_power(eta: float, steps: int, lam: np.ndarray) -> np.ndarray:
 
 def source_discrete(eta: float, steps: int) -> SpectralFunction:
     """(1 − (1 − ηλ)^K)/λ: exactly K gradient-descent steps of size η on the quadratic surrogate."""
+
     def numerator(lam: np.ndarray) -> np.ndarray:
         step = eta * lam
         out = np.empty_like(step)
@@ -122,6 +126,7 @@ def source_discrete(eta: float, steps: int) -> SpectralFunction:
         out[stable] = -np.expm1(steps * np.log1p(-step[stable]))
         out[~stable] = 1.0 - np.power(1.0 - step[~stable], steps)
         return out
+
     return lambda lam: _with_limit_at_zero(lam, eta * steps, numerator)
 
 
@@ -135,11 +140,14 @@ def source_transport_discrete(eta: float, steps: int) -> SpectralFunction:
     return lambda lam: _discrete_power(eta, steps, lam)
 
 
-SOURCE_FORMS = {"exponential": (source_exponential, source_transport),
-                "discrete": (source_discrete, source_transport_discrete)}
+SOURCE_FORMS = {
+    "exponential": (source_exponential, source_transport),
+    "discrete": (source_discrete, source_transport_discrete),
+}
 
 
 # ---- Adam's preconditioner (Source App. C) ---------------------------------------------------------
+
 
 def adam_preconditioner(exp_avg_sq: np.ndarray, step: int, beta2: float, eps: float) -> np.ndarray:
     """P = 1/(√v̂ + ε) with v̂ = v/(1 − β₂^t): the diagonal Adam multiplies the gradient by (momentum aside)."""
@@ -148,6 +156,7 @@ def adam_preconditioner(exp_avg_sq: np.ndarray, step: int, beta2: float, eps: fl
 
 
 # ---- multi-checkpoint methods --------------------------------------------------------------------
+
 
 def _tracin_terms(resources: Resources) -> list[QueryTerm]:
     """TracInCP: Σ_c η_c ⟨g_q^c, g_i^c⟩ (η_c the effective learning rate at checkpoint c)."""
@@ -174,9 +183,17 @@ def _trak_terms(damping: float | None) -> Callable[[Resources], list[QueryTerm]]
 
     def build(resources: Resources) -> list[QueryTerm]:
         checkpoints = resources.plan.checkpoints
-        return [QueryTerm(c.name, apply_spectral(resources.query_gradients(c.name), resources.spec,
-                                                 resources.dense_factors(c.name), inverse) / len(checkpoints))
-                for c in checkpoints]
+        return [
+            QueryTerm(
+                c.name,
+                apply_spectral(
+                    resources.query_gradients(c.name), resources.spec, resources.dense_factors(c.name), inverse
+                )
+                / len(checkpoints),
+            )
+            for c in checkpoints
+        ]
+
     return build
 
 
@@ -188,43 +205,46 @@ def datainf_damping(blocks: Iterable[np.ndarray], spec: ProjectionSpec) -> dict[
         block = np.asarray(block, dtype=np.float64)
         count += len(block)
         for m in spec.modules:
-            sums[m.name] += float(np.sum(block[:, m.offset:m.offset + m.width] ** 2))
+            sums[m.name] += float(np.sum(block[:, m.offset : m.offset + m.width] ** 2))
     if count == 0:
         raise ValueError("DataInf needs training rows")
     return {m.name: 0.1 * sums[m.name] / count / m.width for m in spec.modules}
 
 
-def datainf_transform(query_rows: np.ndarray, blocks: Callable[[], Iterable[np.ndarray]], spec: ProjectionSpec,
-                      damping: float | None) -> np.ndarray:
+def datainf_transform(
+    query_rows: np.ndarray, blocks: Callable[[], Iterable[np.ndarray]], spec: ProjectionSpec, damping: float | None
+) -> np.ndarray:
     """DataInf's query side: per module l, (1/n) Σ_i (g_il g_ilᵀ + λ_l I)⁻¹ v_l
     = (1/λ_l) [v_l − (1/n) Σ_i g_il (g_ilᵀ v_l) / (λ_l + ‖g_il‖²)], the average of rank-one inverses
     in place of the inverse of the average. `blocks()` streams the training rows (once more when the
     damping is the default)."""
     query_rows = np.asarray(query_rows, dtype=np.float64)
-    lambdas = (datainf_damping(blocks(), spec) if damping is None else {m.name: float(damping) for m in spec.modules})
+    lambdas = datainf_damping(blocks(), spec) if damping is None else {m.name: float(damping) for m in spec.modules}
     sums = {m.name: np.zeros((len(query_rows), m.width)) for m in spec.modules}
     count = 0
     for block in blocks():
         block = np.asarray(block, dtype=np.float64)
         count += len(block)
         for m in spec.modules:
-            g = block[:, m.offset:m.offset + m.width]
-            v = query_rows[:, m.offset:m.offset + m.width]
-            weights = (v @ g.T) / (lambdas[m.name] + np.sum(g ** 2, axis=1))[None, :]
+            g = block[:, m.offset : m.offset + m.width]
+            v = query_rows[:, m.offset : m.offset + m.width]
+            weights = (v @ g.T) / (lambdas[m.name] + np.sum(g**2, axis=1))[None, :]
             sums[m.name] += weights @ g
     out = np.empty_like(query_rows)
     for m in spec.modules:
-        v = query_rows[:, m.offset:m.offset + m.width]
-        out[:, m.offset:m.offset + m.width] = (v - sums[m.name] / count) / lambdas[m.name]
+        v = query_rows[:, m.offset : m.offset + m.width]
+        out[:, m.offset : m.offset + m.width] = (v - sums[m.name] / count) / lambdas[m.name]
     return out
 
 
 def _datainf_terms(damping: float | None) -> Callable[[Resources], list[QueryTerm]]:
     def build(resources: Resources) -> list[QueryTerm]:
         final = resources.plan.final.name
-        transformed = datainf_transform(resources.query_gradients(final), lambda: resources.training_blocks(final),
-                                        resources.spec, damping)
+        transformed = datainf_transform(
+            resources.query_gradients(final), lambda: resources.training_blocks(final), resources.spec, damping
+        )
         return [QueryTerm(final, transformed)]
+
     return build
 
 
@@ -278,6 +298,7 @@ def _source_terms(config: MethodConfig, averaged: bool) -> Callable[[Resources],
             if segment.index != plan.segments[0].index:
                 u = apply_spectral(u, spec, factors, transport(eta, steps), root, inverse_root)
         return terms
+
     return build
 
 
@@ -293,16 +314,23 @@ def method_from_config(config: MethodConfig) -> Method:
         spectral = None
         if config.eta is not None and config.steps is not None:
             spectral = SOURCE_FORMS[config.form][0](config.eta, config.steps)
-        return Method(name, needs_curvature=True, normalise=False, spectral=spectral,
-                      build_terms=_source_terms(config, averaged=name == "fast_source"))
+        return Method(
+            name,
+            needs_curvature=True,
+            normalise=False,
+            spectral=spectral,
+            build_terms=_source_terms(config, averaged=name == "fast_source"),
+        )
     if name == "tracin":
         return Method(name, needs_curvature=False, normalise=False, spectral=None, build_terms=_tracin_terms)
     if name == "trak":
-        return Method(name, needs_curvature=False, normalise=False, spectral=None,
-                      build_terms=_trak_terms(config.damping))
+        return Method(
+            name, needs_curvature=False, normalise=False, spectral=None, build_terms=_trak_terms(config.damping)
+        )
     if name == "datainf":
-        return Method(name, needs_curvature=False, normalise=False, spectral=None,
-                      build_terms=_datainf_terms(config.damping))
+        return Method(
+            name, needs_curvature=False, normalise=False, spectral=None, build_terms=_datainf_terms(config.damping)
+        )
     raise ValueError(f"unknown method {name!r}")
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 CHECKED = ("model", "tokenizer", "dataset", "projection")
-WHAT = {"model": "model weights or config (model.path / model.adapter / model.modules)",
-        "tokenizer": "tokenizer", "dataset": "training data (data.train)",
-        "projection": "projection (projection.dim / seed / kind)"}
+WHAT = {
+    "model": "model weights or config (model.path / model.adapter / model.modules)",
+    "tokenizer": "tokenizer",
+    "dataset": "training data (data.train)",
+    "projection": "projection (projection.dim / seed / kind)",
+}
 
 
 def mismatches(stored: dict, current: dict, keys: tuple[str, ...] = CHECKED) -> list[str]:

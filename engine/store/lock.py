@@ -47,8 +47,13 @@ class StoreLock:
         self.location = store_location.rstrip("/") + LOCK_SUFFIX
         self.store_location = store_location
         self.break_lock = break_lock
-        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "user": _user(),
-                      "started": time.time(), "token": uuid.uuid4().hex}
+        self.owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "user": _user(),
+            "started": time.time(),
+            "token": uuid.uuid4().hex,
+        }
         self.held = False
 
     def _read(self) -> dict | None:
@@ -69,8 +74,9 @@ class StoreLock:
         if current is not None:
             if self.break_lock or self._is_stale(current):
                 reason = "--break-lock" if self.break_lock else "its process is gone"
-                log.warning("removing the lock of %s on %s (%s)", _owner_text(current),
-                            redact(self.store_location), reason)
+                log.warning(
+                    "removing the lock of %s on %s (%s)", _owner_text(current), redact(self.store_location), reason
+                )
                 fs.rm_file(path)
             else:
                 raise TributaryError(
@@ -102,7 +108,7 @@ class StoreLock:
             fs.rm_file(path)
         self.held = False
 
-    def __enter__(self) -> "StoreLock":
+    def __enter__(self) -> StoreLock:
         self.acquire()
         return self
 

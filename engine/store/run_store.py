@@ -22,8 +22,13 @@ import zarr
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.store.location import redact, zarr_location
-from engine.store.zarr_store import (GradientStore, read_factor_group, read_module_arrays, write_factor_group,
-                                     write_module_arrays)
+from engine.store.zarr_store import (
+    GradientStore,
+    read_factor_group,
+    read_module_arrays,
+    write_factor_group,
+    write_module_arrays,
+)
 from engine.training_run.plan import RunPlan
 
 RUN_FORMAT = "tributary-run/1"
@@ -43,7 +48,7 @@ class RunStore:
         self.path = path
 
     @classmethod
-    def create(cls, path: str, manifest: dict) -> "RunStore":
+    def create(cls, path: str, manifest: dict) -> RunStore:
         manifest = dict(manifest, format=RUN_FORMAT, segments_done=[], complete=False)
         group = zarr.open_group(zarr_location(path), mode="w", attributes={"manifest": manifest})
         group.require_group("checkpoints")
@@ -51,7 +56,7 @@ class RunStore:
         return cls(group, path)
 
     @classmethod
-    def open(cls, path: str, mode: str = "r") -> "RunStore":
+    def open(cls, path: str, mode: str = "r") -> RunStore:
         if not is_run_store(path):
             raise TributaryError(f"{redact(path)} is not a Tributary training-run store ({RUN_FORMAT})")
         return cls(zarr.open_group(zarr_location(path), mode=mode), path)

@@ -5,8 +5,19 @@ from __future__ import annotations
 from engine.store.location import redact
 from engine.store.zarr_store import GradientStore
 
-SUMMARY_KEYS = ("format", "code_version", "rows", "width", "dtype", "rows_per_chunk", "complete", "fingerprints",
-                "curvature", "stages", "timings")
+SUMMARY_KEYS = (
+    "format",
+    "code_version",
+    "rows",
+    "width",
+    "dtype",
+    "rows_per_chunk",
+    "complete",
+    "fingerprints",
+    "curvature",
+    "stages",
+    "timings",
+)
 
 
 def manifest_summary(store: GradientStore) -> dict:

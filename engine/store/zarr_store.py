@@ -40,15 +40,24 @@ class GradientStore:
 
     # ---- creation and opening -------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str, manifest: dict, rows: int, width: int, dtype: str,
-               rows_per_chunk: int) -> "GradientStore":
-        manifest = dict(manifest, format=FORMAT, rows=rows, width=width, dtype=dtype,
-                        rows_per_chunk=rows_per_chunk, completed_shards=[], stages={}, complete=False)
+    def create(cls, path: str, manifest: dict, rows: int, width: int, dtype: str, rows_per_chunk: int) -> GradientStore:
+        manifest = dict(
+            manifest,
+            format=FORMAT,
+            rows=rows,
+            width=width,
+            dtype=dtype,
+            rows_per_chunk=rows_per_chunk,
+            completed_shards=[],
+            stages={},
+            complete=False,
+        )
         # The manifest (complete: false) goes in with the group itself, so a run that dies while the
         # arrays are being laid out still leaves a recognisable, incomplete store rather than a bare group.
         group = zarr.open_group(zarr_location(path), mode="w", attributes={"manifest": manifest})
-        group.create_array("grads", shape=(rows, width), chunks=(rows_per_chunk, width),
-                           dtype=PHYSICAL[dtype], fill_value=0)
+        group.create_array(
+            "grads", shape=(rows, width), chunks=(rows_per_chunk, width), dtype=PHYSICAL[dtype], fill_value=0
+        )
         group["grads"].attrs["logical_dtype"] = dtype
         meta = group.create_group("rows")
         meta.create_array("id", shape=(rows,), chunks=(rows_per_chunk,), dtype=str)
@@ -58,7 +67,7 @@ class GradientStore:
         return cls(group, path)
 
     @classmethod
-    def open(cls, path: str, mode: str = "r") -> "GradientStore":
+    def open(cls, path: str, mode: str = "r") -> GradientStore:
         try:
             group = zarr.open_group(zarr_location(path), mode=mode)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
@@ -101,13 +110,17 @@ class GradientStore:
         return [(start, min(start + step, self.rows)) for start in range(0, self.rows, step)]
 
     # ---- rows -----------------------------------------------------------------------------------
-    def write_rows(self, start: int, grads: np.ndarray, ids: list[str], num_tokens: np.ndarray,
-                   losses: np.ndarray) -> str:
+    def write_rows(
+        self, start: int, grads: np.ndarray, ids: list[str], num_tokens: np.ndarray, losses: np.ndarray
+    ) -> str:
         """Write a shard's rows; returns the checksum of exactly what was stored."""
         stop = start + len(grads)
-        arrays = {"grads": encode(grads, self.manifest["dtype"]), "rows/id": np.asarray(ids, dtype=str),
-                  "rows/num_tokens": np.asarray(num_tokens, dtype=np.int32),
-                  "rows/loss": np.asarray(losses, dtype=np.float32)}
+        arrays = {
+            "grads": encode(grads, self.manifest["dtype"]),
+            "rows/id": np.asarray(ids, dtype=str),
+            "rows/num_tokens": np.asarray(num_tokens, dtype=np.int32),
+            "rows/loss": np.asarray(losses, dtype=np.float32),
+        }
         for name, values in arrays.items():
             self.group[name][start:stop] = values
         return checksum(arrays)
@@ -128,8 +141,7 @@ class GradientStore:
         root = self.group.require_group("partials")
         if name not in root:
             root.create_array(name, shape=(shards, width), chunks=(1, width), dtype="float64", fill_value=0)
-            root.create_array(f"{name}_counts", shape=(shards, counts), chunks=(1, counts), dtype="int64",
-                              fill_value=0)
+            root.create_array(f"{name}_counts", shape=(shards, counts), chunks=(1, counts), dtype="int64", fill_value=0)
 
     def write_partial(self, name: str, shard: int, vector: np.ndarray, counts: np.ndarray) -> None:
         self.group[f"partials/{name}"][shard] = vector
@@ -208,12 +220,11 @@ def read_factor_group(root: zarr.Group, modules: list[dict]) -> dict[str, Module
     out = {}
     for module in modules:
         k_in, k_out = module["k_in"], module["k_out"]
-        shapes = {"lam": (k_out, k_in), "q_a": (k_in, k_in), "q_s": (k_out, k_out), "alpha": (k_in,),
-                  "sigma": (k_out,)}
+        shapes = {"lam": (k_out, k_in), "q_a": (k_in, k_in), "q_s": (k_out, k_out), "alpha": (k_in,), "sigma": (k_out,)}
         fields = {}
         for field, values in packed.items():
             size = int(np.prod(shapes[field]))
-            fields[field] = values[offsets[field]:offsets[field] + size].reshape(shapes[field])
+            fields[field] = values[offsets[field] : offsets[field] + size].reshape(shapes[field])
             offsets[field] += size
         out[module["name"]] = ModuleFactors(strategy=root.attrs["strategy"], **fields)
     return out
@@ -229,6 +240,6 @@ def read_module_arrays(group: zarr.Group, name: str, modules: list[dict]) -> dic
     out, offset = {}, 0
     for m in modules:
         size = m["k_in"] * m["k_out"]
-        out[m["name"]] = packed[offset:offset + size].reshape(m["k_out"], m["k_in"])
+        out[m["name"]] = packed[offset : offset + size].reshape(m["k_out"], m["k_in"])
         offset += size
     return out

@@ -44,11 +44,16 @@ def match_state(state: dict, model: nn.Module, where: str) -> dict[str, dict]:
     shapes = dict(parameters)
     positions = _state_positions(state)
     per_position = state["state"]
-    stated = [(index, tuple(per_position[index]["exp_avg_sq"].shape)) for index in positions
-              if index in per_position and "exp_avg_sq" in per_position[index]]
+    stated = [
+        (index, tuple(per_position[index]["exp_avg_sq"].shape))
+        for index in positions
+        if index in per_position and "exp_avg_sq" in per_position[index]
+    ]
     if not stated:
-        raise TributaryError(f"optimizer state {where} has no exp_avg_sq (Adam second moments); "
-                             "training_run.optimizer.preconditioned needs an Adam/AdamW state")
+        raise TributaryError(
+            f"optimizer state {where} has no exp_avg_sq (Adam second moments); "
+            "training_run.optimizer.preconditioned needs an Adam/AdamW state"
+        )
     for order in (names, _trainer_order(model, names)):
         if order is None or len(order) != len(positions):
             continue
@@ -62,13 +67,21 @@ def match_state(state: dict, model: nn.Module, where: str) -> dict[str, dict]:
     )
 
 
-def read_preconditioner(checkpoint: str, model: nn.Module, modules: dict[str, nn.Module], spec: ProjectionSpec,
-                        include_bias: bool, optimizer: OptimizerConfig) -> dict[str, np.ndarray]:
+def read_preconditioner(
+    checkpoint: str,
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    spec: ProjectionSpec,
+    include_bias: bool,
+    optimizer: OptimizerConfig,
+) -> dict[str, np.ndarray]:
     """P = 1/(√v̂ + ε) of one checkpoint, per tracked module in the stored (k_out, k_in) layout."""
     path = Path(checkpoint) / optimizer.state_file
     if not path.is_file():
-        raise TributaryError(f"training_run.optimizer.preconditioned needs the optimizer state {path}; it does not "
-                             "exist (save it with the checkpoint, or set preconditioned: false)")
+        raise TributaryError(
+            f"training_run.optimizer.preconditioned needs the optimizer state {path}; it does not "
+            "exist (save it with the checkpoint, or set preconditioned: false)"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -94,7 +107,9 @@ def read_preconditioner(checkpoint: str, model: nn.Module, modules: dict[str, nn
             pieces.append(adam_preconditioner(entry["exp_avg_sq"].double().numpy(), step, beta2, eps))
         transposed = TrackedKind.for_module(layer).weight_as_out_in(layer) is not layer.weight  # GPT-2 Conv1D
         weight = pieces[0].T if transposed else pieces[0]
-        out[module.name] = module_layout(weight, pieces[1] if len(pieces) > 1 else None, module, f"optimizer state {path}")
+        out[module.name] = module_layout(
+            weight, pieces[1] if len(pieces) > 1 else None, module, f"optimizer state {path}"
+        )
     return out
 
 

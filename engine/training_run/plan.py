@@ -49,10 +49,9 @@ class RunPlan:
     averaged: bool = False  # Fast-Source rows and factors exist
 
     @classmethod
-    def single(cls, eta: float | None = None, steps: int | None = None, path: str | None = None) -> "RunPlan":
+    def single(cls, eta: float | None = None, steps: int | None = None, path: str | None = None) -> RunPlan:
         """The plan of a store built without a training run: the final model only."""
-        return cls(checkpoints=(CheckpointPlan("c0", 0, path),),
-                   segments=(SegmentPlan(0, ("c0",), eta, steps),))
+        return cls(checkpoints=(CheckpointPlan("c0", 0, path),), segments=(SegmentPlan(0, ("c0",), eta, steps),))
 
     @property
     def final(self) -> CheckpointPlan:
@@ -73,15 +72,22 @@ class RunPlan:
         raise KeyError(key)
 
     def to_dict(self) -> dict:
-        return {"checkpoints": [asdict(c) for c in self.checkpoints],
-                "segments": [dict(asdict(s), checkpoints=list(s.checkpoints)) for s in self.segments],
-                "datasets": list(self.datasets), "optimizer": self.optimizer,
-                "preconditioned": self.preconditioned, "averaged": self.averaged}
+        return {
+            "checkpoints": [asdict(c) for c in self.checkpoints],
+            "segments": [dict(asdict(s), checkpoints=list(s.checkpoints)) for s in self.segments],
+            "datasets": list(self.datasets),
+            "optimizer": self.optimizer,
+            "preconditioned": self.preconditioned,
+            "averaged": self.averaged,
+        }
 
     @classmethod
-    def from_dict(cls, raw: dict) -> "RunPlan":
-        return cls(checkpoints=tuple(CheckpointPlan(**c) for c in raw["checkpoints"]),
-                   segments=tuple(SegmentPlan(**dict(s, checkpoints=tuple(s["checkpoints"])))
-                                  for s in raw["segments"]),
-                   datasets=tuple(raw["datasets"]), optimizer=raw["optimizer"],
-                   preconditioned=raw["preconditioned"], averaged=raw["averaged"])
+    def from_dict(cls, raw: dict) -> RunPlan:
+        return cls(
+            checkpoints=tuple(CheckpointPlan(**c) for c in raw["checkpoints"]),
+            segments=tuple(SegmentPlan(**dict(s, checkpoints=tuple(s["checkpoints"]))) for s in raw["segments"]),
+            datasets=tuple(raw["datasets"]),
+            optimizer=raw["optimizer"],
+            preconditioned=raw["preconditioned"],
+            averaged=raw["averaged"],
+        )

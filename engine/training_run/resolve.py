@@ -63,19 +63,27 @@ def _discover(trainer_dir: str) -> list[_Checkpoint]:
     directory itself when it is later than the last checkpoint (max_steps of the last trainer_state.json)."""
     root = Path(trainer_dir)
     if not root.is_dir():
-        raise TributaryError(f"training_run.trainer_dir {trainer_dir} is not a directory; give the Trainer's output_dir")
-    found = sorted((int(m.group(1)), child) for child in root.iterdir()
-                   if child.is_dir() and (m := CHECKPOINT_DIR.match(child.name)))
+        raise TributaryError(
+            f"training_run.trainer_dir {trainer_dir} is not a directory; give the Trainer's output_dir"
+        )
+    found = sorted(
+        (int(m.group(1)), child)
+        for child in root.iterdir()
+        if child.is_dir() and (m := CHECKPOINT_DIR.match(child.name))
+    )
     checkpoints = [_Checkpoint(str(path.resolve()), step, None) for step, path in found]
     if (root / "config.json").is_file():
         last_state = _read_trainer_state(Path(checkpoints[-1].path)) if checkpoints else None
         final_step = (last_state or {}).get("max_steps")
         if not checkpoints or (isinstance(final_step, int) and final_step > checkpoints[-1].step):
-            checkpoints.append(_Checkpoint(str(root.resolve()), final_step if isinstance(final_step, int) else None,
-                                           None))
+            checkpoints.append(
+                _Checkpoint(str(root.resolve()), final_step if isinstance(final_step, int) else None, None)
+            )
     if not checkpoints:
-        raise TributaryError(f"training_run.trainer_dir {trainer_dir} holds no checkpoint-STEP directories and no "
-                             "model; point it at the Trainer's output_dir")
+        raise TributaryError(
+            f"training_run.trainer_dir {trainer_dir} holds no checkpoint-STEP directories and no "
+            "model; point it at the Trainer's output_dir"
+        )
     return checkpoints
 
 
@@ -93,16 +101,23 @@ def _check_directories(checkpoints: list[_Checkpoint]) -> None:
     for checkpoint in checkpoints:
         path = Path(checkpoint.path)
         if not (path / "config.json").is_file():
-            raise TributaryError(f"training_run checkpoint {checkpoint.path} is not an HF model directory (no "
-                                 "config.json); list model directories, or set trainer_dir")
+            raise TributaryError(
+                f"training_run checkpoint {checkpoint.path} is not an HF model directory (no "
+                "config.json); list model directories, or set trainer_dir"
+            )
         architecture = _architecture(path)
         if reference is None:
             reference = (checkpoint.path, architecture)
             continue
         if architecture != reference[1]:
-            keys = sorted(k for k in set(architecture or {}) | set(reference[1] or {})
-                          if (architecture or {}).get(k) != (reference[1] or {}).get(k))
-            shown = ", ".join(f"{k}: {(reference[1] or {}).get(k)!r} vs {(architecture or {}).get(k)!r}" for k in keys[:4])
+            keys = sorted(
+                k
+                for k in set(architecture or {}) | set(reference[1] or {})
+                if (architecture or {}).get(k) != (reference[1] or {}).get(k)
+            )
+            shown = ", ".join(
+                f"{k}: {(reference[1] or {}).get(k)!r} vs {(architecture or {}).get(k)!r}" for k in keys[:4]
+            )
             raise TributaryError(
                 f"training_run checkpoints {reference[0]} and {checkpoint.path} have different architectures "
                 f"({shown}); every checkpoint of a run must be the same model at another step"
@@ -116,8 +131,11 @@ def _history(checkpoints: list[_Checkpoint], trainer_dir: str | None) -> dict[in
     for directory in directories:
         state = _read_trainer_state(directory)
         for entry in (state or {}).get("log_history", []):
-            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and \
-                    isinstance(entry.get("learning_rate"), (int, float)):
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("step"), int)
+                and isinstance(entry.get("learning_rate"), (int, float))
+            ):
                 rates[entry["step"]] = float(entry["learning_rate"])
     return rates
 
@@ -136,16 +154,20 @@ def _segment_groups(run: TrainingRunConfig, checkpoints: list[_Checkpoint]) -> t
             raise TributaryError("training_run: give either segments (a list) or boundaries, not both")
         unknown = [c.path for c in checkpoints if c.step is None]
         if unknown:
-            raise TributaryError(f"training_run.boundaries split checkpoints by step, but the step of {unknown[0]} is "
-                                 "unknown; give its step, or use checkpoint-STEP directories")
+            raise TributaryError(
+                f"training_run.boundaries split checkpoints by step, but the step of {unknown[0]} is "
+                "unknown; give its step, or use checkpoint-STEP directories"
+            )
         bounds = [0] + sorted(run.boundaries) + [None]
         groups = []
         for index, (low, high) in enumerate(zip(bounds[:-1], bounds[1:])):
             members = [i for i, c in enumerate(checkpoints) if c.step > low and (high is None or c.step <= high)]
             if not members:
                 span = f"({low}, {high}]" if high is not None else f"after step {low}"
-                raise TributaryError(f"training_run segment {index} (steps {span}) has no checkpoints; move the "
-                                     "boundaries or add a checkpoint in that range")
+                raise TributaryError(
+                    f"training_run segment {index} (steps {span}) has no checkpoints; move the "
+                    "boundaries or add a checkpoint in that range"
+                )
             groups.append(members)
         return groups, [None] * len(groups)
     if isinstance(run.segments, int):
@@ -154,13 +176,14 @@ def _segment_groups(run: TrainingRunConfig, checkpoints: list[_Checkpoint]) -> t
                 f"training_run.segments is {run.segments} but there are {len(checkpoints)} checkpoints: every "
                 f"segment needs at least one checkpoint; use 1 to {len(checkpoints)} segments"
             )
-        return [list(part) for part in np.array_split(np.arange(len(checkpoints)), run.segments)], \
-            [None] * run.segments
+        return [list(part) for part in np.array_split(np.arange(len(checkpoints)), run.segments)], [None] * run.segments
     groups = []
     for index, segment in enumerate(run.segments):
         if not segment.checkpoints:
-            raise TributaryError(f"training_run.segments[{index}] has no checkpoints; list at least one checkpoint "
-                                 "(a path or an index into training_run.checkpoints)")
+            raise TributaryError(
+                f"training_run.segments[{index}] has no checkpoints; list at least one checkpoint "
+                "(a path or an index into training_run.checkpoints)"
+            )
         groups.append([_checkpoint_index(entry, checkpoints, index) for entry in segment.checkpoints])
     return groups, list(run.segments)
 
@@ -168,8 +191,10 @@ def _segment_groups(run: TrainingRunConfig, checkpoints: list[_Checkpoint]) -> t
 def _checkpoint_index(entry: str | int, checkpoints: list[_Checkpoint], segment: int) -> int:
     if isinstance(entry, int):
         if not 0 <= entry < len(checkpoints):
-            raise TributaryError(f"training_run.segments[{segment}] names checkpoint {entry}, but there are "
-                                 f"{len(checkpoints)} (indices 0..{len(checkpoints) - 1})")
+            raise TributaryError(
+                f"training_run.segments[{segment}] names checkpoint {entry}, but there are "
+                f"{len(checkpoints)} (indices 0..{len(checkpoints) - 1})"
+            )
         return entry
     path = str(Path(entry).resolve())
     for index, checkpoint in enumerate(checkpoints):
@@ -185,17 +210,23 @@ def resolve_run(config: JobConfig) -> RunPlan | None:
     if run is None:
         return None
     if config.model.adapter is not None:
-        raise TributaryError("training_run with model.adapter is not supported; attribute the merged checkpoints "
-                             "(list full model directories)")
+        raise TributaryError(
+            "training_run with model.adapter is not supported; attribute the merged checkpoints "
+            "(list full model directories)"
+        )
     if run.optimizer.preconditioned and run.optimizer.name == "sgd":
-        raise TributaryError("training_run.optimizer.preconditioned needs optimizer adam or adamw (P = 1/(sqrt(v)+eps) "
-                             "from the optimizer state); remove it for SGD")
+        raise TributaryError(
+            "training_run.optimizer.preconditioned needs optimizer adam or adamw (P = 1/(sqrt(v)+eps) "
+            "from the optimizer state); remove it for SGD"
+        )
     if run.checkpoints and run.trainer_dir:
         raise TributaryError("training_run: give either checkpoints or trainer_dir, not both")
     checkpoints = _discover(run.trainer_dir) if run.trainer_dir else _listed(run.checkpoints)
     if not checkpoints and not (isinstance(run.segments, list) and run.segments):
-        raise TributaryError("training_run has no checkpoints; list checkpoints, set trainer_dir, or list segments "
-                             "with their checkpoints")
+        raise TributaryError(
+            "training_run has no checkpoints; list checkpoints, set trainer_dir, or list segments "
+            "with their checkpoints"
+        )
     for checkpoint in checkpoints:
         if checkpoint.step is None and Path(checkpoint.path).is_dir():
             checkpoint.step = _step_of(Path(checkpoint.path))
@@ -205,8 +236,10 @@ def resolve_run(config: JobConfig) -> RunPlan | None:
     if sorted(order) != list(range(len(checkpoints))):
         missing = [checkpoints[i].path for i in range(len(checkpoints)) if i not in order]
         repeated = sorted({checkpoints[i].path for i in order if order.count(i) > 1})
-        raise TributaryError(f"training_run: every checkpoint must be in exactly one segment (in none: {missing[:3]}, "
-                             f"in several: {repeated[:3]})")
+        raise TributaryError(
+            f"training_run: every checkpoint must be in exactly one segment (in none: {missing[:3]}, "
+            f"in several: {repeated[:3]})"
+        )
     history = _history(checkpoints, run.trainer_dir)
     scale = 1.0 / (1.0 - run.optimizer.momentum) if run.optimizer.name == "sgd" else 1.0
     datasets: list[str] = []
@@ -226,14 +259,26 @@ def resolve_run(config: JobConfig) -> RunPlan | None:
             names.append(name)
         end = _segment_end(run, index, len(groups), [checkpoints[i].step for i in group])
         steps = entry.steps or (end - previous_end if end is not None and previous_end is not None else None)
-        rate = entry.learning_rate or _mean_rate(history, previous_end, end) or _mean_known(
-            [checkpoints[i].learning_rate or _rate_at(checkpoints[i].step, history) for i in group]) \
+        rate = (
+            entry.learning_rate
+            or _mean_rate(history, previous_end, end)
+            or _mean_known([checkpoints[i].learning_rate or _rate_at(checkpoints[i].step, history) for i in group])
             or run.learning_rate
-        segments.append(SegmentPlan(index, tuple(names), None if rate is None else rate * scale, steps,
-                                    datasets.index(dataset_path)))
+        )
+        segments.append(
+            SegmentPlan(
+                index, tuple(names), None if rate is None else rate * scale, steps, datasets.index(dataset_path)
+            )
+        )
         previous_end = end
-    return RunPlan(tuple(plans), tuple(segments), tuple(datasets), "sgd" if run.optimizer.name == "sgd" else "adam",
-                   run.optimizer.preconditioned, run.averaged)
+    return RunPlan(
+        tuple(plans),
+        tuple(segments),
+        tuple(datasets),
+        "sgd" if run.optimizer.name == "sgd" else "adam",
+        run.optimizer.preconditioned,
+        run.averaged,
+    )
 
 
 def _segment_end(run: TrainingRunConfig, index: int, count: int, steps: list[int | None]) -> int | None:
