@@ -79,7 +79,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
-def single_thread_store(model: Path, train: Path, path: str) -> str:
+def single_thread_store(model: Path, train: Path, path: str, **sections) -> str:
     """The single-process store at one torch thread — the workers' count (cpus_per_worker = 1).
 
     BLAS kernels may round differently with another thread count, so bitwise equality with the
@@ -93,7 +93,7 @@ def single_thread_store(model: Path, train: Path, path: str) -> str:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run_index(parse_config(store_config(model, train, path)), show_progress=False)
+        run_index(parse_config(store_config(model, train, path, **sections)), show_progress=False)
     finally:
         torch.set_num_threads(threads)
     return path
