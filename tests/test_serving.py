@@ -48,11 +48,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def store_snapshot(path: Path) -> dict[str, str]:
+def store_snapshot(path: Path) -> dict[str, tuple[str, int]]:
+    """Every file's sha256 and every file's and folder's mtime (a file created and removed again changes its
+    folder's), keyed by path below the store."""
     return {
-        str(file.relative_to(path)): hashlib.sha256(file.read_bytes()).hexdigest()
-        for file in sorted(path.rglob("*"))
-        if file.is_file()
+        str(entry.relative_to(path)): (
+            hashlib.sha256(entry.read_bytes()).hexdigest() if entry.is_file() else "folder",
+            entry.stat().st_mtime_ns,
+        )
+        for entry in sorted([path, *path.rglob("*")])
     }
 
 
@@ -382,6 +386,13 @@ def test_serve_refuses_a_missing_store_before_starting(tmp_path, tiny_models, te
     assert_clean_failure(invoke("serve", config, "--port", free_port()), "does not exist", "tributary index")
 
 
-def test_the_store_was_never_written(served):
-    """Last in the module: after every request above, the served store's files are byte for byte the same."""
+def test_the_store_was_never_written(served, client):
+    """Answers, generations, refusals and failed auth (sent here, and by any test before, in any order) leave
+    the served store byte for byte and mtime for mtime as it was before the service started."""
+    assert len(client.attribute(QUERIES, top_k=5)) == len(QUERIES)
+    assert client.attribute(GENERATE_PROMPTS[:1], top_k=5, generate={"max_new_tokens": 2})[0]["generated"]
+    for body, status, _, _ in BAD_REQUESTS:
+        assert raw_post(served, body)[0] == status, body[:80]
+    assert raw_post(served, json.dumps(valid()).encode(), token=WRONG_TOKEN)[0] == 401
+    assert client.info()["store"]["complete"] is True
     assert store_snapshot(served["store"]) == served["before"]
