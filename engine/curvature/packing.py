@@ -60,3 +60,13 @@ def reduce_rows(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nd
     for row in rows:
         total += row
     return total, counts.sum(axis=0)
+
+
+def reduced_covariance(rows: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleCovariance]:
+    """The covariance sums of every shard (a store's partials "covariance"), reduced in shard order."""
+    return unpack_covariance(*reduce_rows(rows, counts), spec)
+
+
+def reduced_lambda(rows: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleLambda]:
+    """The Λ sums of every shard, reduced in shard order."""
+    return unpack_lambda(*reduce_rows(rows, counts), spec)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.attribution.in_memory import (
+from engine.attribution import (
     Checkpoint,
     Dataset,
     ExampleLoss,

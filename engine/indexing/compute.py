@@ -13,8 +13,9 @@ import torch
 
 from engine.capture.loss import per_example_loss, sample_labels
 from engine.capture.measurement import measurement_loss
+from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulator
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
-from engine.curvature.statistics import ModuleCovariance, ModuleLambda, PartialSums, add_covariance, add_lambda
+from engine.curvature.statistics import PartialSums
 from engine.data.batching import Batch, batches
 from engine.data.tokenize import IGNORE, TokenizedRow
 from engine.indexing.job import ModelContext
@@ -54,7 +55,7 @@ def gradient_pass(
     capture = context.capture
     curvature = context.config.curvature
     want_covariance = with_covariance and curvature.strategy in NEEDS_COVARIANCE
-    covariance = {m.name: ModuleCovariance.zeros(m.k_in, m.k_out) for m in context.spec.modules}
+    covariance = CovarianceAccumulator(context.spec)
     grads, losses, tokens = [], [], []
     with capture.hooks():
         for batch in _batches(context, rows):
@@ -70,9 +71,8 @@ def gradient_pass(
                     sampled = _curvature_labels(context, batch, state.logits)
                     fisher_loss = per_example_loss(state.logits, sampled)
                     deltas = capture.output_gradients(state, fisher_loss, retain_graph=False)
-                for name in capture.modules:
-                    add_covariance(covariance[name], state.activations[name], deltas[name], batch.attention_mask)
-    sums = PartialSums(covariance=covariance if want_covariance else {})
+                covariance.add(state.activations, deltas, batch.attention_mask)
+    sums = PartialSums(covariance=covariance.sums if want_covariance else {})
     return ShardGradients(start, torch.cat(grads).numpy(), torch.cat(losses).numpy(), torch.cat(tokens).numpy(), sums)
 
 
@@ -107,28 +107,11 @@ def lambda_pass(
     """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal).
     `scale` multiplies each G̃_n elementwise first (Adam's P^{1/2}: the factors of P^{1/2} H P^{1/2})."""
     capture = context.capture
-    scales = (
-        None
-        if scale is None
-        else {
-            name: torch.from_numpy(np.asarray(value, dtype=np.float64)).to(context.device)
-            for name, value in scale.items()
-        }
-    )
-    bases = {
-        name: (
-            None
-            if not f.rotated
-            else (torch.from_numpy(f.q_s).to(context.device), torch.from_numpy(f.q_a).to(context.device))
-        )
-        for name, f in factors.items()
-    }
-    lambdas = {m.name: ModuleLambda.zeros(m.k_in, m.k_out) for m in context.spec.modules}
+    lambdas = LambdaAccumulator(context.spec, factors, scale, context.device)
     with capture.hooks():
         for batch in _batches(context, rows):
             state = capture.forward(batch)
             labels = _curvature_labels(context, batch, state.logits)
             deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
-            for name, grads in capture.example_gradients(state, deltas).items():
-                add_lambda(lambdas[name], grads, bases[name], None if scales is None else scales[name])
-    return PartialSums(lambdas=lambdas)
+            lambdas.add(capture.example_gradients(state, deltas))
+    return PartialSums(lambdas=lambdas.sums)

@@ -15,8 +15,9 @@ import socket
 import time
 
 from engine.config import JobConfig
-from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS, final_factors, initial_factors
-from engine.curvature.packing import covariance_width, lambda_width, reduce_rows, unpack_covariance, unpack_lambda
+from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
+from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
+from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda
 from engine.data.rows import file_fingerprint, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
@@ -228,7 +229,7 @@ def _run_stages(
     config: JobConfig, store: GradientStore, executor, spec: ProjectionSpec, show_progress: bool, timings: dict
 ) -> None:
     strategy = config.curvature.strategy
-    widths = {m.name: (m.k_in, m.k_out) for m in spec.modules}
+    widths = module_widths(spec)
     workers = len(getattr(executor, "actors", [None]))
     with progress_bar(show_progress) as progress:
         run = IndexRun(store, executor, spec, progress, workers)
@@ -238,10 +239,9 @@ def _run_stages(
         run.stage("gradients")
         timings["pass1_s"] = time.perf_counter() - clock
         if not run.done("eigen"):
-            covariance = {}
-            if strategy in NEEDS_COVARIANCE:
-                covariance = unpack_covariance(*reduce_rows(*store.read_partials("covariance")), spec)
-            store.write_factors(initial_factors(strategy, covariance, widths))
+            needed = strategy in NEEDS_COVARIANCE
+            covariance = [reduced_covariance(*store.read_partials("covariance"), spec)] if needed else []
+            store.write_factors(shared_basis(strategy, widths, covariance))
             run.mark("eigen")
         if strategy in NEEDS_LAMBDA_PASS:
             store.create_partials("lambda", lambda_width(spec), 1)
@@ -249,6 +249,6 @@ def _run_stages(
             clock = time.perf_counter()
             run.stage("lambdas")
             timings["pass2_s"] = time.perf_counter() - clock
-            lambdas = unpack_lambda(*reduce_rows(*store.read_partials("lambda")), spec)
-            store.write_factors(final_factors(strategy, store.read_factors(), lambdas))
+            lambdas = reduced_lambda(*store.read_partials("lambda"), spec)
+            store.write_factors(corrected_factors(strategy, store.read_factors(), [lambdas]))
         run.mark("final")

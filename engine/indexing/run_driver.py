@@ -22,9 +22,10 @@ import torch
 
 from engine.capture.modules import select_modules, tracked_shapes
 from engine.config import JobConfig
-from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS, ModuleFactors, final_factors, initial_factors
-from engine.curvature.packing import lambda_width, reduce_rows, unpack_covariance, unpack_lambda
-from engine.curvature.statistics import PartialSums, merge_all
+from engine.curvature.factors import NEEDS_LAMBDA_PASS, ModuleFactors
+from engine.curvature.fitting import corrected_factors, fit_factors, module_widths
+from engine.curvature.packing import lambda_width, reduced_covariance, reduced_lambda
+from engine.curvature.statistics import ModuleLambda
 from engine.errors import TributaryError
 from engine.indexing.driver import IndexRun, _validated_rows, build_store
 from engine.indexing.executor import make_executor
@@ -36,7 +37,7 @@ from engine.store.run_store import RunStore, is_run_store
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.optimizer_state import meta_model, read_preconditioner
 from engine.training_run.plan import RunPlan, SegmentPlan
-from engine.training_run.preconditioner import average
+from engine.training_run.preconditioner import average, square_root
 from engine.training_run.resolve import require_schedule
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def _shared_lambdas(
     scale: dict[str, np.ndarray] | None,
     spec: ProjectionSpec,
     show_progress: bool,
-) -> PartialSums:
+) -> dict[str, ModuleLambda]:
     """Λ sums of one checkpoint in a segment's shared basis (the worker stage `segment_lambdas`)."""
     store.write_factors(basis, "segment_basis")
     if scale is not None:
@@ -141,39 +142,29 @@ def _shared_lambdas(
             IndexRun(store, executor, spec, progress, len(getattr(executor, "actors", [None]))).stage("segment_lambdas")
     finally:
         executor.shutdown()
-    return PartialSums(lambdas=unpack_lambda(*reduce_rows(*store.read_partials("segment_lambda")), spec))
+    return reduced_lambda(*store.read_partials("segment_lambda"), spec)
 
 
 def _segment_factors(
     config: JobConfig,
     root: RunStore,
-    plan: RunPlan,
     segment: SegmentPlan,
-    keys: list[str],
     configs: dict[str, JobConfig],
     spec: ProjectionSpec,
     scale: dict[str, np.ndarray] | None,
     show_progress: bool,
 ) -> dict[str, ModuleFactors]:
-    """Covariances added over `keys`, one eigendecomposition, Λ at every key in that basis, averaged."""
-    strategy = config.curvature.strategy
-    widths = {m.name: (m.k_in, m.k_out) for m in spec.modules}
-    stores = {key: root.checkpoint(key, mode="r+") for key in keys}
-    covariance = {}
-    if strategy in NEEDS_COVARIANCE:
-        covariance = merge_all(
-            [
-                PartialSums(covariance=unpack_covariance(*reduce_rows(*store.read_partials("covariance")), spec))
-                for store in stores.values()
-            ]
-        ).covariance
-    basis = initial_factors(strategy, covariance, widths)
-    if strategy not in NEEDS_LAMBDA_PASS:
-        return basis
-    lambdas = merge_all(
-        [_shared_lambdas(configs[key], stores[key], basis, scale, spec, show_progress) for key in keys]
-    ).lambdas
-    return final_factors(strategy, basis, lambdas)
+    """Covariances added over the segment's checkpoints, one eigendecomposition, Λ at every checkpoint in that
+    basis, averaged (`fit_factors`, the parts being the checkpoints' stores)."""
+    stores = {name: root.checkpoint(name, mode="r+") for name in segment.checkpoints}
+    return fit_factors(
+        config.curvature.strategy,
+        module_widths(spec),
+        segment.checkpoints,
+        lambda name: reduced_covariance(*stores[name].read_partials("covariance"), spec),
+        lambda name, basis, scale: _shared_lambdas(configs[name], stores[name], basis, scale, spec, show_progress),
+        scale,
+    )
 
 
 def run_training_index(
@@ -234,11 +225,9 @@ def run_training_index(
             if plan.preconditioned:
                 mean = average([preconditioners[name] for name in segment.checkpoints])
                 root.write_segment_preconditioner(segment.index, mean)
-                scale = {name: np.sqrt(p) for name, p in mean.items()}
-            if len(segment.checkpoints) > 1 or scale is not None:
-                factors = _segment_factors(
-                    config, root, plan, segment, list(segment.checkpoints), configs, spec, scale, show_progress
-                )
+                scale = square_root(mean)
+            if plan.fits_own_factors(segment):
+                factors = _segment_factors(config, root, segment, configs, spec, scale, show_progress)
                 root.write_segment_factors(segment.index, factors)
             if plan.averaged:
                 _index_averaged(config, root, plan, segment, averaged_root, rows, spec, scale, show_progress)
@@ -262,14 +251,14 @@ def _index_averaged(
     """Fast-Source: a store at the segment's averaged parameters (own factors; of P̄^{1/2} H P̄^{1/2} for Adam)."""
     from engine.model.loading import DTYPES
 
-    key = segment.averaged
+    group = segment.averaged.group_name
     paths = [plan.checkpoint(name).path for name in segment.checkpoints]
-    weights = _averaged_model(paths, averaged_root / key, DTYPES[config.model.dtype])
+    weights = _averaged_model(paths, averaged_root / group, DTYPES[config.model.dtype])
     dataset = plan.datasets[segment.dataset]
-    sub = checkpoint_config(config, weights, dataset, root.checkpoint_path(key))
+    sub = checkpoint_config(config, weights, dataset, root.checkpoint_path(group))
     store = _index_checkpoint(sub, rows[dataset], show_progress, spec)
     if scale is not None:
         own = store.read_factors()
         basis = {name: ModuleFactors(f.strategy, f.lam, f.q_a, f.q_s, f.alpha, f.sigma) for name, f in own.items()}
-        lambdas = _shared_lambdas(sub, store, basis, scale, spec, show_progress).lambdas
-        store.write_factors(final_factors(config.curvature.strategy, basis, lambdas), "preconditioned_factors")
+        lambdas = _shared_lambdas(sub, store, basis, scale, spec, show_progress)
+        store.write_factors(corrected_factors(config.curvature.strategy, basis, [lambdas]), "preconditioned_factors")

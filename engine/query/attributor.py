@@ -235,7 +235,7 @@ class Attributor:
         """The final model's curvature factors, read the first time a method needs them and kept in the cache
         the methods' own reads share."""
         resources = self._resources([], "logprob_sum")
-        return resources.factors(resources.plan.final.name)
+        return resources.factors(resources.plan.final.key)
 
     # ---- queries ----------------------------------------------------------------------------------
     def queries_from_rows(self, rows: list[Row], source: str, tokenizer=None) -> list[Query]:

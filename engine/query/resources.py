@@ -1,6 +1,6 @@
 """What the methods may ask for, served from a store (engine.spectral.methods.Resources).
 
-A single-checkpoint store is the run's only checkpoint "c0" (its segment's η̄ and K come from method.eta /
+A single-checkpoint store is the run's only checkpoint (its segment's η̄ and K come from method.eta /
 method.steps). A training-run store serves each checkpoint's rows and factors from its sub-store, Source's
 per-segment factors and preconditioners from the root, and query gradients at any checkpoint by loading
 that checkpoint's weights (the final one is the model already loaded for the queries).
@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import JobConfig
-from engine.curvature.dense import dense_gram_factors
 from engine.curvature.factors import ModuleFactors
 from engine.data.rows import file_fingerprint, read_rows
 from engine.data.tokenize import TokenizedRow
@@ -25,15 +24,17 @@ from engine.projection import ProjectionSpec
 from engine.query.scoring import top_k_with_scores
 from engine.spectral.core import QueryTerm, score_block_per_module, score_terms
 from engine.spectral.methods import Method
+from engine.spectral.resources import CachedResources
 from engine.store import GradientStore
 from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
+from engine.training_run.keys import ResourceKey
 from engine.training_run.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
 
-class StoreResources:
+class StoreResources(CachedResources):
     def __init__(
         self,
         config: JobConfig,
@@ -45,70 +46,59 @@ class StoreResources:
         shared: dict | None = None,
     ):
         self.config = config
-        self.spec = spec
+        self.opened = store
         self.run = store if isinstance(store, RunStore) else None
-        self.single = store if isinstance(store, GradientStore) else None
-        self.plan: RunPlan = self.run.plan if self.run is not None else RunPlan.single(path=config.model.path)
+        plan = self.run.plan if self.run is not None else RunPlan.single(path=config.model.path)
+        super().__init__(spec, plan, shared)
         self._final_context = final_context
         self._rows = rows
         self._measurement = measurement
-        self._cache: dict[tuple, object] = {}
-        # stores, factors and dense Grams do not depend on the queries: a long-lived caller (the service)
-        # passes one dict to every instance so they are read once
-        self._shared: dict[tuple, object] = {} if shared is None else shared
 
-    def _cached(self, key: tuple, compute):
-        cache = self._cache if key[0] == "queries" else self._shared
-        if key not in cache:
-            cache[key] = compute()
-        return cache[key]
+    def store(self, key: ResourceKey) -> GradientStore:
+        opened = self.opened
+        if isinstance(opened, GradientStore):
+            return opened
+        return self.cached("store", key, lambda: opened.checkpoint(key.group_name))
 
-    def store(self, key: str) -> GradientStore:
+    def _training_run(self) -> RunStore:
+        """The training-run store: only its plan names other checkpoints, segment factors and preconditioners."""
         if self.run is None:
-            return self.single
-        return self._cached(("store", key), lambda: self.run.checkpoint(key))
+            raise ValueError("a single-checkpoint store has no other checkpoints, segment factors or preconditioners")
+        return self.run
 
     # ---- Resources --------------------------------------------------------------------------------
-    def query_gradients(self, key: str) -> np.ndarray:
-        def compute() -> np.ndarray:
-            context = self._final_context
-            if key != self.plan.final.name:
-                checkpoint = self.plan.checkpoint(key)
-                dataset = self.plan.datasets[self.plan.segments[checkpoint.segment].dataset]
-                context = load_model_context(
-                    checkpoint_config(self.config, checkpoint.path, dataset, self.run.checkpoint_path(key)),
-                    spec=self.spec,
-                )
-            return gradient_pass(context, self._rows, with_covariance=False, measurement=self._measurement).grads
+    def _query_gradients(self, key: ResourceKey) -> np.ndarray:
+        context = self._final_context
+        if key != self.plan.final.key:
+            run = self._training_run()
+            checkpoint = self.plan.checkpoint(key)
+            dataset = self.plan.datasets[self.plan.segments[checkpoint.segment].dataset]
+            context = load_model_context(
+                checkpoint_config(self.config, checkpoint.path, dataset, run.checkpoint_path(key.group_name)),
+                spec=self.spec,
+            )
+        return gradient_pass(context, self._rows, with_covariance=False, measurement=self._measurement).grads
 
-        return self._cached(("queries", key), compute)
+    def _checkpoint_factors(self, key: ResourceKey) -> dict[str, ModuleFactors]:
+        return self.store(key).read_factors()
 
-    def factors(self, key: str) -> dict[str, ModuleFactors]:
-        def compute() -> dict[str, ModuleFactors]:
-            if key.startswith("avg"):
-                return self.store(key).read_factors("preconditioned_factors" if self.plan.preconditioned else "factors")
-            if key.startswith("s"):
-                index = int(key[1:])
-                if self.run is not None and self.run.has_segment_factors(index):
-                    return self.run.read_segment_factors(index)
-                return self.factors(self.plan.segments[index].checkpoints[0])
-            return self.store(key).read_factors()
+    def _segment_factors(self, segment: int) -> dict[str, ModuleFactors]:
+        return self._training_run().read_segment_factors(segment)
 
-        return self._cached(("factors", key), compute)
+    def _averaged_factors(self, segment: int) -> dict[str, ModuleFactors]:
+        group = "preconditioned_factors" if self.plan.preconditioned else "factors"
+        return self.store(ResourceKey.averaged(segment)).read_factors(group)
 
-    def dense_factors(self, key: str) -> dict[str, ModuleFactors]:
-        return self._cached(("dense", key), lambda: dense_gram_factors(self.training_blocks(key), self.spec))
-
-    def training_blocks(self, key: str) -> Iterator[np.ndarray]:
+    def training_blocks(self, key: ResourceKey) -> Iterator[np.ndarray]:
         for _, _, rows in self.store(key).iter_chunks():
             yield rows
 
-    def preconditioner(self, segment: int) -> dict[str, np.ndarray]:
-        return self.run.read_segment_preconditioner(segment)
+    def _preconditioner(self, segment: int) -> dict[str, np.ndarray]:
+        return self._training_run().read_segment_preconditioner(segment)
 
     # ---- rows of the score matrix -------------------------------------------------------------------
-    def _dataset_key(self, dataset: int) -> str:
-        return next(s.checkpoints[0] for s in self.plan.segments if s.dataset == dataset)
+    def _dataset_key(self, dataset: int) -> ResourceKey:
+        return next(s.checkpoint_keys[0] for s in self.plan.segments if s.dataset == dataset)
 
     def offsets(self) -> list[int]:
         sizes = [self.store(self._dataset_key(d)).rows for d in range(len(self.plan.datasets))]
@@ -141,7 +131,7 @@ class StoreResources:
             len(terms) == 1 and len(self.plan.datasets) == 1 and (self.run is None or len(self.plan.checkpoints) == 1)
         )
 
-    def _blocks(self, key: str):
+    def _blocks(self, key: ResourceKey):
         offset = self.offsets()[self.plan.dataset_of(key)]
         for start, stop, rows in self.store(key).iter_chunks():
             yield offset + start, offset + stop, rows
@@ -153,7 +143,7 @@ class StoreResources:
         bottom, bottom_scores = top_k_with_scores(-total, k)
         return top, top_scores, bottom, -bottom_scores, total
 
-    def _selection(self, key: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _selection(self, key: ResourceKey, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(positions in `indices` that belong to key's dataset, their stored rows)."""
         offsets = self.offsets()
         dataset = self.plan.dataset_of(key)

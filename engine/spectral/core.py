@@ -16,6 +16,7 @@ import numpy as np
 
 from engine.curvature.factors import ModuleFactors, rotate, unrotate
 from engine.projection import ProjectionSpec
+from engine.training_run.keys import ResourceKey
 
 if TYPE_CHECKING:
     from engine.spectral.methods import Method
@@ -26,9 +27,9 @@ ModuleArrays = dict[str, np.ndarray]
 @dataclass
 class QueryTerm:
     """A transformed query batch (Q, D) to be scored against the stored rows under `key`
-    (a checkpoint "c0", "c1", ..., or a segment's averaged parameters "avg0", ...)."""
+    (a checkpoint, or a segment's averaged parameters)."""
 
-    key: str
+    key: ResourceKey
     transformed: np.ndarray
 
 
@@ -101,7 +102,10 @@ def score_block(transformed: np.ndarray, train_rows: np.ndarray, method: Method)
 
 
 def score_terms(
-    terms: list[QueryTerm], blocks: Callable[[str], Iterable[tuple[int, int, np.ndarray]]], rows: int, method: Method
+    terms: list[QueryTerm],
+    blocks: Callable[[ResourceKey], Iterable[tuple[int, int, np.ndarray]]],
+    rows: int,
+    method: Method,
 ) -> np.ndarray:
     """(Q, rows): Σ over terms of the term's query side against its rows, streamed as (start, stop, block)."""
     total = np.zeros((terms[0].transformed.shape[0], rows))

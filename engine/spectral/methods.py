@@ -37,25 +37,26 @@ from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
 from engine.spectral.core import ModuleArrays, QueryTerm, apply_spectral, module_view, transform_queries
+from engine.training_run.keys import ResourceKey
 from engine.training_run.plan import RunPlan, SegmentPlan
 
 SpectralFunction = Callable[[np.ndarray], np.ndarray]
 
 
 class Resources(Protocol):
-    """What a method may ask for. Keys: checkpoints "c0".., segments "s0".. (factors averaged over the
-    segment's checkpoints; for a preconditioned run, of P^{1/2} H P^{1/2}), averaged parameters "avg0".."""
+    """What a method may ask for, by key: checkpoints, segments (factors averaged over the segment's
+    checkpoints; for a preconditioned run, of P^{1/2} H P^{1/2}), a segment's averaged parameters."""
 
     spec: ProjectionSpec
     plan: RunPlan
 
-    def query_gradients(self, key: str) -> np.ndarray: ...
+    def query_gradients(self, key: ResourceKey) -> np.ndarray: ...
 
-    def factors(self, key: str) -> dict[str, ModuleFactors]: ...
+    def factors(self, key: ResourceKey) -> dict[str, ModuleFactors]: ...
 
-    def dense_factors(self, key: str) -> dict[str, ModuleFactors]: ...
+    def dense_factors(self, key: ResourceKey) -> dict[str, ModuleFactors]: ...
 
-    def training_blocks(self, key: str) -> Iterable[np.ndarray]: ...
+    def training_blocks(self, key: ResourceKey) -> Iterable[np.ndarray]: ...
 
     def preconditioner(self, segment: int) -> ModuleArrays: ...
 
@@ -71,7 +72,7 @@ class Method:
     def terms(self, resources: Resources) -> list[QueryTerm]:
         if self.build_terms is not None:
             return self.build_terms(resources)
-        final = resources.plan.final.name
+        final = resources.plan.final.key
         factors = resources.factors(final) if self.spectral is not None else None
         return [QueryTerm(final, transform_queries(resources.query_gradients(final), resources.spec, self, factors))]
 
@@ -146,15 +147,6 @@ SOURCE_FORMS = {
 }
 
 
-# ---- Adam's preconditioner (Source App. C) ---------------------------------------------------------
-
-
-def adam_preconditioner(exp_avg_sq: np.ndarray, step: int, beta2: float, eps: float) -> np.ndarray:
-    """P = 1/(√v̂ + ε) with v̂ = v/(1 − β₂^t): the diagonal Adam multiplies the gradient by (momentum aside)."""
-    corrected = np.asarray(exp_avg_sq, dtype=np.float64) / (1.0 - beta2 ** max(int(step), 1))
-    return 1.0 / (np.sqrt(corrected) + eps)
-
-
 # ---- multi-checkpoint methods --------------------------------------------------------------------
 
 
@@ -171,7 +163,7 @@ def _tracin_terms(resources: Resources) -> list[QueryTerm]:
                     "give training_run.learning_rate or the checkpoint's learning_rate"
                 )
             eta = 1.0  # the final model alone: TracIn-last, i.e. Grad-Dot
-        terms.append(QueryTerm(checkpoint.name, eta * resources.query_gradients(checkpoint.name)))
+        terms.append(QueryTerm(checkpoint.key, eta * resources.query_gradients(checkpoint.key)))
     return terms
 
 
@@ -185,9 +177,9 @@ def _trak_terms(damping: float | None) -> Callable[[Resources], list[QueryTerm]]
         checkpoints = resources.plan.checkpoints
         return [
             QueryTerm(
-                c.name,
+                c.key,
                 apply_spectral(
-                    resources.query_gradients(c.name), resources.spec, resources.dense_factors(c.name), inverse
+                    resources.query_gradients(c.key), resources.spec, resources.dense_factors(c.key), inverse
                 )
                 / len(checkpoints),
             )
@@ -239,7 +231,7 @@ def datainf_transform(
 
 def _datainf_terms(damping: float | None) -> Callable[[Resources], list[QueryTerm]]:
     def build(resources: Resources) -> list[QueryTerm]:
-        final = resources.plan.final.name
+        final = resources.plan.final.key
         transformed = datainf_transform(
             resources.query_gradients(final), lambda: resources.training_blocks(final), resources.spec, damping
         )
@@ -282,18 +274,18 @@ def _source_terms(config: MethodConfig, averaged: bool) -> Callable[[Resources],
                 "method fast_source needs gradients at each segment's averaged parameters; index with "
                 "training_run.averaged: true"
             )
-        u = resources.query_gradients(plan.final.name)
+        u = resources.query_gradients(plan.final.key)
         terms = []
         for segment in reversed(plan.segments):
             eta, steps = _segment_schedule(segment, plan, config)
-            factors = resources.factors(segment.averaged if averaged else f"s{segment.index}")
+            factors = resources.factors(segment.averaged if averaged else segment.key)
             root = inverse_root = None
             if plan.preconditioned:
                 preconditioner = resources.preconditioner(segment.index)
                 root = {name: np.sqrt(p) for name, p in preconditioner.items()}
                 inverse_root = {name: 1.0 / r for name, r in root.items()}
             side = apply_spectral(u, spec, factors, score_function(eta, steps), root, root)
-            keys = (segment.averaged,) if averaged else segment.checkpoints
+            keys = (segment.averaged,) if averaged else segment.checkpoint_keys
             terms.extend(QueryTerm(key, side / len(keys)) for key in keys)
             if segment.index != plan.segments[0].index:
                 u = apply_spectral(u, spec, factors, transport(eta, steps), root, inverse_root)

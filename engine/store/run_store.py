@@ -29,6 +29,7 @@ from engine.store.zarr_store import (
     write_factor_group,
     write_module_arrays,
 )
+from engine.training_run.keys import ResourceKey
 from engine.training_run.plan import RunPlan
 
 RUN_FORMAT = "tributary-run/1"
@@ -90,20 +91,24 @@ class RunStore:
         return GradientStore.exists(self.checkpoint_path(key))
 
     # ---- per-segment factors ------------------------------------------------------------------------
+    @staticmethod
+    def _segment_path(index: int) -> str:
+        return f"segments/{ResourceKey.segment(index).group_name}"
+
     def _segment(self, index: int) -> zarr.Group:
-        return self.group.require_group(f"segments/s{index}")
+        return self.group.require_group(self._segment_path(index))
 
     def write_segment_factors(self, index: int, factors: dict[str, ModuleFactors]) -> None:
         write_factor_group(self._segment(index).require_group("factors"), factors, self.modules)
 
     def has_segment_factors(self, index: int) -> bool:
-        return f"segments/s{index}/factors" in self.group
+        return f"{self._segment_path(index)}/factors" in self.group
 
     def read_segment_factors(self, index: int) -> dict[str, ModuleFactors]:
-        return read_factor_group(self.group[f"segments/s{index}/factors"], self.modules)
+        return read_factor_group(self.group[f"{self._segment_path(index)}/factors"], self.modules)
 
     def write_segment_preconditioner(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         write_module_arrays(self._segment(index), "preconditioner", arrays, self.modules)
 
     def read_segment_preconditioner(self, index: int) -> dict[str, np.ndarray]:
-        return read_module_arrays(self.group[f"segments/s{index}"], "preconditioner", self.modules)
+        return read_module_arrays(self.group[self._segment_path(index)], "preconditioner", self.modules)

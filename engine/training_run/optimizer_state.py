@@ -19,8 +19,7 @@ from engine.capture.modules import TrackedKind
 from engine.config import OptimizerConfig
 from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
-from engine.spectral.methods import adam_preconditioner
-from engine.training_run.preconditioner import module_layout
+from engine.training_run.preconditioner import module_preconditioner
 
 
 def _trainer_order(model: nn.Module, names: list[str]) -> list[str] | None:
@@ -98,17 +97,16 @@ def read_preconditioner(
         layer = modules[module.name]
         weight_name = names[id(layer.weight)]
         bias = getattr(layer, "bias", None) if include_bias else None
-        pieces = []
+        moments = []
         for name in [weight_name] + ([names[id(bias)]] if bias is not None else []):
             if name not in matched:
                 raise TributaryError(f"optimizer state {path} has no second moments for {name}")
             entry = matched[name]
-            step = int(torch.as_tensor(entry.get("step", 1)).item())
-            pieces.append(adam_preconditioner(entry["exp_avg_sq"].double().numpy(), step, beta2, eps))
+            moments.append((entry["exp_avg_sq"].double().numpy(), int(torch.as_tensor(entry.get("step", 1)).item())))
         transposed = TrackedKind.for_module(layer).weight_as_out_in(layer) is not layer.weight  # GPT-2 Conv1D
-        weight = pieces[0].T if transposed else pieces[0]
-        out[module.name] = module_layout(
-            weight, pieces[1] if len(pieces) > 1 else None, module, f"optimizer state {path}"
+        weight = (moments[0][0].T, moments[0][1]) if transposed else moments[0]
+        out[module.name] = module_preconditioner(
+            module, weight, moments[1] if len(moments) > 1 else None, beta2, eps, f"optimizer state {path}"
         )
     return out
 

@@ -13,30 +13,45 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from engine.training_run.keys import ResourceKey
+
 OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
 class CheckpointPlan:
-    name: str  # "c0", "c1", ...: the key of its rows and factors in a store
+    name: str  # "c0", "c1", ...: the group name of its rows and factors in a store (`key.group_name`)
     segment: int
     path: str | None = None
     learning_rate: float | None = None  # effective η at this checkpoint (TracInCP's η_c)
     step: int | None = None
 
+    @property
+    def key(self) -> ResourceKey:
+        return ResourceKey.parse(self.name)
+
 
 @dataclass(frozen=True)
 class SegmentPlan:
     index: int
-    checkpoints: tuple[str, ...]
+    checkpoints: tuple[str, ...]  # the checkpoints' names
     eta: float | None  # mean effective learning rate η̄_ℓ over the segment's steps
     steps: int | None  # K_ℓ
     dataset: int = 0
 
     @property
-    def averaged(self) -> str:
+    def key(self) -> ResourceKey:
+        """Key of the segment's own factors (averaged over its checkpoints) and preconditioner."""
+        return ResourceKey.segment(self.index)
+
+    @property
+    def averaged(self) -> ResourceKey:
         """Key of the Fast-Source rows/factors: gradients at the segment's averaged parameters."""
-        return f"avg{self.index}"
+        return ResourceKey.averaged(self.index)
+
+    @property
+    def checkpoint_keys(self) -> tuple[ResourceKey, ...]:
+        return tuple(ResourceKey.parse(name) for name in self.checkpoints)
 
 
 @dataclass(frozen=True)
@@ -51,7 +66,8 @@ class RunPlan:
     @classmethod
     def single(cls, eta: float | None = None, steps: int | None = None, path: str | None = None) -> RunPlan:
         """The plan of a store built without a training run: the final model only."""
-        return cls(checkpoints=(CheckpointPlan("c0", 0, path),), segments=(SegmentPlan(0, ("c0",), eta, steps),))
+        name = ResourceKey.checkpoint(0).group_name
+        return cls(checkpoints=(CheckpointPlan(name, 0, path),), segments=(SegmentPlan(0, (name,), eta, steps),))
 
     @property
     def final(self) -> CheckpointPlan:
@@ -61,15 +77,23 @@ class RunPlan:
     def multi(self) -> bool:
         return len(self.checkpoints) > 1 or self.averaged
 
-    def checkpoint(self, name: str) -> CheckpointPlan:
+    def checkpoint(self, key: ResourceKey | str) -> CheckpointPlan:
+        """The checkpoint of a key or a name ("c0")."""
+        name = key.group_name if isinstance(key, ResourceKey) else key
         return next(c for c in self.checkpoints if c.name == name)
 
-    def dataset_of(self, key: str) -> int:
+    def dataset_of(self, key: ResourceKey) -> int:
         """Which dataset the rows under `key` (a checkpoint or an averaged segment) belong to."""
-        for segment in self.segments:
-            if key == segment.averaged or key in segment.checkpoints:
-                return segment.dataset
-        raise KeyError(key)
+        if key.kind == "checkpoint":
+            return self.segments[self.checkpoint(key).segment].dataset
+        if key.kind == "averaged":
+            return self.segments[key.index].dataset
+        raise KeyError(f"{key} holds no rows (segments hold factors and preconditioners)")
+
+    def fits_own_factors(self, segment: SegmentPlan) -> bool:
+        """Whether the segment has factors of its own: a segment of one checkpoint uses that checkpoint's,
+        unless the run is preconditioned (its factors are then those of P̄^{1/2} H P̄^{1/2})."""
+        return len(segment.checkpoints) > 1 or self.preconditioned
 
     def to_dict(self) -> dict:
         return {

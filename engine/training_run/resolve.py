@@ -25,6 +25,7 @@ import numpy as np
 from engine.config import CheckpointConfig, JobConfig, SegmentConfig, TrainingRunConfig
 from engine.errors import TributaryError
 from engine.model.loading import _architecture
+from engine.training_run.keys import ResourceKey
 from engine.training_run.plan import CheckpointPlan, RunPlan, SegmentPlan
 
 CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
@@ -254,7 +255,7 @@ def resolve_run(config: JobConfig) -> RunPlan | None:
         for i in group:
             c = checkpoints[i]
             rate = c.learning_rate or _rate_at(c.step, history) or run.learning_rate
-            name = f"c{len(plans)}"
+            name = ResourceKey.checkpoint(len(plans)).group_name
             plans.append(CheckpointPlan(name, index, c.path, None if rate is None else rate * scale, c.step))
             names.append(name)
         end = _segment_end(run, index, len(groups), [checkpoints[i].step for i in group])
