@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from engine.errors import TributaryError
 
@@ -72,11 +74,45 @@ class CurvatureConfig(_Section):
         return value
 
 
-METHOD_NAMES = ("grad_dot", "grad_cos", "if", "source", "fast_source", "tracin", "trak", "datainf")
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """A method as the layers below its implementation see it. Every method is declared here, once: the
+    config schema, `tributary query --method`, the service's validation and `engine.evaluation` read this
+    list, and engine/spectral/methods.py registers one implementation per name (a test checks both sets
+    and the README's methods table agree)."""
+
+    name: str
+    training_run: bool  # scores along the training run's checkpoints (the others score the final model)
+
+
+METHODS: tuple[MethodSpec, ...] = (
+    MethodSpec("grad_dot", training_run=False),
+    MethodSpec("grad_cos", training_run=False),
+    MethodSpec("if", training_run=False),
+    MethodSpec("source", training_run=True),
+    MethodSpec("fast_source", training_run=True),
+    MethodSpec("tracin", training_run=True),
+    MethodSpec("trak", training_run=False),
+    MethodSpec("datainf", training_run=False),
+)
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method a config (and a request) may name: the values `method.name` accepts."""
+    return tuple(spec.name for spec in METHODS)
+
+
+def unknown_method(name: object) -> str:
+    """The message for a method name nobody declared, naming every one that is."""
+    return f"unknown method {name!r}; use one of {', '.join(method_names())}"
 
 
 class MethodConfig(_Section):
-    name: Literal["grad_dot", "grad_cos", "if", "source", "fast_source", "tracin", "trak", "datainf"] = "if"
+    name: str = Field(
+        default="if",
+        description=f"the attribution method: {' | '.join(method_names())}",
+        json_schema_extra={"enum": list(method_names())},
+    )
     damping: float | None = Field(
         None,
         ge=0,
@@ -88,6 +124,13 @@ class MethodConfig(_Section):
     form: Literal["exponential", "discrete"] = Field(
         "exponential", description="Source: (1-exp(-eta K l))/l, or the K-step form (1-(1-eta l)^K)/l"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _declared(cls, value: str) -> str:
+        if value not in method_names():
+            raise PydanticCustomError("unknown_method", "{message}", {"message": unknown_method(value)})
+        return value
 
 
 class CheckpointConfig(_Section):
@@ -253,11 +296,6 @@ def _check_serve(config: JobConfig, source: str) -> None:
             f"invalid config {source}: serve.max_prompt_tokens ({serve.max_prompt_tokens}) must be below "
             f"data.max_length ({config.data.max_length}) so a completion token fits"
         )
-
-
-def method_names() -> tuple[str, ...]:
-    """Every method a config (and a request) may name: the values `method.name` accepts."""
-    return tuple(get_args(MethodConfig.model_fields["name"].annotation))
 
 
 def with_method_name(config: JobConfig, name: str, source: str) -> JobConfig:

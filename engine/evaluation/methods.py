@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.attribution.in_memory import InMemoryAttribution, Settings, TrainingRun
-from engine.config import MethodConfig
+from engine.config import METHODS, MethodConfig
 from engine.evaluation.training import Parameters
 
-FINAL_MODEL = ("grad_dot", "grad_cos", "if", "trak", "datainf")
-ALONG_TRAINING = ("source", "fast_source", "tracin")
+FINAL_MODEL = tuple(spec.name for spec in METHODS if not spec.training_run)
+ALONG_TRAINING = tuple(spec.name for spec in METHODS if spec.training_run)
 
 
 def final_model_scores(

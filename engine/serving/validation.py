@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.capture.measurement import MEASUREMENTS
-from engine.config import JobConfig, method_names
+from engine.config import JobConfig, method_names, unknown_method
 from engine.data.rows import Row
 from engine.errors import TributaryError
 from engine.query.attributor import Attributor, QueryOptions
@@ -102,9 +102,10 @@ def _check_sizes(request: AttributeRequest, limits: Limits) -> None:
 
 
 def _method(request: AttributeRequest, attributor: Attributor) -> Method:
-    """The requested method, checked against every name the config accepts (so new methods need no change)."""
+    """The requested method, checked against the declared ones (engine.config.METHODS: a new method needs no
+    change here)."""
     if request.method is not None and request.method not in method_names():
-        raise RequestError(400, f"unknown method {request.method!r}; use one of {', '.join(method_names())}", "method")
+        raise RequestError(400, unknown_method(request.method), "method")
     try:
         return attributor.method(request.method, source=f"the service's config with method {request.method!r}")
     except TributaryError as error:  # a known method the config cannot run (e.g. source without eta/steps)

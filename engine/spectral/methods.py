@@ -12,6 +12,9 @@ A method turns query gradients into `QueryTerm`s — one transformed query batch
 gradients, factors and stored rows. The LM store (engine/query) and in-memory models
 (engine/attribution/in_memory.py) both implement `Resources`, so every method runs the same code on both.
 
+Every method is declared in engine.config.METHODS and built here by one function registered with
+`@implements(name)`; `method_from_config` looks it up.
+
 | method | query side | needs |
 |---|---|---|
 | grad_dot | g_q at the final model, F = 1 | final model |
@@ -32,7 +35,7 @@ from typing import Protocol
 
 import numpy as np
 
-from engine.config import MethodConfig
+from engine.config import MethodConfig, method_names, unknown_method
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
@@ -294,36 +297,85 @@ def _source_terms(config: MethodConfig, averaged: bool) -> Callable[[Resources],
     return build
 
 
+# ---- the implementations, one per method declared in engine.config.METHODS ----------------------------
+
+MethodBuilder = Callable[[MethodConfig], Method]
+_IMPLEMENTATIONS: dict[str, MethodBuilder] = {}
+
+
+def implements(*names: str) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register the function that builds the methods named from their config. A name must be declared in
+    engine.config.METHODS first (the schema, CLI, service and docs read that list), and only once here."""
+
+    def register(builder: MethodBuilder) -> MethodBuilder:
+        for name in names:
+            if name not in method_names():
+                raise ValueError(f"method {name!r} is not declared; add a MethodSpec to engine.config.METHODS")
+            if name in _IMPLEMENTATIONS:
+                raise ValueError(f"method {name!r} is implemented twice")
+            _IMPLEMENTATIONS[name] = builder
+        return builder
+
+    return register
+
+
+def implemented_methods() -> tuple[str, ...]:
+    return tuple(_IMPLEMENTATIONS)
+
+
+@implements("grad_dot")
+def _grad_dot(config: MethodConfig) -> Method:
+    return Method(config.name, needs_curvature=False, normalise=False, spectral=None)
+
+
+@implements("grad_cos")
+def _grad_cos(config: MethodConfig) -> Method:
+    return Method(config.name, needs_curvature=False, normalise=True, spectral=None)
+
+
+@implements("if")
+def _influence(config: MethodConfig) -> Method:
+    return Method(config.name, needs_curvature=True, normalise=False, spectral=influence_function(config.damping))
+
+
+@implements("source", "fast_source")
+def _source(config: MethodConfig) -> Method:
+    spectral = None
+    if config.eta is not None and config.steps is not None:
+        spectral = SOURCE_FORMS[config.form][0](config.eta, config.steps)
+    return Method(
+        config.name,
+        needs_curvature=True,
+        normalise=False,
+        spectral=spectral,
+        build_terms=_source_terms(config, averaged=config.name == "fast_source"),
+    )
+
+
+@implements("tracin")
+def _tracin(config: MethodConfig) -> Method:
+    return Method(config.name, needs_curvature=False, normalise=False, spectral=None, build_terms=_tracin_terms)
+
+
+@implements("trak")
+def _trak(config: MethodConfig) -> Method:
+    return Method(
+        config.name, needs_curvature=False, normalise=False, spectral=None, build_terms=_trak_terms(config.damping)
+    )
+
+
+@implements("datainf")
+def _datainf(config: MethodConfig) -> Method:
+    return Method(
+        config.name, needs_curvature=False, normalise=False, spectral=None, build_terms=_datainf_terms(config.damping)
+    )
+
+
 def method_from_config(config: MethodConfig) -> Method:
-    name = config.name
-    if name == "grad_dot":
-        return Method(name, needs_curvature=False, normalise=False, spectral=None)
-    if name == "grad_cos":
-        return Method(name, needs_curvature=False, normalise=True, spectral=None)
-    if name == "if":
-        return Method(name, needs_curvature=True, normalise=False, spectral=influence_function(config.damping))
-    if name in ("source", "fast_source"):
-        spectral = None
-        if config.eta is not None and config.steps is not None:
-            spectral = SOURCE_FORMS[config.form][0](config.eta, config.steps)
-        return Method(
-            name,
-            needs_curvature=True,
-            normalise=False,
-            spectral=spectral,
-            build_terms=_source_terms(config, averaged=name == "fast_source"),
-        )
-    if name == "tracin":
-        return Method(name, needs_curvature=False, normalise=False, spectral=None, build_terms=_tracin_terms)
-    if name == "trak":
-        return Method(
-            name, needs_curvature=False, normalise=False, spectral=None, build_terms=_trak_terms(config.damping)
-        )
-    if name == "datainf":
-        return Method(
-            name, needs_curvature=False, normalise=False, spectral=None, build_terms=_datainf_terms(config.damping)
-        )
-    raise ValueError(f"unknown method {name!r}")
+    builder = _IMPLEMENTATIONS.get(config.name)
+    if builder is None:  # a config validated by MethodConfig names a declared method; one built unchecked may not
+        raise ValueError(unknown_method(config.name))
+    return builder(config)
 
 
-__all__ = ["Method", "Resources", "QueryTerm", "method_from_config", "module_view"]
+__all__ = ["Method", "Resources", "QueryTerm", "implements", "method_from_config", "module_view"]
