@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.query.generate import GenerationSettings
+from engine.query.records import QueryAttribution
 
 
 class _Body(BaseModel):
@@ -61,29 +62,6 @@ class AttributeRequest(_Body):
         if self.generate is True:
             return GenerateIn()
         return self.generate or None
-
-
-class TrainingExample(BaseModel):
-    rank: int
-    index: int = Field(description="row of the training file (0-based)")
-    id: str
-    score: float = Field(description="positive: the example supports the query")
-    snippet: str | None = Field(
-        None, description="the start of the training text (absent when data.train is not the indexed file)"
-    )
-
-
-class QueryAttribution(BaseModel):
-    query: int
-    id: str
-    method: str
-    measurement: str
-    generated: bool
-    prompt: str | None = None
-    completion: str | None = None
-    completion_tokens: list[str]
-    top_k: list[TrainingExample] = Field(description="most supporting first")
-    bottom_k: list[TrainingExample] = Field(description="most opposing (most negative score) first")
 
 
 class AttributeResponse(BaseModel):
