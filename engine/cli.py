@@ -6,12 +6,15 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+from engine.config import GenerationSettings, QueryOptions, method_names, option_field
 from engine.errors import TributaryError
 from engine.store.location import redact
 
@@ -90,60 +93,72 @@ def index(
     console.print(f"store: {redact(store.path)} ({store.rows} rows)")
 
 
+# The query options' defaults and help come from engine.config's QueryOptions and GenerationSettings (the
+# service's request body reads the same fields); `--top-k` is QueryOptions.k, every other flag is its field.
+_FLAGS = {"k": "--top-k"}
+
+
+def _option(options: type, name: str, *flags: str, needs: str = "") -> Any:
+    field = option_field(options, name)
+    return typer.Option(field.default, *flags, help=f"{needs}: {field.description}" if needs else field.description)
+
+
+def _flag_problem(error: ValidationError) -> str:
+    """A refused option value, named by its flag."""
+    item = error.errors()[0]
+    name = str(item["loc"][-1])
+    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+    if item["type"] == "greater_than" and item.get("ctx", {}).get("gt") == 0:
+        return f"{flag} must be positive, got {item['input']}"
+    return f"{flag}: {item['msg']} (got {item['input']!r})"
+
+
 @app.command()
 def query(
     config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
     queries: str = typer.Option(
         ..., "--queries", help="JSONL of {text} or {prompt, completion} rows ({prompt} with --generate)"
     ),
-    top_k: int = typer.Option(10, "--top-k", help="supporting (and opposing) training examples per query"),
+    top_k: int = _option(QueryOptions, "k", "--top-k"),
     out: str | None = typer.Option(None, "--out", help="results JSONL"),
     scores_out: str | None = typer.Option(None, "--scores-out", help="full Q x N scores (.npy)"),
     report: str | None = typer.Option(None, "--report", help="self-contained HTML report"),
-    per_module: bool = typer.Option(False, "--per-module", help="per-module scores in the results"),
-    per_token: bool = typer.Option(False, "--per-token", help="each completion token's share of each score"),
-    measurement: str = typer.Option(
-        "logprob_sum", "--measurement", help="logprob_sum | logprob_mean | margin of the completion tokens"
-    ),
-    method: str | None = typer.Option(None, "--method", help="override method.name"),
-    generate: bool = typer.Option(False, "--generate", help="complete each prompt with the model, then attribute"),
-    max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="--generate: tokens to generate"),
-    sample: bool = typer.Option(False, "--sample", help="--generate: sample (with --seed) instead of greedy"),
-    temperature: float = typer.Option(1.0, "--temperature", help="--generate --sample: temperature"),
-    top_p: float = typer.Option(1.0, "--top-p", help="--generate --sample: nucleus mass"),
-    seed: int = typer.Option(0, "--seed", help="--generate --sample: seed (query i uses seed + i)"),
-    chat: bool | None = typer.Option(
-        None,
-        "--chat/--no-chat",
-        help="--generate: wrap the prompt in the chat template (default: when the tokenizer has one)",
-    ),
+    per_module: bool = _option(QueryOptions, "per_module", "--per-module"),
+    per_token: bool = _option(QueryOptions, "per_token", "--per-token"),
+    measurement: str = _option(QueryOptions, "measurement", "--measurement"),
+    method: str | None = typer.Option(None, "--method", help=f"override method.name: {' | '.join(method_names())}"),
+    generate: bool = typer.Option(False, "--generate", help=option_field(QueryOptions, "generation").description),
+    max_new_tokens: int = _option(GenerationSettings, "max_new_tokens", "--max-new-tokens", needs="--generate"),
+    sample: bool = _option(GenerationSettings, "sample", "--sample", needs="--generate"),
+    temperature: float = _option(GenerationSettings, "temperature", "--temperature", needs="--generate --sample"),
+    top_p: float = _option(GenerationSettings, "top_p", "--top-p", needs="--generate --sample"),
+    seed: int = _option(GenerationSettings, "seed", "--seed", needs="--generate --sample"),
+    chat: bool | None = _option(GenerationSettings, "chat", "--chat/--no-chat", needs="--generate"),
 ) -> None:
     """Score queries against every training example and keep the top-k supporters and opposers."""
     from engine.capture.measurement import MEASUREMENTS
-    from engine.config import load_config
-    from engine.query.generate import GenerationSettings
-    from engine.query.run import QueryOptions, run_query
+    from engine.config import load_config, with_method_name
+    from engine.query.run import run_query
 
     try:
         if measurement not in MEASUREMENTS:
             raise TributaryError(f"--measurement {measurement!r} is unknown; use one of {', '.join(MEASUREMENTS)}")
-        if max_new_tokens <= 0:
-            raise TributaryError(f"--max-new-tokens must be positive, got {max_new_tokens}")
-        job = load_config(config)
-        if method is not None:
-            from engine.config import with_method_name
-
-            job = with_method_name(job, method, source=f"{config} with --method {method}")
-        generation = (
-            GenerationSettings(
+        try:  # the generation flags are checked with or without --generate: a bad value is an error either way
+            generation = GenerationSettings(
                 max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed, chat=chat
             )
-            if generate
-            else None
-        )
-        options = QueryOptions(
-            k=top_k, measurement=measurement, per_module=per_module, per_token=per_token, generation=generation
-        )
+            options = QueryOptions(
+                k=top_k,
+                measurement=measurement,
+                per_module=per_module,
+                per_token=per_token,
+                generation=generation if generate else None,
+            )
+        except ValidationError as error:
+            raise TributaryError(_flag_problem(error)) from None
+        job = load_config(config)
+        if method is not None:
+            job = with_method_name(job, method, source=f"{config} with --method {method}")
         result = run_query(job, queries, top_k, out=out, scores_out=scores_out, options=options, report=report)
     except TributaryError as error:
         _fail(error)

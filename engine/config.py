@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.dataclasses import dataclass as options_dataclass
+from pydantic.dataclasses import is_pydantic_dataclass
 from pydantic_core import PydanticCustomError
 
 from engine.errors import TributaryError
@@ -246,6 +249,53 @@ class JobConfig(_Section):
 
     def with_method(self, method: MethodConfig) -> JobConfig:
         return self.model_copy(update={"method": method})
+
+
+# ---- what one query run or request asks, beside the job config ------------------------------------
+# Declared once: `tributary query`'s options, the service's request body and the query code all read these.
+# (Pydantic) dataclasses, so they validate like the config and still take positional arguments.
+
+_OPTIONS = ConfigDict(extra="forbid")
+
+
+@options_dataclass(frozen=True, config=_OPTIONS)
+class GenerationSettings:
+    """How the model completes each prompt before its generated tokens are attributed (`--generate`)."""
+
+    max_new_tokens: int = Field(default=40, gt=0, description="tokens to generate")
+    sample: bool = Field(default=False, description="sample (with seed) instead of greedy decoding")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus mass")
+    seed: int = Field(default=0, description="sampling seed (query i uses seed + i)")
+    chat: bool | None = Field(
+        default=None, description="wrap the prompt in the chat template (default: when the tokenizer has one)"
+    )
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@options_dataclass(frozen=True, config=_OPTIONS)
+class QueryOptions:
+    """What is attributed and what the results carry (the method is the config's, or the one named)."""
+
+    k: int = Field(default=10, gt=0, description="supporting (and opposing) training examples per query")
+    measurement: str = Field(
+        default="logprob_sum", description="logprob_sum | logprob_mean | margin of the completion tokens"
+    )
+    per_module: bool = Field(default=False, description="per-module scores in the results")
+    per_token: bool = Field(default=False, description="each completion token's share of each score")
+    generation: GenerationSettings | None = Field(
+        default=None, description="complete each prompt with the model first, then attribute the generated tokens"
+    )
+
+
+def option_field(options: type, name: str) -> Any:
+    """A copy of one option's field (default, bounds, description), for a schema that spells the option its
+    own way: the service's `top_k` is QueryOptions.k, and the CLI's flags take their defaults and help."""
+    if not is_pydantic_dataclass(options):
+        raise TypeError(f"{options!r} is not an options dataclass")
+    return copy.deepcopy(options.__pydantic_fields__[name])
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -16,14 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import JobConfig, with_method_name
+from engine.config import GenerationSettings, JobConfig, QueryOptions, with_method_name
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.indexing.compute import token_gradients
 from engine.indexing.job import ModelContext, load_model_context
 from engine.projection import ProjectionSpec
-from engine.query.generate import GenerationSettings, PromptRow, generate, token_pieces
+from engine.query.generate import PromptRow, generate, token_pieces
 from engine.query.records import Query, result_records
 from engine.query.resources import StoreResources
 from engine.query.scoring import QueryResult, rank_store
@@ -163,15 +163,6 @@ def default_scan(config: JobConfig, store: GradientStore) -> Scan:
         return score_on_cluster(store, transformed, normalise, k, full, cluster, pool_size(cluster))
 
     return on_cluster
-
-
-@dataclass(frozen=True)
-class QueryOptions:
-    k: int = 10
-    measurement: str = "logprob_sum"
-    per_module: bool = False
-    per_token: bool = False
-    generation: GenerationSettings | None = None
 
 
 @dataclass

@@ -9,28 +9,9 @@ from pathlib import Path
 
 import torch
 
+from engine.config import GenerationSettings
 from engine.data.tokenize import IGNORE, TokenizedRow
 from engine.errors import TributaryError
-
-
-@dataclass(frozen=True)
-class GenerationSettings:
-    max_new_tokens: int = 40
-    sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    chat: bool | None = None  # None: use the tokenizer's chat template when it has one
-
-    def describe(self) -> dict:
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "sample": self.sample,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "chat": self.chat,
-        }
 
 
 @dataclass(frozen=True)

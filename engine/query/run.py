@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import JobConfig
+from engine.config import JobConfig, QueryOptions
 from engine.data.rows import read_rows
 from engine.errors import TributaryError
 from engine.indexing.job import field_names
-from engine.query.attributor import Attributor, QueryGroup, QueryOptions, check_method, open_complete_store
+from engine.query.attributor import Attributor, QueryGroup, check_method, open_complete_store
 from engine.query.generate import read_prompts
 from engine.query.records import Query
 from engine.query.scoring import QueryResult
@@ -50,9 +50,9 @@ def run_query(
     Queries are scored as one batch, so each stored chunk is read once for all of them; with a
     `cluster` section the rows are split over Ray actors that each return their top-k.
     """
-    options = replace(options, k=k) if options is not None else QueryOptions(k=k, per_module=per_module)
     if k <= 0:
         raise TributaryError(f"--top-k must be positive, got {k}")
+    options = replace(options, k=k) if options is not None else QueryOptions(k=k, per_module=per_module)
     _check_outputs(out, scores_out)
     opened = open_complete_store(config.store.path)
     check_method(opened, method_from_config(config.method), options.per_token)

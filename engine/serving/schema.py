@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.query.generate import GenerationSettings
+from engine.config import GenerationSettings, QueryOptions, option_field
 from engine.query.records import QueryAttribution
 
 
@@ -24,44 +24,27 @@ class QueryIn(_Body):
     id: str | None = Field(None, max_length=256, description="echoed in the result; default: the query's position")
 
 
-class GenerateIn(_Body):
-    max_new_tokens: int = Field(40, gt=0)
-    sample: bool = Field(False, description="sample with `seed` (query i uses seed + i) instead of greedy decoding")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
-    chat: bool | None = Field(
-        None, description="wrap the prompt in the chat template (default: when the tokenizer has one)"
-    )
-
-    def settings(self) -> GenerationSettings:
-        return GenerationSettings(
-            max_new_tokens=self.max_new_tokens,
-            sample=self.sample,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            chat=self.chat,
-        )
-
-
 class AttributeRequest(_Body):
     queries: list[QueryIn] = Field(min_length=1, description="at most serve.max_queries_per_request")
-    top_k: int = Field(10, gt=0, description="supporting (and opposing) training examples per query")
+    top_k: int = option_field(QueryOptions, "k")
     method: str | None = Field(
         None, description="attribution method (GET /v1/info lists them); default: the config's method.name"
     )
-    measurement: str = Field("logprob_sum", description="logprob_sum | logprob_mean | margin")
-    generate: GenerateIn | bool = Field(
+    measurement: str = option_field(QueryOptions, "measurement")
+    generate: GenerationSettings | bool = Field(
         False,
         description="complete each prompt with the model first, then attribute the generated tokens; "
         "true for the defaults",
     )
 
-    def generation(self) -> GenerateIn | None:
+    def generation(self) -> GenerationSettings | None:
         if self.generate is True:
-            return GenerateIn()
+            return GenerationSettings()
         return self.generate or None
+
+    def options(self) -> QueryOptions:
+        """What the request asks of the query code (its method is resolved against the config apart)."""
+        return QueryOptions(k=self.top_k, measurement=self.measurement, generation=self.generation())
 
 
 class AttributeResponse(BaseModel):

@@ -7,11 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.capture.measurement import MEASUREMENTS
-from engine.config import JobConfig, method_names, unknown_method
+from engine.config import GenerationSettings, JobConfig, QueryOptions, method_names, unknown_method
 from engine.data.rows import Row
 from engine.errors import TributaryError
-from engine.query.attributor import Attributor, QueryOptions
-from engine.query.generate import GenerationSettings, PromptRow
+from engine.query.attributor import Attributor
+from engine.query.generate import PromptRow
 from engine.query.records import Query
 from engine.serving.responses import RequestError, send_json
 from engine.serving.schema import AttributeRequest
@@ -163,12 +163,12 @@ def prepare(request: AttributeRequest, attributor: Attributor, limits: Limits, t
     method = _method(request, attributor)
     _check_fields(request, tokenizer)
     _check_prompt_tokens(request, tokenizer, limits)
-    options = QueryOptions(k=request.top_k, measurement=request.measurement)
+    options = request.options()
     ids = [query.id if query.id is not None else str(i) for i, query in enumerate(request.queries)]
     generation = request.generation()
     if generation is not None:
         prompts = [PromptRow(i, ids[i], i, query.prompt) for i, query in enumerate(request.queries)]
-        return PreparedRequest(options, method, prompts=prompts, generation=generation.settings())
+        return PreparedRequest(options, method, prompts=prompts, generation=generation)
     queries = []
     for i, query in enumerate(request.queries):
         row = Row(index=i, id=ids[i], line=i, prompt=query.prompt, completion=query.completion)
