@@ -15,22 +15,26 @@ class _Body(BaseModel):
 class QueryIn(_Body):
     prompt: str = Field(min_length=1, description="the prompt (tokenised with the tokenizer's special tokens)")
     completion: str | None = Field(
-        None,
+        default=None,
         min_length=1,
         description="the text whose log-probability given the prompt is attributed; "
         "omit it with `generate`, where the model writes it",
     )
-    id: str | None = Field(None, max_length=256, description="echoed in the result; default: the query's position")
+    id: str | None = Field(
+        default=None, max_length=256, description="echoed in the result; default: the query's position"
+    )
 
 
 class GenerateIn(_Body):
-    max_new_tokens: int = Field(40, gt=0)
-    sample: bool = Field(False, description="sample with `seed` (query i uses seed + i) instead of greedy decoding")
-    temperature: float = Field(1.0, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=40, gt=0)
+    sample: bool = Field(
+        default=False, description="sample with `seed` (query i uses seed + i) instead of greedy decoding"
+    )
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
     seed: int = 0
     chat: bool | None = Field(
-        None, description="wrap the prompt in the chat template (default: when the tokenizer has one)"
+        default=None, description="wrap the prompt in the chat template (default: when the tokenizer has one)"
     )
 
     def settings(self) -> GenerationSettings:
@@ -46,13 +50,13 @@ class GenerateIn(_Body):
 
 class AttributeRequest(_Body):
     queries: list[QueryIn] = Field(min_length=1, description="at most serve.max_queries_per_request")
-    top_k: int = Field(10, gt=0, description="supporting (and opposing) training examples per query")
+    top_k: int = Field(default=10, gt=0, description="supporting (and opposing) training examples per query")
     method: str | None = Field(
-        None, description="attribution method (GET /v1/info lists them); default: the config's method.name"
+        default=None, description="attribution method (GET /v1/info lists them); default: the config's method.name"
     )
-    measurement: str = Field("logprob_sum", description="logprob_sum | logprob_mean | margin")
+    measurement: str = Field(default="logprob_sum", description="logprob_sum | logprob_mean | margin")
     generate: GenerateIn | bool = Field(
-        False,
+        default=False,
         description="complete each prompt with the model first, then attribute the generated tokens; "
         "true for the defaults",
     )
@@ -69,7 +73,7 @@ class TrainingExample(BaseModel):
     id: str
     score: float = Field(description="positive: the example supports the query")
     snippet: str | None = Field(
-        None, description="the start of the training text (absent when data.train is not the indexed file)"
+        default=None, description="the start of the training text (absent when data.train is not the indexed file)"
     )
 
 
