@@ -39,6 +39,11 @@ def machine() -> dict:
     }
 
 
+def first_line(doc: str | None) -> str:
+    """A benchmark's --help description: its module docstring's first line (none under python -OO)."""
+    return doc.splitlines()[0] if doc else ""
+
+
 def write_result(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

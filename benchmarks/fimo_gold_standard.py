@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import first_line, write_result
 from benchmarks.evaluation_common import COLOURS, NAMES, RESULTS, Clock, arguments, machine_line, markdown_table, plt
 from engine.attribution.in_memory import Settings
 from engine.config import MethodConfig
@@ -64,7 +64,7 @@ def evaluate(name: str, mode: str, left_out_count: int, seeds: int, queries: int
 
 
 def main() -> None:
-    args = arguments(__doc__.splitlines()[0])
+    args = arguments(first_line(__doc__))
     size = (
         dict(left_out_count=100, seeds=50, queries=100) if args.full else dict(left_out_count=40, seeds=8, queries=50)
     )

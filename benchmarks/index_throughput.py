@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
+from benchmarks.common import first_line, gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
 from engine.capture.loss import per_example_loss
 from engine.config import parse_config
 from engine.data.batching import batches
@@ -62,7 +62,7 @@ def index_seconds(raw: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=320)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import first_line, write_result
 from benchmarks.evaluation_common import COLOURS, NAMES, RESULTS, Clock, arguments, machine_line, markdown_table, plt
 from engine.attribution.in_memory import Settings
 from engine.evaluation.lds import ground_truth, lds
@@ -28,7 +28,7 @@ CACHE = "/tmp/tributary-eval-cache"
 
 
 def main() -> None:
-    args = arguments(__doc__.splitlines()[0])
+    args = arguments(first_line(__doc__))
     subsets, seeds = (100, 5) if args.full else (40, 2)
     removal_k, removal_seeds = ((10, 20, 40, 80), 3) if args.full else ((10, 30), 2)
     clock = Clock()

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import gpt2_like, random_corpus, write_jsonl, write_result
+from benchmarks.common import first_line, gpt2_like, random_corpus, write_jsonl, write_result
 from engine.config import parse_config
 from engine.indexing.driver import run_index
 
@@ -26,7 +26,7 @@ SEQUENCE = 128
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--rows", type=int, default=96)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
@@ -36,7 +36,9 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
+    ray.init(
+        num_cpus=os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.2", logging_level=logging.ERROR
+    )
     work = Path(tempfile.mkdtemp(prefix="tributary-scaling-"))
     try:
         texts = random_corpus(args.rows, SEQUENCE, vocabulary=4000)

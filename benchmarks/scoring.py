@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import side_by_side, write_result
+from benchmarks.common import first_line, side_by_side, write_result
 from engine.query.scoring import score_store
 from engine.spectral.methods import Method
 from engine.store import GradientStore
@@ -54,7 +54,7 @@ def scoring(store: GradientStore, queries: int, width: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--rows", type=int, default=40000)
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=3)

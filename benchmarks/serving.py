@@ -28,9 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import gpt2_like, random_corpus, write_jsonl, write_result
+from benchmarks.common import first_line, gpt2_like, random_corpus, write_jsonl, write_result
 from engine.config import parse_config
 from engine.indexing.driver import run_index
+from engine.store.zarr_store import GradientStore
 
 CONCURRENCY = (1, 8, 32)
 VARIANTS = {
@@ -71,7 +72,7 @@ def run_load(url: str, clients: int, total: int, queries: list[dict]) -> tuple[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--rows", type=int, default=600)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=96, help="requests per measurement")
@@ -99,6 +100,8 @@ def main() -> None:
         }
         started = time.perf_counter()
         store = run_index(parse_config(raw), show_progress=False)
+        if not isinstance(store, GradientStore):
+            raise TypeError(f"the serving benchmark indexes the final model only, not a training run: {store.path}")
         index_s = time.perf_counter() - started
         store_bytes = store.rows * store.manifest["width"] * 4
         queries = [
@@ -106,7 +109,7 @@ def main() -> None:
             for text in random_corpus(64, 14, vocabulary=500, seed=1)
         ]
 
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
+        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level=logging.ERROR)
         urls = {}
         for name, limits in VARIANTS.items():
             config = parse_config(dict(raw, serve=dict(limits, port=8765, replica_cpus=1, batch_wait_s=0.005)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.common import write_result
+from benchmarks.common import first_line, write_result
 from benchmarks.evaluation_common import COLOURS, NAMES, RESULTS, Clock, arguments, machine_line, markdown_table, plt
 from engine.evaluation.lds import ground_truth, lds
 from engine.evaluation.methods import all_scores, random_scores
@@ -26,6 +26,8 @@ CACHE = "/tmp/tributary-eval-cache"
 
 def settings(task: Task) -> dict[str, Task]:
     stage = task.recipe.stages[0]
+    if stage.batch_size is None:
+        raise ValueError(f"task {task.name}: the settings count epochs in mini-batches; its recipe is full-batch")
     per_epoch = -(-len(task.train) // stage.batch_size)
     half = len(task.train) // 2
     first, second = tuple(range(half)), tuple(range(half, len(task.train)))
@@ -45,7 +47,7 @@ def settings(task: Task) -> dict[str, Task]:
 
 
 def main() -> None:
-    args = arguments(__doc__.splitlines()[0])
+    args = arguments(first_line(__doc__))
     subsets, seeds = (100, 10) if args.full else (60, 3)
     clock = Clock()
     results: dict[str, dict[str, dict]] = {}

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
+from benchmarks.common import first_line, gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
 from engine.config import parse_config
 from engine.curvature.packing import covariance_width
 from engine.indexing.compute import gradient_pass
@@ -25,7 +25,7 @@ SEQUENCE = 128
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dim", type=int, default=64)

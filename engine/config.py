@@ -22,17 +22,17 @@ class _Section(BaseModel):
 
 class ModelConfig(_Section):
     path: str = Field(description="HF model directory (or a hub id already in the local cache)")
-    tokenizer: str | None = Field(None, description="tokenizer directory; default model.path")
-    adapter: str | None = Field(None, description="peft adapter directory; gradients of adapter weights only")
+    tokenizer: str | None = Field(default=None, description="tokenizer directory; default model.path")
+    adapter: str | None = Field(default=None, description="peft adapter directory; gradients of adapter weights only")
     dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
     modules: list[str] | None = Field(
-        None,
+        default=None,
         description="fnmatch patterns of tracked module names; default: every supported module "
         "except lm_head and embeddings",
     )
-    include_bias: bool = Field(True, description="treat a bias as a constant-1 input column (as kronfluence)")
+    include_bias: bool = Field(default=True, description="treat a bias as a constant-1 input column (as kronfluence)")
     adapter_mode: Literal["adapter", "merged", "base"] = Field(
-        "adapter",
+        default="adapter",
         description="with an adapter: attribute its weights (adapter), the merged model's weights "
         "(merged: adapter folded into the base), or the base model alone (base: adapter checked, not applied)",
     )
@@ -44,18 +44,18 @@ class DataConfig(_Section):
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = Field(
-        "messages",
+        default="messages",
         description="chat rows: a list of {role: system|user|assistant, content}, rendered with the "
         "tokenizer's chat template; only assistant tokens carry loss",
     )
     id_field: str = "id"
-    max_length: int = Field(512, gt=1)
-    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(default=512, gt=1)
+    batch_size: int = Field(default=8, gt=0)
     padding_side: Literal["right", "left"] = "right"
 
 
 class ProjectionConfig(_Section):
-    dim: int = Field(16, ge=0, description="per-side projection width k; 0 = identity (exact)")
+    dim: int = Field(default=16, ge=0, description="per-side projection width k; 0 = identity (exact)")
     seed: int = 0
     kind: Literal["rademacher", "gaussian"] = "rademacher"
 
@@ -63,7 +63,7 @@ class ProjectionConfig(_Section):
 class CurvatureConfig(_Section):
     strategy: Literal["identity", "diagonal", "kfac", "ekfac"] = "ekfac"
     fisher: Literal[True, "empirical"] = Field(
-        True, description="true: labels sampled from the model (Gauss-Newton); empirical: the data's labels"
+        default=True, description="true: labels sampled from the model (Gauss-Newton); empirical: the data's labels"
     )
     seed: int = 0
 
@@ -117,15 +117,15 @@ class MethodConfig(_Section):
         json_schema_extra={"enum": list(method_names())},
     )
     damping: float | None = Field(
-        None,
+        default=None,
         ge=0,
         description="if / trak: damping (null = 0.1 x mean eigenvalue per module); datainf: λ for "
         "every module (null = 0.1 x mean squared gradient norm / width, per module)",
     )
-    eta: float | None = Field(None, gt=0, description="Source, one segment: mean learning rate of the segment")
-    steps: int | None = Field(None, gt=0, description="Source, one segment: number of optimizer steps K")
+    eta: float | None = Field(default=None, gt=0, description="Source, one segment: mean learning rate of the segment")
+    steps: int | None = Field(default=None, gt=0, description="Source, one segment: number of optimizer steps K")
     form: Literal["exponential", "discrete"] = Field(
-        "exponential", description="Source: (1-exp(-eta K l))/l, or the K-step form (1-(1-eta l)^K)/l"
+        default="exponential", description="Source: (1-exp(-eta K l))/l, or the K-step form (1-(1-eta l)^K)/l"
     )
 
     @field_validator("name")
@@ -138,28 +138,33 @@ class MethodConfig(_Section):
 
 class CheckpointConfig(_Section):
     path: str = Field(description="HF model directory of this checkpoint")
-    learning_rate: float | None = Field(None, gt=0, description="learning rate at this checkpoint (TracInCP's η_c)")
-    step: int | None = Field(None, ge=0, description="optimizer step of this checkpoint")
+    learning_rate: float | None = Field(
+        default=None, gt=0, description="learning rate at this checkpoint (TracInCP's η_c)"
+    )
+    step: int | None = Field(default=None, ge=0, description="optimizer step of this checkpoint")
 
 
 class SegmentConfig(_Section):
     checkpoints: list[str | int] = Field(
         description="the segment's checkpoints: paths or indices into training_run.checkpoints"
     )
-    steps: int | None = Field(None, gt=0, description="optimizer steps K in the segment (default: from steps)")
-    learning_rate: float | None = Field(None, gt=0, description="mean learning rate over the segment")
-    data: str | None = Field(None, description="this stage's training JSONL (continual training); default data.train")
+    steps: int | None = Field(default=None, gt=0, description="optimizer steps K in the segment (default: from steps)")
+    learning_rate: float | None = Field(default=None, gt=0, description="mean learning rate over the segment")
+    data: str | None = Field(
+        default=None, description="this stage's training JSONL (continual training); default data.train"
+    )
 
 
 class OptimizerConfig(_Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = Field(0.0, ge=0, lt=1, description="SGD momentum β: Source uses η/(1-β)")
+    momentum: float = Field(default=0.0, ge=0, lt=1, description="SGD momentum β: Source uses η/(1-β)")
     preconditioned: bool = Field(
-        False, description="adam/adamw: Source with P·H, P = 1/(sqrt(v̂)+eps) from each checkpoint's optimizer state"
+        default=False,
+        description="adam/adamw: Source with P·H, P = 1/(sqrt(v̂)+eps) from each checkpoint's optimizer state",
     )
-    state_file: str = Field("optimizer.pt", description="optimizer state file inside each checkpoint directory")
-    beta2: float | None = Field(None, gt=0, lt=1, description="Adam β2 (default: from the optimizer state)")
-    eps: float | None = Field(None, gt=0, description="Adam ε (default: from the optimizer state)")
+    state_file: str = Field(default="optimizer.pt", description="optimizer state file inside each checkpoint directory")
+    beta2: float | None = Field(default=None, gt=0, lt=1, description="Adam β2 (default: from the optimizer state)")
+    eps: float | None = Field(default=None, gt=0, description="Adam ε (default: from the optimizer state)")
 
 
 class TrainingRunConfig(_Section):
@@ -167,71 +172,83 @@ class TrainingRunConfig(_Section):
         default_factory=list, description="checkpoints in training order: HF directories or {path, learning_rate, step}"
     )
     trainer_dir: str | None = Field(
-        None,
+        default=None,
         description="an HF Trainer output_dir: its checkpoint-STEP directories (and the final model in the "
         "directory itself), learning rates from trainer_state.json",
     )
     segments: int | list[SegmentConfig] = Field(
-        1, description="number of equal groups of checkpoints, or the segments/stages listed"
+        default=1, description="number of equal groups of checkpoints, or the segments/stages listed"
     )
     boundaries: list[int] | None = Field(
-        None,
+        default=None,
         description="stage boundaries in optimizer steps (instead of segments): checkpoint steps in "
         "(T_l-1, T_l] form segment l",
     )
-    learning_rate: float | None = Field(None, gt=0, description="constant learning rate, when not given otherwise")
+    learning_rate: float | None = Field(
+        default=None, gt=0, description="constant learning rate, when not given otherwise"
+    )
     total_steps: int | None = Field(
-        None, gt=0, description="the step the last segment ends at (default: its last checkpoint's step)"
+        default=None, gt=0, description="the step the last segment ends at (default: its last checkpoint's step)"
     )
     optimizer: OptimizerConfig = OptimizerConfig()
-    averaged: bool = Field(False, description="also index each segment's averaged parameters (Fast-Source)")
+    averaged: bool = Field(default=False, description="also index each segment's averaged parameters (Fast-Source)")
 
 
 class StoreConfig(_Section):
     path: str
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
-    rows_per_chunk: int | None = Field(None, gt=0, description="rows per Zarr chunk; default targets ~16 MiB")
+    rows_per_chunk: int | None = Field(default=None, gt=0, description="rows per Zarr chunk; default targets ~16 MiB")
 
 
 class ClusterConfig(_Section):
-    address: str = Field("local", description="local (start Ray here), auto (join the running cluster) or HOST:PORT")
-    workers: int | None = Field(None, gt=0, description="actors; default one per GPU, or CPUs / cpus_per_worker")
-    gpus_per_worker: float = Field(1, ge=0, description="GPUs per actor (ignored on CPU-only clusters)")
-    cpus_per_worker: int = Field(1, gt=0, description="CPUs per actor, also its torch thread count")
-    local_cpus: int | None = Field(None, gt=0, description="address local: CPUs Ray may use (default: all)")
+    address: str = Field(
+        default="local", description="local (start Ray here), auto (join the running cluster) or HOST:PORT"
+    )
+    workers: int | None = Field(
+        default=None, gt=0, description="actors; default one per GPU, or CPUs / cpus_per_worker"
+    )
+    gpus_per_worker: float = Field(default=1, ge=0, description="GPUs per actor (ignored on CPU-only clusters)")
+    cpus_per_worker: int = Field(default=1, gt=0, description="CPUs per actor, also its torch thread count")
+    local_cpus: int | None = Field(default=None, gt=0, description="address local: CPUs Ray may use (default: all)")
     node_ip_address: str | None = Field(
-        None, description="address the driver's node binds; address local defaults to loopback 127.0.0.2 on Linux"
+        default=None,
+        description="address the driver's node binds; address local defaults to loopback 127.0.0.2 on Linux",
     )
 
 
 class ServeConfig(_Section):
     """`tributary serve`: where it listens, how it batches, what a request may ask, who may ask."""
 
-    host: str = Field("127.0.0.1", description="address the HTTP proxy binds (loopback unless told otherwise)")
-    port: int = Field(8000, gt=0, lt=65536)
-    replicas: int = Field(1, gt=0, description="service replicas, each holding the model and the store handle")
-    replica_cpus: float = Field(1, gt=0, description="CPUs per replica (also its torch thread count, at least 1)")
-    replica_gpus: float = Field(0, ge=0, description="GPUs per replica (query gradients and generation)")
-    max_queries_per_request: int = Field(32, gt=0, description="more queries in one request: 413")
-    max_prompt_chars: int = Field(8000, gt=0, description="a longer prompt or completion: 413")
-    max_prompt_tokens: int | None = Field(
-        None, gt=0, description="a prompt with more tokens: 413; default data.max_length - 1"
+    host: str = Field(default="127.0.0.1", description="address the HTTP proxy binds (loopback unless told otherwise)")
+    port: int = Field(default=8000, gt=0, lt=65536)
+    replicas: int = Field(default=1, gt=0, description="service replicas, each holding the model and the store handle")
+    replica_cpus: float = Field(
+        default=1, gt=0, description="CPUs per replica (also its torch thread count, at least 1)"
     )
-    max_new_tokens: int = Field(256, gt=0, description="generate.max_new_tokens above this: 413")
-    max_top_k: int = Field(100, gt=0, description="top_k above this: 422")
-    max_request_bytes: int = Field(1 << 20, gt=0, description="a larger request body: 413")
-    request_timeout_s: float = Field(60, gt=0, description="a request not answered by then: 504")
-    batch_max_queries: int = Field(64, gt=0, description="queries scored together in one pass of the store")
-    batch_wait_s: float = Field(0.01, ge=0, description="how long a pass waits for more requests to join it")
+    replica_gpus: float = Field(default=0, ge=0, description="GPUs per replica (query gradients and generation)")
+    max_queries_per_request: int = Field(default=32, gt=0, description="more queries in one request: 413")
+    max_prompt_chars: int = Field(default=8000, gt=0, description="a longer prompt or completion: 413")
+    max_prompt_tokens: int | None = Field(
+        default=None, gt=0, description="a prompt with more tokens: 413; default data.max_length - 1"
+    )
+    max_new_tokens: int = Field(default=256, gt=0, description="generate.max_new_tokens above this: 413")
+    max_top_k: int = Field(default=100, gt=0, description="top_k above this: 422")
+    max_request_bytes: int = Field(default=1 << 20, gt=0, description="a larger request body: 413")
+    request_timeout_s: float = Field(default=60, gt=0, description="a request not answered by then: 504")
+    batch_max_queries: int = Field(default=64, gt=0, description="queries scored together in one pass of the store")
+    batch_wait_s: float = Field(default=0.01, ge=0, description="how long a pass waits for more requests to join it")
     max_ongoing_requests: int = Field(
-        256,
+        default=256,
         gt=0,
         description="requests a replica holds at once (queued for a batch or being scored); more wait at the proxy",
     )
     auth_token_env: str | None = Field(
-        None, description="name of the environment variable holding the bearer token (read on the replicas' nodes)"
+        default=None,
+        description="name of the environment variable holding the bearer token (read on the replicas' nodes)",
     )
-    auth_token_file: str | None = Field(None, description="file holding the bearer token (read on the replicas' nodes)")
+    auth_token_file: str | None = Field(
+        default=None, description="file holding the bearer token (read on the replicas' nodes)"
+    )
 
 
 class JobConfig(_Section):
@@ -241,9 +258,9 @@ class JobConfig(_Section):
     curvature: CurvatureConfig = CurvatureConfig()
     method: MethodConfig = MethodConfig()
     store: StoreConfig
-    cluster: ClusterConfig | None = Field(None, description="run on Ray; absent = in this process")
+    cluster: ClusterConfig | None = Field(default=None, description="run on Ray; absent = in this process")
     training_run: TrainingRunConfig | None = Field(
-        None, description="checkpoints and segments of the training run; absent = the final model only"
+        default=None, description="checkpoints and segments of the training run; absent = the final model only"
     )
     serve: ServeConfig = ServeConfig()
 

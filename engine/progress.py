@@ -9,6 +9,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -22,8 +23,8 @@ class RateColumn(ProgressColumn):
 
 
 class _Silent:
-    def add_task(self, *args, **kwargs) -> int:
-        return 0
+    def add_task(self, *args, **kwargs) -> TaskID:
+        return TaskID(0)
 
     def advance(self, *args, **kwargs) -> None:
         pass

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+import zarr
 
 from engine.store import GradientStore
 
@@ -39,8 +40,10 @@ def write_config(path: Path, raw: dict) -> Path:
 def store_contents(path: str) -> dict:
     store = GradientStore.open(path)
     factors = store.read_factors()
+    grads = store.group["grads"]
+    assert isinstance(grads, zarr.Array), f"{path}: grads is not an array"
     return {
-        "grads": store.group["grads"][...],
+        "grads": grads[...],
         "ids": store.ids(),
         "meta": store.row_metadata(),
         "factors": {name: {field: getattr(f, field) for field in ("lam", "q_a", "q_s")} for name, f in factors.items()},

@@ -40,6 +40,7 @@ def autograd_per_example(
             pieces = []
             for module in modules.values():
                 kind = TrackedKind.for_module(module)
+                assert kind is not None, f"{type(module).__name__} is not a tracked kind"
                 weight_grad = grads[id(module.weight)]
                 weight_grad = weight_grad.t() if kind.weight_as_out_in(module) is not module.weight else weight_grad
                 if include_bias and module.bias is not None:

@@ -168,10 +168,12 @@ def hand_built(peft_model, path: Path) -> tuple[nn.Module, dict[str, str]]:
         plain_name = name.removeprefix("base_model.model.")
         parent_name, _, child = plain_name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        lora_a, lora_b = layer.lora_A["default"], layer.lora_B["default"]
+        assert isinstance(lora_a, nn.Linear) and isinstance(lora_b, nn.Linear), name
         replacement = ExplicitLoRA(
             getattr(parent, child),
-            layer.lora_A["default"].weight.detach().clone(),
-            layer.lora_B["default"].weight.detach().clone(),
+            lora_a.weight.detach().clone(),
+            lora_b.weight.detach().clone(),
             layer.scaling["default"],
         )
         setattr(parent, child, replacement)

@@ -356,6 +356,7 @@ def test_byte_level_bpe_tokens_of_assistant_content_and_end_of_turn(chat_models)
             assert len(runs) == len(expected)
             for run, content in zip(runs, expected):
                 decoded = tokenizer.decode(run)
+                assert isinstance(decoded, str)  # one sequence decodes to one string
                 # a token that straddles the template's space before the content (" the") counts whole
                 assert decoded.endswith(content + end) and not decoded[: -len(content + end)].strip(), decoded
 

@@ -60,11 +60,12 @@ def reference_gradients(model_path: Path, rows: list[dict]) -> tuple[torch.Tenso
     only completion tokens. Tracked modules: every GPT-2 Conv1D (lm_head is a Linear, not tracked).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64).eval()
     model.requires_grad_(False)
-    modules = {name: m for name, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    modules = {name: m for name, m in model.named_modules() if type(m) is Conv1D}
     tokenized = []
     for index, row in enumerate(rows):
         if "text" in row:

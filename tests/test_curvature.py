@@ -26,13 +26,15 @@ from engine.indexing.driver import run_index
 from engine.indexing.job import prepare_index_job
 from engine.spectral.core import score_block, transform_queries
 from engine.spectral.methods import method_from_config
+from engine.store import GradientStore
 from engine.tiny import build_model, build_tokenizer
 from tests.conftest import job_config, vocabulary_texts, write_jsonl
 
 TOLERANCE = 1e-10  # relative Frobenius error, float64
 
 
-def _relative(ours: np.ndarray, reference: np.ndarray) -> float:
+def _relative(ours: np.ndarray | None, reference: np.ndarray | None) -> float:
+    assert ours is not None and reference is not None, "a factor compared is missing"
     return float(np.linalg.norm(ours - reference) / np.linalg.norm(reference))
 
 
@@ -99,6 +101,7 @@ def test_sharded_driver_equals_one_pass(tiny_models, text_train, make_config):
         tiny_models["llama"], text_train, projection={"dim": 4}, data={"batch_size": 2}, store={"rows_per_chunk": 3}
     )
     store = run_index(config, show_progress=False)
+    assert isinstance(store, GradientStore)
     assert len(store.shards()) == 3
     job = prepare_index_job(
         make_config(tiny_models["llama"], text_train, projection={"dim": 4}, data={"batch_size": 8})
@@ -137,6 +140,7 @@ def _save_gpt2(directory, train_texts: list[str] | None, steps: int, layer_norm_
         if isinstance(module, torch.nn.LayerNorm):
             module.eps = layer_norm_eps
     if steps:
+        assert train_texts is not None, "training needs texts"
         torch.manual_seed(0)
         ids = torch.tensor([tokenizer(text)["input_ids"] for text in train_texts])
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
@@ -287,6 +291,7 @@ def test_ekfac_and_kfac_influence_track_exact_gauss_newton_influence(trained_gpt
     assert _relative(train_rows, np.array(true_gradients)) < 1e-10  # same θ layout and loss as the store
 
     factors = ekfac[TRACKED]
+    assert factors.q_s is not None and factors.q_a is not None
     basis = np.kron(factors.q_s, factors.q_a)  # row-major vec: vec(Q_Sᵀ G Q_A) = basisᵀ vec(G)
     assert _relative(factors.lam.ravel(), np.diag(basis.T @ sampled_fisher @ basis)) < TOLERANCE
 
@@ -355,6 +360,7 @@ def test_kfac_normalisation_matches_exact_fisher_with_one_counted_token(tmp_path
         "ekfac", initial, merge_all([lambda_pass(c, job.tokenized, initial) for c in contexts]).lambdas
     )
     kfac = initial[name]
+    assert kfac.q_a is not None and kfac.q_s is not None and kfac.alpha is not None and kfac.sigma is not None
     covariance_a = kfac.q_a @ np.diag(kfac.alpha) @ kfac.q_a.T
     covariance_s = kfac.q_s @ np.diag(kfac.sigma) @ kfac.q_s.T
     assert abs(np.trace(covariance_a) - 9.0) < 1e-6

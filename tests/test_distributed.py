@@ -141,7 +141,7 @@ def test_sharded_top_k_equals_dense_top_k_with_ties(local_ray, tiny_models, trai
     dense = run_query(parse_config(raw), str(queries), k=12)
     cluster = dict(raw, cluster={"address": "local", "workers": 3})
     sharded = run_query(parse_config(cluster), str(queries), k=12, scores_out=str(tmp_path / "s.npy"))
-    assert sharded.total is not None and np.array_equal(sharded.total, dense.total)
+    assert dense.total is not None and sharded.total is not None and np.array_equal(sharded.total, dense.total)
     expected = top_k(dense.total, 12)
     assert np.array_equal(sharded.top_indices, expected) and np.array_equal(dense.top_indices, expected)
     # the duplicated sentences tie exactly, and the lower training index comes first

@@ -47,7 +47,8 @@ def test_spearman_and_cosine_match_scipy_and_the_formula():
     rng = np.random.default_rng(0)
     a = rng.integers(0, 5, size=(4, 30)).astype(float)  # many ties
     b = rng.standard_normal((4, 30))
-    expected = [scipy.stats.spearmanr(a[i], b[i]).statistic for i in range(4)]
+    # scipy builds its result class at run time (_make_tuple_bunch), so pyright cannot see .statistic
+    expected = [scipy.stats.spearmanr(a[i], b[i]).statistic for i in range(4)]  # pyright: ignore[reportAttributeAccessIssue]
     np.testing.assert_allclose(spearman(a, b), expected, rtol=1e-12)
     np.testing.assert_allclose(
         cosine(a, b), [a[i] @ b[i] / np.linalg.norm(a[i]) / np.linalg.norm(b[i]) for i in range(4)], rtol=1e-12
@@ -73,7 +74,9 @@ def test_lds_of_the_true_datamodel_is_one_and_of_random_scores_zero():
     per_query = lds_per_query(task.true_scores(), truth)
     predictions = -(truth.masks.astype(float) @ task.true_scores().T)
     np.testing.assert_allclose(
-        per_query[3], scipy.stats.spearmanr(truth.mean[:, 3], predictions[:, 3]).statistic, rtol=1e-12
+        per_query[3],
+        scipy.stats.spearmanr(truth.mean[:, 3], predictions[:, 3]).statistic,  # pyright: ignore[reportAttributeAccessIssue]
+        rtol=1e-12,
     )
 
 

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from transformers import GenerationMixin, PreTrainedTokenizerBase
 
 from engine.capture.loss import per_example_loss
 from engine.config import parse_config
@@ -43,8 +44,10 @@ def trained(tmp_path_factory):
     rows = tokenize_rows([Row(i, str(i), i + 1, text=t) for i, t in enumerate(texts)], tokenizer, 16, "corpus")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
+    pad_id = tokenizer.pad_token_id
+    assert isinstance(pad_id, int)
     for step in range(250):
-        batch = collate(random.Random(step).sample(rows, 16), tokenizer.pad_token_id)
+        batch = collate(random.Random(step).sample(rows, 16), pad_id)
         logits = model(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
         ).logits
@@ -94,7 +97,9 @@ def test_generate_is_reproducible_with_a_seed(trained, tmp_path):
     ]
     assert len({tuple(o[0].row.input_ids) for o in others}) > 1, "different seeds never changed the sample"
     greedy = generate(context.model, context.tokenizer, prompts, GenerationSettings(6, chat=False), 16, "p.jsonl")
-    reference = context.model.generate(
+    assert isinstance(context.model, GenerationMixin) and isinstance(context.tokenizer, PreTrainedTokenizerBase)
+    # transformers types generate's self as a protocol its own models miss (device is a property on them)
+    reference = context.model.generate(  # pyright: ignore[reportAttributeAccessIssue]
         input_ids=torch.tensor([context.tokenizer("the purple walrus")["input_ids"]]),
         max_new_tokens=6,
         do_sample=False,
@@ -116,6 +121,7 @@ def test_generated_query_gradients_cover_completion_tokens_only(trained, tmp_pat
     ours = torch.from_numpy(gradient_pass(context, [g.row for g in generated], with_covariance=False).grads)
     # independent labels: the prompt's own tokenisation is masked, everything after it counts
     references = []
+    assert isinstance(context.tokenizer, PreTrainedTokenizerBase)
     for prompt, g in zip(prompts, generated):
         prompt_length = len(context.tokenizer(prompt.prompt)["input_ids"])
         labels = torch.tensor([[IGNORE] * prompt_length + g.row.input_ids[prompt_length:]])
@@ -187,7 +193,7 @@ def test_measurements_match_their_formulas(trained, tmp_path):
     np.testing.assert_allclose(mean, summed / row.num_loss_tokens, rtol=1e-10, atol=1e-14)
     margin = torch.from_numpy(gradient_pass(context, [row], with_covariance=False, measurement="margin").grads)
     # reference: explicit negative margin −Σ_t [z_y − log Σ_{v≠y} e^{z_v}] differentiated by autograd
-    params = [p for m in context.modules.values() for p in (m.weight, m.bias)]
+    params = [m.get_parameter(name) for m in context.modules.values() for name in ("weight", "bias")]
     for p in params:
         p.requires_grad_(True)
     try:
@@ -201,6 +207,7 @@ def test_measurements_match_their_formulas(trained, tmp_path):
             z = logits[t]
             others = torch.cat([z[: labels[t]], z[labels[t] + 1 :]])
             total = total - (z[labels[t]] - torch.logsumexp(others, 0))
+        assert isinstance(total, torch.Tensor), "the row has no counted token"
         grads = torch.autograd.grad(total, params)
     finally:
         for p in params:
@@ -227,6 +234,7 @@ def test_planted_canary_is_the_top_supporter(method, trained, indexed, tmp_path)
     )
     result = run_query(config, str(queries), 3, options=QueryOptions(k=3, per_token=True))
     canary_index = trained["texts"].index(CANARY)
+    assert result.top_indices is not None and result.records is not None
     assert result.top_indices[0, 0] == canary_index
     assert result.top_indices[1, 0] == 20, "a query equal to a training row ranks that row first"
     record = result.records[0]

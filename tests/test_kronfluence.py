@@ -198,6 +198,7 @@ def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp
         "ekfac", dataset=train_set, per_device_batch_size=5, factor_args=factor_args, overwrite_output_dir=True
     )
     lambdas = analyzer.load_lambda_matrices("ekfac")
+    assert lambdas is not None, "kronfluence saved no lambda matrices"
     their_lambda = {
         name: (lambdas["lambda_matrix"][name] / lambdas["num_lambda_processed"][name]).numpy() for name in module_names
     }
@@ -217,7 +218,9 @@ def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp
             score_args=score_args,
             overwrite_output_dir=True,
         )
-        return analyzer.load_pairwise_scores(name)["all_modules"].to(f64).numpy()
+        scores = analyzer.load_pairwise_scores(name)
+        assert scores is not None, f"kronfluence saved no scores for {name}"
+        return scores["all_modules"].to(f64).numpy()
 
     # --- Tributary ---
     run_index(config, show_progress=False)
@@ -231,6 +234,7 @@ def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp
     for label, damping_value in [("numeric", damping), ("heuristic", None)]:
         theirs = kronfluence_scores(f"pairwise_{label}", damping_value)
         ours = run_query(config.with_method(MethodConfig(name="if", damping=damping_value)), str(queries), k=3).total
+        assert ours is not None
         assert ours.shape == theirs.shape == (len(QUERIES), len(job.tokenized))
         assert np.abs(theirs).max() > 0
         factor = 1.0  # see the module docstring

@@ -120,7 +120,9 @@ def _objects(kind: str, url: str) -> dict[str, bytes]:
             for entry in page.get("Contents", [])
         ]
         return {key: client.get_object(Bucket=BUCKET, Key=key)["Body"].read() for key in keys}
-    root = Path(location.local_path(url)).parent
+    local = location.local_path(url)
+    assert local is not None, f"{kind} store {url} is not on the local file system"
+    root = Path(local).parent
     return {str(path): path.read_bytes() for path in root.rglob("*") if path.is_file()}
 
 

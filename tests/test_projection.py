@@ -123,8 +123,10 @@ def test_projected_inner_product_is_unbiased(kind):
     for seed in range(SEEDS):
         spec = build_projection(k, seed, kind, [("layer", d_in, d_out)])
         module = spec.modules[0]
-        p_in = spec.side_matrix(module, "in", torch.float64).numpy()
-        p_out = spec.side_matrix(module, "out", torch.float64).numpy()
+        p_in_tensor = spec.side_matrix(module, "in", torch.float64)
+        p_out_tensor = spec.side_matrix(module, "out", torch.float64)
+        assert p_in_tensor is not None and p_out_tensor is not None, "k < d: both sides are projected"
+        p_in, p_out = p_in_tensor.numpy(), p_out_tensor.numpy()
         assert p_in.shape == (d_in, k) and p_out.shape == (d_out, k)
         samples.append(float(np.sum((p_out.T @ g1 @ p_in) * (p_out.T @ g2 @ p_in))))
     samples = np.array(samples)
@@ -175,8 +177,10 @@ def test_dim_zero_or_at_least_the_side_width_is_the_identity():
     widths = [(m.k_in, m.k_out) for m in spec.modules]
     assert widths == [(9, 9), (9, 8), (4, 4)]
     assert spec.side_matrix(spec.modules[0], "in", torch.float64) is None
-    assert spec.side_matrix(spec.modules[0], "out", torch.float64).shape == (24, 9)
-    assert spec.side_matrix(spec.modules[1], "in", torch.float64).shape == (33, 9)
+    a_out = spec.side_matrix(spec.modules[0], "out", torch.float64)
+    b_in = spec.side_matrix(spec.modules[1], "in", torch.float64)
+    assert a_out is not None and a_out.shape == (24, 9)
+    assert b_in is not None and b_in.shape == (33, 9)
     assert spec.side_matrix(spec.modules[1], "out", torch.float64) is None
     offsets = [m.offset for m in spec.modules]
     assert offsets == [0, 81, 81 + 72]

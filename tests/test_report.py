@@ -11,6 +11,7 @@ import subprocess
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -290,10 +291,13 @@ def test_missing_optional_fields_render(strip):
 def test_empty_results_and_bad_input():
     parsed = parse(render_html_report([], SETTINGS))
     assert "no queries in these results" in "".join(parsed.text)
+    # Any: these are deliberately not records / settings, as a hand-edited results file could hold
+    not_records: Any = [1, 2]
+    not_settings: Any = ["not", "a", "dict"]
     with pytest.raises(TributaryError, match="list of result records"):
-        render_html_report([1, 2], SETTINGS)
+        render_html_report(not_records, SETTINGS)
     with pytest.raises(TributaryError, match="settings"):
-        render_html_report([], ["not", "a", "dict"])
+        render_html_report([], not_settings)
 
 
 def test_write_is_atomic_and_load_results_round_trips(tmp_path):
@@ -307,8 +311,9 @@ def test_write_is_atomic_and_load_results_round_trips(tmp_path):
     assert first == render_html_report(records, SETTINGS)
     assert not list(out.parent.glob("*.part"))
     # A failed render leaves the previous report untouched and no .part behind.
+    not_records: Any = [None]
     with pytest.raises(TributaryError):
-        write_html_report([None], SETTINGS, out)
+        write_html_report(not_records, SETTINGS, out)
     assert out.read_text(encoding="utf-8") == first and not list(out.parent.glob("*.part"))
     # A second write replaces the file.
     write_html_report(records[:1], SETTINGS, str(out))

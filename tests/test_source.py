@@ -19,6 +19,7 @@ from engine.indexing.job import prepare_index_job
 from engine.projection import build_projection
 from engine.spectral.core import score_block, transform_queries
 from engine.spectral.methods import method_from_config
+from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 
 
@@ -43,6 +44,7 @@ def indexed(request, tiny_models, tmp_path_factory):
     )
     raw = job_config(root, tiny_models[kind], train, projection={"dim": dim})
     store = run_index(parse_config(raw), show_progress=False)
+    assert isinstance(store, GradientStore)
     query_job = prepare_index_job(parse_config(dict(raw, data=dict(raw["data"], train=str(queries)))))
     assert query_job.context.spec.fingerprint() == prepare_index_job(parse_config(raw)).context.spec.fingerprint()
     query_rows = gradient_pass(query_job.context, query_job.tokenized, with_covariance=False).grads
@@ -87,8 +89,10 @@ def test_large_horizon_is_influence_with_damping_one_over_horizon(indexed):
     spec, factors, train_rows, query_rows, lam = indexed
     positive = lam[lam > 0]
     for horizon in np.geomspace(1e-2 / lam.max(), 1e3 / positive.min(), 25):
-        source = method_from_config(MethodConfig(name="source", eta=horizon / 100, steps=100)).spectral(lam)
-        influence = method_from_config(MethodConfig(name="if", damping=1.0 / horizon)).spectral(lam)
+        source_function = method_from_config(MethodConfig(name="source", eta=horizon / 100, steps=100)).spectral
+        influence_function = method_from_config(MethodConfig(name="if", damping=1.0 / horizon)).spectral
+        assert source_function is not None and influence_function is not None
+        source, influence = source_function(lam), influence_function(lam)
         x = horizon * lam
         excess = source / influence - 1.0
         assert np.all(excess >= -1e-12)
@@ -158,12 +162,12 @@ def _unrolled_scores(
     Plain autograd through the loop (create_graph). At ε = 0 the run stays at θ*, so the derivative is
     −∇L_qᵀ (I − (I − ηH)^K) H⁻¹ ∇L_i: the score Source's discrete form must give (positive = supports).
     """
-    hessian, theta_star = torch.from_numpy(hessian), torch.from_numpy(theta_star)
+    hessian_t, theta_star_t = torch.from_numpy(hessian), torch.from_numpy(theta_star)
     eps = torch.zeros(count, dtype=torch.float64, requires_grad=True)
-    theta = theta_star.clone().requires_grad_(True)
+    theta = theta_star_t.clone().requires_grad_(True)
     for _ in range(steps):
-        shift = theta - theta_star
-        objective = 0.5 * shift @ hessian @ shift + sum(eps[i] * loss(i, theta) for i in range(count))
+        shift = theta - theta_star_t
+        objective = 0.5 * shift @ hessian_t @ shift + sum(eps[i] * loss(i, theta) for i in range(count))
         (gradient,) = torch.autograd.grad(objective, theta, create_graph=True)
         theta = theta - eta * gradient
     (derivative,) = torch.autograd.grad(loss(count, theta), eps)

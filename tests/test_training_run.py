@@ -96,6 +96,7 @@ def test_plan_comes_from_trainer_state(run_setup):
     assert plan.segments[0].eta == pytest.approx(np.mean(RATES[:4]))
     assert plan.segments[1].eta == pytest.approx(np.mean(RATES[4:]))
     momentum = resolve_run(parse_config(dict(raw, training_run=dict(raw["training_run"], optimizer={"momentum": 0.9}))))
+    assert momentum is not None
     assert momentum.segments[1].eta == pytest.approx(10 * np.mean(RATES[4:]))
 
 

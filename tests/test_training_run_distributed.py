@@ -12,6 +12,7 @@ import torch
 
 from engine.config import parse_config
 from engine.indexing.driver import run_index
+from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import assert_same_store, store_config, store_contents
 from tests.test_training_run import _train_checkpoints
@@ -32,11 +33,13 @@ def test_run_on_two_workers_equals_single_process(local_ray, tiny_models, tmp_pa
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     run = {"trainer_dir": str(tmp_path / "trainer")}
 
-    def build(path: str, cluster: dict | None):
-        return run_index(
+    def build(path: str, cluster: dict | None) -> RunStore:
+        store = run_index(
             parse_config(store_config(tiny_models["gpt2"], train, path, cluster=cluster, training_run=run)),
             show_progress=False,
         )
+        assert isinstance(store, RunStore)
+        return store
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

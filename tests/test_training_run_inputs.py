@@ -19,6 +19,7 @@ from engine.config import parse_config
 from engine.errors import TributaryError
 from engine.indexing.driver import run_index
 from engine.query.run import run_query
+from engine.store.run_store import RunStore
 from engine.tiny import save_tiny
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
 from tests.test_training_run import _reference_rows, _train_checkpoints
@@ -78,7 +79,8 @@ def _explicit_preconditioner(checkpoint: Path, model, module_name: str) -> np.nd
 
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     names = [n for n, _ in model.named_parameters()]
-    decay = set(Trainer.get_decay_parameter_names(None, model))
+    # the method reads no Trainer state, so an uninitialised Trainer stands in for a configured one
+    decay = set(Trainer.__new__(Trainer).get_decay_parameter_names(model))
     order = [n for n in names if n in decay] + [n for n in names if n not in decay]
     positions = [i for group in state["param_groups"] for i in group["params"]]
     by_name = {name: state["state"][i] for name, i in zip(order, positions)}
@@ -99,6 +101,7 @@ def test_adam_run_from_trainer_output(adam_run, tmp_path):
 
     root, raw, checkpoints, queries = adam_run
     store = run_index(parse_config(raw), show_progress=False)
+    assert isinstance(store, RunStore)
     plan = store.plan
     assert plan.preconditioned and [c.step for c in plan.checkpoints] == [2, 4]
     assert all(c.learning_rate is not None for c in plan.checkpoints) and plan.segments[0].steps == 4
@@ -115,10 +118,13 @@ def test_adam_run_from_trainer_output(adam_run, tmp_path):
 
     spec = ProjectionSpec.from_dict(store.manifest["projection"])
     factors = store.read_segment_factors(0)
-    horizon = plan.segments[0].eta * plan.segments[0].steps
+    eta, steps = plan.segments[0].eta, plan.segments[0].steps
+    assert eta is not None and steps is not None, "the run plan resolved the segment's rate and steps"
+    horizon = eta * steps
     total = np.zeros((len(u), len(rows)))
     for m in spec.modules:
         f = factors[m.name]
+        assert f.q_s is not None and f.q_a is not None
         basis = np.kron(f.q_s, f.q_a)
         lam = f.lam.ravel()
         residual = np.where(lam > 0, -np.expm1(-horizon * lam) / np.where(lam > 0, lam, 1.0), horizon)
@@ -145,6 +151,7 @@ def test_fast_source_indexes_the_averaged_parameters(tiny_models, tmp_path):
         training_run={"trainer_dir": str(tmp_path / "trainer"), "averaged": True},
     )
     store = run_index(parse_config(raw), show_progress=False)
+    assert isinstance(store, RunStore)
     models = [AutoModelForCausalLM.from_pretrained(c, dtype=torch.float64) for c in checkpoints]
     average = models[0]
     with torch.no_grad():
@@ -159,6 +166,7 @@ def test_fast_source_indexes_the_averaged_parameters(tiny_models, tmp_path):
     )
     queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "text": SENTENCES[0]}])
     result = run_query(parse_config(raw), str(queries), k=3)
+    assert result.total is not None
     assert result.total.shape == (1, len(SENTENCES)) and np.all(np.isfinite(result.total))
 
 

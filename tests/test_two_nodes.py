@@ -346,6 +346,7 @@ def test_query_through_the_cluster_gives_the_single_process_scores(
         torch.set_num_threads(threads)
     clustered = np.load(scores)
     assert clustered.shape == (5, len(TRAIN))
+    assert dense.total is not None
     assert np.array_equal(clustered, dense.total), "scores through the cluster differ from the single-process ones"
     ranked = [[entry["index"] for entry in json.loads(line)["top_k"]] for line in results.read_text().splitlines()]
     assert np.array_equal(np.array(ranked), dense.top_indices)

@@ -52,8 +52,13 @@ class GradientCapture:
         self._mask: torch.Tensor | None = None
         self._current: ForwardPass | None = None
 
+    def _current_mask(self) -> torch.Tensor:
+        if self._mask is None:
+            raise RuntimeError("a capture hook ran outside run(): there is no attention mask to apply")
+        return self._mask
+
     def _project_input(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
-        batch_size = self._mask.shape[0]
+        batch_size = self._current_mask().shape[0]
         a = inputs.detach().reshape(batch_size, -1, inputs.shape[-1]).to(self.compute_dtype)
         projection = self.p_in[name]
         if projection is None:
@@ -71,7 +76,7 @@ class GradientCapture:
 
     def _zero_padding(self, values: torch.Tensor) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
-        keep = self._mask.unsqueeze(-1).bool()
+        keep = self._current_mask().unsqueeze(-1).bool()
         return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
     def _hook(self, name: str):

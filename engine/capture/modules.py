@@ -8,12 +8,21 @@ is a peft model only those adapter modules are tracked (the base weights are fro
 from __future__ import annotations
 
 import fnmatch
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from engine.errors import TributaryError
+
+ModuleType = TypeVar("ModuleType", bound=nn.Module)
+
+
+def _as_kind(module: nn.Module, module_type: type[ModuleType]) -> ModuleType:
+    """`module` typed as the kind's own module type (the registry dispatches on exactly that type)."""
+    if not isinstance(module, module_type):
+        raise TypeError(f"a {module_type.__name__} kind was given a {type(module).__name__}")
+    return module
 
 
 class TrackedKind:
@@ -45,11 +54,12 @@ class LinearKind(TrackedKind):
 
     @staticmethod
     def dims(module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
+        linear = _as_kind(module, nn.Linear)
+        return linear.in_features, linear.out_features
 
     @staticmethod
     def weight_as_out_in(module: nn.Module) -> torch.Tensor:
-        return module.weight
+        return _as_kind(module, nn.Linear).weight
 
 
 try:  # HF GPT-2's Conv1D stores its weight transposed: (d_in, d_out), y = x @ W + b.
@@ -60,11 +70,12 @@ try:  # HF GPT-2's Conv1D stores its weight transposed: (d_in, d_out), y = x @ W
 
         @staticmethod
         def dims(module: nn.Module) -> tuple[int, int]:
-            return module.weight.shape[0], module.weight.shape[1]
+            weight = _as_kind(module, Conv1D).weight
+            return weight.shape[0], weight.shape[1]
 
         @staticmethod
         def weight_as_out_in(module: nn.Module) -> torch.Tensor:
-            return module.weight.t()
+            return _as_kind(module, Conv1D).weight.t()
 except ImportError:  # pragma: no cover - transformers is a hard dependency
     pass
 
@@ -79,7 +90,8 @@ def is_peft_model(model: nn.Module) -> bool:
 
 def select_modules(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
     """Tracked modules in registration order, chosen by fnmatch patterns on their qualified names."""
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)  # HF models only
+    output_embeddings = get_output_embeddings() if get_output_embeddings is not None else None
     supported = {
         name: module
         for name, module in model.named_modules()
@@ -107,7 +119,10 @@ def select_modules(model: nn.Module, patterns: list[str] | None) -> dict[str, nn
 def tracked_shapes(modules: dict[str, nn.Module], include_bias: bool) -> list[tuple[str, int, int]]:
     shapes = []
     for name, module in modules.items():
-        d_in, d_out = TrackedKind.for_module(module).dims(module)
+        kind = TrackedKind.for_module(module)
+        if kind is None:
+            raise TributaryError(f"module {name} ({type(module).__name__}) is not a supported kind to track")
+        d_in, d_out = kind.dims(module)
         has_bias = include_bias and getattr(module, "bias", None) is not None
         shapes.append((name, d_in + int(has_bias), d_out))
     return shapes

@@ -157,7 +157,7 @@ def train_lora(
         part = out.with_name(out.name + f".part-{os.getpid()}")
         if part.exists():
             shutil.rmtree(part)
-        model.save_pretrained(part)
+        model.save_pretrained(str(part))
         (part / "training.json").write_text(
             json.dumps(
                 {

@@ -120,14 +120,15 @@ def _convert(source: Path, out: Path, quiet: bool) -> float:
     reader_tqdm = getattr(gguf_utils, "tqdm", None)
     hf_logging.disable_progress_bar()
     if reader_tqdm is not None:
-        gguf_utils.tqdm = functools.partial(reader_tqdm, disable=True)
+        # the reader's module-level `tqdm` is not re-exported by transformers; it is patched on purpose
+        gguf_utils.tqdm = functools.partial(reader_tqdm, disable=True)  # pyright: ignore[reportPrivateImportUsage]
     try:
         _convert_and_save(source, out)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
         if reader_tqdm is not None:
-            gguf_utils.tqdm = reader_tqdm
+            gguf_utils.tqdm = reader_tqdm  # pyright: ignore[reportPrivateImportUsage]
     return time.perf_counter() - started
 
 
@@ -157,7 +158,8 @@ def _convert_and_save(source: Path, out: Path) -> None:
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
     if "quantization_config" in model.config.to_dict():
-        del model.config.quantization_config
+        # set by transformers' quantizers at load time, so absent from PreTrainedConfig's declared attributes
+        del model.config.quantization_config  # pyright: ignore[reportAttributeAccessIssue]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.eval()
     out.mkdir(parents=True)

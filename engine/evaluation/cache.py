@@ -30,14 +30,15 @@ def load_or_compute(
         stored = group.attrs.get("key")
         complete = group.attrs.get("complete", False)
         if stored != key:
-            changed = sorted(k for k in set(key) | set(stored or {}) if (stored or {}).get(k) != key.get(k))
+            cached = stored if isinstance(stored, dict) else {}
+            changed = sorted(k for k in set(key) | set(cached) if cached.get(k) != key.get(k))
             raise TributaryError(
                 f"ground truth cache {path} was computed for another setting ({', '.join(changed)} changed: "
-                f"cached {[(stored or {}).get(k) for k in changed]}, now {[key.get(k) for k in changed]}); "
+                f"cached {[cached.get(k) for k in changed]}, now {[key.get(k) for k in changed]}); "
                 "use another cache path, or delete this one to retrain"
             )
         if complete:
-            return {name: np.asarray(group[name][...]) for name in group.array_keys()}, True
+            return {name: np.asarray(array[...]) for name, array in group.arrays()}, True
     elif path.exists() and any(path.iterdir()):
         raise TributaryError(
             f"ground truth cache {path} exists and is not a Tributary cache; give an empty or new path"

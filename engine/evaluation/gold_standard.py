@@ -49,7 +49,7 @@ def further_recipe(steps: int, learning_rate: float, batch_size: int | None) -> 
 def gold_standard(
     task,
     final: Parameters,
-    left_out: Sequence[int],
+    left_out: Sequence[int] | np.ndarray,
     recipe: Recipe,
     record_at: Sequence[int],
     seeds: int = 4,
@@ -90,7 +90,7 @@ def gold_standard(
 
 
 def agreement(
-    scores: np.ndarray,
+    scores: np.ndarray | None,
     gold: GoldStandard,
     metric: str = "cosine",
     mean_adjust: bool = True,
@@ -102,6 +102,8 @@ def agreement(
     function = {"cosine": cosine, "spearman": spearman}.get(metric)
     if function is None:
         raise TributaryError(f"agreement metric {metric!r} is unknown; use cosine or spearman")
+    if scores is None and per_step_scores is None:
+        raise TributaryError("agreement needs a method's scores or its per-step scores; both are None")
     truth = gold.values(mean_adjust)
     means, sems = [], []
     for t in range(len(gold.steps)):

@@ -29,7 +29,7 @@ def final_model_scores(
     attribution = final_model_attribution(task, final, settings)
     out = {}
     for method in methods:
-        config = method if isinstance(method, MethodConfig) else MethodConfig(name=method)
+        config = method if isinstance(method, MethodConfig) else MethodConfig.model_validate({"name": method})
         out[label(config)] = attribution.scores(config, task.queries)
     return out
 
@@ -37,7 +37,7 @@ def final_model_scores(
 def scores_with(attribution: InMemoryAttribution, task, methods: Sequence[MethodConfig | str]) -> dict[str, np.ndarray]:
     out = {}
     for method in methods:
-        config = method if isinstance(method, MethodConfig) else MethodConfig(name=method)
+        config = method if isinstance(method, MethodConfig) else MethodConfig.model_validate({"name": method})
         out[label(config)] = attribution.scores(config, task.queries)
     return out
 
@@ -49,7 +49,7 @@ def final_model_attribution(task, final: Parameters, settings: Settings = Settin
 
 def run_scores(task, run: TrainingRun, method: MethodConfig | str, settings: Settings = Settings()) -> np.ndarray:
     """(Q, N) scores of a method that uses the training run's checkpoints, in training-row order."""
-    config = method if isinstance(method, MethodConfig) else MethodConfig(name=method)
+    config = method if isinstance(method, MethodConfig) else MethodConfig.model_validate({"name": method})
     if run.averaged != (config.name == "fast_source"):
         run = TrainingRun(
             run.segments,

@@ -9,12 +9,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from engine.config import ModelConfig
 from engine.errors import TributaryError
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,8 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
             model = adapted.unload()  # checked against the base, then removed: the base model alone
     model.requires_grad_(False)
     model.eval()
-    model.to(device)
+    # PreTrainedModel.to is wrapped with functools.wraps, whose typeshed stub loses the method binding
+    model.to(device)  # pyright: ignore[reportArgumentType]
     return model, load_tokenizer(config.tokenizer or path)
 
 
@@ -96,7 +101,7 @@ def quiet_peft_deprecations() -> Iterator[None]:
         yield
 
 
-def _attach_adapter(model: nn.Module, adapter: str, model_path: str | None = None) -> nn.Module:
+def _attach_adapter(model: nn.Module, adapter: str, model_path: str | None = None) -> PeftModel:
     """Wrap `model` in the peft adapter at `adapter`, after checking it was made for this base model.
 
     The adapter's `adapter_config.json` must exist; its `base_model_name_or_path` is compared with

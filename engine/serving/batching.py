@@ -39,8 +39,14 @@ class PassQueue(Generic[Item, Outcome]):
             self._worker = asyncio.get_running_loop().create_task(self._serve())
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
-        self._arrived.set()
+        self._arrival().set()
         return await future  # a caller that gives up (timeout) cancels the future; no pass will score it
+
+    def _arrival(self) -> asyncio.Event:
+        """The event `submit` sets, created with the worker (inside the running loop)."""
+        if self._arrived is None:
+            raise RuntimeError("the pass queue has no worker yet: submit() starts it")
+        return self._arrived
 
     def _take(self) -> list[tuple[Item, asyncio.Future]]:
         """Waiting items in arrival order, up to max_size (always at least one), skipping abandoned ones."""
@@ -60,8 +66,8 @@ class PassQueue(Generic[Item, Outcome]):
     async def _serve(self) -> None:
         while True:
             if not self._pending:
-                self._arrived.clear()
-                await self._arrived.wait()
+                self._arrival().clear()
+                await self._arrival().wait()
                 await asyncio.sleep(self.wait_s)
             batch = self._take()
             if not batch:

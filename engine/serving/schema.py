@@ -16,23 +16,25 @@ class _Body(BaseModel):
 class QueryIn(_Body):
     prompt: str = Field(min_length=1, description="the prompt (tokenised with the tokenizer's special tokens)")
     completion: str | None = Field(
-        None,
+        default=None,
         min_length=1,
         description="the text whose log-probability given the prompt is attributed; "
         "omit it with `generate`, where the model writes it",
     )
-    id: str | None = Field(None, max_length=256, description="echoed in the result; default: the query's position")
+    id: str | None = Field(
+        default=None, max_length=256, description="echoed in the result; default: the query's position"
+    )
 
 
 class AttributeRequest(_Body):
     queries: list[QueryIn] = Field(min_length=1, description="at most serve.max_queries_per_request")
     top_k: int = option_field(QueryOptions, "k")
     method: str | None = Field(
-        None, description="attribution method (GET /v1/info lists them); default: the config's method.name"
+        default=None, description="attribution method (GET /v1/info lists them); default: the config's method.name"
     )
     measurement: str = option_field(QueryOptions, "measurement")
     generate: GenerationSettings | bool = Field(
-        False,
+        default=False,
         description="complete each prompt with the model first, then attribute the generated tokens; "
         "true for the defaults",
     )
