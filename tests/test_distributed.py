@@ -57,8 +57,8 @@ def reference_store(tiny_models, train_file, tmp_path_factory):
 def test_workers_give_the_single_process_store(workers, local_ray, tiny_models, train_file, reference_store, tmp_path):
     path = str(tmp_path / "store.zarr")
     raw = store_config(tiny_models["gpt2"], train_file, path, cluster={"address": "local", "workers": workers})
-    store = run_index(parse_config(raw), show_progress=False)
-    manifest = store.manifest
+    run_index(parse_config(raw), show_progress=False)
+    manifest = GradientStore.open(path).manifest
     assert manifest.complete and manifest.runs[-1].workers == workers
     assert len({entry.pid for entry in manifest.shards["gradients"].values()}) == workers
     assert_same_store(store_contents(path), store_contents(reference_store))
@@ -72,10 +72,10 @@ def test_actor_killed_mid_shard_is_reissued(
     monkeypatch.setenv("TRIBUTARY_CHAOS", f"actor:{stage}:{shard}:{marker}")
     path = str(tmp_path / "store.zarr")
     raw = store_config(tiny_models["gpt2"], train_file, path, cluster={"address": "local", "workers": 2})
-    store = run_index(parse_config(raw), show_progress=False)
+    run_index(parse_config(raw), show_progress=False)
     assert marker.exists(), "the chaos hook did not fire: the test would prove nothing"
     killed_pid = int(marker.read_text())
-    manifest = store.manifest
+    manifest = GradientStore.open(path).manifest
     computed = manifest.runs[-1].computed[stage]
     assert sorted(computed) == list(range(4)), "every shard committed exactly once"
     assert manifest.shards[stage][shard].pid != killed_pid

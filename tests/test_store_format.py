@@ -155,7 +155,9 @@ def test_the_run_manifest_of_that_time_reads_typed(tmp_path):
 
 def _with_manifest(store: Path, **changes) -> None:
     group = zarr.open_group(str(store), mode="r+")
-    group.attrs["manifest"] = dict(group.attrs["manifest"], **changes)
+    manifest = group.attrs["manifest"]
+    assert isinstance(manifest, dict)
+    group.attrs["manifest"] = {**manifest, **changes}
 
 
 def test_a_store_from_a_newer_tributary_is_refused(old):

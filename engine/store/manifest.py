@@ -6,6 +6,9 @@ tributary-store/1) and a training-run store (`RunManifest`, tributary-run/1), bo
 layout's version, checked on open. A store written before the manifest had a version is version 1; a store
 from a newer Tributary is refused with a message to upgrade rather than misread.
 
+A new field needs a default (stores written without it must still read) and a FORMAT_VERSION bump: a reader
+refuses fields it does not know, and the bump turns that refusal into "upgrade Tributary".
+
 The settings sections (`curvature`, `data`, `model`, `config`) are the job config as dumped at index time,
 kept as JSON objects and compared verbatim: typing them as today's config models would make an old store
 unreadable whenever an option is renamed.
@@ -17,6 +20,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 
 import zarr
+import zarr.errors
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.errors import TributaryError
@@ -142,8 +146,8 @@ def stored_kind(path: str) -> type[Manifest] | None:
         group = zarr.open_group(zarr_location(path), mode="r")
     except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
         return None
-    raw = raw_manifest(group)
-    return None if raw is None else KINDS.get(raw.get("format"))  # type: ignore[arg-type]
+    name = (raw_manifest(group) or {}).get("format")
+    return KINDS.get(name) if isinstance(name, str) else None
 
 
 def parse_manifest(raw: JsonObject, kind: type[M], path: str) -> M:

@@ -64,7 +64,8 @@ def run_summary(run: RunStore, verify: bool = False) -> tuple[dict[str, Any], li
     }
     checkpoints: dict[str, Any] = {}
     problems: list[str] = []
-    keys = [c.name for c in plan.checkpoints] + ([f"avg{s.index}" for s in plan.segments] if plan.averaged else [])
+    averaged = [segment.averaged.group_name for segment in plan.segments] if plan.averaged else []
+    keys = [checkpoint.name for checkpoint in plan.checkpoints] + averaged
     for key in keys:
         if not run.has_checkpoint(key):
             checkpoints[key] = "not written yet"
