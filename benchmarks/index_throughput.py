@@ -57,7 +57,7 @@ def bare_forward_backward(model, tokenized, pad_id: int) -> float:
 
 def index_seconds(raw: dict) -> float:
     """Seconds of the passes over the data (model loading, tokenising and fingerprinting excluded)."""
-    timings = run_index(parse_config(raw), overwrite=True, show_progress=False).manifest["timings"]
+    timings = run_index(parse_config(raw), overwrite=True, show_progress=False).manifest.timings or {}
     return timings["total_s"] - timings["setup_s"]
 
 

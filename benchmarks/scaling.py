@@ -56,7 +56,7 @@ def main() -> None:
                 "cluster": {"address": "local", "workers": workers, "cpus_per_worker": 1},
             }
             started = time.perf_counter()
-            timings = run_index(parse_config(raw), overwrite=True, show_progress=False).manifest["timings"]
+            timings = run_index(parse_config(raw), overwrite=True, show_progress=False).manifest.timings or {}
             wall = time.perf_counter() - started
             return {"passes_s": timings["total_s"] - timings["setup_s"], "wall_s": wall}
 

@@ -103,7 +103,7 @@ def main() -> None:
         if not isinstance(store, GradientStore):
             raise TypeError(f"the serving benchmark indexes the final model only, not a training run: {store.path}")
         index_s = time.perf_counter() - started
-        store_bytes = store.rows * store.manifest["width"] * 4
+        store_bytes = store.rows * store.manifest.width * 4
         queries = [
             {"prompt": " ".join(text.split()[:6]), "completion": " " + " ".join(text.split()[6:14])}
             for text in random_corpus(64, 14, vocabulary=500, seed=1)
@@ -156,7 +156,7 @@ def main() -> None:
             for c in CONCURRENCY
         }
         print(
-            f"store: {store.rows} rows x {store.manifest['width']} ({store_bytes / 2**20:.0f} MiB float32), "
+            f"store: {store.rows} rows x {store.manifest.width} ({store_bytes / 2**20:.0f} MiB float32), "
             f"indexed in {index_s:.0f} s"
         )
         print(f"{'variant':<8} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'req/pass':>8}")
@@ -172,7 +172,7 @@ def main() -> None:
             "serving",
             {
                 "rows": store.rows,
-                "width": store.manifest["width"],
+                "width": store.manifest.width,
                 "store_mib": round(store_bytes / 2**20, 1),
                 "model": "GPT-2-like, hidden 64, 2 layers",
                 "projection_dim": args.dim,

@@ -199,24 +199,14 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="re-read every shard and check its checksum"),
 ) -> None:
     """Print a store's manifest and completeness; with --verify, check every shard's checksum."""
-    from engine.store import GradientStore
-    from engine.store.integrity import verify as verify_store
-    from engine.store.run_store import RunStore, is_run_store
-    from engine.store.summary import manifest_summary
+    from engine.store.opening import open_store
+    from engine.store.summary import store_summary
 
-    if is_run_store(store):
-        _run_info(RunStore.open(store), verify)
-        return
     try:
-        opened = GradientStore.open(store)
+        opened = open_store(store)
     except TributaryError as error:
         _fail(error)
-    summary = manifest_summary(opened)
-    problems: list[str] = []
-    if verify:
-        checked, problems = verify_store(opened)
-        summary["verify"] = {"shards_checked": checked, "problems": problems}
-    _print_summary(summary, problems)
+    _print_summary(*store_summary(opened, verify))
 
 
 def _print_summary(summary: dict, problems: list[str]) -> None:
@@ -227,34 +217,6 @@ def _print_summary(summary: dict, problems: list[str]) -> None:
         for problem in problems:
             console.print(f"  {escape(problem)}", soft_wrap=True)
         raise typer.Exit(code=1)
-
-
-def _run_info(run, verify: bool) -> None:
-    """A training-run store: its plan, and each checkpoint store's completeness (and checksums with --verify)."""
-    from engine.store.integrity import verify as verify_store
-
-    manifest = run.manifest
-    summary = {key: manifest.get(key) for key in ("format", "complete", "curvature", "segments_done", "timings")}
-    summary["plan"] = manifest["plan"]
-    checkpoints, problems = {}, []
-    keys = [c["name"] for c in manifest["plan"]["checkpoints"]]
-    keys += [f"avg{s['index']}" for s in manifest["plan"]["segments"]] if manifest["plan"].get("averaged") else []
-    for key in keys:
-        if not run.has_checkpoint(key):
-            checkpoints[key] = "not written yet"
-            continue
-        sub = run.checkpoint(key)
-        checkpoints[key] = {
-            "rows": sub.rows,
-            "complete": sub.manifest.get("complete"),
-            "shards_completed": f"{len(sub.manifest.get('completed_shards', []))} of {len(sub.shards())}",
-        }
-        if verify:
-            checked, found = verify_store(sub)
-            checkpoints[key]["verify"] = {"shards_checked": checked, "problems": found}
-            problems.extend(f"{key}: {p}" for p in found)
-    summary["checkpoints"] = checkpoints
-    _print_summary(summary, problems)
 
 
 @app.command()

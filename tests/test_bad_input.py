@@ -127,7 +127,7 @@ def test_overlong_rows_are_truncated_and_counted_in_the_log(tiny_models, tmp_pat
         for message in messages
     ), messages
     store = GradientStore.open(raw["store"]["path"])
-    assert store.manifest["complete"] is True and store.rows == len(SENTENCES) + 1
+    assert store.manifest.complete is True and store.rows == len(SENTENCES) + 1
     tokens = store.row_metadata()["num_tokens"]
     assert tokens.max() == 4 and tokens[-1] == 2
 

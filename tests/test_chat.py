@@ -182,7 +182,7 @@ def test_cli_index_accepts_chat_jsonl(chat_models, chat_train, tmp_path):
     result = invoke("index", write_config(tmp_path / "job.yaml", raw), "--no-progress")
     assert result.exit_code == 0, result.output
     store = GradientStore.open(raw["store"]["path"])
-    assert store.manifest["complete"] and store.rows == len(CHATS)
+    assert store.manifest.complete and store.rows == len(CHATS)
     assert store.ids() == ["c0", "c1", "c2"]
 
 

@@ -57,10 +57,10 @@ def reference_store(tiny_models, train_file, tmp_path_factory):
 def test_workers_give_the_single_process_store(workers, local_ray, tiny_models, train_file, reference_store, tmp_path):
     path = str(tmp_path / "store.zarr")
     raw = store_config(tiny_models["gpt2"], train_file, path, cluster={"address": "local", "workers": workers})
-    store = run_index(parse_config(raw), show_progress=False)
-    manifest = store.manifest
-    assert manifest["complete"] and manifest["runs"][-1]["workers"] == workers
-    assert len({entry["pid"] for entry in manifest["shards"]["gradients"].values()}) == workers
+    run_index(parse_config(raw), show_progress=False)
+    manifest = GradientStore.open(path).manifest
+    assert manifest.complete and manifest.runs[-1].workers == workers
+    assert len({entry.pid for entry in manifest.shards["gradients"].values()}) == workers
     assert_same_store(store_contents(path), store_contents(reference_store))
 
 
@@ -72,13 +72,13 @@ def test_actor_killed_mid_shard_is_reissued(
     monkeypatch.setenv("TRIBUTARY_CHAOS", f"actor:{stage}:{shard}:{marker}")
     path = str(tmp_path / "store.zarr")
     raw = store_config(tiny_models["gpt2"], train_file, path, cluster={"address": "local", "workers": 2})
-    store = run_index(parse_config(raw), show_progress=False)
+    run_index(parse_config(raw), show_progress=False)
     assert marker.exists(), "the chaos hook did not fire: the test would prove nothing"
     killed_pid = int(marker.read_text())
-    manifest = store.manifest
-    computed = manifest["runs"][-1]["computed"][stage]
+    manifest = GradientStore.open(path).manifest
+    computed = manifest.runs[-1].computed[stage]
     assert sorted(computed) == list(range(4)), "every shard committed exactly once"
-    assert manifest["shards"][stage][str(shard)]["pid"] != killed_pid
+    assert manifest.shards[stage][shard].pid != killed_pid
     contents = store_contents(path)
     assert contents["ids"] == [f"r{i:02d}" for i in range(len(TRAIN))] and (contents["meta"]["num_tokens"] > 0).all()
     assert_same_store(contents, store_contents(reference_store))
@@ -93,13 +93,13 @@ def test_driver_killed_then_resumed_redoes_only_unfinished_shards(tiny_models, t
     )
     assert killed.returncode == -9, killed.stderr
     manifest = GradientStore.open(path).manifest
-    assert not manifest["complete"] and len(manifest["completed_shards"]) == 2
-    first = set(manifest["runs"][0]["computed"]["gradients"])
+    assert not manifest.complete and len(manifest.completed_shards) == 2
+    first = set(manifest.runs[0].computed["gradients"])
     resumed = run_cli("index", str(config), "--no-progress", env=single_thread)
     assert resumed.returncode == 0, resumed.stderr
     manifest = GradientStore.open(path).manifest
-    assert manifest["complete"] and len(manifest["runs"]) == 2
-    redone = manifest["runs"][1]["computed"]["gradients"]
+    assert manifest.complete and len(manifest.runs) == 2
+    redone = manifest.runs[1].computed["gradients"]
     assert sorted(redone) == sorted(set(range(4)) - first), "only the unfinished shards are redone"
     assert "stale" not in resumed.stderr or "lock" in resumed.stderr
     assert_same_store(store_contents(path), store_contents(reference_store))

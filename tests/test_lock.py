@@ -68,7 +68,7 @@ def _text(result: subprocess.CompletedProcess) -> str:
 
 
 def _assert_complete(store: Path) -> None:
-    assert GradientStore.open(str(store)).manifest["complete"]
+    assert GradientStore.open(str(store)).manifest.complete
     assert not _lock_file(store).exists(), "a finished index leaves no lock"
 
 

@@ -147,8 +147,8 @@ def test_store_at_url_indexes_resumes_and_queries(
     outputs.append(killed)
     assert killed.returncode == -9, killed.stderr
     manifest = GradientStore.open(url).manifest
-    assert not manifest["complete"] and len(manifest["completed_shards"]) == 2
-    first = set(manifest["runs"][0]["computed"]["gradients"])
+    assert not manifest.complete and len(manifest.completed_shards) == 2
+    first = set(manifest.runs[0].computed["gradients"])
     assert len(first) == 2
     assert location.exists(url + LOCK_SUFFIX), "the killed run leaves its (now stale) lock behind"
 
@@ -157,11 +157,11 @@ def test_store_at_url_indexes_resumes_and_queries(
     assert resumed.returncode == 0, resumed.stderr
     assert "its process is gone" in " ".join(resumed.stderr.split()), "the stale lock is taken over, with a warning"
     manifest = GradientStore.open(url).manifest
-    assert manifest["complete"] and len(manifest["runs"]) == 2
-    assert sorted(manifest["runs"][1]["computed"]["gradients"]) == sorted(set(range(4)) - first), (
+    assert manifest.complete and len(manifest.runs) == 2
+    assert sorted(manifest.runs[1].computed["gradients"]) == sorted(set(range(4)) - first), (
         "only the unfinished shards are redone"
     )
-    assert manifest["config"]["store"]["path"] == url
+    assert manifest.config["store"]["path"] == url
     assert not location.exists(url + LOCK_SUFFIX), "a finished index leaves no lock"
 
     # (b) the same store as the single-process run at a local path

@@ -50,7 +50,7 @@ def test_run_on_two_workers_equals_single_process(local_ray, tiny_models, tmp_pa
     distributed = build(str(tmp_path / "ray.zarr"), {"address": "local", "workers": 2})
     for key in ("c0", "c1"):
         manifest = distributed.checkpoint(key).manifest
-        assert len({entry["pid"] for entry in manifest["shards"]["segment_lambdas"].values()}) == 2
+        assert len({entry.pid for entry in manifest.shards["segment_lambdas"].values()}) == 2
         assert_same_store(
             store_contents(distributed.checkpoint_path(key)), store_contents(reference.checkpoint_path(key))
         )

@@ -114,9 +114,7 @@ def test_adam_run_from_trainer_output(adam_run, tmp_path):
     train_file = Path(raw["data"]["train"])
     rows = np.mean([_reference_rows(raw, c, train_file) for c in checkpoints], axis=0)
     u = _reference_rows(raw, checkpoints[-1], queries)
-    from engine.projection import ProjectionSpec
-
-    spec = ProjectionSpec.from_dict(store.manifest["projection"])
+    spec = store.manifest.projection
     factors = store.read_segment_factors(0)
     eta, steps = plan.segments[0].eta, plan.segments[0].steps
     assert eta is not None and steps is not None, "the run plan resolved the segment's rate and steps"

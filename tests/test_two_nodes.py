@@ -300,15 +300,15 @@ def test_both_nodes_write_shards_and_the_store_equals_the_single_process_one(
 ):
     _, path = two_node_store
     manifest = GradientStore.open(path).manifest
-    assert manifest["complete"] and manifest["runs"][-1]["workers"] == 2
+    assert manifest.complete and manifest.runs[-1].workers == 2
     head, second = two_nodes.node_with("head_node"), two_nodes.node_with("second_node")
     assert head != second
     for stage in ("gradients", "lambdas"):  # EK-FAC: both passes ran on the actors
-        shards = manifest["shards"][stage]
-        assert sorted(shards, key=int) == ["0", "1", "2", "3"]
-        writers = {entry["node"] for entry in shards.values()}
+        shards = manifest.shards[stage]
+        assert sorted(shards) == [0, 1, 2, 3]
+        writers = {entry.node for entry in shards.values()}
         assert writers == {head, second}, f"{stage}: shards written by {writers}, nodes are {head} and {second}"
-        assert len({entry["pid"] for entry in shards.values()}) == 2
+        assert len({entry.pid for entry in shards.values()}) == 2
     assert_same_store(store_contents(path), store_contents(single_process_store))
 
 

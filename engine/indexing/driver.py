@@ -20,7 +20,6 @@ from engine.curvature.fitting import corrected_factors, module_widths, shared_ba
 from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda
 from engine.data.rows import file_fingerprint, read_rows
 from engine.data.tokenize import tokenize_rows
-from engine.errors import TributaryError
 from engine.indexing.executor import make_executor
 from engine.indexing.job import build_manifest, field_names
 from engine.indexing.worker import CHAOS
@@ -28,67 +27,12 @@ from engine.model.loading import checked_tokenizer, load_tokenizer
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
-from engine.store.compatibility import mismatches
 from engine.store.lock import StoreLock
+from engine.store.manifest import IndexRunRecord, ShardCommit, StoreManifest
+from engine.store.opening import open_or_create
 from engine.store.zarr_store import default_rows_per_chunk
 
 log = logging.getLogger(__name__)
-SETTINGS = ("curvature", "data", "dtype", "rows_per_chunk", "rows")
-
-
-def _refuse_foreign(path: str) -> None:
-    """Creating a store empties its path: never do that to something that is not a Tributary store."""
-    if not location.exists(path):
-        return
-    fs, root = location.filesystem(path)
-    if fs.isdir(root) and not fs.ls(root, detail=False):
-        return
-    try:
-        GradientStore.open(path)
-    except TributaryError:
-        raise TributaryError(
-            f"store.path {location.redact(path)} already exists and is not a Tributary store; creating the "
-            "store would delete what is there. Choose another store.path (or remove it yourself)"
-        ) from None
-
-
-def _settings(manifest: dict) -> dict:
-    return {key: manifest.get(key) for key in SETTINGS}
-
-
-def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> tuple[GradientStore, bool]:
-    """(store, resumed). A complete, identical store is returned as is; see `run_index`."""
-    path = config.store.path
-    _refuse_foreign(path)
-    if GradientStore.exists(path):
-        existing = GradientStore.open(path).manifest
-        if overwrite:
-            location.remove(path)
-        else:
-            different = mismatches(existing.get("fingerprints", {}), manifest["fingerprints"])
-            if different:
-                raise TributaryError(
-                    f"store {location.redact(path)} was built from a different "
-                    + ", ".join(different)
-                    + "; choose another store.path or pass --overwrite to replace it"
-                )
-            changed = [key for key in SETTINGS if existing.get(key) != manifest.get(key)]
-            if changed:
-                raise TributaryError(
-                    f"store {location.redact(path)} was built with other settings ({', '.join(changed)}: "
-                    + "; ".join(f"{k}: store {existing.get(k)} vs now {manifest.get(k)}" for k in changed)
-                    + "); choose another store.path or pass --overwrite to rebuild it"
-                )
-            return GradientStore.open(path, mode="r+"), True
-    store = GradientStore.create(
-        path,
-        manifest,
-        rows=manifest["rows"],
-        width=manifest["width"],
-        dtype=manifest["dtype"],
-        rows_per_chunk=manifest["rows_per_chunk"],
-    )
-    return store, False
 
 
 class _DriverChaos:
@@ -112,50 +56,47 @@ class IndexRun:
         self.spec = spec
         self.progress = progress
         self.chaos = _DriverChaos()
-        manifest = store.manifest
-        self.record = {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "host": socket.gethostname(),
-            "workers": workers,
-            "computed": {},
-        }
-        self.runs = list(manifest.get("runs", [])) + [self.record]
-        store.update_manifest(runs=self.runs)
+        self.record = IndexRunRecord(
+            started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=socket.gethostname(), workers=workers
+        )
+        self.earlier_runs = store.manifest.runs
+        self.computed: dict[str, list[int]] = {}
+        store.update_manifest(runs=self._runs())
+
+    def _runs(self) -> list[IndexRunRecord]:
+        return [*self.earlier_runs, self.record.model_copy(update={"computed": self.computed})]
 
     def stage(self, stage: str) -> None:
-        manifest = self.store.manifest
         shards = self.store.shards()
-        committed = dict(manifest.get("shards", {}).get(stage, {}))
-        pending = [i for i in range(len(shards)) if str(i) not in committed]
-        computed = self.record["computed"].setdefault(stage, [])
+        committed = dict(self.store.manifest.shards.get(stage, {}))
+        pending = [i for i in range(len(shards)) if i not in committed]
+        computed = self.computed.setdefault(stage, [])
         task = self.progress.add_task(
             f"{stage:<9}",
             total=self.store.rows,
-            completed=sum(shards[int(i)][1] - shards[int(i)][0] for i in committed),
+            completed=sum(shards[i][1] - shards[i][0] for i in committed),
         )
         for receipt in self.executor.run(stage, pending):
             shard = receipt["shard"]
-            if str(shard) in committed:
+            if shard in committed:
                 continue  # a late duplicate from a re-issued shard: each shard is committed once
-            committed[str(shard)] = {k: receipt[k] for k in ("checksum", "node", "pid", "seconds")}
+            committed[shard] = ShardCommit(**{k: receipt[k] for k in ("checksum", "node", "pid", "seconds")})
             computed.append(shard)
             self._commit(stage, committed)
             self.progress.advance(task, shards[shard][1] - shards[shard][0])
             self.chaos.after_commit(stage, len(computed))
 
-    def _commit(self, stage: str, committed: dict) -> None:
-        manifest = self.store.manifest
-        all_shards = dict(manifest.get("shards", {}), **{stage: committed})
-        changes = {"shards": all_shards, "runs": self.runs}
+    def _commit(self, stage: str, committed: dict[int, ShardCommit]) -> None:
+        changes: dict = {"shards": {**self.store.manifest.shards, stage: committed}, "runs": self._runs()}
         if stage == "gradients":
-            changes["completed_shards"] = sorted(int(i) for i in committed)
+            changes["completed_shards"] = sorted(committed)
         self.store.update_manifest(**changes)
 
     def mark(self, stage: str) -> None:
-        self.store.update_manifest(stages=dict(self.store.manifest.get("stages", {}), **{stage: True}))
+        self.store.update_manifest(stages={**self.store.manifest.stages, stage: True})
 
     def done(self, stage: str) -> bool:
-        return bool(self.store.manifest.get("stages", {}).get(stage))
+        return self.store.manifest.stages.get(stage, False)
 
 
 def _validated_rows(config: JobConfig):
@@ -198,24 +139,25 @@ def build_store(
     started = time.perf_counter() if started is None else started
     facts = executor.describe()
     spec = ProjectionSpec.from_dict(facts["spec"])
-    manifest = build_manifest(config, spec, facts["fingerprints"], file_fingerprint(config.data.train))
-    manifest.update(
-        rows=rows,
-        width=spec.total_width,
-        dtype=config.store.dtype,
-        rows_per_chunk=config.store.rows_per_chunk
-        or default_rows_per_chunk(spec.total_width, config.store.dtype, rows),
+    manifest = StoreManifest.model_validate(
+        dict(
+            build_manifest(config, spec, facts["fingerprints"], file_fingerprint(config.data.train)),
+            rows=rows,
+            width=spec.total_width,
+            dtype=config.store.dtype,
+            rows_per_chunk=config.store.rows_per_chunk
+            or default_rows_per_chunk(spec.total_width, config.store.dtype, rows),
+        )
     )
-    store, resumed = _open_or_create(config, manifest, overwrite)
-    if store.manifest.get("complete"):
+    store, resumed = open_or_create(GradientStore, config.store.path, manifest, overwrite)
+    if store.manifest.complete:
         log.info("store %s is complete and up to date; nothing to do", location.redact(config.store.path))
         return store
     if resumed:
-        done = len(store.manifest.get("completed_shards", []))
         log.info(
             "resuming %s: %d of %d gradient shards already done",
             location.redact(config.store.path),
-            done,
+            len(store.manifest.completed_shards),
             len(store.shards()),
         )
     timings = {"setup_s": time.perf_counter() - started}

@@ -33,7 +33,9 @@ from engine.progress import progress_bar
 from engine.projection import ProjectionSpec, build_projection
 from engine.store import GradientStore, location
 from engine.store.lock import StoreLock
-from engine.store.run_store import RunStore, is_run_store
+from engine.store.manifest import RunManifest, RunStoreSettings
+from engine.store.opening import open_or_create
+from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.optimizer_state import meta_model, read_preconditioner
 from engine.training_run.plan import RunPlan, SegmentPlan
@@ -43,46 +45,13 @@ from engine.training_run.resolve import require_schedule
 log = logging.getLogger(__name__)
 
 
-def _run_manifest(config: JobConfig, plan: RunPlan, spec: ProjectionSpec) -> dict:
-    return {
-        "plan": plan.to_dict(),
-        "projection": spec.to_dict(),
-        "curvature": config.curvature.model_dump(),
-        "store": {"dtype": config.store.dtype, "rows_per_chunk": config.store.rows_per_chunk},
-    }
-
-
-def _open_or_create(config: JobConfig, manifest: dict, overwrite: bool) -> RunStore:
-    path = config.store.path
-    if location.exists(path):
-        if overwrite:
-            location.remove(path)
-        elif is_run_store(path):
-            existing = RunStore.open(path, mode="r+")
-            different = [
-                key
-                for key in ("plan", "projection", "curvature", "store")
-                if existing.manifest.get(key) != manifest[key]
-            ]
-            if different:
-                raise TributaryError(
-                    f"store {location.redact(path)} was built for another training run or settings "
-                    f"({', '.join(different)} differ); choose another store.path or pass --overwrite to rebuild it"
-                )
-            return existing
-        elif GradientStore.exists(path):
-            raise TributaryError(
-                f"store.path {location.redact(path)} holds a single-checkpoint store; choose another "
-                "store.path for the training run, or pass --overwrite to replace it"
-            )
-        else:
-            fs, root = location.filesystem(path)
-            if not (fs.isdir(root) and not fs.ls(root, detail=False)):
-                raise TributaryError(
-                    f"store.path {location.redact(path)} already exists and is not a Tributary store; "
-                    "choose another store.path (or remove it yourself)"
-                )
-    return RunStore.create(path, manifest)
+def _run_manifest(config: JobConfig, plan: RunPlan, spec: ProjectionSpec) -> RunManifest:
+    return RunManifest(
+        plan=plan,
+        projection=spec,
+        curvature=config.curvature.model_dump(),
+        store=RunStoreSettings(dtype=config.store.dtype, rows_per_chunk=config.store.rows_per_chunk),
+    )
 
 
 def _averaged_model(paths: list[str], target: Path, dtype: torch.dtype) -> str:
@@ -115,7 +84,7 @@ def _index_checkpoint(config: JobConfig, rows: int, show_progress: bool, spec: P
         store = build_store(config, rows, executor, overwrite=False, show_progress=show_progress)
     finally:
         executor.shutdown()
-    if ProjectionSpec.from_dict(store.manifest["projection"]).fingerprint() != spec.fingerprint():
+    if store.manifest.projection.fingerprint() != spec.fingerprint():
         raise TributaryError(
             f"checkpoint {config.model.path} has other tracked modules or shapes than the run's final checkpoint; "
             "every checkpoint of a run must be the same architecture"
@@ -208,8 +177,8 @@ def run_training_index(
         for c in plan.checkpoints
     }
     with StoreLock(config.store.path, break_lock=break_lock):
-        root = _open_or_create(config, _run_manifest(config, plan, spec), overwrite)
-        if root.manifest.get("complete"):
+        root, _ = open_or_create(RunStore, config.store.path, _run_manifest(config, plan, spec), overwrite)
+        if root.manifest.complete:
             log.info("store %s is complete and up to date; nothing to do", location.redact(config.store.path))
             return root
         for checkpoint in plan.checkpoints:
@@ -219,7 +188,7 @@ def run_training_index(
             if plan.preconditioned:
                 store.write_module_arrays("preconditioner", preconditioners[checkpoint.name])
         for segment in plan.segments:
-            if segment.index in root.manifest["segments_done"]:
+            if segment.index in root.manifest.segments_done:
                 continue
             scale = None
             if plan.preconditioned:
@@ -231,7 +200,7 @@ def run_training_index(
                 root.write_segment_factors(segment.index, factors)
             if plan.averaged:
                 _index_averaged(config, root, plan, segment, averaged_root, rows, spec, scale, show_progress)
-            root.update_manifest(segments_done=root.manifest["segments_done"] + [segment.index])
+            root.update_manifest(segments_done=[*root.manifest.segments_done, segment.index])
         root.update_manifest(complete=True, timings={"total_s": round(time.perf_counter() - started, 4)})
     log.info("indexed %d checkpoints into %s", len(plan.checkpoints), location.redact(config.store.path))
     return root

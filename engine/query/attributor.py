@@ -46,16 +46,15 @@ def open_complete_store(path: str) -> GradientStore | RunStore:
     """A complete store (read-only: nothing here writes one): a single-checkpoint store or a training run's."""
     if is_run_store(path):
         run = RunStore.open(path)
-        if not run.manifest.get("complete"):
+        if not run.manifest.complete:
             raise TributaryError(
                 f"training-run store {redact(path)} is incomplete; run `tributary index` with the "
                 "same config to finish it"
             )
         return run
     store = GradientStore.open(path)
-    manifest = store.manifest
-    if not manifest.get("complete"):
-        done = len(manifest.get("completed_shards", []))
+    if not store.manifest.complete:
+        done = len(store.manifest.completed_shards)
         raise TributaryError(
             f"store {redact(path)} is incomplete ({done} of {len(store.shards())} shards done); "
             "run `tributary index` with the same config to finish it"
@@ -90,12 +89,12 @@ def check_method(opened: GradientStore | RunStore, method: Method, per_token: bo
         )
 
 
-def _projection_differences(stored: dict, config: JobConfig) -> list[str]:
+def _projection_differences(stored: ProjectionSpec, config: JobConfig) -> list[str]:
     wanted = config.projection
     return [
-        f"projection.{key} (store: {stored.get(key)!r}, config: {getattr(wanted, key)!r})"
+        f"projection.{key} (store: {getattr(stored, key)!r}, config: {getattr(wanted, key)!r})"
         for key in ("dim", "seed", "kind")
-        if stored.get(key) != getattr(wanted, key)
+        if getattr(stored, key) != getattr(wanted, key)
     ]
 
 
@@ -106,11 +105,11 @@ def check_compatible(store: GradientStore, context: ModelContext, config: JobCon
     here, with the store's and the config's values side by side.
     """
     manifest = store.manifest
-    stored = manifest["fingerprints"]
+    stored = manifest.fingerprints
     current = dict(context.fingerprints, projection=context.spec.fingerprint())
     different = []
-    if stored.get("model") != current["model"]:
-        indexed = manifest.get("model", {})
+    if stored.model != current["model"]:
+        indexed = manifest.model
         keys = ("path", "adapter", "modules", "include_bias", "dtype")
         changed = [
             f"model.{key} (store: {indexed.get(key)!r}, config: {getattr(config.model, key)!r})"
@@ -125,10 +124,10 @@ def check_compatible(store: GradientStore, context: ModelContext, config: JobCon
                 else f"the weights at model.path {config.model.path} changed since indexing"
             )
         )
-    if stored.get("tokenizer") != current["tokenizer"]:
+    if stored.tokenizer != current["tokenizer"]:
         different.append("tokenizer (the tokenizer at model.path differs from the indexed one)")
-    if stored.get("projection") != current["projection"]:
-        settings = _projection_differences(manifest.get("projection", {}), config)
+    if stored.projection != current["projection"]:
+        settings = _projection_differences(manifest.projection, config)
         different.append(
             "projection: "
             + (
@@ -146,7 +145,7 @@ def check_compatible(store: GradientStore, context: ModelContext, config: JobCon
 
 
 def store_spec(store: GradientStore) -> ProjectionSpec:
-    return ProjectionSpec.from_dict(store.manifest["projection"])
+    return store.manifest.projection
 
 
 def default_scan(config: JobConfig, store: GradientStore) -> Scan:

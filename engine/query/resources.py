@@ -117,7 +117,7 @@ class StoreResources(CachedResources):
         datasets = self.plan.datasets if self.run is not None else (self.config.data.train,)
         for d, path in enumerate(datasets):
             store = self.store(self._dataset_key(d))
-            if not Path(path).is_file() or file_fingerprint(path) != store.manifest["fingerprints"].get("dataset"):
+            if not Path(path).is_file() or file_fingerprint(path) != store.manifest.fingerprints.dataset:
                 log.warning(
                     "training file %s is missing or differs from the indexed one; results carry ids, no snippets", path
                 )

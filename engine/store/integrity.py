@@ -28,11 +28,11 @@ def verify(store) -> tuple[int, list[str]]:
     A chunk whose bytes were changed either fails to decode or gives another checksum; both are named
     by chunk key and row range. Shards never committed are reported as incomplete, not as corrupt.
     """
-    manifest = store.manifest
-    committed = manifest.get("shards", {}).get("gradients", {})
+    committed = store.manifest.shards.get("gradients", {})
     problems = []
     for shard in range(len(store.shards())):
-        expected = committed.get(str(shard), {}).get("checksum")
+        commit = committed.get(shard)
+        expected = None if commit is None else commit.checksum
         if expected is None:
             problems.append(f"{store.chunk_key(shard)}: not written yet (incomplete store)")
             continue

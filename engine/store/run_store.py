@@ -3,6 +3,7 @@
 Layout:
   attrs["manifest"]            format tributary-run/1, the resolved run plan, the projection spec (shared
                                by every checkpoint), settings, `segments_done`, `complete`
+                               (engine.store.manifest.RunManifest)
   checkpoints/<c0|c1|..>       a complete single-checkpoint store each (tributary-store/1: grads, rows,
                                factors, its own manifest with that checkpoint's fingerprints); avg<l> for a
                                segment's averaged parameters (Fast-Source)
@@ -21,7 +22,9 @@ import zarr
 
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
+from engine.projection import ModuleProjection
 from engine.store.location import redact, zarr_location
+from engine.store.manifest import RUN_FORMAT, ManifestStore, RunManifest, parse_manifest, raw_manifest, stored_kind
 from engine.store.zarr_store import (
     GradientStore,
     read_factor_group,
@@ -32,50 +35,33 @@ from engine.store.zarr_store import (
 from engine.training_run.keys import ResourceKey
 from engine.training_run.plan import RunPlan
 
-RUN_FORMAT = "tributary-run/1"
-
 
 def is_run_store(path: str) -> bool:
-    try:
-        manifest = zarr.open_group(zarr_location(path), mode="r").attrs.get("manifest")
-    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
-        return False
-    return isinstance(manifest, dict) and manifest.get("format") == RUN_FORMAT
+    return stored_kind(path) is RunManifest
 
 
-class RunStore:
-    def __init__(self, group: zarr.Group, path: str):
-        self.group = group
-        self.path = path
-
+class RunStore(ManifestStore[RunManifest]):
     @classmethod
-    def create(cls, path: str, manifest: dict) -> RunStore:
-        manifest = dict(manifest, format=RUN_FORMAT, segments_done=[], complete=False)
-        group = zarr.open_group(zarr_location(path), mode="w", attributes={"manifest": manifest})
+    def create(cls, path: str, manifest: RunManifest) -> RunStore:
+        group = cls._create_group(path, manifest)
         group.require_group("checkpoints")
         group.require_group("segments")
-        return cls(group, path)
+        return cls(group, path, manifest)
 
     @classmethod
     def open(cls, path: str, mode: str = "r") -> RunStore:
         if not is_run_store(path):
             raise TributaryError(f"{redact(path)} is not a Tributary training-run store ({RUN_FORMAT})")
-        return cls(zarr.open_group(zarr_location(path), mode=mode), path)
-
-    @property
-    def manifest(self) -> dict:
-        return dict(self.group.attrs["manifest"])
-
-    def update_manifest(self, **changes) -> None:
-        self.group.attrs["manifest"] = dict(self.manifest, **changes)
+        group = zarr.open_group(zarr_location(path), mode=mode)
+        return cls(group, path, parse_manifest(raw_manifest(group) or {}, RunManifest, path))
 
     @property
     def plan(self) -> RunPlan:
-        return RunPlan.from_dict(self.manifest["plan"])
+        return self.manifest.plan
 
     @property
-    def modules(self) -> list[dict]:
-        return self.manifest["projection"]["modules"]
+    def modules(self) -> tuple[ModuleProjection, ...]:
+        return self.manifest.projection.modules
 
     @staticmethod
     def checkpoint_path_for(path: str, key: str) -> str:

@@ -1,32 +1,84 @@
-"""What `tributary info` and the service's /v1/info say about a store: its manifest, summarised."""
+"""What `tributary info` and the service's /v1/info say about a store: its manifest, summarised, and with
+`verify` the problems found re-reading every shard."""
 
 from __future__ import annotations
 
+from typing import Any
+
+from engine.store.integrity import verify as verify_store
 from engine.store.location import redact
+from engine.store.run_store import RunStore
 from engine.store.zarr_store import GradientStore
 
-SUMMARY_KEYS = (
-    "format",
-    "code_version",
-    "rows",
-    "width",
-    "dtype",
-    "rows_per_chunk",
-    "complete",
-    "fingerprints",
-    "curvature",
-    "stages",
-    "timings",
-)
+
+def store_summary(opened: GradientStore | RunStore, verify: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """(summary, verification problems) of either kind of store; no problems without `verify`."""
+    if isinstance(opened, RunStore):
+        return run_summary(opened, verify)
+    summary = manifest_summary(opened)
+    problems: list[str] = []
+    if verify:
+        checked, problems = verify_store(opened)
+        summary["verify"] = {"shards_checked": checked, "problems": problems}
+    return summary, problems
 
 
-def manifest_summary(store: GradientStore) -> dict:
+def manifest_summary(store: GradientStore) -> dict[str, Any]:
     manifest = store.manifest
-    summary = {key: manifest.get(key) for key in SUMMARY_KEYS}
-    summary["path"] = redact(store.path)
-    summary["shards_completed"] = f"{len(manifest.get('completed_shards', []))} of {len(store.shards())}"
-    summary["modules"] = len(manifest["projection"]["modules"])
-    summary["projection"] = {key: manifest["projection"].get(key) for key in ("dim", "seed", "kind")}
-    summary["nodes"] = sorted({entry["node"] for entry in manifest.get("shards", {}).get("gradients", {}).values()})
-    summary["runs"] = len(manifest.get("runs", []))
-    return summary
+    return {
+        "format": manifest.format,
+        "code_version": manifest.code_version,
+        "rows": manifest.rows,
+        "width": manifest.width,
+        "dtype": manifest.dtype,
+        "rows_per_chunk": manifest.rows_per_chunk,
+        "complete": manifest.complete,
+        "fingerprints": manifest.fingerprints.model_dump(),
+        "curvature": dict(manifest.curvature),
+        "stages": dict(manifest.stages),
+        "timings": manifest.timings and dict(manifest.timings),
+        "path": redact(store.path),
+        "shards_completed": f"{len(manifest.completed_shards)} of {len(store.shards())}",
+        "modules": len(manifest.projection.modules),
+        "projection": {
+            "dim": manifest.projection.dim,
+            "seed": manifest.projection.seed,
+            "kind": manifest.projection.kind,
+        },
+        "nodes": sorted({commit.node for commit in manifest.shards.get("gradients", {}).values()}),
+        "runs": len(manifest.runs),
+    }
+
+
+def run_summary(run: RunStore, verify: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """A training-run store: its plan, and each checkpoint store's completeness (and checksums with `verify`)."""
+    manifest = run.manifest
+    plan = manifest.plan
+    summary: dict[str, Any] = {
+        "format": manifest.format,
+        "complete": manifest.complete,
+        "curvature": dict(manifest.curvature),
+        "segments_done": list(manifest.segments_done),
+        "timings": manifest.timings and dict(manifest.timings),
+        "plan": plan.to_dict(),
+    }
+    checkpoints: dict[str, Any] = {}
+    problems: list[str] = []
+    averaged = [segment.averaged.group_name for segment in plan.segments] if plan.averaged else []
+    keys = [checkpoint.name for checkpoint in plan.checkpoints] + averaged
+    for key in keys:
+        if not run.has_checkpoint(key):
+            checkpoints[key] = "not written yet"
+            continue
+        sub = run.checkpoint(key)
+        checkpoints[key] = {
+            "rows": sub.rows,
+            "complete": sub.manifest.complete,
+            "shards_completed": f"{len(sub.manifest.completed_shards)} of {len(sub.shards())}",
+        }
+        if verify:
+            checked, found = verify_store(sub)
+            checkpoints[key]["verify"] = {"shards_checked": checked, "problems": found}
+            problems.extend(f"{key}: {problem}" for problem in found)
+    summary["checkpoints"] = checkpoints
+    return summary, problems

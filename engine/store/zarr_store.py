@@ -5,12 +5,14 @@ Layout:
   rows/id          (N,) string ids, rows/num_tokens (N,) int32, rows/loss (N,) float32
   factors/<module> lam, q_a, q_s, alpha, sigma (float64) and the covariance sums they came from
   attrs["manifest"] fingerprints, projection spec, settings, per-shard completion, `complete`
+                   (engine.store.manifest.StoreManifest)
 
 A shard is a whole number of row-chunks, so a writer never shares a chunk with another writer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,12 +20,13 @@ import zarr
 
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
+from engine.projection import ModuleProjection
 from engine.store.encoding import PHYSICAL, decode, encode
 from engine.store.integrity import SHARD_ARRAYS, checksum
 from engine.store.location import exists as location_exists
 from engine.store.location import redact, zarr_location
+from engine.store.manifest import STORE_FORMAT, ManifestStore, StoreManifest, parse_manifest, raw_manifest
 
-FORMAT = "tributary-store/1"
 TARGET_CHUNK_BYTES = 16 << 20
 FACTOR_FIELDS = ("lam", "q_a", "q_s", "alpha", "sigma")
 
@@ -33,28 +36,13 @@ def default_rows_per_chunk(width: int, dtype: str, rows: int) -> int:
     return int(max(1, min(rows, TARGET_CHUNK_BYTES // max(1, width * itemsize))))
 
 
-class GradientStore:
-    def __init__(self, group: zarr.Group, path: str):
-        self.group = group
-        self.path = path
-
+class GradientStore(ManifestStore[StoreManifest]):
     # ---- creation and opening -------------------------------------------------------------------
     @classmethod
-    def create(cls, path: str, manifest: dict, rows: int, width: int, dtype: str, rows_per_chunk: int) -> GradientStore:
-        manifest = dict(
-            manifest,
-            format=FORMAT,
-            rows=rows,
-            width=width,
-            dtype=dtype,
-            rows_per_chunk=rows_per_chunk,
-            completed_shards=[],
-            stages={},
-            complete=False,
-        )
-        # The manifest (complete: false) goes in with the group itself, so a run that dies while the
-        # arrays are being laid out still leaves a recognisable, incomplete store rather than a bare group.
-        group = zarr.open_group(zarr_location(path), mode="w", attributes={"manifest": manifest})
+    def create(cls, path: str, manifest: StoreManifest) -> GradientStore:
+        """An empty store laid out for `manifest`'s rows, width, dtype and chunking."""
+        rows, width, dtype, rows_per_chunk = manifest.rows, manifest.width, manifest.dtype, manifest.rows_per_chunk
+        group = cls._create_group(path, manifest)
         group.create_array(
             "grads", shape=(rows, width), chunks=(rows_per_chunk, width), dtype=PHYSICAL[dtype], fill_value=0
         )
@@ -64,7 +52,7 @@ class GradientStore:
         meta.create_array("num_tokens", shape=(rows,), chunks=(rows_per_chunk,), dtype="int32", fill_value=0)
         meta.create_array("loss", shape=(rows,), chunks=(rows_per_chunk,), dtype="float32", fill_value=0)
         group.create_group("factors")
-        return cls(group, path)
+        return cls(group, path, manifest)
 
     @classmethod
     def open(cls, path: str, mode: str = "r") -> GradientStore:
@@ -76,10 +64,10 @@ class GradientStore:
                     f"{redact(path)} exists but is not a Tributary store (no Zarr group); check the store path"
                 ) from None
             raise TributaryError(f"store {redact(path)} does not exist; run `tributary index` first") from None
-        manifest = group.attrs.get("manifest")
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise TributaryError(f"{redact(path)} is not a Tributary store (no {FORMAT} manifest)")
-        return cls(group, path)
+        raw = raw_manifest(group)
+        if raw is None or raw.get("format") != STORE_FORMAT:
+            raise TributaryError(f"{redact(path)} is not a Tributary store (no {STORE_FORMAT} manifest)")
+        return cls(group, path, parse_manifest(raw, StoreManifest, path))
 
     @staticmethod
     def exists(path: str) -> bool:
@@ -89,21 +77,18 @@ class GradientStore:
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
             return False
 
-    # ---- manifest -------------------------------------------------------------------------------
-    @property
-    def manifest(self) -> dict:
-        return dict(self.group.attrs["manifest"])
-
-    def update_manifest(self, **changes) -> None:
-        self.group.attrs["manifest"] = dict(self.manifest, **changes)
-
+    # ---- layout ---------------------------------------------------------------------------------
     @property
     def rows(self) -> int:
-        return int(self.manifest["rows"])
+        return self.manifest.rows
 
     @property
     def rows_per_chunk(self) -> int:
-        return int(self.manifest["rows_per_chunk"])
+        return self.manifest.rows_per_chunk
+
+    @property
+    def modules(self) -> tuple[ModuleProjection, ...]:
+        return self.manifest.projection.modules
 
     def shards(self) -> list[tuple[int, int]]:
         step = self.rows_per_chunk
@@ -116,7 +101,7 @@ class GradientStore:
         """Write a shard's rows; returns the checksum of exactly what was stored."""
         stop = start + len(grads)
         arrays = {
-            "grads": encode(grads, self.manifest["dtype"]),
+            "grads": encode(grads, self.manifest.dtype),
             "rows/id": np.asarray(ids, dtype=str),
             "rows/num_tokens": np.asarray(num_tokens, dtype=np.int32),
             "rows/loss": np.asarray(losses, dtype=np.float32),
@@ -151,13 +136,13 @@ class GradientStore:
         return self.group[f"partials/{name}"][...], self.group[f"partials/{name}_counts"][...]
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        return decode(self.group["grads"][start:stop], self.manifest["dtype"])
+        return decode(self.group["grads"][start:stop], self.manifest.dtype)
 
     def read_row_selection(self, indices) -> np.ndarray:
         """Rows at arbitrary indices, in the order given."""
         indices = np.asarray(indices, dtype=np.int64)
         raw = self.group["grads"].get_orthogonal_selection((indices, slice(None)))
-        return decode(raw, self.manifest["dtype"])
+        return decode(raw, self.manifest.dtype)
 
     def iter_chunks(self, shards: list[tuple[int, int]] | None = None):
         """(start, stop, rows) per chunk; the next chunk is read in a background thread while the caller
@@ -184,27 +169,29 @@ class GradientStore:
         """One float64 array per field with every module's values concatenated in layout order (a few
         arrays, not five per module: an LLM has hundreds of modules and each array costs a metadata write).
         `name` is the group: "factors" (this checkpoint's own), or e.g. "segment_basis" for a training run."""
-        write_factor_group(self.group.require_group(name), factors, self.manifest["projection"]["modules"])
+        write_factor_group(self.group.require_group(name), factors, self.modules)
 
     def read_factors(self, name: str = "factors") -> dict[str, ModuleFactors]:
-        return read_factor_group(self.group[name], self.manifest["projection"]["modules"])
+        return read_factor_group(self.group[name], self.modules)
 
     def has_group(self, name: str) -> bool:
         return name in self.group
 
     def write_module_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         """Per-module (k_out, k_in) float64 arrays (e.g. Adam's preconditioner), packed in layout order."""
-        write_module_arrays(self.group, name, arrays, self.manifest["projection"]["modules"])
+        write_module_arrays(self.group, name, arrays, self.modules)
 
     def read_module_arrays(self, name: str) -> dict[str, np.ndarray]:
-        return read_module_arrays(self.group, name, self.manifest["projection"]["modules"])
+        return read_module_arrays(self.group, name, self.modules)
 
 
-def write_factor_group(root: zarr.Group, factors: dict[str, ModuleFactors], modules: list[dict]) -> None:
+def write_factor_group(
+    root: zarr.Group, factors: dict[str, ModuleFactors], modules: Sequence[ModuleProjection]
+) -> None:
     strategies = {module.strategy for module in factors.values()}
     root.attrs["strategy"] = strategies.pop()
     for field in FACTOR_FIELDS:
-        pieces = [getattr(factors[m["name"]], field) for m in modules]
+        pieces = [getattr(factors[m.name], field) for m in modules]
         if any(piece is None for piece in pieces):
             if field in root:
                 del root[field]
@@ -214,32 +201,34 @@ def write_factor_group(root: zarr.Group, factors: dict[str, ModuleFactors], modu
         array[...] = packed
 
 
-def read_factor_group(root: zarr.Group, modules: list[dict]) -> dict[str, ModuleFactors]:
+def read_factor_group(root: zarr.Group, modules: Sequence[ModuleProjection]) -> dict[str, ModuleFactors]:
     packed = {field: root[field][...] for field in FACTOR_FIELDS if field in root}
     offsets = dict.fromkeys(packed, 0)
     out = {}
     for module in modules:
-        k_in, k_out = module["k_in"], module["k_out"]
+        k_in, k_out = module.k_in, module.k_out
         shapes = {"lam": (k_out, k_in), "q_a": (k_in, k_in), "q_s": (k_out, k_out), "alpha": (k_in,), "sigma": (k_out,)}
         fields = {}
         for field, values in packed.items():
             size = int(np.prod(shapes[field]))
             fields[field] = values[offsets[field] : offsets[field] + size].reshape(shapes[field])
             offsets[field] += size
-        out[module["name"]] = ModuleFactors(strategy=root.attrs["strategy"], **fields)
+        out[module.name] = ModuleFactors(strategy=root.attrs["strategy"], **fields)
     return out
 
 
-def write_module_arrays(group: zarr.Group, name: str, arrays: dict[str, np.ndarray], modules: list[dict]) -> None:
-    packed = np.concatenate([np.asarray(arrays[m["name"]], dtype=np.float64).ravel() for m in modules])
+def write_module_arrays(
+    group: zarr.Group, name: str, arrays: dict[str, np.ndarray], modules: Sequence[ModuleProjection]
+) -> None:
+    packed = np.concatenate([np.asarray(arrays[m.name], dtype=np.float64).ravel() for m in modules])
     group.create_array(name, shape=packed.shape, dtype="float64", overwrite=True)[...] = packed
 
 
-def read_module_arrays(group: zarr.Group, name: str, modules: list[dict]) -> dict[str, np.ndarray]:
+def read_module_arrays(group: zarr.Group, name: str, modules: Sequence[ModuleProjection]) -> dict[str, np.ndarray]:
     packed = group[name][...]
     out, offset = {}, 0
     for m in modules:
-        size = m["k_in"] * m["k_out"]
-        out[m["name"]] = packed[offset : offset + size].reshape(m["k_out"], m["k_in"])
+        size = m.k_in * m.k_out
+        out[m.name] = packed[offset : offset + size].reshape(m.k_out, m.k_in)
         offset += size
     return out

@@ -1,0 +1,204 @@
+"""The manifest a store keeps in its Zarr group's attributes: what it was built from, its layout, what is done.
+
+Two kinds, one reader and one writer: a single-checkpoint gradient store (`StoreManifest`, format
+tributary-store/1) and a training-run store (`RunManifest`, tributary-run/1), both opened through
+`ManifestStore`. `format` names the kind (the string stores have always carried); `format_version` is the
+layout's version, checked on open. A store written before the manifest had a version is version 1; a store
+from a newer Tributary is refused with a message to upgrade rather than misread.
+
+A new field needs a default (stores written without it must still read) and a FORMAT_VERSION bump: a reader
+refuses fields it does not know, and the bump turns that refusal into "upgrade Tributary".
+
+The settings sections (`curvature`, `data`, `model`, `config`) are the job config as dumped at index time,
+kept as JSON objects and compared verbatim: typing them as today's config models would make an old store
+unreadable whenever an option is renamed.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
+
+import zarr
+import zarr.errors
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engine.errors import TributaryError
+from engine.projection import ProjectionSpec
+from engine.store.location import redact, zarr_location
+from engine.training_run.plan import RunPlan
+
+FORMAT_VERSION = 1  # bump when a reader of an older version would misread what this one writes
+UNVERSIONED = 1  # stores written before `format_version` existed
+STORE_FORMAT = "tributary-store/1"
+RUN_FORMAT = "tributary-run/1"
+
+JsonObject = dict[str, Any]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Fingerprints(_Record):
+    """sha256 of what the store was built from; a query or a resume with other inputs is refused."""
+
+    model: str
+    tokenizer: str
+    dataset: str
+    projection: str
+
+
+class ShardCommit(_Record):
+    """A shard's completion in one stage, as the driver committed it from the worker's receipt."""
+
+    checksum: str | None  # of the rows written (gradients); None for stages that write no rows
+    node: str
+    pid: int
+    seconds: float
+
+
+class IndexRunRecord(_Record):
+    """One `tributary index` run over the store: where it ran and which shards of each stage it computed."""
+
+    started: str
+    host: str
+    workers: int
+    computed: dict[str, list[int]] = {}
+
+
+class RunStoreSettings(_Record):
+    dtype: str
+    rows_per_chunk: int | None
+
+
+class Manifest(_Record):
+    """What both store kinds record."""
+
+    FORMAT: ClassVar[str]
+    KIND: ClassVar[str]  # how messages name a store of this kind
+
+    format: str
+    format_version: int = FORMAT_VERSION
+    projection: ProjectionSpec
+    curvature: JsonObject
+    complete: bool = False
+    timings: dict[str, float] | None = None  # seconds per phase, written when the store completes
+
+    def updated(self, **changes: Any) -> Self:
+        """A copy with `changes` applied, validated like a manifest read from disk (and sharing no objects
+        with `self` or `changes`)."""
+        unknown = sorted(set(changes) - set(type(self).model_fields))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no field {', '.join(unknown)}")
+        return self.model_validate(self.model_copy(update=changes).model_dump())
+
+    def to_json(self) -> JsonObject:
+        return self.model_dump(mode="json")
+
+
+class StoreManifest(Manifest):
+    """A single-checkpoint gradient store (also each checkpoint inside a training-run store)."""
+
+    FORMAT: ClassVar[str] = STORE_FORMAT
+    KIND: ClassVar[str] = "single-checkpoint store"
+
+    format: Literal["tributary-store/1"] = STORE_FORMAT
+    code_version: str
+    fingerprints: Fingerprints
+    data: JsonObject  # config.data without batch_size and train
+    model: JsonObject  # config.model
+    config: JsonObject  # the whole resolved config, store.path redacted
+    rows: int
+    width: int
+    dtype: str  # logical row dtype (bfloat16 is kept as uint16 on disk)
+    rows_per_chunk: int  # one shard = one row chunk
+    completed_shards: list[int] = []  # gradient shards whose rows are written
+    stages: dict[str, bool] = {}  # driver stages done: "eigen", "final"
+    runs: list[IndexRunRecord] = []
+    shards: dict[str, dict[int, ShardCommit]] = {}  # stage ("gradients", "lambdas", ...) -> shard -> commit
+
+
+class RunManifest(Manifest):
+    """A training-run store: the resolved plan, shared by its checkpoint stores."""
+
+    FORMAT: ClassVar[str] = RUN_FORMAT
+    KIND: ClassVar[str] = "training-run store"
+
+    format: Literal["tributary-run/1"] = RUN_FORMAT
+    plan: RunPlan
+    store: RunStoreSettings
+    segments_done: list[int] = []
+
+
+KINDS: dict[str, type[Manifest]] = {kind.FORMAT: kind for kind in (StoreManifest, RunManifest)}
+M = TypeVar("M", bound=Manifest)
+
+
+def raw_manifest(group: zarr.Group) -> JsonObject | None:
+    manifest = group.attrs.get("manifest")
+    return manifest if isinstance(manifest, dict) else None
+
+
+def stored_kind(path: str) -> type[Manifest] | None:
+    """The kind of store at `path`, or None when there is no Tributary store there."""
+    try:
+        group = zarr.open_group(zarr_location(path), mode="r")
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
+        return None
+    name = (raw_manifest(group) or {}).get("format")
+    return KINDS.get(name) if isinstance(name, str) else None
+
+
+def parse_manifest(raw: JsonObject, kind: type[M], path: str) -> M:
+    """The typed manifest of the store at `path`: the one reader of what `ManifestStore` writes."""
+    version = raw.get("format_version", UNVERSIONED)
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise TributaryError(
+            f"store {redact(path)} was written by a newer Tributary (store format version {version}; this one "
+            f"reads up to {FORMAT_VERSION}); upgrade Tributary to read it"
+        )
+    try:
+        return kind.model_validate({**raw, "format_version": version})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        raise TributaryError(
+            f"the manifest of store {redact(path)} cannot be read ({where}: {problem['msg']}); it was written by "
+            "another Tributary version or edited by hand: re-index it with `tributary index --overwrite`"
+        ) from None
+
+
+class ManifestStore(ABC, Generic[M]):
+    """A Zarr group with a typed manifest in its attributes: kept in memory, written whole on every change.
+
+    Each store object reads its manifest once, when opened, as Zarr does for the attributes (the driver
+    is the only writer of a manifest: workers read the layout, which never changes).
+    """
+
+    def __init__(self, group: zarr.Group, path: str, manifest: M):
+        self.group = group
+        self.path = path
+        self._manifest = manifest
+
+    @property
+    def manifest(self) -> M:
+        return self._manifest
+
+    def update_manifest(self, **changes: Any) -> None:
+        self._manifest = self._manifest.updated(**changes)
+        self.group.attrs["manifest"] = self._manifest.to_json()
+
+    @staticmethod
+    def _create_group(path: str, manifest: Manifest) -> zarr.Group:
+        """An empty group at `path` (anything there is replaced) that holds `manifest` from the start, so a run
+        that dies while the arrays are laid out still leaves a recognisable, incomplete store."""
+        return zarr.open_group(zarr_location(path), mode="w", attributes={"manifest": manifest.to_json()})
+
+    @classmethod
+    @abstractmethod
+    def create(cls, path: str, manifest: M) -> Self: ...
+
+    @classmethod
+    @abstractmethod
+    def open(cls, path: str, mode: str = "r") -> Self: ...

@@ -1,0 +1,181 @@
+"""Stores written before the manifest was typed and versioned keep opening, summarising and scoring the same.
+
+tests/fixtures/store_v1 was written by the code of commit 1e4c583 (its README says how): a 4-row store of a
+tiny GPT-2 at projection dim 4, with the model, data and config it was built from, what `tributary info
+--verify` and `tributary query` printed then, and the root manifest of a training-run store of that time.
+Independent checks: row ids and token counts from the training file and the fixture's tokenizer, checksums
+re-read from the stored rows, fingerprints recomputed from the files, `info` compared with the old code's
+output, scores compared with a store the current code builds afresh from the same inputs and with the scores
+the old code gave.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from engine.data.rows import file_fingerprint
+from engine.errors import TributaryError
+from engine.store import GradientStore
+from engine.store.manifest import FORMAT_VERSION, RunManifest, StoreManifest
+from engine.store.run_store import RunStore
+from engine.store.summary import store_summary
+from tests.cli_helpers import assert_clean_failure, invoke
+
+FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _raw_manifest(store: Path) -> dict:
+    return json.loads((store / "zarr.json").read_text())["attributes"]["manifest"]
+
+
+def _write_config(root: Path, store: Path) -> Path:
+    raw = yaml.safe_load((root / "job.yaml").read_text())
+    raw["model"]["path"] = str(root / "model")
+    raw["data"]["train"] = str(root / "train.jsonl")
+    raw["store"]["path"] = str(store)
+    config = root / f"{store.stem}.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    return config
+
+
+@pytest.fixture
+def old(tmp_path) -> Path:
+    """A copy of the fixture folder (nothing here may write into the repository)."""
+    root = tmp_path / "store_v1"
+    shutil.copytree(FIXTURE, root)
+    return root
+
+
+def test_the_fixture_is_in_the_unversioned_format(old):
+    raw = _raw_manifest(old / "store.zarr")
+    assert raw["format"] == "tributary-store/1" and "format_version" not in raw, (
+        "the fixture must stay as the old code wrote it: do not regenerate it with newer code"
+    )
+
+
+def test_the_typed_manifest_of_an_unversioned_store(old):
+    store = GradientStore.open(str(old / "store.zarr"))
+    manifest = store.manifest
+    assert isinstance(manifest, StoreManifest) and manifest.format_version == 1
+    train = _read_jsonl(old / "train.jsonl")
+    assert manifest.complete is True and manifest.rows == len(train) == 4
+    assert (manifest.rows_per_chunk, manifest.width, manifest.dtype) == (2, 128, "float64")
+    assert manifest.completed_shards == [0, 1] and manifest.stages == {"eigen": True, "final": True}
+    assert store.ids() == [row["id"] for row in train]
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(old / "model")
+    counts = [len(tokenizer(row["text"])["input_ids"]) for row in train]
+    assert store.row_metadata()["num_tokens"].tolist() == counts == [7, 6, 7, 7]
+
+    assert manifest.fingerprints.dataset == file_fingerprint(old / "train.jsonl")
+    assert manifest.fingerprints.projection == manifest.projection.fingerprint()
+    assert (manifest.projection.dim, manifest.projection.seed, manifest.projection.kind) == (4, 0, "rademacher")
+    assert len(manifest.projection.modules) == 8 and sum(m.width for m in manifest.projection.modules) == 128
+    assert manifest.curvature["strategy"] == "ekfac" and manifest.model["path"] == "model"
+    assert sorted(manifest.shards) == ["gradients", "lambdas"]
+    for shard in (0, 1):
+        assert manifest.shards["gradients"][shard].checksum == store.shard_checksum(shard)
+        assert manifest.shards["lambdas"][shard].checksum is None
+    assert len(manifest.runs) == 1 and manifest.runs[0].computed == {"gradients": [0, 1], "lambdas": [0, 1]}
+    assert set(manifest.timings or {}) == {"setup_s", "pass1_s", "pass2_s", "total_s"}
+
+
+def test_info_prints_what_the_old_code_printed(old):
+    store = old / "store.zarr"
+    result = invoke("info", store, "--verify")
+    assert result.exit_code == 0, result.output
+    expected = json.loads((old / "info.json").read_text())
+    expected["path"] = str(store)
+    assert json.loads(result.stdout) == expected
+    assert list(json.loads(result.stdout)) == list(expected), "the keys come in the same order"
+
+
+def test_scores_equal_those_of_a_fresh_store_and_of_the_old_code(old):
+    fresh = old / "fresh.zarr"
+    assert invoke("index", _write_config(old, fresh), "--no-progress").exit_code == 0
+    scores = {}
+    for store in (old / "store.zarr", fresh):
+        out = old / f"{store.stem}.npy"
+        result = invoke("query", _write_config(old, store), "--queries", old / "queries.jsonl", "--scores-out", out)
+        assert result.exit_code == 0, result.output
+        scores[store.stem] = np.load(out)
+    assert scores["store"].shape == (2, 4) and np.abs(scores["store"]).min() > 1e-3
+    np.testing.assert_allclose(scores["store"], scores["fresh"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(scores["store"], np.load(old / "scores.npy"), rtol=1e-10, atol=1e-12)
+
+    written, opened = GradientStore.open(str(fresh)), GradientStore.open(str(old / "store.zarr"))
+    assert written.manifest.fingerprints == opened.manifest.fingerprints
+    np.testing.assert_allclose(written.read_rows(0, 4), opened.read_rows(0, 4), rtol=1e-12, atol=1e-14)
+    assert _raw_manifest(fresh)["format_version"] == FORMAT_VERSION, "new stores record their format version"
+
+
+def test_indexing_again_over_the_old_store_finds_it_complete(old):
+    store = old / "store.zarr"
+    before = (store / "zarr.json").read_text()
+    result = invoke("index", _write_config(old, store), "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (store / "zarr.json").read_text() == before, "a complete, identical store is left as it is"
+
+
+def test_the_run_manifest_of_that_time_reads_typed(tmp_path):
+    raw = json.loads((FIXTURE / "run_manifest.json").read_text())
+    assert "format_version" not in raw
+    path = tmp_path / "run.zarr"
+    zarr.open_group(str(path), mode="w", attributes={"manifest": raw})
+    run = RunStore.open(str(path))
+    manifest = run.manifest
+    assert isinstance(manifest, RunManifest) and manifest.format_version == 1 and manifest.complete is True
+    plan = run.plan
+    assert [(c.name, c.segment, c.learning_rate, c.step) for c in plan.checkpoints] == [
+        ("c0", 0, 0.05, 1),
+        ("c1", 0, 0.03, 2),
+    ]
+    assert [(s.index, s.checkpoints, s.steps) for s in plan.segments] == [(0, ("c0", "c1"), 2)]
+    assert plan.segments[0].eta == pytest.approx(0.04) and not plan.preconditioned and not plan.averaged
+    assert manifest.segments_done == [0] and (manifest.store.dtype, manifest.store.rows_per_chunk) == ("float64", 2)
+    stored = GradientStore.open(str(FIXTURE / "store.zarr")).manifest.projection
+    assert manifest.projection == stored and manifest.curvature == {"strategy": "ekfac", "fisher": True, "seed": 0}
+    summary, problems = store_summary(run, verify=True)
+    assert summary["plan"] == raw["plan"] and summary["timings"] == raw["timings"] and not problems
+    assert summary["checkpoints"] == {"c0": "not written yet", "c1": "not written yet"}
+
+
+def _with_manifest(store: Path, **changes) -> None:
+    group = zarr.open_group(str(store), mode="r+")
+    manifest = group.attrs["manifest"]
+    assert isinstance(manifest, dict)
+    group.attrs["manifest"] = {**manifest, **changes}
+
+
+def test_a_store_from_a_newer_tributary_is_refused(old):
+    store = old / "store.zarr"
+    _with_manifest(store, format_version=FORMAT_VERSION + 1)
+    with pytest.raises(TributaryError, match=f"newer Tributary \\(store format version {FORMAT_VERSION + 1}"):
+        GradientStore.open(str(store))
+    assert_clean_failure(invoke("info", store), "upgrade Tributary")
+
+
+def test_an_unreadable_manifest_is_refused_naming_the_field(old):
+    store = old / "store.zarr"
+    _with_manifest(store, rows="many")
+    assert_clean_failure(invoke("info", store), f"manifest of store {store} cannot be read (rows:", "--overwrite")
+
+
+def test_a_misspelt_manifest_change_is_an_error(old):
+    store = GradientStore.open(str(old / "store.zarr"), mode="r+")
+    with pytest.raises(ValueError, match="no field compelte"):
+        store.update_manifest(compelte=False)
+    assert store.manifest.complete is True
