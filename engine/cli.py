@@ -189,10 +189,10 @@ def info(
     from engine.store.run_store import RunStore, is_run_store
     from engine.store.summary import manifest_summary
 
-    if is_run_store(store):
-        _run_info(RunStore.open(store), verify)
-        return
     try:
+        if is_run_store(store):
+            _run_info(RunStore.open(store), verify)
+            return
         opened = GradientStore.open(store)
     except TributaryError as error:
         _fail(error)
