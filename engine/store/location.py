@@ -17,6 +17,7 @@ import re
 from urllib.parse import urlsplit, urlunsplit
 
 import fsspec
+import fsspec.config
 from fsspec.implementations.local import LocalFileSystem
 
 from engine.errors import TributaryError
