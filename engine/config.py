@@ -211,9 +211,9 @@ class ClusterConfig(_Section):
     cpus_per_worker: int = Field(default=1, gt=0, description="CPUs per actor, also its torch thread count")
     local_cpus: int | None = Field(default=None, gt=0, description="address local: CPUs Ray may use (default: all)")
     node_ip_address: str | None = Field(
-        default=None,
-        description="address the driver's node binds; address local defaults to loopback 127.0.0.2 on Linux",
+        default=None, description="address the driver's node binds; address local: loopback 127.0.0.1 unless set"
     )
+    dashboard: bool = Field(default=False, description="address local: start Ray's dashboard (on 127.0.0.1:8265)")
 
 
 class ServeConfig(_Section):

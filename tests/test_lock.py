@@ -129,3 +129,84 @@ def test_lock_from_another_host_needs_break_lock(tiny_models, train_file, tmp_pa
     message = _text(broken)
     assert "WARNING" in message and "host other-host" in message and "--break-lock" in message, message
     _assert_complete(store)
+
+
+CONTENDER = """
+import json, os, sys, time
+from pathlib import Path
+from engine.errors import TributaryError
+from engine.store.lock import StoreLock
+
+store, role, signals = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+
+def wait_for(name):
+    deadline = time.monotonic() + 60
+    while not (signals / name).exists():
+        if time.monotonic() > deadline:
+            sys.exit(f"{role}: no {name} signal")
+        time.sleep(0.02)
+
+if role == "slow":  # the forced delay: between reading the stale lock and acting on it
+    judge = StoreLock._is_stale
+    def delayed(self, owner):
+        stale = judge(self, owner)
+        if not (signals / "slow-read").exists():
+            (signals / "slow-read").touch()
+            wait_for("fast-done")
+        return stale
+    StoreLock._is_stale = delayed
+else:
+    wait_for("slow-read")
+
+lock = StoreLock(store)
+try:
+    lock.acquire()
+    outcome = {"acquired": True, "token": lock.owner["token"]}
+except TributaryError as error:
+    outcome = {"acquired": False, "error": str(error)}
+(signals / f"{role}.json").write_text(json.dumps(outcome))
+if role == "fast":
+    (signals / "fast-done").touch()
+wait_for("release")  # a holder stays alive (a live pid) until the test has looked
+if outcome["acquired"]:
+    lock.release()
+"""
+
+
+def test_two_writers_that_both_find_a_stale_lock_cannot_both_take_it(tmp_path):
+    """The slow writer reads the stale lock, then waits while the fast one takes it over and writes its
+    own; acting on its stale reading must not remove the fast writer's live lock."""
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    store = tmp_path / "store.zarr"
+    _write_lock(store, socket.gethostname(), int(finished.stdout))
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    environment = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    contenders = {
+        role: subprocess.Popen(
+            [sys.executable, "-c", CONTENDER, str(store), role, str(signals)],
+            env=environment,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for role in ("slow", "fast")
+    }
+    try:
+        deadline = time.monotonic() + 120
+        while not all((signals / f"{role}.json").exists() for role in contenders):
+            for role, process in contenders.items():
+                assert process.poll() is None, f"{role} exited: {process.stderr.read() if process.stderr else ''}"
+            assert time.monotonic() < deadline, "the contenders did not finish"
+            time.sleep(0.05)
+        outcomes = {role: json.loads((signals / f"{role}.json").read_text()) for role in contenders}
+        winners = [role for role, outcome in outcomes.items() if outcome["acquired"]]
+        assert len(winners) == 1, outcomes
+        held = json.loads(_lock_file(store).read_text())
+        assert held["token"] == outcomes[winners[0]]["token"], "the lock on disk is not the winner's"
+        [loser] = set(contenders) - set(winners)
+        assert "locked by" in outcomes[loser]["error"] or "being written by" in outcomes[loser]["error"]
+    finally:
+        (signals / "release").touch()
+        for process in contenders.values():
+            process.wait(timeout=60)
+    assert not _lock_file(store).exists(), "the winner released its lock"

@@ -215,3 +215,53 @@ def test_second_writer_at_s3_url_is_refused_naming_the_owner(s3_endpoint):
         with pytest.raises(TributaryError, match=f"host {socket.gethostname()} pid {os.getpid()}.*--break-lock"):
             StoreLock(url).acquire()
     assert not location.exists(url + LOCK_SUFFIX)
+
+
+@pytest.fixture
+def fake_instance_metadata():
+    """A stand-in for the EC2 instance-metadata service on loopback, recording every request boto makes."""
+    import http.server
+    import threading
+
+    requests: list[str] = []
+
+    class Metadata(http.server.BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            requests.append(f"{self.command} {self.path}")
+            self.send_response(404)
+            self.end_headers()
+
+        do_GET = do_PUT = _answer
+
+        def log_message(self, *_) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metadata)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield {"endpoint": f"http://127.0.0.1:{server.server_address[1]}", "requests": requests}
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("metadata_setting", [None, "false"])
+def test_no_credentials_fail_fast_without_asking_instance_metadata(
+    s3_endpoint, fake_instance_metadata, monkeypatch, metadata_setting
+):
+    """No credentials anywhere: a clear error, and the metadata service is only asked when the user
+    said so (AWS_EC2_METADATA_DISABLED=false, e.g. on EC2 with an instance role)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", fake_instance_metadata["endpoint"])
+    if metadata_setting is not None:
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", metadata_setting)
+    url = f"s3://{BUCKET}/no-credentials/store.zarr"
+    refused = run_cli("info", url, env={"COLUMNS": "400"}, timeout=120)
+    message = " ".join(refused.stderr.split())
+    assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert url in message and "no AWS credentials" in message and "AWS_ACCESS_KEY_ID" in message, message
+    if metadata_setting is None:
+        assert fake_instance_metadata["requests"] == [], "boto asked the instance-metadata service"
+    else:
+        assert fake_instance_metadata["requests"], "the user's AWS_EC2_METADATA_DISABLED=false was not honoured"

@@ -256,6 +256,119 @@ def test_client_raises_with_the_service_error(client):
     assert caught.value.status == 400 and "grad_dot" in caught.value.body["error"]
 
 
+def raw_request(served, method: str, path: str, body: bytes | None = None) -> tuple[int, dict, dict[str, str]]:
+    """Status, JSON body and headers of one request with the right token."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", int(served["url"].rsplit(":", 1)[1]), timeout=60)
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read() or b"{}"), {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        connection.close()
+
+
+def assert_error_shape(answer: dict) -> None:
+    """The documented refusal: {error, field?, limit?} and nothing else (no FastAPI `detail`)."""
+    assert isinstance(answer.get("error"), str) and answer["error"], answer
+    assert set(answer) <= {"error", "field", "limit"}, answer
+    assert "Traceback" not in answer["error"]
+
+
+UNPARSABLE_BODIES = {
+    "invalid UTF-8": b'{"queries": [{"prompt": "the fox \xff\xfe", "completion": " eats"}], "top_k": 3}',
+    "nested 6000 deep": b"[" * 6000 + b"]" * 6000,  # under the 16 KiB body limit, past any JSON recursion limit
+    "a truncated UTF-8 sequence": b'{"queries": [{"prompt": "the fox \xe2\x82", "completion": " eats"}]}',
+}
+
+
+@pytest.mark.parametrize("name", list(UNPARSABLE_BODIES))
+def test_a_body_that_does_not_parse_is_refused_with_422_in_the_error_shape(served, client, reference, name):
+    status, answer = raw_post(served, UNPARSABLE_BODIES[name])
+    assert status == 422, (name, answer)
+    assert_error_shape(answer)
+    assert answer.get("field") == "body", answer
+    assert_same_records(client.attribute(QUERIES[:1], top_k=5), reference[:1])
+
+
+def test_unknown_paths_and_methods_are_refused_in_the_error_shape(served):
+    for method, path, expected in (
+        ("GET", "/v1/nothing-here", 404),
+        ("GET", "/v1/attribute", 405),
+        ("POST", "/v1/health", 405),
+    ):
+        status, answer, headers = raw_request(served, method, path, b"{}" if method == "POST" else None)
+        assert status == expected, (method, path, answer)
+        assert_error_shape(answer)
+        if expected == 405:
+            assert "allow" in headers, headers  # the allowed methods are still named
+
+
+def asgi_request(app, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
+    """One request straight to an ASGI app (no server, no HTTP client library)."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    incoming = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def call() -> None:
+        try:
+            await app(scope, receive, send)
+        except Exception:  # Starlette re-raises an unexpected error after answering it
+            pass
+
+    asyncio.run(call())
+    status = next(message["status"] for message in sent if message["type"] == "http.response.start")
+    payload = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
+    return status, json.loads(payload)
+
+
+def test_the_api_answers_in_the_error_shape_at_the_default_body_limit():
+    """The API alone, around a stand-in service: the issue's 50,000-deep body under the default 1 MiB
+    limit, and an unexpected failure (a bug) answered 500 in the same shape."""
+    from types import SimpleNamespace
+
+    from engine.serving.app import build_api
+
+    def broken_info() -> dict:
+        raise KeyError("a bug")
+
+    async def never_called(request) -> dict:
+        raise AssertionError("a body that does not parse reached the endpoint")
+
+    service = SimpleNamespace(
+        limits=SimpleNamespace(max_request_bytes=1 << 20), _digest=None, info=broken_info, attribute=never_called
+    )
+    api = build_api(service)  # type: ignore[arg-type]
+    status, answer = asgi_request(api, "POST", "/v1/attribute", b"[" * 50_000 + b"]" * 50_000)
+    assert status == 422 and answer.get("field") == "body", answer
+    assert_error_shape(answer)
+    status, answer = asgi_request(api, "GET", "/v1/info")
+    assert status == 500, answer
+    assert_error_shape(answer)
+    assert "KeyError" in answer["error"]
+
+
 # ---- access ---------------------------------------------------------------------------------------
 
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import sys
 
 from engine.config import ClusterConfig
 from engine.errors import TributaryError
@@ -15,27 +15,33 @@ log = logging.getLogger(__name__)
 def connect(cluster: ClusterConfig) -> None:
     import ray
 
+    from engine.distributed.local_node import LOOPBACK, check_loopback, init_arguments, loopback_node
+
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     arguments: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
-    node_ip = cluster.node_ip_address
+    starting = contextlib.nullcontext()
     if cluster.address == "local":
-        # A cluster of one machine listens on loopback unless told otherwise (Linux: all of 127/8 is loopback,
-        # and Ray replaces 127.0.0.1 itself by the machine's routable address).
-        node_ip = node_ip or ("127.0.0.2" if sys.platform.startswith("linux") else None)
-        arguments.update(include_dashboard=False, num_cpus=cluster.local_cpus)
+        # A cluster of one machine listens on loopback unless told otherwise (engine/distributed/local_node.py).
+        node_ip = cluster.node_ip_address or LOOPBACK
+        arguments.update(_node_ip_address=node_ip, include_dashboard=cluster.dashboard, num_cpus=cluster.local_cpus)
+        arguments.update(init_arguments())
+        starting = loopback_node()
     else:
         arguments["address"] = cluster.address
-    if node_ip:
-        arguments["_node_ip_address"] = node_ip
+        if cluster.node_ip_address:
+            arguments["_node_ip_address"] = cluster.node_ip_address
     try:
-        ray.init(**arguments)
+        with starting:
+            ray.init(**arguments)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise TributaryError(
             f"cluster.address {cluster.address!r}: could not connect to Ray ({error}); start the cluster "
             "first (see launch/) or use address: local"
         ) from None
+    if cluster.address == "local" and cluster.node_ip_address is None:
+        check_loopback()
 
 
 def forwarded_environment() -> dict[str, str]:

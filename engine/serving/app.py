@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
 from engine.capture.measurement import MEASUREMENTS
@@ -29,7 +30,7 @@ from engine.query.attributor import Attributor, QueryGroup
 from engine.query.scoring import QueryResult
 from engine.serving.auth import BearerAuth, read_token, token_digest
 from engine.serving.batching import PassQueue
-from engine.serving.responses import RequestError
+from engine.serving.responses import RequestError, refusal_of_http_error
 from engine.serving.schema import AttributeRequest, AttributeResponse, ErrorBody
 from engine.serving.validation import BodyLimit, Limits, PreparedRequest, prepare
 from engine.store.summary import manifest_summary
@@ -179,6 +180,17 @@ def build_api(service: AttributionService) -> FastAPI:
     @api.exception_handler(RequestError)
     async def refused(_: Request, error: RequestError) -> JSONResponse:
         return JSONResponse(error.body(), status_code=error.status)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def starlette_refused(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        refusal = refusal_of_http_error(error.status_code, error.detail, error.__cause__)
+        return JSONResponse(refusal.body(), status_code=refusal.status, headers=error.headers)
+
+    @api.exception_handler(Exception)
+    async def failed(_: Request, error: Exception) -> JSONResponse:  # a bug, answered in the same shape
+        log.error("request failed", exc_info=error)
+        message = f"internal error ({type(error).__name__}); the service keeps running, retry the request"
+        return JSONResponse(RequestError(500, message).body(), status_code=500)
 
     @api.exception_handler(RequestValidationError)
     async def malformed(_: Request, error: RequestValidationError) -> JSONResponse:

@@ -24,6 +24,24 @@ class RequestError(Exception):
         return body
 
 
+def refusal_of_http_error(status: int, detail: object, cause: BaseException | None) -> RequestError:
+    """Our refusal for an error Starlette or FastAPI raised themselves (unknown path, wrong method, a body
+    that does not parse), which they would answer with {"detail": ...}.
+
+    FastAPI turns a body it cannot decode (bytes that are not UTF-8, JSON nested deeper than Python's
+    recursion limit) into a 400 whose cause is the decoding error: that is a malformed body, 422.
+    """
+    if isinstance(cause, UnicodeDecodeError):
+        return RequestError(
+            422, f"body: not valid UTF-8 (byte {cause.object[cause.start]:#04x} at offset {cause.start})", "body"
+        )
+    if isinstance(cause, RecursionError):
+        return RequestError(422, "body: JSON nested too deeply to parse", "body")
+    if status == 400 and cause is not None:
+        return RequestError(422, f"body: could not be parsed ({type(cause).__name__})", "body")
+    return RequestError(status, detail if isinstance(detail, str) else json.dumps(detail))
+
+
 async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     """Answer an ASGI HTTP request with a JSON body (for middleware that answers before the app does)."""
     payload = json.dumps(body).encode()

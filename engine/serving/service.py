@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
+import time
 
 from engine.config import ClusterConfig, JobConfig, parse_config
 from engine.errors import TributaryError
@@ -67,14 +67,26 @@ def start_service(config: JobConfig, name: str = APP_NAME, route_prefix: str = "
     Several services (e.g. one per store) can share a cluster's HTTP proxy under different names and route
     prefixes; the proxy's host and port are those of the first one started.
     """
-    from ray import serve
-
     from engine.distributed.cluster import connect
+
+    check_inputs(config)
+    connect(config.cluster or ClusterConfig())
+    return deploy(config, name, route_prefix)
+
+
+def check_inputs(config: JobConfig) -> None:
+    """Fail here, with the store's own message, not in a replica; likewise for a configured token that is
+    missing (its value is not kept)."""
     from engine.query.attributor import open_complete_store
 
-    open_complete_store(config.store.path)  # fail here, with the store's own message, not in a replica
-    read_token(config.serve)  # likewise for a configured token that is missing (its value is not kept)
-    connect(config.cluster or ClusterConfig())
+    open_complete_store(config.store.path)
+    read_token(config.serve)
+
+
+def deploy(config: JobConfig, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Start Serve's HTTP proxy and the application on the connected Ray; the service's URL."""
+    from ray import serve
+
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     try:
         serve.run(build_application(config), name=name, route_prefix=route_prefix)
@@ -109,18 +121,51 @@ def stop_service(name: str = APP_NAME) -> None:
         serve.shutdown()
 
 
+class _StopRequested(Exception):
+    """SIGTERM: raised in the main thread, so it also interrupts a service that is still starting."""
+
+
+def _request_stop(*_) -> None:
+    raise _StopRequested
+
+
 def serve_until_stopped(config: JobConfig, on_ready=None) -> None:
-    """Run the service until Ctrl-C or SIGTERM, then shut Serve down (only once it was started here)."""
-    url = start_service(config)
-    stopped = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    """Run the service until Ctrl-C or SIGTERM, then stop it and return (the command exits 0).
+
+    A Ray this process started (`cluster.address: local`, the default) is stopped whole, Serve with it,
+    without asking Serve to delete the application first: a signal sent to the whole process group (what
+    `timeout`, systemd and Ctrl-C do) has already stopped the GCS and the raylet, and a Serve call would
+    wait a minute for them (engine/distributed/local_node.py). On a cluster started elsewhere only this
+    service's application is deleted.
+    """
+    import ray
+
+    from engine.distributed.cluster import connect
+    from engine.distributed.local_node import adopt_orphans, stop_local_node
+
+    check_inputs(config)
+    cluster = config.cluster or ClusterConfig()
+    owns_ray = not ray.is_initialized() and cluster.address == "local"
+    if owns_ray:
+        adopt_orphans()
+    connect(cluster)
+    previous = signal.signal(signal.SIGTERM, _request_stop)  # after ray.init, which installs a handler of its own
     try:
+        url = deploy(config)
         if on_ready is not None:
             on_ready(url)
-        while not stopped.wait(1.0):
-            pass
-    except KeyboardInterrupt:
-        pass
+        while True:
+            time.sleep(3600)
+    except (KeyboardInterrupt, _StopRequested):
+        log.info("stopping the service")
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        stop_service()
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C or SIGTERM: keep stopping
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            if owns_ray:
+                stop_local_node()
+            elif ray.is_initialized():
+                stop_service()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGINT, interrupt)

@@ -6,12 +6,14 @@ details. Stale locks: a lock whose host is this machine and whose pid is no long
 over (logged as a warning); a lock held from another host is never broken automatically —
 `tributary index --break-lock` removes it once you have made sure that run is gone. Local stores
 (plain paths and file:// URLs) create the lock with O_EXCL, so two writers racing on one file system
-cannot both win; object stores have no exclusive create, so the lock is written, read back and kept
-only if it is still ours.
+cannot both win, and remove a stale lock under a flock of its directory after reading it again, so
+two writers that both found it stale cannot remove each other's new lock; object stores have no
+exclusive create, so the lock is written, read back and kept only if it is still ours.
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -19,6 +21,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 
 from engine.errors import TributaryError
 from engine.store.location import filesystem, local_path, redact
@@ -77,7 +80,7 @@ class StoreLock:
                 log.warning(
                     "removing the lock of %s on %s (%s)", _owner_text(current), redact(self.store_location), reason
                 )
-                fs.rm_file(path)
+                self._remove(current)
             else:
                 raise TributaryError(
                     f"store {redact(self.store_location)} is being written by {_owner_text(current)}; wait for "
@@ -100,6 +103,30 @@ class StoreLock:
                 raise TributaryError(f"store {redact(self.store_location)} was locked by another writer just now")
         self.held = True
 
+    def _remove(self, judged: dict) -> None:
+        """Remove the lock judged stale (or broken), and only that one.
+
+        Between reading a lock and removing it, another writer may have taken the stale lock over and
+        written its own live one. On a local file system the removal therefore re-reads the lock under an
+        exclusive flock of the lock's directory, which every takeover holds: the lock it removes is the
+        one it judged. (Object stores have no such lock; there the window stays.)
+        """
+        fs, path = filesystem(self.location)
+        local = local_path(self.location)
+        if local is None:
+            fs.rm_file(path)
+            return
+        with _takeover_guard(os.path.dirname(os.path.abspath(local))):
+            now = self._read()
+            if now is None:
+                return  # removed meanwhile: the exclusive create below decides who writes next
+            if now != judged:
+                raise TributaryError(
+                    f"store {redact(self.store_location)} was locked by {_owner_text(now)} just now; wait for "
+                    "that run to finish"
+                )
+            os.remove(local)
+
     def release(self) -> None:
         if not self.held:
             return
@@ -114,6 +141,26 @@ class StoreLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def _takeover_guard(directory: str) -> Iterator[None]:
+    """An exclusive flock of the directory (held by one takeover at a time on this host; no file is left
+    behind). Without flock (Windows, or a file system that refuses it) there is no guard."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError as error:
+            log.debug("no flock on %s (%s): stale-lock takeover is unguarded", directory, error)
+        yield
+    finally:
+        os.close(descriptor)  # releases the flock
 
 
 def _user() -> str:
