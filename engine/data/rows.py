@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine.data.chat import Messages, parse_messages
 from engine.data.chat import display as chat_display
+from engine.data.lines import numbered_lines
 from engine.errors import TributaryError
 
 
@@ -97,18 +98,15 @@ def _row_from_record(record: object, index: int, line: int, fields: FieldNames, 
 def read_rows(path: str | Path, fields: FieldNames = FieldNames(), what: str = "training file") -> list[Row]:
     """All rows of a JSONL file, in file order. Blank lines are skipped; anything else malformed is an error."""
     path = Path(path)
-    if not path.is_file():
-        raise TributaryError(f"{what} {path} does not exist; check the path")
     rows: list[Row] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TributaryError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            rows.append(_row_from_record(record, len(rows), line_number, fields, str(path)))
+    for line_number, line in numbered_lines(path, what):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TributaryError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        rows.append(_row_from_record(record, len(rows), line_number, fields, str(path)))
     if not rows:
         raise TributaryError(f"{what} {path} has no rows")
     seen: dict[str, int] = {}

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from engine.config import GenerationSettings
+from engine.data.lines import numbered_lines
 from engine.data.tokenize import IGNORE, TokenizedRow
 from engine.errors import TributaryError
 
@@ -32,11 +33,8 @@ class Generated:
 
 def read_prompts(path: str, prompt_field: str, id_field: str) -> list[PromptRow]:
     """Rows of a queries file for --generate: each needs a non-empty prompt; a completion is ignored."""
-    source = Path(path)
-    if not source.is_file():
-        raise TributaryError(f"queries file {path} does not exist; check the path")
     rows: list[PromptRow] = []
-    for line_number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in numbered_lines(Path(path), "queries file"):
         if not line.strip():
             continue
         try:
