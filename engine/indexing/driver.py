@@ -23,13 +23,14 @@ from engine.data.tokenize import tokenize_rows
 from engine.indexing.executor import make_executor
 from engine.indexing.job import build_manifest, field_names
 from engine.indexing.worker import CHAOS
-from engine.model.loading import checked_tokenizer, load_tokenizer
+from engine.model.loading import check_weight_files, checked_tokenizer, load_tokenizer
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
 from engine.store.lock import StoreLock
 from engine.store.manifest import IndexRunRecord, ShardCommit, StoreManifest
 from engine.store.opening import open_or_create
+from engine.store.writable import check_store_location
 from engine.store.zarr_store import default_rows_per_chunk
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,8 @@ def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = 
         return run_training_index(config, plan, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock)
     started = time.perf_counter()
     rows = _validated_rows(config)
+    check_weight_files(config.model.path)
+    check_store_location(config.store.path)
     executor = make_executor(config)
     try:
         with StoreLock(config.store.path, break_lock=break_lock):

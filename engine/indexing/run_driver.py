@@ -36,6 +36,7 @@ from engine.store.lock import StoreLock
 from engine.store.manifest import RunManifest, RunStoreSettings
 from engine.store.opening import open_or_create
 from engine.store.run_store import RunStore
+from engine.store.writable import check_store_location
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.optimizer_state import meta_model, read_preconditioner
 from engine.training_run.plan import RunPlan, SegmentPlan
@@ -152,6 +153,7 @@ def run_training_index(
         rows[dataset] = len(
             _validated_rows(config.model_copy(update={"data": config.data.model_copy(update={"train": dataset})}))
         )
+    check_store_location(config.store.path)
     model = meta_model(plan.final.path)
     modules = select_modules(model, config.model.modules)
     spec = build_projection(

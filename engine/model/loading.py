@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import warnings
 from collections.abc import Iterator
@@ -61,6 +62,7 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     The model's own attention implementation is kept (SDPA by default): no vmap is used, and
     transformers' eager attention produces NaN for left-padded float64 batches.
     """
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = device or default_device()
@@ -74,9 +76,14 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
         model_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise TributaryError(f"model.path {path} is not an HF model directory: {error}") from None
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=model_config, dtype=DTYPES[config.dtype], local_files_only=True
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=model_config, dtype=DTYPES[config.dtype], local_files_only=True
+        )
+    except torch.OutOfMemoryError:
+        raise  # the machine's limit, not a fault of the files
+    except (*UNREADABLE_WEIGHTS, SafetensorError) as error:
+        raise _unreadable_weights(path, error) from None
     if config.adapter is not None:
         adapted = _attach_adapter(model, config.adapter, path)
         if config.adapter_mode == "adapter":
@@ -90,6 +97,63 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     # PreTrainedModel.to is wrapped with functools.wraps, whose typeshed stub loses the method binding
     model.to(device)  # pyright: ignore[reportArgumentType]
     return model, load_tokenizer(config.tokenizer or path)
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _weight_files(root: Path) -> list[Path]:
+    """The weight files transformers would read from `root`: the shards an index names, or the one file."""
+    for index_name in SHARD_INDEXES:
+        index = root / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                return [root / name for name in sorted(set(weight_map.values()))]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+                raise TributaryError(f"model.path {index} is not a readable shard index ({error})") from None
+    return [root / name for name in WEIGHT_FILES if (root / name).exists()]
+
+
+def check_weight_files(path: str) -> None:
+    """Before anything is written or any worker starts: model.path has its weight files, and each
+    safetensors file's header parses (a garbage, empty or truncated file fails here, in milliseconds)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_dir():
+        raise TributaryError(f"model.path {path} does not exist or is not a directory; give a local HF model directory")
+    files = _weight_files(Path(path))
+    if not files:
+        raise TributaryError(
+            f"model.path {path} has no weights (no {' or '.join(WEIGHT_FILES)}); give a complete HF model directory"
+        )
+    for file in files:
+        if not file.is_file():
+            what = "a directory, not a file" if file.is_dir() else "missing or not a regular file"
+            raise TributaryError(f"model.path {path}: weight file {file} is {what}; give a complete HF model directory")
+        if file.suffix != ".safetensors":
+            continue  # a pickle is only checked by loading it
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            raise TributaryError(
+                f"model.path {path}: weight file {file} cannot be read ({error}); replace it with a complete copy"
+            ) from None
+
+
+# What safetensors, torch.load and transformers raise for weight files that are missing, truncated or not
+# weights at all.
+UNREADABLE_WEIGHTS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError)
+
+
+def _unreadable_weights(path: str, error: Exception) -> TributaryError:
+    reason = _first_lines(str(error), lines=1)[:300]
+    return TributaryError(
+        f"model.path {path}: its weights cannot be loaded ({type(error).__name__}: {reason}); "
+        "check that model.safetensors (or pytorch_model.bin) is a complete weight file"
+    )
 
 
 @contextmanager
