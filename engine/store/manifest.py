@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
-from engine.store.location import redact, zarr_location
+from engine.store.location import join, redact, zarr_location
 from engine.training_run.plan import RunPlan
 
 FORMAT_VERSION = 1  # bump when a reader of an older version would misread what this one writes
@@ -140,11 +140,26 @@ def raw_manifest(group: zarr.Group) -> JsonObject | None:
     return manifest if isinstance(manifest, dict) else None
 
 
+def open_group(path: str, mode: str = "r") -> zarr.Group | None:
+    """The Zarr group at `path`, or None where there is none; a TributaryError naming the path where its
+    metadata cannot be read (a damaged zarr.json) or it holds an array."""
+    try:
+        return zarr.open_group(zarr_location(path), mode=mode)
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
+        return None
+    except (zarr.errors.ContainsArrayError, zarr.errors.ContainsArrayAndGroupError):
+        raise TributaryError(f"{redact(path)} is a Zarr array, not a Tributary store; check the store path") from None
+    except (ValueError, TypeError, KeyError, AttributeError, PermissionError) as error:
+        raise TributaryError(
+            f"{redact(join(path, 'zarr.json'))} cannot be read ({type(error).__name__}: {error}); the store's "
+            "metadata is damaged: remove the store and run `tributary index` again"
+        ) from None
+
+
 def stored_kind(path: str) -> type[Manifest] | None:
     """The kind of store at `path`, or None when there is no Tributary store there."""
-    try:
-        group = zarr.open_group(zarr_location(path), mode="r")
-    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
+    group = open_group(path)
+    if group is None:
         return None
     name = (raw_manifest(group) or {}).get("format")
     return KINDS.get(name) if isinstance(name, str) else None

@@ -23,8 +23,16 @@ import zarr
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ModuleProjection
-from engine.store.location import redact, zarr_location
-from engine.store.manifest import RUN_FORMAT, ManifestStore, RunManifest, parse_manifest, raw_manifest, stored_kind
+from engine.store.location import redact
+from engine.store.manifest import (
+    RUN_FORMAT,
+    ManifestStore,
+    RunManifest,
+    open_group,
+    parse_manifest,
+    raw_manifest,
+    stored_kind,
+)
 from engine.store.zarr_store import (
     GradientStore,
     read_factor_group,
@@ -52,7 +60,9 @@ class RunStore(ManifestStore[RunManifest]):
     def open(cls, path: str, mode: str = "r") -> RunStore:
         if not is_run_store(path):
             raise TributaryError(f"{redact(path)} is not a Tributary training-run store ({RUN_FORMAT})")
-        group = zarr.open_group(zarr_location(path), mode=mode)
+        group = open_group(path, mode)
+        if group is None:  # removed since is_run_store looked
+            raise TributaryError(f"store {redact(path)} does not exist; run `tributary index` first")
         return cls(group, path, parse_manifest(raw_manifest(group) or {}, RunManifest, path))
 
     @property

@@ -24,8 +24,15 @@ from engine.projection import ModuleProjection
 from engine.store.encoding import PHYSICAL, decode, encode
 from engine.store.integrity import SHARD_ARRAYS, checksum
 from engine.store.location import exists as location_exists
-from engine.store.location import redact, zarr_location
-from engine.store.manifest import STORE_FORMAT, ManifestStore, StoreManifest, parse_manifest, raw_manifest
+from engine.store.location import redact
+from engine.store.manifest import (
+    STORE_FORMAT,
+    ManifestStore,
+    StoreManifest,
+    open_group,
+    parse_manifest,
+    raw_manifest,
+)
 
 TARGET_CHUNK_BYTES = 16 << 20
 FACTOR_FIELDS = ("lam", "q_a", "q_s", "alpha", "sigma")
@@ -56,14 +63,13 @@ class GradientStore(ManifestStore[StoreManifest]):
 
     @classmethod
     def open(cls, path: str, mode: str = "r") -> GradientStore:
-        try:
-            group = zarr.open_group(zarr_location(path), mode=mode)
-        except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
+        group = open_group(path, mode)
+        if group is None:
             if location_exists(path):
                 raise TributaryError(
                     f"{redact(path)} exists but is not a Tributary store (no Zarr group); check the store path"
-                ) from None
-            raise TributaryError(f"store {redact(path)} does not exist; run `tributary index` first") from None
+                )
+            raise TributaryError(f"store {redact(path)} does not exist; run `tributary index` first")
         raw = raw_manifest(group)
         if raw is None or raw.get("format") != STORE_FORMAT:
             raise TributaryError(f"{redact(path)} is not a Tributary store (no {STORE_FORMAT} manifest)")
@@ -71,11 +77,7 @@ class GradientStore(ManifestStore[StoreManifest]):
 
     @staticmethod
     def exists(path: str) -> bool:
-        try:
-            zarr.open_group(zarr_location(path), mode="r")
-            return True
-        except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError):
-            return False
+        return open_group(path) is not None
 
     # ---- layout ---------------------------------------------------------------------------------
     @property
