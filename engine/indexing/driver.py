@@ -18,10 +18,10 @@ from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
 from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda
-from engine.data.rows import file_fingerprint, read_rows
+from engine.data.rows import field_names, file_fingerprint, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.indexing.executor import make_executor
-from engine.indexing.job import build_manifest, field_names
+from engine.indexing.manifest import build_manifest
 from engine.indexing.worker import CHAOS
 from engine.model.loading import checked_tokenizer, load_tokenizer
 from engine.progress import progress_bar

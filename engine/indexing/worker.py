@@ -15,10 +15,10 @@ from pathlib import Path
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
 from engine.curvature.packing import pack_covariance, pack_lambda
-from engine.data.rows import read_rows
+from engine.data.rows import field_names, read_rows
 from engine.data.tokenize import tokenize_rows
-from engine.indexing.compute import gradient_pass, lambda_pass
-from engine.indexing.job import ModelContext, field_names, load_model_context
+from engine.gradients.context import ModelContext, load_model_context
+from engine.gradients.passes import gradient_pass, lambda_pass
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore
 

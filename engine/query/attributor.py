@@ -20,8 +20,8 @@ from engine.config import GenerationSettings, JobConfig, QueryOptions, with_meth
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.indexing.compute import token_gradients
-from engine.indexing.job import ModelContext, load_model_context
+from engine.gradients.context import ModelContext, load_model_context
+from engine.gradients.passes import token_gradients
 from engine.projection import ProjectionSpec
 from engine.query.generate import PromptRow, generate, token_pieces
 from engine.query.records import Query, result_records

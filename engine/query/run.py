@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import JobConfig, QueryOptions
-from engine.data.rows import read_rows
+from engine.data.rows import field_names, read_rows
 from engine.errors import TributaryError
-from engine.indexing.job import field_names
 from engine.query.attributor import Attributor, QueryGroup, check_method, open_complete_store
 from engine.query.generate import read_prompts
 from engine.query.records import Query
