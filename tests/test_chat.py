@@ -15,8 +15,9 @@ import pytest
 import torch
 import yaml
 
+from engine.data.labels import IGNORE
 from engine.data.rows import FieldNames, read_rows
-from engine.data.tokenize import IGNORE, tokenize_rows
+from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass

@@ -17,7 +17,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from engine.data.tokenize import IGNORE, TokenizedRow
+from engine.data.labels import IGNORE
+from engine.data.tokenize import TokenizedRow
 from engine.query.scoring import top_k
 from engine.store import GradientStore
 from engine.testing.tiny import save_tiny

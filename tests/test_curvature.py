@@ -20,7 +20,7 @@ from engine.config import MethodConfig, parse_config
 from engine.curvature.factors import final_factors, initial_factors
 from engine.curvature.statistics import merge_all
 from engine.data.batching import collate
-from engine.data.tokenize import IGNORE
+from engine.data.labels import IGNORE
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass, lambda_pass
 from engine.indexing.driver import run_index

@@ -13,8 +13,9 @@ from transformers import GenerationMixin, PreTrainedTokenizerBase
 from engine.capture.loss import per_example_loss
 from engine.config import parse_config
 from engine.data.batching import collate
+from engine.data.labels import IGNORE
 from engine.data.rows import Row
-from engine.data.tokenize import IGNORE, TokenizedRow, tokenize_rows
+from engine.data.tokenize import TokenizedRow, tokenize_rows
 from engine.gradients.context import load_model_context
 from engine.gradients.passes import gradient_pass, token_gradients
 from engine.indexing.driver import run_index

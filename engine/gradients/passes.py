@@ -18,7 +18,8 @@ from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulat
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
 from engine.curvature.statistics import PartialSums
 from engine.data.batching import Batch, batches
-from engine.data.tokenize import IGNORE, TokenizedRow
+from engine.data.labels import IGNORE
+from engine.data.tokenize import TokenizedRow
 from engine.gradients.context import ModelContext
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from engine.config import GenerationSettings
-from engine.data.tokenize import IGNORE, TokenizedRow
+from engine.data.labels import IGNORE
+from engine.data.tokenize import TokenizedRow
 from engine.errors import TributaryError
 
 
