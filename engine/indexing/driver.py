@@ -9,8 +9,6 @@ order, eigendecompose in float64) → `lambdas` (pass 2: EK-FAC/diagonal Λ sums
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
 import time
 
@@ -22,7 +20,6 @@ from engine.data.rows import field_names, file_fingerprint, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.indexing.executor import make_executor
 from engine.indexing.manifest import build_manifest
-from engine.indexing.worker import CHAOS
 from engine.model.loading import checked_tokenizer, load_tokenizer
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
@@ -31,20 +28,9 @@ from engine.store.lock import StoreLock
 from engine.store.manifest import IndexRunRecord, ShardCommit, StoreManifest
 from engine.store.opening import open_or_create
 from engine.store.zarr_store import default_rows_per_chunk
+from engine.testing.faults import fault_point
 
 log = logging.getLogger(__name__)
-
-
-class _DriverChaos:
-    """Test hook: TRIBUTARY_CHAOS=driver:STAGE:N kills this driver with SIGKILL after N commits in STAGE."""
-
-    def __init__(self):
-        parts = os.environ.get(CHAOS, "").split(":")
-        self.target = (parts[1], int(parts[2])) if len(parts) == 3 and parts[0] == "driver" else None
-
-    def after_commit(self, stage: str, committed: int) -> None:
-        if self.target == (stage, committed):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class IndexRun:
@@ -55,7 +41,6 @@ class IndexRun:
         self.executor = executor
         self.spec = spec
         self.progress = progress
-        self.chaos = _DriverChaos()
         self.record = IndexRunRecord(
             started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=socket.gethostname(), workers=workers
         )
@@ -84,7 +69,7 @@ class IndexRun:
             computed.append(shard)
             self._commit(stage, committed)
             self.progress.advance(task, shards[shard][1] - shards[shard][0])
-            self.chaos.after_commit(stage, len(computed))
+            fault_point("driver", stage, len(computed))
 
     def _commit(self, stage: str, committed: dict[int, ShardCommit]) -> None:
         changes: dict = {"shards": {**self.store.manifest.shards, stage: committed}, "runs": self._runs()}
