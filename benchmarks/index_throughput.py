@@ -32,7 +32,7 @@ from engine.capture.loss import per_example_loss
 from engine.config import parse_config
 from engine.data.batching import batches
 from engine.gradients.context import prepare_index_job
-from engine.indexing.driver import run_index
+from engine.runner import run_index
 
 SEQUENCE = 128
 BATCH = 8

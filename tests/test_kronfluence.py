@@ -48,9 +48,8 @@ from engine.config import MethodConfig
 from engine.data.batching import collate
 from engine.data.rows import field_names, read_rows
 from engine.gradients.context import prepare_index_job
-from engine.indexing.driver import run_index
 from engine.model.loading import load_model
-from engine.query.run import run_query
+from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, write_jsonl
 
