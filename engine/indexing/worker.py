@@ -17,7 +17,6 @@ from engine.data.rows import field_names, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.gradients.context import ModelContext, load_model_context
 from engine.gradients.passes import gradient_pass, lambda_pass
-from engine.projection import ProjectionSpec
 from engine.store import GradientStore
 from engine.testing.faults import fault_point
 
@@ -128,7 +127,3 @@ class ShardWorker:
         """Forget cached store state (a new stage may have written new factors)."""
         self._store = None
         self._factors = None
-
-
-def spec_from(describe: dict) -> ProjectionSpec:
-    return ProjectionSpec.from_dict(describe["spec"])

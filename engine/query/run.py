@@ -125,8 +125,3 @@ def _atomic_write_all(writes) -> None:
     finally:
         for tmp in parts:
             tmp.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write next to the target and rename, so a failure never leaves a half-written file."""
-    _atomic_write_all([(path, write)])
