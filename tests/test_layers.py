@@ -7,7 +7,7 @@ and those under `if TYPE_CHECKING:`), so it sees what the code asks for, not wha
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -40,12 +40,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("serving", "evaluation", "demo"),
     ("cli",),
 ]
-
-# Known upward imports, each to be removed by the change that ends it (the test fails once one is gone).
-TEMPORARY_EXCEPTIONS: dict[tuple[str, str], str] = {
-    # adam_preconditioner lives in spectral/methods.py until it moves to training_run/ (issue 10, `fitting`).
-    ("engine.training_run.optimizer_state", "engine.spectral.methods"): "adam_preconditioner",
-}
 
 Graph = Mapping[str, set[str]]
 
@@ -106,11 +100,6 @@ def package_of(module: str) -> str:
 
 
 # ---- the checks --------------------------------------------------------------------------------------
-
-
-def without_exceptions(graph: Graph, exceptions: Iterable[tuple[str, str]]) -> dict[str, set[str]]:
-    skip = set(exceptions)
-    return {module: {target for target in targets if (module, target) not in skip} for module, targets in graph.items()}
 
 
 def strongly_connected(graph: Graph) -> list[list[str]]:
@@ -226,18 +215,13 @@ def engine_graph() -> dict[str, set[str]]:
     return import_graph(ENGINE)
 
 
-def test_the_temporary_exceptions_still_exist(engine_graph):
-    gone = [f"{a} → {b} ({why})" for (a, b), why in TEMPORARY_EXCEPTIONS.items() if b not in engine_graph.get(a, set())]
-    assert not gone, "remove these from TEMPORARY_EXCEPTIONS, the import is gone: " + "; ".join(gone)
-
-
 def test_engine_has_no_import_cycle(engine_graph):
-    problems = cycle_problems(without_exceptions(engine_graph, TEMPORARY_EXCEPTIONS))
+    problems = cycle_problems(engine_graph)
     assert not problems, "\n".join(problems)
 
 
 def test_engine_imports_only_downwards(engine_graph):
-    problems = layer_problems(without_exceptions(engine_graph, TEMPORARY_EXCEPTIONS), LAYERS)
+    problems = layer_problems(engine_graph, LAYERS)
     assert not problems, "\n".join(problems)
 
 
@@ -317,8 +301,3 @@ def test_the_checker_names_a_package_cycle_and_an_upward_import():
     assert layer_problems(graph, [("indexing",)]) == [
         "package query is in no layer: add it to LAYERS in tests/test_layers.py"
     ]
-
-
-def test_an_exception_removes_only_its_own_edge():
-    graph = {"engine.a.x": {"engine.b.y", "engine.b.z"}, "engine.b.y": set(), "engine.b.z": set()}
-    assert without_exceptions(graph, [("engine.a.x", "engine.b.y")])["engine.a.x"] == {"engine.b.z"}
