@@ -59,7 +59,7 @@ def random_corpus(rows: int, words_per_row: int, vocabulary: int, seed: int = 0)
 
 
 def gpt2_like(directory: Path, texts: list[str], hidden: int, layers: int, heads: int, positions: int) -> Path:
-    from engine.tiny import save_tiny
+    from engine.testing.tiny import save_tiny
 
     vocabulary_texts = [" ".join(sorted({w for t in texts for w in t.split()}))]
     return save_tiny(

@@ -31,8 +31,8 @@ from benchmarks.common import first_line, gpt2_like, random_corpus, side_by_side
 from engine.capture.loss import per_example_loss
 from engine.config import parse_config
 from engine.data.batching import batches
-from engine.indexing.driver import run_index
-from engine.indexing.job import prepare_index_job
+from engine.gradients.context import prepare_index_job
+from engine.runner import run_index
 
 SEQUENCE = 128
 BATCH = 8

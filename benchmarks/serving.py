@@ -30,7 +30,7 @@ from pathlib import Path
 
 from benchmarks.common import first_line, gpt2_like, random_corpus, write_jsonl, write_result
 from engine.config import parse_config
-from engine.indexing.driver import run_index
+from engine.runner import run_index
 from engine.store.zarr_store import GradientStore
 
 CONCURRENCY = (1, 8, 32)

@@ -17,9 +17,9 @@ from pathlib import Path
 from benchmarks.common import first_line, gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
 from engine.config import parse_config
 from engine.curvature.packing import covariance_width
-from engine.indexing.compute import gradient_pass
-from engine.indexing.driver import run_index
+from engine.gradients.passes import gradient_pass
 from engine.indexing.worker import ShardWorker
+from engine.runner import run_index
 
 SEQUENCE = 128
 

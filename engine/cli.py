@@ -84,7 +84,7 @@ def index(
 ) -> None:
     """Compute projected training gradients and curvature factors into the store."""
     from engine.config import load_config
-    from engine.indexing.driver import run_index
+    from engine.runner import run_index
 
     try:
         store = run_index(load_config(config), overwrite=overwrite, show_progress=progress, break_lock=break_lock)
@@ -138,7 +138,7 @@ def query(
     """Score queries against every training example and keep the top-k supporters and opposers."""
     from engine.capture.measurement import MEASUREMENTS
     from engine.config import load_config, with_method_name
-    from engine.query.run import run_query
+    from engine.runner import run_query
 
     try:
         if measurement not in MEASUREMENTS:

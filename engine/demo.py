@@ -81,9 +81,9 @@ def run_demo(workdir: str, small: bool = False) -> list[dict]:
     from engine.demo_assets.lora import train_lora
     from engine.demo_assets.shakespeare import DEMO_PLAYS, demo_queries, passages
     from engine.demo_assets.smollm2 import ensure_smollm2
-    from engine.indexing.driver import run_index
     from engine.query.generate import GenerationSettings
-    from engine.query.run import QueryOptions, run_query
+    from engine.query.run import QueryOptions
+    from engine.runner import run_index, run_query
 
     size = SMALL if small else FULL
     started = time.perf_counter()

@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from engine.config import parse_config  # noqa: E402
-from engine.tiny import save_tiny  # noqa: E402
+from engine.testing.tiny import save_tiny  # noqa: E402
 
 SENTENCES = [
     "the fox eats berries in the forest",

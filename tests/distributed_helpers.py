@@ -91,7 +91,7 @@ def single_thread_store(model: Path, train: Path, path: str, **sections) -> str:
     import torch
 
     from engine.config import parse_config
-    from engine.indexing.driver import run_index
+    from engine.runner import run_index
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

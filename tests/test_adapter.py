@@ -21,8 +21,8 @@ from engine.config import MethodConfig, ModelConfig
 from engine.curvature.factors import final_factors, initial_factors
 from engine.data.rows import Row, read_rows
 from engine.errors import TributaryError
-from engine.indexing.compute import gradient_pass, lambda_pass
-from engine.indexing.job import ModelContext, load_model_context
+from engine.gradients.context import ModelContext, load_model_context
+from engine.gradients.passes import gradient_pass, lambda_pass
 from engine.model.loading import check_adapter_base, load_model
 from engine.spectral.core import score_block, transform_queries
 from engine.spectral.methods import method_from_config
@@ -83,7 +83,7 @@ def test_adapter_whose_targets_the_model_lacks_is_refused(tiny_models, lora_adap
 
 
 def test_shape_mismatch_from_peft_is_reraised_clearly(lora_adapters, tmp_path, caplog):
-    from engine.tiny import save_tiny
+    from engine.testing.tiny import save_tiny
     from tests.conftest import vocabulary_texts
 
     wider = save_tiny(tmp_path / "llama-wide", "llama", vocabulary_texts(), hidden=16, layers=2, heads=2)

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine.capture.modules import select_modules
-from engine.indexing.compute import gradient_pass
-from engine.indexing.job import prepare_index_job
+from engine.gradients.context import prepare_index_job
+from engine.gradients.passes import gradient_pass
 from tests.reference import autograd_per_example
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.indexing.compute import gradient_pass
-from engine.indexing.job import prepare_index_job
+from engine.gradients.context import prepare_index_job
+from engine.gradients.passes import gradient_pass
 from tests.reference import autograd_per_example
 
 

@@ -15,14 +15,15 @@ import pytest
 import torch
 import yaml
 
+from engine.data.labels import IGNORE
 from engine.data.rows import FieldNames, read_rows
-from engine.data.tokenize import IGNORE, tokenize_rows
+from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.indexing.compute import gradient_pass
-from engine.indexing.job import prepare_index_job
+from engine.gradients.context import prepare_index_job
+from engine.gradients.passes import gradient_pass
 from engine.model.loading import load_tokenizer
 from engine.store import GradientStore
-from engine.tiny import save_tiny
+from engine.testing.tiny import save_tiny
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import job_config, vocabulary_texts, write_jsonl
 from tests.reference import autograd_per_example

@@ -17,10 +17,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from engine.data.tokenize import IGNORE, TokenizedRow
+from engine.data.labels import IGNORE
+from engine.data.tokenize import TokenizedRow
 from engine.query.scoring import top_k
 from engine.store import GradientStore
-from engine.tiny import save_tiny
+from engine.testing.tiny import save_tiny
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
 from tests.reference import autograd_per_example

@@ -20,14 +20,14 @@ from engine.config import MethodConfig, parse_config
 from engine.curvature.factors import final_factors, initial_factors
 from engine.curvature.statistics import merge_all
 from engine.data.batching import collate
-from engine.data.tokenize import IGNORE
-from engine.indexing.compute import gradient_pass, lambda_pass
-from engine.indexing.driver import run_index
-from engine.indexing.job import prepare_index_job
+from engine.data.labels import IGNORE
+from engine.gradients.context import prepare_index_job
+from engine.gradients.passes import gradient_pass, lambda_pass
+from engine.runner import run_index
 from engine.spectral.core import score_block, transform_queries
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore
-from engine.tiny import build_model, build_tokenizer
+from engine.testing.tiny import build_model, build_tokenizer
 from tests.conftest import job_config, vocabulary_texts, write_jsonl
 
 TOLERANCE = 1e-10  # relative Frobenius error, float64

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from engine.config import parse_config
-from engine.indexing.driver import run_index
-from engine.query.run import run_query
 from engine.query.scoring import top_k
+from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import (

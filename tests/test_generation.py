@@ -13,14 +13,15 @@ from transformers import GenerationMixin, PreTrainedTokenizerBase
 from engine.capture.loss import per_example_loss
 from engine.config import parse_config
 from engine.data.batching import collate
+from engine.data.labels import IGNORE
 from engine.data.rows import Row
-from engine.data.tokenize import IGNORE, TokenizedRow, tokenize_rows
-from engine.indexing.compute import gradient_pass, token_gradients
-from engine.indexing.driver import run_index
-from engine.indexing.job import load_model_context
+from engine.data.tokenize import TokenizedRow, tokenize_rows
+from engine.gradients.context import load_model_context
+from engine.gradients.passes import gradient_pass, token_gradients
 from engine.query.generate import GenerationSettings, generate, read_prompts
-from engine.query.run import QueryOptions, run_query
-from engine.tiny import build_model, build_tokenizer
+from engine.query.run import QueryOptions
+from engine.runner import run_index, run_query
+from engine.testing.tiny import build_model, build_tokenizer
 from tests.conftest import job_config, write_jsonl
 from tests.reference import autograd_per_example
 

@@ -46,11 +46,10 @@ from torch.utils.data import Dataset
 
 from engine.config import MethodConfig
 from engine.data.batching import collate
-from engine.data.rows import read_rows
-from engine.indexing.driver import run_index
-from engine.indexing.job import field_names, prepare_index_job
+from engine.data.rows import field_names, read_rows
+from engine.gradients.context import prepare_index_job
 from engine.model.loading import load_model
-from engine.query.run import run_query
+from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, write_jsonl
 

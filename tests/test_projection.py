@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.indexing.compute import gradient_pass
-from engine.indexing.job import prepare_index_job
+from engine.gradients.context import prepare_index_job
+from engine.gradients.passes import gradient_pass
 from engine.projection import build_projection, projection_matrix
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ import torch
 
 from engine.config import MethodConfig, parse_config
 from engine.curvature.factors import ModuleFactors
-from engine.indexing.compute import gradient_pass
-from engine.indexing.driver import run_index
-from engine.indexing.job import prepare_index_job
+from engine.gradients.context import prepare_index_job
+from engine.gradients.passes import gradient_pass
 from engine.projection import build_projection
+from engine.runner import run_index
 from engine.spectral.core import score_block, transform_queries
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore

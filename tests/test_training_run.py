@@ -19,10 +19,9 @@ import torch
 from engine.config import parse_config
 from engine.curvature.factors import final_factors, initial_factors
 from engine.curvature.statistics import merge_all
-from engine.indexing.compute import gradient_pass, lambda_pass
-from engine.indexing.driver import run_index
-from engine.indexing.job import prepare_index_job
-from engine.query.run import run_query
+from engine.gradients.context import prepare_index_job
+from engine.gradients.passes import gradient_pass, lambda_pass
+from engine.runner import run_index, run_query
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.resolve import resolve_run
 from tests.conftest import SENTENCES, job_config, write_jsonl

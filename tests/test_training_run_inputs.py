@@ -17,10 +17,9 @@ import torch
 from engine.attribution import Checkpoint, Dataset, InMemoryAttribution, Segment, TrainingRun, squared_error
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.indexing.driver import run_index
-from engine.query.run import run_query
+from engine.runner import run_index, run_query
 from engine.store.run_store import RunStore
-from engine.tiny import save_tiny
+from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
 from tests.test_training_run import _reference_rows, _train_checkpoints
 from tests.unrolling import mlp

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from engine.config import parse_config
-from engine.query.run import run_query
+from engine.runner import run_query
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import (

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as functional
 
-from engine.data.tokenize import IGNORE
+from engine.data.labels import IGNORE
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from engine.capture.loss import per_example_loss
-from engine.data.tokenize import IGNORE
+from engine.data.labels import IGNORE
 
 MEASUREMENTS = ("logprob_sum", "logprob_mean", "margin")
 

@@ -13,7 +13,6 @@ import numpy as np
 
 from engine.curvature.statistics import ModuleCovariance, ModuleLambda
 
-STRATEGIES = ("identity", "diagonal", "kfac", "ekfac")
 DENSE = "dense"  # a full eigendecomposition of one module's projected gradient covariance (TRAK-style)
 NEEDS_COVARIANCE = {"kfac", "ekfac"}
 NEEDS_LAMBDA_PASS = {"diagonal", "ekfac"}

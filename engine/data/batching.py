@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.data.tokenize import IGNORE, TokenizedRow
+from engine.data.labels import IGNORE
+from engine.data.tokenize import TokenizedRow
 
 
 @dataclass

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import re
 
+from engine.data.labels import IGNORE
 from engine.errors import TributaryError
 
 ROLES = ("system", "user", "assistant")
@@ -134,8 +135,6 @@ def _special_ids(tokenizer) -> set[int]:
 
 def tokenize_chat(messages: Messages, tokenizer, where: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels) of a conversation; labels are -100 except on assistant tokens (see module doc)."""
-    from engine.data.tokenize import IGNORE
-
     if not has_chat_template(tokenizer):
         raise TributaryError(
             f"{where}: chat row, but model.path's tokenizer has no chat template; use prompt/completion rows "
@@ -218,8 +217,6 @@ def _tokenize_with_generation_mask(messages: Messages, tokenizer, where: str) ->
     character spans; the mapping to tokens is done here with offsets, so a block that starts or ends on
     whitespace no token covers is still mapped exactly)."""
     from transformers.utils.chat_template_utils import render_jinja_template
-
-    from engine.data.tokenize import IGNORE
 
     try:
         rendered, spans = render_jinja_template(

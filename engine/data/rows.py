@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.config import JobConfig
 from engine.data.chat import Messages, parse_messages
 from engine.data.chat import display as chat_display
 from engine.data.lines import numbered_lines
@@ -47,6 +48,17 @@ class FieldNames:
     completion: str = "completion"
     id: str = "id"
     messages: str = "messages"
+
+
+def field_names(config: JobConfig) -> FieldNames:
+    data = config.data
+    return FieldNames(
+        text=data.text_field,
+        prompt=data.prompt_field,
+        completion=data.completion_field,
+        id=data.id_field,
+        messages=data.messages_field,
+    )
 
 
 def file_fingerprint(path: str | Path) -> str:

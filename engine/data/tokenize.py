@@ -7,10 +7,10 @@ import logging
 from dataclasses import dataclass
 
 from engine.data.chat import tokenize_chat
+from engine.data.labels import IGNORE
 from engine.data.rows import Row
 from engine.errors import TributaryError
 
-IGNORE = -100
 log = logging.getLogger(__name__)
 
 

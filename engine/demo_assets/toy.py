@@ -22,9 +22,8 @@ from engine.config import load_config
 from engine.data.batching import collate
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
-from engine.indexing.driver import run_index
-from engine.query.run import run_query
-from engine.tiny import build_model, build_tokenizer
+from engine.runner import run_index, run_query
+from engine.testing.tiny import build_model, build_tokenizer
 
 ANIMALS = ["fox", "owl", "bear", "otter", "crow", "hare", "wolf", "seal", "deer", "lynx", "mole", "wren"]
 FOODS = ["berries", "fish", "mice", "honey", "seeds", "roots", "grubs", "clams", "moss", "nuts"]

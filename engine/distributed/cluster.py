@@ -8,6 +8,7 @@ import os
 
 from engine.config import ClusterConfig
 from engine.errors import TributaryError
+from engine.testing import faults
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,12 @@ def forwarded_environment() -> dict[str, str]:
     workers read them from their own node's environment, as the Ray processes there were started.
     """
     names = (
-        "TRIBUTARY_CHAOS",
         "HF_HUB_OFFLINE",
         "TRANSFORMERS_OFFLINE",
         "TOKENIZERS_PARALLELISM",
         "HF_HUB_DISABLE_PROGRESS_BARS",
     )
-    return {name: os.environ[name] for name in names if name in os.environ}
+    return {name: os.environ[name] for name in names if name in os.environ} | faults.forwarded()
 
 
 def pool_size(cluster: ClusterConfig) -> int:

@@ -1,5 +1,9 @@
 """Run shards of a stage on an actor pool, re-issuing a shard whose actor died.
 
+The pool is generic: it runs any worker class that is built as `worker(*arguments, threads=n)` and answers
+`describe()`, `ping()`, `reset()` and one method per stage taking a shard number (indexing's ShardWorker;
+engine.runner hands it in).
+
 Actors restart after a crash (max_restarts), and a shard whose call failed because its actor died
 is put back in the queue and handed to the next free actor. Results arrive as receipts; the driver
 commits each shard once, whatever number of attempts it took.
@@ -12,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 
-from engine.config import ClusterConfig, JobConfig
+from engine.config import ClusterConfig
 from engine.errors import TributaryError
 
 log = logging.getLogger(__name__)
@@ -22,20 +26,19 @@ RECOVERY_WAIT_S = 0.25
 
 
 class RayExecutor:
-    def __init__(self, config: JobConfig, cluster: ClusterConfig, size: int):
+    def __init__(self, worker: type, arguments: tuple, cluster: ClusterConfig, size: int):
         import ray
 
         from engine.distributed.cluster import forwarded_environment
-        from engine.indexing.worker import ShardWorker
 
-        actor_class = ray.remote(ShardWorker).options(
+        actor_class = ray.remote(worker).options(
             num_cpus=cluster.cpus_per_worker,
             num_gpus=cluster.gpus_per_worker if _has_gpus() else 0,
             max_restarts=MAX_ATTEMPTS,
             max_task_retries=0,
             runtime_env={"env_vars": forwarded_environment()},
         )
-        self.actors = [actor_class.remote(config, threads=cluster.cpus_per_worker) for _ in range(size)]
+        self.actors = [actor_class.remote(*arguments, threads=cluster.cpus_per_worker) for _ in range(size)]
         self._ray = ray
         self._recoveries: dict[int, int] = {}
 

@@ -1,1 +1,2 @@
-"""Building an index: job preparation (all validation), per-shard computation, and the driver."""
+"""Building an index: input checks, the shard workers, the driver that commits their shards, and a training run's
+stores; in this process, or on the executor it is handed (engine.runner's Ray pool for a cluster)."""

@@ -9,8 +9,6 @@ order, eigendecompose in float64) → `lambdas` (pass 2: EK-FAC/diagonal Λ sums
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
 import time
 
@@ -18,34 +16,18 @@ from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
 from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda
-from engine.data.rows import file_fingerprint, read_rows
-from engine.data.tokenize import tokenize_rows
-from engine.indexing.executor import make_executor
-from engine.indexing.job import build_manifest, field_names
-from engine.indexing.worker import CHAOS
-from engine.model.loading import check_weight_files, checked_tokenizer, load_tokenizer
+from engine.data.rows import file_fingerprint
+from engine.indexing.executor import ShardExecutor
+from engine.indexing.manifest import build_manifest
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
-from engine.store.lock import StoreLock
 from engine.store.manifest import IndexRunRecord, ShardCommit, StoreManifest
 from engine.store.opening import open_or_create
-from engine.store.writable import check_store_location
 from engine.store.zarr_store import default_rows_per_chunk
+from engine.testing.faults import fault_point
 
 log = logging.getLogger(__name__)
-
-
-class _DriverChaos:
-    """Test hook: TRIBUTARY_CHAOS=driver:STAGE:N kills this driver with SIGKILL after N commits in STAGE."""
-
-    def __init__(self):
-        parts = os.environ.get(CHAOS, "").split(":")
-        self.target = (parts[1], int(parts[2])) if len(parts) == 3 and parts[0] == "driver" else None
-
-    def after_commit(self, stage: str, committed: int) -> None:
-        if self.target == (stage, committed):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class IndexRun:
@@ -56,7 +38,6 @@ class IndexRun:
         self.executor = executor
         self.spec = spec
         self.progress = progress
-        self.chaos = _DriverChaos()
         self.record = IndexRunRecord(
             started=time.strftime("%Y-%m-%dT%H:%M:%S"), host=socket.gethostname(), workers=workers
         )
@@ -85,7 +66,7 @@ class IndexRun:
             computed.append(shard)
             self._commit(stage, committed)
             self.progress.advance(task, shards[shard][1] - shards[shard][0])
-            self.chaos.after_commit(stage, len(computed))
+            fault_point("driver", stage, len(computed))
 
     def _commit(self, stage: str, committed: dict[int, ShardCommit]) -> None:
         changes: dict = {"shards": {**self.store.manifest.shards, stage: committed}, "runs": self._runs()}
@@ -100,43 +81,13 @@ class IndexRun:
         return self.store.manifest.stages.get(stage, False)
 
 
-def _validated_rows(config: JobConfig):
-    """Read and tokenise every training row before anything is loaded or written (errors name file:line)."""
-    tokenizer = (
-        checked_tokenizer(config.model.path)
-        if config.model.tokenizer is None
-        else load_tokenizer(config.model.tokenizer)
-    )
-    rows = read_rows(config.data.train, field_names(config), what="data.train")
-    tokenize_rows(rows, tokenizer, config.data.max_length, config.data.train)
-    return rows
-
-
-def run_index(config: JobConfig, overwrite: bool = False, show_progress: bool = True, break_lock: bool = False):
-    """Index `config`: a GradientStore, or with a `training_run` section a RunStore (one store per checkpoint)."""
-    from engine.training_run.resolve import resolve_run
-
-    plan = resolve_run(config)
-    if plan is not None:
-        from engine.indexing.run_driver import run_training_index
-
-        return run_training_index(config, plan, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock)
-    started = time.perf_counter()
-    rows = _validated_rows(config)
-    check_weight_files(config.model.path)
-    check_store_location(config.store.path)
-    executor = make_executor(config)
-    try:
-        with StoreLock(config.store.path, break_lock=break_lock):
-            store = build_store(config, len(rows), executor, overwrite, show_progress, started)
-    finally:
-        executor.shutdown()
-    log.info("indexed %d rows into %s", len(rows), location.redact(config.store.path))
-    return store
-
-
 def build_store(
-    config: JobConfig, rows: int, executor, overwrite: bool, show_progress: bool, started: float | None = None
+    config: JobConfig,
+    rows: int,
+    executor: ShardExecutor,
+    overwrite: bool,
+    show_progress: bool,
+    started: float | None = None,
 ) -> GradientStore:
     """Create (or resume) the store at config.store.path and run every stage; the caller holds the lock."""
     started = time.perf_counter() if started is None else started

@@ -1,11 +1,34 @@
-"""Where shards run: in this process, or on a Ray actor pool when the config has a `cluster` section."""
+"""Where shards run: what the driver needs of an executor, and the one that runs them in this process.
+
+A config with a `cluster` section runs them on a Ray actor pool instead; engine.runner hands that executor in
+(indexing does not import engine.distributed, which sits above it).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from engine.config import JobConfig
+from engine.errors import TributaryError
 from engine.indexing.worker import ShardWorker
+
+
+class ShardExecutor(Protocol):
+    def describe(self) -> dict:
+        """The workers' facts: projection spec, fingerprints, node, pid."""
+        ...
+
+    def run(self, stage: str, shards: list[int]) -> Iterator[dict]:
+        """A receipt per finished shard of `stage`, in completion order."""
+        ...
+
+    def reset(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+ExecutorFactory = Callable[[JobConfig], ShardExecutor]
 
 
 class LocalExecutor:
@@ -26,11 +49,11 @@ class LocalExecutor:
         pass
 
 
-def make_executor(config: JobConfig):
-    if config.cluster is None:
-        return LocalExecutor(config)
-    from engine.distributed.cluster import connect, pool_size
-    from engine.distributed.pool import RayExecutor
-
-    connect(config.cluster)
-    return RayExecutor(config, config.cluster, pool_size(config.cluster))
+def in_process(config: JobConfig) -> LocalExecutor:
+    """The executor of a config without a `cluster` section."""
+    if config.cluster is not None:
+        raise TributaryError(
+            "the config has a `cluster` section, which this entry point does not start; index through "
+            "engine.runner.run_index (as `tributary index` does), or drop the cluster section"
+        )
+    return LocalExecutor(config)

@@ -27,8 +27,9 @@ from engine.curvature.fitting import corrected_factors, fit_factors, module_widt
 from engine.curvature.packing import lambda_width, reduced_covariance, reduced_lambda
 from engine.curvature.statistics import ModuleLambda
 from engine.errors import TributaryError
-from engine.indexing.driver import IndexRun, _validated_rows, build_store
-from engine.indexing.executor import make_executor
+from engine.indexing.driver import IndexRun, build_store
+from engine.indexing.executor import ExecutorFactory
+from engine.indexing.inputs import validated_rows
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec, build_projection
 from engine.store import GradientStore, location
@@ -79,8 +80,10 @@ def _averaged_root(config: JobConfig) -> Path:
     return Path(local + ".averaged")
 
 
-def _index_checkpoint(config: JobConfig, rows: int, show_progress: bool, spec: ProjectionSpec) -> GradientStore:
-    executor = make_executor(config)
+def _index_checkpoint(
+    config: JobConfig, rows: int, show_progress: bool, spec: ProjectionSpec, executors: ExecutorFactory
+) -> GradientStore:
+    executor = executors(config)
     try:
         store = build_store(config, rows, executor, overwrite=False, show_progress=show_progress)
     finally:
@@ -100,13 +103,14 @@ def _shared_lambdas(
     scale: dict[str, np.ndarray] | None,
     spec: ProjectionSpec,
     show_progress: bool,
+    executors: ExecutorFactory,
 ) -> dict[str, ModuleLambda]:
     """Λ sums of one checkpoint in a segment's shared basis (the worker stage `segment_lambdas`)."""
     store.write_factors(basis, "segment_basis")
     if scale is not None:
         store.write_module_arrays("segment_scale", scale)
     store.create_partials("segment_lambda", lambda_width(spec), 1)
-    executor = make_executor(config)
+    executor = executors(config)
     try:
         with progress_bar(show_progress) as progress:
             IndexRun(store, executor, spec, progress, len(getattr(executor, "actors", [None]))).stage("segment_lambdas")
@@ -123,6 +127,7 @@ def _segment_factors(
     spec: ProjectionSpec,
     scale: dict[str, np.ndarray] | None,
     show_progress: bool,
+    executors: ExecutorFactory,
 ) -> dict[str, ModuleFactors]:
     """Covariances added over the segment's checkpoints, one eigendecomposition, Λ at every checkpoint in that
     basis, averaged (`fit_factors`, the parts being the checkpoints' stores)."""
@@ -132,13 +137,20 @@ def _segment_factors(
         module_widths(spec),
         segment.checkpoints,
         lambda name: reduced_covariance(*stores[name].read_partials("covariance"), spec),
-        lambda name, basis, scale: _shared_lambdas(configs[name], stores[name], basis, scale, spec, show_progress),
+        lambda name, basis, scale: _shared_lambdas(
+            configs[name], stores[name], basis, scale, spec, show_progress, executors
+        ),
         scale,
     )
 
 
 def run_training_index(
-    config: JobConfig, plan: RunPlan, overwrite: bool = False, show_progress: bool = True, break_lock: bool = False
+    config: JobConfig,
+    plan: RunPlan,
+    executors: ExecutorFactory,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    break_lock: bool = False,
 ) -> RunStore:
     started = time.perf_counter()
     require_schedule(plan, config.method.name)
@@ -151,7 +163,7 @@ def run_training_index(
     rows = {}
     for dataset in plan.datasets:
         rows[dataset] = len(
-            _validated_rows(config.model_copy(update={"data": config.data.model_copy(update={"train": dataset})}))
+            validated_rows(config.model_copy(update={"data": config.data.model_copy(update={"train": dataset})}))
         )
     check_store_location(config.store.path)
     model = meta_model(plan.final.path)
@@ -186,7 +198,7 @@ def run_training_index(
         for checkpoint in plan.checkpoints:
             dataset = plan.datasets[plan.segments[checkpoint.segment].dataset]
             log.info("checkpoint %s (%s)", checkpoint.name, checkpoint.path)
-            store = _index_checkpoint(configs[checkpoint.name], rows[dataset], show_progress, spec)
+            store = _index_checkpoint(configs[checkpoint.name], rows[dataset], show_progress, spec, executors)
             if plan.preconditioned:
                 store.write_module_arrays("preconditioner", preconditioners[checkpoint.name])
         for segment in plan.segments:
@@ -198,10 +210,10 @@ def run_training_index(
                 root.write_segment_preconditioner(segment.index, mean)
                 scale = square_root(mean)
             if plan.fits_own_factors(segment):
-                factors = _segment_factors(config, root, segment, configs, spec, scale, show_progress)
+                factors = _segment_factors(config, root, segment, configs, spec, scale, show_progress, executors)
                 root.write_segment_factors(segment.index, factors)
             if plan.averaged:
-                _index_averaged(config, root, plan, segment, averaged_root, rows, spec, scale, show_progress)
+                _index_averaged(config, root, plan, segment, averaged_root, rows, spec, scale, show_progress, executors)
             root.update_manifest(segments_done=[*root.manifest.segments_done, segment.index])
         root.update_manifest(complete=True, timings={"total_s": round(time.perf_counter() - started, 4)})
     log.info("indexed %d checkpoints into %s", len(plan.checkpoints), location.redact(config.store.path))
@@ -218,6 +230,7 @@ def _index_averaged(
     spec: ProjectionSpec,
     scale: dict[str, np.ndarray] | None,
     show_progress: bool,
+    executors: ExecutorFactory,
 ) -> None:
     """Fast-Source: a store at the segment's averaged parameters (own factors; of P̄^{1/2} H P̄^{1/2} for Adam)."""
     from engine.model.loading import DTYPES
@@ -227,9 +240,9 @@ def _index_averaged(
     weights = _averaged_model(paths, averaged_root / group, DTYPES[config.model.dtype])
     dataset = plan.datasets[segment.dataset]
     sub = checkpoint_config(config, weights, dataset, root.checkpoint_path(group))
-    store = _index_checkpoint(sub, rows[dataset], show_progress, spec)
+    store = _index_checkpoint(sub, rows[dataset], show_progress, spec, executors)
     if scale is not None:
         own = store.read_factors()
         basis = {name: ModuleFactors(f.strategy, f.lam, f.q_a, f.q_s, f.alpha, f.sigma) for name, f in own.items()}
-        lambdas = _shared_lambdas(sub, store, basis, scale, spec, show_progress)
+        lambdas = _shared_lambdas(sub, store, basis, scale, spec, show_progress, executors)
         store.write_factors(corrected_factors(config.curvature.strategy, basis, [lambdas]), "preconditioned_factors")

@@ -8,21 +8,17 @@ node, pid) and the driver alone records completion in the manifest.
 from __future__ import annotations
 
 import os
-import signal
 import time
-from pathlib import Path
 
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
 from engine.curvature.packing import pack_covariance, pack_lambda
-from engine.data.rows import read_rows
+from engine.data.rows import field_names, read_rows
 from engine.data.tokenize import tokenize_rows
-from engine.indexing.compute import gradient_pass, lambda_pass
-from engine.indexing.job import ModelContext, field_names, load_model_context
-from engine.projection import ProjectionSpec
+from engine.gradients.context import ModelContext, load_model_context
+from engine.gradients.passes import gradient_pass, lambda_pass
 from engine.store import GradientStore
-
-CHAOS = "TRIBUTARY_CHAOS"  # test hook: "actor:STAGE:SHARD:MARKER" kills the worker once, mid-shard
+from engine.testing.faults import fault_point
 
 
 def _node_id() -> str:
@@ -88,16 +84,6 @@ class ShardWorker:
             "seconds": round(time.perf_counter() - started, 4),
         }
 
-    @staticmethod
-    def _maybe_die(stage: str, shard: int) -> None:
-        spec = os.environ.get(CHAOS, "")
-        parts = spec.split(":", 3)
-        if len(parts) == 4 and parts[0] == "actor" and parts[1] == stage and int(parts[2]) == shard:
-            marker = Path(parts[3])
-            if not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os.kill(os.getpid(), signal.SIGKILL)
-
     # ---- stages ---------------------------------------------------------------------------------
     def gradients(self, shard: int) -> dict:
         """Pass 1 for one shard: rows, metadata and covariance sums written to the store."""
@@ -107,7 +93,7 @@ class ShardWorker:
         result = gradient_pass(self.context, self._tokenized(start, stop), start)
         ids = [row.id for row in self._rows[start:stop]]
         checksum = store.write_rows(start, result.grads, ids, result.num_tokens, result.losses)
-        self._maybe_die("gradients", shard)
+        fault_point("actor", "gradients", shard)
         if result.sums.covariance:
             store.write_partial("covariance", shard, *pack_covariance(result.sums.covariance, self.context.spec))
         return self._receipt("gradients", shard, started, checksum)
@@ -120,7 +106,7 @@ class ShardWorker:
             self._factors = store.read_factors()
         start, stop = store.shards()[shard]
         sums = lambda_pass(self.context, self._tokenized(start, stop), self._factors)
-        self._maybe_die("lambdas", shard)
+        fault_point("actor", "lambdas", shard)
         store.write_partial("lambda", shard, *pack_lambda(sums.lambdas, self.context.spec))
         return self._receipt("lambdas", shard, started)
 
@@ -141,7 +127,3 @@ class ShardWorker:
         """Forget cached store state (a new stage may have written new factors)."""
         self._store = None
         self._factors = None
-
-
-def spec_from(describe: dict) -> ProjectionSpec:
-    return ProjectionSpec.from_dict(describe["spec"])

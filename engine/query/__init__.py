@@ -1,1 +1,1 @@
-"""Answering attribution queries: query gradients, the spectral transform, streaming scores, top-k."""
+"""Answering attribution queries: query gradients, the spectral transform, streaming scores by row range, top-k."""

@@ -20,8 +20,8 @@ from engine.config import GenerationSettings, JobConfig, QueryOptions, with_meth
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.indexing.compute import token_gradients
-from engine.indexing.job import ModelContext, load_model_context
+from engine.gradients.context import ModelContext, load_model_context
+from engine.gradients.passes import token_gradients
 from engine.projection import ProjectionSpec
 from engine.query.generate import PromptRow, generate, token_pieces
 from engine.query.records import Query, result_records
@@ -40,6 +40,8 @@ SNIPPET_CHARS = 200
 
 # One scoring pass: (transformed queries (Q, D), unit-normalise stored rows?, k, keep full scores?) → ranks.
 Scan = Callable[[np.ndarray, bool, int, bool], QueryResult]
+# The scan of the final model's store, for a config with a `cluster` section (engine.runner makes one).
+ScanFactory = Callable[[GradientStore], Scan]
 
 
 def open_complete_store(path: str) -> GradientStore | RunStore:
@@ -148,20 +150,15 @@ def store_spec(store: GradientStore) -> ProjectionSpec:
     return store.manifest.projection
 
 
-def default_scan(config: JobConfig, store: GradientStore) -> Scan:
-    """In this process, or, with a `cluster` section, on row-range actors started for each pass."""
-    if config.cluster is None:
-        return lambda transformed, normalise, k, full: rank_store(store, transformed, normalise, k, full)
-    cluster = config.cluster
-
-    def on_cluster(transformed: np.ndarray, normalise: bool, k: int, full: bool) -> QueryResult:
-        from engine.distributed.cluster import connect, pool_size
-        from engine.distributed.scoring import score_on_cluster
-
-        connect(cluster)
-        return score_on_cluster(store, transformed, normalise, k, full, cluster, pool_size(cluster))
-
-    return on_cluster
+def local_scan(config: JobConfig, store: GradientStore) -> Scan:
+    """In this process. A config with a `cluster` section scores there instead, with the scan that engine.runner
+    (`tributary query`) or the service hands in."""
+    if config.cluster is not None:
+        raise TributaryError(
+            "the config has a `cluster` section, which this entry point does not start; query through "
+            "engine.runner.run_query (as `tributary query` does), or drop the cluster section"
+        )
+    return lambda transformed, normalise, k, full: rank_store(store, transformed, normalise, k, full)
 
 
 @dataclass
@@ -190,7 +187,7 @@ class Attributor:
         self.ids = rows.ids()
         self.snippets = rows.snippets(SNIPPET_CHARS)
         self.module_names = [m.name for m in self.spec.modules]
-        self.scan = scan or default_scan(config, self.store)
+        self.scan = scan or local_scan(config, self.store)
         self.scoring_passes = 0  # reads of the whole store (one per `attribute` call and normalisation)
         self._methods: dict[str, Method] = {}
         if method_from_config(config.method).spectral is not None:

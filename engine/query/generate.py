@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from engine.config import GenerationSettings
+from engine.data.labels import IGNORE
 from engine.data.lines import numbered_lines
-from engine.data.tokenize import IGNORE, TokenizedRow
+from engine.data.tokenize import TokenizedRow
 from engine.errors import TributaryError
 
 

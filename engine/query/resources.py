@@ -16,10 +16,10 @@ import numpy as np
 
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
-from engine.data.rows import file_fingerprint, read_rows
+from engine.data.rows import field_names, file_fingerprint, read_rows
 from engine.data.tokenize import TokenizedRow
-from engine.indexing.compute import gradient_pass
-from engine.indexing.job import ModelContext, field_names, load_model_context
+from engine.gradients.context import ModelContext, load_model_context
+from engine.gradients.passes import gradient_pass
 from engine.projection import ProjectionSpec
 from engine.query.scoring import top_k_with_scores
 from engine.spectral.core import QueryTerm, score_block_per_module, score_terms

@@ -9,10 +9,16 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import JobConfig, QueryOptions
-from engine.data.rows import read_rows
+from engine.data.rows import field_names, read_rows
 from engine.errors import TributaryError
-from engine.indexing.job import field_names
-from engine.query.attributor import Attributor, QueryGroup, check_method, open_complete_store
+from engine.query.attributor import (
+    Attributor,
+    QueryGroup,
+    ScanFactory,
+    check_method,
+    final_model,
+    open_complete_store,
+)
 from engine.query.generate import read_prompts
 from engine.query.records import Query
 from engine.query.scoring import QueryResult
@@ -44,11 +50,13 @@ def run_query(
     per_module: bool = False,
     options: QueryOptions | None = None,
     report: str | None = None,
+    scans: ScanFactory | None = None,
 ) -> QueryResult:
     """Score every query against every stored row; write results, scores and report only once all succeeded.
 
     Queries are scored as one batch, so each stored chunk is read once for all of them; with a
-    `cluster` section the rows are split over Ray actors that each return their top-k.
+    `cluster` section, `scans` gives the scan of the final model's store that splits the rows over Ray actors
+    that each return their top-k (engine.runner.run_query passes it).
     """
     if k <= 0:
         raise TributaryError(f"--top-k must be positive, got {k}")
@@ -61,7 +69,8 @@ def run_query(
         prompts = read_prompts(queries_path, config.data.prompt_field, config.data.id_field)
     else:
         read_rows(queries_path, field_names(config), what="queries file")
-    attributor = Attributor.load(config, opened)
+    scan = None if scans is None else scans(final_model(config, opened)[1])
+    attributor = Attributor.load(config, opened, scan)
     queries = _load_queries(attributor, queries_path, options, prompts)
     group = QueryGroup(queries, options, attributor.method())
     (result,) = attributor.attribute([group], need_full=scores_out is not None)
@@ -116,8 +125,3 @@ def _atomic_write_all(writes) -> None:
     finally:
         for tmp in parts:
             tmp.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write next to the target and rename, so a failure never leaves a half-written file."""
-    _atomic_write_all([(path, write)])

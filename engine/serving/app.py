@@ -6,7 +6,7 @@ Requests are validated and tokenised as they arrive (validation.py), then wait i
 serve.batch_max_queries queries) and runs in a worker thread, so requests keep arriving and queue for the
 pass after meanwhile. With a `cluster` section the
 store's rows are split into contiguous ranges, each scored by one `RowRangeScorer` deployment that every
-replica sends its batches to (the sharding of the distributed scorer, engine/distributed/scoring.py).
+replica sends its batches to (the sharding of `tributary query` on a cluster, engine/query/row_range.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import __version__
 from engine.capture.measurement import MEASUREMENTS
 from engine.config import JobConfig, method_names
-from engine.distributed.scoring import merge_parts
 from engine.query.attributor import Attributor, QueryGroup
+from engine.query.row_range import RowRangeScorer, merge_parts
 from engine.query.scoring import QueryResult
 from engine.serving.auth import BearerAuth, read_token, token_digest
 from engine.serving.batching import PassQueue
@@ -232,8 +232,6 @@ def build_api(service: AttributionService) -> FastAPI:
 
 
 # The scorers of one contiguous row range of the store each (one replica per range, shared by every
-# service replica): engine/distributed/scoring.py's RowRangeScorer as a deployment.
+# service replica): engine/query/row_range.py's RowRangeScorer as a deployment.
 def range_scorer_deployment():
-    from engine.distributed.scoring import RowRangeScorer
-
     return serve.deployment(RowRangeScorer)

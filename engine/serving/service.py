@@ -28,8 +28,8 @@ def with_serve_options(config: JobConfig, source: str, **options) -> JobConfig:
 
 def _range_scorers(config: JobConfig) -> list:
     from engine.distributed.cluster import pool_size
-    from engine.distributed.scoring import row_ranges
     from engine.query.attributor import final_model, open_complete_store
+    from engine.query.row_range import row_ranges
     from engine.serving.app import range_scorer_deployment
 
     cluster = config.cluster

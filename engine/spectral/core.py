@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
@@ -18,10 +18,20 @@ from engine.curvature.factors import ModuleFactors, rotate, unrotate
 from engine.projection import ProjectionSpec
 from engine.training_run.keys import ResourceKey
 
-if TYPE_CHECKING:
-    from engine.spectral.methods import Method
-
 ModuleArrays = dict[str, np.ndarray]
+
+
+class ScoringMethod(Protocol):
+    """What scoring needs of a method (engine.spectral.methods.Method, which builds on this module, is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def normalise(self) -> bool: ...  # unit-normalise both sides (Grad-Cos)
+
+    @property
+    def spectral(self) -> Callable[[np.ndarray], np.ndarray] | None: ...  # F(Λ); None: F = 1
 
 
 @dataclass
@@ -73,7 +83,7 @@ def normalise_rows(rows: np.ndarray) -> np.ndarray:
 
 
 def transform_queries(
-    query_rows: np.ndarray, spec: ProjectionSpec, method: Method, factors: dict[str, ModuleFactors] | None
+    query_rows: np.ndarray, spec: ProjectionSpec, method: ScoringMethod, factors: dict[str, ModuleFactors] | None
 ) -> np.ndarray:
     """The query side of a single-checkpoint score, in the raw projected layout (Q, D), float64."""
     query_rows = np.asarray(query_rows, dtype=np.float64)
@@ -86,7 +96,7 @@ def transform_queries(
     return apply_spectral(query_rows, spec, factors, method.spectral)
 
 
-def score_block(transformed: np.ndarray, train_rows: np.ndarray, method: Method) -> np.ndarray:
+def score_block(transformed: np.ndarray, train_rows: np.ndarray, method: ScoringMethod) -> np.ndarray:
     """(Q, n) scores of transformed queries against a block of stored rows.
 
     The arithmetic runs in the stored precision: float64 for float64 stores (exact tests), float32 for
@@ -105,7 +115,7 @@ def score_terms(
     terms: list[QueryTerm],
     blocks: Callable[[ResourceKey], Iterable[tuple[int, int, np.ndarray]]],
     rows: int,
-    method: Method,
+    method: ScoringMethod,
 ) -> np.ndarray:
     """(Q, rows): Σ over terms of the term's query side against its rows, streamed as (start, stop, block)."""
     total = np.zeros((terms[0].transformed.shape[0], rows))
@@ -116,7 +126,7 @@ def score_terms(
 
 
 def score_block_per_module(
-    transformed: np.ndarray, train_rows: np.ndarray, spec: ProjectionSpec, method: Method
+    transformed: np.ndarray, train_rows: np.ndarray, spec: ProjectionSpec, method: ScoringMethod
 ) -> np.ndarray:
     """(M, Q, n): each module's share of the score; they sum to `score_block`."""
     train_rows = np.asarray(train_rows, dtype=np.float64)

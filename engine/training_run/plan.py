@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass
 
 from engine.training_run.keys import ResourceKey
 
-OPTIMIZERS = ("sgd", "adam")
-
 
 @dataclass(frozen=True)
 class CheckpointPlan:

@@ -1,15 +1,14 @@
-"""Scoring on the cluster: each scorer owns a contiguous row range of the store, scores a whole batch
-of queries against it in one read, and returns its top-k (and, on request, its score columns).
-The caller merges the candidates with the same deterministic order as a dense top-k.
+"""Scoring by row ranges: each scorer owns a contiguous row range of the store, scores a whole batch of
+queries against it in one read, and returns its top-k (and, on request, its score columns). The caller
+merges the candidates with the same deterministic order as a dense top-k.
 
-`tributary query` starts one actor per range for a run; `tributary serve` deploys one long-lived scorer
-per range that every service replica sends its batches to."""
+On a cluster, `tributary query` starts one Ray actor per range for a run (engine.runner) and `tributary serve`
+deploys one long-lived scorer per range that every service replica sends its batches to (engine.serving)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from engine.config import ClusterConfig
 from engine.query.scoring import QueryResult, merge_top_k, stored_rows_method, top_k_with_scores
 from engine.spectral.core import score_block
 
@@ -50,22 +49,3 @@ def merge_parts(parts: list[RangePart], k: int, full: bool) -> QueryResult:
     bottom, bottom_values = merge_top_k([p[2] for p in parts], [-p[3] for p in parts], k)
     total = np.concatenate([p[4] for p in parts], axis=1) if full else None
     return QueryResult(top, top_values, bottom, -bottom_values, total)
-
-
-def score_on_cluster(
-    store, transformed: np.ndarray, normalise: bool, k: int, full: bool, cluster: ClusterConfig, actors: int
-) -> QueryResult:
-    """One scoring pass on actors started for it (and stopped after): top/bottom (Q, k), full (Q, N) or None."""
-    import ray
-
-    scorer = ray.remote(RowRangeScorer).options(num_cpus=cluster.cpus_per_worker)
-    pool = [
-        scorer.remote(store.path, a, b, cluster.cpus_per_worker) for a, b in row_ranges(len(store.shards()), actors)
-    ]
-    try:
-        shared = ray.put(transformed)
-        parts = ray.get([actor.score.remote(shared, normalise, k, full) for actor in pool])
-    finally:
-        for actor in pool:
-            ray.kill(actor)
-    return merge_parts(parts, k, full)

@@ -1,4 +1,4 @@
-"""Everything an index or query run needs, prepared and validated before anything is written."""
+"""A loaded model with what gradients need (tracked modules, projection, capture), for an index or a query."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine import __version__
 from engine.capture.capture import GradientCapture
 from engine.capture.modules import select_modules, tracked_shapes
 from engine.config import JobConfig
-from engine.data.rows import FieldNames, Row, file_fingerprint, read_rows
+from engine.data.rows import Row, field_names, file_fingerprint, read_rows
 from engine.data.tokenize import TokenizedRow, tokenize_rows
 from engine.errors import TributaryError
 from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
@@ -41,17 +40,6 @@ class ModelContext:
 
     def tokenize(self, rows: list[Row], source: str) -> list[TokenizedRow]:
         return tokenize_rows(rows, self.tokenizer, self.config.data.max_length, source)
-
-
-def field_names(config: JobConfig) -> FieldNames:
-    data = config.data
-    return FieldNames(
-        text=data.text_field,
-        prompt=data.prompt_field,
-        completion=data.completion_field,
-        id=data.id_field,
-        messages=data.messages_field,
-    )
 
 
 def load_model_context(
@@ -86,23 +74,6 @@ class IndexJob:
     @property
     def config(self) -> JobConfig:
         return self.context.config
-
-
-def build_manifest(config: JobConfig, spec: ProjectionSpec, fingerprints: dict, dataset_fingerprint: str) -> dict:
-    """What a store records about how it was built (credentials never appear: paths are redacted)."""
-    from engine.store.location import redact
-
-    settings = config.model_dump()
-    settings["store"]["path"] = redact(settings["store"]["path"])
-    return {
-        "code_version": __version__,
-        "fingerprints": dict(fingerprints, dataset=dataset_fingerprint, projection=spec.fingerprint()),
-        "projection": spec.to_dict(),
-        "curvature": config.curvature.model_dump(),
-        "data": config.data.model_dump(exclude={"batch_size", "train"}),
-        "model": config.model.model_dump(),
-        "config": settings,
-    }
 
 
 def prepare_index_job(config: JobConfig, device: torch.device | None = None) -> IndexJob:

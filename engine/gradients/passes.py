@@ -1,4 +1,5 @@
-"""Per-shard computation: pass 1 (projected gradients + covariance sums) and pass 2 (Λ sums).
+"""Gradient passes over tokenised rows: pass 1 (projected gradients + covariance sums), per-token gradients of a
+query, and pass 2 (Λ sums).
 
 A shard is a contiguous row range; nothing here depends on which shards a worker gets, so any split
 of the rows gives the same rows and, after merging, the same statistics.
@@ -17,8 +18,9 @@ from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulat
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
 from engine.curvature.statistics import PartialSums
 from engine.data.batching import Batch, batches
-from engine.data.tokenize import IGNORE, TokenizedRow
-from engine.indexing.job import ModelContext
+from engine.data.labels import IGNORE
+from engine.data.tokenize import TokenizedRow
+from engine.gradients.context import ModelContext
 
 
 @dataclass

@@ -1,0 +1,23 @@
+"""What a store records about how it was built."""
+
+from __future__ import annotations
+
+from engine import __version__
+from engine.config import JobConfig
+from engine.projection import ProjectionSpec
+from engine.store.location import redact
+
+
+def build_manifest(config: JobConfig, spec: ProjectionSpec, fingerprints: dict, dataset_fingerprint: str) -> dict:
+    """What a store records about how it was built (credentials never appear: paths are redacted)."""
+    settings = config.model_dump()
+    settings["store"]["path"] = redact(settings["store"]["path"])
+    return {
+        "code_version": __version__,
+        "fingerprints": dict(fingerprints, dataset=dataset_fingerprint, projection=spec.fingerprint()),
+        "projection": spec.to_dict(),
+        "curvature": config.curvature.model_dump(),
+        "data": config.data.model_dump(exclude={"batch_size", "train"}),
+        "model": config.model.model_dump(),
+        "config": settings,
+    }

@@ -1,0 +1,49 @@
+"""`tributary index`: a single-checkpoint store (engine/indexing/driver.py), or with a `training_run` section one
+store per checkpoint of the run (engine/indexing/run_driver.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from engine.config import JobConfig
+from engine.indexing.driver import build_store
+from engine.indexing.executor import ExecutorFactory, in_process
+from engine.indexing.inputs import validated_rows
+from engine.indexing.run_driver import run_training_index
+from engine.model.loading import check_weight_files
+from engine.store import GradientStore, location
+from engine.store.lock import StoreLock
+from engine.store.run_store import RunStore
+from engine.store.writable import check_store_location
+from engine.training_run.resolve import resolve_run
+
+log = logging.getLogger(__name__)
+
+
+def run_index(
+    config: JobConfig,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    break_lock: bool = False,
+    executors: ExecutorFactory = in_process,
+) -> GradientStore | RunStore:
+    """Index `config`: a GradientStore, or with a `training_run` section a RunStore (one store per checkpoint).
+    `executors` makes the executor of each store's shards (engine.runner passes a Ray-backed one for a cluster)."""
+    plan = resolve_run(config)
+    if plan is not None:
+        return run_training_index(
+            config, plan, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=executors
+        )
+    started = time.perf_counter()
+    rows = validated_rows(config)
+    check_weight_files(config.model.path)
+    check_store_location(config.store.path)
+    executor = executors(config)
+    try:
+        with StoreLock(config.store.path, break_lock=break_lock):
+            store = build_store(config, len(rows), executor, overwrite, show_progress, started)
+    finally:
+        executor.shutdown()
+    log.info("indexed %d rows into %s", len(rows), location.redact(config.store.path))
+    return store

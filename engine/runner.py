@@ -1,0 +1,86 @@
+"""Where work runs: in this process, or on Ray workers when the config has a `cluster` section.
+
+indexing and query run everything in this process and take the executor of shards or the scan of a store
+as an argument; this module, above engine.distributed, hands them the Ray-backed ones. `tributary index`
+and `tributary query`, the demos, the tests and the benchmarks index and query through here.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from engine.config import ClusterConfig, JobConfig, QueryOptions
+from engine.distributed.cluster import connect, pool_size
+from engine.distributed.fan_out import call_on_new_actors
+from engine.distributed.pool import RayExecutor
+from engine.indexing import run as indexing
+from engine.indexing.executor import LocalExecutor, ShardExecutor
+from engine.indexing.worker import ShardWorker
+from engine.query import run as query
+from engine.query.row_range import RowRangeScorer, merge_parts, row_ranges
+from engine.query.scoring import QueryResult
+from engine.store import GradientStore
+from engine.store.run_store import RunStore
+
+
+def shard_executor(config: JobConfig) -> ShardExecutor:
+    """This process, or with a `cluster` section a pool of ShardWorker actors (one per GPU, or per CPU share)."""
+    if config.cluster is None:
+        return LocalExecutor(config)
+    connect(config.cluster)
+    return RayExecutor(ShardWorker, (config,), config.cluster, pool_size(config.cluster))
+
+
+class ClusterScan:
+    """A scoring pass on row-range actors started for it (and stopped after); their top-k lists merged here."""
+
+    def __init__(self, cluster: ClusterConfig, store: GradientStore):
+        self.cluster = cluster
+        self.store = store
+
+    def __call__(self, transformed: np.ndarray, normalise: bool, k: int, full: bool) -> QueryResult:
+        cluster = self.cluster
+        connect(cluster)
+        threads = cluster.cpus_per_worker
+        ranges = row_ranges(len(self.store.shards()), pool_size(cluster))
+        constructions = [(self.store.path, a, b, threads) for a, b in ranges]
+        parts = call_on_new_actors(
+            RowRangeScorer, constructions, cluster.cpus_per_worker, "score", transformed, normalise, k, full
+        )
+        return merge_parts(parts, k, full)
+
+
+def run_index(
+    config: JobConfig, overwrite: bool = False, show_progress: bool = True, break_lock: bool = False
+) -> GradientStore | RunStore:
+    """engine.indexing.run.run_index, on the cluster when the config has a `cluster` section."""
+    return indexing.run_index(
+        config, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=shard_executor
+    )
+
+
+def run_query(
+    config: JobConfig,
+    queries_path: str,
+    k: int,
+    out: str | None = None,
+    scores_out: str | None = None,
+    per_module: bool = False,
+    options: QueryOptions | None = None,
+    report: str | None = None,
+) -> QueryResult:
+    """engine.query.run.run_query, scored on the cluster when the config has a `cluster` section."""
+    scans = None if config.cluster is None else partial(ClusterScan, config.cluster)
+    return query.run_query(
+        config,
+        queries_path,
+        k,
+        out=out,
+        scores_out=scores_out,
+        per_module=per_module,
+        options=options,
+        report=report,
+        scans=scans,
+    )
