@@ -3,6 +3,7 @@ not UTF-8 is an error naming file:line and its byte offset, like any other bad r
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,3 +57,14 @@ def numbered_lines(path: Path, what: str) -> Iterator[tuple[int, str]]:
                 offset += len(raw)
     except OSError as error:
         raise TributaryError(f"{what} {path} cannot be read ({error.strerror}); check its permissions") from None
+
+
+def json_records(path: Path, what: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON value) for every non-blank line of a JSONL file."""
+    for line_number, line in numbered_lines(path, what):
+        if not line.strip():
+            continue
+        try:
+            yield line_number, json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TributaryError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.config import JobConfig
 from engine.data.chat import Messages, parse_messages
 from engine.data.chat import display as chat_display
-from engine.data.lines import numbered_lines
+from engine.data.lines import json_records
 from engine.errors import TributaryError
 
 
@@ -111,13 +110,7 @@ def read_rows(path: str | Path, fields: FieldNames = FieldNames(), what: str = "
     """All rows of a JSONL file, in file order. Blank lines are skipped; anything else malformed is an error."""
     path = Path(path)
     rows: list[Row] = []
-    for line_number, line in numbered_lines(path, what):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TributaryError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+    for line_number, record in json_records(path, what):
         rows.append(_row_from_record(record, len(rows), line_number, fields, str(path)))
     if not rows:
         raise TributaryError(f"{what} {path} has no rows")

@@ -3,7 +3,6 @@ attribute exactly the generated tokens — the token ids are kept, never re-toke
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from engine.config import GenerationSettings
 from engine.data.labels import IGNORE
-from engine.data.lines import numbered_lines
+from engine.data.lines import json_records
 from engine.data.tokenize import TokenizedRow
 from engine.errors import TributaryError
 
@@ -35,14 +34,9 @@ class Generated:
 def read_prompts(path: str, prompt_field: str, id_field: str) -> list[PromptRow]:
     """Rows of a queries file for --generate: each needs a non-empty prompt; a completion is ignored."""
     rows: list[PromptRow] = []
-    for line_number, line in numbered_lines(Path(path), "queries file"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TributaryError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-        prompt = record.get(prompt_field) if isinstance(record, dict) else None
+    for line_number, record in json_records(Path(path), "queries file"):
+        record = record if isinstance(record, dict) else {}
+        prompt = record.get(prompt_field)
         if not isinstance(prompt, str) or not prompt.strip():
             raise TributaryError(f"{path}:{line_number}: --generate needs a non-empty '{prompt_field}' in every row")
         rows.append(PromptRow(len(rows), str(record.get(id_field, len(rows))), line_number, prompt))
