@@ -62,7 +62,7 @@ class IndexRun:
             shard = receipt["shard"]
             if shard in committed:
                 continue  # a late duplicate from a re-issued shard: each shard is committed once
-            committed[shard] = ShardCommit(**{k: receipt[k] for k in ("checksum", "node", "pid", "seconds")})
+            committed[shard] = ShardCommit(**{k: receipt[k] for k in ("checksum", "arrays", "node", "pid", "seconds")})
             computed.append(shard)
             self._commit(stage, committed)
             self.progress.advance(task, shards[shard][1] - shards[shard][0])

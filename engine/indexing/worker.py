@@ -74,11 +74,14 @@ class ShardWorker:
             log_truncation=False,
         )
 
-    def _receipt(self, stage: str, shard: int, started: float, checksum: str | None = None) -> dict:
+    def _receipt(
+        self, stage: str, shard: int, started: float, checksum: str | None = None, arrays: dict | None = None
+    ) -> dict:
         return {
             "stage": stage,
             "shard": shard,
             "checksum": checksum,
+            "arrays": arrays or {},
             "node": _node_id(),
             "pid": os.getpid(),
             "seconds": round(time.perf_counter() - started, 4),
@@ -92,11 +95,11 @@ class ShardWorker:
         start, stop = store.shards()[shard]
         result = gradient_pass(self.context, self._tokenized(start, stop), start)
         ids = [row.id for row in self._rows[start:stop]]
-        checksum = store.write_rows(start, result.grads, ids, result.num_tokens, result.losses)
+        checksum, arrays = store.write_rows(start, result.grads, ids, result.num_tokens, result.losses)
         fault_point("actor", "gradients", shard)
         if result.sums.covariance:
             store.write_partial("covariance", shard, *pack_covariance(result.sums.covariance, self.context.spec))
-        return self._receipt("gradients", shard, started, checksum)
+        return self._receipt("gradients", shard, started, checksum, arrays)
 
     def lambdas(self, shard: int) -> dict:
         """Pass 2 for one shard: Σ (Q_Sᵀ G̃ Q_A)² written to the store."""

@@ -1,46 +1,202 @@
-"""Checksums of what each shard wrote, and `info --verify`, which re-reads and compares them."""
+"""Checksums of what a store holds, taken as it is written, and `info --verify`, which re-reads and compares them.
+
+Covered: every shard's row arrays (grads, rows/id, rows/num_tokens, rows/loss; one digest each, in the
+shard's commit), and each module's slice of every packed per-module array (factors, preconditioners; in the
+manifest's `array_checksums`). A problem names the array, the module or rows, and the chunk; a chunk whose
+file is gone is "missing" (Zarr would read it as fill values, which is not what was written).
+"""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from engine.projection import ModuleProjection
+from engine.store.manifest import ARRAY_CHECKSUMS_SINCE, Manifest, ShardCommit
 
 SHARD_ARRAYS = ("grads", "rows/id", "rows/num_tokens", "rows/loss")
+FACTOR_FIELDS = ("lam", "q_a", "q_s", "alpha", "sigma")
+# Groups of packed per-module arrays that scores depend on; checked when the manifest has their digests.
+MODULE_GROUPS = ("factors", "segment_basis", "preconditioned_factors", "preconditioner", "segment_scale")
+
+
+@dataclass
+class Verification:
+    shards_checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)  # arrays present but written without checksums
+
+
+def _update(digest, values: np.ndarray) -> None:
+    if values.dtype.kind in "UOT":  # str, object or numpy 2 StringDType
+        digest.update("\x1f".join(str(v) for v in values).encode())
+    else:
+        digest.update(np.ascontiguousarray(values).tobytes())
+
+
+def digest_of(values: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    _update(digest, values)
+    return digest.hexdigest()
 
 
 def checksum(arrays: dict[str, np.ndarray]) -> str:
     """sha256 over the stored (encoded) values of a shard's rows, array by array in a fixed order."""
     digest = hashlib.sha256()
     for name in SHARD_ARRAYS:
-        values = arrays[name]
         digest.update(name.encode())
-        if values.dtype.kind in "UOT":  # str, object or numpy 2 StringDType
-            digest.update("\x1f".join(str(v) for v in values).encode())
-        else:
-            digest.update(np.ascontiguousarray(values).tobytes())
+        _update(digest, arrays[name])
     return digest.hexdigest()
 
 
-def verify(store) -> tuple[int, list[str]]:
-    """(shards checked, problems): every committed shard's rows re-read and checksummed.
+def row_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """One sha256 per row array of a shard, so verification can name the array that changed."""
+    return {name: digest_of(arrays[name]) for name in SHARD_ARRAYS}
 
-    A chunk whose bytes were changed either fails to decode or gives another checksum; both are named
-    by chunk key and row range. Shards never committed are reported as incomplete, not as corrupt.
+
+def module_size(field_name: str, module: ModuleProjection) -> int:
+    """Values of `module` in the packed array `field_name` (a factor field, or a (k_out, k_in) array)."""
+    sizes = {"q_a": module.k_in**2, "q_s": module.k_out**2, "alpha": module.k_in, "sigma": module.k_out}
+    return sizes.get(field_name, module.k_in * module.k_out)
+
+
+def module_checksums(pieces: dict[str, np.ndarray]) -> dict[str, str]:
+    """sha256 of each module's float64 values, as they are packed."""
+    return {name: digest_of(np.asarray(piece, dtype=np.float64).ravel()) for name, piece in pieces.items()}
+
+
+def _array(group: zarr.Group, path: str) -> zarr.Array:
+    array = group[path]
+    if not isinstance(array, zarr.Array):
+        raise TypeError(f"{path} is a group, not an array")
+    return array
+
+
+def _read(array: zarr.Array, selection: slice) -> np.ndarray:
+    return np.asarray(array[selection])
+
+
+def _chunk_present(array: zarr.Array, coords: tuple[int, ...]) -> bool:
+    return bool(sync((array.store_path / array.metadata.encode_chunk_key(coords)).exists()))
+
+
+def _chunk_name(name: str, array: zarr.Array, coords: tuple[int, ...]) -> str:
+    return f"{name}/{array.metadata.encode_chunk_key(coords)}"
+
+
+# ---- rows -------------------------------------------------------------------------------------------------
+def _shard_coords(name: str, shard: int) -> tuple[int, ...]:
+    return (shard, 0) if name == "grads" else (shard,)
+
+
+def _verify_shard(group: zarr.Group, shard: int, rows: tuple[int, int], commit: ShardCommit) -> list[str]:
+    start, stop = rows
+    where = f"(rows {start}..{stop - 1})"
+    arrays = {name: _array(group, name) for name in SHARD_ARRAYS}
+    chunks = {name: _chunk_name(name, arrays[name], _shard_coords(name, shard)) for name in SHARD_ARRAYS}
+    absent = [name for name in SHARD_ARRAYS if not _chunk_present(arrays[name], _shard_coords(name, shard))]
+    values = {}
+    for name in SHARD_ARRAYS:
+        try:
+            values[name] = _read(arrays[name], slice(start, stop))
+        except Exception as error:  # a corrupt chunk can fail inside any codec
+            return [f"{chunks[name]} {where}: unreadable ({type(error).__name__}: {error})"]
+    if not commit.arrays:  # written before per-array checksums: one digest over all four arrays
+        if checksum(values) == commit.checksum:
+            return []
+        if absent:
+            return [f"{chunks[name]} {where}: missing (chunk deleted after it was written)" for name in absent]
+        named = ", ".join(chunks.values())
+        return [
+            f"rows {start}..{stop - 1}: checksum mismatch in one of {named} (stored data changed after it was written)"
+        ]
+    problems = []
+    for name in SHARD_ARRAYS:
+        if digest_of(values[name]) == commit.arrays.get(name):
+            continue
+        if name in absent:
+            problems.append(f"{chunks[name]} {where}: missing (chunk deleted after it was written)")
+        else:
+            problems.append(f"{chunks[name]} {where}: checksum mismatch (stored data changed after it was written)")
+    return problems
+
+
+# ---- packed per-module arrays -----------------------------------------------------------------------------
+def _verify_packed(
+    group: zarr.Group, path: str, expected: dict[str, str], modules: Sequence[ModuleProjection]
+) -> list[str]:
+    prefix, _, field_name = path.rpartition("/")
+    if path not in group:
+        return [f"{path}: missing (array deleted after it was written)"]
+    array = _array(group, path)
+    try:
+        packed = _read(array, slice(None))
+    except Exception as error:
+        return [f"{path}: unreadable ({type(error).__name__}: {error})"]
+    chunk = array.chunks[0]
+    problems, offset = [], 0
+    for module in modules:
+        size = module_size(field_name, module)
+        name = f"{prefix}/{module.name}/{field_name}" if field_name in FACTOR_FIELDS else f"{path}/{module.name}"
+        if module.name in expected and digest_of(packed[offset : offset + size]) != expected[module.name]:
+            covering = [(index,) for index in range(offset // chunk, (offset + max(size, 1) - 1) // chunk + 1)]
+            absent = [_chunk_name(path, array, c) for c in covering if not _chunk_present(array, c)]
+            if absent:
+                problems.append(f"{name}: missing (chunk {', '.join(absent)} deleted after it was written)")
+            else:
+                chunks = ", ".join(_chunk_name(path, array, c) for c in covering)
+                problems.append(
+                    f"{name} (chunk {chunks}): checksum mismatch (stored data changed after it was written)"
+                )
+        offset += size
+    return problems
+
+
+def _verify_module_arrays(
+    group: zarr.Group, manifest: Manifest, groups: list[str], modules: Sequence[ModuleProjection]
+) -> Verification:
+    """Every recorded per-module array; the groups in `groups` present without any digest are unchecked."""
+    found = Verification()
+    recorded = manifest.array_checksums
+    for path, expected in recorded.items():
+        found.problems.extend(_verify_packed(group, path, expected, modules))
+    older = manifest.format_version < ARRAY_CHECKSUMS_SINCE
+    for name in groups:
+        if name in group and not any(path == name or path.startswith(f"{name}/") for path in recorded):
+            why = (
+                "written before Tributary checksummed factors and preconditioners" if older else "no checksum recorded"
+            )
+            found.unchecked.append(f"{name}: unchecked ({why})")
+    return found
+
+
+# ---- stores -----------------------------------------------------------------------------------------------
+def verify(store) -> Verification:
+    """A gradient store: every committed shard's rows and every checksummed factor or preconditioner re-read.
+
+    Shards never committed are reported as incomplete, not as corrupt.
     """
     committed = store.manifest.shards.get("gradients", {})
+    found = _verify_module_arrays(store.group, store.manifest, list(MODULE_GROUPS), store.modules)
     problems = []
-    for shard in range(len(store.shards())):
+    for shard, rows in enumerate(store.shards()):
         commit = committed.get(shard)
-        expected = None if commit is None else commit.checksum
-        if expected is None:
+        if commit is None or commit.checksum is None:
             problems.append(f"{store.chunk_key(shard)}: not written yet (incomplete store)")
             continue
-        try:
-            actual = store.shard_checksum(shard)
-        except Exception as error:  # a corrupt chunk can fail inside any codec
-            problems.append(f"{store.chunk_key(shard)}: unreadable ({type(error).__name__}: {error})")
-            continue
-        if actual != expected:
-            problems.append(f"{store.chunk_key(shard)}: checksum mismatch (stored data changed after it was written)")
-    return len(committed), problems
+        problems.extend(_verify_shard(store.group, shard, rows, commit))
+    found.problems = problems + found.problems
+    found.shards_checked = len(committed)
+    return found
+
+
+def verify_run_arrays(run) -> Verification:
+    """A training-run store's own arrays: each segment's factors and preconditioner (not its checkpoints)."""
+    segments = [f"segments/{name}" for name in run.group["segments"].group_keys()] if "segments" in run.group else []
+    groups = [f"{segment}/{part}" for segment in sorted(segments) for part in ("factors", "preconditioner")]
+    return _verify_module_arrays(run.group, run.manifest, groups, run.modules)

@@ -28,8 +28,9 @@ from engine.projection import ProjectionSpec
 from engine.store.location import join, redact, zarr_location
 from engine.training_run.plan import RunPlan
 
-FORMAT_VERSION = 1  # bump when a reader of an older version would misread what this one writes
+FORMAT_VERSION = 2  # bump when a reader of an older version would misread what this one writes
 UNVERSIONED = 1  # stores written before `format_version` existed
+ARRAY_CHECKSUMS_SINCE = 2  # stores of older versions hold no checksums of factors, preconditioners, row arrays
 STORE_FORMAT = "tributary-store/1"
 RUN_FORMAT = "tributary-run/1"
 
@@ -53,6 +54,7 @@ class ShardCommit(_Record):
     """A shard's completion in one stage, as the driver committed it from the worker's receipt."""
 
     checksum: str | None  # of the rows written (gradients); None for stages that write no rows
+    arrays: dict[str, str] = {}  # sha256 per row array of the shard ("grads", "rows/id", ...); {} before v2
     node: str
     pid: int
     seconds: float
@@ -84,6 +86,9 @@ class Manifest(_Record):
     curvature: JsonObject
     complete: bool = False
     timings: dict[str, float] | None = None  # seconds per phase, written when the store completes
+    # sha256 of each module's slice of every packed per-module array (factors, preconditioners) as written:
+    # array path ("factors/lam", "segments/s0/preconditioner") -> module -> digest
+    array_checksums: dict[str, dict[str, str]] = {}
 
     def updated(self, **changes: Any) -> Self:
         """A copy with `changes` applied, validated like a manifest read from disk (and sharing no objects
@@ -203,6 +208,15 @@ class ManifestStore(ABC, Generic[M]):
     def update_manifest(self, **changes: Any) -> None:
         self._manifest = self._manifest.updated(**changes)
         self.group.attrs["manifest"] = self._manifest.to_json()
+
+    def record_checksums(self, group: str, digests: dict[str, dict[str, str]]) -> None:
+        """Replace the recorded checksums of the arrays under `group` (a path in the store) with `digests`."""
+        kept = {
+            path: values
+            for path, values in self._manifest.array_checksums.items()
+            if path != group and not path.startswith(f"{group}/")
+        }
+        self.update_manifest(array_checksums={**kept, **digests})
 
     @staticmethod
     def _create_group(path: str, manifest: Manifest) -> zarr.Group:

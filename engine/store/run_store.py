@@ -95,7 +95,9 @@ class RunStore(ManifestStore[RunManifest]):
         return self.group.require_group(self._segment_path(index))
 
     def write_segment_factors(self, index: int, factors: dict[str, ModuleFactors]) -> None:
-        write_factor_group(self._segment(index).require_group("factors"), factors, self.modules)
+        group = f"{self._segment_path(index)}/factors"
+        digests = write_factor_group(self._segment(index).require_group("factors"), factors, self.modules)
+        self.record_checksums(group, {f"{group}/{field}": values for field, values in digests.items()})
 
     def has_segment_factors(self, index: int) -> bool:
         return f"{self._segment_path(index)}/factors" in self.group
@@ -104,7 +106,9 @@ class RunStore(ManifestStore[RunManifest]):
         return read_factor_group(self.group[f"{self._segment_path(index)}/factors"], self.modules)
 
     def write_segment_preconditioner(self, index: int, arrays: dict[str, np.ndarray]) -> None:
-        write_module_arrays(self._segment(index), "preconditioner", arrays, self.modules)
+        path = f"{self._segment_path(index)}/preconditioner"
+        digests = write_module_arrays(self._segment(index), "preconditioner", arrays, self.modules)
+        self.record_checksums(path, {path: digests})
 
     def read_segment_preconditioner(self, index: int) -> dict[str, np.ndarray]:
         return read_module_arrays(self.group[self._segment_path(index)], "preconditioner", self.modules)

@@ -1,10 +1,11 @@
 """What `tributary info` and the service's /v1/info say about a store: its manifest, summarised, and with
-`verify` the problems found re-reading every shard."""
+`verify` the problems found re-reading every shard, factor and preconditioner."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from engine.store.integrity import Verification, verify_run_arrays
 from engine.store.integrity import verify as verify_store
 from engine.store.location import redact
 from engine.store.run_store import RunStore
@@ -18,9 +19,18 @@ def store_summary(opened: GradientStore | RunStore, verify: bool = False) -> tup
     summary = manifest_summary(opened)
     problems: list[str] = []
     if verify:
-        checked, problems = verify_store(opened)
-        summary["verify"] = {"shards_checked": checked, "problems": problems}
+        found = verify_store(opened)
+        summary["verify"] = verification_summary(found)
+        problems = found.problems
     return summary, problems
+
+
+def verification_summary(found: Verification) -> dict[str, Any]:
+    """What `verify` found; `unchecked` only where something could not be checked (an older store)."""
+    summary: dict[str, Any] = {"shards_checked": found.shards_checked, "problems": found.problems}
+    if found.unchecked:
+        summary["unchecked"] = found.unchecked
+    return summary
 
 
 def manifest_summary(store: GradientStore) -> dict[str, Any]:
@@ -77,8 +87,12 @@ def run_summary(run: RunStore, verify: bool = False) -> tuple[dict[str, Any], li
             "shards_completed": f"{len(sub.manifest.completed_shards)} of {len(sub.shards())}",
         }
         if verify:
-            checked, found = verify_store(sub)
-            checkpoints[key]["verify"] = {"shards_checked": checked, "problems": found}
-            problems.extend(f"{key}: {problem}" for problem in found)
+            found = verify_store(sub)
+            checkpoints[key]["verify"] = verification_summary(found)
+            problems.extend(f"{key}: {problem}" for problem in found.problems)
     summary["checkpoints"] = checkpoints
+    if verify:
+        own = verify_run_arrays(run)
+        summary["verify"] = {"problems": own.problems, **({"unchecked": own.unchecked} if own.unchecked else {})}
+        problems = own.problems + problems
     return summary, problems

@@ -22,7 +22,7 @@ from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ModuleProjection
 from engine.store.encoding import PHYSICAL, decode, encode
-from engine.store.integrity import SHARD_ARRAYS, checksum
+from engine.store.integrity import FACTOR_FIELDS, SHARD_ARRAYS, checksum, module_checksums, row_checksums
 from engine.store.location import exists as location_exists
 from engine.store.location import redact
 from engine.store.manifest import (
@@ -35,7 +35,6 @@ from engine.store.manifest import (
 )
 
 TARGET_CHUNK_BYTES = 16 << 20
-FACTOR_FIELDS = ("lam", "q_a", "q_s", "alpha", "sigma")
 
 
 def default_rows_per_chunk(width: int, dtype: str, rows: int) -> int:
@@ -99,8 +98,8 @@ class GradientStore(ManifestStore[StoreManifest]):
     # ---- rows -----------------------------------------------------------------------------------
     def write_rows(
         self, start: int, grads: np.ndarray, ids: list[str], num_tokens: np.ndarray, losses: np.ndarray
-    ) -> str:
-        """Write a shard's rows; returns the checksum of exactly what was stored."""
+    ) -> tuple[str, dict[str, str]]:
+        """Write a shard's rows; returns the checksum of exactly what was stored, and one per array."""
         stop = start + len(grads)
         arrays = {
             "grads": encode(grads, self.manifest.dtype),
@@ -110,7 +109,7 @@ class GradientStore(ManifestStore[StoreManifest]):
         }
         for name, values in arrays.items():
             self.group[name][start:stop] = values
-        return checksum(arrays)
+        return checksum(arrays), row_checksums(arrays)
 
     def shard_checksum(self, shard: int) -> str:
         """Re-read one shard's rows and checksum them (raises if a chunk cannot be decoded)."""
@@ -171,7 +170,8 @@ class GradientStore(ManifestStore[StoreManifest]):
         """One float64 array per field with every module's values concatenated in layout order (a few
         arrays, not five per module: an LLM has hundreds of modules and each array costs a metadata write).
         `name` is the group: "factors" (this checkpoint's own), or e.g. "segment_basis" for a training run."""
-        write_factor_group(self.group.require_group(name), factors, self.modules)
+        digests = write_factor_group(self.group.require_group(name), factors, self.modules)
+        self.record_checksums(name, {f"{name}/{field}": values for field, values in digests.items()})
 
     def read_factors(self, name: str = "factors") -> dict[str, ModuleFactors]:
         return read_factor_group(self.group[name], self.modules)
@@ -181,7 +181,7 @@ class GradientStore(ManifestStore[StoreManifest]):
 
     def write_module_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
         """Per-module (k_out, k_in) float64 arrays (e.g. Adam's preconditioner), packed in layout order."""
-        write_module_arrays(self.group, name, arrays, self.modules)
+        self.record_checksums(name, {name: write_module_arrays(self.group, name, arrays, self.modules)})
 
     def read_module_arrays(self, name: str) -> dict[str, np.ndarray]:
         return read_module_arrays(self.group, name, self.modules)
@@ -189,7 +189,9 @@ class GradientStore(ManifestStore[StoreManifest]):
 
 def write_factor_group(
     root: zarr.Group, factors: dict[str, ModuleFactors], modules: Sequence[ModuleProjection]
-) -> None:
+) -> dict[str, dict[str, str]]:
+    """Write the packed factor arrays; returns, per field written, each module's checksum."""
+    digests = {}
     strategies = {module.strategy for module in factors.values()}
     root.attrs["strategy"] = strategies.pop()
     for field in FACTOR_FIELDS:
@@ -201,6 +203,8 @@ def write_factor_group(
         packed = np.concatenate([np.asarray(piece, dtype=np.float64).ravel() for piece in pieces])
         array = root.create_array(field, shape=packed.shape, dtype="float64", overwrite=True)
         array[...] = packed
+        digests[field] = module_checksums({m.name: piece for m, piece in zip(modules, pieces, strict=True)})
+    return digests
 
 
 def read_factor_group(root: zarr.Group, modules: Sequence[ModuleProjection]) -> dict[str, ModuleFactors]:
@@ -221,9 +225,11 @@ def read_factor_group(root: zarr.Group, modules: Sequence[ModuleProjection]) -> 
 
 def write_module_arrays(
     group: zarr.Group, name: str, arrays: dict[str, np.ndarray], modules: Sequence[ModuleProjection]
-) -> None:
+) -> dict[str, str]:
+    """Write the packed array; returns each module's checksum."""
     packed = np.concatenate([np.asarray(arrays[m.name], dtype=np.float64).ravel() for m in modules])
     group.create_array(name, shape=packed.shape, dtype="float64", overwrite=True)[...] = packed
+    return module_checksums({m.name: arrays[m.name] for m in modules})
 
 
 def read_module_arrays(group: zarr.Group, name: str, modules: Sequence[ModuleProjection]) -> dict[str, np.ndarray]:
