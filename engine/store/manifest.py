@@ -28,7 +28,7 @@ from engine.projection import ProjectionSpec
 from engine.store.location import join, redact, zarr_location
 from engine.training_run.plan import RunPlan
 
-FORMAT_VERSION = 1  # bump when a reader of an older version would misread what this one writes
+FORMAT_VERSION = 2  # 2: store_id. Bump when a reader of an older version would misread what this one writes
 UNVERSIONED = 1  # stores written before `format_version` existed
 STORE_FORMAT = "tributary-store/1"
 RUN_FORMAT = "tributary-run/1"
@@ -80,6 +80,7 @@ class Manifest(_Record):
 
     format: str
     format_version: int = FORMAT_VERSION
+    store_id: str | None = None  # uuid4 written at creation (engine.store.identity); None in older stores
     projection: ProjectionSpec
     curvature: JsonObject
     complete: bool = False
