@@ -65,7 +65,7 @@ def built(tiny_models, tmp_path_factory) -> Path:
     """A complete store and the config it was indexed with (built in this process: only the failures
     under test need the real CLI)."""
     from engine.config import load_config
-    from engine.indexing.driver import run_index
+    from engine.runner import run_index
 
     root = tmp_path_factory.mktemp("bad_paths_store")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
@@ -310,6 +310,17 @@ def test_query_file_that_is_a_directory(built, tmp_path):
     result = run_cli("query", str(built), "--queries", str(queries), "--out", str(tmp_path / "results.jsonl"))
     assert_clean_failure(result, f"queries file {queries} is a directory")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize("out", ["/proc/x", "/proc/no/such/results.jsonl"])
+def test_query_results_to_an_unwritable_place(built, tmp_path, out):
+    queries = write_jsonl(tmp_path / "queries.jsonl", [{"id": "q", "text": SENTENCES[0]}])
+    before = snapshot(tmp_path)
+    result = run_cli("query", str(built), "--queries", str(queries), "--out", out)
+    assert_clean_failure(result, f"cannot write {out}")
+    assert snapshot(tmp_path) == before
+    assert not os.path.lexists(out + ".part")
 
 
 # ---- order: inputs are checked before the writer lock is taken -----------------------------------------
