@@ -28,7 +28,7 @@ from engine.projection import ProjectionSpec
 from engine.store.location import join, redact, zarr_location
 from engine.training_run.plan import RunPlan
 
-FORMAT_VERSION = 2  # 2: store_id. Bump when a reader of an older version would misread what this one writes
+FORMAT_VERSION = 2  # bump when a reader of an older version would misread what this one writes
 UNVERSIONED = 1  # stores written before `format_version` existed
 STORE_FORMAT = "tributary-store/1"
 RUN_FORMAT = "tributary-run/1"
