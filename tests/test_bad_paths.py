@@ -312,6 +312,17 @@ def test_query_file_that_is_a_directory(built, tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+@pytest.mark.parametrize("out", ["/proc/x", "/proc/no/such/results.jsonl"])
+def test_query_results_to_an_unwritable_place(built, tmp_path, out):
+    queries = write_jsonl(tmp_path / "queries.jsonl", [{"id": "q", "text": SENTENCES[0]}])
+    before = snapshot(tmp_path)
+    result = run_cli("query", str(built), "--queries", str(queries), "--out", out)
+    assert_clean_failure(result, f"cannot write {out}")
+    assert snapshot(tmp_path) == before
+    assert not os.path.lexists(out + ".part")
+
+
 # ---- order: inputs are checked before the writer lock is taken -----------------------------------------
 
 

@@ -25,7 +25,23 @@ class TokenizedRow:
         return sum(1 for label in self.labels[1:] if label != IGNORE)
 
 
-def _encode(tokenizer, text: str, special: bool) -> list[int]:
+PAST_THE_CUT = 16  # tokens kept past max_length when a long text is tokenised by its prefix
+CHARS_PER_TOKEN_GUESS = 8
+
+
+def _encode(tokenizer, text: str, special: bool, needed: int | None = None) -> list[int]:
+    """The token ids of `text`, or, when `needed` is given and the text is long, more than `needed` leading
+    ids of it: only the first max_length tokens are kept, and tokenising a 10 MB row whole took over a GB.
+
+    The prefix tokenised grows until its ids run PAST_THE_CUT tokens beyond `needed`, so the tokens the cut
+    can change (those at its end) are never among the ones kept."""
+    if needed is not None:
+        chars = (needed + PAST_THE_CUT) * CHARS_PER_TOKEN_GUESS
+        while chars < len(text):
+            ids = list(tokenizer(text[:chars], add_special_tokens=special)["input_ids"])
+            if len(ids) > needed + PAST_THE_CUT:
+                return ids[: needed + PAST_THE_CUT]
+            chars *= 2
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
@@ -49,20 +65,21 @@ def tokenize_row(row: Row, tokenizer, max_length: int, source: str) -> tuple[Tok
             )
         return tokenized, truncated
     if row.text is not None:
-        ids = _encode(tokenizer, row.text, special=True)
+        ids = _encode(tokenizer, row.text, special=True, needed=max_length)
         if len(ids) < 2:
             raise TributaryError(
                 f"{where}: text has {len(ids)} token(s); at least 2 are needed for one next-token loss"
             )
         labels = list(ids)
     else:
-        prompt_ids = _encode(tokenizer, row.prompt or "", special=True)
-        completion_ids = _encode(tokenizer, row.completion or "", special=False)
+        prompt_ids = _encode(tokenizer, row.prompt or "", special=True, needed=max_length)
+        completion_ids = _encode(tokenizer, row.completion or "", special=False, needed=max_length)
         if not completion_ids:
             raise TributaryError(f"{where}: completion has no tokens; give it text")
         if len(prompt_ids) >= max_length:
             raise TributaryError(
-                f"{where}: prompt is {len(prompt_ids)} tokens, not shorter than data.max_length={max_length}, "
+                f"{where}: prompt is {'at least ' * (len(prompt_ids) >= max_length + PAST_THE_CUT)}"
+                f"{len(prompt_ids)} tokens, not shorter than data.max_length={max_length}, "
                 "so no completion token would remain; shorten the prompt or raise data.max_length"
             )
         ids = prompt_ids + completion_ids

@@ -30,6 +30,7 @@ from engine.query.scoring import QueryResult, rank_store
 from engine.spectral.core import QueryTerm, score_block, transform_queries
 from engine.spectral.methods import Method, method_from_config
 from engine.store import GradientStore
+from engine.store.identity import StoreChanged, StoreIdentity, check_unchanged, identity_of
 from engine.store.location import redact
 from engine.store.run_store import RunStore, is_run_store
 from engine.training_run.configs import checkpoint_config
@@ -190,8 +191,11 @@ class Attributor:
         self.scan = scan or local_scan(config, self.store)
         self.scoring_passes = 0  # reads of the whole store (one per `attribute` call and normalisation)
         self._methods: dict[str, Method] = {}
+        # what was loaded: the store as opened and, in a training run, the final model's sub-store it scans
+        self._loaded: dict[str, StoreIdentity] = {s.path: identity_of(s.manifest) for s in (opened, self.store)}
         if method_from_config(config.method).spectral is not None:
             self.factors()
+        self.check_store_unchanged()  # ids, snippets and factors were all read from the store as opened
 
     @classmethod
     def load(
@@ -249,10 +253,32 @@ class Attributor:
         ]
 
     # ---- scoring ----------------------------------------------------------------------------------
+    def check_store_unchanged(self) -> None:
+        """StoreChanged unless every store this attributor loaded is still the one at its path (not replaced
+        by `tributary index --overwrite`, removed, or being rewritten)."""
+        for path, loaded in self._loaded.items():
+            check_unchanged(path, loaded, "this process")
+
     def attribute(self, groups: list[QueryGroup], need_full: bool = False) -> list[QueryResult]:
         """Each group's results (with records). Methods with one term at the final checkpoint share one read
         of the store per normalisation for all groups; a method over several checkpoints or stages (TracIn,
-        TRAK ensembles, multi-segment Source) reads its stores for its group, in this process."""
+        TRAK ensembles, multi-segment Source) reads its stores for its group, in this process.
+
+        The kept ids and factors belong to the store as loaded, so the store's identity is checked before the
+        pass and after it (rows read meanwhile may be another store's): a change is StoreChanged, also when
+        the pass failed reading a store that was being rewritten."""
+        self.check_store_unchanged()
+        try:
+            results = self._attribute(groups, need_full)
+        except StoreChanged:
+            raise
+        except Exception:
+            self.check_store_unchanged()  # a failure while the store changed underneath is that change
+            raise
+        self.check_store_unchanged()
+        return results
+
+    def _attribute(self, groups: list[QueryGroup], need_full: bool) -> list[QueryResult]:
         prepared = [self._resources([q.row for q in group.queries], group.options.measurement) for group in groups]
         terms = [group.method.terms(resources) for group, resources in zip(groups, prepared)]
         results: list[QueryResult | None] = [None] * len(groups)

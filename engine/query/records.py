@@ -3,6 +3,10 @@
 `QueryAttribution` is the record's one description: `tributary query --out` writes it, the service answers
 with it and publishes it in its OpenAPI document. `as_json` is the one place a record becomes JSON (an
 absent option, such as a snippet or per-module scores, is left out, not written as null).
+
+A record echoes the query's text, prompt and completion only up to ECHO_CHARS characters each: a 10 MB query
+row echoed whole made every record (and the service's answer) that large. `truncated` gives the full length
+of each field that was cut; the id and the tokens (which are what was attributed) are kept whole.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from pydantic import BaseModel, Field
 
 from engine.data.tokenize import TokenizedRow
 from engine.query.scoring import QueryResult
+
+ECHO_CHARS = 2000  # characters of a query's text, prompt and completion a record echoes
 
 
 @dataclass
@@ -52,6 +58,17 @@ class QueryAttribution(BaseModel):
     text: str | None = Field(None, description="a text query")
     prompt: str | None = Field(None, description="a prompt/completion (or generated) query's prompt")
     completion: str | None = None
+    truncated: dict[str, int] | None = Field(
+        None,
+        description=f"the echoed fields cut to their first {ECHO_CHARS} characters, with their full length in "
+        "characters",
+    )
+
+
+def _echoed(fields: dict[str, str | None]) -> tuple[dict[str, str | None], dict[str, int] | None]:
+    """(each field cut to ECHO_CHARS characters, the full length of each one cut, or None when none was)."""
+    cut = {name: len(value) for name, value in fields.items() if value is not None and len(value) > ECHO_CHARS}
+    return {name: None if value is None else value[:ECHO_CHARS] for name, value in fields.items()}, cut or None
 
 
 def as_json(records: list[QueryAttribution]) -> list[dict]:
@@ -98,6 +115,13 @@ def attributions(
     records = []
     for q, query in enumerate(queries):
         top = _entries("top", q, result, ids, snippets, module_names)
+        echoed, truncated = _echoed(
+            {
+                "text": query.text,
+                "prompt": query.prompt if query.text is None else None,
+                "completion": query.completion if query.text is None else None,
+            }
+        )
         records.append(
             QueryAttribution(
                 query=q,
@@ -109,9 +133,10 @@ def attributions(
                 top_k=top,
                 bottom_k=_entries("bottom", q, result, ids, snippets, module_names),
                 token_scores=top[0].per_token if top else None,
-                text=query.text,
-                prompt=query.prompt if query.text is None else None,
-                completion=query.completion if query.text is None else None,
+                text=echoed["text"],
+                prompt=echoed["prompt"],
+                completion=echoed["completion"],
+                truncated=truncated,
             )
         )
     return records

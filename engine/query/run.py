@@ -115,11 +115,17 @@ def _atomic_write_all(writes) -> None:
     parts = []
     try:
         for path, write in writes:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".part")
-            parts.append(tmp)
-            with open(tmp, "wb") as handle:
-                write(handle)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(path.name + ".part")
+                parts.append(tmp)
+                with open(tmp, "wb") as handle:
+                    write(handle)
+            except OSError as error:
+                raise TributaryError(
+                    f"cannot write {path} ({error.strerror or type(error).__name__}); give a path in a directory "
+                    "you can write"
+                ) from None
         for (path, _), tmp in zip(writes, parts):
             tmp.replace(path)
     finally:

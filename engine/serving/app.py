@@ -33,6 +33,7 @@ from engine.serving.batching import PassQueue
 from engine.serving.responses import RequestError, refusal_of_http_error
 from engine.serving.schema import AttributeRequest, AttributeResponse, ErrorBody
 from engine.serving.validation import BodyLimit, Limits, PreparedRequest, prepare
+from engine.store.identity import StoreChanged
 from engine.store.summary import manifest_summary
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ ERROR_RESPONSES = {
         (413, "too many queries, too long a prompt, or too large a body (the limit is in the body)"),
         (422, "malformed body (the field is named)"),
         (500, "the scoring pass failed"),
+        (503, "the store was replaced, removed or is being rewritten since the service loaded it"),
         (504, "not answered within serve.request_timeout_s"),
     )
 }
@@ -151,6 +153,10 @@ class AttributionService:
         if groups:
             try:
                 results = self.attributor.attribute(groups)
+            except StoreChanged as error:  # never answer with the old store's ids and factors over new rows
+                log.error("%s", error)
+                for i in members:
+                    outcomes[i] = RequestError(503, str(error))
             except Exception as error:
                 log.exception("a scoring pass over %d requests failed", len(groups))
                 for i in members:

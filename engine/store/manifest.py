@@ -82,6 +82,7 @@ class Manifest(_Record):
 
     format: str
     format_version: int = FORMAT_VERSION
+    store_id: str | None = None  # uuid4 written at creation (engine.store.identity); None in older stores
     projection: ProjectionSpec
     curvature: JsonObject
     complete: bool = False

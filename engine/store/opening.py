@@ -7,6 +7,7 @@ from typing import TypeVar
 from engine.errors import TributaryError
 from engine.store import location
 from engine.store.compatibility import resume_refusal
+from engine.store.identity import new_store_id
 from engine.store.manifest import Manifest, ManifestStore, stored_kind
 from engine.store.run_store import RunStore, is_run_store
 from engine.store.zarr_store import GradientStore
@@ -25,7 +26,8 @@ def open_or_create(kind: type[S], path: str, manifest: Manifest, overwrite: bool
     A store of that kind built from the same inputs and settings is resumed (a complete one is returned
     as is); with `overwrite` any Tributary store at `path` is replaced. Anything else is refused: another
     store without --overwrite, and, even with it, a path holding files that are not a Tributary store
-    (creating the store would delete them). The caller holds the store's lock.
+    (creating the store would delete them). A created store gets a new store id. The caller holds the
+    store's lock.
     """
     if not _vacant(path):
         existing = stored_kind(path)
@@ -47,7 +49,7 @@ def open_or_create(kind: type[S], path: str, manifest: Manifest, overwrite: bool
             if refusal is not None:
                 raise TributaryError(refusal)
             return opened, True
-    return kind.create(path, manifest), False
+    return kind.create(path, manifest.updated(store_id=new_store_id())), False
 
 
 def _vacant(path: str) -> bool:
