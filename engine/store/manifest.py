@@ -28,7 +28,7 @@ from engine.projection import ProjectionSpec
 from engine.store.location import join, redact, zarr_location
 from engine.training_run.plan import RunPlan
 
-FORMAT_VERSION = 1  # bump when a reader of an older version would misread what this one writes
+FORMAT_VERSION = 2  # bump when a reader of an older version would misread what this one writes
 UNVERSIONED = 1  # stores written before `format_version` existed
 STORE_FORMAT = "tributary-store/1"
 RUN_FORMAT = "tributary-run/1"
@@ -65,6 +65,15 @@ class IndexRunRecord(_Record):
     host: str
     workers: int
     computed: dict[str, list[int]] = {}
+
+
+class SkippedRow(_Record):
+    """A training row left out for non-finite values (data.on_nonfinite: skip): stored as zeros with loss 0,
+    excluded from the curvature sums and never ranked by a query."""
+
+    row: int
+    id: str
+    modules: list[str]  # the tracked modules (or "loss") whose part of the row was non-finite
 
 
 class RunStoreSettings(_Record):
@@ -117,6 +126,7 @@ class StoreManifest(Manifest):
     stages: dict[str, bool] = {}  # driver stages done: "eigen", "final"
     runs: list[IndexRunRecord] = []
     shards: dict[str, dict[int, ShardCommit]] = {}  # stage ("gradients", "lambdas", ...) -> shard -> commit
+    skipped: list[SkippedRow] = []  # format 2: rows left out for non-finite values, by row (data.on_nonfinite)
 
 
 class RunManifest(Manifest):
