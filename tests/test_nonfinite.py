@@ -222,3 +222,17 @@ def test_a_workers_error_comes_back_as_its_own_line():
     assert isinstance(unwrapped, TributaryError) and str(unwrapped) == str(cause)
     other = ray.exceptions.RayTaskError("ShardWorker.gradients", "tb", KeyError("bug"))
     assert _unwrapped(other) is other
+
+
+def test_skip_is_refused_for_a_training_run(tmp_path, tiny_models):
+    """Each checkpoint would skip its own rows, so no one set of rows could be ranked: refused before any work."""
+    from tests.test_training_run import _train_checkpoints
+
+    _train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2,))
+    raw = job_config(
+        tmp_path, tiny_models["gpt2"], _all_rows(tmp_path), training_run={"trainer_dir": str(tmp_path / "trainer")}
+    )
+    raw["data"]["on_nonfinite"] = "skip"
+    with pytest.raises(TributaryError, match="on_nonfinite: skip is for single-checkpoint stores"):
+        run_index(parse_config(raw), show_progress=False)
+    assert not Path(raw["store"]["path"]).exists()
