@@ -193,6 +193,25 @@ def test_a_nonfinite_query_is_refused_by_id(tmp_path, nan_word_model):
     assert entries and all(np.isfinite(entry["score"]) for entry in entries)
     assert not {entry["id"] for entry in entries} & set(SKIPPED_IDS)
 
+    # both in one scoring pass: the refused request does not fail the other
+    from engine.serving.responses import RequestError
+    from engine.serving.schema import AttributeRequest
+    from engine.serving.validation import prepare
+
+    requests = [
+        AttributeRequest.model_validate({"queries": [query], "top_k": 3})
+        for query in (
+            {"id": "nanq", "prompt": "the owl eats", "completion": " mice at night"},
+            {"id": "fine", "prompt": "the fox eats", "completion": " berries"},
+        )
+    ]
+    refused, answered = service._score_batch(
+        [prepare(request, service.attributor, service.limits, service.request_tokenizer) for request in requests]
+    )
+    assert isinstance(refused, RequestError) and refused.status == 422 and '"nanq"' in str(refused.body())
+    assert not isinstance(answered, RequestError)
+    assert [entry["id"] for entry in answered[0]["top_k"]] == [entry["id"] for entry in attribution["top_k"]]
+
 
 def test_a_float16_model_that_overflows_is_an_error(tmp_path):
     def overflowing(model, _tokenizer):  # finite weights whose MLP outputs pass float16's 65504
