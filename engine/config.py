@@ -52,6 +52,12 @@ class DataConfig(_Section):
     max_length: int = Field(default=512, gt=1)
     batch_size: int = Field(default=8, gt=0)
     padding_side: Literal["right", "left"] = "right"
+    on_nonfinite: Literal["error", "skip"] = Field(
+        default="error",
+        description="a training row whose gradient, loss or curvature statistics are NaN/inf: error (stop, naming "
+        "the row and modules) or skip (store it as zeros, leave it out of the curvature sums and of every ranking, "
+        "and list it in the manifest's `skipped`)",
+    )
 
 
 class ProjectionConfig(_Section):

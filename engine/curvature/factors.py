@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.curvature.statistics import ModuleCovariance, ModuleLambda
+from engine.errors import TributaryError
 
 DENSE = "dense"  # a full eigendecomposition of one module's projected gradient covariance (TRAK-style)
 NEEDS_COVARIANCE = {"kfac", "ekfac"}
@@ -102,11 +103,22 @@ def dense_factors(gram: np.ndarray) -> ModuleFactors:
     return ModuleFactors(strategy=DENSE, lam=lam, basis=basis)
 
 
+def _require_finite(covariance: dict[str, ModuleCovariance], names) -> None:
+    """eigh of a non-finite matrix fails (or returns NaN): name the modules instead."""
+    bad = [n for n in names if not (np.isfinite(covariance[n].a_sum).all() and np.isfinite(covariance[n].s_sum).all())]
+    if bad:
+        raise TributaryError(
+            f"the covariance sums of {', '.join(bad)} are not finite (NaN/inf), so no eigenbasis exists; the "
+            "model overflows or holds NaN weights: check model.path and model.dtype, then index with --overwrite"
+        )
+
+
 def initial_factors(
     strategy: str, covariance: dict[str, ModuleCovariance], widths: dict[str, tuple[int, int]]
 ) -> dict[str, ModuleFactors]:
     """Factors after pass 1: eigenbases (K-FAC/EK-FAC) or placeholders; `widths` maps name → (k_in, k_out)."""
     if strategy in NEEDS_COVARIANCE:
+        _require_finite(covariance, widths)
         return {name: eigendecompose(covariance[name], strategy) for name in widths}
     return {name: identity_factors(k_in, k_out) for name, (k_in, k_out) in widths.items()}
 
@@ -114,6 +126,12 @@ def initial_factors(
 def final_factors(
     strategy: str, initial: dict[str, ModuleFactors], lambdas: dict[str, ModuleLambda]
 ) -> dict[str, ModuleFactors]:
+    bad = [name for name in initial if name in lambdas and not np.isfinite(lambdas[name].sum).all()]
+    if strategy in ("ekfac", "diagonal") and bad:
+        raise TributaryError(
+            f"the eigenvalue-correction sums of {', '.join(bad)} are not finite (NaN/inf); the model overflows or "
+            "holds NaN weights: check model.path and model.dtype, then index with --overwrite"
+        )
     if strategy == "ekfac":
         return {name: correct(factors, lambdas[name]) for name, factors in initial.items()}
     if strategy == "diagonal":

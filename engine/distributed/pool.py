@@ -69,6 +69,8 @@ class RayExecutor:
             actor, shard = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
+            except ray.exceptions.RayTaskError as error:
+                raise _unwrapped(error) from None
             except ray.exceptions.RayActorError as error:
                 self._recover(actor, in_flight)
                 if shard is None:
@@ -103,6 +105,15 @@ class RayExecutor:
     def shutdown(self) -> None:
         for actor in self.actors:
             self._ray.kill(actor)
+
+
+def _unwrapped(error: Exception) -> Exception:
+    """A worker's TributaryError as the user should see it (one line, its own message), not Ray's wrapper with
+    the remote traceback; any other failure stays as Ray raised it."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, TributaryError):
+        return TributaryError(str(cause))
+    return error
 
 
 def _has_gpus() -> bool:

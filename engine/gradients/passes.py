@@ -7,7 +7,8 @@ of the rows gives the same rows and, after merging, the same statistics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from engine.data.batching import Batch, batches
 from engine.data.labels import IGNORE
 from engine.data.tokenize import TokenizedRow
 from engine.gradients.context import ModelContext
+from engine.gradients.finite import NonFinite, merged, nonfinite_gradients, nonfinite_statistics
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ShardGradients:
     losses: np.ndarray
     num_tokens: np.ndarray
     sums: PartialSums
+    nonfinite: NonFinite = field(default_factory=dict)  # row position in the shard → non-finite modules
 
 
 def _curvature_labels(context: ModelContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
@@ -59,6 +62,8 @@ def gradient_pass(
     want_covariance = with_covariance and curvature.strategy in NEEDS_COVARIANCE
     covariance = CovarianceAccumulator(context.spec)
     grads, losses, tokens = [], [], []
+    nonfinite: list[NonFinite] = []
+    done = 0
     with capture.hooks():
         for batch in _batches(context, rows):
             state = capture.forward(batch)
@@ -68,14 +73,42 @@ def gradient_pass(
             grads.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
             losses.append(loss.detach().float().cpu())
             tokens.append(batch.num_tokens.cpu())
+            nonfinite.append(nonfinite_gradients(grads[-1].numpy(), losses[-1].numpy(), context.spec, done))
             if want_covariance:
                 if separate_fisher:
                     sampled = _curvature_labels(context, batch, state.logits)
                     fisher_loss = per_example_loss(state.logits, sampled)
                     deltas = capture.output_gradients(state, fisher_loss, retain_graph=False)
+                nonfinite.append(nonfinite_statistics(state.activations, done))
+                nonfinite.append(nonfinite_statistics(deltas, done))
                 covariance.add(state.activations, deltas, batch.attention_mask)
+            done += len(batch.indices)
     sums = PartialSums(covariance=covariance.sums if want_covariance else {})
-    return ShardGradients(start, torch.cat(grads).numpy(), torch.cat(losses).numpy(), torch.cat(tokens).numpy(), sums)
+    return ShardGradients(
+        start,
+        torch.cat(grads).numpy(),
+        torch.cat(losses).numpy(),
+        torch.cat(tokens).numpy(),
+        sums,
+        merged(*nonfinite),
+    )
+
+
+def gradient_pass_without(context: ModelContext, rows: list[TokenizedRow], start: int, left_out: NonFinite):
+    """Pass 1 of the rows not in `left_out` (positions), with the left-out rows' gradients and losses kept as
+    zeros in place: the covariance sums are those of the kept rows alone (data.on_nonfinite: skip)."""
+    kept = [position for position in range(len(rows)) if position not in left_out]
+    partial = gradient_pass(context, [rows[p] for p in kept], start) if kept else None
+    width = context.spec.total_width
+    grads = np.zeros((len(rows), width), dtype=partial.grads.dtype if partial else np.float32)
+    losses = np.zeros(len(rows), dtype=np.float32)
+    tokens = np.array([len(row.input_ids) for row in rows], dtype=np.int64)  # as Batch.num_tokens counts
+    sums = PartialSums()
+    again: NonFinite = {}
+    if partial is not None:
+        grads[kept], losses[kept], tokens[kept], sums = partial.grads, partial.losses, partial.num_tokens, partial.sums
+        again = {kept[position]: names for position, names in partial.nonfinite.items()}
+    return ShardGradients(start, grads, losses, tokens, sums, again)
 
 
 def token_gradients(context: ModelContext, row: TokenizedRow, measurement: str = "logprob_sum") -> np.ndarray:
@@ -105,15 +138,25 @@ def lambda_pass(
     rows: list[TokenizedRow],
     factors: dict[str, ModuleFactors],
     scale: dict[str, np.ndarray] | None = None,
+    on_nonfinite: Callable[[NonFinite], None] | None = None,
 ) -> PartialSums:
     """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal).
-    `scale` multiplies each G̃_n elementwise first (Adam's P^{1/2}: the factors of P^{1/2} H P^{1/2})."""
+    `scale` multiplies each G̃_n elementwise first (Adam's P^{1/2}: the factors of P^{1/2} H P^{1/2}).
+    `on_nonfinite` is called with the rows (positions in `rows`) of a batch whose gradients are not finite,
+    before they are added."""
     capture = context.capture
     lambdas = LambdaAccumulator(context.spec, factors, scale, context.device)
+    done = 0
     with capture.hooks():
         for batch in _batches(context, rows):
             state = capture.forward(batch)
             labels = _curvature_labels(context, batch, state.logits)
             deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
-            lambdas.add(capture.example_gradients(state, deltas))
+            grads = capture.example_gradients(state, deltas)
+            if on_nonfinite is not None:
+                found = nonfinite_statistics({name: [g] for name, g in grads.items()}, done)
+                if found:
+                    on_nonfinite(found)
+            lambdas.add(grads)
+            done += len(batch.indices)
     return PartialSums(lambdas=lambdas.sums)

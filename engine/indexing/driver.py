@@ -22,7 +22,7 @@ from engine.indexing.manifest import build_manifest
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
-from engine.store.manifest import IndexRunRecord, ShardCommit, StoreManifest
+from engine.store.manifest import IndexRunRecord, ShardCommit, SkippedRow, StoreManifest
 from engine.store.opening import open_or_create
 from engine.store.zarr_store import default_rows_per_chunk
 from engine.testing.faults import fault_point
@@ -64,14 +64,18 @@ class IndexRun:
                 continue  # a late duplicate from a re-issued shard: each shard is committed once
             committed[shard] = ShardCommit(**{k: receipt[k] for k in ("checksum", "arrays", "node", "pid", "seconds")})
             computed.append(shard)
-            self._commit(stage, committed)
+            self._commit(stage, committed, [SkippedRow(**row) for row in receipt.get("skipped", [])])
             self.progress.advance(task, shards[shard][1] - shards[shard][0])
             fault_point("driver", stage, len(computed))
 
-    def _commit(self, stage: str, committed: dict[int, ShardCommit]) -> None:
+    def _commit(self, stage: str, committed: dict[int, ShardCommit], skipped: list[SkippedRow]) -> None:
+        """One manifest write: the shard is done, with the rows it skipped (so a resume never loses them)."""
         changes: dict = {"shards": {**self.store.manifest.shards, stage: committed}, "runs": self._runs()}
         if stage == "gradients":
             changes["completed_shards"] = sorted(committed)
+            if skipped:
+                rows = {row.row: row for row in [*self.store.manifest.skipped, *skipped]}
+                changes["skipped"] = [rows[row] for row in sorted(rows)]
         self.store.update_manifest(**changes)
 
     def mark(self, stage: str) -> None:
@@ -116,6 +120,16 @@ def build_store(
         )
     timings = {"setup_s": time.perf_counter() - started}
     _run_stages(config, store, executor, spec, show_progress, timings)
+    skipped = store.manifest.skipped
+    if skipped:
+        shown = ", ".join(row.id for row in skipped[:5]) + (", …" if len(skipped) > 5 else "")
+        log.warning(
+            "skipped %d of %d rows with non-finite values (data.on_nonfinite: skip): %s; they are listed in the "
+            "manifest's `skipped`, stored as zeros and never ranked",
+            len(skipped),
+            rows,
+            shown,
+        )
     timings["total_s"] = time.perf_counter() - started
     store.update_manifest(complete=True, timings={k: round(v, 4) for k, v in timings.items()})
     return store

@@ -17,7 +17,8 @@ def build_manifest(config: JobConfig, spec: ProjectionSpec, fingerprints: dict, 
         "fingerprints": dict(fingerprints, dataset=dataset_fingerprint, projection=spec.fingerprint()),
         "projection": spec.to_dict(),
         "curvature": config.curvature.model_dump(),
-        "data": config.data.model_dump(exclude={"batch_size", "train"}),
+        # on_nonfinite is not compared on resume: what it did is in the manifest's `skipped`
+        "data": config.data.model_dump(exclude={"batch_size", "train", "on_nonfinite"}),
         "model": config.model.model_dump(),
         "config": settings,
     }

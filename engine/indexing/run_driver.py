@@ -154,6 +154,11 @@ def run_training_index(
 ) -> RunStore:
     started = time.perf_counter()
     require_schedule(plan, config.method.name)
+    if config.data.on_nonfinite == "skip":  # each checkpoint would skip other rows: no one set of rows to rank
+        raise TributaryError(
+            "data.on_nonfinite: skip is for single-checkpoint stores; a training run (training_run section) "
+            "needs finite gradients at every checkpoint: set data.on_nonfinite: error"
+        )
     strategy = config.curvature.strategy
     if plan.preconditioned and strategy not in NEEDS_LAMBDA_PASS:
         raise TributaryError(

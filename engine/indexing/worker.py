@@ -15,8 +15,10 @@ from engine.curvature.factors import ModuleFactors
 from engine.curvature.packing import pack_covariance, pack_lambda
 from engine.data.rows import field_names, read_rows
 from engine.data.tokenize import tokenize_rows
+from engine.errors import TributaryError
 from engine.gradients.context import ModelContext, load_model_context
-from engine.gradients.passes import gradient_pass, lambda_pass
+from engine.gradients.finite import NonFinite, nonfinite_rows_error, nonfinite_vector_modules
+from engine.gradients.passes import gradient_pass, gradient_pass_without, lambda_pass
 from engine.store import GradientStore
 from engine.testing.faults import fault_point
 
@@ -75,7 +77,13 @@ class ShardWorker:
         )
 
     def _receipt(
-        self, stage: str, shard: int, started: float, checksum: str | None = None, arrays: dict | None = None
+        self,
+        stage: str,
+        shard: int,
+        started: float,
+        checksum: str | None = None,
+        arrays: dict | None = None,
+        skipped: list | None = None,
     ) -> dict:
         return {
             "stage": stage,
@@ -85,7 +93,35 @@ class ShardWorker:
             "node": _node_id(),
             "pid": os.getpid(),
             "seconds": round(time.perf_counter() - started, 4),
+            "skipped": skipped or [],
         }
+
+    def _ids(self, start: int, stop: int) -> list[str]:
+        return [row.id for row in self._rows[start:stop]]
+
+    def _check_sums(self, stage: str, shard: int, vector, widths: list[tuple[str, int]]) -> None:
+        """A shard's packed sums hold no NaN/inf (each row was checked; this catches an overflowing sum)."""
+        modules = nonfinite_vector_modules(vector, widths)
+        if modules:
+            start, stop = self._open().shards()[shard]
+            raise TributaryError(
+                f"{self.config.data.train}: the {stage} sums of rows {start}..{stop - 1} overflow (non-finite) in "
+                f"{', '.join(modules)}; check model.dtype (float16 overflows where float32 does not) and model.path"
+            )
+
+    def _row_check(self, ids: list[str], start: int, positions: list[int]):
+        """A lambda_pass callback that stops at the first non-finite rows (positions among `positions`)."""
+
+        def refuse(found: NonFinite) -> None:
+            rows = {positions[p]: names for p, names in found.items()}
+            raise nonfinite_rows_error(rows, ids, start, self.config.data.train)
+
+        return refuse
+
+    def _kept(self, store: GradientStore, start: int, stop: int) -> list[int]:
+        """Positions in the shard of the rows pass 1 did not skip (data.on_nonfinite: skip)."""
+        skipped = {row.row for row in store.manifest.skipped}
+        return [p for p in range(stop - start) if start + p not in skipped]
 
     # ---- stages ---------------------------------------------------------------------------------
     def gradients(self, shard: int) -> dict:
@@ -93,13 +129,27 @@ class ShardWorker:
         started = time.perf_counter()
         store = self._open()
         start, stop = store.shards()[shard]
-        result = gradient_pass(self.context, self._tokenized(start, stop), start)
-        ids = [row.id for row in self._rows[start:stop]]
+        rows = self._tokenized(start, stop)
+        ids = self._ids(start, stop)
+        result = gradient_pass(self.context, rows, start)
+        skipped = []
+        if result.nonfinite:
+            if self.config.data.on_nonfinite == "error":
+                raise nonfinite_rows_error(result.nonfinite, ids, start, self.config.data.train)
+            left_out = result.nonfinite
+            result = gradient_pass_without(self.context, rows, start, left_out)
+            if result.nonfinite:  # rows finite alone but not in a batch: refuse rather than guess
+                raise nonfinite_rows_error(result.nonfinite, ids, start, self.config.data.train)
+            skipped = [{"row": start + p, "id": ids[p], "modules": names} for p, names in left_out.items()]
+        packed = pack_covariance(result.sums.covariance, self.context.spec) if result.sums.covariance else None
+        if packed is not None:
+            widths = [(m.name, m.k_in**2 + m.k_out**2) for m in self.context.spec.modules]
+            self._check_sums("covariance", shard, packed[0], widths)
         checksum, arrays = store.write_rows(start, result.grads, ids, result.num_tokens, result.losses)
         fault_point("actor", "gradients", shard)
-        if result.sums.covariance:
-            store.write_partial("covariance", shard, *pack_covariance(result.sums.covariance, self.context.spec))
-        return self._receipt("gradients", shard, started, checksum, arrays)
+        if packed is not None:
+            store.write_partial("covariance", shard, *packed)
+        return self._receipt("gradients", shard, started, checksum, arrays, skipped)
 
     def lambdas(self, shard: int) -> dict:
         """Pass 2 for one shard: Σ (Q_Sᵀ G̃ Q_A)² written to the store."""
@@ -108,9 +158,10 @@ class ShardWorker:
         if self._factors is None:
             self._factors = store.read_factors()
         start, stop = store.shards()[shard]
-        sums = lambda_pass(self.context, self._tokenized(start, stop), self._factors)
+        packed = self._lambda_sums(store, start, stop, self._factors, None)
+        self._check_sums("lambda", shard, packed[0], self._lambda_widths())
         fault_point("actor", "lambdas", shard)
-        store.write_partial("lambda", shard, *pack_lambda(sums.lambdas, self.context.spec))
+        store.write_partial("lambda", shard, *packed)
         return self._receipt("lambdas", shard, started)
 
     def segment_lambdas(self, shard: int) -> dict:
@@ -122,9 +173,21 @@ class ShardWorker:
             self._factors = store.read_factors("segment_basis")
             self._scale = store.read_module_arrays("segment_scale") if store.has_group("segment_scale") else None
         start, stop = store.shards()[shard]
-        sums = lambda_pass(self.context, self._tokenized(start, stop), self._factors, self._scale)
-        store.write_partial("segment_lambda", shard, *pack_lambda(sums.lambdas, self.context.spec))
+        packed = self._lambda_sums(store, start, stop, self._factors, self._scale)
+        self._check_sums("segment lambda", shard, packed[0], self._lambda_widths())
+        store.write_partial("segment_lambda", shard, *packed)
         return self._receipt("segment_lambdas", shard, started)
+
+    def _lambda_widths(self) -> list[tuple[str, int]]:
+        return [(m.name, m.k_in * m.k_out) for m in self.context.spec.modules]
+
+    def _lambda_sums(self, store: GradientStore, start: int, stop: int, factors, scale):
+        """Pass 2 of a shard's rows that pass 1 kept, packed; a non-finite row stops it, named."""
+        rows = self._tokenized(start, stop)
+        kept = self._kept(store, start, stop)
+        check = self._row_check(self._ids(start, stop), start, kept)
+        sums = lambda_pass(self.context, [rows[p] for p in kept], factors, scale, on_nonfinite=check)
+        return pack_lambda(sums.lambdas, self.context.spec)
 
     def reset(self) -> None:
         """Forget cached store state (a new stage may have written new factors)."""

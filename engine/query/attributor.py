@@ -26,7 +26,7 @@ from engine.projection import ProjectionSpec
 from engine.query.generate import PromptRow, generate, token_pieces
 from engine.query.records import Query, result_records
 from engine.query.resources import StoreResources
-from engine.query.scoring import QueryResult, rank_store
+from engine.query.scoring import QueryResult, rank_store, without_rows
 from engine.spectral.core import QueryTerm, score_block, transform_queries
 from engine.spectral.methods import Method, method_from_config
 from engine.store import GradientStore
@@ -171,6 +171,18 @@ class QueryGroup:
     method: Method
 
 
+def _require_finite_queries(queries: list[Query], terms: list[QueryTerm]) -> None:
+    """A query whose gradient is NaN/inf would score every row NaN: refuse it, by id."""
+    for term in terms:
+        bad = np.flatnonzero(~np.isfinite(term.transformed).all(axis=1))
+        if len(bad):
+            names = ", ".join(f'"{queries[q].id}"' for q in bad[:5])
+            raise TributaryError(
+                f"query {names}: its gradient is not finite (NaN/inf), so it has no scores; the model overflows or "
+                "holds NaN weights on this query: check the query, model.path and model.dtype"
+            )
+
+
 class Attributor:
     """`opened` is the store as opened (a training run's, or a single-checkpoint one); `store` is the final
     model's store, which the single-term methods scan and the model context matches."""
@@ -190,6 +202,8 @@ class Attributor:
         self.module_names = [m.name for m in self.spec.modules]
         self.scan = scan or local_scan(config, self.store)
         self.scoring_passes = 0  # reads of the whole store (one per `attribute` call and normalisation)
+        # rows the index skipped for non-finite values: stored as zeros and left out of every ranking
+        self.skipped = np.array([row.row for row in self.store.manifest.skipped], dtype=np.int64)
         self._methods: dict[str, Method] = {}
         # what was loaded: the store as opened and, in a training run, the final model's sub-store it scans
         self._loaded: dict[str, StoreIdentity] = {s.path: identity_of(s.manifest) for s in (opened, self.store)}
@@ -281,6 +295,9 @@ class Attributor:
     def _attribute(self, groups: list[QueryGroup], need_full: bool) -> list[QueryResult]:
         prepared = [self._resources([q.row for q in group.queries], group.options.measurement) for group in groups]
         terms = [group.method.terms(resources) for group, resources in zip(groups, prepared)]
+        for group, group_terms in zip(groups, terms):
+            _require_finite_queries(group.queries, group_terms)
+        extra = len(self.skipped)  # ask for k + skipped so that k remain once the skipped rows are dropped
         results: list[QueryResult | None] = [None] * len(groups)
         single = [i for i in range(len(groups)) if prepared[i].is_single_term(terms[i])]
         for i in set(range(len(groups))) - set(single):
@@ -289,16 +306,22 @@ class Attributor:
                     "method %s scores several checkpoints; scoring in this process, not on the cluster",
                     groups[i].method.name,
                 )
-            results[i] = QueryResult(*prepared[i].score(terms[i], groups[i].method, groups[i].options.k))
+            k = groups[i].options.k
+            results[i] = without_rows(
+                QueryResult(*prepared[i].score(terms[i], groups[i].method, k + extra)), self.skipped, k
+            )
         for normalise in sorted({groups[i].method.normalise for i in single}):
             members = [i for i in single if groups[i].method.normalise == normalise]
             k = max(groups[i].options.k for i in members)
-            ranked = self.scan(np.concatenate([terms[i][0].transformed for i in members]), normalise, k, need_full)
+            ranked = self.scan(
+                np.concatenate([terms[i][0].transformed for i in members]), normalise, k + extra, need_full
+            )
             self.scoring_passes += 1
             start = 0
             for i in members:
                 stop = start + len(groups[i].queries)
-                results[i] = ranked.select(start, stop, groups[i].options.k)
+                k = groups[i].options.k
+                results[i] = without_rows(ranked.select(start, stop, k + extra), self.skipped, k)
                 start = stop
         for group, resources, group_terms, result in zip(groups, prepared, terms, results):
             self._add_details(group, resources, group_terms, result)

@@ -34,6 +34,24 @@ class QueryResult:
         )
 
 
+def without_rows(result: QueryResult, excluded: np.ndarray, k: int) -> QueryResult:
+    """`result` (ranked to k + len(excluded)) with the `excluded` rows dropped from its top and bottom lists, cut
+    to k: rows the index skipped for non-finite values are never ranked (their full scores stay 0)."""
+    if len(excluded) == 0:
+        return result.select(0, len(result.top_indices), k)
+
+    def keep(indices: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mask = ~np.isin(indices, excluded)
+        width = min(k, int(mask.sum(axis=1).min()) if len(indices) else 0)
+        out_i = np.stack([row[m][:width] for row, m in zip(indices, mask)]) if len(indices) else indices[:, :0]
+        out_s = np.stack([row[m][:width] for row, m in zip(scores, mask)]) if len(scores) else scores[:, :0]
+        return out_i, out_s
+
+    top, top_scores = keep(result.top_indices, result.top_scores)
+    bottom, bottom_scores = keep(result.bottom_indices, result.bottom_scores)
+    return QueryResult(top, top_scores, bottom, bottom_scores, result.total)
+
+
 def stored_rows_method(normalise: bool) -> Method:
     """What the store side of a score needs to know of a method: only whether rows are unit-normalised."""
     return Method("stored-rows", needs_curvature=False, normalise=normalise, spectral=None)

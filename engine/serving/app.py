@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import __version__
 from engine.capture.measurement import MEASUREMENTS
 from engine.config import JobConfig, method_names
+from engine.errors import TributaryError
 from engine.query.attributor import Attributor, QueryGroup
 from engine.query.row_range import RowRangeScorer, merge_parts
 from engine.query.scoring import QueryResult
@@ -136,6 +137,15 @@ class AttributionService:
         }
 
     # ---- batching -----------------------------------------------------------------------------------
+    def _score_alone(self, group: QueryGroup):
+        """One request's records, or the 422 refusal naming what the engine refused in it."""
+        try:
+            return self.attributor.attribute([group])[0].records
+        except StoreChanged as error:
+            return RequestError(503, str(error))
+        except TributaryError as error:
+            return RequestError(422, str(error), "queries")
+
     def _score_batch(self, items: list[PreparedRequest]) -> list:
         """Each request's records, or the RequestError that answers it; one scoring pass for all of them."""
         outcomes: list = [None] * len(items)
@@ -157,6 +167,9 @@ class AttributionService:
                 log.error("%s", error)
                 for i in members:
                     outcomes[i] = RequestError(503, str(error))
+            except TributaryError:  # a request the engine refuses (a non-finite query): refuse it, score the rest
+                for i, group in zip(members, groups):
+                    outcomes[i] = self._score_alone(group)
             except Exception as error:
                 log.exception("a scoring pass over %d requests failed", len(groups))
                 for i in members:

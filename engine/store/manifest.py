@@ -69,6 +69,15 @@ class IndexRunRecord(_Record):
     computed: dict[str, list[int]] = {}
 
 
+class SkippedRow(_Record):
+    """A training row left out for non-finite values (data.on_nonfinite: skip): stored as zeros with loss 0,
+    excluded from the curvature sums and never ranked by a query."""
+
+    row: int
+    id: str
+    modules: list[str]  # the tracked modules (or "loss") whose part of the row was non-finite
+
+
 class RunStoreSettings(_Record):
     dtype: str
     rows_per_chunk: int | None
@@ -123,6 +132,7 @@ class StoreManifest(Manifest):
     stages: dict[str, bool] = {}  # driver stages done: "eigen", "final"
     runs: list[IndexRunRecord] = []
     shards: dict[str, dict[int, ShardCommit]] = {}  # stage ("gradients", "lambdas", ...) -> shard -> commit
+    skipped: list[SkippedRow] = []  # format 2: rows left out for non-finite values, by row (data.on_nonfinite)
 
 
 class RunManifest(Manifest):

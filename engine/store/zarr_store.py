@@ -101,8 +101,10 @@ class GradientStore(ManifestStore[StoreManifest]):
     ) -> tuple[str, dict[str, str]]:
         """Write a shard's rows; returns the checksum of exactly what was stored, and one per array."""
         stop = start + len(grads)
+        stored = encode(grads, self.manifest.dtype)
+        _require_finite_rows(decode(stored, self.manifest.dtype), grads, ids, start, self.manifest)
         arrays = {
-            "grads": encode(grads, self.manifest.dtype),
+            "grads": stored,
             "rows/id": np.asarray(ids, dtype=str),
             "rows/num_tokens": np.asarray(num_tokens, dtype=np.int32),
             "rows/loss": np.asarray(losses, dtype=np.float32),
@@ -185,6 +187,22 @@ class GradientStore(ManifestStore[StoreManifest]):
 
     def read_module_arrays(self, name: str) -> dict[str, np.ndarray]:
         return read_module_arrays(self.group, name, self.modules)
+
+
+def _require_finite_rows(stored: np.ndarray, computed: np.ndarray, ids: list[str], start: int, manifest) -> None:
+    """The last guard before rows reach the store: finite as computed, but not in the store's dtype (a float16
+    store overflows at 65504) is refused, naming the rows and modules."""
+    from engine.gradients.finite import describe_rows, nonfinite_gradients
+
+    found = nonfinite_gradients(stored, np.zeros(len(stored)), manifest.projection)
+    if not found:
+        return
+    if not np.isfinite(computed).all():
+        raise TributaryError(f"non-finite rows reached the store at {describe_rows(found, ids, start)}")
+    raise TributaryError(
+        f"store.dtype {manifest.dtype} cannot hold the gradients at {describe_rows(found, ids, start)} (they "
+        "overflow it); use store.dtype: float32"
+    )
 
 
 def write_factor_group(
