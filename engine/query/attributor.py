@@ -72,7 +72,7 @@ def final_model(config: JobConfig, opened: GradientStore | RunStore) -> tuple[Jo
     final = plan.final
     dataset = plan.datasets[plan.segments[final.segment].dataset]
     return (
-        checkpoint_config(config, final.path, dataset, opened.checkpoint_path(final.name)),
+        checkpoint_config(config, final.weights, dataset, opened.checkpoint_path(final.name)),
         opened.checkpoint(final.name),
     )
 
@@ -274,9 +274,12 @@ class Attributor:
                 stop = start + len(groups[i].queries)
                 results[i] = ranked.select(start, stop, groups[i].options.k)
                 start = stop
-        for group, resources, group_terms, result in zip(groups, prepared, terms, results):
+        scored = [result for result in results if result is not None]
+        if len(scored) != len(groups):
+            raise RuntimeError("a query group was scored neither as a single term nor in this process")
+        for group, resources, group_terms, result in zip(groups, prepared, terms, scored):
             self._add_details(group, resources, group_terms, result)
-        return results
+        return scored
 
     def _factors_for(self, method: Method) -> dict | None:
         return self.factors() if method.spectral is not None else None
