@@ -140,7 +140,7 @@ def run_demo(workdir: str, small: bool = False) -> list[dict]:
     )
     seconds = stages.finish()
     console.print("\n[bold]The training speeches that most support each answer[/] (influence, EK-FAC)")
-    _print_results(result.records)
+    _print_results(result.written_records())
     total = round(time.perf_counter() - started, 1)
     (root / "timings.json").write_text(json.dumps({"seconds": seconds, "total": total, "size": size}, indent=1))
     console.print(
@@ -148,4 +148,4 @@ def run_demo(workdir: str, small: bool = False) -> list[dict]:
         + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
         + f")\nreport: {root / 'report.html'}\nresults: {root / 'results.jsonl'}"
     )
-    return result.records
+    return result.written_records()

@@ -114,7 +114,8 @@ def test_mask_matches_independent_construction(template, chat_models, chat_train
         assert row.labels == labels
         # the ids are exactly what the tokenizer's chat template gives
         assert row.input_ids == list(
-            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            # transformers types the result without return_dict's narrowing to a BatchEncoding
+            tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]  # pyright: ignore[reportCallIssue, reportArgumentType]
         )
         assert row.num_loss_tokens == sum(len(m["content"].split()) + 1 for m in messages if m["role"] == "assistant")
 

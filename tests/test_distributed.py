@@ -11,6 +11,7 @@ from engine.config import parse_config
 from engine.query.scoring import top_k
 from engine.runner import run_index, run_query
 from engine.store import GradientStore
+from engine.store.nodes import read
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import (
     assert_same_store,
@@ -146,7 +147,7 @@ def test_sharded_top_k_equals_dense_top_k_with_ties(local_ray, tiny_models, trai
     # the duplicated sentences tie exactly, and the lower training index comes first
     tied = [(i, TRAIN.index(t)) for i, t in enumerate(TRAIN) if TRAIN.index(t) != i]
     assert tied
-    rows = GradientStore.open(path).group["grads"][...]
+    rows = read(GradientStore.open(path).group, "grads")
     assert all(np.array_equal(rows[duplicate], rows[original]) for duplicate, original in tied)
     for q in range(5):
         ranks = {int(index): rank for rank, index in enumerate(sharded.top_indices[q])}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -64,10 +65,13 @@ def test_an_unknown_method_is_refused_naming_every_declared_one():
 
 def test_the_query_commands_flags_take_the_declared_defaults():
     import typer.main
+    from typer.core import TyperGroup, TyperOption
 
     from engine.cli import app
 
-    command = typer.main.get_command(app).commands["query"]
+    group = typer.main.get_command(app)
+    assert isinstance(group, TyperGroup)
+    command = group.commands["query"]
     params = {p.name: p for p in command.params}
     flags = {name: sorted(p.opts + p.secondary_opts) for name, p in params.items()}
     assert flags == {
@@ -107,9 +111,11 @@ def test_the_query_commands_flags_take_the_declared_defaults():
         "seed": 0,
         "chat": None,
     }
-    assert params["top_k"].help == "supporting (and opposing) training examples per query"
-    assert params["max_new_tokens"].help == "--generate: tokens to generate"
-    assert all(name in params["method"].help for name in DECLARED)
+    options = {p.name: p for p in command.params if isinstance(p, TyperOption)}  # the ones with help
+    assert options["top_k"].help == "supporting (and opposing) training examples per query"
+    assert options["max_new_tokens"].help == "--generate: tokens to generate"
+    method_help = options["method"].help
+    assert method_help is not None and all(name in method_help for name in DECLARED)
 
 
 def test_bad_option_values_are_named_by_their_flag():
@@ -151,7 +157,8 @@ def test_options_validate_and_keep_positional_construction():
         "seed": 3,
         "chat": False,
     }
-    for bad in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 1.5}):
+    bad_settings: tuple[dict[str, Any], ...] = ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 1.5})
+    for bad in bad_settings:
         with pytest.raises(ValidationError):
             GenerationSettings(**bad)
     with pytest.raises(ValidationError):

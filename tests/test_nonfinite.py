@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def _edited_model(directory: Path, edit, dtype: torch.dtype = torch.float32) -> 
     tokenizer = AutoTokenizer.from_pretrained(path)
     with torch.no_grad():
         edit(model, tokenizer)
-    model.to(dtype).save_pretrained(path)
+    model.to(dtype).save_pretrained(path)  # pyright: ignore[reportArgumentType] (PreTrainedModel.to is typed through functools.wraps)
     return path
 
 
@@ -176,7 +177,8 @@ def test_a_nonfinite_query_is_refused_by_id(tmp_path, nan_word_model):
     from tests.test_serving import asgi_request
 
     # the replica class itself, in this process (Serve's ingress wrapper around it needs a running Serve)
-    (replica,) = [c for c in AttributionService.func_or_class.__mro__ if "_score_batch" in vars(c)]
+    wrapped = cast(type, AttributionService.func_or_class)  # Serve types it as a class or an import path
+    replica: Any = next(c for c in wrapped.__mro__ if "_score_batch" in vars(c))
     service = replica.__new__(replica)
     replica.__init__(service, parse_config(raw))
     api = build_api(service)

@@ -63,7 +63,7 @@ def test_a_clean_store_verifies_clean(store):
 def test_factors_scaled_are_named_by_module_and_field(store):
     modules = [m.name for m in GradientStore.open(str(store)).modules]
     lam = _array(store, "factors/lam")
-    lam[...] = lam[...] * 100
+    lam[...] = np.asarray(lam[...]) * 100
     code, problems = _verify(store)
     assert code == 1
     assert sorted(problems) == sorted(
@@ -76,7 +76,7 @@ def test_one_factor_value_changed_names_only_its_module(store):
     opened = GradientStore.open(str(store))
     first, second = opened.modules[:2]
     q_a = _array(store, "factors/q_a")
-    values = q_a[...]
+    values = np.asarray(q_a[...])
     values[first.k_in**2] += 1e-9  # the first value of the second module's Q_A
     q_a[...] = values
     code, problems = _verify(store)
@@ -95,7 +95,7 @@ def test_edited_row_ids_are_named_rows_id(store):
 
 def test_edited_losses_are_named_rows_loss(store):
     loss = _array(store, "rows/loss")
-    loss[0] = loss[0] + 1
+    loss[0] = np.asarray(loss[0]) + 1
     code, problems = _verify(store)
     assert (code, problems) == (
         1,
@@ -147,7 +147,7 @@ def test_edited_run_preconditioner_and_segment_factors_are_named(tmp_path):
 
     second = reopened.modules[1]
     array = _array(tmp_path / "run.zarr", "segments/s0/preconditioner")
-    values = array[...]
+    values = np.asarray(array[...])
     values[reopened.modules[0].k_in * reopened.modules[0].k_out] *= 2  # the second module's first value
     array[...] = values
     _, problems = store_summary(RunStore.open(run.path), verify=True)
@@ -156,7 +156,7 @@ def test_edited_run_preconditioner_and_segment_factors_are_named(tmp_path):
     assert result.exit_code == 1 and f"segments/s0/preconditioner/{second.name}" in result.output
 
     lam = _array(tmp_path / "run.zarr", "segments/s0/factors/lam")
-    lam[...] = lam[...] * 100
+    lam[...] = np.asarray(lam[...]) * 100
     _, problems = store_summary(RunStore.open(run.path), verify=True)
     named = sorted(problem.split(" ")[0] for problem in problems)
     expected = [f"segments/s0/factors/{m.name}/lam" for m in reopened.modules]
@@ -171,7 +171,7 @@ def test_an_old_store_verifies_its_rows_and_says_its_factors_are_unchecked(tmp_p
     verify = json.loads(result.stdout)["verify"]
     assert verify["problems"] == [] and any(entry.startswith("factors: unchecked") for entry in verify["unchecked"])
     loss = _array(old, "rows/loss")
-    loss[3] = loss[3] + 1
+    loss[3] = np.asarray(loss[3]) + 1
     code, problems = _verify(old)
     assert code == 1 and len(problems) == 1 and problems[0].startswith("rows 2..3: checksum mismatch")
     assert "rows/loss/c/1" in problems[0]

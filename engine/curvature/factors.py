@@ -81,20 +81,28 @@ def rotate(grads: np.ndarray, factors: ModuleFactors) -> np.ndarray:
     """ĝ = Q_Sᵀ G̃ Q_A for a stack of gradients (..., k_out, k_in); unchanged in the raw basis.
 
     Dense factors rotate the row-major vectorised gradient instead: ĝ = Bᵀ vec(G̃), shape (..., k)."""
-    if factors.dense:
+    if factors.basis is not None:  # dense
         return grads.reshape(*grads.shape[:-2], -1) @ factors.basis
-    if not factors.rotated:
+    if factors.q_a is None:  # not rotated
         return grads
-    return factors.q_s.T @ grads @ factors.q_a
+    return _q_s(factors).T @ grads @ factors.q_a
 
 
 def unrotate(grads: np.ndarray, factors: ModuleFactors, shape: tuple[int, int] | None = None) -> np.ndarray:
     """The inverse of `rotate`; dense factors need the module's (k_out, k_in) `shape` back."""
-    if factors.dense:
+    if factors.basis is not None:  # dense
+        if shape is None:
+            raise ValueError("unrotating dense factors needs the module's (k_out, k_in) shape")
         return (grads @ factors.basis.T).reshape(*grads.shape[:-1], *shape)
-    if not factors.rotated:
+    if factors.q_a is None:  # not rotated
         return grads
-    return factors.q_s @ grads @ factors.q_a.T
+    return _q_s(factors) @ grads @ factors.q_a.T
+
+
+def _q_s(factors: ModuleFactors) -> np.ndarray:
+    if factors.q_s is None:
+        raise ValueError(f"{factors.strategy} factors have a Q_A basis but no Q_S")
+    return factors.q_s
 
 
 def dense_factors(gram: np.ndarray) -> ModuleFactors:

@@ -20,4 +20,4 @@ def call_on_new_actors(
         return ray.get([getattr(handle, method).remote(shared, *arguments) for handle in actors])
     finally:
         for handle in actors:
-            ray.kill(handle)
+            ray.kill(handle)  # pyright: ignore[reportArgumentType] - ray types .remote() as handle | class

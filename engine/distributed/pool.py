@@ -28,6 +28,7 @@ RECOVERY_WAIT_S = 0.25
 class RayExecutor:
     def __init__(self, worker: type, arguments: tuple, cluster: ClusterConfig, size: int):
         import ray
+        import ray.exceptions  # self._ray.exceptions below: `import ray` alone does not declare the submodule
 
         from engine.distributed.cluster import forwarded_environment
 
@@ -104,7 +105,7 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         for actor in self.actors:
-            self._ray.kill(actor)
+            self._ray.kill(actor)  # pyright: ignore[reportArgumentType] - ray types .remote() as handle | class
 
 
 def _unwrapped(error: Exception) -> Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -61,6 +62,7 @@ def load_model_context(
     compute_dtype = compute_dtype_for(next(model.parameters()).dtype)
     capture = GradientCapture(model, modules, spec, config.model.include_bias, compute_dtype, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = cast(int, pad_id)  # transformers types every special-token id as int | list[int] | str | list[str]
     return ModelContext(config, model, tokenizer, modules, spec, capture, device, pad_id)
 
 

@@ -64,6 +64,8 @@ def _averaged_model(paths: list[str], target: Path, dtype: torch.dtype) -> str:
     for path in paths:
         state = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, local_files_only=True).state_dict()
         total = state if total is None else {k: total[k] + state[k] for k in total}
+    if total is None:
+        raise ValueError("averaging a segment's parameters needs at least one checkpoint")
     model = AutoModelForCausalLM.from_pretrained(paths[-1], dtype=dtype, local_files_only=True)
     model.load_state_dict({k: (v / len(paths)).to(dtype) for k, v in total.items()})
     model.save_pretrained(target)
@@ -171,7 +173,7 @@ def run_training_index(
             validated_rows(config.model_copy(update={"data": config.data.model_copy(update={"train": dataset})}))
         )
     check_store_location(config.store.path)
-    model = meta_model(plan.final.path)
+    model = meta_model(plan.final.weights)
     modules = select_modules(model, config.model.modules)
     spec = build_projection(
         config.projection.dim,
@@ -181,15 +183,17 @@ def run_training_index(
     )
     preconditioners = {}
     if plan.preconditioned:
+        if config.training_run is None:
+            raise ValueError("a preconditioned plan comes from a config with a training_run section")
         for checkpoint in plan.checkpoints:
             preconditioners[checkpoint.name] = read_preconditioner(
-                checkpoint.path, model, modules, spec, config.model.include_bias, config.training_run.optimizer
+                checkpoint.weights, model, modules, spec, config.model.include_bias, config.training_run.optimizer
             )
     averaged_root = _averaged_root(config) if plan.averaged else None
     configs = {
         c.name: checkpoint_config(
             config,
-            c.path,
+            c.weights,
             plan.datasets[plan.segments[c.segment].dataset],
             RunStore.checkpoint_path_for(config.store.path, c.name),
         )
@@ -217,7 +221,7 @@ def run_training_index(
             if plan.fits_own_factors(segment):
                 factors = _segment_factors(config, root, segment, configs, spec, scale, show_progress, executors)
                 root.write_segment_factors(segment.index, factors)
-            if plan.averaged:
+            if averaged_root is not None:  # plan.averaged
                 _index_averaged(config, root, plan, segment, averaged_root, rows, spec, scale, show_progress, executors)
             root.update_manifest(segments_done=[*root.manifest.segments_done, segment.index])
         root.update_manifest(complete=True, timings={"total_s": round(time.perf_counter() - started, 4)})
@@ -241,7 +245,7 @@ def _index_averaged(
     from engine.model.loading import DTYPES
 
     group = segment.averaged.group_name
-    paths = [plan.checkpoint(name).path for name in segment.checkpoints]
+    paths = [plan.checkpoint(name).weights for name in segment.checkpoints]
     weights = _averaged_model(paths, averaged_root / group, DTYPES[config.model.dtype])
     dataset = plan.datasets[segment.dataset]
     sub = checkpoint_config(config, weights, dataset, root.checkpoint_path(group))

@@ -13,7 +13,7 @@ import time
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
 from engine.curvature.packing import pack_covariance, pack_lambda
-from engine.data.rows import field_names, read_rows
+from engine.data.rows import Row, field_names, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.gradients.context import ModelContext, load_model_context
@@ -42,7 +42,7 @@ class ShardWorker:
             torch.set_num_threads(threads)
         self.config = config
         self.context = context or load_model_context(config)
-        self._rows = None
+        self._rows: list[Row] | None = None
         self._store: GradientStore | None = None
         self._factors: dict[str, ModuleFactors] | None = None
         self._scale = None
@@ -65,11 +65,14 @@ class ShardWorker:
             self._store = GradientStore.open(self.config.store.path, mode="r+")
         return self._store
 
-    def _tokenized(self, start: int, stop: int):
+    def _train_rows(self) -> list[Row]:
         if self._rows is None:
             self._rows = read_rows(self.config.data.train, field_names(self.config), what="data.train")
+        return self._rows
+
+    def _tokenized(self, start: int, stop: int):
         return tokenize_rows(
-            self._rows[start:stop],
+            self._train_rows()[start:stop],
             self.context.tokenizer,
             self.config.data.max_length,
             self.config.data.train,
@@ -97,7 +100,7 @@ class ShardWorker:
         }
 
     def _ids(self, start: int, stop: int) -> list[str]:
-        return [row.id for row in self._rows[start:stop]]
+        return [row.id for row in self._train_rows()[start:stop]]
 
     def _check_sums(self, stage: str, shard: int, vector, widths: list[tuple[str, int]]) -> None:
         """A shard's packed sums hold no NaN/inf (each row was checked; this catches an overflowing sum)."""

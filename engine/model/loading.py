@@ -20,6 +20,7 @@ from engine.errors import TributaryError
 
 if TYPE_CHECKING:
     from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
@@ -56,7 +57,7 @@ def checked_tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple[nn.Module, object]:
+def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """(model, tokenizer); weights frozen, eval mode.
 
     The model's own attention implementation is kept (SDPA by default): no vmap is used, and

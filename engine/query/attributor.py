@@ -73,7 +73,7 @@ def final_model(config: JobConfig, opened: GradientStore | RunStore) -> tuple[Jo
     final = plan.final
     dataset = plan.datasets[plan.segments[final.segment].dataset]
     return (
-        checkpoint_config(config, final.path, dataset, opened.checkpoint_path(final.name)),
+        checkpoint_config(config, final.weights, dataset, opened.checkpoint_path(final.name)),
         opened.checkpoint(final.name),
     )
 
@@ -323,9 +323,12 @@ class Attributor:
                 k = groups[i].options.k
                 results[i] = without_rows(ranked.select(start, stop, k + extra), self.skipped, k)
                 start = stop
-        for group, resources, group_terms, result in zip(groups, prepared, terms, results):
+        scored = [result for result in results if result is not None]
+        if len(scored) != len(groups):
+            raise RuntimeError("a query group was scored neither as a single term nor in this process")
+        for group, resources, group_terms, result in zip(groups, prepared, terms, scored):
             self._add_details(group, resources, group_terms, result)
-        return results
+        return scored
 
     def _factors_for(self, method: Method) -> dict | None:
         return self.factors() if method.spectral is not None else None

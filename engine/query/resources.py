@@ -74,7 +74,7 @@ class StoreResources(CachedResources):
             checkpoint = self.plan.checkpoint(key)
             dataset = self.plan.datasets[self.plan.segments[checkpoint.segment].dataset]
             context = load_model_context(
-                checkpoint_config(self.config, checkpoint.path, dataset, run.checkpoint_path(key.group_name)),
+                checkpoint_config(self.config, checkpoint.weights, dataset, run.checkpoint_path(key.group_name)),
                 spec=self.spec,
             )
         return gradient_pass(context, self._rows, with_covariance=False, measurement=self._measurement).grads

@@ -19,15 +19,19 @@ from engine.query.attributor import (
     final_model,
     open_complete_store,
 )
-from engine.query.generate import read_prompts
+from engine.query.generate import PromptRow, read_prompts
 from engine.query.records import Query
 from engine.query.scoring import QueryResult
 from engine.spectral.methods import method_from_config
 from engine.store.location import redact
 
 
-def _load_queries(attributor: Attributor, queries_path: str, options: QueryOptions, prompts=None) -> list[Query]:
+def _load_queries(
+    attributor: Attributor, queries_path: str, options: QueryOptions, prompts: list[PromptRow] | None = None
+) -> list[Query]:
     if options.generation is not None:
+        if prompts is None:
+            raise RuntimeError("generated queries need the prompts read before the model loads")
         return attributor.generated_queries(prompts, options.generation, queries_path)
     rows = read_rows(queries_path, field_names(attributor.config), what="queries file")
     return attributor.queries_from_rows(rows, queries_path)
@@ -74,13 +78,16 @@ def run_query(
     queries = _load_queries(attributor, queries_path, options, prompts)
     group = QueryGroup(queries, options, attributor.method())
     (result,) = attributor.attribute([group], need_full=scores_out is not None)
-    records = result.records
+    records = result.written_records()
     writes = []
     if out is not None:
         text = "".join(json.dumps(record) + "\n" for record in records).encode()
         writes.append((Path(out), lambda handle: handle.write(text)))
     if scores_out is not None:
-        writes.append((Path(scores_out), lambda handle: np.save(handle, result.total)))
+        total = result.total
+        if total is None:
+            raise RuntimeError("the attributor returned no full scores although --scores-out asked for them")
+        writes.append((Path(scores_out), lambda handle: np.save(handle, total)))
     if report is not None:
         from engine.report.html import render_html_report
 

@@ -22,6 +22,12 @@ class QueryResult:
     per_token: dict[str, list[np.ndarray]] | None = None  # "top"/"bottom" → per query (k, T)
     records: list[dict] | None = None  # the results JSONL records
 
+    def written_records(self) -> list[dict]:
+        """The results JSONL records, which Attributor.attribute adds to every result it returns."""
+        if self.records is None:
+            raise RuntimeError("this QueryResult has no records: only Attributor.attribute's results have them")
+        return self.records
+
     def select(self, start: int, stop: int, k: int) -> QueryResult:
         """Queries start..stop with their first k entries: a top-k list's prefix is the smaller top-k."""
         total = None if self.total is None else self.total[start:stop]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -38,7 +39,7 @@ from engine.store.identity import StoreChanged
 from engine.store.summary import manifest_summary
 
 log = logging.getLogger(__name__)
-ERROR_RESPONSES = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
     for status, text in (
         (400, "unknown method or measurement"),
@@ -153,11 +154,15 @@ class AttributionService:
         for i, item in enumerate(items):
             queries = item.queries
             if item.prompts is not None:
+                if item.generation is None:
+                    raise RuntimeError("a request with prompts to complete carries its generation settings")
                 try:
                     queries = self.attributor.generated_queries(item.prompts, item.generation, "queries")
                 except Exception as error:  # one request's generation must not fail the batch
                     outcomes[i] = RequestError(422, f"generation failed: {error}", "queries")
                     continue
+            if queries is None:
+                raise RuntimeError("a prepared request has either queries or prompts")
             groups.append(QueryGroup(queries, item.options, item.method))
             members.append(i)
         if groups:
@@ -187,7 +192,19 @@ class AttributionService:
         return outcomes
 
 
-def build_api(service: AttributionService) -> FastAPI:
+class ApiService(Protocol):
+    """What the HTTP API needs of its service: AttributionService's instances (the name itself is a Ray
+    Deployment once decorated)."""
+
+    limits: Limits
+    _digest: bytes | None
+
+    def info(self) -> dict: ...
+
+    async def attribute(self, request: AttributeRequest) -> dict: ...
+
+
+def build_api(service: ApiService) -> FastAPI:
     """The replica's HTTP API: routes bound to this replica's service, with auth and a body limit around."""
     api = FastAPI(
         title="Tributary",

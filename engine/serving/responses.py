@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 
 class RequestError(Exception):
@@ -42,7 +43,7 @@ def refusal_of_http_error(status: int, detail: object, cause: BaseException | No
     return RequestError(status, detail if isinstance(detail, str) else json.dumps(detail))
 
 
-async def send_json(send, status: int, body: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
+async def send_json(send, status: int, body: dict, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Answer an ASGI HTTP request with a JSON body (for middleware that answers before the app does)."""
     payload = json.dumps(body).encode()
     await send(

@@ -33,6 +33,8 @@ def _range_scorers(config: JobConfig) -> list:
     from engine.serving.app import range_scorer_deployment
 
     cluster = config.cluster
+    if cluster is None:
+        raise ValueError("range scorers are only built for a config with a cluster section")
     _, store = final_model(config, open_complete_store(config.store.path))  # a training run: its final model's
     deployment = range_scorer_deployment()
     return [

@@ -63,7 +63,11 @@ class PreparedRequest:
 
     @property
     def size(self) -> int:
-        return len(self.queries if self.queries is not None else self.prompts)
+        if self.queries is not None:
+            return len(self.queries)
+        if self.prompts is not None:
+            return len(self.prompts)
+        raise RuntimeError("a prepared request has either queries or prompts")
 
 
 def _check_sizes(request: AttributeRequest, limits: Limits) -> None:

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Generic, Literal, Self, TypeVar
 import zarr
 import zarr.errors
 from pydantic import BaseModel, ConfigDict, ValidationError
+from zarr.core.common import AccessModeLiteral
 
 from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
@@ -156,7 +157,7 @@ def raw_manifest(group: zarr.Group) -> JsonObject | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def open_group(path: str, mode: str = "r") -> zarr.Group | None:
+def open_group(path: str, mode: AccessModeLiteral = "r") -> zarr.Group | None:
     """The Zarr group at `path`, or None where there is none; a TributaryError naming the path where its
     metadata cannot be read (a damaged zarr.json) or it holds an array."""
     try:
@@ -241,4 +242,4 @@ class ManifestStore(ABC, Generic[M]):
 
     @classmethod
     @abstractmethod
-    def open(cls, path: str, mode: str = "r") -> Self: ...
+    def open(cls, path: str, mode: AccessModeLiteral = "r") -> Self: ...

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import zarr
+from zarr.core.common import AccessModeLiteral
 
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
@@ -33,6 +34,7 @@ from engine.store.manifest import (
     raw_manifest,
     stored_kind,
 )
+from engine.store.nodes import subgroup
 from engine.store.zarr_store import (
     GradientStore,
     read_factor_group,
@@ -57,7 +59,7 @@ class RunStore(ManifestStore[RunManifest]):
         return cls(group, path, manifest)
 
     @classmethod
-    def open(cls, path: str, mode: str = "r") -> RunStore:
+    def open(cls, path: str, mode: AccessModeLiteral = "r") -> RunStore:
         if not is_run_store(path):
             raise TributaryError(f"{redact(path)} is not a Tributary training-run store ({RUN_FORMAT})")
         group = open_group(path, mode)
@@ -80,7 +82,7 @@ class RunStore(ManifestStore[RunManifest]):
     def checkpoint_path(self, key: str) -> str:
         return self.checkpoint_path_for(self.path, key)
 
-    def checkpoint(self, key: str, mode: str = "r") -> GradientStore:
+    def checkpoint(self, key: str, mode: AccessModeLiteral = "r") -> GradientStore:
         return GradientStore.open(self.checkpoint_path(key), mode=mode)
 
     def has_checkpoint(self, key: str) -> bool:
@@ -103,7 +105,7 @@ class RunStore(ManifestStore[RunManifest]):
         return f"{self._segment_path(index)}/factors" in self.group
 
     def read_segment_factors(self, index: int) -> dict[str, ModuleFactors]:
-        return read_factor_group(self.group[f"{self._segment_path(index)}/factors"], self.modules)
+        return read_factor_group(subgroup(self.group, f"{self._segment_path(index)}/factors"), self.modules)
 
     def write_segment_preconditioner(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         path = f"{self._segment_path(index)}/preconditioner"
@@ -111,4 +113,4 @@ class RunStore(ManifestStore[RunManifest]):
         self.record_checksums(path, {path: digests})
 
     def read_segment_preconditioner(self, index: int) -> dict[str, np.ndarray]:
-        return read_module_arrays(self.group[self._segment_path(index)], "preconditioner", self.modules)
+        return read_module_arrays(subgroup(self.group, self._segment_path(index)), "preconditioner", self.modules)

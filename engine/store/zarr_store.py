@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
+from zarr.core.common import AccessModeLiteral
 
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
@@ -33,6 +34,7 @@ from engine.store.manifest import (
     parse_manifest,
     raw_manifest,
 )
+from engine.store.nodes import array, read, subgroup
 
 TARGET_CHUNK_BYTES = 16 << 20
 
@@ -61,7 +63,7 @@ class GradientStore(ManifestStore[StoreManifest]):
         return cls(group, path, manifest)
 
     @classmethod
-    def open(cls, path: str, mode: str = "r") -> GradientStore:
+    def open(cls, path: str, mode: AccessModeLiteral = "r") -> GradientStore:
         group = open_group(path, mode)
         if group is None:
             if location_exists(path):
@@ -110,13 +112,13 @@ class GradientStore(ManifestStore[StoreManifest]):
             "rows/loss": np.asarray(losses, dtype=np.float32),
         }
         for name, values in arrays.items():
-            self.group[name][start:stop] = values
+            array(self.group, name)[start:stop] = values
         return checksum(arrays), row_checksums(arrays)
 
     def shard_checksum(self, shard: int) -> str:
         """Re-read one shard's rows and checksum them (raises if a chunk cannot be decoded)."""
         start, stop = self.shards()[shard]
-        return checksum({name: self.group[name][start:stop] for name in SHARD_ARRAYS})
+        return checksum({name: read(self.group, name, slice(start, stop)) for name in SHARD_ARRAYS})
 
     def chunk_key(self, shard: int) -> str:
         start, stop = self.shards()[shard]
@@ -132,19 +134,19 @@ class GradientStore(ManifestStore[StoreManifest]):
             root.create_array(f"{name}_counts", shape=(shards, counts), chunks=(1, counts), dtype="int64", fill_value=0)
 
     def write_partial(self, name: str, shard: int, vector: np.ndarray, counts: np.ndarray) -> None:
-        self.group[f"partials/{name}"][shard] = vector
-        self.group[f"partials/{name}_counts"][shard] = counts
+        array(self.group, f"partials/{name}")[shard] = vector
+        array(self.group, f"partials/{name}_counts")[shard] = counts
 
     def read_partials(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return self.group[f"partials/{name}"][...], self.group[f"partials/{name}_counts"][...]
+        return read(self.group, f"partials/{name}"), read(self.group, f"partials/{name}_counts")
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        return decode(self.group["grads"][start:stop], self.manifest.dtype)
+        return decode(read(self.group, "grads", slice(start, stop)), self.manifest.dtype)
 
     def read_row_selection(self, indices) -> np.ndarray:
         """Rows at arbitrary indices, in the order given."""
         indices = np.asarray(indices, dtype=np.int64)
-        raw = self.group["grads"].get_orthogonal_selection((indices, slice(None)))
+        raw = np.asarray(array(self.group, "grads").get_orthogonal_selection((indices, slice(None))))
         return decode(raw, self.manifest.dtype)
 
     def iter_chunks(self, shards: list[tuple[int, int]] | None = None):
@@ -162,10 +164,13 @@ class GradientStore(ManifestStore[StoreManifest]):
                 yield start, stop, rows
 
     def ids(self) -> list[str]:
-        return [str(x) for x in self.group["rows/id"][:]]
+        return [str(x) for x in read(self.group, "rows/id", slice(None))]
 
     def row_metadata(self) -> dict[str, np.ndarray]:
-        return {"num_tokens": self.group["rows/num_tokens"][:], "loss": self.group["rows/loss"][:]}
+        return {
+            "num_tokens": read(self.group, "rows/num_tokens", slice(None)),
+            "loss": read(self.group, "rows/loss", slice(None)),
+        }
 
     # ---- factors ----------------------------------------------------------------------------------
     def write_factors(self, factors: dict[str, ModuleFactors], name: str = "factors") -> None:
@@ -176,7 +181,7 @@ class GradientStore(ManifestStore[StoreManifest]):
         self.record_checksums(name, {f"{name}/{field}": values for field, values in digests.items()})
 
     def read_factors(self, name: str = "factors") -> dict[str, ModuleFactors]:
-        return read_factor_group(self.group[name], self.modules)
+        return read_factor_group(subgroup(self.group, name), self.modules)
 
     def has_group(self, name: str) -> bool:
         return name in self.group
@@ -226,7 +231,7 @@ def write_factor_group(
 
 
 def read_factor_group(root: zarr.Group, modules: Sequence[ModuleProjection]) -> dict[str, ModuleFactors]:
-    packed = {field: root[field][...] for field in FACTOR_FIELDS if field in root}
+    packed = {field: read(root, field) for field in FACTOR_FIELDS if field in root}
     offsets = dict.fromkeys(packed, 0)
     out = {}
     for module in modules:
@@ -237,7 +242,7 @@ def read_factor_group(root: zarr.Group, modules: Sequence[ModuleProjection]) -> 
             size = int(np.prod(shapes[field]))
             fields[field] = values[offsets[field] : offsets[field] + size].reshape(shapes[field])
             offsets[field] += size
-        out[module.name] = ModuleFactors(strategy=root.attrs["strategy"], **fields)
+        out[module.name] = ModuleFactors(strategy=str(root.attrs["strategy"]), **fields)
     return out
 
 
@@ -251,7 +256,7 @@ def write_module_arrays(
 
 
 def read_module_arrays(group: zarr.Group, name: str, modules: Sequence[ModuleProjection]) -> dict[str, np.ndarray]:
-    packed = group[name][...]
+    packed = read(group, name)
     out, offset = {}, 0
     for m in modules:
         size = m.k_in * m.k_out

@@ -26,7 +26,8 @@ def _trainer_order(model: nn.Module, names: list[str]) -> list[str] | None:
     try:
         from transformers import Trainer
 
-        decay = set(Trainer.get_decay_parameter_names(None, model))
+        # an instance method that never reads self; transformers types self as Trainer
+        decay = set(Trainer.get_decay_parameter_names(None, model))  # pyright: ignore[reportArgumentType]
     except Exception:  # noqa: BLE001 - transformers' Trainer is optional here
         return None
     return [n for n in names if n in decay] + [n for n in names if n not in decay]
@@ -103,7 +104,10 @@ def read_preconditioner(
                 raise TributaryError(f"optimizer state {path} has no second moments for {name}")
             entry = matched[name]
             moments.append((entry["exp_avg_sq"].double().numpy(), int(torch.as_tensor(entry.get("step", 1)).item())))
-        transposed = TrackedKind.for_module(layer).weight_as_out_in(layer) is not layer.weight  # GPT-2 Conv1D
+        kind = TrackedKind.for_module(layer)
+        if kind is None:
+            raise ValueError(f"module {module.name} ({type(layer).__name__}) is not a tracked module kind")
+        transposed = kind.weight_as_out_in(layer) is not layer.weight  # GPT-2 Conv1D
         weight = (moments[0][0].T, moments[0][1]) if transposed else moments[0]
         out[module.name] = module_preconditioner(
             module, weight, moments[1] if len(moments) > 1 else None, beta2, eps, f"optimizer state {path}"

@@ -28,6 +28,13 @@ class CheckpointPlan:
     def key(self) -> ResourceKey:
         return ResourceKey.parse(self.name)
 
+    @property
+    def weights(self) -> str:
+        """The checkpoint's weights; only plans built for in-memory attribution leave them out."""
+        if self.path is None:
+            raise ValueError(f"checkpoint {self.name} of this training-run plan has no weights path")
+        return self.path
+
 
 @dataclass(frozen=True)
 class SegmentPlan:
@@ -107,7 +114,7 @@ class RunPlan:
     def from_dict(cls, raw: dict) -> RunPlan:
         return cls(
             checkpoints=tuple(CheckpointPlan(**c) for c in raw["checkpoints"]),
-            segments=tuple(SegmentPlan(**dict(s, checkpoints=tuple(s["checkpoints"]))) for s in raw["segments"]),
+            segments=tuple(SegmentPlan(**{**s, "checkpoints": tuple(s["checkpoints"])}) for s in raw["segments"]),
             datasets=tuple(raw["datasets"]),
             optimizer=raw["optimizer"],
             preconditioned=raw["preconditioned"],

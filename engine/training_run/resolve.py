@@ -76,7 +76,7 @@ def _discover(trainer_dir: str) -> list[_Checkpoint]:
     if (root / "config.json").is_file():
         last_state = _read_trainer_state(Path(checkpoints[-1].path)) if checkpoints else None
         final_step = (last_state or {}).get("max_steps")
-        if not checkpoints or (isinstance(final_step, int) and final_step > checkpoints[-1].step):
+        if not found or (isinstance(final_step, int) and final_step > found[-1][0]):
             checkpoints.append(
                 _Checkpoint(str(root.resolve()), final_step if isinstance(final_step, int) else None, None)
             )
@@ -159,10 +159,15 @@ def _segment_groups(run: TrainingRunConfig, checkpoints: list[_Checkpoint]) -> t
                 f"training_run.boundaries split checkpoints by step, but the step of {unknown[0]} is "
                 "unknown; give its step, or use checkpoint-STEP directories"
             )
-        bounds = [0] + sorted(run.boundaries) + [None]
+        lows: list[int] = [0, *sorted(run.boundaries)]
+        highs: list[int | None] = [*sorted(run.boundaries), None]
         groups = []
-        for index, (low, high) in enumerate(zip(bounds[:-1], bounds[1:])):
-            members = [i for i, c in enumerate(checkpoints) if c.step > low and (high is None or c.step <= high)]
+        for index, (low, high) in enumerate(zip(lows, highs)):
+            members = [
+                i
+                for i, c in enumerate(checkpoints)
+                if c.step is not None and c.step > low and (high is None or c.step <= high)  # all known (above)
+            ]
             if not members:
                 span = f"({low}, {high}]" if high is not None else f"after step {low}"
                 raise TributaryError(
@@ -298,7 +303,8 @@ def _mean_rate(history: dict[int, float], low: int | None, high: int | None) -> 
 
 
 def _mean_known(rates: list[float | None]) -> float | None:
-    return float(np.mean(rates)) if rates and all(r is not None for r in rates) else None
+    known = [r for r in rates if r is not None]
+    return float(np.mean(known)) if known and len(known) == len(rates) else None
 
 
 def require_schedule(plan: RunPlan, method: str) -> None:
