@@ -257,3 +257,13 @@ def test_skip_is_refused_for_a_training_run(tmp_path, tiny_models):
     with pytest.raises(TributaryError, match="on_nonfinite: skip is for single-checkpoint stores"):
         run_index(parse_config(raw), show_progress=False)
     assert not Path(raw["store"]["path"]).exists()
+
+
+def test_skip_with_every_row_non_finite_is_a_clean_error(tmp_path, nan_weight_model):
+    """A model that is NaN everywhere leaves no row to fit the curvature on: an error naming the file, not
+    numpy's "covariance has no data", and the store stays incomplete."""
+    train = _all_rows(tmp_path)
+    raw = _skip_config(tmp_path, nan_weight_model, train, "all.zarr")
+    with pytest.raises(TributaryError, match="every row of .*train.jsonl has non-finite values"):
+        run_index(parse_config(raw), show_progress=False)
+    assert not GradientStore.open(raw["store"]["path"]).manifest.complete

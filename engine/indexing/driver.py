@@ -17,6 +17,7 @@ from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
 from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda
 from engine.data.rows import file_fingerprint
+from engine.errors import TributaryError
 from engine.indexing.executor import ShardExecutor
 from engine.indexing.manifest import build_manifest
 from engine.progress import progress_bar
@@ -150,6 +151,12 @@ def _run_stages(
         timings["pass1_s"] = time.perf_counter() - clock
         if not run.done("eigen"):
             needed = strategy in NEEDS_COVARIANCE
+            if needed and len(store.manifest.skipped) == store.manifest.rows:
+                raise TributaryError(
+                    f"every row of {config.data.train} has non-finite values and was skipped "
+                    "(data.on_nonfinite: skip), so there is no curvature to fit; check the model's weights and "
+                    "model.dtype (float16 overflows: use float32 or bfloat16)"
+                )
             covariance = [reduced_covariance(*store.read_partials("covariance"), spec)] if needed else []
             store.write_factors(shared_basis(strategy, widths, covariance))
             run.mark("eigen")
