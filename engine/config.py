@@ -206,6 +206,27 @@ class StoreConfig(_Section):
     rows_per_chunk: int | None = Field(default=None, gt=0, description="rows per Zarr chunk; default targets ~16 MiB")
 
 
+class PlacementConfig(_Section):
+    """How one replica (one copy of the model) is held: on one device, split across devices by accelerate, or
+    partitioned over a group of ranks by DeepSpeed ZeRO-3."""
+
+    kind: Literal["single", "device_map", "zero3"] = Field(
+        default="single",
+        description="single: the whole model on one device; device_map: accelerate spreads its layers over "
+        "devices_per_replica GPUs (and CPU / disk with offload); zero3: a group of devices_per_replica Ray actors "
+        "holds it partitioned with DeepSpeed ZeRO-3",
+    )
+    devices_per_replica: int = Field(
+        default=1, gt=0, description="GPUs per replica; on a CPU-only machine, the ranks of a zero3 group"
+    )
+    offload: str | None = Field(
+        default=None, description="device_map: null, cpu, or a directory for accelerate's disk offload"
+    )
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = Field(
+        default=None, description="compute dtype of the weights (default model.dtype); projections stay float32"
+    )
+
+
 class ClusterConfig(_Section):
     address: str = Field(
         default="local", description="local (start Ray here), auto (join the running cluster) or HOST:PORT"
@@ -265,6 +286,7 @@ class JobConfig(_Section):
     method: MethodConfig = MethodConfig()
     store: StoreConfig
     cluster: ClusterConfig | None = Field(default=None, description="run on Ray; absent = in this process")
+    placement: PlacementConfig = PlacementConfig()
     training_run: TrainingRunConfig | None = Field(
         default=None, description="checkpoints and segments of the training run; absent = the final model only"
     )
@@ -272,6 +294,11 @@ class JobConfig(_Section):
 
     def with_method(self, method: MethodConfig) -> JobConfig:
         return self.model_copy(update={"method": method})
+
+    @property
+    def weights_dtype(self) -> str:
+        """The dtype the model's weights are loaded and run in: placement.dtype, else model.dtype."""
+        return self.placement.dtype or self.model.dtype
 
 
 # ---- what one query run or request asks, beside the job config ------------------------------------
@@ -352,7 +379,34 @@ def parse_config(raw: dict, source: str = "<dict>", base_dir: Path | None = None
             "method.steps (optimizer steps K), or a training_run section"
         )
     _check_serve(config, source)
+    _check_placement(config, source)
     return config
+
+
+def _check_placement(config: JobConfig, source: str) -> None:
+    """What the config alone decides about placement; devices and torch.distributed are checked where the
+    replicas start (engine.model.placement.check_placement)."""
+    placement = config.placement
+    if placement.offload is not None and placement.kind != "device_map":
+        raise TributaryError(
+            f"invalid config {source}: placement.offload is for placement.kind device_map, not {placement.kind}; "
+            "remove placement.offload or set placement.kind: device_map"
+        )
+    if placement.kind == "single" and placement.devices_per_replica != 1:
+        raise TributaryError(
+            f"invalid config {source}: placement.devices_per_replica is {placement.devices_per_replica} but "
+            "placement.kind single holds the model on one device; set placement.kind device_map or zero3"
+        )
+    if placement.kind == "zero3" and config.cluster is None:
+        raise TributaryError(
+            f"invalid config {source}: placement.kind zero3 runs its ranks as Ray actors; add a cluster section "
+            "(cluster: {address: local} runs them on this machine)"
+        )
+    if placement.kind == "zero3" and config.training_run is not None:
+        raise TributaryError(
+            f"invalid config {source}: placement.kind zero3 is not supported with a training_run section yet; "
+            "use placement.kind single or device_map for training runs"
+        )
 
 
 def _check_serve(config: JobConfig, source: str) -> None:
@@ -393,6 +447,10 @@ def _resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
     adapter = config.model.adapter
     if adapter is not None and (base_dir / adapter).exists():
         adapter = _resolve(adapter, base_dir)
+    placement = config.placement
+    offload = placement.offload
+    if offload is not None and offload != "cpu":
+        placement = placement.model_copy(update={"offload": _resolve(offload, base_dir)})
     tokenizer = config.model.tokenizer
     if tokenizer is not None and (base_dir / tokenizer).exists():
         tokenizer = _resolve(tokenizer, base_dir)
@@ -407,6 +465,7 @@ def _resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
             "store": store,
             "model": model,
             "serve": serve,
+            "placement": placement,
             "training_run": _resolve_run_paths(config.training_run, base_dir),
         }
     )

@@ -47,7 +47,7 @@ def load_model_context(
     config: JobConfig, spec: ProjectionSpec | None = None, device: torch.device | None = None
 ) -> ModelContext:
     """Load the model and build (or reuse, for queries against a store) the projection spec."""
-    model, tokenizer = load_model(config.model, device)
+    model, tokenizer = load_model(config.model, device, config.placement)
     device = next(model.parameters()).device
     modules = select_modules(model, config.model.modules)
     shapes = tracked_shapes(modules, config.model.include_bias)

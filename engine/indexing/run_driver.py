@@ -246,7 +246,7 @@ def _index_averaged(
 
     group = segment.averaged.group_name
     paths = [plan.checkpoint(name).weights for name in segment.checkpoints]
-    weights = _averaged_model(paths, averaged_root / group, DTYPES[config.model.dtype])
+    weights = _averaged_model(paths, averaged_root / group, DTYPES[config.weights_dtype])
     dataset = plan.datasets[segment.dataset]
     sub = checkpoint_config(config, weights, dataset, root.checkpoint_path(group))
     store = _index_checkpoint(sub, rows[dataset], show_progress, spec, executors)

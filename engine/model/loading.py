@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, PlacementConfig
 from engine.errors import TributaryError
 
 if TYPE_CHECKING:
@@ -57,8 +57,10 @@ def checked_tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
-    """(model, tokenizer); weights frozen, eval mode.
+def load_model(
+    config: ModelConfig, device: torch.device | None = None, placement: PlacementConfig | None = None
+) -> tuple[nn.Module, PreTrainedTokenizerBase]:
+    """(model, tokenizer); weights frozen, eval mode, in placement.dtype (else model.dtype).
 
     The model's own attention implementation is kept (SDPA by default): no vmap is used, and
     transformers' eager attention produces NaN for left-padded float64 batches.
@@ -66,6 +68,8 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    placement = placement or PlacementConfig()
+    dtype = DTYPES[placement.dtype or config.dtype]
     device = device or default_device()
     path = config.path
     if not Path(path).exists():
@@ -79,7 +83,7 @@ def load_model(config: ModelConfig, device: torch.device | None = None) -> tuple
         raise TributaryError(f"model.path {path} is not an HF model directory: {error}") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=model_config, dtype=DTYPES[config.dtype], local_files_only=True
+            path, config=model_config, dtype=dtype, local_files_only=True
         )
     except torch.OutOfMemoryError:
         raise  # the machine's limit, not a fault of the files
