@@ -82,9 +82,7 @@ def load_model(
     except (OSError, ValueError) as error:
         raise TributaryError(f"model.path {path} is not an HF model directory: {error}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, config=model_config, dtype=dtype, local_files_only=True
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=dtype, local_files_only=True)
     except torch.OutOfMemoryError:
         raise  # the machine's limit, not a fault of the files
     except (*UNREADABLE_WEIGHTS, SafetensorError) as error:
