@@ -136,6 +136,8 @@ def query(
     top_p: float = _option(GenerationSettings, "top_p", "--top-p", needs="--generate --sample"),
     seed: int = _option(GenerationSettings, "seed", "--seed", needs="--generate --sample"),
     chat: bool | None = _option(GenerationSettings, "chat", "--chat/--no-chat", needs="--generate"),
+    approximate: bool = _option(QueryOptions, "approximate", "--approximate"),
+    rerank: int = _option(QueryOptions, "rerank", "--rerank", needs="--approximate"),
 ) -> None:
     """Score queries against every training example and keep the top-k supporters and opposers."""
     from engine.capture.measurement import MEASUREMENTS
@@ -155,6 +157,8 @@ def query(
                 per_module=per_module,
                 per_token=per_token,
                 generation=generation if generate else None,
+                approximate=approximate,
+                rerank=rerank,
             )
         except ValidationError as error:
             raise TributaryError(_flag_problem(error)) from None
@@ -168,6 +172,39 @@ def query(
     for label, target in (("results", out), ("scores", scores_out), ("report", report)):
         if target:
             console.print(f"{label}: {target}")
+
+
+ann_app = typer.Typer(no_args_is_help=True, help="The approximate top-k index beside a store (FAISS)")
+app.add_typer(ann_app, name="ann")
+
+
+@ann_app.command("build")
+def ann_build(
+    store: str = typer.Argument(..., help="store path (a local one): the index is written to STORE.ann"),
+    metric: str = typer.Option("dot,cos", "--metric", help="dot (grad_dot, if, source), cos (grad_cos), or both"),
+    codec: str = typer.Option("SQ8", "--codec", help="FAISS IVF codec: SQ8, SQ4, Flat or PQ<m>"),
+    lists: int | None = typer.Option(None, "--lists", help="IVF cells (default: the square root of the rows)"),
+    probes: int | None = typer.Option(None, "--probes", help="cells searched per query (default: a quarter)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Build (or resume) the FAISS index over the store's rows that `query --approximate` and the service use."""
+    from engine.ann.build import build_index
+    from engine.ann.layout import METRICS, index_location
+
+    try:
+        metrics = tuple(name.strip() for name in metric.split(",") if name.strip())
+        unknown = [name for name in metrics if name not in METRICS]
+        if unknown or not metrics:
+            raise TributaryError(f"--metric {metric!r}: use dot, cos or dot,cos")
+        record = build_index(store, metrics, codec, lists, probes, show_progress=progress)  # type: ignore[arg-type]
+    except TributaryError as error:
+        _fail(error)
+    settings = record.plan.settings
+    console.print(
+        f"ANN index: {index_location(store)} ({record.indexed_rows} rows; IVF{settings.lists},{settings.codec}, "
+        f"{settings.probes} probes; {', '.join(record.files)})",
+        soft_wrap=True,
+    )
 
 
 @app.command()

@@ -276,6 +276,11 @@ class ServeConfig(_Section):
     auth_token_file: str | None = Field(
         default=None, description="file holding the bearer token (read on the replicas' nodes)"
     )
+    approximate: bool = Field(
+        default=False,
+        description="rank single-term methods with the ANN index beside the store (`tributary ann build STORE`), "
+        "re-scoring QueryOptions.rerank candidates exactly; other methods scan exactly",
+    )
 
 
 class JobConfig(_Section):
@@ -337,6 +342,17 @@ class QueryOptions:
     per_token: bool = Field(default=False, description="each completion token's share of each score")
     generation: GenerationSettings | None = Field(
         default=None, description="complete each prompt with the model first, then attribute the generated tokens"
+    )
+    approximate: bool = Field(
+        default=False,
+        description="rank with the ANN index beside the store (`tributary ann build STORE`); methods other than "
+        "grad_dot, grad_cos, if and one-segment source scan exactly",
+    )
+    rerank: int = Field(
+        default=100,
+        ge=0,
+        description="with approximate: re-score the index's top (and bottom) N candidates exactly from the stored "
+        "rows; 0 keeps the index's quantised scores",
     )
 
 

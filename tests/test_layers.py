@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("curvature",),  # mergeable sums, eigendecomposition, Λ, factors
     ("gradients",),  # model context, gradient and Λ passes over tokenised rows
     ("store",),  # Zarr gradient stores and their manifests
+    ("ann",),  # the FAISS approximate top-k index beside a store
     ("spectral",),  # each method's query side and the scoring of a block
     ("attribution",),  # the in-memory path for plain torch models
     ("report",),  # the HTML report of a query run

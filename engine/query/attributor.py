@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.ann.index import AnnIndex
 from engine.config import GenerationSettings, JobConfig, QueryOptions, with_method_name
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
@@ -23,6 +24,7 @@ from engine.errors import TributaryError
 from engine.gradients.context import ModelContext, load_model_context
 from engine.gradients.passes import token_gradients
 from engine.projection import ProjectionSpec
+from engine.query.approximate import rank_approximate
 from engine.query.generate import PromptRow, generate, token_pieces
 from engine.query.records import Query, result_records
 from engine.query.resources import StoreResources
@@ -205,6 +207,7 @@ class Attributor:
         # rows the index skipped for non-finite values: stored as zeros and left out of every ranking
         self.skipped = np.array([row.row for row in self.store.manifest.skipped], dtype=np.int64)
         self._methods: dict[str, Method] = {}
+        self._ann: AnnIndex | None = None
         # what was loaded: the store as opened and, in a training run, the final model's sub-store it scans
         self._loaded: dict[str, StoreIdentity] = {s.path: identity_of(s.manifest) for s in (opened, self.store)}
         if method_from_config(config.method).spectral is not None:
@@ -241,6 +244,13 @@ class Attributor:
         the methods' own reads share."""
         resources = self._resources([], "logprob_sum")
         return resources.factors(resources.plan.final.key)
+
+    def ann_index(self) -> AnnIndex:
+        """The ANN index beside the store as opened, over the final model's rows, read the first time it is used
+        and refused unless it was built for the store this attributor loaded."""
+        if self._ann is None:
+            self._ann = AnnIndex(self.opened.path, self.store)
+        return self._ann
 
     # ---- queries ----------------------------------------------------------------------------------
     def queries_from_rows(self, rows: list[Row], source: str, tokenizer=None) -> list[Query]:
@@ -300,7 +310,17 @@ class Attributor:
         extra = len(self.skipped)  # ask for k + skipped so that k remain once the skipped rows are dropped
         results: list[QueryResult | None] = [None] * len(groups)
         single = [i for i in range(len(groups)) if prepared[i].is_single_term(terms[i])]
+        single += [  # in a training run, only the index ranks final-model methods without a pass per checkpoint
+            i
+            for i in range(len(groups))
+            if i not in single and self._pass(groups[i], need_full)[1] and prepared[i].scores_final_rows(terms[i])
+        ]
         for i in set(range(len(groups))) - set(single):
+            if groups[i].options.approximate:
+                log.info(
+                    "method %s is not a single-term method, so the ANN index cannot rank it; scanning exactly",
+                    groups[i].method.name,
+                )
             if self.config.cluster is not None:
                 log.warning(
                     "method %s scores several checkpoints; scoring in this process, not on the cluster",
@@ -310,13 +330,16 @@ class Attributor:
             results[i] = without_rows(
                 QueryResult(*prepared[i].score(terms[i], groups[i].method, k + extra)), self.skipped, k
             )
-        for normalise in sorted({groups[i].method.normalise for i in single}):
-            members = [i for i in single if groups[i].method.normalise == normalise]
+        passes = {i: self._pass(groups[i], need_full) for i in single}
+        for normalise, approximate, rerank in sorted(set(passes.values())):
+            members = [i for i in single if passes[i] == (normalise, approximate, rerank)]
             k = max(groups[i].options.k for i in members)
-            ranked = self.scan(
-                np.concatenate([terms[i][0].transformed for i in members]), normalise, k + extra, need_full
-            )
-            self.scoring_passes += 1
+            transformed = np.concatenate([terms[i][0].transformed for i in members])
+            if approximate:
+                ranked = rank_approximate(self.ann_index(), self.store, transformed, normalise, k + extra, rerank)
+            else:
+                ranked = self.scan(transformed, normalise, k + extra, need_full)
+                self.scoring_passes += 1
             start = 0
             for i in members:
                 stop = start + len(groups[i].queries)
@@ -329,6 +352,16 @@ class Attributor:
         for group, resources, group_terms, result in zip(groups, prepared, terms, scored):
             self._add_details(group, resources, group_terms, result)
         return scored
+
+    @staticmethod
+    def _pass(group: QueryGroup, need_full: bool) -> tuple[bool, bool, int]:
+        """Which pass ranks a single-term group: (normalise, approximate, rerank); the exact scan whenever
+        every score is wanted (the index has only candidates)."""
+        approximate = group.options.approximate
+        if approximate and need_full:
+            log.info("full scores (--scores-out) need the exact scan; ranking method %s exactly", group.method.name)
+            approximate = False
+        return group.method.normalise, approximate, group.options.rerank if approximate else 0
 
     def _factors_for(self, method: Method) -> dict | None:
         return self.factors() if method.spectral is not None else None

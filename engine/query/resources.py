@@ -131,6 +131,11 @@ class StoreResources(CachedResources):
             len(terms) == 1 and len(self.plan.datasets) == 1 and (self.run is None or len(self.plan.checkpoints) == 1)
         )
 
+    def scores_final_rows(self, terms: list[QueryTerm]) -> bool:
+        """One term against the final model's rows, which are all the rows: ⟨transformed query, stored row⟩ of
+        the store the ANN index covers (also in a training run of several checkpoints)."""
+        return len(terms) == 1 and len(self.plan.datasets) == 1 and terms[0].key == self.plan.final.key
+
     def _blocks(self, key: ResourceKey):
         offset = self.offsets()[self.plan.dataset_of(key)]
         for start, stop, rows in self.store(key).iter_chunks():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.ann.index import AnnIndex
 from engine.config import JobConfig, QueryOptions
 from engine.data.rows import field_names, read_rows
 from engine.errors import TributaryError
@@ -73,6 +74,10 @@ def run_query(
         prompts = read_prompts(queries_path, config.data.prompt_field, config.data.id_field)
     else:
         read_rows(queries_path, field_names(config), what="queries file")
+    if options.approximate and scores_out is None and method_from_config(config.method).build_terms is None:
+        AnnIndex(
+            config.store.path, final_model(config, opened)[1]
+        )  # a missing or stale index: refused before the model loads
     scan = None if scans is None else scans(final_model(config, opened)[1])
     attributor = Attributor.load(config, opened, scan)
     queries = _load_queries(attributor, queries_path, options, prompts)

@@ -81,6 +81,8 @@ class AttributionService:
         self._digest = None if token is None else token_digest(token)
         scan = ShardedScan(range_scorers) if range_scorers else None
         self.attributor = Attributor.load(config, scan=scan)
+        if config.serve.approximate:
+            self.attributor.ann_index()  # a missing or stale index fails the replica's start, not a request
         self.request_tokenizer = copy.deepcopy(self.attributor.context.tokenizer)  # for the event loop's use
         self.counts = {"requests": 0, "queries": 0, "batches": 0, "rejected": 0, "timed_out": 0}
         self.passes = PassQueue(

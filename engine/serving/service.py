@@ -79,9 +79,13 @@ def start_service(config: JobConfig, name: str = APP_NAME, route_prefix: str = "
 def check_inputs(config: JobConfig) -> None:
     """Fail here, with the store's own message, not in a replica; likewise for a configured token that is
     missing (its value is not kept)."""
-    from engine.query.attributor import open_complete_store
+    from engine.query.attributor import final_model, open_complete_store
 
-    open_complete_store(config.store.path)
+    opened = open_complete_store(config.store.path)
+    if config.serve.approximate:
+        from engine.ann.index import AnnIndex
+
+        AnnIndex(config.store.path, final_model(config, opened)[1])
     read_token(config.serve)
 
 

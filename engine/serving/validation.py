@@ -4,7 +4,7 @@ one request's bad input."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.capture.measurement import MEASUREMENTS
 from engine.config import GenerationSettings, JobConfig, QueryOptions, method_names, unknown_method
@@ -168,6 +168,8 @@ def prepare(request: AttributeRequest, attributor: Attributor, limits: Limits, t
     _check_fields(request, tokenizer)
     _check_prompt_tokens(request, tokenizer, limits)
     options = request.options()
+    if attributor.config.serve.approximate:
+        options = replace(options, approximate=True)
     ids = [query.id if query.id is not None else str(i) for i, query in enumerate(request.queries)]
     generation = request.generation()
     if generation is not None:

@@ -1,0 +1,259 @@
+"""`tributary ann build STORE`: train the IVF cells and codec on a sample of rows, encode every row chunk, and
+assemble the index — each step kept on disk, so a killed build resumes where it stopped.
+
+Rows the store skipped (manifest.skipped, non-finite gradients stored as zeros) are left out of the index, so
+they are never ranked. The index is written under a name of its own and committed by writing index.json last.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.ann.layout import (
+    METRICS,
+    BuildPlan,
+    IndexRecord,
+    IndexSettings,
+    Metric,
+    default_settings,
+    faiss_module,
+    index_location,
+    read_record,
+    use_gpus,
+    write_atomically,
+    write_json,
+)
+from engine.errors import TributaryError
+from engine.progress import progress_bar
+from engine.store import GradientStore
+from engine.store.identity import identity_at, identity_of
+from engine.store.location import redact
+from engine.store.opening import open_store
+from engine.store.run_store import RunStore
+from engine.testing.faults import fault_point
+
+log = logging.getLogger(__name__)
+SAMPLE_SEED = 0
+
+
+def indexed_store(path: str) -> GradientStore:
+    """The rows an index at `path` covers: a single-checkpoint store's, or a training run's final checkpoint's
+    (the rows the single-term methods scan). Refused unless complete."""
+    opened = open_store(path)
+    if not opened.manifest.complete:
+        raise TributaryError(
+            f"store {redact(path)} is incomplete; finish it with `tributary index` before `tributary ann build`"
+        )
+    if isinstance(opened, RunStore):
+        return opened.checkpoint(opened.plan.final.name)
+    return opened
+
+
+def normalised(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
+def metric_rows(rows: np.ndarray, metric: Metric) -> np.ndarray:
+    """What the metric's index holds of `rows`: the raw rows, or their unit-normalised copies, as float32."""
+    rows = np.asarray(rows, dtype=np.float32)
+    return np.ascontiguousarray(normalised(rows) if metric == "cos" else rows)
+
+
+def build_plan(store: GradientStore, settings: IndexSettings) -> BuildPlan:
+    identity = identity_of(store.manifest)
+    return BuildPlan(
+        store_id=identity.store_id,
+        completion=identity.completion,
+        rows=store.rows,
+        width=store.manifest.width,
+        settings=settings,
+    )
+
+
+def build_index(
+    store_path: str,
+    metrics: tuple[Metric, ...] | None = None,
+    codec: str = "SQ8",
+    lists: int | None = None,
+    probes: int | None = None,
+    show_progress: bool = True,
+) -> IndexRecord:
+    """Build (or resume, or find up to date) the index beside the store at `store_path`."""
+    store = indexed_store(store_path)
+    root = index_location(store_path)
+    plan = build_plan(store, _settings(store, metrics, codec, lists, probes))
+    finished = read_record(root / "index.json", IndexRecord, "ANN index", f"run `tributary ann build {store_path}`")
+    if finished is not None and finished.plan == plan:
+        log.info("the ANN index at %s is up to date", root)
+        return finished
+    build = Builder(store, root / "build", plan, show_progress)
+    record = build.run()
+    if identity_at(store.path) != plan.identity:
+        raise TributaryError(
+            f"store {redact(store_path)} changed while its ANN index was built; run `tributary ann build "
+            f"{store_path}` again once the store is complete"
+        )
+    write_json(root / "index.json", record)  # the commit point
+    shutil.rmtree(root / "build", ignore_errors=True)
+    for stale in root.glob("*.faiss"):
+        if stale.name not in record.files.values():
+            stale.unlink(missing_ok=True)
+    return record
+
+
+def _settings(
+    store: GradientStore, metrics: tuple[Metric, ...] | None, codec: str, lists: int | None, probes: int | None
+) -> IndexSettings:
+    kept = store.rows - len(store.manifest.skipped)
+    if kept <= 0:
+        raise TributaryError(f"store {redact(store.path)} has no rows to index (every row was skipped)")
+    defaults = default_settings(kept, metrics or METRICS, codec)
+    if lists is not None and not 0 < lists <= kept:
+        raise TributaryError(f"--lists must be between 1 and the {kept} indexed rows, got {lists}")
+    lists = defaults.lists if lists is None else lists
+    if probes is not None and not 0 < probes <= lists:
+        raise TributaryError(f"--probes must be between 1 and the {lists} lists, got {probes}")
+    return IndexSettings(
+        metrics=defaults.metrics,
+        codec=codec,
+        lists=lists,
+        probes=max(1, -(-lists // 4)) if probes is None else probes,
+        train_rows=min(kept, 40 * lists),
+    )
+
+
+class Builder:
+    """One build's steps, each skipped when its result is already on disk under a matching plan."""
+
+    def __init__(self, store: GradientStore, directory: Path, plan: BuildPlan, show_progress: bool):
+        self.store = store
+        self.directory = directory
+        self.plan = plan
+        self.show_progress = show_progress
+        self.faiss = faiss_module()
+        self.skipped = np.array(sorted(row.row for row in store.manifest.skipped), dtype=np.int64)
+        self.seconds: dict[str, float] = {}
+        self._sample: np.ndarray | None = None
+
+    def run(self) -> IndexRecord:
+        self._start_or_resume()
+        started = time.perf_counter()
+        trained = {metric: self._trained(metric) for metric in self.plan.settings.metrics}
+        self.seconds["train"] = time.perf_counter() - started
+        started = time.perf_counter()
+        self._encode_chunks(trained)
+        self.seconds["encode"] = time.perf_counter() - started
+        started = time.perf_counter()
+        files, indexed = self._assemble()
+        self.seconds["assemble"] = time.perf_counter() - started
+        return IndexRecord(
+            plan=self.plan,
+            files=files,
+            indexed_rows=indexed,
+            faiss_version=str(self.faiss.__version__),
+            seconds={key: round(value, 3) for key, value in self.seconds.items()},
+        )
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def _start_or_resume(self) -> None:
+        plan_path = self.directory / "plan.json"
+        found = read_record(plan_path, BuildPlan, "ANN build plan", f"remove {self.directory} and build again")
+        if found == self.plan:
+            done = len(list((self.directory / "codes").glob("*.npz")))
+            log.info("resuming the ANN build in %s (%d of %d chunks encoded)", self.directory, done, self._chunks())
+            return
+        if found is not None:
+            log.info("the build in %s was for another store or other settings; starting again", self.directory)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        write_json(plan_path, self.plan)
+
+    def _chunks(self) -> int:
+        return len(self.store.shards())
+
+    def _trained(self, metric: Metric):
+        """The metric's empty index with its cells and codec trained (read back when a resumed build has it)."""
+        path = self.directory / f"{metric}.trained.faiss"
+        if path.exists():
+            return self.faiss.read_index(str(path))
+        settings = self.plan.settings
+        try:
+            index = self.faiss.index_factory(
+                self.plan.width, f"IVF{settings.lists},{settings.codec}", self.faiss.METRIC_INNER_PRODUCT
+            )
+        except RuntimeError:
+            raise TributaryError(
+                f"--codec {settings.codec} is not a FAISS IVF codec for rows of width {self.plan.width}; use SQ8, "
+                "SQ4, Flat or PQ<m> with m dividing the width"
+            ) from None
+        sample = metric_rows(self._training_sample(), metric)
+        if use_gpus(self.faiss):
+            gpu_index = self.faiss.index_cpu_to_all_gpus(index)
+            gpu_index.train(sample)
+            index = self.faiss.index_gpu_to_cpu(gpu_index)
+        else:
+            index.train(sample)
+        write_atomically(path, bytes(self.faiss.serialize_index(index)))
+        return index
+
+    def _training_sample(self) -> np.ndarray:
+        """About train_rows rows from chunks spread evenly over the store (skipped rows left out)."""
+        if self._sample is None:
+            shards = self.store.shards()
+            wanted = self.plan.settings.train_rows
+            per_chunk = max(1, self.store.rows_per_chunk)
+            picks = np.unique(np.linspace(0, len(shards) - 1, min(len(shards), -(-wanted // per_chunk) + 1)).round())
+            pieces = []
+            for start, stop, rows in self.store.iter_chunks([shards[int(i)] for i in picks]):
+                pieces.append(rows[~np.isin(np.arange(start, stop), self.skipped)])
+            sample = np.concatenate(pieces)
+            if len(sample) > wanted:
+                chosen = np.random.default_rng(SAMPLE_SEED).choice(len(sample), wanted, replace=False)
+                sample = sample[np.sort(chosen)]
+            self._sample = sample
+        return self._sample
+
+    def _encode_chunks(self, trained: dict) -> None:
+        """Each row chunk's codes per metric, with its row numbers, in codes/<start>.npz."""
+        codes = self.directory / "codes"
+        pending = [(start, stop) for start, stop in self.store.shards() if not (codes / f"{start}.npz").exists()]
+        committed = 0
+        with progress_bar(self.show_progress) as bars:
+            task = bars.add_task("encoding rows", total=self.store.rows)
+            bars.advance(task, self.store.rows - sum(stop - start for start, stop in pending))
+            for start, stop, rows in self.store.iter_chunks(pending):
+                keep = ~np.isin(np.arange(start, stop), self.skipped)
+                arrays: dict[str, Any] = {"ids": np.arange(start, stop, dtype=np.int64)[keep]}
+                for metric, index in trained.items():
+                    arrays[metric] = index.sa_encode(metric_rows(rows[keep], metric))
+                buffer = io.BytesIO()
+                np.savez(buffer, **arrays)
+                write_atomically(codes / f"{start}.npz", buffer.getvalue())
+                committed += 1
+                bars.advance(task, stop - start)
+                fault_point("driver", "ann", committed)
+
+    def _assemble(self) -> tuple[dict[Metric, str], int]:
+        """Every chunk's codes added to each metric's trained index, written as <metric>-<build>.faiss."""
+        files: dict[Metric, str] = {}
+        indexed = 0
+        for metric in self.plan.settings.metrics:
+            index = self.faiss.read_index(str(self.directory / f"{metric}.trained.faiss"))
+            for start, _ in self.store.shards():
+                with np.load(self.directory / "codes" / f"{start}.npz") as chunk:
+                    if len(chunk["ids"]):
+                        index.add_sa_codes(chunk[metric], chunk["ids"])
+            name = f"{metric}-{self.plan.build_id}.faiss"
+            part = self.directory.parent / f"{name}.part"
+            self.faiss.write_index(index, str(part))
+            part.replace(self.directory.parent / name)
+            files[metric] = name
+            indexed = int(index.ntotal)
+        return files, indexed
