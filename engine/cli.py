@@ -185,6 +185,9 @@ def ann_build(
     codec: str = typer.Option("SQ8", "--codec", help="FAISS IVF codec: SQ8, SQ4, Flat or PQ<m>"),
     lists: int | None = typer.Option(None, "--lists", help="IVF cells (default: the square root of the rows)"),
     probes: int | None = typer.Option(None, "--probes", help="cells searched per query (default: a quarter)"),
+    batch_rows: int | None = typer.Option(
+        None, "--batch-rows", help="rows encoded per resumable step (default: 32 MiB of float32 rows)"
+    ),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """Build (or resume) the FAISS index over the store's rows that `query --approximate` and the service use."""
@@ -196,7 +199,7 @@ def ann_build(
         unknown = [name for name in metrics if name not in METRICS]
         if unknown or not metrics:
             raise TributaryError(f"--metric {metric!r}: use dot, cos or dot,cos")
-        record = build_index(store, metrics, codec, lists, probes, show_progress=progress)  # type: ignore[arg-type]
+        record = build_index(store, metrics, codec, lists, probes, progress, batch_rows)  # type: ignore[arg-type]
     except TributaryError as error:
         _fail(error)
     settings = record.plan.settings

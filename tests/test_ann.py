@@ -186,20 +186,20 @@ def _cli(*args: str, chaos: str | None = None, width: int = 80) -> subprocess.Co
 def test_a_killed_build_resumes_and_gives_the_uninterrupted_index(tmp_path):
     synthetic_store(tmp_path / "store.zarr", SKIPPED)
     store = str(tmp_path / "store.zarr")
-    killed = _cli("ann", "build", store, "--no-progress", chaos="driver:ann:3")
+    killed = _cli("ann", "build", store, "--no-progress", "--batch-rows", str(CHUNK), chaos="driver:ann:3")
     assert killed.returncode == -9, killed.stderr
     directory = index_location(store)
     assert not (directory / "index.json").exists()  # nothing half-done looks finished
     assert len(list((directory / "build" / "codes").glob("*.npz"))) == 3
     with pytest.raises(TributaryError, match="is not finished .* to resume it"):
         AnnIndex(store, GradientStore.open(store))
-    resumed = _cli("ann", "build", store, "--no-progress", width=200)
+    resumed = _cli("ann", "build", store, "--no-progress", "--batch-rows", str(CHUNK), width=200)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming the ANN build in {directory / 'build'} (3 of {ROWS // CHUNK} chunks encoded)" in resumed.stderr
+    assert f"resuming the ANN build in {directory / 'build'} (3 of {ROWS // CHUNK} batches encoded)" in resumed.stderr
     assert not (directory / "build").exists()
     # the same index as a build that was never interrupted, over a copy of the store
     shutil.copytree(store, tmp_path / "copy.zarr")
-    build_index(str(tmp_path / "copy.zarr"), show_progress=False)
+    build_index(str(tmp_path / "copy.zarr"), show_progress=False, batch_rows=CHUNK)
     q = queries()
     for normalise in (False, True):
         searched = [
@@ -297,3 +297,35 @@ def test_other_methods_fall_back_to_the_exact_scan_with_a_log_line(run_store, ca
         approximate = _records(root, config, queries_file, "ann-dot", "--method", "grad_dot", "--approximate")
     assert _ranked(approximate) == _ranked(exact)
     assert "not a single-term method" not in caplog.text
+
+
+def test_the_service_with_serve_approximate_ranks_with_the_index(model_store):
+    """serve.approximate: the start-up check refuses a missing index; each request is ranked by the index
+    (the same pass the replicas run, here without Ray) and equals the exact answer after rerank."""
+    from engine.query.attributor import Attributor, QueryGroup
+    from engine.serving.schema import AttributeRequest, QueryIn
+    from engine.serving.service import check_inputs
+    from engine.serving.validation import Limits, prepare
+
+    root, config_file, _, store = model_store
+    raw = yaml.safe_load(config_file.read_text())
+    config = parse_config(dict(raw, serve={"approximate": True}))
+    shutil.rmtree(index_location(store), ignore_errors=True)
+    with pytest.raises(TributaryError, match=r"has no ANN index .*tributary ann build"):
+        check_inputs(config)
+    build_index(store, show_progress=False)
+    check_inputs(config)
+    attributor = Attributor.load(config)
+    request = AttributeRequest(queries=[QueryIn(prompt=p, completion=" " + c) for p, c in PROMPTS], top_k=3)
+    tokenizer = attributor.context.tokenizer
+    prepared = prepare(request, attributor, Limits.from_config(config), tokenizer)
+    assert prepared.options.approximate
+    assert prepared.queries is not None
+    (approximate,) = attributor.attribute([QueryGroup(prepared.queries, prepared.options, prepared.method)])
+    passes = attributor.scoring_passes
+    exact_options = prepare(request, Attributor.load(parse_config(raw)), Limits.from_config(config), tokenizer).options
+    (exact,) = attributor.attribute([QueryGroup(prepared.queries, exact_options, prepared.method)])
+    assert passes == 0 and attributor.scoring_passes == 1  # the index ranked the first, the scan the second
+    np.testing.assert_array_equal(approximate.top_indices, exact.top_indices)
+    np.testing.assert_allclose(approximate.top_scores, exact.top_scores, rtol=1e-12)
+    np.testing.assert_array_equal(approximate.bottom_indices, exact.bottom_indices)

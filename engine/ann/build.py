@@ -1,5 +1,5 @@
-"""`tributary ann build STORE`: train the IVF cells and codec on a sample of rows, encode every row chunk, and
-assemble the index — each step kept on disk, so a killed build resumes where it stopped.
+"""`tributary ann build STORE`: train the IVF cells and codec on a sample of rows, encode the rows batch by batch,
+and assemble the index — each step kept on disk, so a killed build resumes where it stopped.
 
 Rows the store skipped (manifest.skipped, non-finite gradients stored as zeros) are left out of the index, so
 they are never ranked. The index is written under a name of its own and committed by writing index.json last.
@@ -22,7 +22,9 @@ from engine.ann.layout import (
     IndexRecord,
     IndexSettings,
     Metric,
-    default_settings,
+    default_batch_rows,
+    default_lists,
+    default_probes,
     faiss_module,
     index_location,
     read_record,
@@ -85,11 +87,12 @@ def build_index(
     lists: int | None = None,
     probes: int | None = None,
     show_progress: bool = True,
+    batch_rows: int | None = None,
 ) -> IndexRecord:
     """Build (or resume, or find up to date) the index beside the store at `store_path`."""
     store = indexed_store(store_path)
     root = index_location(store_path)
-    plan = build_plan(store, _settings(store, metrics, codec, lists, probes))
+    plan = build_plan(store, _settings(store, metrics, codec, lists, probes, batch_rows))
     finished = read_record(root / "index.json", IndexRecord, "ANN index", f"run `tributary ann build {store_path}`")
     if finished is not None and finished.plan == plan:
         log.info("the ANN index at %s is up to date", root)
@@ -110,23 +113,33 @@ def build_index(
 
 
 def _settings(
-    store: GradientStore, metrics: tuple[Metric, ...] | None, codec: str, lists: int | None, probes: int | None
+    store: GradientStore,
+    metrics: tuple[Metric, ...] | None,
+    codec: str,
+    lists: int | None,
+    probes: int | None,
+    batch_rows: int | None,
 ) -> IndexSettings:
     kept = store.rows - len(store.manifest.skipped)
     if kept <= 0:
         raise TributaryError(f"store {redact(store.path)} has no rows to index (every row was skipped)")
-    defaults = default_settings(kept, metrics or METRICS, codec)
     if lists is not None and not 0 < lists <= kept:
         raise TributaryError(f"--lists must be between 1 and the {kept} indexed rows, got {lists}")
-    lists = defaults.lists if lists is None else lists
+    lists = default_lists(kept) if lists is None else lists
     if probes is not None and not 0 < probes <= lists:
         raise TributaryError(f"--probes must be between 1 and the {lists} lists, got {probes}")
+    if batch_rows is not None and batch_rows <= 0:
+        raise TributaryError(f"--batch-rows must be positive, got {batch_rows}")
+    chunk = store.rows_per_chunk
     return IndexSettings(
-        metrics=defaults.metrics,
+        metrics=metrics or METRICS,
         codec=codec,
         lists=lists,
-        probes=max(1, -(-lists // 4)) if probes is None else probes,
+        probes=default_probes(lists) if probes is None else probes,
         train_rows=min(kept, 40 * lists),
+        batch_rows=default_batch_rows(store.manifest.width, chunk)
+        if batch_rows is None
+        else -(-batch_rows // chunk) * chunk,
     )
 
 
@@ -149,7 +162,7 @@ class Builder:
         trained = {metric: self._trained(metric) for metric in self.plan.settings.metrics}
         self.seconds["train"] = time.perf_counter() - started
         started = time.perf_counter()
-        self._encode_chunks(trained)
+        self._encode_batches(trained)
         self.seconds["encode"] = time.perf_counter() - started
         started = time.perf_counter()
         files, indexed = self._assemble()
@@ -168,15 +181,19 @@ class Builder:
         found = read_record(plan_path, BuildPlan, "ANN build plan", f"remove {self.directory} and build again")
         if found == self.plan:
             done = len(list((self.directory / "codes").glob("*.npz")))
-            log.info("resuming the ANN build in %s (%d of %d chunks encoded)", self.directory, done, self._chunks())
+            log.info(
+                "resuming the ANN build in %s (%d of %d batches encoded)", self.directory, done, len(self._batches())
+            )
             return
         if found is not None:
             log.info("the build in %s was for another store or other settings; starting again", self.directory)
         shutil.rmtree(self.directory, ignore_errors=True)
         write_json(plan_path, self.plan)
 
-    def _chunks(self) -> int:
-        return len(self.store.shards())
+    def _batches(self) -> list[tuple[int, int]]:
+        """The row ranges encoded and committed one at a time: batch_rows rows each (whole store chunks)."""
+        step, rows = self.plan.settings.batch_rows, self.store.rows
+        return [(start, min(start + step, rows)) for start in range(0, rows, step)]
 
     def _trained(self, metric: Metric):
         """The metric's empty index with its cells and codec trained (read back when a resumed build has it)."""
@@ -220,10 +237,10 @@ class Builder:
             self._sample = sample
         return self._sample
 
-    def _encode_chunks(self, trained: dict) -> None:
-        """Each row chunk's codes per metric, with its row numbers, in codes/<start>.npz."""
+    def _encode_batches(self, trained: dict) -> None:
+        """Each batch's codes per metric, with its row numbers, in codes/<start>.npz."""
         codes = self.directory / "codes"
-        pending = [(start, stop) for start, stop in self.store.shards() if not (codes / f"{start}.npz").exists()]
+        pending = [(start, stop) for start, stop in self._batches() if not (codes / f"{start}.npz").exists()]
         committed = 0
         with progress_bar(self.show_progress) as bars:
             task = bars.add_task("encoding rows", total=self.store.rows)
@@ -241,12 +258,12 @@ class Builder:
                 fault_point("driver", "ann", committed)
 
     def _assemble(self) -> tuple[dict[Metric, str], int]:
-        """Every chunk's codes added to each metric's trained index, written as <metric>-<build>.faiss."""
+        """Every batch's codes added to each metric's trained index, written as <metric>-<build>.faiss."""
         files: dict[Metric, str] = {}
         indexed = 0
         for metric in self.plan.settings.metrics:
             index = self.faiss.read_index(str(self.directory / f"{metric}.trained.faiss"))
-            for start, _ in self.store.shards():
+            for start, _ in self._batches():
                 with np.load(self.directory / "codes" / f"{start}.npz") as chunk:
                     if len(chunk["ids"]):
                         index.add_sa_codes(chunk[metric], chunk["ids"])
