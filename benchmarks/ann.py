@@ -4,7 +4,7 @@ time and size, on a synthetic store of low-rank rows plus noise (so that neighbo
 The store is written chunk by chunk and every pass over it streams it, so no step holds it whole (the issue's
 size, 1M rows x 4096 float32, is 16 GiB). Ground truth is the exact scan Tributary runs (`rank_store`).
 
-Usage: python -m benchmarks.ann [--rows 1000000] [--dim 4096] [--rank 64] [--rows-per-chunk 64] [--rerank 100]
+Usage: python -m benchmarks.ann [--rows 1000000] [--dim 4096] [--rank 64] [--rerank 100] [--no-row-copy]
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from engine.query.scoring import rank_store
 from engine.store import GradientStore
 from engine.store.identity import new_store_id
 from engine.store.manifest import Fingerprints, StoreManifest
+from engine.store.zarr_store import default_rows_per_chunk
 
 K = 10
 
@@ -103,7 +104,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=4096)
     parser.add_argument("--rank", type=int, default=64, help="rank of the structure under the noise")
     parser.add_argument("--noise", type=float, default=0.5, help="noise norm relative to the structure")
-    parser.add_argument("--rows-per-chunk", type=int, default=64, help="store chunking (rerank reads whole chunks)")
+    parser.add_argument("--rows-per-chunk", type=int, default=None, help="store chunking (default: ~16 MiB chunks)")
+    parser.add_argument("--no-row-copy", action="store_true", help="rerank from the store instead of the index's copy")
     parser.add_argument("--rerank", type=int, default=100)
     parser.add_argument("--codec", default="SQ8")
     parser.add_argument("--lists", type=int, default=None)
@@ -118,12 +120,15 @@ def main() -> None:
     try:
         source = LowRankRows(args.dim, args.rank, args.noise)
         started = time.perf_counter()
-        store = write_store(work / "store.zarr", args.rows, args.dim, args.rows_per_chunk, source)
+        chunk = args.rows_per_chunk or default_rows_per_chunk(args.dim, "float32", args.rows)
+        store = write_store(work / "store.zarr", args.rows, args.dim, chunk, source)
         print(f"store: {args.rows} x {args.dim} float32 written in {time.perf_counter() - started:.1f} s", flush=True)
         queries = LowRankRows(args.dim, args.rank, args.noise).block(10**12, 10**12 + 32).astype(np.float64)
 
         started = time.perf_counter()
-        record = build_index(store.path, ("dot",), args.codec, args.lists, args.probes, show_progress=False)
+        record = build_index(
+            store.path, ("dot",), args.codec, args.lists, args.probes, False, row_copy=not args.no_row_copy
+        )
         build_seconds = time.perf_counter() - started
         index_bytes = directory_bytes(index_location(store.path))
         index = AnnIndex(store.path, store)
@@ -161,7 +166,8 @@ def main() -> None:
             "dim": args.dim,
             "rank": args.rank,
             "noise": args.noise,
-            "rows_per_chunk": args.rows_per_chunk,
+            "rows_per_chunk": chunk,
+            "row_copy": not args.no_row_copy,
             "store_bytes": args.rows * args.dim * 4,
             "index": {
                 "settings": record.plan.settings.model_dump(),

@@ -188,6 +188,9 @@ def ann_build(
     batch_rows: int | None = typer.Option(
         None, "--batch-rows", help="rows encoded per resumable step (default: 32 MiB of float32 rows)"
     ),
+    row_copy: bool = typer.Option(
+        True, help="keep an uncompressed copy of the rows beside the index, so the rerank reads only its candidates"
+    ),
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """Build (or resume) the FAISS index over the store's rows that `query --approximate` and the service use."""
@@ -199,7 +202,7 @@ def ann_build(
         unknown = [name for name in metrics if name not in METRICS]
         if unknown or not metrics:
             raise TributaryError(f"--metric {metric!r}: use dot, cos or dot,cos")
-        record = build_index(store, metrics, codec, lists, probes, progress, batch_rows)  # type: ignore[arg-type]
+        record = build_index(store, metrics, codec, lists, probes, progress, batch_rows, row_copy)  # type: ignore[arg-type]
     except TributaryError as error:
         _fail(error)
     settings = record.plan.settings

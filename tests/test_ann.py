@@ -129,6 +129,22 @@ def test_rerank_gives_the_exact_top_k_where_the_candidates_hold_it(built):
         np.testing.assert_allclose(result.bottom_scores[i], scores[i, result.bottom_indices[i]], rtol=1e-5)
 
 
+def test_rerank_from_the_store_equals_rerank_from_the_row_copy(built, tmp_path):
+    rows, store, index, _ = built
+    shutil.copytree(store.path, tmp_path / "copy.zarr")  # the same store (same identity), another index
+    build_index(str(tmp_path / "copy.zarr"), show_progress=False, row_copy=False)
+    copy = GradientStore.open(str(tmp_path / "copy.zarr"))
+    without = AnnIndex(copy.path, copy)
+    assert without.record.rows is None and index.record.rows is not None
+    q = queries()
+    for normalise in (False, True):
+        a = rank_approximate(index, store, q, normalise, 10, rerank=50)
+        b = rank_approximate(without, copy, q, normalise, 10, rerank=50)
+        np.testing.assert_array_equal(a.top_indices, b.top_indices)
+        np.testing.assert_array_equal(a.top_scores, b.top_scores)
+        np.testing.assert_array_equal(a.bottom_indices, b.bottom_indices)
+
+
 def test_grad_cos_searches_the_normalised_rows(built):
     rows, store, index, _ = built
     q = unit(queries(20))  # the Grad-Cos query side: unit-normalised
@@ -197,6 +213,8 @@ def test_a_killed_build_resumes_and_gives_the_uninterrupted_index(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming the ANN build in {directory / 'build'} (3 of {ROWS // CHUNK} batches encoded)" in resumed.stderr
     assert not (directory / "build").exists()
+    (copied,) = directory.glob("rows-*.npy")  # the row copy, written across the two runs, is the store's rows
+    np.testing.assert_array_equal(np.load(copied), GradientStore.open(store).read_rows(0, ROWS))
     # the same index as a build that was never interrupted, over a copy of the store
     shutil.copytree(store, tmp_path / "copy.zarr")
     build_index(str(tmp_path / "copy.zarr"), show_progress=False, batch_rows=CHUNK)

@@ -88,11 +88,12 @@ def build_index(
     probes: int | None = None,
     show_progress: bool = True,
     batch_rows: int | None = None,
+    row_copy: bool = True,
 ) -> IndexRecord:
     """Build (or resume, or find up to date) the index beside the store at `store_path`."""
     store = indexed_store(store_path)
     root = index_location(store_path)
-    plan = build_plan(store, _settings(store, metrics, codec, lists, probes, batch_rows))
+    plan = build_plan(store, _settings(store, metrics, codec, lists, probes, batch_rows, row_copy))
     finished = read_record(root / "index.json", IndexRecord, "ANN index", f"run `tributary ann build {store_path}`")
     if finished is not None and finished.plan == plan:
         log.info("the ANN index at %s is up to date", root)
@@ -109,6 +110,9 @@ def build_index(
     for stale in root.glob("*.faiss"):
         if stale.name not in record.files.values():
             stale.unlink(missing_ok=True)
+    for stale in root.glob("rows-*.npy"):
+        if stale.name != record.rows:
+            stale.unlink(missing_ok=True)
     return record
 
 
@@ -119,6 +123,7 @@ def _settings(
     lists: int | None,
     probes: int | None,
     batch_rows: int | None,
+    row_copy: bool,
 ) -> IndexSettings:
     kept = store.rows - len(store.manifest.skipped)
     if kept <= 0:
@@ -140,6 +145,7 @@ def _settings(
         batch_rows=default_batch_rows(store.manifest.width, chunk)
         if batch_rows is None
         else -(-batch_rows // chunk) * chunk,
+        row_copy=row_copy,
     )
 
 
@@ -166,10 +172,12 @@ class Builder:
         self.seconds["encode"] = time.perf_counter() - started
         started = time.perf_counter()
         files, indexed = self._assemble()
+        rows = self._publish_rows()
         self.seconds["assemble"] = time.perf_counter() - started
         return IndexRecord(
             plan=self.plan,
             files=files,
+            rows=rows,
             indexed_rows=indexed,
             faiss_version=str(self.faiss.__version__),
             seconds={key: round(value, 3) for key, value in self.seconds.items()},
@@ -242,6 +250,7 @@ class Builder:
         codes = self.directory / "codes"
         pending = [(start, stop) for start, stop in self._batches() if not (codes / f"{start}.npz").exists()]
         committed = 0
+        copy = self._row_copy() if pending else None
         with progress_bar(self.show_progress) as bars:
             task = bars.add_task("encoding rows", total=self.store.rows)
             bars.advance(task, self.store.rows - sum(stop - start for start, stop in pending))
@@ -250,12 +259,33 @@ class Builder:
                 arrays: dict[str, Any] = {"ids": np.arange(start, stop, dtype=np.int64)[keep]}
                 for metric, index in trained.items():
                     arrays[metric] = index.sa_encode(metric_rows(rows[keep], metric))
+                if copy is not None:
+                    copy[start:stop] = rows
+                    copy.flush()  # on disk before the batch is committed
                 buffer = io.BytesIO()
                 np.savez(buffer, **arrays)
                 write_atomically(codes / f"{start}.npz", buffer.getvalue())
                 committed += 1
                 bars.advance(task, stop - start)
                 fault_point("driver", "ann", committed)
+
+    def _row_copy(self) -> np.ndarray | None:
+        """The row copy being written (build/rows.npy), opened for writing; None without one."""
+        if not self.plan.settings.row_copy:
+            return None
+        path = self.directory / "rows.npy"
+        if path.exists():
+            return np.load(path, mmap_mode="r+")
+        dtype = np.float64 if self.store.manifest.dtype == "float64" else np.float32
+        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(self.store.rows, self.plan.width))
+
+    def _publish_rows(self) -> str | None:
+        if not self.plan.settings.row_copy:
+            return None
+        name = f"rows-{self.plan.build_id}.npy"
+        if (self.directory / "rows.npy").exists() or not (self.directory.parent / name).exists():
+            (self.directory / "rows.npy").replace(self.directory.parent / name)  # else a killed run moved it
+        return name
 
     def _assemble(self) -> tuple[dict[Metric, str], int]:
         """Every batch's codes added to each metric's trained index, written as <metric>-<build>.faiss."""

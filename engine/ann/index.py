@@ -31,6 +31,7 @@ class AnnIndex:
         self.record = self._record(store)
         self.faiss = faiss_module()
         self._loaded: dict[Metric, Any] = {}
+        self._rows: np.ndarray | None = None
 
     def _rebuild(self) -> str:
         return f"`tributary ann build {redact(self.store_path)}`"
@@ -86,6 +87,14 @@ class AnnIndex:
                 log.info("ANN index %s searched on %d GPU(s)", path.name, self.faiss.get_num_gpus())
             self._loaded[metric] = index
         return self._loaded[metric]
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray | None:
+        """The given rows (sorted) from the index's row copy, or None when it was built without one."""
+        if self.record.rows is None:
+            return None
+        if self._rows is None:
+            self._rows = np.load(self.root / self.record.rows, mmap_mode="r")
+        return np.asarray(self._rows[rows])
 
     def search(self, queries: np.ndarray, normalise: bool, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, scores, found) for the 2Q searches [queries; -queries]: the n best rows by the index's own

@@ -4,8 +4,11 @@ Layout of STORE.ann/ (a directory beside the store):
   index.json               the finished index: the store's identity, the settings, the index files; written
                            last, by rename, so it is the one commit point of a build
   <metric>-<build>.faiss   one FAISS index per metric ("dot": raw rows, "cos": unit-normalised rows)
+  rows-<build>.npy         the rows, uncompressed and row-addressable, for the exact rerank (a store's
+                           chunks hold thousands of rows: reading one candidate from the store decodes
+                           its whole chunk); absent with --no-row-copy
   build/                   a build under way: plan.json (identity and settings), <metric>.trained.faiss,
-                           codes/<start>.npz (each batch of rows encoded, with the row numbers); removed once
+                           codes/<start>.npz (each batch of rows encoded, with the row numbers), rows.npy; removed once
                            index.json is written
 """
 
@@ -43,6 +46,7 @@ class IndexSettings(_Record):
     probes: int  # cells searched per query (the default; faiss nprobe)
     train_rows: int  # rows sampled to train the cells and the codec
     batch_rows: int  # rows encoded and committed per step of the build (a whole number of store chunks)
+    row_copy: bool = True  # keep an uncompressed, row-addressable copy of the rows for the exact rerank
 
 
 BATCH_BYTES = 32 << 20  # float32 rows per build step: a resumed build redoes at most this much
@@ -86,6 +90,7 @@ class IndexRecord(_Record):
 
     plan: BuildPlan
     files: dict[Metric, str]  # metric -> file name in the index directory
+    rows: str | None = None  # the row copy (.npy, the store's rows as float32, float64 for a float64 store)
     indexed_rows: int  # rows in the index (the store's rows less those the store skipped)
     faiss_version: str
     seconds: dict[str, float]  # train, encode, assemble

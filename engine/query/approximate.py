@@ -2,7 +2,7 @@
 
 The index ranks by ⟨transformed query, stored row⟩ (or the unit-normalised rows for Grad-Cos), which is
 every single-term method's score; its quantised scores choose the candidates, and with `rerank` N > 0 the
-top N (and the bottom N) are read back from the store and scored exactly, so the returned scores are exact
+top N (and the bottom N) are read back (from the index's copy of the rows, or the store) and scored exactly, so the returned scores are exact
 and the order is exact among the candidates (ties to the lower training index, as the scan orders them).
 """
 
@@ -35,18 +35,23 @@ def rank_approximate(
             k,
         )
     if rerank > 0:
-        scores = _exact_scores(store, transformed, ids, normalise)
+        scores = _exact_scores(index, store, transformed, ids, normalise)
         scores[queries:] *= -1  # the second half ranks the most opposing rows first
     top, top_scores = _best(ids, scores, width)
     return QueryResult(top[:queries], top_scores[:queries], top[queries:], -top_scores[queries:], None)
 
 
-def _exact_scores(store: GradientStore, transformed: np.ndarray, ids: np.ndarray, normalise: bool) -> np.ndarray:
-    """Each candidate's exact score against its query, reading every distinct candidate row once."""
+def _exact_scores(
+    index: AnnIndex, store: GradientStore, transformed: np.ndarray, ids: np.ndarray, normalise: bool
+) -> np.ndarray:
+    """Each candidate's exact score against its query, reading every distinct candidate row once: from the
+    index's row copy, else from the store (which decodes each candidate's whole chunk)."""
     rows = np.unique(ids[ids >= 0])
     if not len(rows):
         return np.full(ids.shape, np.nan)
-    exact = score_block(transformed, store.read_row_selection(rows), stored_rows_method(normalise))  # (Q, U)
+    stored = index.read_rows(rows)
+    stored = store.read_row_selection(rows) if stored is None else stored
+    exact = score_block(transformed, stored, stored_rows_method(normalise))  # (Q, U)
     exact = np.concatenate([exact, exact])  # the bottom searches' candidates are scored against the same queries
     out = np.take_along_axis(exact, np.searchsorted(rows, np.maximum(ids, rows[0])), axis=1)
     out[ids < 0] = np.nan
