@@ -92,6 +92,8 @@ def test_the_query_commands_flags_take_the_declared_defaults():
         "top_p": ["--top-p"],
         "seed": ["--seed"],
         "chat": ["--chat", "--no-chat"],
+        "approximate": ["--approximate"],
+        "rerank": ["--rerank"],
     }
     defaults = {name: params[name].default for name in params if name not in ("config", "queries")}
     assert defaults == {
@@ -110,6 +112,8 @@ def test_the_query_commands_flags_take_the_declared_defaults():
         "top_p": 1.0,
         "seed": 0,
         "chat": None,
+        "approximate": False,
+        "rerank": 100,
     }
     options = {p.name: p for p in command.params if isinstance(p, TyperOption)}  # the ones with help
     assert options["top_k"].help == "supporting (and opposing) training examples per query"
@@ -126,6 +130,7 @@ def test_bad_option_values_are_named_by_their_flag():
         (["--max-new-tokens", "-1"], "--max-new-tokens must be positive, got -1"),
         (["--generate", "--top-p", "1.5"], "--top-p: Input should be less than or equal to 1 (got 1.5)"),
         (["--measurement", "entropy"], "--measurement 'entropy' is unknown"),
+        (["--approximate", "--rerank", "-1"], "--rerank: Input should be greater than or equal to 0 (got -1)"),
     ):
         result = invoke("query", "no-config.yaml", "--queries", "q.jsonl", *flags)
         assert result.exit_code == 2 and message in result.output, result.output
