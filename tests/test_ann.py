@@ -268,6 +268,14 @@ def test_query_approximate_refuses_a_missing_index(model_store):
     result = invoke("query", config, "--queries", queries_file, "--approximate")
     assert_clean_failure(result, "has no ANN index", f"tributary ann build {store}")
     assert len([line for line in result.output.splitlines() if line.strip()]) == 1
+    # an index whose fingerprint is not the store's (as after `tributary index --overwrite`) is refused alike
+    build_index(store, show_progress=False)
+    record = json.loads((index_location(store) / "index.json").read_text())
+    record["plan"]["completion"] = "0" * 64
+    (index_location(store) / "index.json").write_text(json.dumps(record))
+    result = invoke("query", config, "--queries", queries_file, "--approximate")
+    assert_clean_failure(result, "the store changed since", f"tributary ann build {store}")
+    assert len([line for line in result.output.splitlines() if line.strip()]) == 1
 
 
 @pytest.mark.parametrize("method", ["grad_dot", "grad_cos", "if", "trak"])

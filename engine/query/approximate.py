@@ -27,7 +27,7 @@ def rank_approximate(
     queries = len(transformed)
     ids, scores, found = index.search(transformed, normalise, max(k, rerank))
     width = min(k, int(found.min())) if len(found) else 0
-    if width < k:
+    if width < min(k, index.record.indexed_rows):
         log.warning(
             "the ANN index found only %d candidates for a query (k = %d); rebuild it with more --probes or fewer "
             "--lists for more",
