@@ -269,13 +269,13 @@ class Builder:
                 bars.advance(task, stop - start)
                 fault_point("driver", "ann", committed)
 
-    def _row_copy(self) -> np.ndarray | None:
+    def _row_copy(self) -> np.memmap | None:
         """The row copy being written (build/rows.npy), opened for writing; None without one."""
         if not self.plan.settings.row_copy:
             return None
         path = self.directory / "rows.npy"
         if path.exists():
-            return np.load(path, mmap_mode="r+")
+            return np.lib.format.open_memmap(path, mode="r+")
         dtype = np.float64 if self.store.manifest.dtype == "float64" else np.float32
         return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(self.store.rows, self.plan.width))
 

@@ -92,9 +92,10 @@ class AnnIndex:
         """The given rows (sorted) from the index's row copy, or None when it was built without one."""
         if self.record.rows is None:
             return None
-        if self._rows is None:
-            self._rows = np.load(self.root / self.record.rows, mmap_mode="r")
-        return np.asarray(self._rows[rows])
+        copy = self._rows
+        if copy is None:
+            copy = self._rows = np.load(self.root / self.record.rows, mmap_mode="r")
+        return np.asarray(copy[rows])
 
     def search(self, queries: np.ndarray, normalise: bool, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, scores, found) for the 2Q searches [queries; -queries]: the n best rows by the index's own
