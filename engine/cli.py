@@ -181,7 +181,9 @@ app.add_typer(ann_app, name="ann")
 @ann_app.command("build")
 def ann_build(
     store: str = typer.Argument(..., help="store path (a local one): the index is written to STORE.ann"),
-    metric: str = typer.Option("dot,cos", "--metric", help="dot (single-term methods but grad_cos), cos (grad_cos), or both"),
+    metric: str = typer.Option(
+        "dot,cos", "--metric", help="dot (single-term methods but grad_cos), cos (grad_cos), or both"
+    ),
     codec: str = typer.Option("SQ8", "--codec", help="FAISS IVF codec: SQ8, SQ4, Flat or PQ<m>"),
     lists: int | None = typer.Option(None, "--lists", help="IVF cells (default: the square root of the rows)"),
     probes: int | None = typer.Option(None, "--probes", help="cells searched per query (default: a quarter)"),
