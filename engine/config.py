@@ -225,6 +225,11 @@ class PlacementConfig(_Section):
     dtype: Literal["float32", "float64", "bfloat16", "float16"] | None = Field(
         default=None, description="compute dtype of the weights (default model.dtype); projections stay float32"
     )
+    max_memory: dict[str, str | int] | None = Field(
+        default=None,
+        description="device_map: accelerate's memory cap per device, e.g. {0: 70GiB, cpu: 200GiB} (default: the "
+        "free memory of each GPU, 80% of the available RAM); what does not fit goes to the next device, then disk",
+    )
 
 
 class ClusterConfig(_Section):
@@ -403,6 +408,11 @@ def _check_placement(config: JobConfig, source: str) -> None:
     """What the config alone decides about placement; devices and torch.distributed are checked where the
     replicas start (engine.model.placement.check_placement)."""
     placement = config.placement
+    if placement.max_memory is not None and placement.kind != "device_map":
+        raise TributaryError(
+            f"invalid config {source}: placement.max_memory is for placement.kind device_map, not {placement.kind}; "
+            "remove placement.max_memory or set placement.kind: device_map"
+        )
     if placement.offload is not None and placement.kind != "device_map":
         raise TributaryError(
             f"invalid config {source}: placement.offload is for placement.kind device_map, not {placement.kind}; "

@@ -14,10 +14,11 @@ import numpy as np
 from engine.config import ClusterConfig, JobConfig, QueryOptions
 from engine.distributed.cluster import connect, pool_size
 from engine.distributed.fan_out import call_on_new_actors
-from engine.distributed.pool import RayExecutor
+from engine.distributed.pool import RayExecutor, largest_node_gpus
 from engine.indexing import run as indexing
 from engine.indexing.executor import LocalExecutor, ShardExecutor
 from engine.indexing.worker import ShardWorker
+from engine.model.placement import check_placement
 from engine.query import run as query
 from engine.query.row_range import RowRangeScorer, merge_parts, row_ranges
 from engine.query.scoring import QueryResult
@@ -30,7 +31,9 @@ def shard_executor(config: JobConfig) -> ShardExecutor:
     if config.cluster is None:
         return LocalExecutor(config)
     connect(config.cluster)
-    return RayExecutor(ShardWorker, (config,), config.cluster, pool_size(config.cluster))
+    check_placement(config, gpus=largest_node_gpus())
+    gpus = config.placement.devices_per_replica if config.placement.kind == "device_map" else None
+    return RayExecutor(ShardWorker, (config,), config.cluster, pool_size(config.cluster), gpus_per_actor=gpus)
 
 
 class ClusterScan:

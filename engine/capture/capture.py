@@ -38,7 +38,10 @@ class GradientCapture:
         include_bias: bool,
         compute_dtype: torch.dtype,
         device: torch.device,
+        devices: dict[str, torch.device] | None = None,
     ):
+        """`device` holds the batch, the logits and everything after the projections; `devices` says where
+        each module computes (a device_map replica), its projection matrices living there too."""
         self.model = model
         self.modules = modules
         self.spec = spec
@@ -47,8 +50,12 @@ class GradientCapture:
         if list(self.layout) != list(modules):
             raise ValueError("projection spec and tracked modules disagree on names or order")
         self.bias_column = {name: module_has_bias_column(mod, include_bias) for name, mod in modules.items()}
-        self.p_in = {m.name: spec.side_matrix(m, "in", compute_dtype, device) for m in spec.modules}
-        self.p_out = {m.name: spec.side_matrix(m, "out", compute_dtype, device) for m in spec.modules}
+        self.device = device
+        where = devices or {}
+        self.p_in = {m.name: spec.side_matrix(m, "in", compute_dtype, where.get(m.name, device)) for m in spec.modules}
+        self.p_out = {
+            m.name: spec.side_matrix(m, "out", compute_dtype, where.get(m.name, device)) for m in spec.modules
+        }
         self._mask: torch.Tensor | None = None
         self._current: ForwardPass | None = None
 
@@ -64,7 +71,7 @@ class GradientCapture:
         if projection is None:
             if self.bias_column[name]:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            return self._zero_padding(a)
+            return self._zero_padding(a.to(self.device))
         # [a, 1] @ P_in = a @ P_in[:-1] + P_in[-1]: the bias column is never materialised
         if self.bias_column[name]:
             projected = torch.addmm(projection[-1], a.reshape(-1, a.shape[-1]), projection[:-1])
@@ -72,7 +79,7 @@ class GradientCapture:
         else:
             projected = a @ projection
         # padding is zeroed after the projection (row-wise, so a NaN at padding stays in its own row)
-        return self._zero_padding(projected)
+        return self._zero_padding(projected.to(self.device))
 
     def _zero_padding(self, values: torch.Tensor) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
@@ -109,12 +116,16 @@ class GradientCapture:
 
     def forward(self, batch: Batch) -> ForwardPass:
         def call() -> torch.Tensor:
-            return self.model(
+            logits = self.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids,
                 use_cache=False,
             ).logits
+            # losses in float32 (float64 for a float64 model) on the batch's device, whatever the weights' dtype
+            # and wherever the last module ran
+            dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            return logits.to(device=batch.input_ids.device, dtype=dtype)
 
         return self.run(call, batch.attention_mask)
 
@@ -144,7 +155,8 @@ class GradientCapture:
                 grad = torch.zeros_like(output)
             delta = grad.reshape(batch_size, -1, grad.shape[-1]).to(self.compute_dtype)
             projection = self.p_out[name]
-            deltas.setdefault(name, []).append(self._zero_padding(delta if projection is None else delta @ projection))
+            projected = delta if projection is None else delta @ projection
+            deltas.setdefault(name, []).append(self._zero_padding(projected.to(self.device)))
         return deltas
 
     def example_gradients(self, state: ForwardPass, deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -26,7 +26,11 @@ RECOVERY_WAIT_S = 0.25
 
 
 class RayExecutor:
-    def __init__(self, worker: type, arguments: tuple, cluster: ClusterConfig, size: int):
+    def __init__(
+        self, worker: type, arguments: tuple, cluster: ClusterConfig, size: int, gpus_per_actor: float | None = None
+    ):
+        """`gpus_per_actor` (default cluster.gpus_per_worker): GPUs each actor reserves where the cluster has any
+        (a device_map replica reserves all of its devices)."""
         import ray
         import ray.exceptions  # self._ray.exceptions below: `import ray` alone does not declare the submodule
 
@@ -34,7 +38,7 @@ class RayExecutor:
 
         actor_class = ray.remote(worker).options(
             num_cpus=cluster.cpus_per_worker,
-            num_gpus=cluster.gpus_per_worker if _has_gpus() else 0,
+            num_gpus=(cluster.gpus_per_worker if gpus_per_actor is None else gpus_per_actor) if _has_gpus() else 0,
             max_restarts=MAX_ATTEMPTS,
             max_task_retries=0,
             runtime_env={"env_vars": forwarded_environment()},
@@ -115,6 +119,13 @@ def _unwrapped(error: Exception) -> Exception:
     if isinstance(cause, TributaryError):
         return TributaryError(str(cause))
     return error
+
+
+def largest_node_gpus() -> int:
+    """GPUs of the connected cluster's largest node (0 on a CPU-only cluster)."""
+    import ray
+
+    return int(max((node.get("Resources", {}).get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0))
 
 
 def _has_gpus() -> bool:

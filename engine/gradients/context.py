@@ -16,6 +16,7 @@ from engine.data.tokenize import TokenizedRow, tokenize_rows
 from engine.errors import TributaryError
 from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
 from engine.model.loading import compute_dtype_for, load_model
+from engine.model.placement import execution_device, input_device
 from engine.projection import ProjectionSpec, build_projection
 
 
@@ -48,7 +49,7 @@ def load_model_context(
 ) -> ModelContext:
     """Load the model and build (or reuse, for queries against a store) the projection spec."""
     model, tokenizer = load_model(config.model, device, config.placement)
-    device = next(model.parameters()).device
+    device = input_device(model)
     modules = select_modules(model, config.model.modules)
     shapes = tracked_shapes(modules, config.model.include_bias)
     if spec is None:
@@ -60,7 +61,8 @@ def load_model_context(
             "store was built with; use the same model and module patterns as the index"
         )
     compute_dtype = compute_dtype_for(next(model.parameters()).dtype)
-    capture = GradientCapture(model, modules, spec, config.model.include_bias, compute_dtype, device)
+    devices = {name: execution_device(module, device) for name, module in modules.items()}
+    capture = GradientCapture(model, modules, spec, config.model.include_bias, compute_dtype, device, devices)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     pad_id = cast(int, pad_id)  # transformers types every special-token id as int | list[int] | str | list[str]
     return ModelContext(config, model, tokenizer, modules, spec, capture, device, pad_id)

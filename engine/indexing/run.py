@@ -12,6 +12,7 @@ from engine.indexing.executor import ExecutorFactory, in_process
 from engine.indexing.inputs import validated_rows
 from engine.indexing.run_driver import run_training_index
 from engine.model.loading import check_weight_files
+from engine.model.placement import check_placement
 from engine.store import GradientStore, location
 from engine.store.lock import StoreLock
 from engine.store.run_store import RunStore
@@ -38,6 +39,7 @@ def run_index(
     started = time.perf_counter()
     rows = validated_rows(config)
     check_weight_files(config.model.path)
+    check_placement(config, count_devices=config.cluster is None)  # a cluster's devices: by its executor
     check_store_location(config.store.path)
     executor = executors(config)
     try:

@@ -8,6 +8,8 @@ import json
 import torch
 from torch import nn
 
+from engine.model.placement import parameter_values
+
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().to("cpu").contiguous()
@@ -32,7 +34,7 @@ def model_fingerprint(model: nn.Module, modules: dict[str, nn.Module]) -> str:
         digest.update(json.dumps(raw, sort_keys=True, default=str).encode())
     for name, module in modules.items():
         digest.update(name.encode())
-        for param_name, param in sorted(module.named_parameters(recurse=False)):
+        for param_name, param in sorted(parameter_values(module), key=lambda item: item[0]):
             digest.update(param_name.encode())
             digest.update(str(param.dtype).encode())
             digest.update(_tensor_bytes(param))

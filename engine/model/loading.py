@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.config import ModelConfig, PlacementConfig
 from engine.errors import TributaryError
+from engine.model.placement import attach_adapter_to_dispatched, device_map_arguments
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -81,14 +82,29 @@ def load_model(
         model_config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise TributaryError(f"model.path {path} is not an HF model directory: {error}") from None
+    dispatched = placement.kind == "device_map"
+    if dispatched and config.adapter is not None and config.adapter_mode == "merged":
+        raise TributaryError(
+            "model.adapter_mode merged cannot fold an adapter into weights accelerate offloads "
+            "(placement.kind device_map); use adapter_mode adapter, or save the merged model once "
+            "(peft merge_and_unload + save_pretrained) and give it as model.path"
+        )
+    arguments = device_map_arguments(placement) if dispatched else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=model_config, dtype=dtype, local_files_only=True)
+        with quiet_offload_notice():
+            model = AutoModelForCausalLM.from_pretrained(
+                path, config=model_config, dtype=dtype, local_files_only=True, **arguments
+            )
     except torch.OutOfMemoryError:
         raise  # the machine's limit, not a fault of the files
     except (*UNREADABLE_WEIGHTS, SafetensorError) as error:
         raise _unreadable_weights(path, error) from None
     if config.adapter is not None:
-        adapted = _attach_adapter(model, config.adapter, path)
+        adapter = config.adapter
+        if dispatched:
+            adapted = attach_adapter_to_dispatched(model, adapter, lambda base: _attach_adapter(base, adapter, path))
+        else:
+            adapted = _attach_adapter(model, adapter, path)
         if config.adapter_mode == "adapter":
             model = adapted
         elif config.adapter_mode == "merged":
@@ -97,8 +113,9 @@ def load_model(
             model = adapted.unload()  # checked against the base, then removed: the base model alone
     model.requires_grad_(False)
     model.eval()
-    # PreTrainedModel.to is wrapped with functools.wraps, whose typeshed stub loses the method binding
-    model.to(device)  # pyright: ignore[reportArgumentType]
+    if not dispatched:  # accelerate's hooks place a dispatched model's modules
+        # PreTrainedModel.to is wrapped with functools.wraps, whose typeshed stub loses the method binding
+        model.to(device)  # pyright: ignore[reportArgumentType]
     return model, load_tokenizer(config.tokenizer or path)
 
 
@@ -157,6 +174,29 @@ def _unreadable_weights(path: str, error: Exception) -> TributaryError:
         f"model.path {path}: its weights cannot be loaded ({type(error).__name__}: {reason}); "
         "check that model.safetensors (or pytorch_model.bin) is a complete weight file"
     )
+
+
+@contextmanager
+def quiet_offload_notice() -> Iterator[None]:
+    """transformers and accelerate log "Some parameters are on the meta device because they were offloaded" at
+    warning level for every device_map load that offloads: that is the point of offload, not a problem."""
+    from transformers.utils import logging as transformers_logging
+
+    loggers = [transformers_logging.get_logger("transformers.modeling_utils"), logging.getLogger("accelerate")]
+    loggers.append(logging.getLogger("accelerate.big_modeling"))
+    notice = _OffloadNotice()
+    for logger in loggers:
+        logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(notice)
+
+
+class _OffloadNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "offloaded to the" not in record.getMessage()
 
 
 @contextmanager

@@ -57,7 +57,7 @@ def build_application(config: JobConfig):
         max_constructor_retry_count=1,  # a replica that cannot load (bad config, wrong store) fails again
         ray_actor_options={
             "num_cpus": serve.replica_cpus,
-            "num_gpus": serve.replica_gpus,
+            "num_gpus": replica_gpus(config),
             "runtime_env": {"env_vars": forwarded_environment()},
         },
     ).bind(config, scorers)
@@ -76,11 +76,22 @@ def start_service(config: JobConfig, name: str = APP_NAME, route_prefix: str = "
     return deploy(config, name, route_prefix)
 
 
+def replica_gpus(config: JobConfig) -> float:
+    """GPUs a service replica reserves: serve.replica_gpus, and with GPUs asked for, all the devices a
+    device_map replica spreads its layers over."""
+    gpus = config.serve.replica_gpus
+    if gpus > 0 and config.placement.kind == "device_map":
+        return max(gpus, config.placement.devices_per_replica)
+    return gpus
+
+
 def check_inputs(config: JobConfig) -> None:
     """Fail here, with the store's own message, not in a replica; likewise for a configured token that is
     missing (its value is not kept)."""
+    from engine.model.placement import check_placement
     from engine.query.attributor import final_model, open_complete_store
 
+    check_placement(config, count_devices=config.serve.replica_gpus == 0)
     opened = open_complete_store(config.store.path)
     if config.serve.approximate:
         from engine.ann.index import AnnIndex
