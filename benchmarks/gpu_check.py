@@ -171,6 +171,8 @@ def _index_and_query(raw: dict, queries: Path, work: Path) -> dict:
 
 def run_check(dry_run: bool, rows: int, out: Path, only: list[str] | None = None) -> dict:
     """Every step of the check; each step's figures are written as soon as it ends."""
+    from engine.testing.offload import memory_for_half_the_layers
+
     work = Path(tempfile.mkdtemp(prefix="tributary-gpu-check-"))
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -181,7 +183,13 @@ def run_check(dry_run: bool, rows: int, out: Path, only: list[str] | None = None
         dtype = "float32" if dry_run else "bfloat16"
         ranks = 2 if dry_run else max(1, torch.cuda.device_count())
         cluster = {"address": "local", "cpus_per_worker": 1, "local_cpus": max(2, ranks)}
-        offload = {"kind": "device_map", "offload": "cpu" if not dry_run else str(work / "offload")}
+        # half the decoder layers past the first device's cap: offloaded to the CPU (GPU) or to disk (dry run)
+        cap = memory_for_half_the_layers(model_dir)
+        offload = (
+            {"kind": "device_map", "offload": str(work / "offload"), "max_memory": {"cpu": cap}}
+            if dry_run
+            else {"kind": "device_map", "offload": "cpu", "max_memory": {"0": cap}}
+        )
         steps: dict[str, Callable[[], dict]] = {
             "single_bf16": lambda: _config(model_dir, train, work / "single.zarr", dtype, {"kind": "single"}),
             "single_bf16_lora": lambda: _config(
