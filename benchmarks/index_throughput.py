@@ -1,47 +1,148 @@
-"""Index throughput against a bare forward+backward of the same model and batches, side by side.
+"""EK-FAC index + query against a bare forward+backward and kronfluence, side by side, with peak memory.
 
-A GPT-2-like model of about 10M parameters, sequence length 128, on this machine. Measured in one
-run, alternating the variants round by round so drift in machine speed hits all of them alike:
+Workload (issue 13's): a GPT-2-like model of 4 layers, 256 wide, 4000 words (about 4.2M parameters; 16 tracked
+block modules), 512 rows x 128 tokens, 32 queries, batch 8, float32 model and store. `--small` (96 rows, 8
+queries) is a quick check of the whole benchmark, not a figure.
 
-  bare          forward + loss.backward() (weight gradients materialised), no optimizer step
-  gradients@k   `tributary index` with curvature `identity`: per-example projected gradients at
-                projection dim k, written to the Zarr store (the pass every strategy shares)
-  ekfac@16      the full index with EK-FAC and the true Fisher (pass 1 with a second backward for
-                sampled labels, eigendecomposition, pass 2 for the corrected eigenvalues)
+Every variant runs in its own process, so its peak RSS is its own (ru_maxrss from os.wait4):
 
-Index times are the passes over the data as recorded in the store's manifest; the one-off set-up
-(model load, tokenising, fingerprints) is reported separately.
+  bare                 forward + loss.backward() over the rows (weight gradients materialised), no optimizer
+  ekfac@16 true        `tributary index` (EK-FAC, true Fisher, projection dim 16: one pass, Λ read from the store)
+                       then the query (method if)
+  ekfac@16 two-pass    the same with curvature.lambdas: model (the index before issue 13: Λ from a second pass)
+  ekfac@16 empirical   fisher: empirical (Λ from the stored rows themselves)
+  grad_dot@16          curvature identity, method grad_dot
+  ekfac@0 true         exact EK-FAC (projection dim 0), local store, 8 rows per chunk (one batch per shard)
+  kronfluence          kronfluence's EK-FAC (true Fisher, float32, heuristic damping): factors + pairwise scores
 
-Usage: python benchmarks/index_throughput.py [--rows 64] [--rounds 3]
+compute = the index's passes (the manifest's total − setup: model load, tokenising, fingerprints excluded) plus the
+query (`run_query` wall time, model load included); kronfluence: fit_all_factors + compute_pairwise_scores.
+`ratio_to_bare` is compute / bare (lower is better). Spearman: the mean over queries of the rank correlation
+over training rows with kronfluence's scores (exact EK-FAC; its labels are sampled with another generator than
+Tributary's, so even exact Tributary scores are not 1). Peak RSS of a Tributary variant is that of
+`tributary index` alone.
+
+Usage: python -m benchmarks.index_throughput [--small] [--rounds 1] [--skip-exact]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 
-from benchmarks.common import first_line, gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
-from engine.capture.loss import per_example_loss
-from engine.config import parse_config
-from engine.data.batching import batches
-from engine.gradients.context import prepare_index_job
-from engine.runner import run_index
+from benchmarks.common import first_line, gpt2_like, random_corpus, write_jsonl, write_result
 
 SEQUENCE = 128
 BATCH = 8
+ROOT = Path(__file__).resolve().parents[1]
+
+TRIBUTARY = {  # name: (projection dim, strategy, fisher, lambdas, method)
+    "ekfac@16 true": (16, "ekfac", True, "auto", "if"),
+    "ekfac@16 two-pass": (16, "ekfac", True, "model", "if"),
+    "ekfac@16 empirical": (16, "ekfac", "empirical", "auto", "if"),
+    "grad_dot@16": (16, "identity", True, "auto", "grad_dot"),
+    "ekfac@0 true": (0, "ekfac", True, "auto", "if"),
+}
 
 
-def bare_forward_backward(model, tokenized, pad_id: int) -> float:
+def _config(work: Path, name: str, model: Path, train: Path) -> dict:
+    dim, strategy, fisher, lambdas, method = TRIBUTARY[name]
+    store: dict = {"path": str(work / (name.replace(" ", "_").replace("@", "") + ".zarr"))}
+    if dim == 0:
+        store["rows_per_chunk"] = BATCH  # the ~16 MiB default would be one row per shard: batches of one
+    return {
+        "model": {"path": str(model), "dtype": "float32"},
+        "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": BATCH},
+        "projection": {"dim": dim},
+        "curvature": {"strategy": strategy, "fisher": fisher, "lambdas": lambdas},
+        "method": {"name": method},
+        "store": store,
+    }
+
+
+def _child(args: list[str]) -> tuple[int, float, int]:
+    """Run a process; (exit status, wall seconds, peak RSS in bytes)."""
+    environment = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    started = time.perf_counter()
+    process = subprocess.Popen(args, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - started, usage.ru_maxrss * 1024
+
+
+def _spearman(ours: np.ndarray, reference: np.ndarray) -> float:
+    def ranks(matrix: np.ndarray) -> np.ndarray:
+        return np.argsort(np.argsort(matrix, axis=1), axis=1).astype(np.float64)
+
+    a, b = ranks(ours), ranks(reference)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    return float(np.mean((a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))))
+
+
+def _tributary(work: Path, name: str, model: Path, train: Path, queries: Path) -> dict:
+    from engine.config import parse_config
+    from engine.runner import run_query
+    from engine.store import GradientStore
+
+    raw = _config(work, name, model, train)
+    shutil.rmtree(raw["store"]["path"], ignore_errors=True)
+    config_path = work / "job.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    status, _, rss = _child([sys.executable, "-m", "engine.cli", "index", str(config_path), "--no-progress"])
+    if status != 0:
+        raise RuntimeError(f"tributary index failed for {name} (exit {status})")
+    timings = GradientStore.open(raw["store"]["path"]).manifest.timings or {}
+    index = timings["total_s"] - timings["setup_s"]
+    scores_path = work / "scores.npy"
+    started = time.perf_counter()
+    run_query(parse_config(raw), str(queries), k=1, scores_out=str(scores_path))
+    query = time.perf_counter() - started
+    scores = np.load(scores_path)
+    shutil.rmtree(raw["store"]["path"], ignore_errors=True)
+    passes = {key: timings[key] for key in ("pass1_s", "pass2_s") if key in timings}
+    return {"seconds": index + query, "index_s": index, "query_s": query, "rss": rss, "scores": scores, **passes}
+
+
+def _in_child(kind: str, spec: Path) -> None:
+    """The body of a measured child process: `bare` or `kronfluence`; writes its seconds (and scores) next to spec."""
+    from engine.config import parse_config
+
+    settings = json.loads(spec.read_text())
+    config = parse_config(settings["config"])
+    if kind == "bare":
+        seconds = _bare(config)
+    else:
+        from benchmarks.kronfluence_side import kronfluence_scores
+
+        scores, seconds = kronfluence_scores(config, settings["queries"], BATCH, spec.parent / "kronfluence")
+        np.save(spec.with_suffix(".npy"), scores)
+    spec.with_suffix(".out").write_text(json.dumps({"seconds": seconds}))
+
+
+def _bare(config) -> float:
+    from engine.capture.loss import per_example_loss
+    from engine.data.batching import batches
+    from engine.gradients.context import prepare_index_job
+
+    job = prepare_index_job(config)
+    model = job.context.model
     model.requires_grad_(True)
     started = time.perf_counter()
-    for batch in batches(tokenized, BATCH, pad_id):
+    for batch in batches(job.tokenized, BATCH, job.context.pad_id):
         logits = model(
             input_ids=batch.input_ids,
             attention_mask=batch.attention_mask,
@@ -50,70 +151,77 @@ def bare_forward_backward(model, tokenized, pad_id: int) -> float:
         ).logits
         per_example_loss(logits, batch.labels).sum().backward()
         model.zero_grad(set_to_none=True)
-    elapsed = time.perf_counter() - started
-    model.requires_grad_(False)
-    return elapsed
+    return time.perf_counter() - started
 
 
-def index_seconds(raw: dict) -> float:
-    """Seconds of the passes over the data (model loading, tokenising and fingerprinting excluded)."""
-    timings = run_index(parse_config(raw), overwrite=True, show_progress=False).manifest.timings or {}
-    return timings["total_s"] - timings["setup_s"]
+def _measured_child(kind: str, work: Path, raw: dict, queries: Path) -> dict:
+    spec = work / f"{kind}.json"
+    spec.write_text(json.dumps({"config": raw, "queries": str(queries)}))
+    status, _, rss = _child([sys.executable, "-m", "benchmarks.index_throughput", "--child", kind, str(spec)])
+    if status != 0:
+        raise RuntimeError(f"the {kind} child failed (exit {status})")
+    out = {"seconds": json.loads(spec.with_suffix(".out").read_text())["seconds"], "rss": rss}
+    if kind == "kronfluence":
+        out["scores"] = np.load(spec.with_suffix(".npy"))
+        shutil.rmtree(work / "kronfluence", ignore_errors=True)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--hidden", type=int, default=320)
-    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--small", action="store_true", help="96 rows, 8 queries: a check, not a figure")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every variant, alternated")
+    parser.add_argument("--skip-exact", action="store_true", help="leave out ekfac@0 (dim 0 writes full rows)")
+    parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        _in_child(args.child[0], Path(args.child[1]))
+        return
     logging.disable(logging.INFO)
+    rows, query_count = (96, 8) if args.small else (512, 32)
     work = Path(tempfile.mkdtemp(prefix="tributary-bench-"))
     try:
-        texts = random_corpus(args.rows, SEQUENCE, vocabulary=8000)
-        model_dir = gpt2_like(
-            work / "model", texts, hidden=args.hidden, layers=args.layers, heads=4, positions=SEQUENCE
-        )
+        texts = random_corpus(rows, SEQUENCE, vocabulary=4000)
+        model = gpt2_like(work / "model", texts, hidden=256, layers=4, heads=4, positions=SEQUENCE)
         train = write_jsonl(work / "train.jsonl", texts)
-
-        def config(dim: int, strategy: str) -> dict:
-            return {
-                "model": {"path": str(model_dir)},
-                "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": BATCH},
-                "projection": {"dim": dim},
-                "curvature": {"strategy": strategy},
-                "store": {"path": str(work / f"store-{dim}-{strategy}.zarr")},
-            }
-
-        job = prepare_index_job(parse_config(config(16, "identity")))
-        parameters = sum(p.numel() for p in job.context.model.parameters())
-        tokens = sum(len(row.input_ids) for row in job.tokenized)
-        variants = {"bare": lambda: bare_forward_backward(job.context.model, job.tokenized, job.context.pad_id)}
-        for dim in (0, 16, 64):
-            variants[f"gradients@{dim}"] = lambda d=dim: index_seconds(config(d, "identity"))
-        variants["ekfac@16"] = lambda: index_seconds(config(16, "ekfac"))
-        times = side_by_side(variants, args.rounds)
-        bare = statistics.median(times["bare"])
+        queries = write_jsonl(work / "queries.jsonl", random_corpus(query_count, SEQUENCE, vocabulary=4000, seed=1))
+        base = _config(work, "ekfac@16 true", model, train)
+        names = [name for name in TRIBUTARY if not (args.skip_exact and name.startswith("ekfac@0"))]
+        samples: dict[str, list[dict]] = {name: [] for name in ["bare", *names, "kronfluence"]}
+        for _ in range(args.rounds):
+            samples["bare"].append(_measured_child("bare", work, base, queries))
+            for name in names:
+                samples[name].append(_tributary(work, name, model, train, queries))
+            samples["kronfluence"].append(_measured_child("kronfluence", work, base, queries))
+        reference = samples["kronfluence"][-1]["scores"]
+        bare = statistics.median(s["seconds"] for s in samples["bare"])
         table = {}
-        for name, samples in times.items():
-            seconds = statistics.median(samples)
-            table[name] = {
-                "seconds_median": round(seconds, 4),
-                "examples_per_s": round(args.rows / seconds, 2),
-                "tokens_per_s": round(tokens / seconds, 1),
-                "ratio_to_bare": round(bare / seconds, 3),
-                "samples": [round(s, 4) for s in samples],
+        for name, runs in samples.items():
+            seconds = statistics.median(s["seconds"] for s in runs)
+            row = {
+                "seconds_median": round(seconds, 3),
+                "ratio_to_bare": round(seconds / bare, 3),
+                "peak_rss_gb": round(max(s["rss"] for s in runs) / 1e9, 3),
+                "samples": [round(s["seconds"], 3) for s in runs],
             }
-        print(f"model: {parameters / 1e6:.1f}M parameters, {args.rows} rows x {SEQUENCE} tokens, batch {BATCH}")
-        print(f"{'variant':<14}{'examples/s':>12}{'tokens/s':>12}{'ratio to bare':>15}")
+            for key in ("index_s", "query_s", "pass1_s", "pass2_s"):
+                if key in runs[-1]:
+                    row[key] = round(runs[-1][key], 3)
+            if "scores" in runs[-1]:
+                row["spearman_vs_exact_ekfac"] = round(_spearman(runs[-1]["scores"], reference), 3)
+            table[name] = row
+        parameters = sum(p.numel() for p in _load(model).parameters())
+        print(f"model: {parameters / 1e6:.1f}M parameters, {rows} rows x {SEQUENCE} tokens, {query_count} queries")
+        print(f"{'variant':<20}{'compute/bare':>14}{'peak RSS GB':>13}{'Spearman':>10}")
         for name, row in table.items():
-            print(f"{name:<14}{row['examples_per_s']:>12}{row['tokens_per_s']:>12}{row['ratio_to_bare']:>15}")
+            spearman = row.get("spearman_vs_exact_ekfac", "")
+            print(f"{name:<20}{row['ratio_to_bare']:>14}{row['peak_rss_gb']:>13}{spearman!s:>10}")
         path = write_result(
-            "index_throughput",
+            "index_throughput_small" if args.small else "index_throughput",
             {
                 "parameters": parameters,
-                "rows": args.rows,
+                "rows": rows,
+                "queries": query_count,
                 "sequence": SEQUENCE,
                 "batch": BATCH,
                 "rounds": args.rounds,
@@ -123,6 +231,12 @@ def main() -> None:
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _load(model: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model, local_files_only=True)
 
 
 if __name__ == "__main__":

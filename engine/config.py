@@ -72,6 +72,12 @@ class CurvatureConfig(_Section):
         default=True, description="true: labels sampled from the model (Gauss-Newton); empirical: the data's labels"
     )
     seed: int = 0
+    lambdas: Literal["auto", "store", "model"] = Field(
+        default="auto",
+        description="where EK-FAC/diagonal Λ comes from: store (a read of the stored rows, or of the sampled-label "
+        "rows pass 1 wrote as fisher_grads), model (a second forward+backward), auto (store unless store.dtype "
+        "is float16/bfloat16 or, with the true Fisher and projection.dim 0, the second array would pass 16 GiB)",
+    )
 
     @field_validator("fisher", mode="before")
     @classmethod
@@ -204,6 +210,11 @@ class StoreConfig(_Section):
     path: str
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     rows_per_chunk: int | None = Field(default=None, gt=0, description="rows per Zarr chunk; default targets ~16 MiB")
+    keep_fisher_grads: bool = Field(
+        default=False,
+        description="keep the sampled-label rows (fisher_grads) pass 1 writes for Λ once the factors are final "
+        "(a training run's segment Λ then reads them instead of running the model again)",
+    )
 
 
 class PlacementConfig(_Section):

@@ -33,6 +33,7 @@ class ShardGradients:
     num_tokens: np.ndarray
     sums: PartialSums
     nonfinite: NonFinite = field(default_factory=dict)  # row position in the shard → non-finite modules
+    fisher_grads: np.ndarray | None = None  # (n, D) sampled-label rows (pass 1 with fisher_rows), for Λ
 
 
 def _curvature_labels(context: ModelContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
@@ -54,31 +55,38 @@ def gradient_pass(
     start: int = 0,
     with_covariance: bool = True,
     measurement: str = "logprob_sum",
+    fisher_rows: bool = False,
 ) -> ShardGradients:
     """Projected per-example gradients of the loss (queries: of `measurement`), and the covariance sums
-    for K-FAC/EK-FAC (training rows only)."""
+    for K-FAC/EK-FAC (training rows only). `fisher_rows` (true Fisher only): also the projected gradients of
+    the sampled-label loss (`fisher_grads`), from the same backward as the covariance, so that Λ can be
+    read from the store instead of running the model a second time."""
     capture = context.capture
     curvature = context.config.curvature
     want_covariance = with_covariance and curvature.strategy in NEEDS_COVARIANCE
+    want_fisher_rows = fisher_rows and curvature.fisher is True
     covariance = CovarianceAccumulator(context.spec)
-    grads, losses, tokens = [], [], []
+    grads, losses, tokens, fisher = [], [], [], []
     nonfinite: list[NonFinite] = []
     done = 0
     with capture.hooks():
         for batch in _batches(context, rows):
             state = capture.forward(batch)
             loss = measurement_loss(measurement, state.logits, batch.labels)
-            separate_fisher = want_covariance and curvature.fisher is True
+            separate_fisher = (want_covariance or want_fisher_rows) and curvature.fisher is True
             deltas = capture.output_gradients(state, loss, retain_graph=separate_fisher)
             grads.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
             losses.append(loss.detach().float().cpu())
             tokens.append(batch.num_tokens.cpu())
             nonfinite.append(nonfinite_gradients(grads[-1].numpy(), losses[-1].numpy(), context.spec, done))
+            if separate_fisher:
+                sampled = _curvature_labels(context, batch, state.logits)
+                fisher_loss = per_example_loss(state.logits, sampled)
+                deltas = capture.output_gradients(state, fisher_loss, retain_graph=False)
+            if want_fisher_rows:
+                fisher.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
+                nonfinite.append(nonfinite_gradients(fisher[-1].numpy(), losses[-1].numpy(), context.spec, done))
             if want_covariance:
-                if separate_fisher:
-                    sampled = _curvature_labels(context, batch, state.logits)
-                    fisher_loss = per_example_loss(state.logits, sampled)
-                    deltas = capture.output_gradients(state, fisher_loss, retain_graph=False)
                 nonfinite.append(nonfinite_statistics(state.activations, done))
                 nonfinite.append(nonfinite_statistics(deltas, done))
                 covariance.add(state.activations, deltas, batch.attention_mask)
@@ -91,16 +99,20 @@ def gradient_pass(
         torch.cat(tokens).numpy(),
         sums,
         merged(*nonfinite),
+        torch.cat(fisher).numpy() if want_fisher_rows else None,
     )
 
 
-def gradient_pass_without(context: ModelContext, rows: list[TokenizedRow], start: int, left_out: NonFinite):
+def gradient_pass_without(
+    context: ModelContext, rows: list[TokenizedRow], start: int, left_out: NonFinite, fisher_rows: bool = False
+):
     """Pass 1 of the rows not in `left_out` (positions), with the left-out rows' gradients and losses kept as
     zeros in place: the covariance sums are those of the kept rows alone (data.on_nonfinite: skip)."""
     kept = [position for position in range(len(rows)) if position not in left_out]
-    partial = gradient_pass(context, [rows[p] for p in kept], start) if kept else None
+    partial = gradient_pass(context, [rows[p] for p in kept], start, fisher_rows=fisher_rows) if kept else None
     width = context.spec.total_width
     grads = np.zeros((len(rows), width), dtype=partial.grads.dtype if partial else np.float32)
+    fisher = np.zeros_like(grads) if fisher_rows and context.config.curvature.fisher is True else None
     losses = np.zeros(len(rows), dtype=np.float32)
     tokens = np.array([len(row.input_ids) for row in rows], dtype=np.int64)  # as Batch.num_tokens counts
     sums = PartialSums()
@@ -108,7 +120,9 @@ def gradient_pass_without(context: ModelContext, rows: list[TokenizedRow], start
     if partial is not None:
         grads[kept], losses[kept], tokens[kept], sums = partial.grads, partial.losses, partial.num_tokens, partial.sums
         again = {kept[position]: names for position, names in partial.nonfinite.items()}
-    return ShardGradients(start, grads, losses, tokens, sums, again)
+        if fisher is not None and partial.fisher_grads is not None:
+            fisher[kept] = partial.fisher_grads
+    return ShardGradients(start, grads, losses, tokens, sums, again, fisher)
 
 
 def token_gradients(context: ModelContext, row: TokenizedRow, measurement: str = "logprob_sum") -> np.ndarray:

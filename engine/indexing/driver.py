@@ -2,8 +2,9 @@
 each finished shard once in the manifest, reduces the per-shard statistics, and resumes a store that
 an earlier run left incomplete.
 
-Stages: `gradients` (pass 1: rows + covariance sums per shard) → `eigen` (driver: reduce in shard
-order, eigendecompose in float64) → `lambdas` (pass 2: EK-FAC/diagonal Λ sums per shard) → `final`.
+Stages: `gradients` (pass 1: rows + covariance sums per shard, and with the true Fisher the sampled-label rows
+`fisher_grads`) → `eigen` (driver: reduce in shard order, eigendecompose in float64) → `lambdas` (EK-FAC/diagonal
+Λ sums per shard: a read of the store, or pass 2 where engine.indexing.lambda_source says so) → `final`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from engine.curvature.packing import covariance_width, lambda_width, reduced_cov
 from engine.data.rows import file_fingerprint
 from engine.errors import TributaryError
 from engine.indexing.executor import ShardExecutor
+from engine.indexing.lambda_source import writes_fisher_rows
 from engine.indexing.manifest import build_manifest
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
@@ -146,6 +148,9 @@ def _run_stages(
         run = IndexRun(store, executor, spec, progress, workers)
         if strategy in NEEDS_COVARIANCE:
             store.create_partials("covariance", covariance_width(spec), 2)
+        fisher_rows = writes_fisher_rows(config, store.rows, spec.total_width)
+        if fisher_rows and not store.manifest.shards.get("gradients"):
+            store.create_fisher_rows()  # only before pass 1's first shard: every shard then writes its rows
         clock = time.perf_counter()
         run.stage("gradients")
         timings["pass1_s"] = time.perf_counter() - clock
@@ -169,3 +174,5 @@ def _run_stages(
             lambdas = reduced_lambda(*store.read_partials("lambda"), spec)
             store.write_factors(corrected_factors(strategy, store.read_factors(), [lambdas]))
         run.mark("final")
+        if fisher_rows and not config.store.keep_fisher_grads:
+            store.delete_fisher_rows()

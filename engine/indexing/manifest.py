@@ -16,7 +16,9 @@ def build_manifest(config: JobConfig, spec: ProjectionSpec, fingerprints: dict, 
         "code_version": __version__,
         "fingerprints": dict(fingerprints, dataset=dataset_fingerprint, projection=spec.fingerprint()),
         "projection": spec.to_dict(),
-        "curvature": config.curvature.model_dump(),
+        # curvature.lambdas is not compared on resume: either source gives the same Λ, and a store whose pass 1
+        # ran without fisher_grads falls back to the model pass (engine.indexing.worker `_stored_rows`)
+        "curvature": config.curvature.model_dump(exclude={"lambdas"}),
         # on_nonfinite is not compared on resume: what it did is in the manifest's `skipped`
         "data": config.data.model_dump(exclude={"batch_size", "train", "on_nonfinite"}),
         "model": config.model.model_dump(),

@@ -51,7 +51,7 @@ def _run_manifest(config: JobConfig, plan: RunPlan, spec: ProjectionSpec) -> Run
     return RunManifest(
         plan=plan,
         projection=spec,
-        curvature=config.curvature.model_dump(),
+        curvature=config.curvature.model_dump(exclude={"lambdas"}),  # as engine.indexing.manifest: not compared
         store=RunStoreSettings(dtype=config.store.dtype, rows_per_chunk=config.store.rows_per_chunk),
     )
 

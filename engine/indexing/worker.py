@@ -13,12 +13,14 @@ import time
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
 from engine.curvature.packing import pack_covariance, pack_lambda
+from engine.curvature.row_lambdas import row_lambda_sums
 from engine.data.rows import Row, field_names, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.gradients.context import ModelContext, load_model_context
 from engine.gradients.finite import NonFinite, nonfinite_rows_error, nonfinite_vector_modules
 from engine.gradients.passes import gradient_pass, gradient_pass_without, lambda_pass
+from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
 from engine.store import GradientStore
 from engine.testing.faults import fault_point
 
@@ -134,13 +136,14 @@ class ShardWorker:
         start, stop = store.shards()[shard]
         rows = self._tokenized(start, stop)
         ids = self._ids(start, stop)
-        result = gradient_pass(self.context, rows, start)
+        fisher_rows = writes_fisher_rows(self.config, store.rows, store.manifest.width) and store.has_fisher_rows()
+        result = gradient_pass(self.context, rows, start, fisher_rows=fisher_rows)
         skipped = []
         if result.nonfinite:
             if self.config.data.on_nonfinite == "error":
                 raise nonfinite_rows_error(result.nonfinite, ids, start, self.config.data.train)
             left_out = result.nonfinite
-            result = gradient_pass_without(self.context, rows, start, left_out)
+            result = gradient_pass_without(self.context, rows, start, left_out, fisher_rows=fisher_rows)
             if result.nonfinite:  # rows finite alone but not in a batch: refuse rather than guess
                 raise nonfinite_rows_error(result.nonfinite, ids, start, self.config.data.train)
             skipped = [{"row": start + p, "id": ids[p], "modules": names} for p, names in left_out.items()]
@@ -149,6 +152,8 @@ class ShardWorker:
             widths = [(m.name, m.k_in**2 + m.k_out**2) for m in self.context.spec.modules]
             self._check_sums("covariance", shard, packed[0], widths)
         checksum, arrays = store.write_rows(start, result.grads, ids, result.num_tokens, result.losses)
+        if result.fisher_grads is not None:
+            store.write_fisher_rows(start, result.fisher_grads)
         fault_point("actor", "gradients", shard)
         if packed is not None:
             store.write_partial("covariance", shard, *packed)
@@ -185,12 +190,28 @@ class ShardWorker:
         return [(m.name, m.k_in * m.k_out) for m in self.context.spec.modules]
 
     def _lambda_sums(self, store: GradientStore, start: int, stop: int, factors, scale):
-        """Pass 2 of a shard's rows that pass 1 kept, packed; a non-finite row stops it, named."""
+        """Λ sums of a shard's rows that pass 1 kept, packed: from the store where it holds the rows Λ needs
+        (engine.indexing.lambda_source), else pass 2; a non-finite row stops pass 2, named."""
+        stored = self._stored_rows(store)
+        if stored is not None:
+            kept = self._kept(store, start, stop)
+            rows = stored(start, stop)[kept]
+            sums = row_lambda_sums(rows, self.context.spec, factors, scale, self.context.device)
+            return pack_lambda(sums, self.context.spec)
         rows = self._tokenized(start, stop)
         kept = self._kept(store, start, stop)
         check = self._row_check(self._ids(start, stop), start, kept)
         sums = lambda_pass(self.context, [rows[p] for p in kept], factors, scale, on_nonfinite=check)
         return pack_lambda(sums.lambdas, self.context.spec)
+
+    def _stored_rows(self, store: GradientStore):
+        """The store's reader of the rows Λ is a sum over (rows: empirical Fisher; fisher_grads: true Fisher),
+        or None where Λ needs the model (curvature.lambdas, or fisher_grads not written or deleted)."""
+        if lambda_source(self.config, store.rows, store.manifest.width) != "store":
+            return None
+        if self.config.curvature.fisher is True:
+            return store.read_fisher_rows if store.has_fisher_rows() else None
+        return store.read_rows
 
     def reset(self) -> None:
         """Forget cached store state (a new stage may have written new factors)."""

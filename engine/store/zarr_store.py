@@ -2,6 +2,8 @@
 
 Layout:
   grads            (N, D) projected training gradients, row-chunked, zstd; bf16 kept as uint16
+  fisher_grads     (N, D) like grads, of sampled labels (true Fisher): written by pass 1 for Λ, deleted once the
+                   factors are final unless store.keep_fisher_grads
   rows/id          (N,) string ids, rows/num_tokens (N,) int32, rows/loss (N,) float32
   factors/<module> lam, q_a, q_s, alpha, sigma (float64) and the covariance sums they came from
   attrs["manifest"] fingerprints, projection spec, settings, per-shard completion, `complete`
@@ -37,6 +39,7 @@ from engine.store.manifest import (
 from engine.store.nodes import array, read, subgroup
 
 TARGET_CHUNK_BYTES = 16 << 20
+FISHER_ROWS = "fisher_grads"
 
 
 def default_rows_per_chunk(width: int, dtype: str, rows: int) -> int:
@@ -114,6 +117,28 @@ class GradientStore(ManifestStore[StoreManifest]):
         for name, values in arrays.items():
             array(self.group, name)[start:stop] = values
         return checksum(arrays), row_checksums(arrays)
+
+    # ---- sampled-label rows (true Fisher), read once for Λ -------------------------------------------
+    def create_fisher_rows(self) -> None:
+        """`fisher_grads`: the sampled-label rows pass 1 computes for the covariance, laid out as `grads`."""
+        if FISHER_ROWS not in self.group:
+            grads = array(self.group, "grads")
+            self.group.create_array(
+                FISHER_ROWS, shape=grads.shape, chunks=grads.chunks, dtype=grads.dtype, fill_value=0
+            )
+
+    def has_fisher_rows(self) -> bool:
+        return FISHER_ROWS in self.group
+
+    def write_fisher_rows(self, start: int, grads: np.ndarray) -> None:
+        array(self.group, FISHER_ROWS)[start : start + len(grads)] = encode(grads, self.manifest.dtype)
+
+    def read_fisher_rows(self, start: int, stop: int) -> np.ndarray:
+        return decode(read(self.group, FISHER_ROWS, slice(start, stop)), self.manifest.dtype)
+
+    def delete_fisher_rows(self) -> None:
+        if FISHER_ROWS in self.group:
+            del self.group[FISHER_ROWS]
 
     def shard_checksum(self, shard: int) -> str:
         """Re-read one shard's rows and checksum them (raises if a chunk cannot be decoded)."""

@@ -1,0 +1,159 @@
+"""kronfluence's EK-FAC on Tributary's model and rows: a task for a causal LM (true Fisher: sampled labels), the
+tokenized rows as a dataset, and GPT-2's Conv1D modules as the nn.Linear kronfluence wraps (as
+tests/test_kronfluence.py, where the two libraries' scores are shown equal)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as functional
+from torch import nn
+from torch.utils.data import Dataset
+
+from engine.data.batching import collate
+
+IGNORE = -100
+
+
+def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
+
+
+def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    return functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def make_task(module_names: list[str]):
+    from kronfluence.task import Task
+
+    class CausalLMTask(Task):
+        def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
+            logits = _logits(model, batch)
+            labels = batch["labels"]
+            if sample:  # the true Fisher: next tokens drawn from the model at the counted positions
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach().float(), dim=-1)
+                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
+                    shifted = torch.roll(drawn, 1, dims=1)  # logits at t predict the label at t + 1
+                    labels = torch.where(labels != IGNORE, shifted, labels)
+            return _summed_loss(logits, labels)
+
+        def compute_measurement(self, batch, model) -> torch.Tensor:
+            return _summed_loss(_logits(model, batch), batch["labels"])
+
+        def get_influence_tracked_modules(self) -> list[str]:
+            return list(module_names)
+
+        def get_attention_mask(self, batch) -> torch.Tensor:
+            return batch["attention_mask"]
+
+    return CausalLMTask()
+
+
+class RowDataset(Dataset):
+    """Tokenized rows as dicts of tensors, padded by engine's collate to one common width."""
+
+    def __init__(self, tokenized, pad_id: int):
+        batch = collate(list(tokenized), pad_id, "right")
+        self.items = [
+            {
+                "input_ids": batch.input_ids[i],
+                "attention_mask": batch.attention_mask[i],
+                "position_ids": batch.position_ids[i],
+                "labels": batch.labels[i],
+            }
+            for i in range(len(tokenized))
+        ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def conv1d_to_linear(model: nn.Module, names: list[str]) -> None:
+    """Replace tracked HF Conv1D modules (y = x W + b, W: d_in x d_out) by the equivalent nn.Linear."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        conv = getattr(parent, child)
+        if not isinstance(conv, Conv1D):
+            continue
+        d_in, d_out = conv.weight.shape
+        linear = nn.Linear(d_in, d_out, bias=conv.bias is not None, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        linear.requires_grad_(False)
+        setattr(parent, child, linear)
+
+
+def kronfluence_scores(config, queries: str, batch: int, work: Path) -> tuple[np.ndarray, float]:
+    """(queries × rows) EK-FAC influence scores with kronfluence's defaults (true Fisher, float32, heuristic
+    damping) and the seconds of its factor fit and pairwise scoring (model loading and tokenising excluded)."""
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    from engine.data.rows import field_names, read_rows
+    from engine.gradients.context import prepare_index_job
+    from engine.model.loading import load_model
+
+    job = prepare_index_job(config)
+    names = list(job.context.modules)
+    query_rows = job.context.tokenize(read_rows(queries, field_names(config)), queries)
+    train_set, query_set = RowDataset(job.tokenized, job.context.pad_id), RowDataset(query_rows, job.context.pad_id)
+    del job
+    model, _ = load_model(config.model, torch.device("cpu"))
+    conv1d_to_linear(model, names)
+    task = make_task(names)
+    model = prepare_model(model, task)
+    analyzer = Analyzer(
+        analysis_name="bench",
+        model=model,
+        task=task,
+        cpu=True,
+        disable_tqdm=True,
+        output_dir=str(work),
+        disable_model_save=True,
+    )
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    analyzer.fit_all_factors(
+        "ekfac",
+        dataset=train_set,
+        per_device_batch_size=batch,
+        factor_args=FactorArguments(strategy="ekfac"),
+        overwrite_output_dir=True,
+    )
+    analyzer.compute_pairwise_scores(
+        "scores",
+        "ekfac",
+        query_dataset=query_set,
+        train_dataset=train_set,
+        per_device_query_batch_size=batch,
+        per_device_train_batch_size=batch,
+        score_args=ScoreArguments(damping_factor=None),
+        overwrite_output_dir=True,
+    )
+    seconds = time.perf_counter() - started
+    scores = analyzer.load_pairwise_scores("scores")
+    if scores is None:
+        raise RuntimeError("kronfluence saved no scores")
+    return scores["all_modules"].to(torch.float64).numpy(), seconds
