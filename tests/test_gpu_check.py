@@ -24,6 +24,15 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path, steps):
     assert summary["steps"]["device_map_offload"]["placement"]["kind"] == "device_map"
 
 
+def test_gpu_check_records_a_step_that_cannot_run_and_goes_on(tmp_path):
+    assert (
+        gpu_check.main(["--cpu-dry-run", "--rows", "12", "--out", str(tmp_path), "--steps", "zero3,single_bf16"]) == 0
+    )
+    steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
+    assert "placement.kind zero3" in steps["zero3"]["error"]
+    assert steps["single_bf16"]["rows"] == 12
+
+
 def test_gpu_check_without_a_gpu_says_so(capsys):
     import torch
 

@@ -50,6 +50,10 @@ def check_placement(config: JobConfig, gpus: int | None = None, count_devices: b
             raise TributaryError(
                 "placement.kind zero3 needs DeepSpeed (pip install deepspeed); or use placement.kind device_map"
             ) from None
+        raise TributaryError(
+            "placement.kind zero3 is not available in this version yet (its rank groups are not built); use "
+            "placement.kind device_map for a model larger than one device"
+        )
 
 
 def _check_offload_directory(offload: str) -> None:
