@@ -17,9 +17,14 @@ from tests.distributed_helpers import store_config, store_contents
 ray = pytest.importorskip("ray")
 pytest.importorskip("deepspeed")
 
-pytestmark = pytest.mark.heavy
-
-TRAIN = SENTENCES + ["the owl eats mice at night", "a bear eats honey in the valley", "the fox eats berries"]
+# 13 rows in shards of 3: the last step gives rank 0 one row (rank 1 pads to its batch count) and rank 1 no shard
+TRAIN = SENTENCES + [
+    "the owl eats mice at night",
+    "a bear eats honey in the valley",
+    "the fox eats berries",
+    "a crow eats seeds",
+    "the wolf eats deer in the cold snow",
+]
 CLUSTER = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
 ZERO3 = {"kind": "zero3", "devices_per_replica": 2}
 
@@ -60,14 +65,20 @@ def ray_cleanup():
     ray.shutdown()
 
 
-def _single(model, train, path: str, **sections) -> dict:
-    run_index(parse_config(store_config(model, train, path, **sections)), show_progress=False)
+def _with_adapter(raw: dict, adapter) -> dict:
+    if adapter is not None:
+        raw["model"] = dict(raw["model"], adapter=str(adapter))
+    return raw
+
+
+def _single(model_path, train, path: str, adapter=None) -> dict:
+    run_index(parse_config(_with_adapter(store_config(model_path, train, path), adapter)), show_progress=False)
     return store_contents(path)
 
 
-def _zero3(model, train, path: str, **sections) -> GradientStore | object:
-    raw = store_config(model, train, path, cluster=CLUSTER, placement=ZERO3, **sections)
-    return run_index(parse_config(raw), show_progress=False)
+def _zero3(model_path, train, path: str, adapter=None) -> None:
+    raw = store_config(model_path, train, path, cluster=CLUSTER, placement=ZERO3)
+    run_index(parse_config(_with_adapter(raw, adapter)), show_progress=False)
 
 
 def _assert_close_stores(ours: dict, reference: dict) -> None:
@@ -88,6 +99,7 @@ def _assert_close_stores(ours: dict, reference: dict) -> None:
             np.testing.assert_allclose(other * signs, ref, rtol=0, atol=1e-4)
 
 
+@pytest.mark.heavy
 def test_zero3_store_equals_single_and_each_rank_holds_a_partition(llama32, train_file, tmp_path, ray_cleanup):
     reference = _single(llama32, train_file, str(tmp_path / "single.zarr"))
     path = str(tmp_path / "zero3.zarr")
@@ -114,14 +126,16 @@ def _unsharded_parameters(model_path):
     return list(AutoModelForCausalLM.from_pretrained(model_path, dtype="float32").parameters())
 
 
+@pytest.mark.heavy
 def test_zero3_lora_adapter_on_the_partitioned_base(llama32, lora32, train_file, tmp_path, ray_cleanup):
-    model = {"adapter": str(lora32)}
-    reference = _single(llama32, train_file, str(tmp_path / "single.zarr"), model=model)
+    reference = _single(llama32, train_file, str(tmp_path / "single.zarr"), adapter=lora32)
+    assert all("lora" in name for name in reference["factors"]), "the adapter's weights are the tracked ones"
     path = str(tmp_path / "zero3.zarr")
-    _zero3(llama32, train_file, path, model=model)
+    _zero3(llama32, train_file, path, adapter=lora32)
     _assert_close_stores(store_contents(path), reference)
 
 
+@pytest.mark.heavy
 def test_zero3_rank_killed_mid_index_completes_as_a_clean_run(llama32, train_file, tmp_path, monkeypatch, ray_cleanup):
     reference = _single(llama32, train_file, str(tmp_path / "single.zarr"))
     marker = tmp_path / "killed"
