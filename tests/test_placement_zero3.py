@@ -149,7 +149,7 @@ def test_zero3_rank_killed_mid_index_completes_as_a_clean_run(llama32, train_fil
     _assert_close_stores(store_contents(path), reference)
 
 
-def test_zero3_refuses_queries_and_nonfinite_skip(llama32, train_file, tmp_path):
+def test_zero3_refuses_queries_nonfinite_skip_and_merged_adapters(llama32, train_file, tmp_path):
     raw = store_config(llama32, train_file, str(tmp_path / "s.zarr"), cluster=CLUSTER, placement=ZERO3)
     queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "text": "the fox eats"}])
     with pytest.raises(TributaryError, match="placement zero3 are not supported yet"):
@@ -157,3 +157,6 @@ def test_zero3_refuses_queries_and_nonfinite_skip(llama32, train_file, tmp_path)
     skip = dict(raw, data=dict(raw["data"], on_nonfinite="skip"))
     with pytest.raises(TributaryError, match="on_nonfinite skip is not supported with placement.kind zero3"):
         parse_config(skip)
+    merged = dict(raw, model=dict(raw["model"], adapter=str(tmp_path), adapter_mode="merged"))
+    with pytest.raises(TributaryError, match="adapter_mode merged is not supported with placement.kind zero3"):
+        parse_config(merged)

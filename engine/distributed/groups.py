@@ -63,7 +63,7 @@ class GroupExecutor:
             facts = ray.get([actor.join.remote(rank, self.world, address, port) for rank, actor in enumerate(actors)])
         except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
             for actor in actors:
-                ray.kill(actor)
+                ray.kill(actor)  # pyright: ignore[reportArgumentType] - ray types .remote() as handle | class
             cause = getattr(error, "cause", None) or error.__cause__ or error
             if isinstance(cause, TributaryError):
                 raise TributaryError(str(cause)) from None
@@ -126,8 +126,12 @@ class GroupExecutor:
                 idle.append(number)
 
     def _dispatch(self, number: int, stage: str, step: list[int], owner: dict) -> None:
+        try:
+            batches = self._ray.get(self.groups[number].actors[0].batch_count.remote(step))
+        except self._ray.exceptions.RayActorError:  # rank 0 died between steps: a fresh group takes the step
+            self._replace(number, owner)
+            batches = self._ray.get(self.groups[number].actors[0].batch_count.remote(step))
         group = self.groups[number]
-        batches = self._ray.get(group.actors[0].batch_count.remote(step))
         group.shards, group.receipts = step, []
         for rank, actor in enumerate(group.actors):
             shard = step[rank] if rank < len(step) else None

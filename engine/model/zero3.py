@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ def zero3_config(dtype: torch.dtype) -> dict:
 
 def load_zero3_model(config: ModelConfig, placement: PlacementConfig, device: torch.device) -> tuple[nn.Module, Any]:
     """(model, tokenizer): the model partitioned over the current torch.distributed group, frozen, eval mode,
-    in placement.dtype (else model.dtype), with model.adapter attached (adapter_mode adapter only)."""
+    in placement.dtype (else model.dtype), with model.adapter attached (adapter_mode adapter: the config check
+    refuses the others)."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -55,14 +56,9 @@ def load_zero3_model(config: ModelConfig, placement: PlacementConfig, device: to
     os.environ.setdefault("LOCAL_RANK", "0")
     import deepspeed
     from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     dtype = DTYPES[placement.dtype or config.dtype]
-    if config.adapter is not None and config.adapter_mode != "adapter":
-        raise TributaryError(
-            f"model.adapter_mode {config.adapter_mode} is not supported with placement.kind zero3 (the merged or "
-            "unloaded weights would have to be gathered); use adapter_mode: adapter or placement.kind single"
-        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ds_config = zero3_config(dtype)
@@ -76,12 +72,14 @@ def load_zero3_model(config: ModelConfig, placement: PlacementConfig, device: to
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
-    model = engine.module  # the engine's own __call__ wraps backward hooks that break autograd.grad
+    # the plain module: the engine's own __call__ adds a backward hook that breaks autograd.grad w.r.t. outputs
+    model = cast(nn.Module, engine.module)
     _force_dtype(model, dtype)
     if config.adapter is not None:
         model = _attach_adapter(model, config.adapter, config.path)
-        model.requires_grad_(False)
-        model.to(device)  # the adapter's small (not partitioned) weights
+        for param in model.parameters():  # the adapter's own small weights, not partitioned, to this rank's device
+            if not hasattr(param, "ds_id"):
+                param.data = param.data.to(device)
     model.requires_grad_(False)
     model.eval()
     return model, load_tokenizer(config.tokenizer or config.path)
