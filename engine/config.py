@@ -439,6 +439,18 @@ def _check_placement(config: JobConfig, source: str) -> None:
             f"invalid config {source}: placement.kind zero3 runs its ranks as Ray actors; add a cluster section "
             "(cluster: {address: local} runs them on this machine)"
         )
+    if placement.kind == "zero3" and config.model.adapter is not None and config.model.adapter_mode != "adapter":
+        raise TributaryError(
+            f"invalid config {source}: model.adapter_mode {config.model.adapter_mode} is not supported with "
+            "placement.kind zero3 (the adapter would be merged into or removed from partitioned weights); use "
+            "adapter_mode: adapter, or placement.kind single or device_map"
+        )
+    if placement.kind == "zero3" and config.data.on_nonfinite == "skip":
+        raise TributaryError(
+            f"invalid config {source}: data.on_nonfinite skip is not supported with placement.kind zero3 (a rank "
+            "re-running a shard without its skipped rows would leave the group's collectives out of step); use "
+            "data.on_nonfinite: error, or placement.kind single or device_map"
+        )
     if placement.kind == "zero3" and config.training_run is not None:
         raise TributaryError(
             f"invalid config {source}: placement.kind zero3 is not supported with a training_run section yet; "

@@ -14,11 +14,13 @@ import numpy as np
 from engine.config import ClusterConfig, JobConfig, QueryOptions
 from engine.distributed.cluster import connect, pool_size
 from engine.distributed.fan_out import call_on_new_actors
+from engine.distributed.groups import GroupExecutor, group_count
 from engine.distributed.pool import RayExecutor, largest_node_gpus
 from engine.indexing import run as indexing
 from engine.indexing.executor import LocalExecutor, ShardExecutor
 from engine.indexing.worker import ShardWorker
-from engine.model.placement import check_placement
+from engine.indexing.zero_worker import ZeroShardWorker
+from engine.model.placement import check_placement, refuse_zero3_queries
 from engine.query import run as query
 from engine.query.row_range import RowRangeScorer, merge_parts, row_ranges
 from engine.query.scoring import QueryResult
@@ -27,11 +29,15 @@ from engine.store.run_store import RunStore
 
 
 def shard_executor(config: JobConfig) -> ShardExecutor:
-    """This process, or with a `cluster` section a pool of ShardWorker actors (one per GPU, or per CPU share)."""
+    """This process, or with a `cluster` section a pool of ShardWorker actors (one per GPU, or per CPU share);
+    with placement.kind zero3, groups of ZeroShardWorker ranks that each hold the model partitioned."""
     if config.cluster is None:
         return LocalExecutor(config)
     connect(config.cluster)
     check_placement(config, gpus=largest_node_gpus())
+    if config.placement.kind == "zero3":
+        world = config.placement.devices_per_replica
+        return GroupExecutor(ZeroShardWorker, (config,), config.cluster, group_count(config.cluster, world), world)
     gpus = config.placement.devices_per_replica if config.placement.kind == "device_map" else None
     return RayExecutor(ShardWorker, (config,), config.cluster, pool_size(config.cluster), gpus_per_actor=gpus)
 
@@ -75,6 +81,7 @@ def run_query(
     report: str | None = None,
 ) -> QueryResult:
     """engine.query.run.run_query, scored on the cluster when the config has a `cluster` section."""
+    refuse_zero3_queries(config)
     scans = None if config.cluster is None else partial(ClusterScan, config.cluster)
     return query.run_query(
         config,

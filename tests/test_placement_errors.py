@@ -79,11 +79,3 @@ def test_cli_gives_one_line_and_exit_code_2(base, tmp_path):
     assert "placement.devices_per_replica is 9" in result.stderr
     assert "Traceback" not in result.stderr
     assert not Path(base["store"]["path"]).exists()
-
-
-def test_zero3_is_refused_until_its_rank_groups_exist(base):
-    """Until zero3 groups are built, a zero3 config must not silently load a whole copy per actor."""
-    _refused(
-        dict(base, placement={"kind": "zero3", "devices_per_replica": 2}, cluster={"address": "local"}),
-        "placement.kind zero3 is not available in this version yet",
-    )

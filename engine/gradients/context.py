@@ -49,7 +49,13 @@ def load_model_context(
 ) -> ModelContext:
     """Load the model and build (or reuse, for queries against a store) the projection spec."""
     model, tokenizer = load_model(config.model, device, config.placement)
-    device = input_device(model)
+    return context_for_model(config, model, tokenizer, input_device(model), spec)
+
+
+def context_for_model(
+    config: JobConfig, model: nn.Module, tokenizer, device: torch.device, spec: ProjectionSpec | None = None
+) -> ModelContext:
+    """The context of a model already loaded (ZeRO-3 loads its own: engine.model.zero3)."""
     modules = select_modules(model, config.model.modules)
     shapes = tracked_shapes(modules, config.model.include_bias)
     if spec is None:

@@ -7,12 +7,13 @@ of the rows gives the same rows and, after merging, the same statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from engine.capture.capture import ForwardPass
 from engine.capture.loss import per_example_loss, sample_labels
 from engine.capture.measurement import measurement_loss
 from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulator
@@ -49,18 +50,46 @@ def _batches(context: ModelContext, rows: list[TokenizedRow]):
         yield batch.to(context.device)
 
 
+def batch_count(rows: int, batch_size: int) -> int:
+    """How many batches `rows` rows make (the last one may be short)."""
+    return -(-rows // batch_size)
+
+
+def _padded_batches(
+    context: ModelContext, rows: list[TokenizedRow], pad_batches: int | None
+) -> Iterator[tuple[Batch, bool]]:
+    """(batch, is_padding): the batches of `rows`, then padding batches up to `pad_batches` in all.
+
+    ZeRO-3 ranks all-gather each module's weights in every forward and backward, collectively: the ranks of a
+    group must run as many of them, whatever their own row count. A padding batch is one row (the first row
+    of `rows`, or a two-token dummy when there is none); its results are discarded.
+    """
+    yield from ((batch, False) for batch in _batches(context, rows))
+    if pad_batches is None:
+        return
+    own = batch_count(len(rows), context.config.data.batch_size)
+    if own > pad_batches:
+        raise ValueError(f"pad_batches {pad_batches} is below the {own} batches of the rows themselves")
+    filler = rows[:1] or [TokenizedRow(index=0, input_ids=[context.pad_id] * 2, labels=[IGNORE, context.pad_id])]
+    for _ in range(pad_batches - own):
+        yield next(_batches(context, filler)), True
+
+
 def gradient_pass(
     context: ModelContext,
     rows: list[TokenizedRow],
     start: int = 0,
     with_covariance: bool = True,
     measurement: str = "logprob_sum",
+    pad_batches: int | None = None,
     fisher_rows: bool = False,
 ) -> ShardGradients:
     """Projected per-example gradients of the loss (queries: of `measurement`), and the covariance sums
     for K-FAC/EK-FAC (training rows only). `fisher_rows` (true Fisher only): also the projected gradients of
     the sampled-label loss (`fisher_grads`), from the same backward as the covariance, so that Λ can be
-    read from the store instead of running the model a second time."""
+    read from the store instead of running the model a second time. `pad_batches`: run padding batches
+    after the rows' own up to that many batches in all, with the same forward/backward calls, results
+    discarded (ZeRO-3 lockstep)."""
     capture = context.capture
     curvature = context.config.curvature
     want_covariance = with_covariance and curvature.strategy in NEEDS_COVARIANCE
@@ -69,20 +98,25 @@ def gradient_pass(
     grads, losses, tokens, fisher = [], [], [], []
     nonfinite: list[NonFinite] = []
     done = 0
+    # ZeRO-3 frees a module's gathered weights after its backward, so a retained graph cannot be walked twice:
+    # the curvature-label backward gets a forward of its own there (same logits, same sampled labels).
+    reforward = context.config.placement.kind == "zero3"
     with capture.hooks():
-        for batch in _batches(context, rows):
+        for batch, padding in _padded_batches(context, rows, pad_batches):
             state = capture.forward(batch)
             loss = measurement_loss(measurement, state.logits, batch.labels)
             separate_fisher = (want_covariance or want_fisher_rows) and curvature.fisher is True
-            deltas = capture.output_gradients(state, loss, retain_graph=separate_fisher)
+            deltas = capture.output_gradients(state, loss, retain_graph=separate_fisher and not reforward)
+            if padding:
+                if separate_fisher:  # the same forward/backward calls as a batch of rows
+                    _fisher_deltas(context, batch, state, reforward)
+                continue
             grads.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
             losses.append(loss.detach().float().cpu())
             tokens.append(batch.num_tokens.cpu())
             nonfinite.append(nonfinite_gradients(grads[-1].numpy(), losses[-1].numpy(), context.spec, done))
             if separate_fisher:
-                sampled = _curvature_labels(context, batch, state.logits)
-                fisher_loss = per_example_loss(state.logits, sampled)
-                deltas = capture.output_gradients(state, fisher_loss, retain_graph=False)
+                deltas = _fisher_deltas(context, batch, state, reforward)
             if want_fisher_rows:
                 fisher.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
                 nonfinite.append(nonfinite_gradients(fisher[-1].numpy(), losses[-1].numpy(), context.spec, done))
@@ -92,6 +126,8 @@ def gradient_pass(
                 covariance.add(state.activations, deltas, batch.attention_mask)
             done += len(batch.indices)
     sums = PartialSums(covariance=covariance.sums if want_covariance else {})
+    if not grads:  # a ZeRO-3 rank with padding only
+        return ShardGradients(start, np.zeros((0, context.spec.total_width), np.float32), *_no_rows(), sums)
     return ShardGradients(
         start,
         torch.cat(grads).numpy(),
@@ -101,6 +137,21 @@ def gradient_pass(
         merged(*nonfinite),
         torch.cat(fisher).numpy() if want_fisher_rows else None,
     )
+
+
+def _fisher_deltas(
+    context: ModelContext, batch: Batch, state: ForwardPass, reforward: bool
+) -> dict[str, list[torch.Tensor]]:
+    """δ of the loss on curvature labels (the covariance's), from `state`'s graph or, `reforward`, a new forward."""
+    capture = context.capture
+    if reforward:
+        state = capture.forward(batch)
+    sampled = _curvature_labels(context, batch, state.logits)
+    return capture.output_gradients(state, per_example_loss(state.logits, sampled), retain_graph=False)
+
+
+def _no_rows() -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(0, np.float32), np.zeros(0, np.int64)
 
 
 def gradient_pass_without(
@@ -153,19 +204,22 @@ def lambda_pass(
     factors: dict[str, ModuleFactors],
     scale: dict[str, np.ndarray] | None = None,
     on_nonfinite: Callable[[NonFinite], None] | None = None,
+    pad_batches: int | None = None,
 ) -> PartialSums:
     """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal).
     `scale` multiplies each G̃_n elementwise first (Adam's P^{1/2}: the factors of P^{1/2} H P^{1/2}).
     `on_nonfinite` is called with the rows (positions in `rows`) of a batch whose gradients are not finite,
-    before they are added."""
+    before they are added. `pad_batches`: as in gradient_pass (ZeRO-3 lockstep)."""
     capture = context.capture
     lambdas = LambdaAccumulator(context.spec, factors, scale, context.device)
     done = 0
     with capture.hooks():
-        for batch in _batches(context, rows):
+        for batch, padding in _padded_batches(context, rows, pad_batches):
             state = capture.forward(batch)
             labels = _curvature_labels(context, batch, state.logits)
             deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
+            if padding:
+                continue
             grads = capture.example_gradients(state, deltas)
             if on_nonfinite is not None:
                 found = nonfinite_statistics({name: [g] for name, g in grads.items()}, done)

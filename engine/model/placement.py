@@ -8,6 +8,7 @@ module's device and weights through those hooks, so the rest of the engine sees 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,15 +45,18 @@ def check_placement(config: JobConfig, gpus: int | None = None, count_devices: b
                 "placement.kind zero3 needs torch.distributed, which this torch build lacks; install a torch with "
                 "distributed support or use placement.kind device_map"
             )
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("deepspeed") is None:  # not imported: its import costs seconds and warns
             raise TributaryError(
                 "placement.kind zero3 needs DeepSpeed (pip install deepspeed); or use placement.kind device_map"
-            ) from None
+            )
+
+
+def refuse_zero3_queries(config: JobConfig) -> None:
+    """Query gradients are not computed on a zero3 group; the store is the same whatever the placement."""
+    if config.placement.kind == "zero3":
         raise TributaryError(
-            "placement.kind zero3 is not available in this version yet (its rank groups are not built); use "
-            "placement.kind device_map for a model larger than one device"
+            "query gradients with placement zero3 are not supported yet; query this store with placement.kind "
+            "single or device_map (same model, data and projection) — the store is the same"
         )
 
 

@@ -12,7 +12,7 @@ from engine.ann.index import AnnIndex
 from engine.config import JobConfig, QueryOptions
 from engine.data.rows import field_names, read_rows
 from engine.errors import TributaryError
-from engine.model.placement import check_placement
+from engine.model.placement import check_placement, refuse_zero3_queries
 from engine.query.attributor import (
     Attributor,
     QueryGroup,
@@ -79,6 +79,7 @@ def run_query(
         AnnIndex(
             config.store.path, final_model(config, opened)[1]
         )  # a missing or stale index: refused before the model loads
+    refuse_zero3_queries(config)
     check_placement(config)  # query gradients are computed here, with the config's placement
     scan = None if scans is None else scans(final_model(config, opened)[1])
     attributor = Attributor.load(config, opened, scan)

@@ -1,0 +1,162 @@
+"""placement.kind zero3: two gloo ranks in Ray actors hold a tiny Llama partitioned and index it in lockstep; the
+store equals the single-process one, each rank holds about half the weights, and a killed rank loses nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import parse_config
+from engine.errors import TributaryError
+from engine.runner import run_index, run_query
+from engine.store import GradientStore
+from engine.testing.tiny import save_tiny
+from tests.conftest import SENTENCES, vocabulary_texts, write_jsonl
+from tests.distributed_helpers import store_config, store_contents
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("deepspeed")
+
+# 13 rows in shards of 3: the last step gives rank 0 one row (rank 1 pads to its batch count) and rank 1 no shard
+TRAIN = SENTENCES + [
+    "the owl eats mice at night",
+    "a bear eats honey in the valley",
+    "the fox eats berries",
+    "a crow eats seeds",
+    "the wolf eats deer in the cold snow",
+]
+CLUSTER = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
+ZERO3 = {"kind": "zero3", "devices_per_replica": 2}
+
+
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory):
+    """A tiny Llama wide enough (hidden 32) that every weight partitions over two ranks."""
+    root = tmp_path_factory.mktemp("zero3_models")
+    return save_tiny(root / "llama", "llama", vocabulary_texts(), hidden=32, layers=2, heads=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def lora32(llama32, tmp_path_factory):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(2)
+    base = AutoModelForCausalLM.from_pretrained(llama32)
+    adapted = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    path = tmp_path_factory.mktemp("zero3_adapter") / "lora"
+    adapted.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("zero3_data") / "train.jsonl"
+    return write_jsonl(path, [{"id": f"r{i:02d}", "text": text} for i, text in enumerate(TRAIN)])
+
+
+@pytest.fixture
+def ray_cleanup():
+    yield
+    ray.shutdown()
+
+
+def _with_adapter(raw: dict, adapter) -> dict:
+    if adapter is not None:
+        raw["model"] = dict(raw["model"], adapter=str(adapter))
+    return raw
+
+
+def _single(model_path, train, path: str, adapter=None) -> dict:
+    run_index(parse_config(_with_adapter(store_config(model_path, train, path), adapter)), show_progress=False)
+    return store_contents(path)
+
+
+def _zero3(model_path, train, path: str, adapter=None) -> None:
+    raw = store_config(model_path, train, path, cluster=CLUSTER, placement=ZERO3)
+    run_index(parse_config(_with_adapter(raw, adapter)), show_progress=False)
+
+
+def _assert_close_stores(ours: dict, reference: dict) -> None:
+    """Rows and factors equal to 1e-6 relative (a partitioned forward sums in another order)."""
+    assert ours["ids"] == reference["ids"]
+    assert ours["grads"].dtype == reference["grads"].dtype == np.float32
+    scale = np.abs(reference["grads"]).max()
+    np.testing.assert_allclose(ours["grads"], reference["grads"], rtol=1e-6, atol=1e-6 * scale)
+    np.testing.assert_array_equal(ours["meta"]["num_tokens"], reference["meta"]["num_tokens"])
+    np.testing.assert_allclose(ours["meta"]["loss"], reference["meta"]["loss"], rtol=1e-6)
+    assert ours["factors"].keys() == reference["factors"].keys()
+    for name, fields in reference["factors"].items():
+        lam = fields["lam"]
+        np.testing.assert_allclose(ours["factors"][name]["lam"], lam, rtol=0, atol=1e-6 * max(1.0, np.abs(lam).max()))
+        for field in ("q_a", "q_s"):
+            ref, other = fields[field], ours["factors"][name][field]
+            signs = np.sign(np.sum(other * ref, axis=0))  # eigenvectors up to sign
+            np.testing.assert_allclose(other * signs, ref, rtol=0, atol=1e-4)
+
+
+@pytest.mark.heavy
+def test_zero3_store_equals_single_and_each_rank_holds_a_partition(llama32, train_file, tmp_path, ray_cleanup):
+    reference = _single(llama32, train_file, str(tmp_path / "single.zarr"))
+    path = str(tmp_path / "zero3.zarr")
+    raw = store_config(llama32, train_file, path, cluster=CLUSTER, placement=ZERO3)
+    from engine.runner import shard_executor
+
+    executor = shard_executor(parse_config(raw))
+    try:
+        facts = executor.describe()
+    finally:
+        executor.shutdown()
+    assert len(facts["partition_bytes"]) == 2
+    full = sum(p.numel() * p.element_size() for p in _unsharded_parameters(llama32))
+    assert facts["full_bytes"] == full
+    assert all(0 < held <= 0.6 * full for held in facts["partition_bytes"]), facts["partition_bytes"]
+    _zero3(llama32, train_file, path)
+    _assert_close_stores(store_contents(path), reference)
+    assert GradientStore.open(path).manifest.complete
+
+
+def _unsharded_parameters(model_path):
+    from transformers import AutoModelForCausalLM
+
+    return list(AutoModelForCausalLM.from_pretrained(model_path, dtype="float32").parameters())
+
+
+@pytest.mark.heavy
+def test_zero3_lora_adapter_on_the_partitioned_base(llama32, lora32, train_file, tmp_path, ray_cleanup):
+    reference = _single(llama32, train_file, str(tmp_path / "single.zarr"), adapter=lora32)
+    assert all("lora" in name for name in reference["factors"]), "the adapter's weights are the tracked ones"
+    path = str(tmp_path / "zero3.zarr")
+    _zero3(llama32, train_file, path, adapter=lora32)
+    _assert_close_stores(store_contents(path), reference)
+
+
+@pytest.mark.heavy
+def test_zero3_rank_killed_mid_index_completes_as_a_clean_run(llama32, train_file, tmp_path, monkeypatch, ray_cleanup):
+    reference = _single(llama32, train_file, str(tmp_path / "single.zarr"))
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("TRIBUTARY_CHAOS", f"actor:gradients:1:{marker}")
+    path = str(tmp_path / "zero3.zarr")
+    _zero3(llama32, train_file, path)
+    assert marker.exists(), "the chaos hook did not fire: the test would prove nothing"
+    manifest = GradientStore.open(path).manifest
+    assert manifest.complete
+    assert manifest.shards["gradients"][1].pid != int(marker.read_text())
+    _assert_close_stores(store_contents(path), reference)
+
+
+def test_zero3_refuses_queries_nonfinite_skip_and_merged_adapters(llama32, train_file, tmp_path):
+    raw = store_config(llama32, train_file, str(tmp_path / "s.zarr"), cluster=CLUSTER, placement=ZERO3)
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "text": "the fox eats"}])
+    with pytest.raises(TributaryError, match="placement zero3 are not supported yet"):
+        run_query(parse_config(raw), str(queries), k=1)
+    skip = dict(raw, data=dict(raw["data"], on_nonfinite="skip"))
+    with pytest.raises(TributaryError, match="on_nonfinite skip is not supported with placement.kind zero3"):
+        parse_config(skip)
+    merged = dict(raw, model=dict(raw["model"], adapter=str(tmp_path), adapter_mode="merged"))
+    with pytest.raises(TributaryError, match="adapter_mode merged is not supported with placement.kind zero3"):
+        parse_config(merged)
