@@ -24,13 +24,36 @@ def test_gpu_check_dry_run_writes_every_step(tmp_path, steps):
     assert summary["steps"]["device_map_offload"]["placement"]["kind"] == "device_map"
 
 
-def test_gpu_check_records_a_step_that_cannot_run_and_goes_on(tmp_path):
-    assert (
-        gpu_check.main(["--cpu-dry-run", "--rows", "12", "--out", str(tmp_path), "--steps", "zero3,single_bf16"]) == 0
-    )
+def test_gpu_check_records_a_step_that_cannot_run_and_goes_on(tmp_path, monkeypatch):
+    from engine.errors import TributaryError
+
+    index_and_query = gpu_check._index_and_query
+
+    def refuse_device_map(raw, queries, work):
+        if raw["placement"]["kind"] == "device_map":
+            raise TributaryError("placement.kind device_map: refused here")
+        return index_and_query(raw, queries, work)
+
+    monkeypatch.setattr(gpu_check, "_index_and_query", refuse_device_map)
+    steps_run = "device_map_offload,single_bf16"
+    assert gpu_check.main(["--cpu-dry-run", "--rows", "12", "--out", str(tmp_path), "--steps", steps_run]) == 0
     steps = json.loads((tmp_path / "gpu_check.json").read_text())["steps"]
-    assert "placement.kind zero3" in steps["zero3"]["error"]
+    assert steps["device_map_offload"]["error"] == "placement.kind device_map: refused here"
     assert steps["single_bf16"]["rows"] == 12
+
+
+@pytest.mark.heavy
+def test_gpu_check_dry_run_zero3_indexes_on_two_gloo_ranks_and_queries_the_store(tmp_path):
+    import ray
+
+    try:
+        assert gpu_check.main(["--cpu-dry-run", "--rows", "12", "--out", str(tmp_path), "--steps", "zero3"]) == 0
+    finally:
+        ray.shutdown()
+    figures = json.loads((tmp_path / "gpu_zero3.json").read_text())
+    assert figures["placement"]["kind"] == "zero3" and figures["placement"]["devices_per_replica"] == 2
+    assert figures["rows"] == 12 and figures["queries"] == 4
+    assert figures["index_tokens_per_s"] == pytest.approx(figures["tokens"] / figures["index_passes_s"], rel=2e-2)
 
 
 def test_gpu_check_without_a_gpu_says_so(capsys):

@@ -160,3 +160,26 @@ def test_zero3_refuses_queries_nonfinite_skip_and_merged_adapters(llama32, train
     merged = dict(raw, model=dict(raw["model"], adapter=str(tmp_path), adapter_mode="merged"))
     with pytest.raises(TributaryError, match="adapter_mode merged is not supported with placement.kind zero3"):
         parse_config(merged)
+
+
+@pytest.mark.heavy
+def test_zero3_float64_store_equals_single(llama32, train_file, tmp_path, ray_cleanup):
+    """At float64 each rank gathers the exact weights and runs the same kernels as one process, so only the
+    summation order of the sums could differ: rows to 1e-12 relative, Λ to 1e-10."""
+
+    def float64(raw: dict) -> dict:
+        return dict(raw, model=dict(raw["model"], dtype="float64"), store=dict(raw["store"], dtype="float64"))
+
+    path = str(tmp_path / "single.zarr")
+    run_index(parse_config(float64(store_config(llama32, train_file, path))), show_progress=False)
+    reference = store_contents(path)
+    path = str(tmp_path / "zero3.zarr")
+    raw = store_config(llama32, train_file, path, cluster=CLUSTER, placement=ZERO3)
+    run_index(parse_config(float64(raw)), show_progress=False)
+    ours = store_contents(path)
+    assert ours["grads"].dtype == reference["grads"].dtype == np.float64
+    scale = np.abs(reference["grads"]).max()
+    np.testing.assert_allclose(ours["grads"], reference["grads"], rtol=1e-12, atol=1e-12 * scale)
+    for name, fields in reference["factors"].items():
+        lam = fields["lam"]
+        np.testing.assert_allclose(ours["factors"][name]["lam"], lam, rtol=0, atol=1e-10 * np.abs(lam).max())
