@@ -11,10 +11,10 @@ the gradient pass every strategy shares) in a fresh child process, one after the
 
 Variants: single; device_map with half the decoder layers offloaded to disk (this machine has no GPU, so the
 execution device is the CPU and accelerate's hooks load each offloaded layer from disk when it runs); zero3 with
-1 and 2 gloo ranks as Ray actors (`--variants zero3-1,zero3-2`) once placement.kind zero3 is available: today
-it is refused. Results: benchmarks/results/placement.json.
+1 and 2 gloo ranks as Ray actors (one thread each: this machine has 2 cores). Results:
+benchmarks/results/placement.json.
 
-Usage: python -m benchmarks.placement [--hidden 1536] [--layers 12] [--rows 16] [--variants single,device_map-disk]
+Usage: python -m benchmarks.placement [--hidden 1536] [--layers 12] [--rows 16] [--variants single,device_map-disk,zero3-1,zero3-2]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from benchmarks.common import first_line, random_corpus, write_jsonl, write_resu
 
 SEQUENCE = 64
 BATCH = 4
-VARIANTS = ("single", "device_map-disk")  # zero3-1, zero3-2 once placement.kind zero3 exists (README)
+VARIANTS = ("single", "device_map-disk", "zero3-1", "zero3-2")
 
 
 def _placement(variant: str, work: Path) -> tuple[dict, dict | None]:
