@@ -47,7 +47,7 @@ def _placement(variant: str, work: Path) -> tuple[dict, dict | None]:
         cap = memory_for_half_the_layers(work / "model")
         return {"kind": "device_map", "offload": str(work / "offload"), "max_memory": {"cpu": cap}}, None
     ranks = int(variant.split("-")[1])
-    cluster = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
+    cluster = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2, "workers": 1}  # one group: one replica
     return {"kind": "zero3", "devices_per_replica": ranks}, cluster
 
 

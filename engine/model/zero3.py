@@ -57,6 +57,8 @@ def load_zero3_model(config: ModelConfig, placement: PlacementConfig, device: to
     if not dist.is_initialized():
         raise TributaryError("placement.kind zero3: torch.distributed is not initialised in this worker")
     os.environ.setdefault("LOCAL_RANK", "0")
+    # named, so DeepSpeed does not probe for accelerators and warn that it fell back to the CPU
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
