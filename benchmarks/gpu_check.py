@@ -157,9 +157,6 @@ def _index_and_query(raw: dict, queries: Path, work: Path) -> dict:
     tokens = int(store.row_metadata()["num_tokens"].sum())
     passes_s = timings["total_s"] - timings["setup_s"]
     started = time.perf_counter()
-    if config.placement.kind == "zero3":  # query gradients are not computed on a group; the store is the same
-        single = dict(raw, placement={"kind": "single", "dtype": raw["placement"].get("dtype")})
-        config = parse_config({key: value for key, value in single.items() if key != "cluster"})
     result = run_query(config, str(queries), 5, out=str(work / "answers.jsonl"))
     return {
         "rows": store.rows,

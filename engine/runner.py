@@ -16,11 +16,15 @@ from engine.distributed.cluster import connect, pool_size
 from engine.distributed.fan_out import call_on_new_actors
 from engine.distributed.groups import GroupExecutor, group_count
 from engine.distributed.pool import RayExecutor, largest_node_gpus
+from engine.errors import TributaryError
+from engine.gradients.context import ModelContext, remote_model_context
 from engine.indexing import run as indexing
 from engine.indexing.executor import LocalExecutor, ShardExecutor
 from engine.indexing.worker import ShardWorker
 from engine.indexing.zero_worker import ZeroShardWorker
-from engine.model.placement import check_placement, refuse_zero3_queries
+from engine.model.loading import load_tokenizer
+from engine.model.placement import check_placement
+from engine.projection import ProjectionSpec
 from engine.query import run as query
 from engine.query.row_range import RowRangeScorer, merge_parts, row_ranges
 from engine.query.scoring import QueryResult
@@ -80,17 +84,68 @@ def run_query(
     options: QueryOptions | None = None,
     report: str | None = None,
 ) -> QueryResult:
-    """engine.query.run.run_query, scored on the cluster when the config has a `cluster` section."""
-    refuse_zero3_queries(config)
+    """engine.query.run.run_query, scored on the cluster when the config has a `cluster` section; with
+    placement.kind zero3 the query gradients come from one group of ranks started for the query."""
     scans = None if config.cluster is None else partial(ClusterScan, config.cluster)
-    return query.run_query(
-        config,
-        queries_path,
-        k,
-        out=out,
-        scores_out=scores_out,
-        per_module=per_module,
-        options=options,
-        report=report,
-        scans=scans,
-    )
+    groups = QueryGroups()
+    try:
+        return query.run_query(
+            config,
+            queries_path,
+            k,
+            out=out,
+            scores_out=scores_out,
+            per_module=per_module,
+            options=options,
+            report=report,
+            scans=scans,
+            load_context=groups.context if config.placement.kind == "zero3" else None,
+        )
+    finally:
+        groups.shutdown()
+
+
+class QueryGroups:
+    """The zero3 group a query's gradients come from: started when the query needs the model (its inputs
+    checked by then) and stopped as soon as the gradients are back, so that the scan's actors find the
+    cluster's CPUs free (a later call starts a fresh group)."""
+
+    def __init__(self) -> None:
+        self._executor: GroupExecutor | None = None
+        self._config: JobConfig | None = None
+
+    def _start(self, config: JobConfig) -> GroupExecutor:
+        cluster = config.cluster
+        if cluster is None:  # the config check requires one with zero3
+            raise TributaryError("placement.kind zero3 needs a cluster section; add cluster: {address: local}")
+        connect(cluster)
+        check_placement(config, gpus=largest_node_gpus())
+        world = config.placement.devices_per_replica
+        group_count(cluster, world)  # refuses a group the cluster cannot place
+        self._executor = GroupExecutor(ZeroShardWorker, (config,), cluster, 1, world)
+        self._config = config
+        return self._executor
+
+    def context(self, config: JobConfig) -> ModelContext:
+        facts = self._start(config).describe()
+        return remote_model_context(
+            config,
+            load_tokenizer(config.model.tokenizer or config.model.path),
+            ProjectionSpec.from_dict(facts["spec"]),
+            facts["fingerprints"],
+            self.gradients,
+        )
+
+    def gradients(self, rows: list, measurement: str) -> np.ndarray:
+        if self._config is None:
+            raise RuntimeError("QueryGroups.gradients before context()")
+        executor = self._executor or self._start(self._config)
+        try:
+            return executor.call_all("query_gradients", rows, measurement)[0]
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None

@@ -149,17 +149,56 @@ def test_zero3_rank_killed_mid_index_completes_as_a_clean_run(llama32, train_fil
     _assert_close_stores(store_contents(path), reference)
 
 
-def test_zero3_refuses_queries_nonfinite_skip_and_merged_adapters(llama32, train_file, tmp_path):
+def test_zero3_refuses_nonfinite_skip_and_merged_adapters(llama32, train_file, tmp_path):
     raw = store_config(llama32, train_file, str(tmp_path / "s.zarr"), cluster=CLUSTER, placement=ZERO3)
-    queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "text": "the fox eats"}])
-    with pytest.raises(TributaryError, match="placement zero3 are not supported yet"):
-        run_query(parse_config(raw), str(queries), k=1)
     skip = dict(raw, data=dict(raw["data"], on_nonfinite="skip"))
     with pytest.raises(TributaryError, match="on_nonfinite skip is not supported with placement.kind zero3"):
         parse_config(skip)
     merged = dict(raw, model=dict(raw["model"], adapter=str(tmp_path), adapter_mode="merged"))
     with pytest.raises(TributaryError, match="adapter_mode merged is not supported with placement.kind zero3"):
         parse_config(merged)
+
+
+QUERIES = [{"id": "q0", "text": "the fox eats clams in the snow"}, {"id": "q1", "text": "a crow eats honey"}]
+
+
+def test_zero3_refuses_generation_per_token_and_serving_before_a_group_starts(llama32, train_file, tmp_path):
+    from engine.config import GenerationSettings, QueryOptions
+    from engine.serving.service import check_inputs
+
+    path = str(tmp_path / "s.zarr")
+    _single(llama32, train_file, path)
+    raw = store_config(llama32, train_file, path, cluster=CLUSTER, placement=ZERO3)
+    config = parse_config(raw)
+    queries = write_jsonl(tmp_path / "q.jsonl", QUERIES)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p", "prompt": "the fox"}])
+    generate = QueryOptions(k=1, generation=GenerationSettings(max_new_tokens=2))
+    with pytest.raises(TributaryError, match="--generate with placement.kind zero3 is not supported"):
+        run_query(config, str(prompts), k=1, options=generate)
+    with pytest.raises(TributaryError, match="--per-token with placement.kind zero3 is not supported"):
+        run_query(config, str(queries), k=1, options=QueryOptions(k=1, per_token=True))
+    with pytest.raises(TributaryError, match="tributary serve with placement.kind zero3 is not supported"):
+        check_inputs(config)
+    assert not ray.is_initialized(), "a refused query must not have started the cluster"
+
+
+@pytest.mark.heavy
+def test_zero3_query_gradients_on_the_group_equal_single(llama32, lora32, train_file, tmp_path, ray_cleanup):
+    """Queries with placement zero3 take their gradients from a group of 2 ranks: every score equals the one a
+    single-process query of the same store gives (a LoRA adapter on the partitioned base, so the tracked
+    modules are the adapter's)."""
+    path = str(tmp_path / "single.zarr")
+    _single(llama32, train_file, path, adapter=lora32)
+    queries = write_jsonl(tmp_path / "q.jsonl", QUERIES)
+    single = _with_adapter(store_config(llama32, train_file, path), lora32)
+    expected = run_query(parse_config(single), str(queries), k=3, scores_out=str(tmp_path / "single.npy"))
+    zero3 = _with_adapter(store_config(llama32, train_file, path, cluster=CLUSTER, placement=ZERO3), lora32)
+    result = run_query(parse_config(zero3), str(queries), k=3, scores_out=str(tmp_path / "zero3.npy"))
+    reference = np.load(tmp_path / "single.npy")
+    ours = np.load(tmp_path / "zero3.npy")
+    assert ours.shape == reference.shape == (len(QUERIES), len(TRAIN))
+    np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max())
+    np.testing.assert_array_equal(result.top_indices, expected.top_indices)
 
 
 @pytest.mark.heavy

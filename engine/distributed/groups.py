@@ -155,6 +155,22 @@ class GroupExecutor:
             self._ray.kill(actor)
         self.groups[number] = self._start_group()
 
+    def call_all(self, method: str, *arguments) -> list:
+        """`method(*arguments)` on every rank of the first group, the same call on each (so their collectives
+        line up); the ranks' answers in rank order. A failed rank is an error: a query is short, so it is
+        rerun whole rather than the group rebuilt."""
+        ray = self._ray
+        actors = self.groups[0].actors
+        try:
+            return ray.get([getattr(actor, method).remote(*arguments) for actor in actors])
+        except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as error:
+            unwrapped = _unwrapped(error) if isinstance(error, ray.exceptions.RayTaskError) else error
+            if isinstance(unwrapped, TributaryError):
+                raise unwrapped from None
+            raise TributaryError(
+                f"a rank of the zero3 group failed during {method}: {unwrapped}; run it again"
+            ) from None
+
     def reset(self) -> None:
         for group in self.groups:
             self._ray.get([actor.reset.remote() for actor in group.actors])

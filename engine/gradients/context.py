@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +21,8 @@ from engine.model.loading import compute_dtype_for, load_model
 from engine.model.placement import execution_device, input_device
 from engine.projection import ProjectionSpec, build_projection
 
+RemoteGradients = Callable[[list[TokenizedRow], str], np.ndarray]  # (rows, measurement) -> projected gradients
+
 
 @dataclass
 class ModelContext:
@@ -32,9 +36,14 @@ class ModelContext:
     capture: GradientCapture
     device: torch.device
     pad_id: int
+    # set when the model lives elsewhere (a zero3 group): its query gradients and fingerprints come from there
+    remote_gradients: RemoteGradients | None = None
+    remote_fingerprints: dict[str, str] | None = None
 
     @property
     def fingerprints(self) -> dict[str, str]:
+        if self.remote_fingerprints is not None:
+            return self.remote_fingerprints
         return {
             "model": model_fingerprint(self.model, self.modules),
             "tokenizer": tokenizer_fingerprint(self.tokenizer),
@@ -91,3 +100,29 @@ def prepare_index_job(config: JobConfig, device: torch.device | None = None) -> 
     rows = read_rows(config.data.train, field_names(config), what="data.train")
     tokenized = context.tokenize(rows, config.data.train)
     return IndexJob(context, rows, tokenized, file_fingerprint(config.data.train))
+
+
+def remote_model_context(
+    config: JobConfig,
+    tokenizer,
+    spec: ProjectionSpec,
+    fingerprints: dict[str, str],
+    gradients: RemoteGradients,
+) -> ModelContext:
+    """The context of a model held elsewhere (the ranks of a zero3 group): the tokenizer, projection and
+    fingerprints here, the query gradients from `gradients`. Nothing in this process can run the model, so
+    generation and per-token gradients refuse it (engine.model.placement.check_zero3_query)."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    no_capture = cast(GradientCapture, None)  # never used: every gradient comes from `gradients`
+    return ModelContext(
+        config,
+        nn.Module(),
+        tokenizer,
+        {},
+        spec,
+        no_capture,
+        torch.device("cpu"),
+        cast(int, pad_id),
+        gradients,
+        fingerprints,
+    )

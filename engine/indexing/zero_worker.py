@@ -12,6 +12,8 @@ import socket
 import time
 from datetime import timedelta
 
+import numpy as np
+
 from engine.config import JobConfig
 from engine.curvature.packing import pack_covariance, pack_lambda
 from engine.data.tokenize import TokenizedRow
@@ -100,6 +102,11 @@ class ZeroShardWorker(ShardWorker):
         """The group's common batch count for these shards: the largest shard's."""
         ranges = self._open().shards()
         return max(batch_count(ranges[s][1] - ranges[s][0], self.config.data.batch_size) for s in shards)
+
+    def query_gradients(self, rows: list[TokenizedRow], measurement: str) -> np.ndarray:
+        """Projected gradients of `measurement` for query rows. Every rank of the group gets the same rows, so
+        their batches and all-gathers line up; the driver keeps rank 0's."""
+        return gradient_pass(self.context, rows, with_covariance=False, measurement=measurement).grads
 
     # ---- stages, in lockstep --------------------------------------------------------------------
     def _shard_rows(self, shard: int | None) -> tuple[int, int, list[TokenizedRow]]:

@@ -216,12 +216,17 @@ class Attributor:
 
     @classmethod
     def load(
-        cls, config: JobConfig, opened: GradientStore | RunStore | None = None, scan: Scan | None = None
+        cls,
+        config: JobConfig,
+        opened: GradientStore | RunStore | None = None,
+        scan: Scan | None = None,
+        load_context: Callable[[JobConfig], ModelContext] = load_model_context,
     ) -> Attributor:
-        """Open the store (unless given) and load the final model; refuse a store built from other inputs."""
+        """Open the store (unless given) and load the final model (`load_context`: in this process, or for zero3
+        on a group of ranks); refuse a store built from other inputs."""
         opened = opened or open_complete_store(config.store.path)
         model_config, store = final_model(config, opened)
-        context = load_model_context(model_config)
+        context = load_context(model_config)
         check_compatible(store, context, model_config)
         return cls(config, opened, context, scan)
 

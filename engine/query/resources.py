@@ -69,6 +69,8 @@ class StoreResources(CachedResources):
     # ---- Resources --------------------------------------------------------------------------------
     def _query_gradients(self, key: ResourceKey) -> np.ndarray:
         context = self._final_context
+        if context.remote_gradients is not None:  # a zero3 group (a training run is refused with zero3)
+            return context.remote_gradients(self._rows, self._measurement)
         if key != self.plan.final.key:
             run = self._training_run()
             checkpoint = self.plan.checkpoint(key)

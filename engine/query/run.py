@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from engine.ann.index import AnnIndex
 from engine.config import JobConfig, QueryOptions
 from engine.data.rows import field_names, read_rows
 from engine.errors import TributaryError
-from engine.model.placement import check_placement, refuse_zero3_queries
+from engine.gradients.context import ModelContext, load_model_context
+from engine.model.placement import check_placement, check_zero3_query
 from engine.query.attributor import (
     Attributor,
     QueryGroup,
@@ -57,6 +59,7 @@ def run_query(
     options: QueryOptions | None = None,
     report: str | None = None,
     scans: ScanFactory | None = None,
+    load_context: Callable[[JobConfig], ModelContext] | None = None,
 ) -> QueryResult:
     """Score every query against every stored row; write results, scores and report only once all succeeded.
 
@@ -79,10 +82,15 @@ def run_query(
         AnnIndex(
             config.store.path, final_model(config, opened)[1]
         )  # a missing or stale index: refused before the model loads
-    refuse_zero3_queries(config)
-    check_placement(config)  # query gradients are computed here, with the config's placement
+    check_zero3_query(config, options)
+    if config.placement.kind == "zero3" and load_context is None:
+        raise TributaryError(
+            "placement.kind zero3: query gradients come from a group of ranks; run the query through "
+            "engine.runner.run_query (as `tributary query` does), with a cluster section"
+        )
+    check_placement(config)  # query gradients are computed with the config's placement
     scan = None if scans is None else scans(final_model(config, opened)[1])
-    attributor = Attributor.load(config, opened, scan)
+    attributor = Attributor.load(config, opened, scan, load_context or load_model_context)
     queries = _load_queries(attributor, queries_path, options, prompts)
     group = QueryGroup(queries, options, attributor.method())
     (result,) = attributor.attribute([group], need_full=scores_out is not None)

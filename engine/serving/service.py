@@ -88,10 +88,10 @@ def replica_gpus(config: JobConfig) -> float:
 def check_inputs(config: JobConfig) -> None:
     """Fail here, with the store's own message, not in a replica; likewise for a configured token that is
     missing (its value is not kept)."""
-    from engine.model.placement import check_placement, refuse_zero3_queries
+    from engine.model.placement import check_placement, refuse_zero3_serving
     from engine.query.attributor import final_model, open_complete_store
 
-    refuse_zero3_queries(config)
+    refuse_zero3_serving(config)
     check_placement(config, count_devices=config.serve.replica_gpus == 0)
     opened = open_complete_store(config.store.path)
     if config.serve.approximate:
