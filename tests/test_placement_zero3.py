@@ -222,3 +222,14 @@ def test_zero3_float64_store_equals_single(llama32, train_file, tmp_path, ray_cl
     for name, fields in reference["factors"].items():
         lam = fields["lam"]
         np.testing.assert_allclose(ours["factors"][name]["lam"], lam, rtol=0, atol=1e-10 * np.abs(lam).max())
+
+
+def test_a_group_the_cluster_cannot_place_is_refused_before_anything_is_written(
+    llama32, train_file, tmp_path, ray_cleanup
+):
+    path = tmp_path / "s.zarr"
+    placement = dict(ZERO3, devices_per_replica=3)  # 3 ranks of 1 CPU on a 2-CPU cluster would wait forever
+    raw = store_config(llama32, train_file, str(path), cluster=CLUSTER, placement=placement)
+    with pytest.raises(TributaryError, match="devices_per_replica 3 ranks needs 3 CPUs .* the cluster has 2"):
+        run_index(parse_config(raw), show_progress=False)
+    assert not path.exists()
