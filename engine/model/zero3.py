@@ -9,8 +9,11 @@ The group must already be initialised (engine.distributed.groups does it: gloo o
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import warnings
 from typing import Any, cast
 
 import torch
@@ -69,14 +72,18 @@ def load_zero3_model(config: ModelConfig, placement: PlacementConfig, device: to
     ds_config = zero3_config(dtype)
     _LIVE_CONFIGS.append(HfDeepSpeedConfig(ds_config))
     previous = torch.get_default_dtype()
+    # DeepSpeed's gathers call torch's renamed collective: a warning about DeepSpeed, not the user's setup
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     try:
-        model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype, local_files_only=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's "op built successfully" line, once per rank
+            model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as error:
         raise TributaryError(f"model.path {config.path}: could not be loaded partitioned ({error})") from None
     finally:
         torch.set_default_dtype(previous)
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    with contextlib.redirect_stdout(io.StringIO()):
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     # the plain module: the engine's own __call__ adds a backward hook that breaks autograd.grad w.r.t. outputs
     model = cast(nn.Module, engine.module)
     _force_dtype(model, dtype)
