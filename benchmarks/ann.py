@@ -18,17 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import first_line, write_result
-from engine import __version__
+from benchmarks.common import bare_store_manifest, first_line, write_result
 from engine.ann.build import build_index
 from engine.ann.index import AnnIndex
 from engine.ann.layout import index_location
-from engine.projection import ProjectionSpec
 from engine.query.approximate import rank_approximate
 from engine.query.scoring import rank_store
 from engine.store import GradientStore
-from engine.store.identity import new_store_id
-from engine.store.manifest import Fingerprints, StoreManifest
 from engine.store.zarr_store import default_rows_per_chunk
 
 K = 10
@@ -52,20 +48,7 @@ class LowRankRows:
 
 
 def write_store(path: Path, rows: int, dim: int, rows_per_chunk: int, source: LowRankRows) -> GradientStore:
-    manifest = StoreManifest(
-        code_version=__version__,
-        fingerprints=Fingerprints(model="", tokenizer="", dataset="", projection=""),
-        projection=ProjectionSpec(dim=0, seed=0, kind="rademacher", modules=()),
-        curvature={},
-        data={},
-        model={},
-        config={},
-        rows=rows,
-        width=dim,
-        dtype="float32",
-        rows_per_chunk=rows_per_chunk,
-        store_id=new_store_id(),
-    )
+    manifest = bare_store_manifest(rows, dim, rows_per_chunk)
     store = GradientStore.create(str(path), manifest)
     batch = max(1, (64 << 20) // (dim * 4) // rows_per_chunk) * rows_per_chunk  # write ~64 MiB at a time
     for start in range(0, rows, batch):

@@ -84,3 +84,27 @@ def side_by_side(variants: dict, rounds: int) -> dict[str, list[float]]:
         for name, run in variants.items():
             times[name].append(run())
     return times
+
+
+def bare_store_manifest(rows: int, width: int, rows_per_chunk: int, dtype: str = "float32"):
+    """The manifest of a store of synthetic rows: it records no model, data or projection (nothing that reads
+    such a store looks at them), only the rows' shape and chunking, and a fresh store id."""
+    from engine import __version__
+    from engine.projection import ProjectionSpec
+    from engine.store.identity import new_store_id
+    from engine.store.manifest import Fingerprints, StoreManifest
+
+    return StoreManifest(
+        code_version=__version__,
+        fingerprints=Fingerprints(model="", tokenizer="", dataset="", projection=""),
+        projection=ProjectionSpec(dim=0, seed=0, kind="rademacher", modules=()),
+        curvature={},
+        data={},
+        model={},
+        config={},
+        rows=rows,
+        width=width,
+        dtype=dtype,
+        rows_per_chunk=rows_per_chunk,
+        store_id=new_store_id(),
+    )

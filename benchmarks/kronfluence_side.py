@@ -1,6 +1,7 @@
-"""kronfluence's EK-FAC on Tributary's model and rows: a task for a causal LM (true Fisher: sampled labels), the
-tokenized rows as a dataset, and GPT-2's Conv1D modules as the nn.Linear kronfluence wraps (as
-tests/test_kronfluence.py, where the two libraries' scores are shown equal)."""
+"""kronfluence's side of a comparison on Tributary's model and rows: a causal-LM task, the tokenized rows as a
+dataset, GPT-2's Conv1D modules as the nn.Linear kronfluence wraps, and its EK-FAC scores with its defaults.
+tests/test_kronfluence.py shows the two libraries' scores equal with these; benchmarks/index_throughput.py
+times them."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from engine.data.batching import collate
 IGNORE = -100
 
 
-def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
+def causal_lm_logits(model: nn.Module, batch: dict) -> torch.Tensor:
     return model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -27,30 +28,40 @@ def _logits(model: nn.Module, batch: dict) -> torch.Tensor:
     ).logits
 
 
-def _summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def summed_next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Σ over the batch and over tokens whose (shifted) label is not -100 of the next-token cross-entropy."""
     logits, labels = logits[:, :-1], labels[:, 1:]
     return functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
 
 
-def make_task(module_names: list[str]):
+def sampled_labels(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The true Fisher's labels: next tokens drawn from the model at the counted positions."""
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach().float(), dim=-1)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
+        shifted = torch.roll(drawn, 1, dims=1)  # logits at t predict the label at t + 1
+        return torch.where(labels != IGNORE, shifted, labels)
+
+
+def causal_lm_task(module_names: list[str], true_fisher: bool):
+    """A kronfluence Task tracking `module_names`. With `true_fisher` False, kronfluence asking for sampled
+    labels is an error, so an empirical-Fisher comparison cannot silently become a true-Fisher one."""
     from kronfluence.task import Task
 
     class CausalLMTask(Task):
         def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
-            logits = _logits(model, batch)
+            logits = causal_lm_logits(model, batch)
             labels = batch["labels"]
-            if sample:  # the true Fisher: next tokens drawn from the model at the counted positions
-                with torch.no_grad():
-                    probs = torch.softmax(logits.detach().float(), dim=-1)
-                    drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1).reshape(labels.shape)
-                    shifted = torch.roll(drawn, 1, dims=1)  # logits at t predict the label at t + 1
-                    labels = torch.where(labels != IGNORE, shifted, labels)
-            return _summed_loss(logits, labels)
+            if sample:
+                if not true_fisher:
+                    raise NotImplementedError("this comparison uses the empirical Fisher (no sampled labels)")
+                labels = sampled_labels(logits, labels)
+            return summed_next_token_loss(logits, labels)
 
         def compute_measurement(self, batch, model) -> torch.Tensor:
-            return _summed_loss(_logits(model, batch), batch["labels"])
+            return summed_next_token_loss(causal_lm_logits(model, batch), batch["labels"])
 
         def get_influence_tracked_modules(self) -> list[str]:
             return list(module_names)
@@ -121,7 +132,7 @@ def kronfluence_scores(config, queries: str, batch: int, work: Path) -> tuple[np
     del job
     model, _ = load_model(config.model, torch.device("cpu"))
     conv1d_to_linear(model, names)
-    task = make_task(names)
+    task = causal_lm_task(names, true_fisher=True)
     model = prepare_model(model, task)
     analyzer = Analyzer(
         analysis_name="bench",

@@ -15,13 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import first_line, side_by_side, write_result
-from engine import __version__
-from engine.projection import ProjectionSpec
+from benchmarks.common import bare_store_manifest, first_line, side_by_side, write_result
 from engine.query.scoring import score_store
 from engine.spectral.methods import Method
 from engine.store import GradientStore
-from engine.store.manifest import Fingerprints, StoreManifest
 from engine.store.zarr_store import default_rows_per_chunk
 
 GRAD_DOT = Method("grad_dot", needs_curvature=False, normalise=False, spectral=None)
@@ -29,19 +26,7 @@ GRAD_DOT = Method("grad_dot", needs_curvature=False, normalise=False, spectral=N
 
 def build_store(path: Path, rows: int, width: int) -> GradientStore:
     """Random rows under a manifest that records no model or data (nothing here reads them)."""
-    manifest = StoreManifest(
-        code_version=__version__,
-        fingerprints=Fingerprints(model="", tokenizer="", dataset="", projection=""),
-        projection=ProjectionSpec(dim=0, seed=0, kind="rademacher", modules=()),
-        curvature={},
-        data={},
-        model={},
-        config={},
-        rows=rows,
-        width=width,
-        dtype="float32",
-        rows_per_chunk=default_rows_per_chunk(width, "float32", rows),
-    )
+    manifest = bare_store_manifest(rows, width, default_rows_per_chunk(width, "float32", rows))
     store = GradientStore.create(str(path), manifest)
     generator = np.random.default_rng(0)
     for start, stop in store.shards():

@@ -18,18 +18,17 @@ import numpy as np
 import pytest
 import yaml
 
-from engine import __version__
+from benchmarks.common import bare_store_manifest
 from engine.ann.build import build_index
 from engine.ann.index import AnnIndex
 from engine.ann.layout import index_location
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.projection import ProjectionSpec
 from engine.query.approximate import rank_approximate
 from engine.runner import run_index
 from engine.store import GradientStore
 from engine.store.identity import new_store_id
-from engine.store.manifest import Fingerprints, SkippedRow, StoreManifest
+from engine.store.manifest import SkippedRow
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 
@@ -47,20 +46,7 @@ def low_rank_rows(generator: np.random.Generator, rows: int) -> np.ndarray:
 def synthetic_store(path: Path, skipped: tuple[int, ...] = ()) -> np.ndarray:
     """A complete store of low-rank rows (the skipped rows given a huge norm, so an index holding them would rank
     them first); returns the rows as stored."""
-    manifest = StoreManifest(
-        code_version=__version__,
-        fingerprints=Fingerprints(model="", tokenizer="", dataset="", projection=""),
-        projection=ProjectionSpec(dim=0, seed=0, kind="rademacher", modules=()),
-        curvature={},
-        data={},
-        model={},
-        config={},
-        rows=ROWS,
-        width=WIDTH,
-        dtype="float32",
-        rows_per_chunk=CHUNK,
-        store_id=new_store_id(),
-    )
+    manifest = bare_store_manifest(ROWS, WIDTH, CHUNK)
     store = GradientStore.create(str(path), manifest)
     rows = low_rank_rows(np.random.default_rng(0), ROWS).astype(np.float32)
     rows[list(skipped)] *= 1000

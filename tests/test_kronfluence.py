@@ -40,12 +40,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as functional
-from torch import nn
-from torch.utils.data import Dataset
 
+from benchmarks.kronfluence_side import RowDataset, causal_lm_task, conv1d_to_linear
 from engine.config import MethodConfig
-from engine.data.batching import collate
 from engine.data.rows import field_names, read_rows
 from engine.gradients.context import prepare_index_job
 from engine.model.loading import load_model
@@ -56,90 +53,13 @@ from tests.conftest import PROMPTS, SENTENCES, write_jsonl
 kronfluence = pytest.importorskip("kronfluence")
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
-from kronfluence.task import Task  # noqa: E402
 from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
 
-IGNORE = -100
 QUERIES = [
     {"id": "q0", "text": "the fox eats clams in the snow"},
     {"id": "q1", "prompt": "the owl eats", "completion": " fish at night"},
     {"id": "q2", "text": "a wolf eats honey in the cold forest"},
 ]
-
-
-def _summed_next_token_loss(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Σ over the batch and over tokens whose (shifted) label is not -100 of the next-token cross-entropy."""
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        position_ids=batch["position_ids"],
-        use_cache=False,
-    ).logits
-    logits, labels = logits[:, :-1], batch["labels"][:, 1:]
-    return functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-
-
-class CausalLMTask(Task):
-    def __init__(self, module_names: list[str]):
-        self.module_names = list(module_names)
-
-    def compute_train_loss(self, batch, model, sample: bool = False) -> torch.Tensor:
-        if sample:
-            raise NotImplementedError("this comparison uses the empirical Fisher (no sampled labels)")
-        return _summed_next_token_loss(model, batch)
-
-    def compute_measurement(self, batch, model) -> torch.Tensor:
-        return _summed_next_token_loss(model, batch)
-
-    def get_influence_tracked_modules(self) -> list[str]:
-        return self.module_names
-
-    def get_attention_mask(self, batch) -> torch.Tensor:
-        return batch["attention_mask"]
-
-
-class RowDataset(Dataset):
-    """Tokenized rows as dicts of tensors, padded by engine's collate to one common width."""
-
-    def __init__(self, tokenized, pad_id: int):
-        batch = collate(list(tokenized), pad_id, "right")
-        self.items = [
-            {
-                "input_ids": batch.input_ids[i],
-                "attention_mask": batch.attention_mask[i],
-                "position_ids": batch.position_ids[i],
-                "labels": batch.labels[i],
-            }
-            for i in range(len(tokenized))
-        ]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.items[index]
-
-
-def _conv1d_to_linear(model: nn.Module, names: list[str]) -> None:
-    """Replace tracked HF Conv1D modules (y = x W + b, W: d_in x d_out) by the equivalent nn.Linear."""
-    from transformers.pytorch_utils import Conv1D
-
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        conv = getattr(parent, child)
-        if not isinstance(conv, Conv1D):
-            continue
-        d_in, d_out = conv.weight.shape
-        linear = nn.Linear(d_in, d_out, bias=conv.bias is not None, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(conv.weight.t())
-            if conv.bias is not None:
-                linear.bias.copy_(conv.bias)
-        linear.requires_grad_(False)
-        setattr(parent, child, linear)
 
 
 def _mixed_train(path: Path) -> Path:
@@ -168,8 +88,8 @@ def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp
     module_names = list(job.context.modules)
     query_rows = job.context.tokenize(read_rows(queries, field_names(config)), str(queries))
     model, _ = load_model(config.model, torch.device("cpu"))
-    _conv1d_to_linear(model, module_names)
-    task = CausalLMTask(module_names)
+    conv1d_to_linear(model, module_names)
+    task = causal_lm_task(module_names, true_fisher=False)
     model = prepare_model(model, task)
     analyzer = Analyzer(
         analysis_name="tributary",
