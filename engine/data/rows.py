@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from engine.config import JobConfig
 from engine.data.chat import Messages, parse_messages
 from engine.data.chat import display as chat_display
 from engine.data.lines import json_records
+from engine.data.sources import is_table_source, open_table_source
 from engine.errors import TributaryError
 
 
@@ -25,6 +30,11 @@ class Row:
     prompt: str | None = None
     completion: str | None = None
     messages: Messages | None = None
+    file: str | None = None  # Parquet/Arrow rows: the file they are in (`line` is then the row number in it)
+
+    def location(self, source: str) -> str:
+        """Where the row is, for errors: file:line of a JSONL `source`, or the Parquet/Arrow file and row."""
+        return f"{self.file} row {self.line}" if self.file is not None else f"{source}:{self.line}"
 
     @property
     def display(self) -> str:
@@ -68,8 +78,10 @@ def file_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def _row_from_record(record: object, index: int, line: int, fields: FieldNames, source: str) -> Row:
-    where = f"{source}:{line}"
+def _row_from_record(
+    record: object, index: int, line: int, fields: FieldNames, source: str, file: str | None = None
+) -> Row:
+    where = f"{file} row {line}" if file is not None else f"{source}:{line}"
     if not isinstance(record, dict):
         raise TributaryError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
     row_id = str(record.get(fields.id, index))
@@ -79,11 +91,11 @@ def _row_from_record(record: object, index: int, line: int, fields: FieldNames, 
             raise TributaryError(f"{where}: field '{fields.text}' must be a string")
         if not text.strip():
             raise TributaryError(f"{where}: field '{fields.text}' is empty; remove the row or give it text")
-        return Row(index=index, id=row_id, line=line, text=text)
+        return Row(index=index, id=row_id, line=line, text=text, file=file)
     if fields.messages in record and not (fields.prompt in record and fields.completion in record):
         # a chat row; a stray prompt field (as in UltraChat: prompt + messages) does not make it a prompt row
         messages = parse_messages(record[fields.messages], where, fields.messages)
-        return Row(index=index, id=row_id, line=line, messages=messages)
+        return Row(index=index, id=row_id, line=line, messages=messages, file=file)
     if fields.prompt in record or fields.completion in record:
         prompt = record.get(fields.prompt)
         completion = record.get(fields.completion)
@@ -98,7 +110,7 @@ def _row_from_record(record: object, index: int, line: int, fields: FieldNames, 
                 f"{where}: field '{fields.completion}' is empty; nothing would carry loss — remove the row "
                 "or give it a completion"
             )
-        return Row(index=index, id=row_id, line=line, prompt=prompt, completion=completion)
+        return Row(index=index, id=row_id, line=line, prompt=prompt, completion=completion, file=file)
     raise TributaryError(
         f"{where}: row has neither '{fields.text}' nor '{fields.prompt}'+'{fields.completion}' nor "
         f"'{fields.messages}' (keys: {sorted(record)}); set data.text_field / prompt_field / completion_field / "
@@ -107,7 +119,14 @@ def _row_from_record(record: object, index: int, line: int, fields: FieldNames, 
 
 
 def read_rows(path: str | Path, fields: FieldNames = FieldNames(), what: str = "training file") -> list[Row]:
-    """All rows of a JSONL file, in file order. Blank lines are skipped; anything else malformed is an error."""
+    """All rows of a JSONL file, or of Parquet files / a save_to_disk directory (engine/data/sources.py), in
+    order. Blank JSONL lines are skipped; anything else malformed is an error. For large Parquet/Arrow inputs
+    use iter_rows or rows_between, which hold one batch at a time."""
+    if is_table_source(str(path)):
+        rows = list(iter_rows(path, fields, what))
+        if not rows:
+            raise TributaryError(f"{what} {path} has no rows")
+        return rows
     path = Path(path)
     rows: list[Row] = []
     for line_number, record in json_records(path, what):
@@ -122,3 +141,69 @@ def read_rows(path: str | Path, fields: FieldNames = FieldNames(), what: str = "
             )
         seen[row.id] = row.line
     return rows
+
+
+def _columns(fields: FieldNames) -> list[str]:
+    return [fields.id, fields.text, fields.prompt, fields.completion, fields.messages]
+
+
+def iter_rows(path: str | Path, fields: FieldNames = FieldNames(), what: str = "training file") -> Iterator[Row]:
+    """Every row, in order, one record batch in memory at a time for Parquet/Arrow (JSONL: read whole). Ids are
+    checked unique with 8 bytes per row (a hash each); a duplicate is an error once the rows have been read,
+    naming both rows."""
+    if not is_table_source(str(path)):
+        yield from read_rows(path, fields, what)
+        return
+    source = open_table_source(str(path), what)
+    hashes = array("q")
+    for row in _table_rows(source, fields, 0, source.rows):
+        hashes.append(_id_hash(row.id))
+        yield row
+    ordered = np.sort(np.frombuffer(hashes, dtype=np.int64))
+    repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if repeated:
+        _refuse_repeated_id(source, fields, str(path), repeated)
+
+
+def _id_hash(row_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _refuse_repeated_id(source, fields: FieldNames, path: str, repeated: set[int]) -> None:
+    """A second read, only of ids whose hash repeats: the first id that is really used twice is an error."""
+    first: dict[str, str] = {}
+    for row in _table_rows(source, fields, 0, source.rows):
+        if _id_hash(row.id) not in repeated:
+            continue
+        where = row.location(path)
+        if row.id in first:
+            raise TributaryError(f"{where}: id '{row.id}' already used at {first[row.id]}; ids must be unique")
+        first[row.id] = where
+
+
+def rows_between(path: str | Path, fields: FieldNames, start: int, stop: int, what: str = "training file") -> list[Row]:
+    """Rows start..stop-1 (a shard): read by row range from Parquet/Arrow, sliced from a whole JSONL read."""
+    if not is_table_source(str(path)):
+        return read_rows(path, fields, what)[start:stop]
+    return list(_table_rows(open_table_source(str(path), what), fields, start, stop))
+
+
+def row_count(path: str | Path, what: str = "training file") -> int:
+    """How many rows, from Parquet metadata or Arrow batch headers (JSONL: by reading the rows)."""
+    if not is_table_source(str(path)):
+        return len(read_rows(path, FieldNames(), what))
+    return open_table_source(str(path), what).rows
+
+
+def _table_rows(source, fields: FieldNames, start: int, stop: int) -> Iterator[Row]:
+    index = start
+    for file, number, record in source.records(start, stop, _columns(fields)):
+        yield _row_from_record(record, index, number, fields, source.given, file=str(file))
+        index += 1
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """The hash of the training data: the JSONL file's bytes, or every Parquet/Arrow data file's."""
+    if is_table_source(str(path)):
+        return open_table_source(str(path), "data.train").fingerprint()
+    return file_fingerprint(path)

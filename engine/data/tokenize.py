@@ -52,7 +52,7 @@ def tokenize_row(row: Row, tokenizer, max_length: int, source: str) -> tuple[Tok
     completion without) so the boundary between them is exact. A chat row is rendered with the
     tokenizer's chat template; only its assistant tokens carry loss (engine/data/chat.py has the rule).
     """
-    where = f"{source}:{row.line}"
+    where = row.location(source)
     if row.messages is not None:
         ids, labels = tokenize_chat(row.messages, tokenizer, where)
         truncated = len(ids) > max_length

@@ -13,7 +13,7 @@ from torch import nn
 from engine.capture.capture import GradientCapture
 from engine.capture.modules import select_modules, tracked_shapes
 from engine.config import JobConfig
-from engine.data.rows import Row, field_names, file_fingerprint, read_rows
+from engine.data.rows import Row, dataset_fingerprint, field_names, read_rows
 from engine.data.tokenize import TokenizedRow, tokenize_rows
 from engine.errors import TributaryError
 from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
@@ -99,7 +99,7 @@ def prepare_index_job(config: JobConfig, device: torch.device | None = None) -> 
     context = load_model_context(config, device=device)
     rows = read_rows(config.data.train, field_names(config), what="data.train")
     tokenized = context.tokenize(rows, config.data.train)
-    return IndexJob(context, rows, tokenized, file_fingerprint(config.data.train))
+    return IndexJob(context, rows, tokenized, dataset_fingerprint(config.data.train))
 
 
 def remote_model_context(

@@ -17,7 +17,7 @@ from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
 from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda
-from engine.data.rows import file_fingerprint
+from engine.data.rows import dataset_fingerprint
 from engine.errors import TributaryError
 from engine.indexing.executor import ShardExecutor
 from engine.indexing.lambda_source import writes_fisher_rows
@@ -102,7 +102,7 @@ def build_store(
     spec = ProjectionSpec.from_dict(facts["spec"])
     manifest = StoreManifest.model_validate(
         dict(
-            build_manifest(config, spec, facts["fingerprints"], file_fingerprint(config.data.train)),
+            build_manifest(config, spec, facts["fingerprints"], dataset_fingerprint(config.data.train)),
             rows=rows,
             width=spec.total_width,
             dtype=config.store.dtype,

@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+from itertools import islice
+
 from engine.config import JobConfig
-from engine.data.rows import Row, field_names, read_rows
+from engine.data.rows import field_names, iter_rows
 from engine.data.tokenize import tokenize_rows
+from engine.errors import TributaryError
 from engine.model.loading import checked_tokenizer, load_tokenizer
 
+ROWS_PER_CHECK = 1024  # rows read and tokenised at a time: Parquet/Arrow inputs are never held whole
 
-def validated_rows(config: JobConfig) -> list[Row]:
-    """Read and tokenise every training row before anything is loaded or written (errors name file:line)."""
+
+def validated_row_count(config: JobConfig) -> int:
+    """Read and tokenise every training row before anything is loaded or written (errors name file:line, or
+    file and row); the number of rows."""
     tokenizer = (
         checked_tokenizer(config.model.path)
         if config.model.tokenizer is None
         else load_tokenizer(config.model.tokenizer)
     )
-    rows = read_rows(config.data.train, field_names(config), what="data.train")
-    tokenize_rows(rows, tokenizer, config.data.max_length, config.data.train)
-    return rows
+    rows = iter_rows(config.data.train, field_names(config), what="data.train")
+    count = 0
+    while batch := list(islice(rows, ROWS_PER_CHECK)):
+        tokenize_rows(batch, tokenizer, config.data.max_length, config.data.train)
+        count += len(batch)
+    if count == 0:
+        raise TributaryError(f"data.train {config.data.train} has no rows")
+    return count

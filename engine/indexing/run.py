@@ -9,7 +9,7 @@ import time
 from engine.config import JobConfig
 from engine.indexing.driver import build_store
 from engine.indexing.executor import ExecutorFactory, in_process
-from engine.indexing.inputs import validated_rows
+from engine.indexing.inputs import validated_row_count
 from engine.indexing.run_driver import run_training_index
 from engine.model.loading import check_weight_files
 from engine.model.placement import check_placement
@@ -37,15 +37,15 @@ def run_index(
             config, plan, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=executors
         )
     started = time.perf_counter()
-    rows = validated_rows(config)
+    rows = validated_row_count(config)
     check_weight_files(config.model.path)
     check_placement(config, count_devices=config.cluster is None)  # a cluster's devices: by its executor
     check_store_location(config.store.path)
     executor = executors(config)
     try:
         with StoreLock(config.store.path, break_lock=break_lock):
-            store = build_store(config, len(rows), executor, overwrite, show_progress, started)
+            store = build_store(config, rows, executor, overwrite, show_progress, started)
     finally:
         executor.shutdown()
-    log.info("indexed %d rows into %s", len(rows), location.redact(config.store.path))
+    log.info("indexed %d rows into %s", rows, location.redact(config.store.path))
     return store

@@ -29,7 +29,7 @@ from engine.curvature.statistics import ModuleLambda
 from engine.errors import TributaryError
 from engine.indexing.driver import IndexRun, build_store
 from engine.indexing.executor import ExecutorFactory
-from engine.indexing.inputs import validated_rows
+from engine.indexing.inputs import validated_row_count
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec, build_projection
 from engine.store import GradientStore, location
@@ -169,8 +169,8 @@ def run_training_index(
         )
     rows = {}
     for dataset in plan.datasets:
-        rows[dataset] = len(
-            validated_rows(config.model_copy(update={"data": config.data.model_copy(update={"train": dataset})}))
+        rows[dataset] = validated_row_count(
+            config.model_copy(update={"data": config.data.model_copy(update={"train": dataset})})
         )
     check_store_location(config.store.path)
     model = meta_model(plan.final.weights)

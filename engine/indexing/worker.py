@@ -14,7 +14,8 @@ from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
 from engine.curvature.packing import pack_covariance, pack_lambda
 from engine.curvature.row_lambdas import row_lambda_sums
-from engine.data.rows import Row, field_names, read_rows
+from engine.data.rows import Row, field_names, read_rows, rows_between
+from engine.data.sources import is_table_source
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.gradients.context import ModelContext, load_model_context
@@ -45,6 +46,7 @@ class ShardWorker:
         self.config = config
         self.context = context or load_model_context(config)
         self._rows: list[Row] | None = None
+        self._range: tuple[tuple[int, int], list[Row]] | None = None
         self._store: GradientStore | None = None
         self._factors: dict[str, ModuleFactors] | None = None
         self._scale = None
@@ -67,14 +69,21 @@ class ShardWorker:
             self._store = GradientStore.open(self.config.store.path, mode="r+")
         return self._store
 
-    def _train_rows(self) -> list[Row]:
-        if self._rows is None:
-            self._rows = read_rows(self.config.data.train, field_names(self.config), what="data.train")
-        return self._rows
+    def _shard_rows(self, start: int, stop: int) -> list[Row]:
+        """The rows of one shard: Parquet/Arrow inputs are read by row range (the last shard's kept), a JSONL
+        file is read whole once."""
+        train = self.config.data.train
+        if not is_table_source(train):
+            if self._rows is None:
+                self._rows = read_rows(train, field_names(self.config), what="data.train")
+            return self._rows[start:stop]
+        if self._range is None or self._range[0] != (start, stop):
+            self._range = ((start, stop), rows_between(train, field_names(self.config), start, stop, "data.train"))
+        return self._range[1]
 
     def _tokenized(self, start: int, stop: int):
         return tokenize_rows(
-            self._train_rows()[start:stop],
+            self._shard_rows(start, stop),
             self.context.tokenizer,
             self.config.data.max_length,
             self.config.data.train,
@@ -102,7 +111,7 @@ class ShardWorker:
         }
 
     def _ids(self, start: int, stop: int) -> list[str]:
-        return [row.id for row in self._train_rows()[start:stop]]
+        return [row.id for row in self._shard_rows(start, stop)]
 
     def _check_sums(self, stage: str, shard: int, vector, widths: list[tuple[str, int]]) -> None:
         """A shard's packed sums hold no NaN/inf (each row was checked; this catches an overflowing sum)."""

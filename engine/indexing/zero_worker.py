@@ -37,6 +37,7 @@ class ZeroShardWorker(ShardWorker):
             torch.set_num_threads(threads)
         self.config = config
         self._rows = None
+        self._range = None
         self._store = None
         self._factors = None
         self._scale = None
@@ -109,7 +110,7 @@ class ZeroShardWorker(ShardWorker):
         return gradient_pass(self.context, rows, with_covariance=False, measurement=measurement).grads
 
     # ---- stages, in lockstep --------------------------------------------------------------------
-    def _shard_rows(self, shard: int | None) -> tuple[int, int, list[TokenizedRow]]:
+    def _step_rows(self, shard: int | None) -> tuple[int, int, list[TokenizedRow]]:
         if shard is None:
             return 0, 0, []
         start, stop = self._open().shards()[shard]
@@ -119,7 +120,7 @@ class ZeroShardWorker(ShardWorker):
         """Pass 1 of one shard (None: padding only), in `batches` batches; rows and covariance sums written."""
         started = time.perf_counter()
         store = self._open()
-        start, stop, rows = self._shard_rows(shard)
+        start, stop, rows = self._step_rows(shard)
         fisher_rows = writes_fisher_rows(self.config, store.rows, store.manifest.width) and store.has_fisher_rows()
         result = gradient_pass(self.context, rows, start, pad_batches=batches, fisher_rows=fisher_rows)
         if shard is None:
@@ -152,7 +153,7 @@ class ZeroShardWorker(ShardWorker):
             start, stop = store.shards()[shard]
             packed = self._lambda_sums(store, start, stop, self._factors, None)
         else:
-            start, stop, rows = self._shard_rows(shard)
+            start, stop, rows = self._step_rows(shard)
             check = self._row_check(self._ids(start, stop), start, list(range(len(rows))))
             sums = lambda_pass(self.context, rows, self._factors, None, on_nonfinite=check, pad_batches=batches)
             if shard is None:

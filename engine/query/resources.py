@@ -16,8 +16,10 @@ import numpy as np
 
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
-from engine.data.rows import field_names, file_fingerprint, read_rows
+from engine.data.rows import dataset_fingerprint, field_names, iter_rows
+from engine.data.sources import is_table_source, open_table_source
 from engine.data.tokenize import TokenizedRow
+from engine.errors import TributaryError
 from engine.gradients.context import ModelContext, load_model_context
 from engine.gradients.passes import gradient_pass
 from engine.projection import ProjectionSpec
@@ -119,12 +121,12 @@ class StoreResources(CachedResources):
         datasets = self.plan.datasets if self.run is not None else (self.config.data.train,)
         for d, path in enumerate(datasets):
             store = self.store(self._dataset_key(d))
-            if not Path(path).is_file() or file_fingerprint(path) != store.manifest.fingerprints.dataset:
+            if not _readable(path) or dataset_fingerprint(path) != store.manifest.fingerprints.dataset:
                 log.warning(
                     "training file %s is missing or differs from the indexed one; results carry ids, no snippets", path
                 )
                 return None
-            out.extend(row.snippet(chars) for row in read_rows(path, field_names(self.config)))
+            out.extend(row.snippet(chars) for row in iter_rows(path, field_names(self.config)))
         return out
 
     def is_single_term(self, terms: list[QueryTerm]) -> bool:
@@ -172,3 +174,14 @@ class StoreResources(CachedResources):
                     ].T
             out.append(shares)
         return out
+
+
+def _readable(path: str) -> bool:
+    """The training data is still there to show snippets of: a JSONL file, or Parquet/Arrow files."""
+    if is_table_source(path):
+        try:
+            open_table_source(path, "data.train")
+        except TributaryError:
+            return False
+        return True
+    return Path(path).is_file()
