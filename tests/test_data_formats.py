@@ -167,3 +167,17 @@ def test_a_save_to_disk_dataset_with_several_arrow_files(tmp_path):
     assert len(state["_data_files"]) == 3
     assert [r.id for r in read_rows(str(path))] == [r["id"] for r in ROWS]
     assert [r.id for r in rows_between(str(path), FieldNames(), 2, 7)] == [r["id"] for r in ROWS[2:7]]
+
+
+def test_two_ray_workers_read_their_row_ranges_of_a_parquet_glob(sources, tiny_models, tmp_path):
+    ray = pytest.importorskip("ray")
+    reference = _index(tmp_path, tiny_models["gpt2"], sources["jsonl"], "jsonl")
+    raw = _raw(tmp_path, tiny_models["gpt2"], sources["glob"], "ray")
+    raw["cluster"] = {"address": "local", "workers": 2, "cpus_per_worker": 1, "local_cpus": 2}
+    try:
+        run_index(parse_config(raw), show_progress=False)
+    finally:
+        ray.shutdown()
+    ours = store_contents(str(tmp_path / "ray.zarr"))
+    assert ours["ids"] == reference["ids"]
+    np.testing.assert_array_equal(ours["grads"], reference["grads"])
