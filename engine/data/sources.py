@@ -67,15 +67,21 @@ class TableSource:
 
 
 def is_table_source(path: str) -> bool:
-    """Parquet (a .parquet file or a glob) or a save_to_disk directory, rather than a JSONL file."""
-    if any(c in path for c in GLOB_CHARACTERS) or path.endswith(".parquet"):
-        return True
-    return Path(path).is_dir()
+    """Parquet (a .parquet file or a glob that matches files) or a save_to_disk directory, rather than a JSONL
+    file. A path that exists is taken literally, brackets and all."""
+    given = Path(path)
+    if given.exists():
+        return given.is_dir() or path.endswith(".parquet")
+    return path.endswith(".parquet") or (_is_pattern(path) and bool(glob.glob(path)))
+
+
+def _is_pattern(path: str) -> bool:
+    return any(c in path for c in GLOB_CHARACTERS) and not Path(path).exists()
 
 
 def open_table_source(path: str, what: str) -> TableSource:
     """The files of a Parquet path or glob, or of a save_to_disk directory; a clear error for anything else."""
-    if any(c in path for c in GLOB_CHARACTERS):
+    if _is_pattern(path):
         matches = sorted(glob.glob(path))
         if not matches:
             raise TributaryError(f"{what} {path} matches no files; check the pattern")
