@@ -20,7 +20,7 @@ from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.gradients.context import ModelContext, load_model_context
 from engine.gradients.finite import NonFinite, nonfinite_rows_error, nonfinite_vector_modules
-from engine.gradients.passes import gradient_pass, gradient_pass_without, lambda_pass
+from engine.gradients.passes import ShardGradients, gradient_pass, gradient_pass_without, lambda_pass
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
 from engine.store import GradientStore
 from engine.testing.faults import fault_point
@@ -156,6 +156,13 @@ class ShardWorker:
             if result.nonfinite:  # rows finite alone but not in a batch: refuse rather than guess
                 raise nonfinite_rows_error(result.nonfinite, ids, start, self.config.data.train)
             skipped = [{"row": start + p, "id": ids[p], "modules": names} for p, names in left_out.items()]
+        checksum, arrays = self._write_pass_one(store, shard, start, ids, result)
+        return self._receipt("gradients", shard, started, checksum, arrays, skipped)
+
+    def _write_pass_one(
+        self, store: GradientStore, shard: int, start: int, ids: list[str], result: ShardGradients
+    ) -> tuple[str, dict]:
+        """Write one shard's pass 1: its rows (and fisher_grads), then its covariance sums, checked finite."""
         packed = pack_covariance(result.sums.covariance, self.context.spec) if result.sums.covariance else None
         if packed is not None:
             widths = [(m.name, m.k_in**2 + m.k_out**2) for m in self.context.spec.modules]
@@ -166,7 +173,7 @@ class ShardWorker:
         fault_point("actor", "gradients", shard)
         if packed is not None:
             store.write_partial("covariance", shard, *packed)
-        return self._receipt("gradients", shard, started, checksum, arrays, skipped)
+        return checksum, arrays
 
     def lambdas(self, shard: int) -> dict:
         """Pass 2 for one shard: Σ (Q_Sᵀ G̃ Q_A)² written to the store."""

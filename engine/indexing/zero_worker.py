@@ -15,7 +15,7 @@ from datetime import timedelta
 import numpy as np
 
 from engine.config import JobConfig
-from engine.curvature.packing import pack_covariance, pack_lambda
+from engine.curvature.packing import pack_lambda
 from engine.data.tokenize import TokenizedRow
 from engine.errors import TributaryError
 from engine.gradients.context import context_for_model
@@ -128,16 +128,7 @@ class ZeroShardWorker(ShardWorker):
         ids = self._ids(start, stop)
         if result.nonfinite:  # data.on_nonfinite skip is refused with zero3 (it would break lockstep)
             raise nonfinite_rows_error(result.nonfinite, ids, start, self.config.data.train)
-        spec = self.context.spec
-        packed = pack_covariance(result.sums.covariance, spec) if result.sums.covariance else None
-        if packed is not None:
-            self._check_sums("covariance", shard, packed[0], [(m.name, m.k_in**2 + m.k_out**2) for m in spec.modules])
-        checksum, arrays = store.write_rows(start, result.grads, ids, result.num_tokens, result.losses)
-        if result.fisher_grads is not None:
-            store.write_fisher_rows(start, result.fisher_grads)
-        fault_point("actor", "gradients", shard)
-        if packed is not None:
-            store.write_partial("covariance", shard, *packed)
+        checksum, arrays = self._write_pass_one(store, shard, start, ids, result)
         return self._receipt("gradients", shard, started, checksum, arrays)
 
     def lambdas(self, shard: int | None, batches: int) -> dict | None:  # pyright: ignore[reportIncompatibleMethodOverride]
