@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import first_line, random_corpus, write_result
+from benchmarks.peak_memory import high_water_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS_PER_ROW = 8
@@ -49,15 +50,6 @@ def _model(work: Path) -> Path:
     return save_tiny(work / "model", "gpt2", [" ".join(words)], hidden=16, layers=1, heads=2)
 
 
-def _high_water_bytes() -> int:
-    """This process's peak RSS since exec (VmHWM). Not ru_maxrss: Linux carries that over from the parent
-    across fork and exec, so a child of a large parent reports the parent's size."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (this benchmark needs Linux)")
-
-
 def run_child(model: str, train: str) -> dict:
     """In the child: the driver's row checks and the fingerprint, timed."""
     # imported before the baseline: what every run pays whatever its rows (parse_config does not load them)
@@ -71,14 +63,14 @@ def run_child(model: str, train: str) -> dict:
     config = parse_config(
         {"model": {"path": model}, "data": {"train": train, "max_length": 32}, "store": {"path": "unused.zarr"}}
     )
-    before = _high_water_bytes()
+    before = high_water_bytes()
     started = time.perf_counter()
     rows = validated_row_count(config)
     dataset_fingerprint(train)
     return {
         "rows": rows,
         "seconds": round(time.perf_counter() - started, 2),
-        "peak_rss_bytes": _high_water_bytes(),
+        "peak_rss_bytes": high_water_bytes(),
         "rss_before_reading_bytes": before,
     }
 

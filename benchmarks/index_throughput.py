@@ -4,7 +4,7 @@ Workload (issue 13's): a GPT-2-like model of 4 layers, 256 wide, 4000 words (abo
 block modules), 512 rows x 128 tokens, 32 queries, batch 8, float32 model and store. `--small` (96 rows, 8
 queries) is a quick check of the whole benchmark, not a figure.
 
-Every variant runs in its own process, so its peak RSS is its own (ru_maxrss from os.wait4):
+Every variant runs in its own process, so its peak RSS is its own (VmHWM, benchmarks/peak_memory.py):
 
   bare                 forward + loss.backward() over the rows (weight gradients materialised), no optimizer
   ekfac@16 true        `tributary index` (EK-FAC, true Fisher, projection dim 16: one pass, Λ read from the store)
@@ -73,14 +73,17 @@ def _config(work: Path, name: str, model: Path, train: Path) -> dict:
     }
 
 
-def _child(args: list[str]) -> tuple[int, float, int]:
-    """Run a process; (exit status, wall seconds, peak RSS in bytes)."""
+def _child(module_args: list[str]) -> tuple[int, float, int]:
+    """Run `python -m MODULE ARGS` in a fresh process; (exit status, wall seconds, its own peak RSS in bytes:
+    VmHWM through benchmarks.peak_memory, as ru_maxrss would carry over this process's size)."""
     environment = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    started = time.perf_counter()
-    process = subprocess.Popen(args, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, time.perf_counter() - started, usage.ru_maxrss * 1024
+    with tempfile.NamedTemporaryFile(suffix=".peak") as peak:
+        started = time.perf_counter()
+        command = [sys.executable, "-m", "benchmarks.peak_memory", peak.name, *module_args]
+        status = subprocess.run(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL).returncode
+        seconds = time.perf_counter() - started
+        text = Path(peak.name).read_text()
+    return status, seconds, int(text) if text else 0
 
 
 def _spearman(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -102,7 +105,7 @@ def _tributary(work: Path, name: str, model: Path, train: Path, queries: Path) -
     shutil.rmtree(raw["store"]["path"], ignore_errors=True)
     config_path = work / "job.yaml"
     config_path.write_text(yaml.safe_dump(raw))
-    status, _, rss = _child([sys.executable, "-m", "engine.cli", "index", str(config_path), "--no-progress"])
+    status, _, rss = _child(["engine.cli", "index", str(config_path), "--no-progress"])
     if status != 0:
         raise RuntimeError(f"tributary index failed for {name} (exit {status})")
     timings = GradientStore.open(raw["store"]["path"]).manifest.timings or {}
@@ -157,7 +160,7 @@ def _bare(config) -> float:
 def _measured_child(kind: str, work: Path, raw: dict, queries: Path) -> dict:
     spec = work / f"{kind}.json"
     spec.write_text(json.dumps({"config": raw, "queries": str(queries)}))
-    status, _, rss = _child([sys.executable, "-m", "benchmarks.index_throughput", "--child", kind, str(spec)])
+    status, _, rss = _child(["benchmarks.index_throughput", "--child", kind, str(spec)])
     if status != 0:
         raise RuntimeError(f"the {kind} child failed (exit {status})")
     out = {"seconds": json.loads(spec.with_suffix(".out").read_text())["seconds"], "rss": rss}

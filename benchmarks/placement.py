@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import first_line, random_corpus, write_jsonl, write_result
+from benchmarks.peak_memory import high_water_bytes
 
 SEQUENCE = 64
 BATCH = 4
@@ -68,8 +69,6 @@ def _config(variant: str, work: Path) -> dict:
 
 def run_variant(variant: str, work: Path) -> dict:
     """In the child: index once, and report tokens/s and the parameter bytes each process holds."""
-    import resource
-
     import torch
 
     from engine.config import parse_config
@@ -86,7 +85,7 @@ def run_variant(variant: str, work: Path) -> dict:
         "passes_s": round(passes_s, 2),
         "tokens_per_s": round(tokens / passes_s, 2),
         "parameter_bytes": resident_parameter_bytes(config),
-        "driver_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "driver_peak_rss_bytes": high_water_bytes(),
     }
 
 
