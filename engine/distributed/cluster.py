@@ -13,6 +13,20 @@ from engine.testing import faults
 log = logging.getLogger(__name__)
 
 
+class _LocalTokenNotice(logging.Filter):
+    """Ray announces on every start that token authentication is on: for the one-machine cluster Tributary
+    starts itself (loopback only, token generated for it) that is the expected state, not news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled for this Ray cluster" not in record.getMessage()
+
+
+def _quiet_local_token_notice() -> None:
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _LocalTokenNotice) for f in notices.filters):
+        notices.addFilter(_LocalTokenNotice())
+
+
 def connect(cluster: ClusterConfig) -> None:
     import ray
 
@@ -29,6 +43,7 @@ def connect(cluster: ClusterConfig) -> None:
         arguments.update(_node_ip_address=node_ip, include_dashboard=cluster.dashboard, num_cpus=cluster.local_cpus)
         arguments.update(init_arguments())
         starting = loopback_node()
+        _quiet_local_token_notice()
     else:
         arguments["address"] = cluster.address
         if cluster.node_ip_address:
