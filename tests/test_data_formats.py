@@ -134,6 +134,10 @@ def test_a_bad_row_names_the_file_and_row(tmp_path):
     pq.write_table(pa.table({"id": ["a", "b"], "text": [1, 2]}), numbers)
     with pytest.raises(TributaryError, match=r"numbers\.parquet row 1: field 'text' must be a string"):
         read_rows(str(numbers))
+    columns = tmp_path / "columns.parquet"
+    pq.write_table(pa.table({"id": ["a"], "body": ["x y"]}), columns)
+    with pytest.raises(TributaryError, match=r"its columns are \['id', 'body'\], none of them 'text'"):
+        read_rows(str(columns))
     twice = write_parquet(tmp_path / "twice.parquet", [{"id": "a", "text": "x y"}, {"id": "a", "text": "y z"}])
     with pytest.raises(TributaryError, match=r"twice\.parquet row 2: id 'a' already used at .*twice\.parquet row 1"):
         read_rows(str(twice))

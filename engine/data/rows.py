@@ -196,6 +196,13 @@ def row_count(path: str | Path, what: str = "training file") -> int:
 
 
 def _table_rows(source, fields: FieldNames, start: int, stop: int) -> Iterator[Row]:
+    names = source.column_names()
+    if source.files and not {fields.text, fields.prompt, fields.completion, fields.messages} & set(names):
+        raise TributaryError(
+            f"{source.given}: its columns are {names}, none of them '{fields.text}', '{fields.prompt}'+"
+            f"'{fields.completion}' or '{fields.messages}'; set data.text_field / prompt_field / completion_field / "
+            "messages_field to the columns that hold the rows"
+        )
     index = start
     for file, number, record in source.records(start, stop, _columns(fields)):
         yield _row_from_record(record, index, number, fields, source.given, file=str(file))

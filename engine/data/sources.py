@@ -51,6 +51,17 @@ class TableSource:
                     digest.update(block)
         return digest.hexdigest()
 
+    def column_names(self) -> list[str]:
+        """The first file's columns (the files of one source share a schema)."""
+        if not self.files:
+            return []
+        first = self.files[0]
+        if first.parquet:
+            import pyarrow.parquet as pq
+
+            return list(pq.ParquetFile(first.path).schema_arrow.names)
+        return list(_stream_batches(first.path).schema.names)
+
     def records(self, start: int, stop: int, columns: list[str]) -> Iterator[tuple[Path, int, dict]]:
         """(file, row number in the file from 1, record without null fields) for rows start..stop-1 of the
         whole source, reading only the record batches or row groups that hold them."""
