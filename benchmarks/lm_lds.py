@@ -54,6 +54,7 @@ STYLES = ("-", "--", ":", "-.")
 MASK_SEED = 1414
 RUN_SEED_BASE = 14_000  # run (subset j, repeat r) trains with seed RUN_SEED_BASE + j * R + r
 FULL_MODEL_SEED = 0
+CLI = str(Path(sys.executable).parent / "tributary")  # the venv's entry point
 
 
 # ---- ground truth ---------------------------------------------------------------------------------------
@@ -188,6 +189,17 @@ def write_rows(path: Path, prefix: str, texts: tuple[str, ...]) -> Path:
     return path
 
 
+def prepare_workdir(task: LMTask, work: Path) -> float:
+    """A fresh `work` with the training and query rows and the full-data model; the seconds the model took."""
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "stores").mkdir(parents=True)
+    write_rows(work / "train.jsonl", "train", task.train_texts)
+    write_rows(work / "queries.jsonl", "query", task.query_texts)
+    start = time.perf_counter()
+    save_full_model(task, work / "model", FULL_MODEL_SEED)
+    return time.perf_counter() - start
+
+
 def random_scores(queries: int, train: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((queries, train))
 
@@ -256,7 +268,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--dims", default="0,8,16,32,64", help="comma-separated projection dims per side")
     parser.add_argument("--cache", default=None, help=f"ground-truth Zarr (default {CACHE.relative_to(REPOSITORY)})")
     parser.add_argument("--workdir", default="/tmp/tributary-lm-lds", help="model, rows, configs, stores, scores")
-    parser.add_argument("--tributary", default=str(Path(sys.executable).parent / "tributary"), help="the CLI")
+    parser.add_argument("--tributary", default=CLI, help="the CLI executable")
     parser.add_argument("--name", default="lm_lds", help="results file stem under benchmarks/results")
     return parser.parse_args()
 
@@ -274,13 +286,7 @@ def main() -> None:
     print("ground truth", truth_timing, flush=True)
 
     work = Path(args.workdir)
-    shutil.rmtree(work, ignore_errors=True)
-    (work / "stores").mkdir(parents=True)
-    write_rows(work / "train.jsonl", "train", task.train_texts)
-    write_rows(work / "queries.jsonl", "query", task.query_texts)
-    start = time.perf_counter()
-    save_full_model(task, work / "model", FULL_MODEL_SEED)
-    full_model_seconds = time.perf_counter() - start
+    full_model_seconds = prepare_workdir(task, work)
 
     results = []
     for setting in settings(methods, kinds, dims):
