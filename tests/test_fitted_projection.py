@@ -192,6 +192,7 @@ def test_a_query_with_another_kind_or_fit_is_refused_and_a_changed_matrix_too(tm
 
     group = zarr.open_group(config.store.path, mode="r+")
     array = group["projection_in"]
+    assert isinstance(array, zarr.Array)
     values = np.asarray(array[...])
     values[0] += 1e-3
     array[...] = values
