@@ -12,17 +12,20 @@ Every variant runs in its own process, so its peak RSS is its own (VmHWM, benchm
   ekfac@16 two-pass    the same with curvature.lambdas: model (the index before issue 13: Λ from a second pass)
   ekfac@16 empirical   fisher: empirical (Λ from the stored rows themselves)
   grad_dot@16          curvature identity, method grad_dot
+  ekfac@16 kfac_eigen  projection.kind kfac_eigen (issue 14): a fitting pass over every row before pass 1
+  ekfac@16 kfac_eigen fit128   the same, fitted on 128 of the 512 rows (projection.fit_rows: 128)
   ekfac@0 true         exact EK-FAC (projection dim 0), local store, 8 rows per chunk (one batch per shard)
   kronfluence          kronfluence's EK-FAC (true Fisher, float32, heuristic damping): factors + pairwise scores
 
 compute = the index's passes (the manifest's total − setup: model load, tokenising, fingerprints excluded) plus the
 query (`run_query` wall time, model load included); kronfluence: fit_all_factors + compute_pairwise_scores.
-`ratio_to_bare` is compute / bare (lower is better). Spearman: the mean over queries of the rank correlation
+`ratio_to_bare` is compute / bare (lower is better). For the fitted kinds, `projection_s` is the fitting pass alone
+and `fit_vs_bare_rows` is it over the bare pass's time scaled to the fitted rows (issue 14: at most 1). Spearman: the mean over queries of the rank correlation
 over training rows with kronfluence's scores (exact EK-FAC; its labels are sampled with another generator than
 Tributary's, so even exact Tributary scores are not 1). Peak RSS of a Tributary variant is that of
 `tributary index` alone.
 
-Usage: python -m benchmarks.index_throughput [--small] [--rounds 1] [--skip-exact]
+Usage: python -m benchmarks.index_throughput [--small] [--rounds 1] [--skip-exact] [--only NAME,NAME]
 """
 
 from __future__ import annotations
@@ -53,20 +56,27 @@ TRIBUTARY = {  # name: (projection dim, strategy, fisher, lambdas, method)
     "ekfac@16 true": (16, "ekfac", True, "auto", "if"),
     "ekfac@16 two-pass": (16, "ekfac", True, "model", "if"),
     "ekfac@16 empirical": (16, "ekfac", "empirical", "auto", "if"),
+    "ekfac@16 kfac_eigen": (16, "ekfac", True, "auto", "if"),
+    "ekfac@16 kfac_eigen fit128": (16, "ekfac", True, "auto", "if"),
     "grad_dot@16": (16, "identity", True, "auto", "grad_dot"),
     "ekfac@0 true": (0, "ekfac", True, "auto", "if"),
+}
+FITTED = {
+    "ekfac@16 kfac_eigen": {"kind": "kfac_eigen"},
+    "ekfac@16 kfac_eigen fit128": {"kind": "kfac_eigen", "fit_rows": 128},
 }
 
 
 def _config(work: Path, name: str, model: Path, train: Path) -> dict:
     dim, strategy, fisher, lambdas, method = TRIBUTARY[name]
     store: dict = {"path": str(work / (name.replace(" ", "_").replace("@", "") + ".zarr"))}
+    projection = {"dim": dim, **FITTED.get(name, {})}
     if dim == 0:
         store["rows_per_chunk"] = BATCH  # the ~16 MiB default would be one row per shard: batches of one
     return {
         "model": {"path": str(model), "dtype": "float32"},
         "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": BATCH},
-        "projection": {"dim": dim},
+        "projection": projection,
         "curvature": {"strategy": strategy, "fisher": fisher, "lambdas": lambdas},
         "method": {"name": method},
         "store": store,
@@ -116,8 +126,18 @@ def _tributary(work: Path, name: str, model: Path, train: Path, queries: Path) -
     query = time.perf_counter() - started
     scores = np.load(scores_path)
     shutil.rmtree(raw["store"]["path"], ignore_errors=True)
-    passes = {key: timings[key] for key in ("pass1_s", "pass2_s") if key in timings}
+    passes = {key: timings[key] for key in PASS_KEYS if key in timings}
     return {"seconds": index + query, "index_s": index, "query_s": query, "rss": rss, "scores": scores, **passes}
+
+
+PASS_KEYS = ("projection_s", "pass1_s", "pass2_s")
+
+
+def _fitted_rows(name: str, rows: int) -> int:
+    """How many rows the fitting pass reads: every ⌈N/fit_rows⌉-th (engine.projection.fitted.fit_row_positions)."""
+    from engine.projection.fitted import fit_row_positions
+
+    return len(fit_row_positions(rows, FITTED[name].get("fit_rows"), 0, rows))
 
 
 def _in_child(kind: str, spec: Path) -> None:
@@ -175,6 +195,7 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="96 rows, 8 queries: a check, not a figure")
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every variant, alternated")
     parser.add_argument("--skip-exact", action="store_true", help="leave out ekfac@0 (dim 0 writes full rows)")
+    parser.add_argument("--only", help="comma-separated Tributary variants to run (bare and kronfluence always run)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -190,6 +211,12 @@ def main() -> None:
         queries = write_jsonl(work / "queries.jsonl", random_corpus(query_count, SEQUENCE, vocabulary=4000, seed=1))
         base = _config(work, "ekfac@16 true", model, train)
         names = [name for name in TRIBUTARY if not (args.skip_exact and name.startswith("ekfac@0"))]
+        if args.only:
+            wanted = [name.strip() for name in args.only.split(",")]
+            unknown = sorted(set(wanted) - set(TRIBUTARY))
+            if unknown:
+                parser.error(f"--only: unknown variants {unknown}; choose from {sorted(TRIBUTARY)}")
+            names = [name for name in names if name in wanted]
         samples: dict[str, list[dict]] = {name: [] for name in ["bare", *names, "kronfluence"]}
         for _ in range(args.rounds):
             samples["bare"].append(_measured_child("bare", work, base, queries))
@@ -207,9 +234,13 @@ def main() -> None:
                 "peak_rss_gb": round(max(s["rss"] for s in runs) / 1e9, 3),
                 "samples": [round(s["seconds"], 3) for s in runs],
             }
-            for key in ("index_s", "query_s", "pass1_s", "pass2_s"):
+            for key in ("index_s", "query_s", *PASS_KEYS):
                 if key in runs[-1]:
                     row[key] = round(runs[-1][key], 3)
+            if name in FITTED:
+                fitted = _fitted_rows(name, rows)
+                row["fit_rows"] = fitted
+                row["fit_vs_bare_rows"] = round(runs[-1]["projection_s"] / (bare * fitted / rows), 3)
             if "scores" in runs[-1]:
                 row["spearman_vs_exact_ekfac"] = round(_spearman(runs[-1]["scores"], reference), 3)
             table[name] = row
