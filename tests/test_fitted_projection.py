@@ -280,3 +280,21 @@ def test_one_and_two_ray_workers_fit_the_same_matrices_and_rows(tmp_path, tiny_m
     _assert_same(store_contents(stores[1].path), store_contents(stores[2].path))
     for ours, theirs in zip(stores[1].read_projection().values(), stores[2].read_projection().values(), strict=True):
         assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_fitting_pass_products_keep_float32_and_sum_in_float64():
+    """The fitting pass's Gram products run in a float32 model's own dtype (half the CPU time) and are summed in
+    float64; float64 inputs stay float64 throughout, and half-precision ones are promoted to float32."""
+    from engine.curvature.statistics import _gram
+
+    generator = torch.Generator().manual_seed(0)
+    exact = torch.randn(3, 40, 24, dtype=torch.float64, generator=generator)
+    flat = exact.reshape(-1, 24).numpy()
+    reference = flat.T @ flat
+    assert np.array_equal(_gram(exact, upcast=False), _gram(exact, upcast=True))
+    single = _gram(exact.float(), upcast=False)
+    assert single.dtype == np.float64
+    np.testing.assert_allclose(single, reference, rtol=1e-5, atol=1e-4)
+    half = _gram(exact.bfloat16(), upcast=False)
+    rounded = exact.bfloat16().double().reshape(-1, 24).numpy()
+    np.testing.assert_allclose(half, rounded.T @ rounded, rtol=1e-5, atol=1e-4)

@@ -12,17 +12,19 @@ from engine.projection import ProjectionSpec
 
 
 class CovarianceAccumulator:
-    """Pass 1's sums for every tracked module, added a batch at a time."""
+    """Pass 1's sums for every tracked module, added a batch at a time; `upcast` False: products in a float32
+    model's own dtype (the fitting pass's full-width covariances, which only choose eigenvectors)."""
 
-    def __init__(self, spec: ProjectionSpec):
+    def __init__(self, spec: ProjectionSpec, upcast: bool = True):
         self.sums = {m.name: ModuleCovariance.zeros(m.k_in, m.k_out) for m in spec.modules}
+        self.upcast = upcast
 
     def add(
         self, activations: dict[str, list[torch.Tensor]], deltas: dict[str, list[torch.Tensor]], mask: torch.Tensor
     ) -> None:
         """One batch: each module's activations and curvature δ̃ per call (`add_covariance`), `mask` (B, T)."""
         for name, target in self.sums.items():
-            add_covariance(target, activations[name], deltas[name], mask)
+            add_covariance(target, activations[name], deltas[name], mask, self.upcast)
 
 
 class LambdaAccumulator:

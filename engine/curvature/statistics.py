@@ -73,20 +73,27 @@ def merge_all(parts: list[PartialSums]) -> PartialSums:
     return total
 
 
-def _f64(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to(torch.float64)
+def _gram(tensor: torch.Tensor, upcast: bool) -> np.ndarray:
+    """Σ_tokens x xᵀ of (B, T, k) as float64: the product in float64 (`upcast`), or in the tensor's own dtype
+    when that is at least float32, then summed in float64 (half the time on CPU for float32 models)."""
+    compute = torch.float64 if upcast else torch.promote_types(tensor.dtype, torch.float32)
+    flat = tensor.to(compute).reshape(-1, tensor.shape[-1])
+    return (flat.T @ flat).to(torch.float64).cpu().numpy()
 
 
 def add_covariance(
-    target: ModuleCovariance, activations: list[torch.Tensor], deltas: list[torch.Tensor], mask: torch.Tensor
+    target: ModuleCovariance,
+    activations: list[torch.Tensor],
+    deltas: list[torch.Tensor],
+    mask: torch.Tensor,
+    upcast: bool = True,
 ) -> None:
-    """Accumulate one batch: activations (B,T,k_in) and sampled-label δ̃ (B,T,k_out) per module call."""
+    """Accumulate one batch: activations (B,T,k_in) and sampled-label δ̃ (B,T,k_out) per module call; `upcast`
+    False keeps a float32 model's products in float32 (`_gram`)."""
     for act in activations:
-        flat = _f64(act).reshape(-1, act.shape[-1])
-        target.a_sum += (flat.T @ flat).cpu().numpy()
+        target.a_sum += _gram(act, upcast)
     for delta in deltas:
-        flat = _f64(delta).reshape(-1, delta.shape[-1])
-        target.s_sum += (flat.T @ flat).cpu().numpy()
+        target.s_sum += _gram(delta, upcast)
     target.tokens += int(mask.sum())
     target.examples += int(mask.shape[0])
 

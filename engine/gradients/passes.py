@@ -154,7 +154,7 @@ def covariance_pass(context: ModelContext, rows: list[TokenizedRow]) -> dict[str
     """K-FAC covariance sums of `rows` at `context`'s projection, and nothing else: one forward and one backward of
     the curvature labels' loss per batch (the fitted projections' fitting pass, at full width)."""
     capture = context.capture
-    covariance = CovarianceAccumulator(context.spec)
+    covariance = CovarianceAccumulator(context.spec, upcast=False)
     with capture.hooks():
         for batch in _batches(context, rows):
             state = capture.forward(batch)

@@ -163,7 +163,10 @@ class GradientStore(ManifestStore[StoreManifest]):
         shards = len(self.shards())
         root = self.group.require_group("partials")
         if name not in root:
-            root.create_array(name, shape=(shards, width), chunks=(1, width), dtype="float64", fill_value=0)
+            # float64 sums barely compress, and a fitted projection's full-width sums are ~100 MB a shard
+            root.create_array(
+                name, shape=(shards, width), chunks=(1, width), dtype="float64", fill_value=0, compressors=None
+            )
             root.create_array(f"{name}_counts", shape=(shards, counts), chunks=(1, counts), dtype="int64", fill_value=0)
 
     def write_partial(self, name: str, shard: int, vector: np.ndarray, counts: np.ndarray) -> None:
