@@ -25,7 +25,10 @@ over training rows with kronfluence's scores (exact EK-FAC; its labels are sampl
 Tributary's, so even exact Tributary scores are not 1). Peak RSS of a Tributary variant is that of
 `tributary index` alone.
 
-Usage: python -m benchmarks.index_throughput [--small] [--rounds 1] [--skip-exact] [--only NAME,NAME]
+Usage: python -m benchmarks.index_throughput [--small] [--rounds 1] [--skip-exact] [--only NAME,NAME] [--result NAME]
+
+The fitted kinds' figures in the README come from
+`--only "ekfac@16 true,ekfac@16 kfac_eigen,ekfac@16 kfac_eigen fit128" --result index_throughput_fitted`.
 """
 
 from __future__ import annotations
@@ -196,6 +199,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every variant, alternated")
     parser.add_argument("--skip-exact", action="store_true", help="leave out ekfac@0 (dim 0 writes full rows)")
     parser.add_argument("--only", help="comma-separated Tributary variants to run (bare and kronfluence always run)")
+    parser.add_argument(
+        "--result", help="name of the JSON under benchmarks/results/ (default index_throughput, _small with --small)"
+    )
     parser.add_argument("--child", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -251,7 +257,7 @@ def main() -> None:
             spearman = row.get("spearman_vs_exact_ekfac", "")
             print(f"{name:<20}{row['ratio_to_bare']:>14}{row['peak_rss_gb']:>13}{spearman!s:>10}")
         path = write_result(
-            "index_throughput_small" if args.small else "index_throughput",
+            args.result or ("index_throughput_small" if args.small else "index_throughput"),
             {
                 "parameters": parameters,
                 "rows": rows,

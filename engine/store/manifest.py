@@ -29,7 +29,9 @@ from engine.projection import ProjectionSpec
 from engine.store.location import join, redact, zarr_location
 from engine.training_run.plan import RunPlan
 
-FORMAT_VERSION = 2  # bump when a reader of an older version would misread what this one writes
+# bump when a reader of an older version would misread what this one writes. 3: the fitted projection kinds
+# (ProjectionSpec.fit_rows/top, the projection_in/projection_out arrays), which a version-2 reader cannot apply
+FORMAT_VERSION = 3
 UNVERSIONED = 1  # stores written before `format_version` existed
 ARRAY_CHECKSUMS_SINCE = 2  # stores of older versions hold no checksums of factors, preconditioners, row arrays
 STORE_FORMAT = "tributary-store/1"
