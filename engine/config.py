@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass as options_dataclass
 from pydantic.dataclasses import is_pydantic_dataclass
 from pydantic_core import PydanticCustomError
@@ -63,7 +63,39 @@ class DataConfig(_Section):
 class ProjectionConfig(_Section):
     dim: int = Field(default=16, ge=0, description="per-side projection width k; 0 = identity (exact)")
     seed: int = 0
-    kind: Literal["rademacher", "gaussian"] = "rademacher"
+    kind: Literal["rademacher", "gaussian", "kfac_eigen", "eigen_sketch"] = Field(
+        default="rademacher",
+        description="rademacher/gaussian: seeded random matrices; kfac_eigen: each side's top-k eigenvectors of "
+        "its K-FAC covariance (fitted by a pass before the gradients); eigen_sketch: the top `top` eigenvectors "
+        "and a seeded random sketch of their orthogonal complement",
+    )
+    fit_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="kfac_eigen/eigen_sketch: fit the covariances on about this many rows (every ⌈N/fit_rows⌉-th "
+        "row); default all rows",
+    )
+    top: int | None = Field(
+        default=None,
+        gt=0,
+        description="eigen_sketch: eigen-directions kept per side (the rest of dim is the sketch); default dim // 2",
+    )
+
+    @model_validator(mode="after")
+    def _fitted_options(self) -> ProjectionConfig:
+        fitted = self.kind in ("kfac_eigen", "eigen_sketch")
+        if not fitted and (self.fit_rows is not None or self.top is not None):
+            raise PydanticCustomError(
+                "projection_options",
+                "fit_rows and top are for kind kfac_eigen or eigen_sketch; remove them or change projection.kind",
+            )
+        if self.top is not None and self.kind != "eigen_sketch":
+            raise PydanticCustomError("projection_options", "top is for kind eigen_sketch; remove it")
+        if self.top is not None and self.dim and self.top >= self.dim:
+            raise PydanticCustomError(
+                "projection_options", "top must be below dim (the rest of each side is the random sketch)"
+            )
+        return self
 
 
 class CurvatureConfig(_Section):
@@ -412,7 +444,25 @@ def parse_config(raw: dict, source: str = "<dict>", base_dir: Path | None = None
         )
     _check_serve(config, source)
     _check_placement(config, source)
+    _check_fitted_projection(config, source)
     return config
+
+
+def _check_fitted_projection(config: JobConfig, source: str) -> None:
+    """Where the fitted projection kinds are not available yet, said before anything runs."""
+    kind = config.projection.kind
+    if kind not in ("kfac_eigen", "eigen_sketch") or config.projection.dim == 0:
+        return
+    if config.placement.kind == "zero3":
+        raise TributaryError(
+            f"invalid config {source}: projection.kind {kind} is not supported with placement.kind zero3 yet; use "
+            "placement.kind single or device_map, or projection.kind rademacher"
+        )
+    if config.training_run is not None:
+        raise TributaryError(
+            f"invalid config {source}: projection.kind {kind} fits its matrices to one checkpoint; a training_run "
+            "section needs one projection for every checkpoint: use projection.kind rademacher or gaussian"
+        )
 
 
 def _check_placement(config: JobConfig, source: str) -> None:

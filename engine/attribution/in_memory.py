@@ -71,6 +71,11 @@ class InMemoryAttribution(CachedResources):
         self.modules = self._tracked(model, settings.modules)
         shapes = tracked_shapes(self.modules, settings.include_bias)
         spec = build_projection(settings.projection_dim, settings.projection_seed, settings.projection_kind, shapes)
+        if spec.fitted:
+            raise TributaryError(
+                f"projection kind {spec.kind} is fitted by `tributary index` into a store; in-memory attribution "
+                "projects with projection_kind rademacher or gaussian"
+            )
         self.capture = GradientCapture(
             model, self.modules, spec, settings.include_bias, settings.dtype, torch.device("cpu")
         )

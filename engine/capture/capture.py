@@ -52,10 +52,12 @@ class GradientCapture:
         self.bias_column = {name: module_has_bias_column(mod, include_bias) for name, mod in modules.items()}
         self.device = device
         where = devices or {}
-        self.p_in = {m.name: spec.side_matrix(m, "in", compute_dtype, where.get(m.name, device)) for m in spec.modules}
-        self.p_out = {
-            m.name: spec.side_matrix(m, "out", compute_dtype, where.get(m.name, device)) for m in spec.modules
-        }
+        # a fitted projection whose matrices are not read yet (an index before its fit) cannot capture until they
+        # are: engine.gradients.context.with_stored_projection gives a new capture then
+        self.unfitted = spec.fitted and spec.matrices is None
+        sides = [] if self.unfitted else spec.modules
+        self.p_in = {m.name: spec.side_matrix(m, "in", compute_dtype, where.get(m.name, device)) for m in sides}
+        self.p_out = {m.name: spec.side_matrix(m, "out", compute_dtype, where.get(m.name, device)) for m in sides}
         self._mask: torch.Tensor | None = None
         self._current: ForwardPass | None = None
 
@@ -104,6 +106,8 @@ class GradientCapture:
 
     @contextmanager
     def hooks(self):
+        if self.unfitted:
+            raise RuntimeError(f"projection kind {self.spec.kind}: its fitted matrices are not loaded")
         handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
         embeddings = getattr(self.model, "get_input_embeddings", None)
         if embeddings is not None:  # a plain torch model starts the graph at its (grad-requiring) inputs instead

@@ -69,7 +69,9 @@ def context_for_model(
     shapes = tracked_shapes(modules, config.model.include_bias)
     if spec is None:
         projection = config.projection
-        spec = build_projection(projection.dim, projection.seed, projection.kind, shapes)
+        spec = build_projection(
+            projection.dim, projection.seed, projection.kind, shapes, projection.fit_rows, projection.top
+        )
     elif [(m.name, m.d_in, m.d_out) for m in spec.modules] != shapes:
         raise TributaryError(
             "the tracked modules of model.path (with model.modules / include_bias) differ from those the "
@@ -81,6 +83,20 @@ def context_for_model(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     pad_id = cast(int, pad_id)  # transformers types every special-token id as int | list[int] | str | list[str]
     return ModelContext(config, model, tokenizer, modules, spec, capture, device, pad_id)
+
+
+def with_projection(context: ModelContext, spec: ProjectionSpec) -> ModelContext:
+    """The same loaded model with another projection (the fitted matrices, or the fitting pass's full width)."""
+    if context.remote_gradients is not None:
+        raise TributaryError("a model held by a zero3 group cannot change its projection here")
+    return context_for_model(context.config, context.model, context.tokenizer, context.device, spec)
+
+
+def with_stored_projection(context: ModelContext, read: Callable[[], dict]) -> ModelContext:
+    """`context` with its fitted projection's matrices (from `read`, the store's) where its kind has them."""
+    if not context.spec.fitted or context.spec.matrices is not None:
+        return context
+    return with_projection(context, context.spec.with_matrices(read()))
 
 
 @dataclass

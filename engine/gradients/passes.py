@@ -18,7 +18,7 @@ from engine.capture.loss import per_example_loss, sample_labels
 from engine.capture.measurement import measurement_loss
 from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulator
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
-from engine.curvature.statistics import PartialSums
+from engine.curvature.statistics import ModuleCovariance, PartialSums
 from engine.data.batching import Batch, batches
 from engine.data.labels import IGNORE
 from engine.data.tokenize import TokenizedRow
@@ -148,6 +148,20 @@ def _fisher_deltas(
         state = capture.forward(batch)
     sampled = _curvature_labels(context, batch, state.logits)
     return capture.output_gradients(state, per_example_loss(state.logits, sampled), retain_graph=False)
+
+
+def covariance_pass(context: ModelContext, rows: list[TokenizedRow]) -> dict[str, ModuleCovariance]:
+    """K-FAC covariance sums of `rows` at `context`'s projection, and nothing else: one forward and one backward of
+    the curvature labels' loss per batch (the fitted projections' fitting pass, at full width)."""
+    capture = context.capture
+    covariance = CovarianceAccumulator(context.spec)
+    with capture.hooks():
+        for batch in _batches(context, rows):
+            state = capture.forward(batch)
+            labels = _curvature_labels(context, batch, state.logits)
+            deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
+            covariance.add(state.activations, deltas, batch.attention_mask)
+    return covariance.sums
 
 
 def _no_rows() -> tuple[np.ndarray, np.ndarray]:

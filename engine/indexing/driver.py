@@ -2,7 +2,8 @@
 each finished shard once in the manifest, reduces the per-shard statistics, and resumes a store that
 an earlier run left incomplete.
 
-Stages: `gradients` (pass 1: rows + covariance sums per shard, and with the true Fisher the sampled-label rows
+Stages: `projection` (fitted projection kinds only: full-width covariance sums of the fit rows, made into each
+side's matrix by the driver) → `gradients` (pass 1: rows + covariance sums per shard, and with the true Fisher the sampled-label rows
 `fisher_grads`) → `eigen` (driver: reduce in shard order, eigendecompose in float64) → `lambdas` (EK-FAC/diagonal
 Λ sums per shard: a read of the store, or pass 2 where engine.indexing.lambda_source says so) → `final`.
 """
@@ -24,6 +25,7 @@ from engine.indexing.lambda_source import writes_fisher_rows
 from engine.indexing.manifest import build_manifest
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
+from engine.projection.fitted import fit_shards, fitted_matrices, full_width
 from engine.store import GradientStore, location
 from engine.store.manifest import IndexRunRecord, ShardCommit, SkippedRow, StoreManifest
 from engine.store.opening import open_or_create
@@ -51,14 +53,16 @@ class IndexRun:
     def _runs(self) -> list[IndexRunRecord]:
         return [*self.earlier_runs, self.record.model_copy(update={"computed": self.computed})]
 
-    def stage(self, stage: str) -> None:
+    def stage(self, stage: str, only: list[int] | None = None) -> None:
+        """Run every shard of `stage` not yet committed (`only`: of those shards)."""
         shards = self.store.shards()
         committed = dict(self.store.manifest.shards.get(stage, {}))
-        pending = [i for i in range(len(shards)) if i not in committed]
+        wanted = range(len(shards)) if only is None else only
+        pending = [i for i in wanted if i not in committed]
         computed = self.computed.setdefault(stage, [])
         task = self.progress.add_task(
             f"{stage:<9}",
-            total=self.store.rows,
+            total=sum(shards[i][1] - shards[i][0] for i in wanted),
             completed=sum(shards[i][1] - shards[i][0] for i in committed),
         )
         for receipt in self.executor.run(stage, pending):
@@ -138,6 +142,17 @@ def build_store(
     return store
 
 
+def _fit_projection(store: GradientStore, run: IndexRun, spec: ProjectionSpec) -> None:
+    """Stage `projection` (fitted kinds): full-width K-FAC covariance sums of the fit rows per shard, reduced in
+    shard order and turned into each side's matrix once, here; the workers then read the matrices from the store."""
+    full = full_width(spec)
+    store.create_partials("projection_covariance", covariance_width(full), 2)
+    run.stage("projection", only=fit_shards(store.shards(), store.rows, spec.fit_rows))
+    sums = reduced_covariance(*store.read_partials("projection_covariance"), full)
+    store.write_projection(fitted_matrices(spec, {name: (c.a_sum, c.s_sum) for name, c in sums.items()}))
+    run.mark("projection")
+
+
 def _run_stages(
     config: JobConfig, store: GradientStore, executor, spec: ProjectionSpec, show_progress: bool, timings: dict
 ) -> None:
@@ -146,6 +161,11 @@ def _run_stages(
     workers = len(getattr(executor, "actors", [None]))
     with progress_bar(show_progress) as progress:
         run = IndexRun(store, executor, spec, progress, workers)
+        if spec.fitted and not run.done("projection"):
+            clock = time.perf_counter()
+            _fit_projection(store, run, spec)
+            executor.reset()
+            timings["projection_s"] = time.perf_counter() - clock
         if strategy in NEEDS_COVARIANCE:
             store.create_partials("covariance", covariance_width(spec), 2)
         fisher_rows = writes_fisher_rows(config, store.rows, spec.total_width)

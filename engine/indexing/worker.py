@@ -18,10 +18,17 @@ from engine.data.rows import Row, field_names, read_rows, rows_between
 from engine.data.sources import is_table_source
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.gradients.context import ModelContext, load_model_context
+from engine.gradients.context import ModelContext, load_model_context, with_projection, with_stored_projection
 from engine.gradients.finite import NonFinite, nonfinite_rows_error, nonfinite_vector_modules
-from engine.gradients.passes import ShardGradients, gradient_pass, gradient_pass_without, lambda_pass
+from engine.gradients.passes import (
+    ShardGradients,
+    covariance_pass,
+    gradient_pass,
+    gradient_pass_without,
+    lambda_pass,
+)
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
+from engine.projection.fitted import fit_row_positions, full_width
 from engine.store import GradientStore
 from engine.testing.faults import fault_point
 
@@ -50,6 +57,7 @@ class ShardWorker:
         self._store: GradientStore | None = None
         self._factors: dict[str, ModuleFactors] | None = None
         self._scale = None
+        self._full_width: ModelContext | None = None
 
     # ---- facts for the driver --------------------------------------------------------------------
     def describe(self) -> dict:
@@ -137,11 +145,36 @@ class ShardWorker:
         skipped = {row.row for row in store.manifest.skipped}
         return [p for p in range(stop - start) if start + p not in skipped]
 
+    def _fitted(self, store: GradientStore) -> None:
+        """Project with the store's fitted matrices from here on (fitted kinds; read once per worker)."""
+        self.context = with_stored_projection(self.context, store.read_projection)
+
     # ---- stages ---------------------------------------------------------------------------------
+    def projection(self, shard: int) -> dict:
+        """The fitting pass for one shard (fitted projection kinds): full-width covariance sums of its fit rows."""
+        started = time.perf_counter()
+        store = self._open()
+        start, stop = store.shards()[shard]
+        full = full_width(self.context.spec)
+        if self._full_width is None:
+            self._full_width = with_projection(self.context, full)
+        rows = self._tokenized(start, stop)
+        positions = fit_row_positions(store.rows, self.context.spec.fit_rows, start, stop)
+        sums = covariance_pass(self._full_width, [rows[p] for p in positions])
+        packed = pack_covariance(sums, full)
+        self._check_sums(
+            "projection covariance", shard, packed[0], [(m.name, m.d_in**2 + m.d_out**2) for m in full.modules]
+        )
+        fault_point("actor", "projection", shard)
+        store.write_partial("projection_covariance", shard, *packed)
+        return self._receipt("projection", shard, started)
+
     def gradients(self, shard: int) -> dict:
         """Pass 1 for one shard: rows, metadata and covariance sums written to the store."""
         started = time.perf_counter()
         store = self._open()
+        self._fitted(store)
+        self._full_width = None  # the fitting pass is over: its capture is not needed again
         start, stop = store.shards()[shard]
         rows = self._tokenized(start, stop)
         ids = self._ids(start, stop)
@@ -208,6 +241,7 @@ class ShardWorker:
     def _lambda_sums(self, store: GradientStore, start: int, stop: int, factors, scale):
         """Λ sums of a shard's rows that pass 1 kept, packed: from the store where it holds the rows Λ needs
         (engine.indexing.lambda_source), else pass 2; a non-finite row stops pass 2, named."""
+        self._fitted(store)
         stored = self._stored_rows(store)
         if stored is not None:
             kept = self._kept(store, start, stop)

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field as PydanticField
+
+FITTED_KINDS = ("kfac_eigen", "eigen_sketch")  # data-dependent matrices, fitted before pass 1 and kept in the store
+RANDOM_KINDS = ("rademacher", "gaussian")
 
 
 def _key(seed: int, module: str, side: str) -> int:
@@ -21,7 +27,8 @@ def _key(seed: int, module: str, side: str) -> int:
 
 
 def projection_matrix(seed: int, module: str, side: str, rows: int, cols: int, kind: str) -> np.ndarray:
-    """A rows x cols float64 matrix with i.i.d. entries of variance 1/cols, so E[P Pᵀ] = I."""
+    """A rows x cols float64 matrix with i.i.d. entries of variance 1/cols, so E[P Pᵀ] = I (`kind` random; the
+    fitted kinds' sketch of the complement draws from the same generator, gaussian)."""
     generator = np.random.Generator(np.random.Philox(key=_key(seed, module, side)))
     if kind == "rademacher":
         bits = generator.integers(0, 2, size=(rows, cols), dtype=np.int8)
@@ -29,7 +36,7 @@ def projection_matrix(seed: int, module: str, side: str, rows: int, cols: int, k
     elif kind == "gaussian":
         matrix = generator.standard_normal(size=(rows, cols))
     else:
-        raise ValueError(f"unknown projection kind {kind!r}; use 'rademacher' or 'gaussian'")
+        raise ValueError(f"unknown random projection kind {kind!r}; use 'rademacher' or 'gaussian'")
     return matrix / np.sqrt(cols)
 
 
@@ -63,18 +70,32 @@ class ProjectionSpec:
     seed: int
     kind: str
     modules: tuple[ModuleProjection, ...]
+    fit_rows: int | None = None  # fitted kinds: rows the covariances were fitted on (None: all)
+    top: int | None = None  # eigen_sketch: eigen-directions per side (None: dim // 2)
+    # fitted kinds: module -> (P_in, P_out), read from the store (engine.store) and checked against its checksums;
+    # not part of the spec's identity, which the settings above fix
+    # (Any, excluded: a manifest records the spec and the store the matrices, with their checksums)
+    matrices: Annotated[Any, PydanticField(exclude=True)] = field(default=None, compare=False, repr=False)
 
     @property
     def total_width(self) -> int:
         return sum(module.width for module in self.modules)
 
+    @property
+    def fitted(self) -> bool:
+        """The matrices come from the data (a fitting pass), not from the seed alone."""
+        return self.kind in FITTED_KINDS and self.dim > 0
+
     def to_dict(self) -> dict:
-        return {
+        raw = {
             "dim": self.dim,
             "seed": self.seed,
             "kind": self.kind,
             "modules": [asdict(module) for module in self.modules],
         }
+        if self.kind in FITTED_KINDS:  # absent for random kinds, so their fingerprints are those of older stores
+            raw.update(fit_rows=self.fit_rows, top=self.top)
+        return raw
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
@@ -82,17 +103,44 @@ class ProjectionSpec:
     @classmethod
     def from_dict(cls, raw: dict) -> ProjectionSpec:
         modules = tuple(ModuleProjection(**module) for module in raw["modules"])
-        return cls(dim=raw["dim"], seed=raw["seed"], kind=raw["kind"], modules=modules)
+        return cls(
+            dim=raw["dim"],
+            seed=raw["seed"],
+            kind=raw["kind"],
+            modules=modules,
+            fit_rows=raw.get("fit_rows"),
+            top=raw.get("top"),
+        )
+
+    def with_matrices(self, matrices: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ProjectionSpec:
+        """This spec with its fitted matrices, each checked against the module's shape."""
+        for module in self.modules:
+            if module.name not in matrices:
+                raise ValueError(f"no fitted projection for module {module.name}")
+            p_in, p_out = matrices[module.name]
+            if p_in.shape != (module.d_in, module.k_in) or p_out.shape != (module.d_out, module.k_out):
+                raise ValueError(
+                    f"fitted projection of {module.name} is {p_in.shape}/{p_out.shape}, not "
+                    f"{(module.d_in, module.k_in)}/{(module.d_out, module.k_out)}"
+                )
+        return replace(self, matrices=dict(matrices))
 
     def side_matrix(
         self, module: ModuleProjection, side: str, dtype: torch.dtype, device: torch.device | str = "cpu"
     ) -> torch.Tensor | None:
         """P_in (d_in x k_in) or P_out (d_out x k_out); None where that side is the identity."""
         rows, cols = (module.d_in, module.k_in) if side == "in" else (module.d_out, module.k_out)
-        if rows == cols:
+        if self.fitted:
+            if self.matrices is None:
+                raise ValueError(
+                    f"projection kind {self.kind} needs its fitted matrices (ProjectionSpec.with_matrices)"
+                )
+            matrix = self.matrices[module.name][0 if side == "in" else 1]
+        elif rows == cols:
             return None
-        matrix = projection_matrix(self.seed, module.name, side, rows, cols, self.kind)
-        return torch.from_numpy(matrix).to(dtype=dtype, device=device)
+        else:
+            matrix = projection_matrix(self.seed, module.name, side, rows, cols, self.kind)
+        return torch.from_numpy(np.ascontiguousarray(matrix)).to(dtype=dtype, device=device)
 
 
 def _side_width(dim: int, full: int) -> int:
@@ -100,8 +148,16 @@ def _side_width(dim: int, full: int) -> int:
     return full if dim == 0 or dim >= full else dim
 
 
-def build_projection(dim: int, seed: int, kind: str, shapes: list[tuple[str, int, int]]) -> ProjectionSpec:
-    """`shapes` lists (module name, d_in incl. bias column, d_out) in tracking order."""
+def build_projection(
+    dim: int,
+    seed: int,
+    kind: str,
+    shapes: list[tuple[str, int, int]],
+    fit_rows: int | None = None,
+    top: int | None = None,
+) -> ProjectionSpec:
+    """`shapes` lists (module name, d_in incl. bias column, d_out) in tracking order. A fitted kind keeps a side
+    as narrow as `dim` at full width too, as a rotation into its eigenbasis (the same scores as the identity)."""
     modules = []
     offset = 0
     for name, d_in, d_out in shapes:
@@ -110,4 +166,4 @@ def build_projection(dim: int, seed: int, kind: str, shapes: list[tuple[str, int
         )
         modules.append(module)
         offset += module.width
-    return ProjectionSpec(dim=dim, seed=seed, kind=kind, modules=tuple(modules))
+    return ProjectionSpec(dim=dim, seed=seed, kind=kind, modules=tuple(modules), fit_rows=fit_rows, top=top)

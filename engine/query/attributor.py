@@ -21,7 +21,7 @@ from engine.config import GenerationSettings, JobConfig, QueryOptions, with_meth
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.gradients.context import ModelContext, load_model_context
+from engine.gradients.context import ModelContext, load_model_context, with_stored_projection
 from engine.gradients.passes import token_gradients
 from engine.projection import ProjectionSpec
 from engine.query.approximate import rank_approximate
@@ -98,7 +98,7 @@ def _projection_differences(stored: ProjectionSpec, config: JobConfig) -> list[s
     wanted = config.projection
     return [
         f"projection.{key} (store: {getattr(stored, key)!r}, config: {getattr(wanted, key)!r})"
-        for key in ("dim", "seed", "kind")
+        for key in ("dim", "seed", "kind", "fit_rows", "top")
         if getattr(stored, key) != getattr(wanted, key)
     ]
 
@@ -228,7 +228,7 @@ class Attributor:
         model_config, store = final_model(config, opened)
         context = load_context(model_config)
         check_compatible(store, context, model_config)
-        return cls(config, opened, context, scan)
+        return cls(config, opened, with_stored_projection(context, store.read_projection), scan)
 
     def _resources(self, rows, measurement: str) -> StoreResources:
         return StoreResources(self.config, self.opened, self.spec, self.context, rows, measurement, shared=self._shared)

@@ -22,7 +22,16 @@ from engine.store.manifest import ARRAY_CHECKSUMS_SINCE, Manifest, ShardCommit
 SHARD_ARRAYS = ("grads", "rows/id", "rows/num_tokens", "rows/loss")
 FACTOR_FIELDS = ("lam", "q_a", "q_s", "alpha", "sigma")
 # Groups of packed per-module arrays that scores depend on; checked when the manifest has their digests.
-MODULE_GROUPS = ("factors", "segment_basis", "preconditioned_factors", "preconditioner", "segment_scale")
+MODULE_GROUPS = (
+    "factors",
+    "segment_basis",
+    "preconditioned_factors",
+    "preconditioner",
+    "segment_scale",
+    "projection_in",
+    "projection_out",
+)
+PROJECTION_ARRAYS = ("projection_in", "projection_out")  # fitted projections: (d_in, k_in) and (d_out, k_out)
 
 
 @dataclass
@@ -60,8 +69,16 @@ def row_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
 
 
 def module_size(field_name: str, module: ModuleProjection) -> int:
-    """Values of `module` in the packed array `field_name` (a factor field, or a (k_out, k_in) array)."""
-    sizes = {"q_a": module.k_in**2, "q_s": module.k_out**2, "alpha": module.k_in, "sigma": module.k_out}
+    """Values of `module` in the packed array `field_name` (a factor field, a fitted projection, or a (k_out, k_in)
+    array)."""
+    sizes = {
+        "q_a": module.k_in**2,
+        "q_s": module.k_out**2,
+        "alpha": module.k_in,
+        "sigma": module.k_out,
+        "projection_in": module.d_in * module.k_in,
+        "projection_out": module.d_out * module.k_out,
+    }
     return sizes.get(field_name, module.k_in * module.k_out)
 
 

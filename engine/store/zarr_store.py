@@ -25,7 +25,15 @@ from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ModuleProjection
 from engine.store.encoding import PHYSICAL, decode, encode
-from engine.store.integrity import FACTOR_FIELDS, SHARD_ARRAYS, checksum, module_checksums, row_checksums
+from engine.store.integrity import (
+    FACTOR_FIELDS,
+    PROJECTION_ARRAYS,
+    SHARD_ARRAYS,
+    checksum,
+    module_checksums,
+    module_size,
+    row_checksums,
+)
 from engine.store.location import exists as location_exists
 from engine.store.location import redact
 from engine.store.manifest import (
@@ -217,6 +225,44 @@ class GradientStore(ManifestStore[StoreManifest]):
 
     def read_module_arrays(self, name: str) -> dict[str, np.ndarray]:
         return read_module_arrays(self.group, name, self.modules)
+
+    # ---- fitted projections -----------------------------------------------------------------------
+    def has_projection(self) -> bool:
+        return all(name in self.group for name in PROJECTION_ARRAYS)
+
+    def write_projection(self, matrices: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """The fitted kinds' P_in and P_out of every module, packed in layout order, with their checksums."""
+        for side, name in enumerate(PROJECTION_ARRAYS):
+            pieces = {m.name: np.asarray(matrices[m.name][side], dtype=np.float64) for m in self.modules}
+            packed = np.concatenate([pieces[m.name].ravel() for m in self.modules])
+            self.group.create_array(name, shape=packed.shape, dtype="float64", overwrite=True)[...] = packed
+            self.record_checksums(name, {name: module_checksums(pieces)})
+
+    def read_projection(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The fitted projection, refused (naming the module) unless it matches the checksums recorded when
+        it was written: rows and queries must be projected with the very matrices the index used."""
+        if not self.has_projection():
+            raise TributaryError(
+                f"store {redact(self.path)} has no fitted projection (projection.kind "
+                f"{self.manifest.projection.kind}): its index stopped before the fit; run `tributary index` again"
+            )
+        sides = []
+        for name in PROJECTION_ARRAYS:
+            packed, offset, pieces = read(self.group, name), 0, {}
+            for m in self.modules:
+                size = module_size(name, m)
+                shape = (m.d_in, m.k_in) if name == "projection_in" else (m.d_out, m.k_out)
+                pieces[m.name] = packed[offset : offset + size].reshape(shape)
+                offset += size
+            expected = self.manifest.array_checksums.get(name, {})
+            changed = [n for n, digest in module_checksums(pieces).items() if expected.get(n) != digest]
+            if changed:
+                raise TributaryError(
+                    f"store {redact(self.path)}: the fitted projection {name} of {', '.join(changed[:3])} does not "
+                    "match its checksum (changed after it was written); re-index with `tributary index --overwrite`"
+                )
+            sides.append(pieces)
+        return {m.name: (sides[0][m.name], sides[1][m.name]) for m in self.modules}
 
 
 def _require_finite_rows(stored: np.ndarray, computed: np.ndarray, ids: list[str], start: int, manifest) -> None:
