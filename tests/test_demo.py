@@ -55,7 +55,10 @@ def _demo_record(play: str, speaker: str, own: bool) -> dict:
         "baseline": {"label": "base model (adapter off)", "text": "As Hamlet, I would say that life is a question."},
         "note": "IF (logprob_sum): the top supporter is from Hamlet; 60% of the top 10 are (chance 17%).",
         "top_k": entries,
-        "bottom_k": [dict(entry, rank=rank, score=-entry["score"] / 2) for rank, entry in enumerate(entries, 1)],
+        "bottom_k": [  # opposers from another play
+            dict(entry, id=f"othello-1-1-{rank:03d}", source="Othello · Hamlet 3.1", score=-entry["score"] / 2)
+            for rank, entry in enumerate(entries, 1)
+        ],
     }
 
 
@@ -70,8 +73,8 @@ def test_demo_report_reads_at_laptop_width(tmp_path):
         "top": 10,
         "chance": 0.17,
         "columns": [
-            {"label": "IF (logprob_sum)", "top1_count": 1, "top10_mean": 0.6},
-            {"label": "random scores", "top1_count": 0, "top10_mean": 0.1},
+            {"label": "IF sum", "top1_count": 1, "top10_mean": 0.6, "bottom10_mean": 0.3},
+            {"label": "random", "top1_count": 0, "top10_mean": 0.1, "bottom10_mean": 0.2},
         ],
         "prompts": [
             {
@@ -80,8 +83,8 @@ def test_demo_report_reads_at_laptop_width(tmp_path):
                 "play": "Hamlet",
                 "chance": 0.17,
                 "figures": [
-                    {"ranking": "IF (logprob_sum)", "top1": True, "top10": 0.6},
-                    {"ranking": "random scores", "top1": False, "top10": 0.1},
+                    {"ranking": "IF sum", "top1": True, "top10": 0.6, "bottom10": 0.3},
+                    {"ranking": "random", "top1": False, "top10": 0.1, "bottom10": 0.2},
                 ],
             }
         ],
@@ -102,14 +105,31 @@ def test_demo_report_reads_at_laptop_width(tmp_path):
         "Othello · Hamlet 3.1",
         'class="chart"',
         "Scores of the listed examples",
-        "yes · 60%",
-        "1/1 · 60%",
+        "yes · 60% · 30%",
+        "1/1 · 60% · 30%",
         "Does the attribution follow the play the prompt names?",
     ):
         assert needle in dom, needle
     # six bars: three supporters (right of the axis) and three opposers (left), scaled to the largest |score|
     assert dom.count('class="fill pos"') == 3 and dom.count('class="fill neg"') == 3
     assert 'style="width: 50.0%"' in dom  # the largest score fills its half of the track
+
+
+def test_own_play_figures_count_the_named_play_at_each_end():
+    from engine.demo_assets.own_play import chance, own_play, random_ranking
+
+    play_of = {f"r{i}": ("Hamlet" if i % 4 == 0 else "Othello") for i in range(40)}  # 10 of 40 from Hamlet
+    supporting = ["r0", "r1", "r4", "r2", "r3", "r8", "r5", "r6", "r7", "r9", "r12"]
+    opposing = ["r39", "r36", "r38", "r32", "r37", "r35", "r34", "r33", "r31", "r30"]
+    figures = own_play(supporting, opposing, play_of, "Hamlet")
+    assert figures.top1 and figures.top10 == 3 / 10 and figures.bottom10 == 2 / 10  # r0,r4,r8 · r36,r32
+    assert not own_play(supporting[1:], opposing, play_of, "Hamlet").top1
+    assert chance(play_of, "Hamlet") == 0.25
+    ranking = random_ranking(list(play_of), seed=3)
+    assert sorted(ranking) == sorted(play_of) and ranking == random_ranking(list(play_of), seed=3)
+    assert ranking != random_ranking(list(play_of), seed=4)
+    with pytest.raises(ValueError, match="top and bottom 10"):
+        own_play(supporting[:5], opposing, play_of, "Hamlet")
 
 
 def _own_play_slug(entry_id: str, slugs: set[str]) -> str:
@@ -173,6 +193,10 @@ def test_smollm2_demo_learned_and_attributions_follow_the_play(smollm2_dir, tmp_
     for record in records:
         assert record["completion"].strip() != record["baseline"]["text"].strip(), record["id"]
     own = [_own_play_slug(record["top_k"][0]["id"], set(DEMO_PLAYS)) == query_plays[record["id"]] for record in records]
+    for record in records:  # the reported shares, recounted from the listed ids
+        for end, key in (("top_k", "top10"), ("bottom_k", "bottom10")):
+            slugs = [_own_play_slug(entry["id"], set(DEMO_PLAYS)) for entry in record[end][:10]]
+            assert record["own_play"]["figures"][0][key] == pytest.approx(slugs.count(query_plays[record["id"]]) / 10)
     assert sum(own) >= 3, [(record["id"], record["top_k"][0]["id"]) for record in records]
     require_chromium()
     shot = tmp_path / "report.png"

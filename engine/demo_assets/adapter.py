@@ -1,9 +1,10 @@
 """The demo's LoRA adapter: trained once by `train_lora` with the recipe below, committed with its fingerprint.
 
 A 2-core CPU fits a few dozen LoRA steps into the demo's time, too few for SmolLM2 to leave its assistant
-prose; the recipe's several hundred steps take ~15 minutes there. So the adapter is trained once, with
+prose; the recipe's 320 steps take ~1.5 s each on an idle machine, about 8 minutes (43 when the committed
+adapter was trained on a busy one; training.json has every step's time). So the adapter is trained once, with
 `python -m engine.demo_assets.adapter` (or `tributary demo --retrain`, which trains it into the demo's
-workdir), and `adapter/` beside this file holds the result: `adapter_config.json`,
+workdir), and `committed_adapter/` beside this file holds the result: `adapter_config.json`,
 `adapter_model.safetensors`, `training.json` (losses, timings) and `fingerprint.json`.
 
 The fingerprint ties the weights to their inputs: the recipe, the SHA-256 of the training rows (as the
@@ -25,7 +26,7 @@ from pathlib import Path
 from engine.demo_assets.smollm2 import MODEL_NAME
 from engine.errors import TributaryError
 
-COMMITTED = Path(__file__).with_name("adapter")
+COMMITTED = Path(__file__).with_name("committed_adapter")
 FINGERPRINT = "fingerprint.json"
 WEIGHTS = "adapter_model.safetensors"
 ROW_FIELDS = ("id", "prompt", "completion")
@@ -122,7 +123,7 @@ def train_adapter(model_dir: str | os.PathLike, rows: Sequence[dict], out_dir: P
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Retrain the committed adapter (engine/demo_assets/adapter/) from the recipe."""
+    """Retrain the committed adapter (engine/demo_assets/committed_adapter/) from the recipe."""
     from transformers import AutoTokenizer
 
     from engine.demo_assets.smollm2 import ensure_smollm2

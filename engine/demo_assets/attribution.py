@@ -18,9 +18,11 @@ from pathlib import Path
 from engine.config import GenerationSettings, JobConfig, QueryOptions
 from engine.demo_assets.own_play import TOP, chance, own_play, random_ranking
 from engine.demo_assets.shakespeare import END_OF_TURN
+from engine.errors import TributaryError
 
 RANKINGS = (("if", "logprob_sum"), ("if", "logprob_mean"), ("grad_dot", "logprob_sum"), ("grad_cos", "logprob_sum"))
-LABELS = {"if": "IF", "grad_dot": "Grad-Dot", "grad_cos": "Grad-Cos", "random": "random scores"}
+LABELS = {"if": "IF", "grad_dot": "Grad-Dot", "grad_cos": "Grad-Cos", "random": "random"}
+MEASUREMENTS = {"logprob_sum": "sum", "logprob_mean": "mean"}
 
 
 @dataclass
@@ -42,7 +44,7 @@ class Outcome:
 
 
 def _label(method: str, measurement: str) -> str:
-    return f"{LABELS[method]} ({measurement})"
+    return f"{LABELS[method]} {MEASUREMENTS[measurement]}"
 
 
 def _source(row: dict) -> str:
@@ -52,6 +54,8 @@ def _source(row: dict) -> str:
 def attribute_demo(
     config: JobConfig, rows: list[dict], queries: list[dict], max_new_tokens: int, k: int = TOP
 ) -> Outcome:
+    from peft import PeftModel
+
     from engine.query.attributor import Attributor, QueryGroup
     from engine.query.generate import PromptRow, generate
     from engine.query.run import run_settings
@@ -59,13 +63,20 @@ def attribute_demo(
     local = config.model_copy(update={"cluster": None})
     attributor = Attributor.load(local)
     if attributor.ids != [row["id"] for row in rows]:
-        raise RuntimeError("the store's rows are not the adapter's training rows")
+        raise TributaryError(
+            f"the store {local.store.path} does not hold the adapter's training rows; delete it and run the demo again"
+        )
+    model = attributor.context.model
+    if not isinstance(model, PeftModel):
+        raise TributaryError(
+            f"the demo's model {local.model.path} has no LoRA adapter attached ({local.model.adapter})"
+        )
     settings = GenerationSettings(max_new_tokens=max_new_tokens, chat=True)
     prompts = [PromptRow(i, query["id"], i + 1, query["prompt"]) for i, query in enumerate(queries)]
     tuned = attributor.generated_queries(prompts, settings, "the demo's prompts")
-    with attributor.context.model.disable_adapter():
+    with model.disable_adapter():
         base = generate(
-            attributor.context.model,
+            model,
             attributor.context.tokenizer,
             prompts,
             settings,
@@ -81,11 +92,15 @@ def attribute_demo(
     by_id = {row["id"]: row for row in rows}
     play_of = {row["id"]: row["play"] for row in rows}
     ids = list(attributor.ids)
-    rankings = {  # label -> per prompt, the top-k ids (most supporting first)
-        _label(method, measurement): [[entry["id"] for entry in record["top_k"]] for record in result.written_records()]
+    rankings = {  # label -> per prompt, (the top-k ids most supporting first, the bottom-k most opposing first)
+        _label(method, measurement): [
+            ([entry["id"] for entry in record["top_k"]], [entry["id"] for entry in record["bottom_k"]])
+            for record in result.written_records()
+        ]
         for (method, measurement), result in zip(RANKINGS, results)
     }
-    rankings[LABELS["random"]] = [random_ranking(ids, seed=q)[:k] for q in range(len(queries))]
+    shuffled = [random_ranking(ids, seed=q) for q in range(len(queries))]
+    rankings[LABELS["random"]] = [(ranking[:k], ranking[::-1][:k]) for ranking in shuffled]
     summary = _own_play_summary(queries, rankings, play_of)
     summary["mean_ranks_as_sum"] = rankings[_label("if", "logprob_mean")] == rankings[_label("if", "logprob_sum")]
     records = results[0].written_records()
@@ -106,11 +121,13 @@ def attribute_demo(
     return Outcome(records, summary, run_settings(local, len(ids), options[0]))
 
 
-def _own_play_summary(queries: list[dict], rankings: dict[str, list[list[str]]], play_of: dict[str, str]) -> dict:
+def _own_play_summary(
+    queries: list[dict], rankings: dict[str, list[tuple[list[str], list[str]]]], play_of: dict[str, str]
+) -> dict:
     prompts = []
     for q, query in enumerate(queries):
         figures = [
-            {"ranking": label, **own_play(ranked[q], play_of, query["play"]).describe()}
+            {"ranking": label, **own_play(*ranked[q], play_of, query["play"]).describe()}
             for label, ranked in rankings.items()
         ]
         prompts.append(
@@ -127,6 +144,7 @@ def _own_play_summary(queries: list[dict], rankings: dict[str, list[list[str]]],
             "label": label,
             "top1_count": sum(prompt["figures"][c]["top1"] for prompt in prompts),
             "top10_mean": round(sum(prompt["figures"][c][f"top{TOP}"] for prompt in prompts) / len(prompts), 3),
+            "bottom10_mean": round(sum(prompt["figures"][c][f"bottom{TOP}"] for prompt in prompts) / len(prompts), 3),
         }
         for c, label in enumerate(rankings)
     ]
@@ -139,24 +157,37 @@ def _own_play_summary(queries: list[dict], rankings: dict[str, list[list[str]]],
     }
 
 
+CAPTION = (
+    "Does the attribution follow the play the prompt names? Each cell: is the top-1 supporter from that play "
+    "(yes/no) · the play's share of the top {top} supporters · its share of the top {top} opposers. Chance is the "
+    "play's share of the {rows} training speeches."
+)
+
+
+def cells(prompt: dict, separator: str = " · ") -> list[str]:
+    """One prompt's figures per ranking, as 'yes · 10% · 40%'."""
+    return [
+        separator.join(("yes" if f["top1"] else "no", f"{f[f'top{TOP}']:.0%}", f"{f[f'bottom{TOP}']:.0%}"))
+        for f in prompt["figures"]
+    ]
+
+
+def overall(summary: dict, separator: str = " · ") -> list[str]:
+    """The figures over all prompts per ranking, as '4/4 · 12% · 45%'."""
+    count = len(summary["prompts"])
+    return [
+        separator.join((f"{c['top1_count']}/{count}", f"{c['top10_mean']:.0%}", f"{c['bottom10_mean']:.0%}"))
+        for c in summary["columns"]
+    ]
+
+
 def _summary_table(summary: dict) -> dict:
     """The own-play figures as the report's summary table."""
     header = ["prompt", "chance"] + [column["label"] for column in summary["columns"]]
-    rows = [
-        [prompt["instruction"], f"{prompt['chance']:.0%}"]
-        + [f"{'yes' if f['top1'] else 'no'} · {f[f'top{TOP}']:.0%}" for f in prompt["figures"]]
-        for prompt in summary["prompts"]
-    ]
-    rows.append(
-        ["all prompts", f"{summary['chance']:.0%}"]
-        + [f"{c['top1_count']}/{len(summary['prompts'])} · {c['top10_mean']:.0%}" for c in summary["columns"]]
-    )
+    rows = [[prompt["instruction"], f"{prompt['chance']:.0%}"] + cells(prompt) for prompt in summary["prompts"]]
+    rows.append(["all prompts", f"{summary['chance']:.0%}"] + overall(summary))
     return {
-        "caption": (
-            f"Does the attribution follow the play the prompt names? Each cell: is the top-1 supporter from that "
-            f"play (yes/no) · the play's share of the top {TOP}. Chance is the play's share of the "
-            f"{summary['rows']} training speeches."
-        ),
+        "caption": CAPTION.format(top=TOP, rows=summary["rows"]),
         "header": header,
         "rows": rows,
     }
