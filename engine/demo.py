@@ -33,6 +33,7 @@ console = Console()
 FULL = {"max_new_tokens": 32, "k": 10, "workers": 2}
 SMALL = {"max_new_tokens": 8, "k": 10, "workers": 2}
 INDEX_MARK = "index-inputs.json"
+SPEECH_WIDTH = 30  # the printed speech excerpt, so a ranking fits 80 columns (the report has the whole text)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -98,7 +99,9 @@ def _adapter(model_dir: Path, rows: list[dict], root: Path, retrain: bool) -> Pa
 
     if retrain:
         steps = RECIPE["train"]["steps"]
-        console.print(f"    training from the recipe ({steps} steps; ~8 min on 2 idle CPU cores) into {root / 'adapter'}")
+        console.print(
+            f"    training from the recipe ({steps} steps; ~8 min on 2 idle CPU cores) into {root / 'adapter'}"
+        )
         return train_adapter(model_dir, rows, root / "adapter")
     adapter = verified_adapter(COMMITTED, rows)
     console.print(f"    committed adapter, fingerprint verified: {adapter}")
@@ -177,22 +180,26 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[d
     return outcome.records
 
 
+def _clipped(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _print_generations(records: list[dict]) -> None:
     for record in records:
         console.print(f"\n[bold]{escape(record['instruction'])}[/]")
         console.print(f"  base model: [dim]{escape(_one_line(record['baseline']['text']))}[/]")
         console.print(f"  fine-tuned: [italic]{escape(_one_line(record['completion']))}[/]")
         table = Table(show_header=True, header_style="bold", box=None, padding=(0, 1))
-        table.add_column("IF rank")
+        table.add_column("IF #")
         table.add_column("score", justify="right")
-        table.add_column("from")
+        table.add_column("from", no_wrap=True)
         table.add_column("training speech")
         for entry in record["top_k"][:3]:
             table.add_row(
                 str(entry["rank"]),
                 f"{entry['score']:.3g}",
                 escape(entry["source"]),
-                escape(_one_line(entry.get("snippet", ""))[:90]),
+                escape(_clipped(_one_line(entry.get("snippet", "")), SPEECH_WIDTH)),
             )
         console.print(table)
 
