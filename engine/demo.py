@@ -206,6 +206,7 @@ def _print_generations(records: list[dict]) -> None:
 
 def _print_own_play(summary: dict) -> None:
     from engine.demo_assets.attribution import CAPTION, cells, overall
+    from engine.demo_assets.own_play import TOP
 
     console.print("\n" + CAPTION.format(top=summary["top"], rows=summary["rows"]))
     # IF mean ranks exactly as IF sum (said below); the terminal leaves that column out to fit 80 characters
@@ -225,6 +226,21 @@ def _print_own_play(summary: dict) -> None:
     totals = overall(summary, separator=" ")
     table.add_row("[bold]all[/]", f"{summary['chance']:.0%}", *[f"[bold]{totals[c]}[/]" for c in shown])
     console.print(table)
+    taught = [(prompt["play"], prompt["same_prompt"]) for prompt in summary["prompts"] if "same_prompt" in prompt]
+    if taught:
+        console.print(
+            f"Rows taught the very prompt, among {summary['columns'][0]['label']}'s top {summary['top']} supporters / "
+            "opposers: "
+            + ", ".join(f"{play} {s[f'top{TOP}']}/{s[f'bottom{TOP}']} of {s['rows']}" for play, s in taught)
+        )
+    shares = [
+        (prompt["play"], prompt["first_token_share"]) for prompt in summary["prompts"] if "first_token_share" in prompt
+    ]
+    if shares:
+        console.print(
+            "The first generated token's share of the top supporter's score (per-token view): "
+            + ", ".join(f"{play} {share:.0%}" for play, share in shares)
+        )
     if summary.get("mean_ranks_as_sum"):
         console.print(
             "[dim]IF mean (logprob_mean) ranks every prompt's rows exactly as IF sum (logprob_sum): the mean divides "

@@ -132,6 +132,22 @@ def test_own_play_figures_count_the_named_play_at_each_end():
         own_play(supporting[:5], opposing, play_of, "Hamlet")
 
 
+def test_same_prompt_counts_the_rows_taught_that_instruction():
+    from engine.demo_assets.attribution import same_prompt
+
+    rows = [
+        {"id": f"r{i}", "prompt": f"<user>Speak as {'Hamlet' if i < 5 else 'Horatio'} in Hamlet.<end>"}
+        for i in range(30)
+    ]
+    supporting = [f"r{i}" for i in (0, 9, 10, 11, 12, 13, 14, 15, 16, 17, 1)]  # r1 is 11th: outside the top 10
+    opposing = [f"r{i}" for i in (2, 3, 29, 28, 27, 26, 25, 24, 23, 22)]
+    assert same_prompt("Speak as Hamlet in Hamlet.", rows, supporting, opposing) == {
+        "rows": 5,
+        "top10": 1,
+        "bottom10": 2,
+    }
+
+
 def _own_play_slug(entry_id: str, slugs: set[str]) -> str:
     """The play slug an id like "romeo-and-juliet-2-2-014" starts with."""
     return max((slug for slug in slugs if entry_id.startswith(slug + "-")), key=len)

@@ -103,6 +103,8 @@ def attribute_demo(
     rankings[LABELS["random"]] = [(ranking[:k], ranking[::-1][:k]) for ranking in shuffled]
     summary = _own_play_summary(queries, rankings, play_of)
     summary["mean_ranks_as_sum"] = rankings[_label("if", "logprob_mean")] == rankings[_label("if", "logprob_sum")]
+    for prompt, query, (supporting, opposing) in zip(summary["prompts"], queries, rankings[_label(*RANKINGS[0])]):
+        prompt["same_prompt"] = same_prompt(query["prompt"], rows, supporting, opposing)
     records = results[0].written_records()
     for q, (record, query, baseline) in enumerate(zip(records, queries, base)):
         record["instruction"] = query["prompt"]
@@ -114,11 +116,28 @@ def attribute_demo(
             entry["snippet"] = entry.get("snippet", "").replace(END_OF_TURN, "")
         record["own_play"] = summary["prompts"][q]
         figures = record["own_play"]["figures"][0]
+        taught = record["own_play"]["same_prompt"]
+        top = record["top_k"][0]
+        record["own_play"]["first_token_share"] = round(top["per_token"][0] / top["score"], 3)
         record["note"] = (
             f"{figures['ranking']}: the top supporter is {'' if figures['top1'] else 'not '}from {query['play']}; "
-            f"{figures[f'top{TOP}']:.0%} of the top {TOP} are (chance {record['own_play']['chance']:.0%})."
+            f"{figures[f'top{TOP}']:.0%} of the top {TOP} are, and {figures[f'bottom{TOP}']:.0%} of the top {TOP} "
+            f"opposers (chance {record['own_play']['chance']:.0%}). Of the {taught['rows']} rows taught this very "
+            f"prompt, {taught[f'top{TOP}']} are among the top {TOP} supporters and {taught[f'bottom{TOP}']} among "
+            "the opposers: they teach another answer to it."
         )
     return Outcome(records, summary, run_settings(local, len(ids), options[0]))
+
+
+def same_prompt(instruction: str, rows: list[dict], supporting: list[str], opposing: list[str]) -> dict:
+    """How many training rows were taught this very instruction, and how many of them are among the top TOP
+    supporters and the top TOP opposers."""
+    taught = {row["id"] for row in rows if instruction in row["prompt"]}
+    return {
+        "rows": len(taught),
+        f"top{TOP}": len(taught.intersection(supporting[:TOP])),
+        f"bottom{TOP}": len(taught.intersection(opposing[:TOP])),
+    }
 
 
 def _own_play_summary(
