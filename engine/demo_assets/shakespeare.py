@@ -52,8 +52,13 @@ DEMO_PLAYS = (
     "othello",
     "king-lear",
 )
-# (speaker, play slug) of the demo's three queries; each has many passages in DEMO_PLAYS.
-DEMO_QUERIES = (("HAMLET", "hamlet"), ("JULIET", "romeo-and-juliet"), ("LADY MACBETH", "macbeth"))
+# (speaker, play slug) of the demo's four queries; each has many passages in DEMO_PLAYS.
+DEMO_QUERIES = (
+    ("HAMLET", "hamlet"),
+    ("JULIET", "romeo-and-juliet"),
+    ("LADY MACBETH", "macbeth"),
+    ("PROSPERO", "the-tempest"),
+)
 
 _ROMAN = {"I": 1, "V": 5, "X": 10, "L": 50}
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*$")
@@ -303,8 +308,48 @@ def passages(
     return rows
 
 
+def featured_passages(
+    count: int,
+    featured: tuple[tuple[str, str], ...] = DEMO_QUERIES,
+    per_featured: int = 6,
+    seed: int = 0,
+    max_words: int = 40,
+    min_words: int = 20,
+    plays: tuple[str, ...] | list[str] | None = DEMO_PLAYS,
+    tokenizer=None,
+) -> list[dict]:
+    """`count` rows: `per_featured` passages of each (speaker, play) in `featured` first, then the rest
+    drawn as `passages` draws them (round robin over `plays`), skipping the passages already taken.
+
+    Without this a random draw can leave a queried character with no speech at all (at 64 rows of <= 30
+    words, seed 0 has none by Juliet or Lady Macbeth), and "Speak as Juliet" would then teach nothing of her.
+    """
+    rows: list[dict] = []
+    for speaker, play in featured:
+        pool = [
+            (speech, lines)
+            for speech in speeches(play)
+            if speech.speaker == speaker and (lines := passage_lines(speech, max_words, min_words)) is not None
+        ]
+        if len(pool) < per_featured:
+            raise TributaryError(
+                f"featured_passages: {speaker} in {play} has {len(pool)} passages of {min_words}-{max_words} words, "
+                f"{per_featured} wanted; lower per_featured or widen the limits"
+            )
+        random.Random(f"{seed}:{play}:{speaker}").shuffle(pool)
+        rows.extend(make_row(speech, lines, tokenizer) for speech, lines in pool[:per_featured])
+    if len(rows) > count:
+        raise TributaryError(f"featured_passages: {len(rows)} featured rows exceed count={count}")
+    taken = {row["id"] for row in rows}
+    spare = passages(
+        count + len(taken), seed=seed, max_words=max_words, min_words=min_words, plays=plays, tokenizer=tokenizer
+    )
+    rows.extend([row for row in spare if row["id"] not in taken][: count - len(rows)])
+    return rows
+
+
 def demo_queries(tokenizer=None, system: str | None = None) -> list[dict]:
-    """The demo's three queries, to be completed by generation.
+    """The demo's queries (one per DEMO_QUERIES), to be completed by generation.
 
     {"id": "query-hamlet-hamlet", "prompt": "Speak as Hamlet in Hamlet." (the user turn, as
     `tributary query --generate` takes it with chat on), "chat_prompt": <the same, chat-formatted exactly

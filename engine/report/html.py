@@ -3,7 +3,10 @@
 Per query: the prompt (muted) and the completion with every completion token shaded by its score (green
 for a positive score, red for a negative one, intensity relative to the query's largest magnitude; the
 exact value in the token's tooltip), then the top supporting and the top opposing training examples with
-their scores. Settings of the run come last in a table. Every piece of text is HTML-escaped, and "://"
+their scores, drawn once more as a small bar chart. Optional record fields add context where a caller has
+it: `instruction` (the heading), `baseline` ({label, text}: another model's answer to the same prompt),
+`note` (a line under the heading), and per example `source` (where the example comes from). An optional
+summary table ({caption, header, rows}) comes first. Settings of the run come last in a table. Every piece of text is HTML-escaped, and "://"
 in text is written as "&#58;//", so the file contains no URL, no ``<script`` and nothing to fetch; a
 Content-Security-Policy meta tag forbids any fetch as a second guard.
 """
@@ -72,6 +75,26 @@ details table { font-size: 12px; width: auto; }
 table.settings td.key { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; width: 32%; }
 table.settings td.value { white-space: pre-wrap; word-break: break-word; }
 footer { color: var(--muted); font-size: 12px; margin-top: 28px; }
+.baseline { color: var(--muted); background: var(--bg-soft); font-size: 14px; }
+.label { font-size: 12px; color: var(--muted); margin: 10px 0 3px; text-transform: uppercase; letter-spacing: .04em; }
+.note { margin: 0 0 10px; }
+.src { color: var(--muted); font-family: system-ui, sans-serif; font-size: 12px; white-space: normal; }
+table.summary { margin: 6px 0 22px; }
+table.summary td, table.summary th { text-align: center; }
+table.summary td:first-child, table.summary th:first-child { text-align: left; }
+table.summary tr:last-child td { font-weight: 600; }
+.caption { color: var(--muted); font-size: 13px; margin: 0 0 6px; }
+.chart { display: grid; grid-template-columns: minmax(0, 2fr) minmax(0, 3fr); gap: 2px 10px; font-size: 12px;
+         margin: 4px 0 6px; max-width: 860px; }
+.chart .who { white-space: nowrap; overflow: hidden; text-overflow: ellipsis; text-align: right; color: var(--fg); }
+.chart .track { position: relative; height: 16px; border-left: 1px solid var(--line);
+                border-right: 1px solid var(--line); background: linear-gradient(var(--line), var(--line))
+                center / 1px 100% no-repeat; }
+.chart .fill { position: absolute; top: 3px; height: 10px; border-radius: 2px; }
+.chart .fill.pos { left: 50%; background: rgb(var(--pos)); }
+.chart .fill.neg { right: 50%; background: rgb(var(--neg)); }
+.chart .axis { grid-column: 2; display: flex; justify-content: space-between; color: var(--muted); font-size: 11px; }
+@media (max-width: 760px) { main { padding: 14px; } .chart { grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); } }
 """
 
 
@@ -126,6 +149,43 @@ def _highlight_source(record: dict) -> tuple[list | None, str]:
             "per_token"
         ], f"per-token score of the top supporter ({top[0].get('id', top[0].get('index', ''))})"
     return None, ""
+
+
+def _chart(top: Any, bottom: Any, scale: float) -> str:
+    """The listed examples' scores as a diverging bar chart: supporters right (green), opposers left (red)."""
+    entries = [e for e in (top if isinstance(top, list) else []) + (bottom if isinstance(bottom, list) else [])]
+    bars = []
+    for entry in entries:
+        score = _number(entry.get("score")) if isinstance(entry, dict) else None
+        if score is None or not math.isfinite(score) or scale <= 0:
+            continue
+        width = 50.0 * min(1.0, abs(score) / scale)
+        label = entry.get("id", entry.get("index", ""))
+        if entry.get("source"):
+            label = f"{entry['source']} ({label})"
+        bars.append(
+            f'<div class="who" title="{_text(label)}">{_text(label)}</div>'
+            f'<div class="track" title="{_text(_format_score(score))}"><span class="fill '
+            f'{"pos" if score > 0 else "neg"}" style="width: {width:.1f}%"></span></div>'
+        )
+    if not bars:
+        return ""
+    limit = _text(_format_score(scale).lstrip("+"))
+    return (
+        f'<div class="chart">{"".join(bars)}<div class="axis"><span>−{limit}</span><span>0</span>'
+        f"<span>+{limit}</span></div></div>"
+    )
+
+
+def _baseline(record: dict) -> str:
+    baseline = record.get("baseline")
+    if not isinstance(baseline, dict) or not baseline.get("text"):
+        return ""
+    return (
+        f'<div class="label">{_text(baseline.get("label", "baseline"))}</div>'
+        f'<div class="generation baseline">{_text(baseline["text"])}</div>'
+        '<div class="label">this model</div>'
+    )
 
 
 def _generation(record: dict) -> str:
@@ -208,9 +268,11 @@ def _examples_table(entries: Any, kind: str, scale: float) -> str:
         snippet = entry.get("snippet")
         snippet_html = _text(snippet) if snippet not in (None, "") else '<span class="none">no snippet</span>'
         index = entry.get("index")
+        source = f'<div class="src">{_text(entry["source"])}</div>' if entry.get("source") else ""
         rows.append(
             f'<tr><td class="num">{_text(entry.get("rank", position))}</td>'
-            f'<td class="id">{_text(entry.get("id", index if index is not None else ""))}</td>'
+            f'<td class="id" title="{_text(entry.get("id", ""))}">'
+            f"{_text(entry.get('id', index if index is not None else ''))}{source}</td>"
             f'<td class="num">{_text("" if index is None else index)}</td>'
             f"<td{css}>{_text(_format_score(entry.get('score')))}{bar}</td>"
             f'<td class="snippet">{snippet_html}{_per_module(entry)}</td></tr>'
@@ -236,12 +298,18 @@ def _query_section(position: int, record: dict) -> str:
     top = record.get("top_k")
     bottom = record.get("bottom_k")
     scale = _max_abs(e.get("score") for e in (top or []) + (bottom or []) if isinstance(e, dict))
+    heading = f"Query {_text(query_id)}"
+    if record.get("instruction"):
+        heading = f'{_text(record["instruction"])} <span class="src">{_text(query_id)}</span>'
+    note = f'<p class="note">{_text(record["note"])}</p>' if record.get("note") else ""
+    chart = _chart(top, bottom, scale)
     return (
         f'<section class="query" id="q-{position}">'
-        f"<h2>Query {_text(query_id)}</h2>"
+        f"<h2>{heading}</h2>"
         f'<div class="meta">{"".join(meta)}</div>'
-        f"{_generation(record)}"
-        f"<h3>Top supporting training examples</h3>"
+        f"{note}{_baseline(record)}{_generation(record)}"
+        + (f"<h3>Scores of the listed examples</h3>{chart}" if chart else "")
+        + "<h3>Top supporting training examples</h3>"
         f"{_examples_table(top, 'top supporting examples', scale)}"
         f"<h3>Top opposing training examples</h3>"
         f"{_examples_table(bottom, 'top opposing examples', scale)}"
@@ -285,8 +353,24 @@ def _settings_table(settings: dict | None) -> str:
     )
 
 
-def render_html_report(records: list[dict], settings: dict | None, title: str = "Tributary attribution report") -> str:
-    """The report as one HTML string (see the module docstring)."""
+def _summary(summary: dict | None) -> str:
+    if not summary:
+        return ""
+    header = "".join(f"<th>{_text(cell)}</th>" for cell in summary.get("header", []))
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_text(cell)}</td>" for cell in row) + "</tr>" for row in summary.get("rows", [])
+    )
+    caption = f'<p class="caption">{_text(summary["caption"])}</p>' if summary.get("caption") else ""
+    return f'{caption}<table class="summary"><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+def render_html_report(
+    records: list[dict],
+    settings: dict | None,
+    title: str = "Tributary attribution report",
+    summary: dict | None = None,
+) -> str:
+    """The report as one HTML string (see the module docstring); `summary`: {caption, header, rows}."""
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise TributaryError(
             "the report needs a list of result records (dicts), one per query, as `tributary query --out` writes them"
@@ -294,9 +378,9 @@ def render_html_report(records: list[dict], settings: dict | None, title: str = 
     if settings is not None and not isinstance(settings, dict):
         raise TributaryError("the report's settings must be a dict of setting name -> value")
     methods = sorted({str(r["method"]) for r in records if r.get("method") not in (None, "")})
-    summary = f"{len(records)} {'query' if len(records) == 1 else 'queries'}"
+    subtitle = f"{len(records)} {'query' if len(records) == 1 else 'queries'}"
     if methods:
-        summary += f" · method {', '.join(methods)}"
+        subtitle += f" · method {', '.join(methods)}"
     toc = "".join(f'<a href="#q-{i}">{_text(r.get("id", r.get("query", i)))}</a>' for i, r in enumerate(records))
     sections = "".join(_query_section(i, r) for i, r in enumerate(records))
     if not records:
@@ -308,9 +392,10 @@ def render_html_report(records: list[dict], settings: dict | None, title: str = 
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_text(title)}</title><style>{_CSS}</style></head>\n"
         f"<body><main><h1>{_text(title)}</h1>"
-        f'<p class="sub">{_text(summary)}. A positive score means the training example supports the '
+        f'<p class="sub">{_text(subtitle)}. A positive score means the training example supports the '
         "completion (removing it would raise the completion's loss); a negative score means it opposes it.</p>"
         + (f'<nav class="toc">queries: {toc}</nav>' if records else "")
+        + _summary(summary)
         + f"{sections}"
         f'<section class="settings" id="settings"><h2>Settings</h2>{_settings_table(settings)}</section>'
         f"<footer>Tributary {_text(__version__)} · self-contained report: no scripts, no network assets.</footer>"
@@ -319,11 +404,15 @@ def render_html_report(records: list[dict], settings: dict | None, title: str = 
 
 
 def write_html_report(
-    records: list[dict], settings: dict | None, path: str | Path, title: str = "Tributary attribution report"
+    records: list[dict],
+    settings: dict | None,
+    path: str | Path,
+    title: str = "Tributary attribution report",
+    summary: dict | None = None,
 ) -> Path:
     """Write the report to PATH atomically (PATH.part, then rename); return PATH."""
     path = Path(path)
-    document = render_html_report(records, settings, title=title)
+    document = render_html_report(records, settings, title=title, summary=summary)
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
     try:
