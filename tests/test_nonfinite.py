@@ -267,3 +267,31 @@ def test_skip_with_every_row_non_finite_is_a_clean_error(tmp_path, nan_weight_mo
     with pytest.raises(TributaryError, match="every row of .*train.jsonl has non-finite values"):
         run_index(parse_config(raw), show_progress=False)
     assert not GradientStore.open(raw["store"]["path"]).manifest.complete
+
+
+def test_the_fitting_pass_follows_on_nonfinite(tmp_path, nan_word_model):
+    """projection.kind kfac_eigen: with data.on_nonfinite: skip the fit leaves out the NaN rows, so its matrices
+    equal those fitted on the other rows alone; with error it stops naming a row, before any gradient is stored."""
+    fitted = {"dim": 4, "kind": "kfac_eigen"}
+    raw = _skip_config(tmp_path, nan_word_model, _all_rows(tmp_path), "skip.zarr", projection=fitted)
+    run_index(parse_config(raw), show_progress=False)
+    ours = GradientStore.open(raw["store"]["path"])
+    assert ours.manifest.complete and [row.id for row in ours.manifest.skipped] == SKIPPED_IDS
+
+    kept = [(f"t{i}", s) for i, s in enumerate(SENTENCES) if f"t{i}" not in SKIPPED_IDS]
+    reference_raw = _skip_config(
+        tmp_path, nan_word_model, _train(tmp_path, kept, "kept.jsonl"), "kept.zarr", projection=fitted
+    )
+    reference_raw["data"]["on_nonfinite"] = "error"
+    run_index(parse_config(reference_raw), show_progress=False)
+    reference = GradientStore.open(reference_raw["store"]["path"]).read_projection()
+    for name, (p_in, p_out) in ours.read_projection().items():
+        assert np.isfinite(p_in).all() and np.isfinite(p_out).all()
+        np.testing.assert_allclose(p_in, reference[name][0], atol=1e-5)
+        np.testing.assert_allclose(p_out, reference[name][1], atol=1e-5)
+
+    strict = _skip_config(tmp_path, nan_word_model, _all_rows(tmp_path), "strict.zarr", projection=fitted)
+    strict["data"]["on_nonfinite"] = "error"
+    with pytest.raises(TributaryError, match=r'non-finite gradient \(NaN/inf\) at row 1 \(id "t1"'):
+        run_index(parse_config(strict), show_progress=False)
+    assert not GradientStore.open(strict["store"]["path"]).manifest.completed_shards

@@ -150,18 +150,23 @@ def _fisher_deltas(
     return capture.output_gradients(state, per_example_loss(state.logits, sampled), retain_graph=False)
 
 
-def covariance_pass(context: ModelContext, rows: list[TokenizedRow]) -> dict[str, ModuleCovariance]:
+def covariance_pass(context: ModelContext, rows: list[TokenizedRow]) -> tuple[dict[str, ModuleCovariance], NonFinite]:
     """K-FAC covariance sums of `rows` at `context`'s projection, and nothing else: one forward and one backward of
-    the curvature labels' loss per batch (the fitted projections' fitting pass, at full width)."""
+    the curvature labels' loss per batch (the fitted projections' fitting pass, at full width). Also the rows
+    (positions in `rows`) whose activations or δ̃ are not finite: the sums then hold them and must not be used."""
     capture = context.capture
     covariance = CovarianceAccumulator(context.spec, upcast=False)
+    nonfinite: list[NonFinite] = []
+    done = 0
     with capture.hooks():
         for batch in _batches(context, rows):
             state = capture.forward(batch)
             labels = _curvature_labels(context, batch, state.logits)
             deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
+            nonfinite += [nonfinite_statistics(state.activations, done), nonfinite_statistics(deltas, done)]
             covariance.add(state.activations, deltas, batch.attention_mask)
-    return covariance.sums
+            done += len(batch.indices)
+    return covariance.sums, merged(*nonfinite)
 
 
 def _no_rows() -> tuple[np.ndarray, np.ndarray]:

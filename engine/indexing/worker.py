@@ -160,7 +160,18 @@ class ShardWorker:
             self._full_width = with_projection(self.context, full)
         rows = self._tokenized(start, stop)
         positions = fit_row_positions(store.rows, self.context.spec.fit_rows, start, stop)
-        sums = covariance_pass(self._full_width, [rows[p] for p in positions])
+        sums, found = covariance_pass(self._full_width, [rows[p] for p in positions])
+        if found:  # as pass 1 treats them: stop, or fit on the finite rows alone (pass 1 then records the skip)
+            ids = self._ids(start, stop)
+            at = {positions[p]: names for p, names in found.items()}
+            if self.config.data.on_nonfinite == "error":
+                raise nonfinite_rows_error(at, ids, start, self.config.data.train)
+            positions = [p for i, p in enumerate(positions) if i not in found]
+            sums, again = covariance_pass(self._full_width, [rows[p] for p in positions])
+            if again:  # rows finite alone but not in a batch: refuse rather than guess
+                raise nonfinite_rows_error(
+                    {positions[p]: n for p, n in again.items()}, ids, start, self.config.data.train
+                )
         packed = pack_covariance(sums, full)
         self._check_sums(
             "projection covariance", shard, packed[0], [(m.name, m.d_in**2 + m.d_out**2) for m in full.modules]
