@@ -140,25 +140,19 @@ def build_task(spec: TaskSpec = TaskSpec()) -> LMTask:
 
 
 def build_model(architecture: Architecture, vocabulary: int, window: int, seed: int):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """The task's GPT-2 (the tests' tiny GPT-2 at the task's size: no dropout, tied embeddings), eager attention."""
+    from engine.testing.tiny import build_model as tiny_model
 
-    config = GPT2Config(
-        vocab_size=vocabulary,
-        n_embd=architecture.hidden,
-        n_layer=architecture.layers,
-        n_head=architecture.heads,
-        n_positions=window,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
+    return tiny_model(
+        "gpt2",
+        vocabulary,
+        hidden=architecture.hidden,
+        layers=architecture.layers,
+        heads=architecture.heads,
+        seed=seed,
+        max_positions=window,
+        attention="eager",
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
 
 
 def token_losses(model, ids: torch.Tensor) -> torch.Tensor:

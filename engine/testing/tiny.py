@@ -38,7 +38,10 @@ def build_model(
     heads: int = 2,
     seed: int = 0,
     max_positions: int = 128,
+    attention: str | None = None,
 ):
+    """A tiny GPT-2 or Llama from config, seeded; `attention` sets the attention implementation (e.g. "eager")
+    instead of transformers' default."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -57,6 +60,8 @@ def build_model(
             bos_token_id=2,
             eos_token_id=3,
         )
+        if attention is not None:
+            config._attn_implementation = attention
         model = GPT2LMHeadModel(config)
     elif kind == "llama":
         config = LlamaConfig(
@@ -72,6 +77,8 @@ def build_model(
             bos_token_id=2,
             eos_token_id=3,
         )
+        if attention is not None:
+            config._attn_implementation = attention
         model = LlamaForCausalLM(config)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}; use 'gpt2' or 'llama'")
