@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,19 @@ import zarr
 from engine.store import GradientStore
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def local_ray(cpus: int = 2) -> Iterator[None]:
+    """A Ray instance in this process for a test, on a loopback address (nothing listens on other interfaces),
+    shut down afterwards whatever happens."""
+    import ray
+
+    ray.init(num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level=logging.ERROR)
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 def store_config(model: Path, train: Path, store: str, cluster: dict | None = None, **sections) -> dict:

@@ -19,7 +19,7 @@ from engine.projection.fitted import fit_row_positions
 from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
-from tests.distributed_helpers import run_cli, store_config, store_contents, write_config
+from tests.distributed_helpers import local_ray, run_cli, store_config, store_contents, write_config
 
 TRAIN = [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)] + [
     {"id": f"p{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)
@@ -58,11 +58,8 @@ def test_full_width_fitted_projection_gives_exact_ekfac_scores(tmp_path, tiny_mo
     fitted = _scores(tmp_path, config, queries, "fitted")
     store = GradientStore.open(config.store.path)
     assert store.manifest.stages.get("projection") and store.has_projection()
-    rotated = (
-        any(not np.allclose(p_in, np.eye(*p_in.shape)) for p_in, _ in store.read_projection().values()),
-        "the full-width matrices are rotations, not the identity (else the comparison is vacuous)",
-    )
-    assert rotated
+    rotated = any(not np.allclose(p_in, np.eye(*p_in.shape)) for p_in, _ in store.read_projection().values())
+    assert rotated, "the full-width matrices are rotations, not the identity (else the comparison is vacuous)"
     np.testing.assert_allclose(fitted, exact, rtol=1e-8, atol=1e-8 * np.abs(exact).max())
 
 
@@ -258,9 +255,8 @@ def _assert_same(ours: dict, theirs: dict) -> None:
 
 @pytest.mark.heavy  # a CLI process killed and resumed / a Ray cluster: ~30 s each on 2 cores
 def test_one_and_two_ray_workers_fit_the_same_matrices_and_rows(tmp_path, tiny_models, train):
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
-    try:
+    pytest.importorskip("ray")
+    with local_ray():
         stores = {}
         for workers in (1, 2):
             path = str(tmp_path / f"store-{workers}.zarr")
@@ -275,8 +271,6 @@ def test_one_and_two_ray_workers_fit_the_same_matrices_and_rows(tmp_path, tiny_m
             stores[workers] = GradientStore.open(path)
             fit_pids = {entry.pid for entry in stores[workers].manifest.shards["projection"].values()}
             assert len(fit_pids) == workers, "the fit shards are spread over the workers"
-    finally:
-        ray.shutdown()
     _assert_same(store_contents(stores[1].path), store_contents(stores[2].path))
     for ours, theirs in zip(stores[1].read_projection().values(), stores[2].read_projection().values(), strict=True):
         assert all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))

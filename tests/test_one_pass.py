@@ -19,7 +19,7 @@ from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
 from engine.runner import run_index
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
-from tests.distributed_helpers import run_cli, store_config, store_contents, write_config
+from tests.distributed_helpers import local_ray, run_cli, store_config, store_contents, write_config
 
 TRAIN = [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)] + [
     {"id": f"p{i}", "prompt": p, "completion": c} for i, (p, c) in enumerate(PROMPTS)
@@ -162,9 +162,8 @@ def test_auto_reads_the_store_unless_its_rows_are_rounded_or_the_second_array_to
 
 
 def test_one_and_two_ray_workers_give_bit_identical_stores(tmp_path, tiny_models, train):
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
-    try:
+    pytest.importorskip("ray")
+    with local_ray():
         contents = {}
         for workers in (1, 2):
             path = str(tmp_path / f"store-{workers}.zarr")
@@ -180,8 +179,6 @@ def test_one_and_two_ray_workers_give_bit_identical_stores(tmp_path, tiny_models
             store = GradientStore.open(path)
             assert len({entry.pid for entry in store.manifest.shards["lambdas"].values()}) == workers
             contents[workers] = dict(store_contents(path), fisher=store.read_fisher_rows(0, store.rows))
-    finally:
-        ray.shutdown()
     one, two = contents[1], contents[2]
     for key in ("grads", "fisher"):
         assert np.array_equal(one[key], two[key]), key

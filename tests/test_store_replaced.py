@@ -23,6 +23,7 @@ from engine.store.identity import StoreChanged, check_unchanged, identity_at, id
 from engine.store.location import remove
 from tests.cli_helpers import invoke
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
+from tests.distributed_helpers import local_ray
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
 QUERIES = [{"id": f"q{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)]
@@ -129,7 +130,7 @@ def _free_port() -> int:
 
 
 def test_the_service_answers_503_naming_the_change_after_an_overwrite(tiny_models, tmp_path):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     pytest.importorskip("ray.serve")
     from engine.serving.client import AttributionClient, ServiceError
     from engine.serving.service import start_service, stop_service
@@ -139,23 +140,22 @@ def test_the_service_answers_503_naming_the_change_after_an_overwrite(tiny_model
     old = _cli_records(tmp_path, raw, "old")
     served = dict(raw, serve={"port": _free_port(), "replica_cpus": 0.5, "batch_wait_s": 0.01})
     body = [{"id": q["id"], "prompt": q["prompt"], "completion": q["completion"]} for q in QUERIES]
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
-    try:
-        url = start_service(parse_config(served))
-        with AttributionClient(url, timeout=60) as client:
-            assert _ranking(client.attribute(body, top_k=3)) == _ranking(old)
-            replaced = dict(raw, projection={"dim": 4, "seed": 1})
-            run_index(parse_config(replaced), overwrite=True, show_progress=False)
-            new = _cli_records(tmp_path, replaced, "new")
-            try:
-                answer = client.attribute(body, top_k=3)
-            except ServiceError as error:
-                assert error.status == 503, error.body
-                assert set(error.body) == {"error"}
-                assert "was replaced since this process loaded it" in error.body["error"]
-                assert identity_at(raw["store"]["path"]).store_id in error.body["error"]  # type: ignore[union-attr]
-            else:  # a service that reloads must answer exactly what the new store answers
-                assert _ranking(answer) == _ranking(new)
-    finally:
-        stop_service()
-        ray.shutdown()
+    with local_ray():
+        try:
+            url = start_service(parse_config(served))
+            with AttributionClient(url, timeout=60) as client:
+                assert _ranking(client.attribute(body, top_k=3)) == _ranking(old)
+                replaced = dict(raw, projection={"dim": 4, "seed": 1})
+                run_index(parse_config(replaced), overwrite=True, show_progress=False)
+                new = _cli_records(tmp_path, replaced, "new")
+                try:
+                    answer = client.attribute(body, top_k=3)
+                except ServiceError as error:
+                    assert error.status == 503, error.body
+                    assert set(error.body) == {"error"}
+                    assert "was replaced since this process loaded it" in error.body["error"]
+                    assert identity_at(raw["store"]["path"]).store_id in error.body["error"]  # type: ignore[union-attr]
+                else:  # a service that reloads must answer exactly what the new store answers
+                    assert _ranking(answer) == _ranking(new)
+        finally:
+            stop_service()

@@ -14,17 +14,16 @@ from engine.config import parse_config
 from engine.runner import run_index
 from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, write_jsonl
-from tests.distributed_helpers import assert_same_store, store_config, store_contents
+from tests.distributed_helpers import assert_same_store, local_ray, store_config, store_contents
 from tests.test_training_run import _train_checkpoints
 
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
-    yield
-    ray.shutdown()
+@pytest.fixture(scope="module", name="local_ray")
+def local_ray_fixture():
+    with local_ray():
+        yield
 
 
 @pytest.mark.heavy
