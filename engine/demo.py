@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -71,13 +70,11 @@ class _Stages:
         return self.seconds
 
 
-def _index_inputs(config, train_text: str, adapter: Path) -> dict:
-    """What the index depends on: the config, the training rows and the adapter's weights."""
-    return {
-        "config": config.model_dump(),
-        "rows_sha256": hashlib.sha256(train_text.encode()).hexdigest(),
-        "weights_sha256": hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest(),
-    }
+def _index_inputs(config, adapter: Path, rows: list[dict]) -> dict:
+    """What the index depends on: the config, and the adapter's fingerprint (recipe, training rows, weights)."""
+    from engine.demo_assets.adapter import fingerprint
+
+    return {"config": config.model_dump(), **fingerprint(adapter, rows)}
 
 
 def _reusable_index(root: Path, inputs: dict) -> bool:
@@ -127,8 +124,7 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[d
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     rows = recipe_rows(tokenizer)
-    train_text = rows_jsonl(rows)
-    (root / "train.jsonl").write_text(train_text)
+    (root / "train.jsonl").write_text(rows_jsonl(rows))
     stages.begin("adapter", f"LoRA adapter for {len(rows)} speeches from {len(DEMO_PLAYS)} plays")
     adapter = _adapter(model_dir, rows, root, retrain)
     config = parse_config(
@@ -144,7 +140,7 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[d
         source="the demo's config",
     )
     (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
-    inputs = _index_inputs(config, train_text, adapter)
+    inputs = _index_inputs(config, adapter, rows)
     if _reusable_index(root, inputs):
         stages.begin("index", f"the index in {root / 'store.zarr'} is reused (same adapter, rows and settings)")
     else:

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from tests.test_report import png_summary, require_chromium, run_chromium
+from tests.test_report import png_summary, require_chromium, run_chromium, screenshot_and_dom
 
 LAPTOP = (1366, 900)
 
@@ -92,11 +92,8 @@ def test_demo_report_reads_at_laptop_width(tmp_path):
     outcome = Outcome([_demo_record("Hamlet", "Hamlet", True)], summary, {"method": "if", "training rows": 64})
     report = outcome.write_report(tmp_path / "report.html")
     url = report.resolve().as_uri()
-    shot = tmp_path / "laptop.png"
-    run_chromium(tmp_path, "shot", f"--screenshot={shot}", f"--window-size={LAPTOP[0]},{LAPTOP[1]}", url)
-    width, height, distinct = png_summary(shot)
+    _, (width, height, distinct), dom = screenshot_and_dom(tmp_path, url, LAPTOP)
     assert (width, height) == LAPTOP and distinct > 50
-    dom = run_chromium(tmp_path, "dom", "--dump-dom", url).stdout
     for needle in (
         "Speak as Hamlet in Hamlet.",
         "base model (adapter off)",

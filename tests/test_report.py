@@ -371,6 +371,13 @@ def run_chromium(tmp_path: Path, name: str, *args: str) -> subprocess.CompletedP
     return result
 
 
+def screenshot_and_dom(tmp_path: Path, url: str, size: tuple[int, int]) -> tuple[Path, tuple[int, int, int], str]:
+    """Render `url` in headless Chromium at `size`: the screenshot's path, its png_summary, and the DOM."""
+    shot = tmp_path / f"shot-{size[0]}x{size[1]}.png"
+    run_chromium(tmp_path, "shot", f"--screenshot={shot}", f"--window-size={size[0]},{size[1]}", url)
+    return shot, png_summary(shot), run_chromium(tmp_path, "dom", "--dump-dom", url).stdout
+
+
 def require_chromium() -> None:
     """Under CI (CI=true) a missing Chromium fails the test: launch/test.sh installs it, so its absence is a
     broken CI, not a reason to check nothing. A plain local run without it skips, saying why."""
@@ -399,14 +406,11 @@ def test_report_renders_in_headless_chromium(tmp_path):
     report = write_html_report([first, second], SETTINGS, tmp_path / "report.html")
     url = report.resolve().as_uri()
 
-    shot = tmp_path / "shot.png"
-    run_chromium(tmp_path, "shot", f"--screenshot={shot}", "--window-size=1280,2000", url)
+    shot, (width, height, distinct), dom = screenshot_and_dom(tmp_path, url, (1280, 2000))
     assert shot.is_file() and shot.stat().st_size > 20_000, "screenshot missing or too small"
-    width, height, distinct = png_summary(shot)
     assert (width, height) == (1280, 2000)
     assert distinct > 50, "screenshot looks blank"
 
-    dom = run_chromium(tmp_path, "dom", "--dump-dom", url).stdout
     for needle in (
         "Whereof the periwinkle sings",
         "copper",
