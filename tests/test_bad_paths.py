@@ -350,3 +350,21 @@ def test_bad_inputs_are_reported_before_the_lock(tiny_models, train, tmp_path):
         assert "being written by" not in line
         assert snapshot(tmp_path) == before
         assert not store.exists()
+
+
+@pytest.mark.parametrize("toy", [True, False])
+def test_demo_workdir_that_cannot_be_written_is_refused_in_one_line(tmp_path, toy):
+    """Both demos refuse a --workdir under a regular file before loading anything: exit 2, one line naming it."""
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    workdir = blocker / "demo"
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(workdir), *(["--toy"] if toy else [])])
+    assert result.exit_code == 2, result.output
+    assert f"--workdir {workdir}: cannot create or write it" in result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # typer.Exit(2), not an OSError
+    assert blocker.read_text() == "not a folder"

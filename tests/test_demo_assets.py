@@ -236,3 +236,40 @@ def test_lora_refuses_rows_without_a_completion(tiny_models, tmp_path):
 
     with pytest.raises(TributaryError, match="needs 'prompt' and 'completion'"):
         train_lora(tiny_models["llama"], [{"text": "the fox eats"}], tmp_path / "a", steps=1, progress=False)
+
+
+def test_the_adapter_fingerprint_refuses_other_rows_weights_or_recipe(tmp_path):
+    """verified_adapter accepts an adapter whose fingerprint matches its rows and weights (SHA-256 recomputed
+    here with hashlib) and refuses, naming --retrain, one whose weights, rows or recipe changed or that has none."""
+    import hashlib
+
+    from engine.demo_assets.adapter import FINGERPRINT, WEIGHTS, fingerprint, rows_jsonl, verified_adapter
+
+    rows = [
+        {"id": f"r{i}", "prompt": f"Speak as Hamlet {i}.", "completion": "To be.", "play": "Hamlet"} for i in range(3)
+    ]
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / WEIGHTS).write_bytes(b"weights" * 100)
+    recorded = fingerprint(adapter, rows)
+    assert recorded["weights_sha256"] == hashlib.sha256(b"weights" * 100).hexdigest()
+    assert recorded["rows_sha256"] == hashlib.sha256(rows_jsonl(rows).encode()).hexdigest()
+    assert "play" not in rows_jsonl(rows)  # the index reads id, prompt and completion only
+    (adapter / FINGERPRINT).write_text(json.dumps(recorded))
+    assert verified_adapter(adapter, rows) == adapter
+
+    with pytest.raises(TributaryError, match="trained on other rows.*--retrain"):
+        verified_adapter(adapter, [dict(rows[0], completion="Not to be.")] + rows[1:])
+    (adapter / FINGERPRINT).write_text(json.dumps(dict(recorded, recipe={"train": {"steps": 1}})))
+    with pytest.raises(TributaryError, match="another recipe.*--retrain"):
+        verified_adapter(adapter, rows)
+    (adapter / FINGERPRINT).write_text(json.dumps(recorded))
+    (adapter / WEIGHTS).write_bytes(b"weights" * 99 + b"WEIGHTS")
+    with pytest.raises(TributaryError, match="weights are not the ones fingerprinted.*--retrain"):
+        verified_adapter(adapter, rows)
+    (adapter / FINGERPRINT).write_text("{not json")
+    with pytest.raises(TributaryError, match="not JSON.*--retrain"):
+        verified_adapter(adapter, rows)
+    (adapter / FINGERPRINT).unlink()
+    with pytest.raises(TributaryError, match="missing fingerprint.json.*--retrain"):
+        verified_adapter(adapter, rows)
