@@ -98,21 +98,28 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subpro
     )
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the body at one torch thread, the Ray workers' count at cpus_per_worker = 1, then restore the count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def single_thread_store(model: Path, train: Path, path: str, **sections) -> str:
     """The single-process store at one torch thread — the workers' count (cpus_per_worker = 1).
 
     BLAS kernels may round differently with another thread count, so bitwise equality with the
     distributed store is claimed (and documented) at the same thread count.
     """
-    import torch
-
     from engine.config import parse_config
     from engine.runner import run_index
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         run_index(parse_config(store_config(model, train, path, **sections)), show_progress=False)
-    finally:
-        torch.set_num_threads(threads)
     return path
