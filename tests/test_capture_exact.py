@@ -56,3 +56,37 @@ def test_prompt_tokens_carry_no_loss_but_pass_gradient(tiny_models, prompt_train
     ours = torch.from_numpy(gradient_pass(job.context, job.tokenized[:1]).grads)
     reference = autograd_per_example(job.context.model, job.context.modules, job.tokenized[:1], job.context.pad_id)
     assert _relative_error(ours, reference) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_next_token_loss_and_its_closed_form_gradient_match_autograd_of_the_sliced_cross_entropy(dtype):
+    """NextTokenLoss against the textbook formulation: logits sliced to T-1 positions, labels shifted, summed
+    cross-entropy, differentiated by autograd; with prompt (ignored) and padding positions."""
+    from engine.capture.loss import NextTokenLoss, per_example_loss
+    from engine.data.labels import IGNORE
+
+    generator = torch.Generator().manual_seed(3)
+    logits = (3 * torch.randn(3, 7, 11, generator=generator, dtype=torch.float64)).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 11, (3, 7), generator=generator)
+    labels[0, :3] = IGNORE  # a prompt
+    labels[1, 5:] = IGNORE  # padding
+    scored = logits[:, :-1].double()
+    reference_loss = (
+        torch.nn.functional.cross_entropy(
+            scored.reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="none"
+        )
+        .view(3, 6)
+        .sum(dim=1)
+    )
+    (reference_gradient,) = torch.autograd.grad(reference_loss.sum(), logits)
+    ours = NextTokenLoss(logits)
+    exact = dtype == torch.float64
+    tolerance = 1e-12 if exact else 1e-5
+    loss_kinds = (ours.losses(labels), per_example_loss(logits, labels))
+    for losses in loss_kinds:
+        torch.testing.assert_close(losses.double(), reference_loss, rtol=tolerance, atol=tolerance)
+    gradient = ours.logit_gradient(labels)
+    assert gradient.dtype == dtype
+    rounding = tolerance if exact else 1e-2  # autograd's bfloat16 gradient is rounded too
+    torch.testing.assert_close(gradient.double(), reference_gradient.double(), rtol=rounding, atol=rounding)
+    assert (gradient[:, -1] == 0).all() and (gradient[0, :2] == 0).all() and (gradient[1, 4:] == 0).all()

@@ -149,9 +149,23 @@ class GradientCapture:
         self, state: ForwardPass, loss: torch.Tensor, retain_graph: bool
     ) -> dict[str, list[torch.Tensor]]:
         """Projected δ̃ (B, T, k_out) per module call for the summed per-example `loss`."""
+        return self._projected_gradients(state, loss.sum(), None, retain_graph)
+
+    def output_gradients_of_logits(
+        self, state: ForwardPass, logit_gradient: torch.Tensor, retain_graph: bool
+    ) -> dict[str, list[torch.Tensor]]:
+        """As `output_gradients`, for a loss whose gradient with respect to `state.logits` is given
+        (engine.capture.loss.NextTokenLoss): the backward starts at the logits."""
+        return self._projected_gradients(state, state.logits, logit_gradient, retain_graph)
+
+    def _projected_gradients(
+        self, state: ForwardPass, root: torch.Tensor, root_gradient: torch.Tensor | None, retain_graph: bool
+    ) -> dict[str, list[torch.Tensor]]:
         names = [(name, i) for name, outs in state.outputs.items() for i in range(len(outs))]
         flat_outputs = [state.outputs[name][i] for name, i in names]
-        grads = torch.autograd.grad(loss.sum(), flat_outputs, retain_graph=retain_graph, allow_unused=True)
+        grads = torch.autograd.grad(
+            root, flat_outputs, grad_outputs=root_gradient, retain_graph=retain_graph, allow_unused=True
+        )
         batch_size = state.logits.shape[0]
         deltas: dict[str, list[torch.Tensor]] = {}
         for (name, _), output, grad in zip(names, flat_outputs, grads):

@@ -11,19 +11,57 @@ import torch.nn.functional as functional
 from engine.data.labels import IGNORE
 
 
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T): at position t the label of token t+1, the one position t's logits predict; IGNORE at the last."""
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE)], dim=1)
+
+
+def _loss_logits(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy summed (not averaged) over each example's counted tokens: shape (B,)."""
-    shifted_logits = logits[:, :-1]
-    shifted_labels = labels[:, 1:]
-    if shifted_logits.dtype in (torch.float16, torch.bfloat16):
-        shifted_logits = shifted_logits.float()
+    """Next-token cross-entropy summed (not averaged) over each example's counted tokens: shape (B,).
+
+    Every position's logits are scored against the next token's label (`next_token_labels`) rather than the
+    logits being sliced to T-1 positions: the slice would cost a copy of the (B, T, V) logits in the forward and
+    a zero-filled one in the backward, a large share of a small model's pass."""
+    targets = next_token_labels(labels)
+    scored = _loss_logits(logits)
     token_loss = functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="none",
+        scored.reshape(-1, scored.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
     )
-    return token_loss.view(shifted_labels.shape).sum(dim=1)
+    return token_loss.view(targets.shape).sum(dim=1)
+
+
+class NextTokenLoss:
+    """`per_example_loss` of one forward's logits for any labels, with its gradient with respect to the logits in
+    closed form, softmax − one-hot at the counted positions. One log-softmax then serves the data labels and the
+    sampled ones, and no backward runs through the loss itself (`GradientCapture.output_gradients_of_logits`)."""
+
+    def __init__(self, logits: torch.Tensor):
+        with torch.no_grad():
+            self.log_probs = torch.log_softmax(_loss_logits(logits.detach()), dim=-1)
+        self.logits_dtype = logits.dtype
+
+    def _targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = next_token_labels(labels)
+        counted = targets != IGNORE
+        return torch.where(counted, targets, torch.zeros_like(targets)), counted
+
+    def losses(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) summed next-token losses for `labels`."""
+        safe, counted = self._targets(labels)
+        picked = torch.gather(self.log_probs, -1, safe.unsqueeze(-1)).squeeze(-1)
+        return torch.where(counted, -picked, torch.zeros_like(picked)).sum(dim=1)
+
+    def logit_gradient(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) ∂ Σ_examples loss / ∂ logits for `labels`, in the logits' dtype."""
+        safe, counted = self._targets(labels)
+        gradient = self.log_probs.exp()
+        gradient.scatter_add_(-1, safe.unsqueeze(-1), torch.full_like(safe, -1, dtype=gradient.dtype).unsqueeze(-1))
+        gradient.mul_(counted.unsqueeze(-1))
+        return gradient.to(self.logits_dtype)
 
 
 def _uniforms(seed: int, example_index: int, length: int) -> np.ndarray:

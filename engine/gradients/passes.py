@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.capture.capture import ForwardPass
-from engine.capture.loss import per_example_loss, sample_labels
+from engine.capture.loss import NextTokenLoss, sample_labels
 from engine.capture.measurement import measurement_loss
 from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulator
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
@@ -104,19 +104,25 @@ def gradient_pass(
     with capture.hooks():
         for batch, padding in _padded_batches(context, rows, pad_batches):
             state = capture.forward(batch)
-            loss = measurement_loss(measurement, state.logits, batch.labels)
             separate_fisher = (want_covariance or want_fisher_rows) and curvature.fisher is True
-            deltas = capture.output_gradients(state, loss, retain_graph=separate_fisher and not reforward)
+            retain = separate_fisher and not reforward
+            token_loss = NextTokenLoss(state.logits) if measurement == "logprob_sum" else None
+            if token_loss is not None:  # the training loss: its logits gradient in closed form
+                loss = token_loss.losses(batch.labels)
+                deltas = capture.output_gradients_of_logits(state, token_loss.logit_gradient(batch.labels), retain)
+            else:
+                loss = measurement_loss(measurement, state.logits, batch.labels)
+                deltas = capture.output_gradients(state, loss, retain_graph=retain)
             if padding:
                 if separate_fisher:  # the same forward/backward calls as a batch of rows
-                    _fisher_deltas(context, batch, state, reforward)
+                    _fisher_deltas(context, batch, state, reforward, token_loss)
                 continue
             grads.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
             losses.append(loss.detach().float().cpu())
             tokens.append(batch.num_tokens.cpu())
             nonfinite.append(nonfinite_gradients(grads[-1].numpy(), losses[-1].numpy(), context.spec, done))
             if separate_fisher:
-                deltas = _fisher_deltas(context, batch, state, reforward)
+                deltas = _fisher_deltas(context, batch, state, reforward, token_loss)
             if want_fisher_rows:
                 fisher.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
                 nonfinite.append(nonfinite_gradients(fisher[-1].numpy(), losses[-1].numpy(), context.spec, done))
@@ -140,14 +146,27 @@ def gradient_pass(
 
 
 def _fisher_deltas(
-    context: ModelContext, batch: Batch, state: ForwardPass, reforward: bool
+    context: ModelContext,
+    batch: Batch,
+    state: ForwardPass,
+    reforward: bool,
+    token_loss: NextTokenLoss | None = None,
 ) -> dict[str, list[torch.Tensor]]:
-    """δ of the loss on curvature labels (the covariance's), from `state`'s graph or, `reforward`, a new forward."""
+    """δ of the loss on curvature labels (the covariance's), from `state`'s graph or, `reforward`, a new forward;
+    `token_loss`: the log-softmax of `state`'s logits, already taken."""
     capture = context.capture
     if reforward:
         state = capture.forward(batch)
-    sampled = _curvature_labels(context, batch, state.logits)
-    return capture.output_gradients(state, per_example_loss(state.logits, sampled), retain_graph=False)
+        token_loss = None
+    return _curvature_deltas(context, batch, state, token_loss or NextTokenLoss(state.logits))
+
+
+def _curvature_deltas(
+    context: ModelContext, batch: Batch, state: ForwardPass, token_loss: NextTokenLoss
+) -> dict[str, list[torch.Tensor]]:
+    """δ of the summed loss on curvature labels (sampled: true Fisher; the data's: empirical), freeing the graph."""
+    labels = _curvature_labels(context, batch, state.logits)
+    return context.capture.output_gradients_of_logits(state, token_loss.logit_gradient(labels), retain_graph=False)
 
 
 def covariance_pass(context: ModelContext, rows: list[TokenizedRow]) -> tuple[dict[str, ModuleCovariance], NonFinite]:
@@ -161,8 +180,7 @@ def covariance_pass(context: ModelContext, rows: list[TokenizedRow]) -> tuple[di
     with capture.hooks():
         for batch in _batches(context, rows):
             state = capture.forward(batch)
-            labels = _curvature_labels(context, batch, state.logits)
-            deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
+            deltas = _curvature_deltas(context, batch, state, NextTokenLoss(state.logits))
             nonfinite += [nonfinite_statistics(state.activations, done), nonfinite_statistics(deltas, done)]
             covariance.add(state.activations, deltas, batch.attention_mask)
             done += len(batch.indices)
@@ -235,8 +253,7 @@ def lambda_pass(
     with capture.hooks():
         for batch, padding in _padded_batches(context, rows, pad_batches):
             state = capture.forward(batch)
-            labels = _curvature_labels(context, batch, state.logits)
-            deltas = capture.output_gradients(state, per_example_loss(state.logits, labels), retain_graph=False)
+            deltas = _curvature_deltas(context, batch, state, NextTokenLoss(state.logits))
             if padding:
                 continue
             grads = capture.example_gradients(state, deltas)
