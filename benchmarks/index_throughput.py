@@ -14,6 +14,8 @@ Every variant runs in its own process, so its peak RSS is its own (VmHWM, benchm
   grad_dot@16          curvature identity, method grad_dot
   ekfac@16 kfac_eigen  projection.kind kfac_eigen (issue 14): a fitting pass over every row before pass 1
   ekfac@16 kfac_eigen fit128   the same, fitted on 128 of the 512 rows (projection.fit_rows: 128)
+  ekfac@16 kfac_eigen sketch   projection.fit: sketch (each side's eigenvectors from a one-pass Nyström sketch
+                       of width 64 instead of the d x d covariance); "sketch fit128" on 128 rows
   ekfac@0 true         exact EK-FAC (projection dim 0), local store, 8 rows per chunk (one batch per shard)
   kronfluence          kronfluence's EK-FAC (true Fisher, float32, heuristic damping): factors + pairwise scores
 
@@ -61,12 +63,16 @@ TRIBUTARY = {  # name: (projection dim, strategy, fisher, lambdas, method)
     "ekfac@16 empirical": (16, "ekfac", "empirical", "auto", "if"),
     "ekfac@16 kfac_eigen": (16, "ekfac", True, "auto", "if"),
     "ekfac@16 kfac_eigen fit128": (16, "ekfac", True, "auto", "if"),
+    "ekfac@16 kfac_eigen sketch": (16, "ekfac", True, "auto", "if"),
+    "ekfac@16 kfac_eigen sketch fit128": (16, "ekfac", True, "auto", "if"),
     "grad_dot@16": (16, "identity", True, "auto", "grad_dot"),
     "ekfac@0 true": (0, "ekfac", True, "auto", "if"),
 }
 FITTED = {
     "ekfac@16 kfac_eigen": {"kind": "kfac_eigen"},
     "ekfac@16 kfac_eigen fit128": {"kind": "kfac_eigen", "fit_rows": 128},
+    "ekfac@16 kfac_eigen sketch": {"kind": "kfac_eigen", "fit": "sketch"},
+    "ekfac@16 kfac_eigen sketch fit128": {"kind": "kfac_eigen", "fit": "sketch", "fit_rows": 128},
 }
 
 

@@ -15,7 +15,7 @@ LDS (engine.evaluation.lds) is the per-query Spearman between measured losses an
 queries with a 95% bootstrap CI; each is also given as a fraction of exact EK-FAC's LDS.
 
     python -m benchmarks.lm_lds                                     # rademacher (default)
-    python -m benchmarks.lm_lds --kinds rademacher,kfac_eigen,eigen_sketch [--fit-rows 128]
+    python -m benchmarks.lm_lds --kinds rademacher,kfac_eigen,eigen_sketch [--fit-rows 128] [--fit sketch]
     python -m benchmarks.lm_lds --full                              # M = 128 × R = 3 (own --cache)
 """
 
@@ -126,15 +126,17 @@ def settings(methods: list[str], kinds: list[str], dims: list[int]) -> list[Sett
     return plan
 
 
-def job_config(setting: Setting, work: Path, fit_rows: int | None, window: int) -> dict:
+def job_config(setting: Setting, work: Path, fit_rows: int | None, window: int, fit: str = "exact") -> dict:
     strategy, method = METHODS[setting.method]
     projection: dict = {
         "dim": setting.dim,
         "seed": 0,
         "kind": "rademacher" if setting.kind == "exact" else setting.kind,
     }
-    if fit_rows is not None and setting.kind not in ("exact", *RANDOM_KINDS):
-        projection["fit_rows"] = fit_rows
+    if setting.kind not in ("exact", *RANDOM_KINDS):
+        projection["fit"] = fit
+        if fit_rows is not None:
+            projection["fit_rows"] = fit_rows
     return {
         "model": {"path": str(work / "model"), "dtype": "float32"},
         "data": {"train": str(work / "train.jsonl"), "max_length": window, "batch_size": 32},
@@ -167,10 +169,10 @@ def tributary(executable: str, *arguments: str) -> float:
 
 
 def scores_through_cli(
-    setting: Setting, work: Path, executable: str, fit_rows: int | None, window: int
+    setting: Setting, work: Path, executable: str, fit_rows: int | None, window: int, fit: str = "exact"
 ) -> tuple[np.ndarray, dict]:
     """Index and query one setting; its (Q, N) scores and wall times. The store is removed afterwards."""
-    config = job_config(setting, work, fit_rows, window)
+    config = job_config(setting, work, fit_rows, window, fit)
     path = work / "configs" / f"{setting.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -264,6 +266,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="retraining processes (0: in this process)")
     parser.add_argument("--kinds", default="rademacher", help="comma-separated projection.kind values")
     parser.add_argument("--fit-rows", type=int, default=None, help="projection.fit_rows for data-dependent kinds")
+    parser.add_argument("--fit", choices=("exact", "sketch"), default="exact", help="projection.fit for fitted kinds")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--dims", default="0,8,16,32,64", help="comma-separated projection dims per side")
     parser.add_argument("--cache", default=None, help=f"ground-truth Zarr (default {CACHE.relative_to(REPOSITORY)})")
@@ -290,7 +293,7 @@ def main() -> None:
 
     results = []
     for setting in settings(methods, kinds, dims):
-        scores, timing = scores_through_cli(setting, work, args.tributary, args.fit_rows, task.spec.window)
+        scores, timing = scores_through_cli(setting, work, args.tributary, args.fit_rows, task.spec.window, args.fit)
         result = {"method": setting.method, "kind": setting.kind, "dim": setting.dim, "lds": lds(scores, truth)}
         results.append(result | timing)
         print(setting.name, f"{result['lds']['mean']:.3f}", timing, flush=True)
@@ -310,6 +313,7 @@ def main() -> None:
             | {"cache": str(cache.relative_to(REPOSITORY) if cache.is_relative_to(REPOSITORY) else cache)},
             "full_model_seconds": round(full_model_seconds, 2),
             "fit_rows": args.fit_rows,
+            "fit": args.fit,
             "exact_ekfac_lds": exact,
             "random_scores": floor,
             "results": results,

@@ -80,14 +80,20 @@ class ProjectionConfig(_Section):
         gt=0,
         description="eigen_sketch: eigen-directions kept per side (the rest of dim is the sketch); default dim // 2",
     )
+    fit: Literal["exact", "sketch"] = Field(
+        default="exact",
+        description="kfac_eigen/eigen_sketch: how each side's eigenvectors are found. exact: from the full d x d "
+        "covariance (d² products per token, d² floats per module and shard); sketch: from a one-pass Nyström "
+        "sketch of width 4 x the eigenvectors kept (4kd products and floats), exact where that is not narrower",
+    )
 
     @model_validator(mode="after")
     def _fitted_options(self) -> ProjectionConfig:
         fitted = self.kind in ("kfac_eigen", "eigen_sketch")
-        if not fitted and (self.fit_rows is not None or self.top is not None):
+        if not fitted and (self.fit_rows is not None or self.top is not None or self.fit != "exact"):
             raise PydanticCustomError(
                 "projection_options",
-                "fit_rows and top are for kind kfac_eigen or eigen_sketch; remove them or change projection.kind",
+                "fit_rows, top and fit are for kind kfac_eigen or eigen_sketch; remove them or change projection.kind",
             )
         if self.top is not None and self.kind != "eigen_sketch":
             raise PydanticCustomError("projection_options", "top is for kind eigen_sketch; remove it")

@@ -15,7 +15,13 @@ import torch
 
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.projection.fitted import fit_row_positions
+from engine.projection.fitted import (
+    fit_row_positions,
+    fit_shapes,
+    nystrom_eigenvectors,
+    sketch_matrix,
+    top_eigenvectors,
+)
 from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
@@ -130,6 +136,58 @@ def test_kfac_eigen_keeps_the_top_eigenvectors_of_each_sides_covariance(tmp_path
         np.testing.assert_allclose(covariance @ matrix, matrix @ (matrix.T @ covariance @ matrix), atol=1e-7 * top[0])
 
 
+def _nystrom_by_pseudo_inverse(covariance: np.ndarray, omega: np.ndarray) -> np.ndarray:
+    """The textbook Nyström approximation C Ω (Ωᵀ C Ω)⁺ Ωᵀ C, formed densely."""
+    y = covariance @ omega
+    return y @ np.linalg.pinv(omega.T @ y) @ y.T
+
+
+def test_nystrom_eigenvectors_are_exact_for_a_low_rank_covariance_and_follow_the_dense_formula():
+    generator = np.random.default_rng(5)
+    d, width, count = 40, 12, 4
+    omega, _ = np.linalg.qr(generator.standard_normal((d, width)))
+    basis, _ = np.linalg.qr(generator.standard_normal((d, d)))
+    low_rank = basis[:, :9] @ np.diag(np.geomspace(10.0, 0.5, 9)) @ basis[:, :9].T  # rank 9 < width
+    np.testing.assert_allclose(
+        nystrom_eigenvectors(low_rank @ omega, omega, count), top_eigenvectors(low_rank, count), atol=1e-8
+    )
+    full_rank = basis @ np.diag(np.geomspace(100.0, 1e-3, d)) @ basis.T
+    found = nystrom_eigenvectors(full_rank @ omega, omega, count)
+    np.testing.assert_allclose(found.T @ found, np.eye(count), atol=1e-10)
+    reference = top_eigenvectors(_nystrom_by_pseudo_inverse(full_rank, omega), count)
+    np.testing.assert_allclose(found @ found.T, reference @ reference.T, atol=1e-6)
+
+
+def test_a_sketched_fit_stores_the_nystrom_eigenvectors_of_each_sides_covariance(tmp_path, tiny_models):
+    """projection.fit: sketch: the stored matrices are the Nyström eigenvectors of the covariances computed here with
+    hooks and autograd, from partial sums of d x l instead of d x d."""
+    texts = SENTENCES
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(texts)])
+    projection = {"dim": 2, "kind": "kfac_eigen", "fit": "sketch"}
+    raw = job_config(tmp_path, tiny_models["llama"], train, projection=projection)
+    raw["curvature"]["fisher"] = "empirical"
+    config = parse_config(raw)
+    run_index(config, show_progress=False)
+    store = GradientStore.open(config.store.path)
+    spec = store.manifest.projection
+    assert spec.fit == "sketch"
+    shapes = fit_shapes(spec)
+    partials, _ = store.read_partials("projection_covariance")
+    assert partials.shape[1] == sum(a[0] * a[1] + s[0] * s[1] for a, s in shapes)
+    assert partials.shape[1] < sum(m.d_in**2 + m.d_out**2 for m in spec.modules)
+    name = "model.layers.0.mlp.down_proj"
+    module = next(m for m in spec.modules if m.name == name)
+    p_in, p_out = store.read_projection()[name]
+    a_sum, s_sum = _tracked_inputs_and_output_grads(tiny_models["llama"], texts, name)
+    omega = sketch_matrix(spec, module, "in")
+    assert omega is not None and omega.shape == (module.d_in, 8), "the 16-wide input side is sketched at width 8"
+    assert sketch_matrix(spec, module, "out") is None, "the 8-wide output side is not narrower sketched: exact"
+    np.testing.assert_allclose(omega.T @ omega, np.eye(8), atol=1e-12)
+    reference = top_eigenvectors(_nystrom_by_pseudo_inverse(a_sum, omega), 2)
+    np.testing.assert_allclose(p_in @ p_in.T, reference @ reference.T, atol=1e-6)
+    np.testing.assert_allclose(p_out, top_eigenvectors(s_sum, 2), atol=1e-6)
+
+
 def test_eigen_sketch_is_orthonormal_top_directions_plus_an_orthogonal_scaled_sketch(tmp_path, tiny_models, train):
     config = _config(tmp_path, tiny_models["gpt2"], train, "sketch.zarr", dim=6, kind="eigen_sketch", top=2)
     run_index(config, show_progress=False)
@@ -181,6 +239,7 @@ def test_a_query_with_another_kind_or_fit_is_refused_and_a_changed_matrix_too(tm
         {"kind": "kfac_eigen"},
         {"kind": "eigen_sketch", "top": 2},
         {"kind": "eigen_sketch", "top": 1, "fit_rows": 3},
+        {"kind": "eigen_sketch", "top": 1, "fit": "sketch"},
     ):
         wrong = _config(tmp_path, tiny_models["gpt2"], train, "store.zarr", dim=4, **other)
         with pytest.raises(TributaryError, match="projection"):
@@ -201,6 +260,8 @@ def test_a_query_with_another_kind_or_fit_is_refused_and_a_changed_matrix_too(tm
     ("projection", "extra", "message"),
     [
         ({"dim": 4, "top": 2}, {}, "kind kfac_eigen or eigen_sketch"),
+        ({"dim": 4, "fit": "sketch"}, {}, "kind kfac_eigen or eigen_sketch"),
+        ({"dim": 4, "kind": "kfac_eigen", "fit": "nystrom"}, {}, "fit"),
         ({"dim": 4, "kind": "kfac_eigen", "top": 2}, {}, "top is for kind eigen_sketch"),
         ({"dim": 4, "kind": "eigen_sketch", "top": 4}, {}, "top must be below dim"),
         ({"dim": 4, "kind": "kfac_eigen", "fit_rows": 0}, {}, "fit_rows"),

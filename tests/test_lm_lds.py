@@ -119,8 +119,9 @@ def test_dim_zero_is_run_once_as_exact_and_data_dependent_kinds_get_fit_rows(tmp
         "grad_dot-rademacher-16",
         "grad_dot-kfac_eigen-16",
     ]
-    eigen = lm_lds.job_config(plan[3], tmp_path, fit_rows=64, window=32)
-    assert eigen["projection"] == {"dim": 16, "seed": 0, "kind": "kfac_eigen", "fit_rows": 64}
+    eigen = lm_lds.job_config(plan[3], tmp_path, fit_rows=64, window=32, fit="sketch")
+    assert eigen["projection"] == {"dim": 16, "seed": 0, "kind": "kfac_eigen", "fit": "sketch", "fit_rows": 64}
+    assert parse_config(eigen).projection.fit == "sketch"
     assert eigen["curvature"]["strategy"] == "ekfac" and eigen["method"]["name"] == "if"
     random = lm_lds.job_config(plan[2], tmp_path, fit_rows=64, window=32)
     assert random["projection"] == {"dim": 16, "seed": 0, "kind": "rademacher"}

@@ -10,13 +10,24 @@ from engine.curvature.factors import ModuleFactors
 from engine.curvature.statistics import ModuleCovariance, ModuleLambda, add_covariance, add_lambda
 from engine.projection import ProjectionSpec
 
+Sketch = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]  # module → (Ω_in, Ω_out), None: that side exact
+
 
 class CovarianceAccumulator:
     """Pass 1's sums for every tracked module, added a batch at a time; `upcast` False: products in a float32
-    model's own dtype (the fitting pass's full-width covariances, which only choose eigenvectors)."""
+    model's own dtype (the fitting pass's full-width covariances, which only choose eigenvectors); `sketch`: C Ω
+    in place of C on the sides it gives an Ω for (the fitting pass's Nyström sketch)."""
 
-    def __init__(self, spec: ProjectionSpec, upcast: bool = True):
-        self.sums = {m.name: ModuleCovariance.zeros(m.k_in, m.k_out) for m in spec.modules}
+    def __init__(self, spec: ProjectionSpec, upcast: bool = True, sketch: Sketch | None = None):
+        self.sketch = sketch or {}
+
+        def width(omega: torch.Tensor | None) -> int | None:
+            return None if omega is None else omega.shape[1]
+
+        self.sums = {}
+        for m in spec.modules:
+            omega_in, omega_out = self.sketch.get(m.name, (None, None))
+            self.sums[m.name] = ModuleCovariance.zeros(m.k_in, m.k_out, width(omega_in), width(omega_out))
         self.upcast = upcast
 
     def add(
@@ -24,7 +35,8 @@ class CovarianceAccumulator:
     ) -> None:
         """One batch: each module's activations and curvature δ̃ per call (`add_covariance`), `mask` (B, T)."""
         for name, target in self.sums.items():
-            add_covariance(target, activations[name], deltas[name], mask, self.upcast)
+            sketch = self.sketch.get(name, (None, None))
+            add_covariance(target, activations[name], deltas[name], mask, self.upcast, sketch)
 
 
 class LambdaAccumulator:

@@ -29,13 +29,27 @@ def pack_covariance(sums: dict[str, ModuleCovariance], spec: ProjectionSpec) -> 
     return vector, np.array([first.tokens, first.examples], dtype=np.int64)
 
 
-def unpack_covariance(vector: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleCovariance]:
+Shapes = list[tuple[tuple[int, int], tuple[int, int]]]  # per module, the (A, S) sums' shapes
+
+
+def square_shapes(spec: ProjectionSpec) -> Shapes:
+    return [((m.k_in, m.k_in), (m.k_out, m.k_out)) for m in spec.modules]
+
+
+def shapes_width(shapes: Shapes) -> int:
+    return sum(a[0] * a[1] + s[0] * s[1] for a, s in shapes)
+
+
+def unpack_covariance(
+    vector: np.ndarray, counts: np.ndarray, spec: ProjectionSpec, shapes: Shapes | None = None
+) -> dict[str, ModuleCovariance]:
+    """`shapes` (default k x k per side): those of sketched sums (engine.projection.fitted.fit_shapes)."""
     out, offset = {}, 0
-    for m in spec.modules:
-        a = vector[offset : offset + m.k_in**2].reshape(m.k_in, m.k_in)
-        offset += m.k_in**2
-        s = vector[offset : offset + m.k_out**2].reshape(m.k_out, m.k_out)
-        offset += m.k_out**2
+    for m, (a_shape, s_shape) in zip(spec.modules, shapes or square_shapes(spec)):
+        a = vector[offset : offset + a_shape[0] * a_shape[1]].reshape(a_shape)
+        offset += a.size
+        s = vector[offset : offset + s_shape[0] * s_shape[1]].reshape(s_shape)
+        offset += s.size
         out[m.name] = ModuleCovariance(a.copy(), s.copy(), int(counts[0]), int(counts[1]))
     return out
 
@@ -62,9 +76,11 @@ def reduce_rows(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.nd
     return total, counts.sum(axis=0)
 
 
-def reduced_covariance(rows: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleCovariance]:
+def reduced_covariance(
+    rows: np.ndarray, counts: np.ndarray, spec: ProjectionSpec, shapes: Shapes | None = None
+) -> dict[str, ModuleCovariance]:
     """The covariance sums of every shard (a store's partials "covariance"), reduced in shard order."""
-    return unpack_covariance(*reduce_rows(rows, counts), spec)
+    return unpack_covariance(*reduce_rows(rows, counts), spec, shapes)
 
 
 def reduced_lambda(rows: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleLambda]:

@@ -22,8 +22,11 @@ class ModuleCovariance:
     examples: int = 0
 
     @classmethod
-    def zeros(cls, k_in: int, k_out: int) -> ModuleCovariance:
-        return cls(np.zeros((k_in, k_in)), np.zeros((k_out, k_out)))
+    def zeros(cls, k_in: int, k_out: int, l_in: int | None = None, l_out: int | None = None) -> ModuleCovariance:
+        """Sums of k x k (or, sketched, k x l) per side."""
+        return cls(
+            np.zeros((k_in, k_in if l_in is None else l_in)), np.zeros((k_out, k_out if l_out is None else l_out))
+        )
 
     def merge(self, other: ModuleCovariance) -> ModuleCovariance:
         return ModuleCovariance(
@@ -73,12 +76,14 @@ def merge_all(parts: list[PartialSums]) -> PartialSums:
     return total
 
 
-def _gram(tensor: torch.Tensor, upcast: bool) -> np.ndarray:
-    """Σ_tokens x xᵀ of (B, T, k) as float64: the product in float64 (`upcast`), or in the tensor's own dtype
-    when that is at least float32, then summed in float64 (half the time on CPU for float32 models)."""
+def _gram(tensor: torch.Tensor, upcast: bool, sketch: torch.Tensor | None = None) -> np.ndarray:
+    """Σ_tokens x xᵀ of (B, T, k) as float64 — or, with a `sketch` Ω (k x l), Σ_tokens x (xᵀ Ω), 2kl products a
+    token instead of k²: the product in float64 (`upcast`), or in the tensor's own dtype when that is at least
+    float32, then summed in float64 (half the time on CPU for float32 models)."""
     compute = torch.float64 if upcast else torch.promote_types(tensor.dtype, torch.float32)
     flat = tensor.to(compute).reshape(-1, tensor.shape[-1])
-    return (flat.T @ flat).to(torch.float64).cpu().numpy()
+    right = flat if sketch is None else flat @ sketch.to(device=flat.device, dtype=compute)
+    return (flat.T @ right).to(torch.float64).cpu().numpy()
 
 
 def add_covariance(
@@ -87,13 +92,15 @@ def add_covariance(
     deltas: list[torch.Tensor],
     mask: torch.Tensor,
     upcast: bool = True,
+    sketch: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> None:
     """Accumulate one batch: activations (B,T,k_in) and sampled-label δ̃ (B,T,k_out) per module call; `upcast`
-    False keeps a float32 model's products in float32 (`_gram`)."""
+    False keeps a float32 model's products in float32 (`_gram`); `sketch` (Ω_in, Ω_out) sums C Ω in place of
+    C on a side where it is given (the fitting pass's Nyström sketch)."""
     for act in activations:
-        target.a_sum += _gram(act, upcast)
+        target.a_sum += _gram(act, upcast, sketch[0])
     for delta in deltas:
-        target.s_sum += _gram(delta, upcast)
+        target.s_sum += _gram(delta, upcast, sketch[1])
     target.tokens += int(mask.sum())
     target.examples += int(mask.shape[0])
 

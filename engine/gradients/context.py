@@ -70,7 +70,13 @@ def context_for_model(
     if spec is None:
         projection = config.projection
         spec = build_projection(
-            projection.dim, projection.seed, projection.kind, shapes, projection.fit_rows, projection.top
+            projection.dim,
+            projection.seed,
+            projection.kind,
+            shapes,
+            projection.fit_rows,
+            projection.top,
+            projection.fit,
         )
     elif [(m.name, m.d_in, m.d_out) for m in spec.modules] != shapes:
         raise TributaryError(

@@ -16,7 +16,7 @@ import torch
 from engine.capture.capture import ForwardPass
 from engine.capture.loss import NextTokenLoss, sample_labels
 from engine.capture.measurement import measurement_loss
-from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulator
+from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulator, Sketch
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
 from engine.curvature.statistics import ModuleCovariance, PartialSums
 from engine.data.batching import Batch, batches
@@ -169,12 +169,15 @@ def _curvature_deltas(
     return context.capture.output_gradients_of_logits(state, token_loss.logit_gradient(labels), retain_graph=False)
 
 
-def covariance_pass(context: ModelContext, rows: list[TokenizedRow]) -> tuple[dict[str, ModuleCovariance], NonFinite]:
+def covariance_pass(
+    context: ModelContext, rows: list[TokenizedRow], sketch: Sketch | None = None
+) -> tuple[dict[str, ModuleCovariance], NonFinite]:
     """K-FAC covariance sums of `rows` at `context`'s projection, and nothing else: one forward and one backward of
-    the curvature labels' loss per batch (the fitted projections' fitting pass, at full width). Also the rows
-    (positions in `rows`) whose activations or δ̃ are not finite: the sums then hold them and must not be used."""
+    the curvature labels' loss per batch (the fitted projections' fitting pass, at full width; `sketch`: C Ω in
+    place of C where it gives an Ω). Also the rows (positions in `rows`) whose activations or δ̃ are not finite:
+    the sums then hold them and must not be used."""
     capture = context.capture
-    covariance = CovarianceAccumulator(context.spec, upcast=False)
+    covariance = CovarianceAccumulator(context.spec, upcast=False, sketch=sketch)
     nonfinite: list[NonFinite] = []
     done = 0
     with capture.hooks():

@@ -17,7 +17,7 @@ import time
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
-from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda
+from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda, shapes_width
 from engine.data.rows import dataset_fingerprint
 from engine.errors import TributaryError
 from engine.indexing.executor import ShardExecutor
@@ -25,7 +25,7 @@ from engine.indexing.lambda_source import writes_fisher_rows
 from engine.indexing.manifest import build_manifest
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
-from engine.projection.fitted import fit_shards, fitted_matrices, full_width
+from engine.projection.fitted import fit_shapes, fit_shards, fitted_matrices, full_width
 from engine.store import GradientStore, location
 from engine.store.manifest import IndexRunRecord, ShardCommit, SkippedRow, StoreManifest
 from engine.store.opening import open_or_create
@@ -145,10 +145,10 @@ def build_store(
 def _fit_projection(store: GradientStore, run: IndexRun, spec: ProjectionSpec) -> None:
     """Stage `projection` (fitted kinds): full-width K-FAC covariance sums of the fit rows per shard, reduced in
     shard order and turned into each side's matrix once, here; the workers then read the matrices from the store."""
-    full = full_width(spec)
-    store.create_partials("projection_covariance", covariance_width(full), 2)
+    full, shapes = full_width(spec), fit_shapes(spec)
+    store.create_partials("projection_covariance", shapes_width(shapes), 2)
     run.stage("projection", only=fit_shards(store.shards(), store.rows, spec.fit_rows))
-    sums = reduced_covariance(*store.read_partials("projection_covariance"), full)
+    sums = reduced_covariance(*store.read_partials("projection_covariance"), full, shapes)
     store.write_projection(fitted_matrices(spec, {name: (c.a_sum, c.s_sum) for name, c in sums.items()}))
     run.mark("projection")
 

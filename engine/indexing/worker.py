@@ -12,7 +12,7 @@ import time
 
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
-from engine.curvature.packing import pack_covariance, pack_lambda
+from engine.curvature.packing import pack_covariance, pack_lambda, shapes_width
 from engine.curvature.row_lambdas import row_lambda_sums
 from engine.data.rows import Row, field_names, read_rows, rows_between
 from engine.data.sources import is_table_source
@@ -28,7 +28,7 @@ from engine.gradients.passes import (
     lambda_pass,
 )
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
-from engine.projection.fitted import fit_row_positions, full_width
+from engine.projection.fitted import fit_row_positions, fit_shapes, full_width, sketch_matrices
 from engine.store import GradientStore
 from engine.testing.faults import fault_point
 
@@ -155,30 +155,42 @@ class ShardWorker:
         started = time.perf_counter()
         store = self._open()
         start, stop = store.shards()[shard]
-        full = full_width(self.context.spec)
+        spec = self.context.spec
+        full = full_width(spec)
         if self._full_width is None:
             self._full_width = with_projection(self.context, full)
+        sketch = self._fit_sketch()
         rows = self._tokenized(start, stop)
-        positions = fit_row_positions(store.rows, self.context.spec.fit_rows, start, stop)
-        sums, found = covariance_pass(self._full_width, [rows[p] for p in positions])
+        positions = fit_row_positions(store.rows, spec.fit_rows, start, stop)
+        sums, found = covariance_pass(self._full_width, [rows[p] for p in positions], sketch)
         if found:  # as pass 1 treats them: stop, or fit on the finite rows alone (pass 1 then records the skip)
             ids = self._ids(start, stop)
             at = {positions[p]: names for p, names in found.items()}
             if self.config.data.on_nonfinite == "error":
                 raise nonfinite_rows_error(at, ids, start, self.config.data.train)
             positions = [p for i, p in enumerate(positions) if i not in found]
-            sums, again = covariance_pass(self._full_width, [rows[p] for p in positions])
+            sums, again = covariance_pass(self._full_width, [rows[p] for p in positions], sketch)
             if again:  # rows finite alone but not in a batch: refuse rather than guess
                 raise nonfinite_rows_error(
                     {positions[p]: n for p, n in again.items()}, ids, start, self.config.data.train
                 )
         packed = pack_covariance(sums, full)
-        self._check_sums(
-            "projection covariance", shard, packed[0], [(m.name, m.d_in**2 + m.d_out**2) for m in full.modules]
-        )
+        widths = [(m.name, shapes_width([shapes])) for m, shapes in zip(full.modules, fit_shapes(spec))]
+        self._check_sums("projection covariance", shard, packed[0], widths)
         fault_point("actor", "projection", shard)
         store.write_partial("projection_covariance", shard, *packed)
         return self._receipt("projection", shard, started)
+
+    def _fit_sketch(self):
+        """The fitting pass's Ω per module and side (projection.fit: sketch), in the capture's dtype and device."""
+        import torch
+
+        def tensor(matrix):
+            if matrix is None:
+                return None
+            return torch.from_numpy(matrix).to(dtype=self.context.capture.compute_dtype, device=self.context.device)
+
+        return {name: (tensor(a), tensor(s)) for name, (a, s) in sketch_matrices(self.context.spec).items()}
 
     def gradients(self, shard: int) -> dict:
         """Pass 1 for one shard: rows, metadata and covariance sums written to the store."""

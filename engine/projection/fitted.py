@@ -7,6 +7,12 @@ orthogonal complement, orthonormalised and scaled by √((d-r)/(k-r)) so that it
 where the complement's curvature is far below the damping, the damped inverse is close to a scalar there, and
 a sketch preserves what it contributes. With k equal to the full width both are rotations, so EK-FAC fitted
 inside the projected space gives exact EK-FAC's scores.
+
+`fit: sketch` finds the eigenvectors without the d x d covariance: the fitting pass accumulates Y = C Ω for a
+seeded orthonormal Ω of width l = 4 x the eigenvectors kept (Σ_t x_t (x_tᵀ Ω): 2ld products per token, ld floats
+per shard, instead of d² and d²), and the driver takes the eigenvectors of the Nyström approximation
+Y (Ωᵀ Y)⁺ Yᵀ (Tropp, Yurtsever, Udell, Cevher 2017, "Fixed-rank approximation of a positive-semidefinite
+matrix from streaming data"). A side where l would not be narrower than d is fitted exactly.
 """
 
 from __future__ import annotations
@@ -40,23 +46,85 @@ def complement_sketch(basis: np.ndarray, count: int, seed: int, module: str, sid
     return orthonormal * np.sqrt((d - r) / count)
 
 
-def side_matrix(spec: ProjectionSpec, module: ModuleProjection, side: str, covariance: np.ndarray) -> np.ndarray:
-    d, k = (module.d_in, module.k_in) if side == "in" else (module.d_out, module.k_out)
-    if covariance.shape != (d, d):
-        raise ValueError(f"{module.name} {side}: covariance is {covariance.shape}, not {(d, d)}")
+def _sides(module: ModuleProjection, side: str) -> tuple[int, int]:
+    return (module.d_in, module.k_in) if side == "in" else (module.d_out, module.k_out)
+
+
+def eigenvectors_kept(spec: ProjectionSpec, module: ModuleProjection, side: str) -> int:
+    """How many of the side's eigenvectors its matrix keeps (the rest of eigen_sketch's columns are random)."""
+    _, k = _sides(module, side)
     if spec.kind == "kfac_eigen":
-        return top_eigenvectors(covariance, k)
+        return k
     if spec.kind == "eigen_sketch":
-        kept = min(spec.top if spec.top is not None else spec.dim // 2, k)
-        basis = top_eigenvectors(covariance, kept)
-        return np.hstack([basis, complement_sketch(basis, k - kept, spec.seed, module.name, side)])
+        return min(spec.top if spec.top is not None else spec.dim // 2, k)
     raise ValueError(f"projection kind {spec.kind!r} is not fitted")
+
+
+def fit_width(spec: ProjectionSpec, module: ModuleProjection, side: str) -> int:
+    """Columns of the side's fitting statistic: d for the exact covariance, l < d for a Nyström sketch."""
+    d, _ = _sides(module, side)
+    if spec.fit != "sketch":
+        return d
+    width = max(4 * eigenvectors_kept(spec, module, side), 8)
+    return width if width < d else d
+
+
+def fit_shapes(spec: ProjectionSpec) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per module, the shapes of the fitting pass's (activation, output-gradient) statistics."""
+    return [((m.d_in, fit_width(spec, m, "in")), (m.d_out, fit_width(spec, m, "out"))) for m in spec.modules]
+
+
+def sketch_matrix(spec: ProjectionSpec, module: ModuleProjection, side: str) -> np.ndarray | None:
+    """Ω (d x l, orthonormal columns, seeded by module and side) for a sketched side; None where it is exact."""
+    d, _ = _sides(module, side)
+    width = fit_width(spec, module, side)
+    if width == d:
+        return None
+    draw = projection_matrix(spec.seed, module.name, f"{side}/fit-sketch", d, width, "gaussian")
+    orthonormal, _ = np.linalg.qr(draw)
+    return orthonormal
+
+
+def sketch_matrices(spec: ProjectionSpec) -> dict[str, tuple[np.ndarray | None, np.ndarray | None]]:
+    """module → (Ω_in, Ω_out) of the fitting pass (None for a side fitted exactly)."""
+    return {m.name: (sketch_matrix(spec, m, "in"), sketch_matrix(spec, m, "out")) for m in spec.modules}
+
+
+def nystrom_eigenvectors(sketch: np.ndarray, omega: np.ndarray, count: int) -> np.ndarray:
+    """The `count` leading eigenvectors of the Nyström approximation of a PSD C from Y = C Ω (orthonormal Ω),
+    signed as `top_eigenvectors` signs them. A small shift ν keeps (Ωᵀ Y)^-1/2 stable when C is near-singular
+    on range(Ω); eigh in place of a Cholesky factor tolerates an exactly singular one."""
+    y = np.asarray(sketch, dtype=np.float64)
+    shift = np.sqrt(y.shape[0]) * np.finfo(np.float64).eps * max(np.linalg.norm(y, 2), np.finfo(np.float64).tiny)
+    shifted = y + shift * omega
+    core = omega.T @ shifted
+    values, vectors = np.linalg.eigh((core + core.T) / 2)
+    inverse_root = vectors @ np.diag(1.0 / np.sqrt(np.maximum(values, shift))) @ vectors.T
+    left, _, _ = np.linalg.svd(shifted @ inverse_root, full_matrices=False)
+    chosen = left[:, :count]
+    signs = np.sign(chosen[np.argmax(np.abs(chosen), axis=0), np.arange(chosen.shape[1])])
+    return chosen * np.where(signs == 0, 1.0, signs)
+
+
+def side_matrix(spec: ProjectionSpec, module: ModuleProjection, side: str, statistic: np.ndarray) -> np.ndarray:
+    """P for one side from its fitting statistic: the covariance (d x d) or, sketched, Y = C Ω (d x l)."""
+    d, k = _sides(module, side)
+    expected = (d, fit_width(spec, module, side))
+    if statistic.shape != expected:
+        raise ValueError(f"{module.name} {side}: fitting statistic is {statistic.shape}, not {expected}")
+    kept = eigenvectors_kept(spec, module, side)
+    omega = sketch_matrix(spec, module, side)
+    basis = top_eigenvectors(statistic, kept) if omega is None else nystrom_eigenvectors(statistic, omega, kept)
+    if spec.kind == "kfac_eigen":
+        return basis
+    return np.hstack([basis, complement_sketch(basis, k - kept, spec.seed, module.name, side)])
 
 
 def fitted_matrices(
     spec: ProjectionSpec, covariances: Mapping[str, tuple[np.ndarray, np.ndarray]]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """module -> (P_in, P_out) from each module's full-width (A, S) covariance sums (any positive scale)."""
+    """module -> (P_in, P_out) from each module's fitting statistics (`side_matrix`; sums at any positive
+    scale)."""
     return {
         m.name: (
             side_matrix(spec, m, "in", covariances[m.name][0]),

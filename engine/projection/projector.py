@@ -72,6 +72,9 @@ class ProjectionSpec:
     modules: tuple[ModuleProjection, ...]
     fit_rows: int | None = None  # fitted kinds: rows the covariances were fitted on (None: all)
     top: int | None = None  # eigen_sketch: eigen-directions per side (None: dim // 2)
+    fit: str = (
+        "exact"  # fitted kinds: "exact" (full covariances) or "sketch" (one-pass Nyström, engine.projection.fitted)
+    )
     # fitted kinds: module -> (P_in, P_out), read from the store (engine.store) and checked against its checksums;
     # not part of the spec's identity, which the settings above fix
     # (Any, excluded: a manifest records the spec and the store the matrices, with their checksums)
@@ -95,6 +98,8 @@ class ProjectionSpec:
         }
         if self.kind in FITTED_KINDS:  # absent for random kinds, so their fingerprints are those of older stores
             raw.update(fit_rows=self.fit_rows, top=self.top)
+            if self.fit != "exact":  # absent for an exact fit, so its fingerprint is that of a version-3 store
+                raw["fit"] = self.fit
         return raw
 
     def fingerprint(self) -> str:
@@ -110,6 +115,7 @@ class ProjectionSpec:
             modules=modules,
             fit_rows=raw.get("fit_rows"),
             top=raw.get("top"),
+            fit=raw.get("fit", "exact"),
         )
 
     def with_matrices(self, matrices: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ProjectionSpec:
@@ -155,6 +161,7 @@ def build_projection(
     shapes: list[tuple[str, int, int]],
     fit_rows: int | None = None,
     top: int | None = None,
+    fit: str = "exact",
 ) -> ProjectionSpec:
     """`shapes` lists (module name, d_in incl. bias column, d_out) in tracking order. A fitted kind keeps a side
     as narrow as `dim` at full width too, as a rotation into its eigenbasis (the same scores as the identity)."""
@@ -166,4 +173,4 @@ def build_projection(
         )
         modules.append(module)
         offset += module.width
-    return ProjectionSpec(dim=dim, seed=seed, kind=kind, modules=tuple(modules), fit_rows=fit_rows, top=top)
+    return ProjectionSpec(dim=dim, seed=seed, kind=kind, modules=tuple(modules), fit_rows=fit_rows, top=top, fit=fit)

@@ -98,7 +98,7 @@ def _projection_differences(stored: ProjectionSpec, config: JobConfig) -> list[s
     wanted = config.projection
     return [
         f"projection.{key} (store: {getattr(stored, key)!r}, config: {getattr(wanted, key)!r})"
-        for key in ("dim", "seed", "kind", "fit_rows", "top")
+        for key in ("dim", "seed", "kind", "fit_rows", "top", "fit")
         if getattr(stored, key) != getattr(wanted, key)
     ]
 
