@@ -295,3 +295,29 @@ def test_the_fitting_pass_follows_on_nonfinite(tmp_path, nan_word_model):
     with pytest.raises(TributaryError, match=r'non-finite gradient \(NaN/inf\) at row 1 \(id "t1"'):
         run_index(parse_config(strict), show_progress=False)
     assert not GradientStore.open(strict["store"]["path"]).manifest.completed_shards
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_nonfinite_statistics_names_exactly_the_rows_an_elementwise_check_names(dtype):
+    """The sum-first check against isfinite row by row: NaN, ±inf, an inf beside a -inf (their sum is NaN), and
+    finite values whose sum overflows (a false alarm the elementwise fallback must clear)."""
+    from engine.gradients.finite import nonfinite_statistics
+
+    big = torch.finfo(dtype).max
+    clean = torch.randn(4, 3, 5, dtype=torch.float64).to(dtype)
+    overflowing = torch.full((4, 3, 5), big / 2, dtype=dtype)
+    poisoned = torch.randn(4, 3, 5, dtype=torch.float64).to(dtype)
+    poisoned[1, 0, 2] = float("nan")
+    poisoned[2, 2, 4] = float("inf")
+    poisoned[2, 1, 0] = float("-inf")
+    poisoned[3, 0, 0] = float("-inf")
+    tensors = {"a": [clean, overflowing], "b": [poisoned], "c": [clean]}
+    expected: dict[int, list[str]] = {}
+    for name, calls in tensors.items():
+        for tensor in calls:
+            for row in range(tensor.shape[0]):
+                if not torch.isfinite(tensor[row].double()).all() and name not in expected.setdefault(row + 10, []):
+                    expected[row + 10].append(name)
+    expected = {row: names for row, names in expected.items() if names}
+    assert nonfinite_statistics(tensors, offset=10) == expected == {11: ["b"], 12: ["b"], 13: ["b"]}
+    assert nonfinite_statistics({}) == {}

@@ -83,8 +83,7 @@ def sample_labels(
     counted = labels[:, 1:] != IGNORE
     if not counted.any():
         return sampled
-    probabilities = torch.softmax(logits[:, :-1].to(torch.float64), dim=-1)
-    cumulative = probabilities.cumsum(dim=-1)
+    cumulative = torch.softmax(logits[:, :-1].to(torch.float64), dim=-1).cumsum_(dim=-1)  # in place: half the time
     width = labels.shape[1]
     uniforms = torch.stack([torch.from_numpy(_uniforms(seed, index, width + 1)) for index in example_indices]).to(
         logits.device
@@ -92,6 +91,6 @@ def sample_labels(
     # the draw for the token at position p+1 uses uniform number p+1 of its example's stream
     per_position = torch.gather(uniforms, 1, position_ids[:, 1:] + 1)
     draws = torch.searchsorted(cumulative, per_position.unsqueeze(-1)).squeeze(-1)
-    draws = draws.clamp(max=probabilities.shape[-1] - 1)
+    draws = draws.clamp(max=logits.shape[-1] - 1)
     sampled[:, 1:] = torch.where(counted, draws, torch.full_like(draws, IGNORE))
     return sampled

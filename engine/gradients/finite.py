@@ -36,13 +36,24 @@ def nonfinite_gradients(grads: np.ndarray, losses: np.ndarray, spec: ProjectionS
     return found
 
 
+def _sum_dtype(tensor: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32  # half sums overflow at 65504
+
+
 def nonfinite_statistics(tensors: dict[str, list[torch.Tensor]], offset: int = 0) -> NonFinite:
     """Rows whose per-example tensors (B, ...) per module call — activations or δ̃ — are not finite."""
     found: NonFinite = {}
-    for name, calls in tensors.items():
-        for tensor in calls:
-            bad = ~torch.isfinite(tensor.detach()).reshape(tensor.shape[0], -1).all(dim=1)
-            _mark(found, bad.nonzero().flatten().cpu().numpy() + offset, name)
+    flat = [(name, tensor.detach()) for name, calls in tensors.items() for tensor in calls]
+    if not flat:
+        return found
+    # A sum is finite only if every term is, so one reduction per tensor and one device sync clear the usual
+    # batch; isfinite's four elementwise passes then run only on the tensors whose sum is not (or overflowed).
+    totals = torch.stack([tensor.sum(dtype=_sum_dtype(tensor)) for _, tensor in flat])
+    suspects = (~torch.isfinite(totals)).nonzero().flatten().cpu().tolist()
+    for index in suspects:
+        name, tensor = flat[index]
+        bad = ~torch.isfinite(tensor).reshape(tensor.shape[0], -1).all(dim=1)
+        _mark(found, bad.nonzero().flatten().cpu().numpy() + offset, name)
     return found
 
 
