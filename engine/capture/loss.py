@@ -78,19 +78,23 @@ def sample_labels(
 
     Each example's draws come from its own counter-based stream keyed by (seed, example index) and
     indexed by token position, so they do not depend on batch composition, padding side or worker.
+    The float64 cumulative distribution is built one example at a time: for the whole batch it would be two
+    (B, T, V) float64 transients, the largest allocations of a small-vocabulary model's pass, and every
+    position's arithmetic is the same either way.
     """
     sampled = torch.full_like(labels, IGNORE)
     counted = labels[:, 1:] != IGNORE
     if not counted.any():
         return sampled
-    cumulative = torch.softmax(logits[:, :-1].to(torch.float64), dim=-1).cumsum_(dim=-1)  # in place: half the time
     width = labels.shape[1]
-    uniforms = torch.stack([torch.from_numpy(_uniforms(seed, index, width + 1)) for index in example_indices]).to(
-        logits.device
-    )
-    # the draw for the token at position p+1 uses uniform number p+1 of its example's stream
-    per_position = torch.gather(uniforms, 1, position_ids[:, 1:] + 1)
-    draws = torch.searchsorted(cumulative, per_position.unsqueeze(-1)).squeeze(-1)
-    draws = draws.clamp(max=logits.shape[-1] - 1)
-    sampled[:, 1:] = torch.where(counted, draws, torch.full_like(draws, IGNORE))
+    for row, index in enumerate(example_indices):
+        if not counted[row].any():
+            continue
+        cumulative = torch.softmax(logits[row, :-1].to(torch.float64), dim=-1).cumsum_(dim=-1)  # in place: half the time
+        uniforms = torch.from_numpy(_uniforms(seed, index, width + 1)).to(logits.device)
+        # the draw for the token at position p+1 uses uniform number p+1 of its example's stream
+        per_position = uniforms[position_ids[row, 1:] + 1]
+        draws = torch.searchsorted(cumulative, per_position.unsqueeze(-1)).squeeze(-1)
+        draws = draws.clamp(max=logits.shape[-1] - 1)
+        sampled[row, 1:] = torch.where(counted[row], draws, torch.full_like(draws, IGNORE))
     return sampled
