@@ -90,7 +90,8 @@ def sample_labels(
     for row, index in enumerate(example_indices):
         if not counted[row].any():
             continue
-        cumulative = torch.softmax(logits[row, :-1].to(torch.float64), dim=-1).cumsum_(dim=-1)  # in place: half the time
+        probabilities = torch.softmax(logits[row, :-1].to(torch.float64), dim=-1)
+        cumulative = probabilities.cumsum_(dim=-1)  # in place: half the time
         uniforms = torch.from_numpy(_uniforms(seed, index, width + 1)).to(logits.device)
         # the draw for the token at position p+1 uses uniform number p+1 of its example's stream
         per_position = uniforms[position_ids[row, 1:] + 1]

@@ -95,7 +95,10 @@ def gradient_pass(
     want_covariance = with_covariance and curvature.strategy in NEEDS_COVARIANCE
     want_fisher_rows = fisher_rows and curvature.fisher is True
     covariance = CovarianceAccumulator(context.spec)
-    grads, losses, tokens, fisher = [], [], [], []
+    # The shard's outputs go into buffers allocated once, not a small tensor per batch: kept allocations made
+    # between a batch's large temporaries pin the allocator's heap, which then grows by the batch (~2 MB a batch
+    # of issue 13's workload, about 0.1 GB over a 512-row shard).
+    out = _ShardBuffers(len(rows), context.spec.total_width, capture.compute_dtype, want_fisher_rows)
     nonfinite: list[NonFinite] = []
     done = 0
     # ZeRO-3 frees a module's gathered weights after its backward, so a retained graph cannot be walked twice:
@@ -117,32 +120,44 @@ def gradient_pass(
                 if separate_fisher:  # the same forward/backward calls as a batch of rows
                     _fisher_deltas(context, batch, state, reforward, token_loss)
                 continue
-            grads.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
-            losses.append(loss.detach().float().cpu())
-            tokens.append(batch.num_tokens.cpu())
-            nonfinite.append(nonfinite_gradients(grads[-1].numpy(), losses[-1].numpy(), context.spec, done))
+            rows_here = slice(done, done + len(batch.indices))
+            out.grads[rows_here] = capture.flatten(capture.example_gradients(state, deltas)).detach()
+            out.losses[rows_here] = loss.detach()
+            out.tokens[rows_here] = batch.num_tokens
+            batch_losses = out.losses[rows_here].numpy()
+            nonfinite.append(nonfinite_gradients(out.grads[rows_here].numpy(), batch_losses, context.spec, done))
             if separate_fisher:
                 deltas = _fisher_deltas(context, batch, state, reforward, token_loss)
-            if want_fisher_rows:
-                fisher.append(capture.flatten(capture.example_gradients(state, deltas)).detach().cpu())
-                nonfinite.append(nonfinite_gradients(fisher[-1].numpy(), losses[-1].numpy(), context.spec, done))
+            if out.fisher is not None:
+                out.fisher[rows_here] = capture.flatten(capture.example_gradients(state, deltas)).detach()
+                nonfinite.append(nonfinite_gradients(out.fisher[rows_here].numpy(), batch_losses, context.spec, done))
             if want_covariance:
                 nonfinite.append(nonfinite_statistics(state.activations, done))
                 nonfinite.append(nonfinite_statistics(deltas, done))
                 covariance.add(state.activations, deltas, batch.attention_mask)
             done += len(batch.indices)
     sums = PartialSums(covariance=covariance.sums if want_covariance else {})
-    if not grads:  # a ZeRO-3 rank with padding only
+    if not rows:  # a ZeRO-3 rank with padding only
         return ShardGradients(start, np.zeros((0, context.spec.total_width), np.float32), *_no_rows(), sums)
     return ShardGradients(
         start,
-        torch.cat(grads).numpy(),
-        torch.cat(losses).numpy(),
-        torch.cat(tokens).numpy(),
+        out.grads.numpy(),
+        out.losses.numpy(),
+        out.tokens.numpy(),
         sums,
         merged(*nonfinite),
-        torch.cat(fisher).numpy() if want_fisher_rows else None,
+        out.fisher.numpy() if out.fisher is not None else None,
     )
+
+
+class _ShardBuffers:
+    """A shard's rows, losses, token counts and (true Fisher, Λ from the store) sampled-label rows, on the CPU."""
+
+    def __init__(self, rows: int, width: int, dtype: torch.dtype, fisher: bool):
+        self.grads = torch.empty((rows, width), dtype=dtype)
+        self.losses = torch.empty(rows, dtype=torch.float32)
+        self.tokens = torch.empty(rows, dtype=torch.int64)
+        self.fisher = torch.empty((rows, width), dtype=dtype) if fisher else None
 
 
 def _fisher_deltas(
