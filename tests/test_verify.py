@@ -175,3 +175,24 @@ def test_an_old_store_verifies_its_rows_and_says_its_factors_are_unchecked(tmp_p
     code, problems = _verify(old)
     assert code == 1 and len(problems) == 1 and problems[0].startswith("rows 2..3: checksum mismatch")
     assert "rows/loss/c/1" in problems[0]
+
+
+def test_a_shard_commit_holds_sha256_of_each_array_and_of_those_digests(built):
+    """Recomputed with hashlib from the arrays as Zarr reads them: each row array's digest, and the shard's
+    checksum as sha256 over the names and digests (the rows are hashed once, not once per digest)."""
+    import hashlib
+
+    opened = GradientStore.open(str(built))
+    group = zarr.open_group(str(built), mode="r")
+    for shard, (start, stop) in enumerate(opened.shards()):
+        commit = opened.manifest.shards["gradients"][shard]
+        expected = {}
+        for name in ("grads", "rows/id", "rows/num_tokens", "rows/loss"):
+            node = group[name]
+            assert isinstance(node, zarr.Array)
+            values = np.asarray(node[start:stop])
+            raw = "\x1f".join(map(str, values)).encode() if values.dtype.kind in "UOT" else values.tobytes()
+            expected[name] = hashlib.sha256(raw).hexdigest()
+        assert commit.arrays == expected
+        joined = "".join(f"{name}\x1f{digest}\x1e" for name, digest in expected.items())
+        assert commit.checksum == hashlib.sha256(joined.encode()).hexdigest() == opened.shard_checksum(shard)

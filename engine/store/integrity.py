@@ -45,7 +45,8 @@ def _update(digest, values: np.ndarray) -> None:
     if values.dtype.kind in "UOT":  # str, object or numpy 2 StringDType
         digest.update("\x1f".join(str(v) for v in values).encode())
     else:
-        digest.update(np.ascontiguousarray(values).tobytes())
+        # the array's own buffer, not a tobytes() copy: at projection dim 0 a shard's rows are gigabytes
+        digest.update(np.ascontiguousarray(values).reshape(-1).view(np.uint8).data)
 
 
 def digest_of(values: np.ndarray) -> str:
@@ -55,7 +56,8 @@ def digest_of(values: np.ndarray) -> str:
 
 
 def checksum(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over the stored (encoded) values of a shard's rows, array by array in a fixed order."""
+    """sha256 over the stored (encoded) values of a shard's rows, array by array in a fixed order: the shard
+    checksum of stores written before per-array digests (verified against it by `info --verify`)."""
     digest = hashlib.sha256()
     for name in SHARD_ARRAYS:
         digest.update(name.encode())
@@ -66,6 +68,16 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
 def row_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
     """One sha256 per row array of a shard, so verification can name the array that changed."""
     return {name: digest_of(arrays[name]) for name in SHARD_ARRAYS}
+
+
+def combined_checksum(digests: dict[str, str]) -> str:
+    """A shard's checksum from its per-array digests (sha256 over name and digest, in a fixed order): it changes
+    whenever any array does, and the rows are hashed once. sha256 runs at about 0.2 GB/s on a core without
+    SHA instructions, so hashing a dim-0 shard's rows twice cost as much as computing them."""
+    digest = hashlib.sha256()
+    for name in SHARD_ARRAYS:
+        digest.update(f"{name}\x1f{digests[name]}\x1e".encode())
+    return digest.hexdigest()
 
 
 def module_size(field_name: str, module: ModuleProjection) -> int:

@@ -30,6 +30,7 @@ from engine.store.integrity import (
     PROJECTION_ARRAYS,
     SHARD_ARRAYS,
     checksum,
+    combined_checksum,
     module_checksums,
     module_size,
     row_checksums,
@@ -124,7 +125,8 @@ class GradientStore(ManifestStore[StoreManifest]):
         }
         for name, values in arrays.items():
             array(self.group, name)[start:stop] = values
-        return checksum(arrays), row_checksums(arrays)
+        digests = row_checksums(arrays)
+        return combined_checksum(digests), digests
 
     # ---- sampled-label rows (true Fisher), read once for Λ -------------------------------------------
     def create_fisher_rows(self) -> None:
@@ -149,9 +151,15 @@ class GradientStore(ManifestStore[StoreManifest]):
             del self.group[FISHER_ROWS]
 
     def shard_checksum(self, shard: int) -> str:
-        """Re-read one shard's rows and checksum them (raises if a chunk cannot be decoded)."""
+        """Re-read one shard's rows and checksum them as the store's version did when it wrote them: one digest
+        over the four arrays before per-array digests, the digest of the per-array digests since (raises if a
+        chunk cannot be decoded)."""
         start, stop = self.shards()[shard]
-        return checksum({name: read(self.group, name, slice(start, stop)) for name in SHARD_ARRAYS})
+        arrays = {name: read(self.group, name, slice(start, stop)) for name in SHARD_ARRAYS}
+        commit = self.manifest.shards.get("gradients", {}).get(shard)
+        if commit is not None and not commit.arrays:
+            return checksum(arrays)
+        return combined_checksum(row_checksums(arrays))
 
     def chunk_key(self, shard: int) -> str:
         start, stop = self.shards()[shard]
