@@ -118,12 +118,16 @@ def add_lambda(
     factor (Adam's P^{1/2}, for the factors of P^{1/2} H P^{1/2}); `count` False adds a further label
     draw of the same examples (an exact Fisher sums over the output dimensions).
     """
-    grads = grads.detach().to(torch.float64)
+    # Gradients narrower than float64 are rotated in float32 and their squares summed in float64: the rotation is
+    # the cost (d_out²·d_in + d_out·d_in² per example; at projection dim 0 several times a forward+backward),
+    # and Λ is an estimate whose float32 rounding (~1e-7 relative) is far below its sampling noise.
+    work = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    grads = grads.detach().to(work)
     if scale is not None:
-        grads = grads * scale
+        grads = grads * scale.to(work)
     if basis is not None:
         q_s, q_a = basis
-        grads = q_s.T @ grads @ q_a
-    target.sum += (grads**2).sum(dim=0).cpu().numpy()
+        grads = q_s.T.to(work) @ grads @ q_a.to(work)
+    target.sum += grads.square().sum(dim=0, dtype=torch.float64).cpu().numpy()
     if count:
         target.examples += grads.shape[0]
