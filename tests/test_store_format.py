@@ -20,6 +20,7 @@ import pytest
 import yaml
 import zarr
 
+from benchmarks.common import bare_store_manifest
 from engine.data.rows import file_fingerprint
 from engine.errors import TributaryError
 from engine.store import GradientStore
@@ -183,3 +184,19 @@ def test_a_misspelt_manifest_change_is_an_error(old):
     with pytest.raises(ValueError, match="no field compelte"):
         store.update_manifest(compelte=False)
     assert store.manifest.complete is True
+
+
+def test_partial_sums_are_added_one_shard_at_a_time_in_shard_order(tmp_path):
+    """summed_partials equals the shards' rows added in shard order (bit for bit: the order the workers' sums
+    have always been reduced in) and the counts' column sums, reading one shard's row at a time."""
+    store = GradientStore.create(str(tmp_path / "store.zarr"), bare_store_manifest(10, 4, 2))
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((5, 7)) * 10.0 ** rng.integers(-8, 8, size=(5, 7))
+    counts = rng.integers(0, 100, size=(5, 2))
+    store.create_partials("covariance", 7, 2)
+    for shard in (3, 0, 4, 1, 2):  # written in any order, as workers finish
+        store.write_partial("covariance", shard, rows[shard], counts[shard])
+    expected = rows[0] + rows[1] + rows[2] + rows[3] + rows[4]
+    total, summed_counts = store.summed_partials("covariance")
+    assert total.tobytes() == expected.tobytes()
+    assert summed_counts.tolist() == counts.sum(axis=0).tolist()

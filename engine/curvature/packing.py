@@ -66,23 +66,3 @@ def unpack_lambda(vector: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) 
         out[m.name] = ModuleLambda(vector[offset : offset + width].reshape(m.k_out, m.k_in).copy(), int(counts[0]))
         offset += width
     return out
-
-
-def reduce_rows(rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sum shard rows in shard order (a fixed order, so the result does not depend on the workers)."""
-    total = np.zeros(rows.shape[1])
-    for row in rows:
-        total += row
-    return total, counts.sum(axis=0)
-
-
-def reduced_covariance(
-    rows: np.ndarray, counts: np.ndarray, spec: ProjectionSpec, shapes: Shapes | None = None
-) -> dict[str, ModuleCovariance]:
-    """The covariance sums of every shard (a store's partials "covariance"), reduced in shard order."""
-    return unpack_covariance(*reduce_rows(rows, counts), spec, shapes)
-
-
-def reduced_lambda(rows: np.ndarray, counts: np.ndarray, spec: ProjectionSpec) -> dict[str, ModuleLambda]:
-    """The Λ sums of every shard, reduced in shard order."""
-    return unpack_lambda(*reduce_rows(rows, counts), spec)

@@ -17,7 +17,7 @@ import time
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
-from engine.curvature.packing import covariance_width, lambda_width, reduced_covariance, reduced_lambda, shapes_width
+from engine.curvature.packing import covariance_width, lambda_width, shapes_width, unpack_covariance, unpack_lambda
 from engine.data.rows import dataset_fingerprint
 from engine.errors import TributaryError
 from engine.indexing.executor import ShardExecutor
@@ -148,7 +148,7 @@ def _fit_projection(store: GradientStore, run: IndexRun, spec: ProjectionSpec) -
     full, shapes = full_width(spec), fit_shapes(spec)
     store.create_partials("projection_covariance", shapes_width(shapes), 2)
     run.stage("projection", only=fit_shards(store.shards(), store.rows, spec.fit_rows))
-    sums = reduced_covariance(*store.read_partials("projection_covariance"), full, shapes)
+    sums = unpack_covariance(*store.summed_partials("projection_covariance"), full, shapes)
     store.write_projection(fitted_matrices(spec, {name: (c.a_sum, c.s_sum) for name, c in sums.items()}))
     run.mark("projection")
 
@@ -182,7 +182,7 @@ def _run_stages(
                     "(data.on_nonfinite: skip), so there is no curvature to fit; check the model's weights and "
                     "model.dtype (float16 overflows: use float32 or bfloat16)"
                 )
-            covariance = [reduced_covariance(*store.read_partials("covariance"), spec)] if needed else []
+            covariance = [unpack_covariance(*store.summed_partials("covariance"), spec)] if needed else []
             store.write_factors(shared_basis(strategy, widths, covariance))
             run.mark("eigen")
         if strategy in NEEDS_LAMBDA_PASS:
@@ -191,7 +191,7 @@ def _run_stages(
             clock = time.perf_counter()
             run.stage("lambdas")
             timings["pass2_s"] = time.perf_counter() - clock
-            lambdas = reduced_lambda(*store.read_partials("lambda"), spec)
+            lambdas = unpack_lambda(*store.summed_partials("lambda"), spec)
             store.write_factors(corrected_factors(strategy, store.read_factors(), [lambdas]))
         run.mark("final")
         if fisher_rows and not config.store.keep_fisher_grads:

@@ -24,7 +24,7 @@ from engine.capture.modules import select_modules, tracked_shapes
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_LAMBDA_PASS, ModuleFactors
 from engine.curvature.fitting import corrected_factors, fit_factors, module_widths
-from engine.curvature.packing import lambda_width, reduced_covariance, reduced_lambda
+from engine.curvature.packing import lambda_width, unpack_covariance, unpack_lambda
 from engine.curvature.statistics import ModuleLambda
 from engine.errors import TributaryError
 from engine.indexing.driver import IndexRun, build_store
@@ -118,7 +118,7 @@ def _shared_lambdas(
             IndexRun(store, executor, spec, progress, len(getattr(executor, "actors", [None]))).stage("segment_lambdas")
     finally:
         executor.shutdown()
-    return reduced_lambda(*store.read_partials("segment_lambda"), spec)
+    return unpack_lambda(*store.summed_partials("segment_lambda"), spec)
 
 
 def _segment_factors(
@@ -138,7 +138,7 @@ def _segment_factors(
         config.curvature.strategy,
         module_widths(spec),
         segment.checkpoints,
-        lambda name: reduced_covariance(*stores[name].read_partials("covariance"), spec),
+        lambda name: unpack_covariance(*stores[name].summed_partials("covariance"), spec),
         lambda name, basis, scale: _shared_lambdas(
             configs[name], stores[name], basis, scale, spec, show_progress, executors
         ),

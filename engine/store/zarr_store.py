@@ -198,6 +198,16 @@ class GradientStore(ManifestStore[StoreManifest]):
     def read_partials(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return read(self.group, f"partials/{name}"), read(self.group, f"partials/{name}_counts")
 
+    def summed_partials(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The shards' partial sums added in shard order (a fixed order, so the result does not depend on the
+        workers), one shard's row read at a time: at projection dim 0 a row of covariance sums is ~100 MB, and
+        reading every shard's at once held gigabytes."""
+        sums = array(self.group, f"partials/{name}")
+        total = np.zeros(sums.shape[1])
+        for shard in range(sums.shape[0]):
+            total += np.asarray(sums[shard])
+        return total, read(self.group, f"partials/{name}_counts").sum(axis=0)
+
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return decode(read(self.group, "grads", slice(start, stop)), self.manifest.dtype)
 
