@@ -29,8 +29,9 @@ Tributary's, so even exact Tributary scores are not 1). Peak RSS of a Tributary 
 
 Usage: python -m benchmarks.index_throughput [--small] [--rounds 1] [--skip-exact] [--only NAME,NAME] [--result NAME]
 
-The fitted kinds' figures in the README come from
-`--only "ekfac@16 true,ekfac@16 kfac_eigen,ekfac@16 kfac_eigen fit128" --result index_throughput_fitted`.
+The README's figures come from `--rounds 2` (every variant, results/index_throughput.json), and the exact row's
+peak memory after the driver's partial sums were streamed from `--only "ekfac@0 true" --result
+index_throughput_exact`.
 """
 
 from __future__ import annotations
