@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from benchmarks.common import bare_store_manifest, first_line, side_by_side, write_result
 from engine.query.scoring import score_store
@@ -75,8 +76,11 @@ def main() -> None:
                 "fraction_of_roofline": round(roofline / seconds, 3),
                 "samples": [round(s, 4) for s in samples],
             }
+        grads = store.group["grads"]
+        assert isinstance(grads, zarr.Array)
+        codecs = ", ".join(type(c).__name__ for c in grads.compressors) or "uncompressed"
         print(
-            f"store: {args.rows} rows x {args.width} float32 = {size / 2**30:.2f} GiB, zstd, chunks of "
+            f"store: {args.rows} rows x {args.width} float32 = {size / 2**30:.2f} GiB, {codecs}, chunks of "
             f"{store.rows_per_chunk} rows"
         )
         for name, row in table.items():
