@@ -16,7 +16,7 @@ Every variant runs in its own process, so its peak RSS is its own (VmHWM, benchm
   ekfac@16 kfac_eigen fit128   the same, fitted on 128 of the 512 rows (projection.fit_rows: 128)
   ekfac@16 kfac_eigen sketch   projection.fit: sketch (each side's eigenvectors from a one-pass Nyström sketch
                        of width 64 instead of the d x d covariance); "sketch fit128" on 128 rows
-  ekfac@0 true         exact EK-FAC (projection dim 0), local store, 8 rows per chunk (one batch per shard)
+  ekfac@0 true         exact EK-FAC (projection dim 0), local store, default chunking (one batch per shard)
   kronfluence          kronfluence's EK-FAC (true Fisher, float32, heuristic damping): factors + pairwise scores
 
 compute = the index's passes (the manifest's total − setup: model load, tokenising, fingerprints excluded) plus the
@@ -81,8 +81,6 @@ def _config(work: Path, name: str, model: Path, train: Path) -> dict:
     dim, strategy, fisher, lambdas, method = TRIBUTARY[name]
     store: dict = {"path": str(work / (name.replace(" ", "_").replace("@", "") + ".zarr"))}
     projection = {"dim": dim, **FITTED.get(name, {})}
-    if dim == 0:
-        store["rows_per_chunk"] = BATCH  # the ~16 MiB default would be one row per shard: batches of one
     return {
         "model": {"path": str(model), "dtype": "float32"},
         "data": {"train": str(train), "max_length": SEQUENCE, "batch_size": BATCH},

@@ -247,7 +247,9 @@ class TrainingRunConfig(_Section):
 class StoreConfig(_Section):
     path: str
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
-    rows_per_chunk: int | None = Field(default=None, gt=0, description="rows per Zarr chunk; default targets ~16 MiB")
+    rows_per_chunk: int | None = Field(
+        default=None, gt=0, description="rows per Zarr chunk (a shard); default ~16 MiB, at least data.batch_size rows"
+    )
     keep_fisher_grads: bool = Field(
         default=False,
         description="keep the sampled-label rows (fisher_grads) pass 1 writes for Λ once the factors are final "

@@ -200,3 +200,34 @@ def test_partial_sums_are_added_one_shard_at_a_time_in_shard_order(tmp_path):
     total, summed_counts = store.summed_partials("covariance")
     assert total.tobytes() == expected.tobytes()
     assert summed_counts.tolist() == counts.sum(axis=0).tolist()
+
+
+def test_the_default_chunk_is_about_16_mib_but_never_less_than_a_batch():
+    from engine.store.zarr_store import default_rows_per_chunk
+
+    mib = 1 << 20
+    assert default_rows_per_chunk(1024, "float32", 100_000) == 16 * mib // 4096  # 4 KiB rows: 4096 of them
+    assert default_rows_per_chunk(1024, "bfloat16", 100_000, batch_size=8) == 16 * mib // 2048
+    assert default_rows_per_chunk(1024, "float32", 300, batch_size=8) == 300  # never more than the rows
+    # 16 MiB rows (projection dim 0 on a model of 4M tracked parameters): a batch a shard, not one row
+    assert default_rows_per_chunk(4 * mib, "float32", 512) == 1
+    assert default_rows_per_chunk(4 * mib, "float32", 512, batch_size=8) == 8
+    assert default_rows_per_chunk(4 * mib, "float32", 5, batch_size=8) == 5
+
+
+def test_an_index_of_wide_rows_gets_shards_of_a_batch(tiny_models, tmp_path, monkeypatch):
+    """The driver passes data.batch_size: with a 1 KiB chunk target every row of the tiny model is too wide for
+    the target, and each shard still holds a batch (3 rows), not one row."""
+    import engine.store.zarr_store as zarr_store
+    from engine.config import parse_config
+    from engine.runner import run_index
+    from tests.conftest import SENTENCES, job_config, write_jsonl
+
+    monkeypatch.setattr(zarr_store, "TARGET_CHUNK_BYTES", 1024)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    raw = job_config(tmp_path, tiny_models["gpt2"], train)
+    run_index(parse_config(raw), show_progress=False)
+    store = GradientStore.open(raw["store"]["path"])
+    assert store.manifest.width * 8 > 1024  # float64 rows wider than the target
+    assert store.rows_per_chunk == raw["data"]["batch_size"] == 3
+    assert store.shards()[0] == (0, 3) and store.manifest.complete

@@ -111,7 +111,7 @@ def build_store(
             width=spec.total_width,
             dtype=config.store.dtype,
             rows_per_chunk=config.store.rows_per_chunk
-            or default_rows_per_chunk(spec.total_width, config.store.dtype, rows),
+            or default_rows_per_chunk(spec.total_width, config.store.dtype, rows, config.data.batch_size),
         )
     )
     store, resumed = open_or_create(GradientStore, config.store.path, manifest, overwrite)

@@ -55,9 +55,14 @@ ROW_COMPRESSORS = None
 FISHER_ROWS = "fisher_grads"
 
 
-def default_rows_per_chunk(width: int, dtype: str, rows: int) -> int:
+def default_rows_per_chunk(width: int, dtype: str, rows: int, batch_size: int = 1) -> int:
+    """Rows per chunk (and so per shard) when store.rows_per_chunk is not set: ~16 MiB, but at least one batch.
+    A shard is the unit a worker computes, so rows wider than 16 MiB / batch_size (projection dim 0 on a model
+    of a few million tracked parameters or more) would otherwise be computed in batches smaller than
+    data.batch_size, each with its own full-width covariance partial sums, as large as the shard's rows."""
     itemsize = np.dtype(PHYSICAL[dtype]).itemsize
-    return int(max(1, min(rows, TARGET_CHUNK_BYTES // max(1, width * itemsize))))
+    by_size = TARGET_CHUNK_BYTES // max(1, width * itemsize)
+    return int(max(1, min(rows, max(by_size, batch_size))))
 
 
 class GradientStore(ManifestStore[StoreManifest]):
