@@ -231,3 +231,26 @@ def test_an_index_of_wide_rows_gets_shards_of_a_batch(tiny_models, tmp_path, mon
     assert store.manifest.width * 8 > 1024  # float64 rows wider than the target
     assert store.rows_per_chunk == raw["data"]["batch_size"] == 3
     assert store.shards()[0] == (0, 3) and store.manifest.complete
+
+
+def test_resuming_with_another_chunking_is_refused_naming_both_values(tiny_models, tmp_path):
+    """A partly built store with one-row chunks (the old default for wide rows), resumed under the new default
+    (a batch per chunk): one line naming the setting and both values, and the store is left as it was."""
+    from engine.config import parse_config
+    from engine.runner import run_index
+    from tests.conftest import SENTENCES, job_config, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    raw = job_config(tmp_path, tiny_models["gpt2"], train, store={"rows_per_chunk": 1})
+    run_index(parse_config(raw), show_progress=False)
+    group = zarr.open_group(raw["store"]["path"], mode="r+")
+    manifest: dict = json.loads(json.dumps(group.attrs["manifest"]))
+    manifest["complete"] = False
+    group.attrs["manifest"] = manifest
+    del raw["store"]["rows_per_chunk"]
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = invoke("index", config, "--no-progress")
+    assert_clean_failure(result, "rows_per_chunk: store 1 vs now", "--overwrite")
+    assert result.output.count("rows_per_chunk") == 1
+    assert json.loads(json.dumps(zarr.open_group(raw["store"]["path"], mode="r").attrs["manifest"])) == manifest

@@ -43,7 +43,7 @@ def _store_refusal(existing: StoreManifest, wanted: StoreManifest, path: str) ->
     changed = [key for key in STORE_SETTINGS if getattr(existing, key) != getattr(wanted, key)]
     if changed:
         return (
-            f"store {redact(path)} was built with other settings ({', '.join(changed)}: "
+            f"store {redact(path)} was built with other settings ("
             + "; ".join(f"{key}: store {getattr(existing, key)} vs now {getattr(wanted, key)}" for key in changed)
             + "); choose another store.path or pass --overwrite to rebuild it"
         )
