@@ -31,9 +31,11 @@ def train(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", TRAIN)
 
 
-def _index(tmp_path: Path, model: Path, train: Path, name: str, lambdas: str, **curvature) -> GradientStore:
+def _index(
+    tmp_path: Path, model: Path, train: Path, name: str, lambdas: str, dim: int = 4, **curvature
+) -> GradientStore:
     raw = job_config(tmp_path, model, train, curvature={"lambdas": lambdas, "seed": 5, **curvature})
-    raw["projection"] = {"dim": 4, "seed": 1}
+    raw["projection"] = {"dim": dim, "seed": 1}
     raw["store"].update(path=str(tmp_path / name), rows_per_chunk=3)
     run_index(parse_config(raw), show_progress=False)
     return GradientStore.open(raw["store"]["path"])
@@ -60,15 +62,37 @@ def _no_model_pass(*_args, **_kwargs):
 @pytest.mark.parametrize("fisher", [True, "empirical"])
 @pytest.mark.parametrize("strategy", ["ekfac", "diagonal"])
 def test_one_pass_factors_equal_the_two_pass_factors(tmp_path, tiny_models, train, kind, fisher, strategy, monkeypatch):
+    _one_pass_equals_two_pass(tmp_path, tiny_models[kind], train, fisher, strategy, 4, monkeypatch)
+
+
+@pytest.mark.parametrize("fisher", [True, "empirical"])
+def test_at_full_width_the_model_pass_rotates_tokens_and_agrees(tmp_path, tiny_models, train, fisher, monkeypatch):
+    """At projection dim 0 on rows shorter than the modules are wide, the model pass rotates each token into the
+    eigenbasis before the per-example product (cheaper than rotating each example's gradient); the store path
+    rotates the stored rows. The two must agree."""
+    import engine.curvature.accumulators as accumulators
+
+    decisions: list[bool] = []
+    original = accumulators.tokens_first
+
+    def recorded(activations, deltas):
+        decisions.append(original(activations, deltas))
+        return decisions[-1]
+
+    monkeypatch.setattr(accumulators, "tokens_first", recorded)
+    _one_pass_equals_two_pass(tmp_path, tiny_models["llama"], train, fisher, "ekfac", 0, monkeypatch)
+    assert any(decisions), "no module took the token path: the test would not exercise it"
+
+
+def _one_pass_equals_two_pass(tmp_path, model, train, fisher, strategy, dim, monkeypatch) -> None:
     import engine.indexing.worker as worker
 
-    model = tiny_models[kind]
     two_pass = worker.lambda_pass
     with monkeypatch.context() as patched:
         patched.setattr(worker, "lambda_pass", _no_model_pass)
-        one = _index(tmp_path, model, train, "one.zarr", "store", fisher=fisher, strategy=strategy)
+        one = _index(tmp_path, model, train, "one.zarr", "store", dim, fisher=fisher, strategy=strategy)
     assert worker.lambda_pass is two_pass
-    two = _index(tmp_path, model, train, "two.zarr", "model", fisher=fisher, strategy=strategy)
+    two = _index(tmp_path, model, train, "two.zarr", "model", dim, fisher=fisher, strategy=strategy)
     assert np.array_equal(store_contents(one.path)["grads"], store_contents(two.path)["grads"])
     _assert_same_factors(one, two)
     assert not one.has_fisher_rows() and not two.has_fisher_rows(), "fisher_grads is deleted once factors are final"

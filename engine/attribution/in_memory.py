@@ -237,7 +237,8 @@ class InMemoryAttribution(CachedResources):
             for inputs, targets in self._batches(self._data[key]):
                 state, _ = self._forward(self._parameters[key], inputs)
                 for draw, deltas in enumerate(self._curvature_deltas(state, targets, generator)):
-                    sums.add(self.capture.example_gradients(state, deltas), count=draw == 0)
+                    grads, rotated = sums.token_gradients(state.activations, deltas)
+                    sums.add(grads, count=draw == 0, rotated=rotated)
         return sums.sums
 
     def _fit(self, keys: Sequence[ResourceKey], scale: dict[str, np.ndarray] | None) -> Factors:

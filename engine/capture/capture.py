@@ -179,12 +179,13 @@ class GradientCapture:
 
     def example_gradients(self, state: ForwardPass, deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
         """G̃ = Σ_t δ̃_t ã_tᵀ per example and module: (B, k_out, k_in)."""
-        out = {}
-        for name in self.modules:
-            calls = zip(deltas[name], state.activations[name])
-            out[name] = sum(torch.einsum("btk,btj->bkj", delta, act) for delta, act in calls)
-        return out
+        return {name: example_gradient(deltas[name], state.activations[name]) for name in self.modules}
 
     def flatten(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Concatenate modules into stored rows (B, D) in layout order."""
         return torch.cat([grads[name].flatten(start_dim=1) for name in self.modules], dim=1)
+
+
+def example_gradient(deltas: list[torch.Tensor], activations: list[torch.Tensor]) -> torch.Tensor:
+    """G̃ = Σ_calls Σ_t δ̃_t ã_tᵀ per example of one module, from its calls' δ̃ (B, T, k_out) and ã (B, T, k_in)."""
+    return sum(torch.einsum("btk,btj->bkj", delta, act) for delta, act in zip(deltas, activations, strict=True))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.capture.capture import example_gradient
 from engine.curvature.factors import ModuleFactors
 from engine.curvature.statistics import ModuleCovariance, ModuleLambda, add_covariance, add_lambda
 from engine.projection import ProjectionSpec
@@ -60,8 +61,36 @@ class LambdaAccumulator:
             for name, value in (scale or {}).items()
         }
 
-    def add(self, grads: dict[str, torch.Tensor], count: bool = True) -> None:
+    def add(self, grads: dict[str, torch.Tensor], count: bool = True, rotated: frozenset[str] = frozenset()) -> None:
         """Per-example gradients (B, k_out, k_in) per module; `count` False: a further label draw of the same
-        examples."""
+        examples; `rotated`: the modules whose gradients are already in the eigenbasis (`token_gradients`)."""
         for name, module_grads in grads.items():
-            add_lambda(self.sums[name], module_grads, self._bases[name], self._scales.get(name), count=count)
+            basis = None if name in rotated else self._bases[name]
+            add_lambda(self.sums[name], module_grads, basis, self._scales.get(name), count=count)
+
+    def token_gradients(
+        self, activations: dict[str, list[torch.Tensor]], deltas: dict[str, list[torch.Tensor]]
+    ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+        """One batch's per-example gradients from per-token ã (B, T, k_in) and δ̃ (B, T, k_out) per module call, for
+        `add`, and the modules among them already rotated: Q_Sᵀ (Σ_t δ̃ ãᵀ) Q_A = Σ_t (Q_Sᵀ δ̃)(Q_Aᵀ ã)ᵀ, so where
+        rotating the tokens costs less than rotating each example's gradient (`tokens_first`: at full width on
+        rows shorter than the module is wide) the tokens are rotated before the product."""
+        grads, rotated = {}, set()
+        for name in self.sums:
+            acts, dels, basis = activations[name], deltas[name], self._bases[name]
+            if basis is not None and name not in self._scales and tokens_first(acts, dels):
+                q_s, q_a = basis
+                acts = [a @ q_a.to(a.dtype) for a in acts]
+                dels = [d @ q_s.to(d.dtype) for d in dels]
+                rotated.add(name)
+            grads[name] = example_gradient(dels, acts)
+        return grads, frozenset(rotated)
+
+
+def tokens_first(activations: list[torch.Tensor], deltas: list[torch.Tensor]) -> bool:
+    """Whether rotating a batch's tokens (Σ_calls T (k_in² + k_out²) products an example) costs less than rotating
+    its per-example gradients (k_out k_in (k_in + k_out)); the per-example product itself costs the same either
+    way. Projected (k = 16) it never does; at projection dim 0 it does for rows shorter than about the width."""
+    k_in, k_out = activations[0].shape[-1], deltas[0].shape[-1]
+    tokens = sum(a.shape[1] for a in activations)
+    return tokens * (k_in * k_in + k_out * k_out) < k_in * k_out * (k_in + k_out)

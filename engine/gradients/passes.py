@@ -274,11 +274,11 @@ def lambda_pass(
             deltas = _curvature_deltas(context, batch, state, NextTokenLoss(state.logits))
             if padding:
                 continue
-            grads = capture.example_gradients(state, deltas)
-            if on_nonfinite is not None:
+            grads, rotated = lambdas.token_gradients(state.activations, deltas)
+            if on_nonfinite is not None:  # a rotation keeps finite gradients finite and non-finite ones not finite
                 found = nonfinite_statistics({name: [g] for name, g in grads.items()}, done)
                 if found:
                     on_nonfinite(found)
-            lambdas.add(grads)
+            lambdas.add(grads, rotated=rotated)
             done += len(batch.indices)
     return PartialSums(lambdas=lambdas.sums)
