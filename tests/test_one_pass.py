@@ -170,19 +170,23 @@ def test_a_run_killed_during_the_lambda_read_resumes_without_pass_1(tmp_path, ti
             assert np.array_equal(ours["factors"][name][field], value), f"{name}.{field}"
 
 
-def test_auto_reads_the_store_unless_its_rows_are_rounded_or_the_second_array_too_big(tmp_path, tiny_models, train):
+def test_auto_reads_the_store_unless_its_rows_are_rounded_or_full_width_with_the_true_fisher(
+    tmp_path, tiny_models, train
+):
     def config(**sections):
+        sections.setdefault("projection", {"dim": 4})
         return parse_config(job_config(tmp_path, tiny_models["gpt2"], train, **sections))
 
-    assert lambda_source(config(), 10, 100) == "store"
-    assert lambda_source(config(store={"dtype": "bfloat16"}), 10, 100) == "model"
-    assert lambda_source(config(store={"dtype": "float16"}, curvature={"lambdas": "store"}), 10, 100) == "store"
-    huge = (10**6, 10**4)  # 80 GB of float64 rows at dim 0
-    assert lambda_source(config(), *huge) == "model"
-    assert lambda_source(config(curvature={"fisher": "empirical"}), *huge) == "store"  # no second array
-    assert writes_fisher_rows(config(), 10, 100)
-    assert not writes_fisher_rows(config(curvature={"fisher": "empirical"}), 10, 100)
-    assert not writes_fisher_rows(config(curvature={"strategy": "kfac"}), 10, 100)
+    assert lambda_source(config()) == "store"
+    assert lambda_source(config(store={"dtype": "bfloat16"})) == "model"
+    assert lambda_source(config(store={"dtype": "float16"}, curvature={"lambdas": "store"})) == "store"
+    assert lambda_source(config(projection={"dim": 0})) == "model"  # fisher_grads would copy the full rows
+    assert lambda_source(config(projection={"dim": 0}, curvature={"fisher": "empirical"})) == "store"  # no copy
+    assert lambda_source(config(projection={"dim": 0}, curvature={"lambdas": "store"})) == "store"
+    assert writes_fisher_rows(config())
+    assert not writes_fisher_rows(config(projection={"dim": 0}))
+    assert not writes_fisher_rows(config(curvature={"fisher": "empirical"}))
+    assert not writes_fisher_rows(config(curvature={"strategy": "kfac"}))
 
 
 def test_one_and_two_ray_workers_give_bit_identical_stores(tmp_path, tiny_models, train):

@@ -168,7 +168,7 @@ def _run_stages(
             timings["projection_s"] = time.perf_counter() - clock
         if strategy in NEEDS_COVARIANCE:
             store.create_partials("covariance", covariance_width(spec), 2)
-        fisher_rows = writes_fisher_rows(config, store.rows, spec.total_width)
+        fisher_rows = writes_fisher_rows(config)
         if fisher_rows and not store.manifest.shards.get("gradients"):
             store.create_fisher_rows()  # only before pass 1's first shard: every shard then writes its rows
         clock = time.perf_counter()
@@ -194,5 +194,5 @@ def _run_stages(
             lambdas = unpack_lambda(*store.summed_partials("lambda"), spec)
             store.write_factors(corrected_factors(strategy, store.read_factors(), [lambdas]))
         run.mark("final")
-        if fisher_rows and not config.store.keep_fisher_grads:
-            store.delete_fisher_rows()
+        if store.has_fisher_rows() and not config.store.keep_fisher_grads:
+            store.delete_fisher_rows()  # also one left by pass 1 under an earlier version's choice of Λ path

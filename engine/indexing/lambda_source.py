@@ -5,44 +5,43 @@
   then writes as a second array (`fisher_grads`). Λ is a read of the store after the eigendecomposition.
 - "model": a second forward and backward per row (the two-pass index), for stores whose rows are rounded
   (float16/bfloat16 store.dtype: Λ from rounded rows differs from Λ of the computed gradients by about the
-  dtype's precision, ~1e-3 relative) or where a second full-width array would be large (dim 0, true Fisher).
+  dtype's precision, ~1e-3 relative) and for the true Fisher at full width (dim 0). There `fisher_grads`
+  would be a second copy of the full rows, written and read back, and rotating a stored row costs
+  k_in·k_out·(k_in + k_out) a module where the model pass rotates its T tokens for T·(k_in² + k_out²):
+  on issue 13's workload the model pass took 13.8× bare against the store read's 18.3×
+  (benchmarks/results/index_throughput_exact_paths.json).
 
-A pure function of the config and the store's size, so the driver and every worker decide alike.
+A pure function of the config, so the driver and every worker decide alike.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-import numpy as np
-
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_LAMBDA_PASS
-from engine.store.encoding import PHYSICAL
 
 LOSSY_STORE_DTYPES = ("float16", "bfloat16")
-FISHER_ROWS_LIMIT_BYTES = 16 << 30  # auto: above this a dim-0 fisher_grads array is not worth the disk
 
 LambdaSource = Literal["store", "model"]
 
 
-def lambda_source(config: JobConfig, rows: int, width: int) -> LambdaSource:
-    """ "store" or "model" for a store of `rows` rows of `width` columns (curvature.lambdas, resolved)."""
+def lambda_source(config: JobConfig) -> LambdaSource:
+    """ "store" or "model": curvature.lambdas, resolved."""
     setting = config.curvature.lambdas
     if setting != "auto":
         return setting
     if config.store.dtype in LOSSY_STORE_DTYPES:
         return "model"
-    second_array = rows * width * np.dtype(PHYSICAL[config.store.dtype]).itemsize
-    if config.curvature.fisher is True and config.projection.dim == 0 and second_array > FISHER_ROWS_LIMIT_BYTES:
+    if config.curvature.fisher is True and config.projection.dim == 0:
         return "model"
     return "store"
 
 
-def writes_fisher_rows(config: JobConfig, rows: int, width: int) -> bool:
+def writes_fisher_rows(config: JobConfig) -> bool:
     """Whether pass 1 writes `fisher_grads`: the true Fisher with Λ read from the store."""
     return (
         config.curvature.strategy in NEEDS_LAMBDA_PASS
         and config.curvature.fisher is True
-        and lambda_source(config, rows, width) == "store"
+        and lambda_source(config) == "store"
     )

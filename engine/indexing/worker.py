@@ -200,7 +200,7 @@ class ShardWorker:
         start, stop = store.shards()[shard]
         rows = self._tokenized(start, stop)
         ids = self._ids(start, stop)
-        fisher_rows = writes_fisher_rows(self.config, store.rows, store.manifest.width) and store.has_fisher_rows()
+        fisher_rows = writes_fisher_rows(self.config) and store.has_fisher_rows()
         result = gradient_pass(self.context, rows, start, fisher_rows=fisher_rows)
         skipped = []
         if result.nonfinite:
@@ -279,7 +279,7 @@ class ShardWorker:
     def _stored_rows(self, store: GradientStore):
         """The store's reader of the rows Λ is a sum over (rows: empirical Fisher; fisher_grads: true Fisher),
         or None where Λ needs the model (curvature.lambdas, or fisher_grads not written or deleted)."""
-        if lambda_source(self.config, store.rows, store.manifest.width) != "store":
+        if lambda_source(self.config) != "store":
             return None
         if self.config.curvature.fisher is True:
             return store.read_fisher_rows if store.has_fisher_rows() else None

@@ -121,7 +121,7 @@ class ZeroShardWorker(ShardWorker):
         started = time.perf_counter()
         store = self._open()
         start, stop, rows = self._step_rows(shard)
-        fisher_rows = writes_fisher_rows(self.config, store.rows, store.manifest.width) and store.has_fisher_rows()
+        fisher_rows = writes_fisher_rows(self.config) and store.has_fisher_rows()
         result = gradient_pass(self.context, rows, start, pad_batches=batches, fisher_rows=fisher_rows)
         if shard is None:
             return None
