@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import bare_store_manifest, first_line, write_result
+from benchmarks.common import bare_store_manifest, first_line, non_negative_int, positive_int, write_result
 from engine.ann.build import build_index
 from engine.ann.index import AnnIndex
 from engine.ann.layout import index_location
@@ -83,18 +83,20 @@ def directory_bytes(path: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    parser.add_argument("--dim", type=int, default=4096)
-    parser.add_argument("--rank", type=int, default=64, help="rank of the structure under the noise")
+    parser.add_argument("--rows", type=positive_int, default=1_000_000)
+    parser.add_argument("--dim", type=positive_int, default=4096)
+    parser.add_argument("--rank", type=positive_int, default=64, help="rank of the structure under the noise")
     parser.add_argument("--noise", type=float, default=0.5, help="noise norm relative to the structure")
-    parser.add_argument("--rows-per-chunk", type=int, default=None, help="store chunking (default: ~16 MiB chunks)")
+    parser.add_argument(
+        "--rows-per-chunk", type=positive_int, default=None, help="store chunking (default: ~16 MiB chunks)"
+    )
     parser.add_argument("--no-row-copy", action="store_true", help="rerank from the store instead of the index's copy")
-    parser.add_argument("--rerank", type=int, default=100)
+    parser.add_argument("--rerank", type=non_negative_int, default=100)
     parser.add_argument("--codec", default="SQ8")
-    parser.add_argument("--lists", type=int, default=None)
-    parser.add_argument("--probes", type=int, default=None)
-    parser.add_argument("--rounds", type=int, default=3, help="timed repetitions of each approximate query")
-    parser.add_argument("--exact-rounds", type=int, default=1, help="timed repetitions of each exact scan")
+    parser.add_argument("--lists", type=positive_int, default=None)
+    parser.add_argument("--probes", type=positive_int, default=None)
+    parser.add_argument("--rounds", type=positive_int, default=3, help="timed repetitions of each approximate query")
+    parser.add_argument("--exact-rounds", type=positive_int, default=1, help="timed repetitions of each exact scan")
     parser.add_argument("--workdir", default=None, help="where the store goes (default: a temporary directory)")
     parser.add_argument("--name", default="ann", help="results file benchmarks/results/NAME.json")
     args = parser.parse_args()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -37,6 +38,26 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+
+
+def positive_int(text: str) -> int:
+    """argparse type for a count that must be at least 1 (rows, rounds, sizes): a clean usage error otherwise."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type for a count where 0 has a meaning (dim 0: full width; workers 0: in process)."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} is below {least}")
+    return value
 
 
 def first_line(doc: str | None) -> str:

@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.common import RESULTS, machine  # noqa: E402
+from benchmarks.common import RESULTS, machine, non_negative_int  # noqa: E402
 
 COLOURS = {
     "grad_dot": "tab:blue",
@@ -41,7 +41,9 @@ NAMES = {
 def arguments(description: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--full", action="store_true", help="the paper-sized run (for a GPU machine or a cluster)")
-    parser.add_argument("--workers", type=int, default=0, help="Ray workers for the retraining (0: in process)")
+    parser.add_argument(
+        "--workers", type=non_negative_int, default=0, help="Ray workers for the retraining (0: in process)"
+    )
     return parser.parse_args()
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, first_line, machine
+from benchmarks.common import RESULTS, first_line, machine, positive_int
 
 SEQUENCE = 128
 BATCH = 8
@@ -251,7 +251,7 @@ def _gib(value: int | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--cpu-dry-run", action="store_true", help="tiny model on CPU, results under --out")
-    parser.add_argument("--rows", type=int, default=None, help="training rows (default 256; 24 for a dry run)")
+    parser.add_argument("--rows", type=positive_int, default=None, help="training rows (default 256; 24 for a dry run)")
     parser.add_argument("--out", type=Path, default=None, help="where the JSON goes (default benchmarks/results)")
     parser.add_argument("--steps", default=None, help="comma-separated steps to run (default: all)")
     args = parser.parse_args(argv)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from benchmarks.common import first_line, write_result
+from benchmarks.common import first_line, non_negative_int, positive_int, write_result
 from benchmarks.evaluation_common import RESULTS, machine_line, markdown_table, plt
 from benchmarks.lm_lds_task import LMTask, TaskSpec, build_task, retrain_subsets, save_full_model
 from engine.evaluation.cache import load_or_compute
@@ -259,13 +259,17 @@ def plot(results: list[dict], floor: dict, kinds: list[str], methods: list[str],
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--full", action="store_true", help="M = 128 subsets × R = 3 seeds (its own cache path)")
-    parser.add_argument("--subsets", type=int, default=None, help="M (default 64; --full 128)")
-    parser.add_argument("--seeds", type=int, default=None, help="R retraining seeds per subset (default 2; --full 3)")
-    parser.add_argument("--train", type=int, default=256, help="N training rows")
-    parser.add_argument("--queries", type=int, default=32, help="Q held-out query rows")
-    parser.add_argument("--workers", type=int, default=2, help="retraining processes (0: in this process)")
+    parser.add_argument("--subsets", type=positive_int, default=None, help="M (default 64; --full 128)")
+    parser.add_argument(
+        "--seeds", type=positive_int, default=None, help="R retraining seeds per subset (default 2; --full 3)"
+    )
+    parser.add_argument("--train", type=positive_int, default=256, help="N training rows")
+    parser.add_argument("--queries", type=positive_int, default=32, help="Q held-out query rows")
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="retraining processes (0: in this process)")
     parser.add_argument("--kinds", default="rademacher", help="comma-separated projection.kind values")
-    parser.add_argument("--fit-rows", type=int, default=None, help="projection.fit_rows for data-dependent kinds")
+    parser.add_argument(
+        "--fit-rows", type=positive_int, default=None, help="projection.fit_rows for data-dependent kinds"
+    )
     parser.add_argument("--fit", choices=("exact", "sketch"), default="exact", help="projection.fit for fitted kinds")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--dims", default="0,8,16,32,64", help="comma-separated projection dims per side")

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import first_line, random_corpus, write_jsonl, write_result
+from benchmarks.common import first_line, positive_int, random_corpus, write_jsonl, write_result
 from benchmarks.peak_memory import high_water_bytes
 
 SEQUENCE = 64
@@ -151,9 +151,9 @@ class RssPoller:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
-    parser.add_argument("--hidden", type=int, default=1536)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--hidden", type=positive_int, default=1536)
+    parser.add_argument("--layers", type=positive_int, default=12)
+    parser.add_argument("--rows", type=positive_int, default=16)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)

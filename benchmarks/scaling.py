@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import first_line, gpt2_like, random_corpus, write_jsonl, write_result
+from benchmarks.common import first_line, gpt2_like, positive_int, random_corpus, write_jsonl, write_result
 from engine.config import parse_config
 from engine.runner import run_index
 
@@ -27,10 +27,10 @@ SEQUENCE = 128
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
-    parser.add_argument("--rows", type=int, default=96)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rows", type=positive_int, default=96)
+    parser.add_argument("--rounds", type=positive_int, default=2)
+    parser.add_argument("--hidden", type=positive_int, default=256)
+    parser.add_argument("--layers", type=positive_int, default=4)
     args = parser.parse_args()
     logging.disable(logging.INFO)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from benchmarks.common import bare_store_manifest, first_line, side_by_side, write_result
+from benchmarks.common import bare_store_manifest, first_line, positive_int, side_by_side, write_result
 from engine.query.scoring import score_store
 from engine.spectral.methods import Method
 from engine.store import GradientStore
@@ -54,9 +54,9 @@ def scoring(store: GradientStore, queries: int, width: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
-    parser.add_argument("--rows", type=int, default=40000)
-    parser.add_argument("--width", type=int, default=4096)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", type=positive_int, default=40000)
+    parser.add_argument("--width", type=positive_int, default=4096)
+    parser.add_argument("--rounds", type=positive_int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tributary-scoring-"))
     try:

@@ -28,7 +28,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks.common import first_line, gpt2_like, random_corpus, write_jsonl, write_result
+from benchmarks.common import (
+    first_line,
+    gpt2_like,
+    non_negative_int,
+    positive_int,
+    random_corpus,
+    write_jsonl,
+    write_result,
+)
 from engine.config import parse_config
 from engine.runner import run_index
 from engine.store.zarr_store import GradientStore
@@ -73,10 +81,10 @@ def run_load(url: str, clients: int, total: int, queries: list[dict]) -> tuple[f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
-    parser.add_argument("--rows", type=int, default=600)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=96, help="requests per measurement")
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--rows", type=positive_int, default=600)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--requests", type=positive_int, default=96, help="requests per measurement")
+    parser.add_argument("--dim", type=non_negative_int, default=64)
     args = parser.parse_args()
     logging.disable(logging.INFO)
     load_at_start = os.getloadavg()  # other work on the machine shows here

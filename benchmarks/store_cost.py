@@ -14,7 +14,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import first_line, gpt2_like, random_corpus, side_by_side, write_jsonl, write_result
+from benchmarks.common import (
+    first_line,
+    gpt2_like,
+    non_negative_int,
+    positive_int,
+    random_corpus,
+    side_by_side,
+    write_jsonl,
+    write_result,
+)
 from engine.config import parse_config
 from engine.curvature.packing import covariance_width
 from engine.gradients.passes import gradient_pass
@@ -26,9 +35,9 @@ SEQUENCE = 128
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
-    parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--rows", type=positive_int, default=64)
+    parser.add_argument("--rounds", type=positive_int, default=3)
+    parser.add_argument("--dim", type=non_negative_int, default=64)
     args = parser.parse_args()
     logging.disable(logging.INFO)
     work = Path(tempfile.mkdtemp(prefix="tributary-store-cost-"))

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import first_line, write_result
+from benchmarks.common import first_line, positive_int, write_result
 from engine.attribution import Checkpoint, Dataset, InMemoryAttribution, Segment, TrainingRun, squared_error
 from tests.unrolling import mean_correlation, mlp, removal_effect, sgd, train
 
@@ -114,7 +114,7 @@ def _summary(per_seed: list[dict]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
-    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds", type=positive_int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(1)
     started = time.perf_counter()
