@@ -8,7 +8,7 @@
   dtype's precision, ~1e-3 relative) and for the true Fisher at full width (dim 0). There `fisher_grads`
   would be a second copy of the full rows, written and read back, and rotating a stored row costs
   k_in·k_out·(k_in + k_out) a module where the model pass rotates its T tokens for T·(k_in² + k_out²):
-  on issue 13's workload the model pass took 13.8× bare against the store read's 18.3×
+  on issue 13's workload the model pass took 15.4× bare against the store read's 17.1×
   (benchmarks/results/index_throughput_exact_paths.json).
 
 A pure function of the config, so the driver and every worker decide alike.
