@@ -215,9 +215,25 @@ def test_the_default_chunk_is_about_16_mib_but_never_less_than_a_batch():
     assert default_rows_per_chunk(4 * mib, "float32", 5, batch_size=8) == 5
 
 
+def test_where_shards_write_partial_sums_the_default_chunk_makes_them_a_quarter_of_the_rows_up_to_512_mib():
+    from engine.store.zarr_store import default_rows_per_chunk
+
+    mib = 1 << 20
+    # 4 MiB rows, 32 MiB of float64 partial sums a shard: 4 x 32 / 4 = 32 rows, a multiple of the batch
+    assert default_rows_per_chunk(mib, "float32", 512, batch_size=8, partial_width=4 * mib) == 32
+    assert default_rows_per_chunk(mib, "float32", 512, batch_size=10, partial_width=4 * mib) == 40
+    assert default_rows_per_chunk(mib, "float32", 20, batch_size=8, partial_width=4 * mib) == 20  # all the rows
+    # 800 MiB of partial sums: capped at 512 MiB of rows (128 rows of 4 MiB)
+    assert default_rows_per_chunk(mib, "float32", 10_000, batch_size=8, partial_width=100 * mib) == 128
+    # 1 GiB rows: the cap is below a batch, and a batch it stays
+    assert default_rows_per_chunk(256 * mib, "float32", 512, batch_size=8, partial_width=mib) == 8
+    # projected rows (4 KiB): the 16 MiB target already dwarfs the partial sums
+    assert default_rows_per_chunk(1024, "float32", 100_000, batch_size=8, partial_width=16 * 512) == 4096
+
+
 def test_an_index_of_wide_rows_gets_shards_of_a_batch(tiny_models, tmp_path, monkeypatch):
     """The driver passes data.batch_size: with a 1 KiB chunk target every row of the tiny model is too wide for
-    the target, and each shard still holds a batch (3 rows), not one row."""
+    the target, and each shard still holds a batch (3 rows), not one row (Grad-Dot: no partial sums)."""
     import engine.store.zarr_store as zarr_store
     from engine.config import parse_config
     from engine.runner import run_index
@@ -225,12 +241,41 @@ def test_an_index_of_wide_rows_gets_shards_of_a_batch(tiny_models, tmp_path, mon
 
     monkeypatch.setattr(zarr_store, "TARGET_CHUNK_BYTES", 1024)
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    raw = job_config(tmp_path, tiny_models["gpt2"], train)
+    raw = job_config(tmp_path, tiny_models["gpt2"], train, curvature={"strategy": "identity"})
     run_index(parse_config(raw), show_progress=False)
     store = GradientStore.open(raw["store"]["path"])
     assert store.manifest.width * 8 > 1024  # float64 rows wider than the target
     assert store.rows_per_chunk == raw["data"]["batch_size"] == 3
     assert store.shards()[0] == (0, 3) and store.manifest.complete
+
+
+def test_an_exact_ekfac_index_gets_shards_whose_partial_sums_are_a_quarter_of_their_rows(
+    tiny_models, tmp_path, monkeypatch
+):
+    """At projection dim 0 the driver passes the width of the partial sums each shard writes (covariances and
+    Λ): the default chunk is the fewest whole batches whose rows outweigh four times those sums, measured here
+    from the arrays the store holds."""
+    import engine.store.zarr_store as zarr_store
+    from engine.config import parse_config
+    from engine.runner import run_index
+    from tests.conftest import job_config, write_jsonl
+
+    monkeypatch.setattr(zarr_store, "TARGET_CHUNK_BYTES", 1024)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": f"w{i} " * 12} for i in range(200)])
+    raw = job_config(tmp_path, tiny_models["gpt2"], train, data={"max_length": 16})
+    run_index(parse_config(raw), show_progress=False)
+    store = GradientStore.open(raw["store"]["path"])
+    widths = [
+        zarr.open_array(f"{raw['store']['path']}/partials/{name}", mode="r").shape[1]
+        for name in ("covariance", "lambda")
+    ]
+    partial_bytes = 8 * sum(widths)
+    row_bytes, batch = 8 * store.manifest.width, raw["data"]["batch_size"]
+    expected = batch
+    while expected * row_bytes < 4 * partial_bytes:
+        expected += batch
+    assert batch < expected < store.rows, "the test's rows must be many enough to see the rule"
+    assert store.rows_per_chunk == expected and store.manifest.complete
 
 
 def test_resuming_with_another_chunking_is_refused_naming_both_values(tiny_models, tmp_path):

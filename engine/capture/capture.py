@@ -188,4 +188,8 @@ class GradientCapture:
 
 def example_gradient(deltas: list[torch.Tensor], activations: list[torch.Tensor]) -> torch.Tensor:
     """G̃ = Σ_calls Σ_t δ̃_t ã_tᵀ per example of one module, from its calls' δ̃ (B, T, k_out) and ã (B, T, k_in)."""
-    return sum(torch.einsum("btk,btj->bkj", delta, act) for delta, act in zip(deltas, activations, strict=True))
+    products = (torch.einsum("btk,btj->bkj", delta, act) for delta, act in zip(deltas, activations, strict=True))
+    total = next(products)
+    for product in products:
+        total = total + product
+    return total

@@ -111,7 +111,9 @@ def build_store(
             width=spec.total_width,
             dtype=config.store.dtype,
             rows_per_chunk=config.store.rows_per_chunk
-            or default_rows_per_chunk(spec.total_width, config.store.dtype, rows, config.data.batch_size),
+            or default_rows_per_chunk(
+                spec.total_width, config.store.dtype, rows, config.data.batch_size, _partial_width(config, spec)
+            ),
         )
     )
     store, resumed = open_or_create(GradientStore, config.store.path, manifest, overwrite)
@@ -140,6 +142,13 @@ def build_store(
     timings["total_s"] = time.perf_counter() - started
     store.update_manifest(complete=True, timings={k: round(v, 4) for k, v in timings.items()})
     return store
+
+
+def _partial_width(config: JobConfig, spec: ProjectionSpec) -> int:
+    """float64 values of partial sums each shard writes: its covariances (pass 1) and its Λ (the Λ stage)."""
+    strategy = config.curvature.strategy
+    covariance = covariance_width(spec) if strategy in NEEDS_COVARIANCE else 0
+    return covariance + (lambda_width(spec) if strategy in NEEDS_LAMBDA_PASS else 0)
 
 
 def _fit_projection(store: GradientStore, run: IndexRun, spec: ProjectionSpec) -> None:

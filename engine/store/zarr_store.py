@@ -48,6 +48,8 @@ from engine.store.manifest import (
 from engine.store.nodes import array, read, subgroup
 
 TARGET_CHUNK_BYTES = 16 << 20
+PARTIALS_SHARE = 4  # a shard's partial sums at most a quarter of its rows' bytes, where MAX_CHUNK_BYTES allows
+MAX_CHUNK_BYTES = 512 << 20
 # Gradient rows are stored uncompressed: Zarr's default zstd saves about 7% of their size (projected or full
 # gradients are mantissa noise to a compressor) and writes them at ~0.3 GB/s against ~3 GB/s, reads at ~0.4
 # against ~0.9 GB/s on one core; at projection dim 0 that was most of the index's time.
@@ -55,14 +57,26 @@ ROW_COMPRESSORS = None
 FISHER_ROWS = "fisher_grads"
 
 
-def default_rows_per_chunk(width: int, dtype: str, rows: int, batch_size: int = 1) -> int:
-    """Rows per chunk (and so per shard) when store.rows_per_chunk is not set: ~16 MiB, but at least one batch.
+def default_rows_per_chunk(width: int, dtype: str, rows: int, batch_size: int = 1, partial_width: int = 0) -> int:
+    """Rows per chunk (and so per shard) when store.rows_per_chunk is not set: ~16 MiB, but at least one batch,
+    and, where every shard also writes partial sums of `partial_width` float64 values (covariances and Λ), enough
+    whole batches that those are at most 1/PARTIALS_SHARE of the shard's rows, up to MAX_CHUNK_BYTES.
+
     A shard is the unit a worker computes, so rows wider than 16 MiB / batch_size (projection dim 0 on a model
     of a few million tracked parameters or more) would otherwise be computed in batches smaller than
-    data.batch_size, each with its own full-width covariance partial sums, as large as the shard's rows."""
-    itemsize = np.dtype(PHYSICAL[dtype]).itemsize
-    by_size = TARGET_CHUNK_BYTES // max(1, width * itemsize)
-    return int(max(1, min(rows, max(by_size, batch_size))))
+    data.batch_size. And at projection dim 0 a module's covariance sums hold (k_in² + k_out²) float64 values
+    against its k_in·k_out in a row: 4 to 9 rows' bytes for the shapes of a transformer block, so shards of one
+    batch wrote as many bytes of partial sums as of rows (issue 13's workload: 6 GB of each). Shards of 40 rows
+    there cut the index + query from 182 s to 145 s (benchmarks/results/index_throughput_exact.json). The cost
+    is memory: a worker holds its shard's rows (peak 2.2 GB there against 1.5 GB with shards of 8 rows)."""
+    row_bytes = max(1, width * np.dtype(PHYSICAL[dtype]).itemsize)
+    wanted = max(TARGET_CHUNK_BYTES // row_bytes, batch_size)
+    if partial_width:
+        batch = max(1, batch_size)
+        by_partials = -(-PARTIALS_SHARE * partial_width * 8 // row_bytes)
+        by_partials = -(-by_partials // batch) * batch
+        wanted = max(wanted, min(by_partials, max(batch, MAX_CHUNK_BYTES // row_bytes)))
+    return int(max(1, min(rows, wanted)))
 
 
 class GradientStore(ManifestStore[StoreManifest]):
