@@ -16,7 +16,13 @@ Every variant runs in its own process, so its peak RSS is its own (VmHWM, benchm
   ekfac@16 kfac_eigen fit128   the same, fitted on 128 of the 512 rows (projection.fit_rows: 128)
   ekfac@16 kfac_eigen sketch   projection.fit: sketch (each side's eigenvectors from a one-pass Nyström sketch
                        of width 64 instead of the d x d covariance); "sketch fit128" on 128 rows
-  ekfac@0 true         exact EK-FAC (projection dim 0), local store, default chunking (one batch per shard)
+  ekfac@0 true         exact EK-FAC (projection dim 0), local store, default chunking (shards sized so that their
+                       partial sums are a quarter of their rows: 40 rows here); auto takes Λ from a second model
+                       pass there (tokens rotated into the eigenbasis)
+  ekfac@0 store        the same with curvature.lambdas: store (pass 1 writes fisher_grads, Λ reads them back)
+  ekfac@0 chunk8       ekfac@0 true with store.rows_per_chunk 8, one batch a shard (the default before shards were
+                       sized against their partial sums: each shard writes ~122 MB of full-width covariance and Λ
+                       sums, as much as its 8 rows; the default now is 40 rows a shard here)
   kronfluence          kronfluence's EK-FAC (true Fisher, float32, heuristic damping): factors + pairwise scores
 
 compute = the index's passes (the manifest's total − setup: model load, tokenising, fingerprints excluded) plus the
@@ -29,9 +35,8 @@ Tributary's, so even exact Tributary scores are not 1). Peak RSS of a Tributary 
 
 Usage: python -m benchmarks.index_throughput [--small] [--rounds 1] [--skip-exact] [--only NAME,NAME] [--result NAME]
 
-The README's figures come from `--rounds 2` (every variant, results/index_throughput.json), and the exact row's
-peak memory after the driver's partial sums were streamed from `--only "ekfac@0 true" --result
-index_throughput_exact`.
+The README's figures come from `--rounds 2` (every variant, results/index_throughput.json), and the exact rows
+from `--only "ekfac@0 true,ekfac@0 chunk8,ekfac@0 store" --result index_throughput_exact`.
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.common import first_line, gpt2_like, random_corpus, write_jsonl, write_result
+from benchmarks.common import first_line, gpt2_like, positive_int, random_corpus, write_jsonl, write_result
 
 SEQUENCE = 128
 BATCH = 8
@@ -68,7 +73,10 @@ TRIBUTARY = {  # name: (projection dim, strategy, fisher, lambdas, method)
     "ekfac@16 kfac_eigen sketch fit128": (16, "ekfac", True, "auto", "if"),
     "grad_dot@16": (16, "identity", True, "auto", "grad_dot"),
     "ekfac@0 true": (0, "ekfac", True, "auto", "if"),
+    "ekfac@0 store": (0, "ekfac", True, "store", "if"),
+    "ekfac@0 chunk8": (0, "ekfac", True, "auto", "if"),
 }
+STORE = {"ekfac@0 chunk8": {"rows_per_chunk": 8}}  # shards of one batch, the default chunking before
 FITTED = {
     "ekfac@16 kfac_eigen": {"kind": "kfac_eigen"},
     "ekfac@16 kfac_eigen fit128": {"kind": "kfac_eigen", "fit_rows": 128},
@@ -79,7 +87,7 @@ FITTED = {
 
 def _config(work: Path, name: str, model: Path, train: Path) -> dict:
     dim, strategy, fisher, lambdas, method = TRIBUTARY[name]
-    store: dict = {"path": str(work / (name.replace(" ", "_").replace("@", "") + ".zarr"))}
+    store: dict = {"path": str(work / (name.replace(" ", "_").replace("@", "") + ".zarr")), **STORE.get(name, {})}
     projection = {"dim": dim, **FITTED.get(name, {})}
     return {
         "model": {"path": str(model), "dtype": "float32"},
@@ -201,7 +209,7 @@ def _measured_child(kind: str, work: Path, raw: dict, queries: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--small", action="store_true", help="96 rows, 8 queries: a check, not a figure")
-    parser.add_argument("--rounds", type=int, default=1, help="rounds of every variant, alternated")
+    parser.add_argument("--rounds", type=positive_int, default=1, help="rounds of every variant, alternated")
     parser.add_argument("--skip-exact", action="store_true", help="leave out ekfac@0 (dim 0 writes full rows)")
     parser.add_argument("--only", help="comma-separated Tributary variants to run (bare and kronfluence always run)")
     parser.add_argument(
