@@ -72,8 +72,8 @@ def row_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
 
 def combined_checksum(digests: dict[str, str]) -> str:
     """A shard's checksum from its per-array digests (sha256 over name and digest, in a fixed order): it changes
-    whenever any array does, and the rows are hashed once (twice, at ~1.5 GB/s, was ~12 s of a dim-0 index of
-    8.6 GB of rows)."""
+    whenever any array does, and the rows are hashed once (twice, at ~1.5 GB/s, would be ~9 s of a dim-0 index
+    of issue 13's 6.5 GB of rows)."""
     digest = hashlib.sha256()
     for name in SHARD_ARRAYS:
         digest.update(f"{name}\x1f{digests[name]}\x1e".encode())
