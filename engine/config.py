@@ -114,7 +114,7 @@ class CurvatureConfig(_Section):
         default="auto",
         description="where EK-FAC/diagonal Λ comes from: store (a read of the stored rows, or of the sampled-label "
         "rows pass 1 wrote as fisher_grads), model (a second forward+backward), auto (store unless store.dtype "
-        "is float16/bfloat16 or, with the true Fisher and projection.dim 0, the second array would pass 16 GiB)",
+        "is float16/bfloat16 or, with the true Fisher, projection.dim is 0: fisher_grads would copy the full rows)",
     )
 
     @field_validator("fisher", mode="before")
@@ -248,7 +248,10 @@ class StoreConfig(_Section):
     path: str
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     rows_per_chunk: int | None = Field(
-        default=None, gt=0, description="rows per Zarr chunk (a shard); default ~16 MiB, at least data.batch_size rows"
+        default=None,
+        gt=0,
+        description="rows per Zarr chunk (a shard); default ~16 MiB, at least data.batch_size rows, and for "
+        "K-FAC/EK-FAC/diagonal enough batches that the shard's partial sums are a quarter of its rows (to 512 MiB)",
     )
     keep_fisher_grads: bool = Field(
         default=False,
