@@ -60,7 +60,7 @@ def attribute_demo(
     from engine.query.generate import PromptRow, generate
     from engine.query.run import run_settings
 
-    local = config.model_copy(update={"cluster": None})
+    local = config.derive(cluster=None)
     attributor = Attributor.load(local)
     if attributor.ids != [row["id"] for row in rows]:
         raise TributaryError(

@@ -51,7 +51,10 @@ class IndexRun:
         store.update_manifest(runs=self._runs())
 
     def _runs(self) -> list[IndexRunRecord]:
-        return [*self.earlier_runs, self.record.model_copy(update={"computed": self.computed})]
+        return [
+            *self.earlier_runs,
+            IndexRunRecord.model_validate({**self.record.model_dump(), "computed": self.computed}),
+        ]
 
     def stage(self, stage: str, only: list[int] | None = None) -> None:
         """Run every shard of `stage` not yet committed (`only`: of those shards)."""

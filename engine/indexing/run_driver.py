@@ -169,9 +169,7 @@ def run_training_index(
         )
     rows = {}
     for dataset in plan.datasets:
-        rows[dataset] = validated_row_count(
-            config.model_copy(update={"data": config.data.model_copy(update={"train": dataset})})
-        )
+        rows[dataset] = validated_row_count(config.derive(data={"train": dataset}))
     check_store_location(config.store.path)
     model = meta_model(plan.final.weights)
     modules = select_modules(model, config.model.modules)

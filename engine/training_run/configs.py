@@ -7,7 +7,11 @@ from engine.config import JobConfig
 
 
 def checkpoint_config(config: JobConfig, weights: str, dataset: str, store_path: str) -> JobConfig:
-    model = config.model.model_copy(update={"path": weights, "tokenizer": config.model.tokenizer or config.model.path})
-    data = config.data.model_copy(update={"train": dataset})
-    store = config.store.model_copy(update={"path": store_path})
-    return config.model_copy(update={"model": model, "data": data, "store": store, "training_run": None})
+    return config.derive(
+        source=f"checkpoint {weights} of the training run",
+        part_of_run=True,
+        model={"path": weights, "tokenizer": config.model.tokenizer or config.model.path},
+        data={"train": dataset},
+        store={"path": store_path},
+        training_run=None,
+    )

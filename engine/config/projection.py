@@ -1,0 +1,54 @@
+"""projection: the per-module projection of each gradient."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from engine.config.section import Section as _Section
+
+
+class ProjectionConfig(_Section):
+    dim: int = Field(default=16, ge=0, description="per-side projection width k; 0 = identity (exact)")
+    seed: int = 0
+    kind: Literal["rademacher", "gaussian", "kfac_eigen", "eigen_sketch"] = Field(
+        default="rademacher",
+        description="rademacher/gaussian: seeded random matrices; kfac_eigen: each side's top-k eigenvectors of "
+        "its K-FAC covariance (fitted by a pass before the gradients); eigen_sketch: the top `top` eigenvectors "
+        "and a seeded random sketch of their orthogonal complement",
+    )
+    fit_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="kfac_eigen/eigen_sketch: fit the covariances on about this many rows (every ⌈N/fit_rows⌉-th "
+        "row); default all rows",
+    )
+    top: int | None = Field(
+        default=None,
+        gt=0,
+        description="eigen_sketch: eigen-directions kept per side (the rest of dim is the sketch); default dim // 2",
+    )
+    fit: Literal["exact", "sketch"] = Field(
+        default="exact",
+        description="kfac_eigen/eigen_sketch: how each side's eigenvectors are found. exact: from the full d x d "
+        "covariance (d² products per token, d² floats per module and shard); sketch: from a one-pass Nyström "
+        "sketch of width 4 x the eigenvectors kept (4kd products and floats), exact where that is not narrower",
+    )
+
+    @model_validator(mode="after")
+    def _fitted_options(self) -> ProjectionConfig:
+        fitted = self.kind in ("kfac_eigen", "eigen_sketch")
+        if not fitted and (self.fit_rows is not None or self.top is not None or self.fit != "exact"):
+            raise PydanticCustomError(
+                "projection_options",
+                "fit_rows, top and fit are for kind kfac_eigen or eigen_sketch; remove them or change projection.kind",
+            )
+        if self.top is not None and self.kind != "eigen_sketch":
+            raise PydanticCustomError("projection_options", "top is for kind eigen_sketch; remove it")
+        if self.top is not None and self.dim and self.top >= self.dim:
+            raise PydanticCustomError(
+                "projection_options", "top must be below dim (the rest of each side is the random sketch)"
+            )
+        return self
