@@ -190,11 +190,19 @@ class Attributor:
     model's store, which the single-term methods scan and the model context matches."""
 
     def __init__(
-        self, config: JobConfig, opened: GradientStore | RunStore, context: ModelContext, scan: Scan | None = None
+        self,
+        config: JobConfig,
+        opened: GradientStore | RunStore,
+        context: ModelContext,
+        scan: Scan | None = None,
+        final_store: GradientStore | None = None,
+        method: Method | None = None,
     ):
+        """`final_store` and `method`: the final model's store and the config's method when already resolved
+        (engine.query.plan), so that neither is worked out twice."""
         self.config = config
         self.opened = opened
-        _, self.store = final_model(config, opened)
+        self.store = final_model(config, opened)[1] if final_store is None else final_store
         self.context = context
         self.spec = store_spec(self.store)
         self._shared: dict = {}  # stores and factors the methods read, kept across batches
@@ -206,11 +214,11 @@ class Attributor:
         self.scoring_passes = 0  # reads of the whole store (one per `attribute` call and normalisation)
         # rows the index skipped for non-finite values: stored as zeros and left out of every ranking
         self.skipped = np.array([row.row for row in self.store.manifest.skipped], dtype=np.int64)
-        self._methods: dict[str, Method] = {}
+        self._methods: dict[str, Method] = {} if method is None else {config.method.name: method}
         self._ann: AnnIndex | None = None
         # what was loaded: the store as opened and, in a training run, the final model's sub-store it scans
         self._loaded: dict[str, StoreIdentity] = {s.path: identity_of(s.manifest) for s in (opened, self.store)}
-        if method_from_config(config.method).spectral is not None:
+        if (method or method_from_config(config.method)).spectral is not None:
             self.factors()
         self.check_store_unchanged()  # ids, snippets and factors were all read from the store as opened
 
@@ -221,14 +229,17 @@ class Attributor:
         opened: GradientStore | RunStore | None = None,
         scan: Scan | None = None,
         load_context: Callable[[JobConfig], ModelContext] = load_model_context,
+        final: tuple[JobConfig, GradientStore] | None = None,
+        method: Method | None = None,
     ) -> Attributor:
         """Open the store (unless given) and load the final model (`load_context`: in this process, or for zero3
-        on a group of ranks); refuse a store built from other inputs."""
+        on a group of ranks); refuse a store built from other inputs. `final` (the final model's config and
+        store) and `method`: as already resolved by engine.query.plan, when given."""
         opened = opened or open_complete_store(config.store.path)
-        model_config, store = final_model(config, opened)
+        model_config, store = final_model(config, opened) if final is None else final
         context = load_context(model_config)
         check_compatible(store, context, model_config)
-        return cls(config, opened, with_stored_projection(context, store.read_projection), scan)
+        return cls(config, opened, with_stored_projection(context, store.read_projection), scan, store, method)
 
     def _resources(self, rows, measurement: str) -> StoreResources:
         return StoreResources(self.config, self.opened, self.spec, self.context, rows, measurement, shared=self._shared)

@@ -4,49 +4,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from engine.ann.index import AnnIndex
 from engine.config import JobConfig, QueryOptions
-from engine.data.rows import field_names, read_rows
 from engine.errors import TributaryError
 from engine.gradients.context import ModelContext, load_model_context
-from engine.model.placement import check_placement, check_zero3_query
-from engine.query.attributor import (
-    Attributor,
-    QueryGroup,
-    ScanFactory,
-    check_method,
-    final_model,
-    open_complete_store,
-)
-from engine.query.generate import PromptRow, read_prompts
+from engine.model.placement import check_placement
+from engine.query.attributor import Attributor, QueryGroup, ScanFactory
+from engine.query.plan import QueryOutputs, QueryPlan, resolve_query_plan, with_top_k
 from engine.query.records import Query
 from engine.query.scoring import QueryResult
-from engine.spectral.methods import method_from_config
 from engine.store.location import redact
 
 
-def _load_queries(
-    attributor: Attributor, queries_path: str, options: QueryOptions, prompts: list[PromptRow] | None = None
-) -> list[Query]:
-    if options.generation is not None:
-        if prompts is None:
-            raise RuntimeError("generated queries need the prompts read before the model loads")
-        return attributor.generated_queries(prompts, options.generation, queries_path)
-    rows = read_rows(queries_path, field_names(attributor.config), what="queries file")
-    return attributor.queries_from_rows(rows, queries_path)
-
-
-def _check_outputs(out: str | None, scores_out: str | None) -> None:
-    for option, target in (("--out", out), ("--scores-out", scores_out)):
-        if target is not None and Path(target).is_dir():
-            raise TributaryError(f"{option} {target} is a directory; give a file path")
-    if out is not None and scores_out is not None and Path(out).resolve() == Path(scores_out).resolve():
-        raise TributaryError(f"--out and --scores-out are both {out}; give two different files")
+def _queries(attributor: Attributor, plan: QueryPlan) -> list[Query]:
+    if plan.prompts is not None:
+        generation = plan.options.generation
+        if generation is None:
+            raise RuntimeError("a plan with prompts comes from options with generation settings")
+        return attributor.generated_queries(plan.prompts, generation, plan.queries_path)
+    if plan.rows is None:
+        raise RuntimeError("a plan without prompts holds the queries file's rows")
+    return attributor.queries_from_rows(plan.rows, plan.queries_path)
 
 
 def run_query(
@@ -65,50 +46,57 @@ def run_query(
 
     Queries are scored as one batch, so each stored chunk is read once for all of them; with a
     `cluster` section, `scans` gives the scan of the final model's store that splits the rows over Ray actors
-    that each return their top-k (engine.runner.run_query passes it).
+    that each return their top-k (engine.runner.run_query passes it). Everything that can be checked before
+    the model loads is resolved once, into a QueryPlan (engine.query.plan); the rest only consumes it.
     """
     if k <= 0:
         raise TributaryError(f"--top-k must be positive, got {k}")
-    options = replace(options, k=k) if options is not None else QueryOptions(k=k, per_module=per_module)
-    _check_outputs(out, scores_out)
-    opened = open_complete_store(config.store.path)
-    check_method(opened, method_from_config(config.method), options.per_token)
-    prompts = None
-    if options.generation is not None:  # read (and validate) the queries file before the model loads
-        prompts = read_prompts(queries_path, config.data.prompt_field, config.data.id_field)
-    else:
-        read_rows(queries_path, field_names(config), what="queries file")
-    if options.approximate and scores_out is None and method_from_config(config.method).build_terms is None:
-        AnnIndex(
-            config.store.path, final_model(config, opened)[1]
-        )  # a missing or stale index: refused before the model loads
-    check_zero3_query(config, options)
+    plan = resolve_query_plan(
+        config, queries_path, with_top_k(options, k, per_module), QueryOutputs(out, scores_out, report)
+    )
+    return execute_query_plan(plan, scans, load_context)
+
+
+def execute_query_plan(
+    plan: QueryPlan,
+    scans: ScanFactory | None = None,
+    load_context: Callable[[JobConfig], ModelContext] | None = None,
+) -> QueryResult:
+    """Load the final model, score the plan's queries and write its outputs (see run_query)."""
+    config, options, outputs = plan.config, plan.options, plan.outputs
     if config.placement.kind == "zero3" and load_context is None:
         raise TributaryError(
             "placement.kind zero3: query gradients come from a group of ranks; run the query through "
             "engine.runner.run_query (as `tributary query` does), with a cluster section"
         )
     check_placement(config)  # query gradients are computed with the config's placement
-    scan = None if scans is None else scans(final_model(config, opened)[1])
-    attributor = Attributor.load(config, opened, scan, load_context or load_model_context)
-    queries = _load_queries(attributor, queries_path, options, prompts)
-    group = QueryGroup(queries, options, attributor.method())
-    (result,) = attributor.attribute([group], need_full=scores_out is not None)
+    scan = None if scans is None else scans(plan.store)
+    attributor = Attributor.load(
+        config,
+        plan.opened,
+        scan,
+        load_context or load_model_context,
+        final=(plan.final_config, plan.store),
+        method=plan.method,
+    )
+    queries = _queries(attributor, plan)
+    group = QueryGroup(queries, options, plan.method)
+    (result,) = attributor.attribute([group], need_full=plan.need_full)
     records = result.written_records()
     writes = []
-    if out is not None:
+    if outputs.out is not None:
         text = "".join(json.dumps(record) + "\n" for record in records).encode()
-        writes.append((Path(out), lambda handle: handle.write(text)))
-    if scores_out is not None:
+        writes.append((Path(outputs.out), lambda handle: handle.write(text)))
+    if outputs.scores_out is not None:
         total = result.total
         if total is None:
             raise RuntimeError("the attributor returned no full scores although --scores-out asked for them")
-        writes.append((Path(scores_out), lambda handle: np.save(handle, total)))
-    if report is not None:
+        writes.append((Path(outputs.scores_out), lambda handle: np.save(handle, total)))
+    if outputs.report is not None:
         from engine.report.html import render_html_report
 
         page = render_html_report(records, run_settings(config, len(attributor.ids), options)).encode()
-        writes.append((Path(report), lambda handle: handle.write(page)))
+        writes.append((Path(outputs.report), lambda handle: handle.write(page)))
     _atomic_write_all(writes)
     return result
 
