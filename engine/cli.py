@@ -174,6 +174,32 @@ def query(
             console.print(f"{label}: {target}")
 
 
+@app.command()
+def plan(
+    config: str = typer.Argument(..., help="YAML job config"),
+    queries: str | None = typer.Option(None, "--queries", help="plan `tributary query` with this queries file"),
+    method: str | None = typer.Option(None, "--method", help=f"override method.name: {' | '.join(method_names())}"),
+) -> None:
+    """Print what `index` (or, with --queries, `query`) would run, read and write; loads no weights, writes nothing."""
+    from engine.config import load_config, with_method_name
+    from engine.indexing.plan import describe_index_plan, resolve_index_plan
+    from engine.query.plan import describe_query_plan, resolve_query_plan
+
+    try:
+        job = load_config(config)
+        if method is not None:
+            job = with_method_name(job, method, source=f"{config} with --method {method}")
+        if queries is None:
+            lines = describe_index_plan(resolve_index_plan(job))
+        else:
+            lines = describe_query_plan(resolve_query_plan(job, queries, QueryOptions()))
+    except TributaryError as error:
+        _fail(error)
+    width = max(len(what) for what, _ in lines)
+    for what, value in lines:
+        typer.echo(f"{what.ljust(width)}  {value}")
+
+
 ann_app = typer.Typer(no_args_is_help=True, help="The approximate top-k index beside a store (FAISS)")
 app.add_typer(ann_app, name="ann")
 
