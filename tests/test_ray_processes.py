@@ -25,8 +25,9 @@ from engine.config import parse_config
 from engine.runner import run_index
 from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import ROOT, store_config
+from tests.requirements import require
 
-pytest.importorskip("ray")
+require("ray")
 psutil = pytest.importorskip("psutil")
 
 READY_TIMEOUT_S = 300

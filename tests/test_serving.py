@@ -28,9 +28,10 @@ from engine.serving.batching import PassQueue
 from engine.serving.client import AttributionClient, ServiceError
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
+from tests.requirements import require
 
-ray = pytest.importorskip("ray")
-pytest.importorskip("ray.serve")
+ray = require("ray")
+require("ray.serve")
 
 TOKEN = "tok-7f3a9c1e5b2d4068-never-logged"
 WRONG_TOKEN = "tok-wrong-0000-also-never-logged"

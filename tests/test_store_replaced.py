@@ -129,9 +129,8 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.requires_ray_serve
 def test_the_service_answers_503_naming_the_change_after_an_overwrite(tiny_models, tmp_path):
-    pytest.importorskip("ray")
-    pytest.importorskip("ray.serve")
     from engine.serving.client import AttributionClient, ServiceError
     from engine.serving.service import start_service, stop_service
 

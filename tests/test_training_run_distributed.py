@@ -15,9 +15,10 @@ from engine.runner import run_index
 from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import assert_same_store, local_ray, store_config, store_contents
+from tests.requirements import require
 from tests.test_training_run import _train_checkpoints
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 
 
 @pytest.fixture(scope="module", name="local_ray")
