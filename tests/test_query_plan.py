@@ -47,7 +47,7 @@ def indexed(tiny_models, tmp_path_factory) -> dict:
     }
 
 
-def _count_calls(monkeypatch, counts: Counter, name: str, original, only_path: Path | None = None) -> None:
+def count_calls(monkeypatch, counts: Counter, name: str, original, only_path: Path | None = None) -> None:
     """Wrap `original` wherever an engine module holds it (its own module and every `from ... import`), counting
     calls (those whose first argument is `only_path`, when given)."""
 
@@ -70,9 +70,9 @@ def test_run_query_resolves_method_final_model_and_queries_once(indexed, monkeyp
     expected = run_query(indexed["config"], str(queries), 3, scores_out=str(tmp_path / "expected.npy"), options=options)
     counts: Counter = Counter()
     reader = engine.data.lines.json_records
-    _count_calls(monkeypatch, counts, "method", engine.spectral.methods.method_from_config)
-    _count_calls(monkeypatch, counts, "final model", engine.query.attributor.final_model)
-    _count_calls(monkeypatch, counts, "queries file", engine.data.lines.json_records, only_path=queries)
+    count_calls(monkeypatch, counts, "method", engine.spectral.methods.method_from_config)
+    count_calls(monkeypatch, counts, "final model", engine.query.attributor.final_model)
+    count_calls(monkeypatch, counts, "queries file", engine.data.lines.json_records, only_path=queries)
     assert engine.query.generate.json_records is not reader  # the wrapper is where the queries are read
     result = run_query(indexed["config"], str(queries), 3, scores_out=str(tmp_path / "scores.npy"), options=options)
     assert counts == {"method": 1, "final model": 1, "queries file": 1}

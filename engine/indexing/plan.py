@@ -13,6 +13,7 @@ from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.indexing.driver import _partial_width
 from engine.indexing.inputs import validated_row_count
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
+from engine.indexing.run_driver import check_training_index
 from engine.model.loading import check_weight_files
 from engine.projection import ProjectionSpec, build_projection
 from engine.store import location
@@ -31,7 +32,11 @@ class IndexPlan:
     run: RunPlan | None  # a training run's checkpoints and segments; None: the final model only
     rows: dict[str, int]  # training rows of each data file
     spec: ProjectionSpec | None  # the tracked modules' projection; None with an adapter (known once it loads)
-    existing: str  # what store.path holds now
+
+    @property
+    def existing(self) -> str:
+        """What store.path holds now (read when printed: the index itself opens the store under its lock)."""
+        return _existing(self.config.store.path)
 
     @property
     def checkpoint_rows(self) -> list[int]:
@@ -74,29 +79,34 @@ class IndexPlan:
 
 
 def resolve_index_plan(config: JobConfig) -> IndexPlan:
-    """The checks `tributary index` runs before it loads weights (training rows, weight files, the run's
-    checkpoints), with nothing written; the placement's devices and store.path's writability are checked when
-    the index starts."""
+    """The checks `tributary index` runs before it loads weights (the run's checkpoints and schedule, training
+    rows, weight files), with nothing written; the placement's devices and store.path's writability are checked
+    when the index starts. engine.indexing.run.run_index executes the plan this returns."""
     run = resolve_run(config)
+    if run is not None:
+        check_training_index(config, run)
     datasets = run.datasets if run is not None else (config.data.train,)
     rows = {dataset: validated_row_count(config.derive(data={"train": dataset})) for dataset in datasets}
     weights = config.model.path if run is None else run.final.weights
     if run is None:
         check_weight_files(weights)
     spec = None
-    if config.model.adapter is None:
-        modules = select_modules(meta_model(weights), config.model.modules)
+    if config.model.adapter is None:  # a training run refuses an adapter (engine.training_run.resolve)
         projection = config.projection
-        spec = build_projection(
-            projection.dim,
-            projection.seed,
-            projection.kind,
-            tracked_shapes(modules, config.model.include_bias),
-            projection.fit_rows,
-            projection.top,
-            projection.fit,
-        )
-    return IndexPlan(config, run, rows, spec, _existing(config.store.path))
+        shapes = tracked_shapes(select_modules(meta_model(weights), config.model.modules), config.model.include_bias)
+        if run is None:
+            spec = build_projection(
+                projection.dim,
+                projection.seed,
+                projection.kind,
+                shapes,
+                projection.fit_rows,
+                projection.top,
+                projection.fit,
+            )
+        else:  # one projection for every checkpoint: a run refuses the fitted kinds (engine.config.validation)
+            spec = build_projection(projection.dim, projection.seed, projection.kind, shapes)
+    return IndexPlan(config, run, rows, spec)
 
 
 def _existing(path: str) -> str:

@@ -9,15 +9,13 @@ import time
 from engine.config import JobConfig
 from engine.indexing.driver import build_store
 from engine.indexing.executor import ExecutorFactory, in_process
-from engine.indexing.inputs import validated_row_count
+from engine.indexing.plan import resolve_index_plan
 from engine.indexing.run_driver import run_training_index
-from engine.model.loading import check_weight_files
 from engine.model.placement import check_placement
 from engine.store import GradientStore, location
 from engine.store.lock import StoreLock
 from engine.store.run_store import RunStore
 from engine.store.writable import check_store_location
-from engine.training_run.resolve import resolve_run
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +27,24 @@ def run_index(
     break_lock: bool = False,
     executors: ExecutorFactory = in_process,
 ) -> GradientStore | RunStore:
-    """Index `config`: a GradientStore, or with a `training_run` section a RunStore (one store per checkpoint).
-    `executors` makes the executor of each store's shards (engine.runner passes a Ray-backed one for a cluster)."""
-    plan = resolve_run(config)
-    if plan is not None:
-        return run_training_index(
-            config, plan, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=executors
-        )
+    """Index `config`, resolved once into an IndexPlan (engine.indexing.plan) and then executed: a GradientStore,
+    or with a `training_run` section a RunStore (one store per checkpoint). `executors` makes the executor of each store's shards (engine.runner passes a Ray-backed one for a cluster)."""
     started = time.perf_counter()
-    rows = validated_row_count(config)
-    check_weight_files(config.model.path)
+    plan = resolve_index_plan(config)
+    if plan.run is not None:
+        if plan.spec is None:
+            raise ValueError("a training run's plan has its projection spec (a run refuses an adapter)")
+        return run_training_index(
+            config,
+            plan.run,
+            plan.rows,
+            plan.spec,
+            overwrite=overwrite,
+            show_progress=show_progress,
+            break_lock=break_lock,
+            executors=executors,
+        )
+    rows = plan.rows[config.data.train]
     check_placement(config, count_devices=config.cluster is None)  # a cluster's devices: by its executor
     check_store_location(config.store.path)
     executor = executors(config)

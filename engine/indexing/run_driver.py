@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.capture.modules import select_modules, tracked_shapes
+from engine.capture.modules import select_modules
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_LAMBDA_PASS, ModuleFactors
 from engine.curvature.fitting import corrected_factors, fit_factors, module_widths
@@ -29,9 +29,8 @@ from engine.curvature.statistics import ModuleLambda
 from engine.errors import TributaryError
 from engine.indexing.driver import IndexRun, build_store
 from engine.indexing.executor import ExecutorFactory
-from engine.indexing.inputs import validated_row_count
 from engine.progress import progress_bar
-from engine.projection import ProjectionSpec, build_projection
+from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
 from engine.store.lock import StoreLock
 from engine.store.manifest import RunManifest, RunStoreSettings
@@ -146,15 +145,9 @@ def _segment_factors(
     )
 
 
-def run_training_index(
-    config: JobConfig,
-    plan: RunPlan,
-    executors: ExecutorFactory,
-    overwrite: bool = False,
-    show_progress: bool = True,
-    break_lock: bool = False,
-) -> RunStore:
-    started = time.perf_counter()
+def check_training_index(config: JobConfig, plan: RunPlan) -> None:
+    """What a training run's index refuses on the config and the run's plan alone (engine.indexing.plan calls
+    it before any row is read)."""
     require_schedule(plan, config.method.name)
     if config.data.on_nonfinite == "skip":  # each checkpoint would skip other rows: no one set of rows to rank
         raise TributaryError(
@@ -167,22 +160,28 @@ def run_training_index(
             f"training_run.optimizer.preconditioned needs curvature.strategy ekfac or diagonal "
             f"(Λ of P^1/2 H P^1/2 comes from the eigenvalue-correction pass), not {strategy}"
         )
-    rows = {}
-    for dataset in plan.datasets:
-        rows[dataset] = validated_row_count(config.derive(data={"train": dataset}))
+
+
+def run_training_index(
+    config: JobConfig,
+    plan: RunPlan,
+    rows: dict[str, int],
+    spec: ProjectionSpec,
+    executors: ExecutorFactory,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    break_lock: bool = False,
+) -> RunStore:
+    """Index the run `plan` (checked by check_training_index), with the training rows of each dataset and the
+    projection spec as engine.indexing.plan resolved them."""
+    started = time.perf_counter()
     check_store_location(config.store.path)
-    model = meta_model(plan.final.weights)
-    modules = select_modules(model, config.model.modules)
-    spec = build_projection(
-        config.projection.dim,
-        config.projection.seed,
-        config.projection.kind,
-        tracked_shapes(modules, config.model.include_bias),
-    )
     preconditioners = {}
     if plan.preconditioned:
         if config.training_run is None:
             raise ValueError("a preconditioned plan comes from a config with a training_run section")
+        model = meta_model(plan.final.weights)
+        modules = select_modules(model, config.model.modules)
         for checkpoint in plan.checkpoints:
             preconditioners[checkpoint.name] = read_preconditioner(
                 checkpoint.weights, model, modules, spec, config.model.include_bias, config.training_run.optimizer
