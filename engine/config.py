@@ -342,6 +342,20 @@ class ServeConfig(_Section):
     )
 
 
+class ExactConfig(_Section):
+    """Exact EK-FAC/K-FAC without rows at full width: `tributary query --exact` and `--rescore K`."""
+
+    factors: bool = Field(
+        default=False, description="tributary index also fits the curvature factors at full width (for --exact)"
+    )
+    query_rank: int | None = Field(
+        default=None,
+        gt=0,
+        description="--exact: keep each preconditioned query gradient's top r singular directions per module; "
+        "null keeps its full rank",
+    )
+
+
 class JobConfig(_Section):
     model: ModelConfig
     data: DataConfig
@@ -355,6 +369,7 @@ class JobConfig(_Section):
         default=None, description="checkpoints and segments of the training run; absent = the final model only"
     )
     serve: ServeConfig = ServeConfig()
+    exact: ExactConfig = ExactConfig()
 
     def with_method(self, method: MethodConfig) -> JobConfig:
         return self.model_copy(update={"method": method})

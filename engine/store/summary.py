@@ -34,6 +34,13 @@ def verification_summary(found: Verification) -> dict[str, Any]:
 
 
 def manifest_summary(store: GradientStore) -> dict[str, Any]:
+    summary = _manifest_fields(store)
+    if store.manifest.stages.get("exact_factors"):  # only then: a store without them reads as it always did
+        summary["exact_factors"] = "full-width curvature factors, one group per module (tributary query --exact)"
+    return summary
+
+
+def _manifest_fields(store: GradientStore) -> dict[str, Any]:
     manifest = store.manifest
     return {
         "format": manifest.format,

@@ -1,0 +1,75 @@
+"""`exact: {factors: true}`: EK-FAC (or K-FAC) fitted at full width beside a finished store.
+
+Stages, each committed per shard in the manifest as indexing's are (a killed run resumes): the full-width
+covariance sums — at projection dim 0 they are pass 1's own, reused; otherwise a forward and a backward per
+batch (`exact_covariance`) — then the eigenbases (`exact_eigen`, in the driver, float64), then EK-FAC's Λ from
+a full-width pass in that basis (`exact_lambdas`), written as `exact_factors`, one subgroup per module.
+"""
+
+from __future__ import annotations
+
+from engine.config import JobConfig
+from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
+from engine.curvature.packing import covariance_width, lambda_width, unpack_covariance, unpack_lambda
+from engine.errors import TributaryError
+from engine.exact.stored_factors import (
+    BASIS,
+    FACTORS,
+    full_spec,
+    has_exact_factors,
+    read_exact_factors,
+    write_exact_factors,
+)
+from engine.indexing.driver import IndexRun
+from engine.indexing.executor import ShardExecutor
+from engine.progress import progress_bar
+from engine.store import GradientStore
+
+STRATEGIES = ("kfac", "ekfac")
+
+
+def check_exact_config(config: JobConfig) -> None:
+    """Refuse, before anything is written, what full-width factors cannot be fitted for."""
+    if not config.exact.factors:
+        return
+    if config.curvature.strategy not in STRATEGIES:
+        raise TributaryError(
+            f"exact.factors fits K-FAC/EK-FAC at full width, but curvature.strategy is {config.curvature.strategy}; "
+            "set curvature.strategy to ekfac or kfac, or remove exact.factors"
+        )
+    if config.training_run is not None:
+        raise TributaryError(
+            "exact.factors is for a single-checkpoint store; remove the training_run section or exact.factors"
+        )
+    if config.placement.kind == "zero3":
+        raise TributaryError("exact.factors does not run with placement.kind zero3 yet; use single or device_map")
+
+
+def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardExecutor, show_progress: bool) -> None:
+    """Fit and write the store's full-width factors unless they are there already."""
+    if has_exact_factors(store):
+        return
+    full = full_spec(store)
+    strategy = config.curvature.strategy
+    workers = len(getattr(executor, "actors", [None]))
+    with progress_bar(show_progress) as progress:
+        run = IndexRun(store, executor, store.manifest.projection, progress, workers)
+        if not run.done("exact_eigen"):
+            if store.manifest.projection.dim == 0 and store.has_group("partials/covariance"):
+                sums = store.summed_partials("covariance")  # pass 1 ran at full width: its sums are these
+            else:
+                store.create_partials("exact_covariance", covariance_width(full), 2)
+                run.stage("exact_covariance")
+                sums = store.summed_partials("exact_covariance")
+            covariance = unpack_covariance(*sums, full)
+            write_exact_factors(store, shared_basis(strategy, module_widths(full), [covariance]), BASIS)
+            run.mark("exact_eigen")
+        factors = read_exact_factors(store, BASIS)
+        if strategy == "ekfac":
+            store.create_partials("exact_lambda", lambda_width(full), 1)
+            executor.reset()
+            run.stage("exact_lambdas")
+            lambdas = unpack_lambda(*store.summed_partials("exact_lambda"), full)
+            factors = corrected_factors(strategy, factors, [lambdas])
+        write_exact_factors(store, factors, FACTORS)
+        run.mark(FACTORS)
