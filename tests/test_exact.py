@@ -7,6 +7,8 @@ The reference is the dim-0 store: its rows are the full per-example gradients an
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,9 @@ from engine.projection import build_projection
 from engine.runner import run_exact, run_index, run_query
 from engine.store import GradientStore
 from engine.store.summary import store_summary
+from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import job_config, write_jsonl
+from tests.distributed_helpers import write_config
 
 QUERIES = [
     {"id": "q0", "text": "the fox eats clams in the snow"},
@@ -54,7 +58,7 @@ def queries(tmp_path):
     return write_jsonl(tmp_path / "queries.jsonl", QUERIES)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.heavy)])
 def test_exact_from_a_projected_store_equals_the_dim0_store(kind, tiny_models, text_train, queries, tmp_path):
     """Factors fitted at full width beside a dim-4 store (their own covariance and Λ passes) and the streamed
     pass give the dim-0 store's scores, for every exact method, in float64."""
@@ -205,3 +209,23 @@ def test_query_rank_truncates_each_module(tiny_models, text_train, queries, tmp_
 
 def replace_rank(config):
     return config.model_copy(update={"exact": config.exact.model_copy(update={"query_rank": None})})
+
+
+@pytest.mark.heavy  # two indexes and a query through the CLI: ~16 s
+def test_cli_exact_and_its_refusals(tiny_models, text_train, queries, tmp_path):
+    """`tributary query --exact` writes the results and scores; a store without full-width factors and
+    --rescore 0 are each refused in one line naming the key and the fix."""
+    raw = job_config(tmp_path, tiny_models["gpt2"], text_train, projection={"dim": 4}, exact={"factors": True})
+    path = write_config(tmp_path / "job.yaml", raw)
+    assert invoke("index", path, "--no-progress").exit_code == 0
+    out, scores = tmp_path / "results.jsonl", tmp_path / "scores.npy"
+    result = invoke("query", path, "--queries", queries, "--exact", "--top-k", 2, "--out", out, "--scores-out", scores)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = run_exact(parse_config(raw), str(queries), QueryOptions(k=2)).scores
+    assert np.array_equal(np.load(scores), expected)
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"] and records[0]["top_k"][0]["source"] == "exact"
+    assert_clean_failure(invoke("query", path, "--queries", queries, "--rescore", 0), "--rescore must be positive")
+    plain = write_config(tmp_path / "plain.yaml", dict(raw, exact={}, store={"path": str(tmp_path / "p.zarr")}))
+    assert invoke("index", plain, "--no-progress").exit_code == 0
+    assert_clean_failure(invoke("query", plain, "--queries", queries, "--exact"), "exact: {factors: true}")
