@@ -8,6 +8,8 @@ a full-width pass in that basis (`exact_lambdas`), written as `exact_factors`, o
 
 from __future__ import annotations
 
+import time
+
 from engine.config import JobConfig
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
 from engine.curvature.packing import covariance_width, lambda_width, unpack_covariance, unpack_lambda
@@ -52,6 +54,7 @@ def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardEx
     full = full_spec(store)
     strategy = config.curvature.strategy
     workers = len(getattr(executor, "actors", [None]))
+    timings: dict[str, float] = {}
     with progress_bar(show_progress) as progress:
         run = IndexRun(store, executor, store.manifest.projection, progress, workers)
         if not run.done("exact_eigen"):
@@ -59,7 +62,9 @@ def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardEx
                 sums = store.summed_partials("covariance")  # pass 1 ran at full width: its sums are these
             else:
                 store.create_partials("exact_covariance", covariance_width(full), 2)
+                clock = time.perf_counter()
                 run.stage("exact_covariance")
+                timings["exact_covariance_s"] = time.perf_counter() - clock
                 sums = store.summed_partials("exact_covariance")
             covariance = unpack_covariance(*sums, full)
             write_exact_factors(store, shared_basis(strategy, module_widths(full), [covariance]), BASIS)
@@ -68,8 +73,12 @@ def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardEx
         if strategy == "ekfac":
             store.create_partials("exact_lambda", lambda_width(full), 1)
             executor.reset()
+            clock = time.perf_counter()
             run.stage("exact_lambdas")
+            timings["exact_lambda_s"] = time.perf_counter() - clock
             lambdas = unpack_lambda(*store.summed_partials("exact_lambda"), full)
             factors = corrected_factors(strategy, factors, [lambdas])
         write_exact_factors(store, factors, FACTORS)
         run.mark(FACTORS)
+    measured = {key: round(value, 4) for key, value in timings.items()}
+    store.update_manifest(timings={**(store.manifest.timings or {}), **measured})
