@@ -86,6 +86,27 @@ def test_exact_from_a_projected_store_equals_the_dim0_store(kind, tiny_models, t
         assert _relative(ours, theirs) <= 1e-10, method
 
 
+def test_a_fitted_projection_lends_its_fitting_pass(tiny_models, text_train, queries, tmp_path):
+    """kfac_eigen fitted on every row already summed the full-width covariances: no covariance pass runs again,
+    and the exact scores still equal the dim-0 store's."""
+    curvature = {"strategy": "ekfac", "fisher": "empirical"}
+    reference = _config(tmp_path, tiny_models["gpt2"], text_train, "dim0", curvature=curvature)
+    fitted = _config(
+        tmp_path,
+        tiny_models["gpt2"],
+        text_train,
+        "fitted",
+        curvature=curvature,
+        projection={"dim": 4, "kind": "kfac_eigen"},
+        exact={"factors": True},
+    )
+    run_index(reference, show_progress=False)
+    store = run_index(fitted, show_progress=False)
+    assert "exact_covariance" not in store.manifest.shards and store.manifest.shards["exact_lambdas"]
+    ours = run_exact(fitted, str(queries), QueryOptions(k=3)).scores
+    assert _relative(ours, _store_scores(reference, queries)) <= 1e-10
+
+
 def reference_width(config) -> int:
     return GradientStore.open(config.store.path).manifest.width
 

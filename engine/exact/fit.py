@@ -1,8 +1,9 @@
 """`exact: {factors: true}`: EK-FAC (or K-FAC) fitted at full width beside a finished store.
 
 Stages, each committed per shard in the manifest as indexing's are (a killed run resumes): the full-width
-covariance sums — at projection dim 0 they are pass 1's own, reused; otherwise a forward and a backward per
-batch (`exact_covariance`) — then the eigenbases (`exact_eigen`, in the driver, float64), then EK-FAC's Λ from
+covariance sums — reused where the index made them over every row (pass 1's at projection dim 0, a fitted
+projection's unsketched fitting pass over all rows); otherwise a forward and a backward per batch
+(`exact_covariance`) — then the eigenbases (`exact_eigen`, in the driver, float64), then EK-FAC's Λ from
 a full-width pass in that basis (`exact_lambdas`), written as `exact_factors`, one subgroup per module.
 """
 
@@ -58,15 +59,16 @@ def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardEx
     with progress_bar(show_progress) as progress:
         run = IndexRun(store, executor, store.manifest.projection, progress, workers)
         if not run.done("exact_eigen"):
-            if store.manifest.projection.dim == 0 and store.has_group("partials/covariance"):
-                sums = store.summed_partials("covariance")  # pass 1 ran at full width: its sums are these
+            reused = _full_width_sums(store)
+            if reused is not None:
+                sums = reused
             else:
                 store.create_partials("exact_covariance", covariance_width(full), 2)
                 clock = time.perf_counter()
                 run.stage("exact_covariance")
                 timings["exact_covariance_s"] = time.perf_counter() - clock
                 sums = store.summed_partials("exact_covariance")
-            covariance = unpack_covariance(*sums, full)
+            covariance = unpack_covariance(*sums, full)  # every reused or computed sum is d x d per side
             write_exact_factors(store, shared_basis(strategy, module_widths(full), [covariance]), BASIS)
             run.mark("exact_eigen")
         factors = read_exact_factors(store, BASIS)
@@ -82,3 +84,16 @@ def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardEx
         run.mark(FACTORS)
     measured = {key: round(value, 4) for key, value in timings.items()}
     store.update_manifest(timings={**(store.manifest.timings or {}), **measured})
+
+
+def _full_width_sums(store: GradientStore):
+    """Full-width covariance sums over every row that the index already made, or None: pass 1's at dim 0, or a
+    fitted projection's fitting pass where it covered every row without a sketch (float32 products there in a
+    float32 model, as kronfluence's default covariances; they choose the eigenbasis that Λ is then fitted in)."""
+    spec = store.manifest.projection
+    if spec.dim == 0 and store.has_group("partials/covariance"):
+        return store.summed_partials("covariance")
+    every_row = spec.fit_rows is None or spec.fit_rows >= store.rows
+    if spec.fitted and spec.fit == "exact" and every_row and store.has_group("partials/projection_covariance"):
+        return store.summed_partials("projection_covariance")
+    return None
