@@ -102,6 +102,7 @@ def test_a_fitted_projection_lends_its_fitting_pass(tiny_models, text_train, que
     )
     run_index(reference, show_progress=False)
     store = run_index(fitted, show_progress=False)
+    assert isinstance(store, GradientStore)
     assert "exact_covariance" not in store.manifest.shards and store.manifest.shards["exact_lambdas"]
     ours = run_exact(fitted, str(queries), QueryOptions(k=3)).scores
     assert _relative(ours, _store_scores(reference, queries)) <= 1e-10
