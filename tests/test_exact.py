@@ -8,6 +8,7 @@ The reference is the dim-0 store: its rows are the full per-example gradients an
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -251,3 +252,22 @@ def test_cli_exact_and_its_refusals(tiny_models, text_train, queries, tmp_path):
     plain = write_config(tmp_path / "plain.yaml", dict(raw, exact={}, store={"path": str(tmp_path / "p.zarr")}))
     assert invoke("index", plain, "--no-progress").exit_code == 0
     assert_clean_failure(invoke("query", plain, "--queries", queries, "--exact"), "exact: {factors: true}")
+
+
+@pytest.mark.heavy  # an index, an ANN build, a store query and three exact passes: ~12 s
+def test_rescore_takes_its_candidates_from_the_ann_index(tiny_models, text_train, queries, tmp_path):
+    """With --approximate the ANN index picks the candidates: the exact pass scores exactly their union, and
+    with every row a candidate the scores are --exact's."""
+    pytest.importorskip("faiss")
+    from engine.ann.build import build_index
+
+    config = _config(tmp_path, tiny_models["gpt2"], text_train, "dim4", projection={"dim": 4}, exact={"factors": True})
+    run_index(config, show_progress=False)
+    build_index(config.store.path, show_progress=False)
+    approximate = QueryOptions(k=2, approximate=True)
+    candidates = run_query(config, str(queries), 1, options=replace(approximate, k=1))
+    rescored = run_exact(config, str(queries), approximate, rescore=1)
+    union = np.union1d(candidates.top_indices.ravel(), candidates.bottom_indices.ravel())
+    assert np.array_equal(np.flatnonzero(rescored.exact), union)
+    every = run_exact(config, str(queries), approximate, rescore=8)
+    assert np.array_equal(every.scores, run_exact(config, str(queries), QueryOptions(k=2)).scores)
