@@ -37,8 +37,8 @@ QUERIES = [
 ]
 
 
-def _config(tmp_path, model, train, name, dtype="float64", **sections):
-    raw = job_config(tmp_path, model, train, **sections)
+def _config(tmp_path, model_path, train, name, dtype="float64", **sections):
+    raw = job_config(tmp_path, model_path, train, **sections)
     raw["model"]["dtype"] = dtype
     raw["store"] = dict(raw["store"], path=str(tmp_path / f"{name}.zarr"), dtype=dtype)
     return parse_config(raw)
@@ -271,3 +271,27 @@ def test_rescore_takes_its_candidates_from_the_ann_index(tiny_models, text_train
     assert np.array_equal(np.flatnonzero(rescored.exact), union)
     every = run_exact(config, str(queries), approximate, rescore=8)
     assert np.array_equal(every.scores, run_exact(config, str(queries), QueryOptions(k=2)).scores)
+
+
+@pytest.mark.heavy  # two indexes of the adapted model each: 10-16 s
+@pytest.mark.parametrize("mode", ["adapter", "merged"])
+def test_exact_with_a_lora_adapter(mode, tiny_models, lora_adapters, text_train, queries, tmp_path):
+    """The adapter's lora_A/lora_B modules (mode adapter) or the merged model's: exact scores from a dim-2 store
+    equal the dim-0 store's."""
+    model = {"adapter": str(lora_adapters["llama"]), "adapter_mode": mode}
+    curvature = {"strategy": "ekfac", "fisher": "empirical"}
+    reference = _config(tmp_path, tiny_models["llama"], text_train, "dim0", model=model, curvature=curvature)
+    projected = _config(
+        tmp_path,
+        tiny_models["llama"],
+        text_train,
+        "dim2",
+        model=model,
+        curvature=curvature,
+        projection={"dim": 2},
+        exact={"factors": True},
+    )
+    run_index(reference, show_progress=False)
+    run_index(projected, show_progress=False)
+    ours = run_exact(projected, str(queries), QueryOptions(k=3)).scores
+    assert _relative(ours, _store_scores(reference, queries)) <= 1e-10
