@@ -27,8 +27,9 @@ from engine.runner import run_exact, run_index, run_query
 from engine.store import GradientStore
 from engine.store.summary import store_summary
 from tests.cli_helpers import assert_clean_failure, invoke
-from tests.conftest import job_config, write_jsonl
+from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import write_config
+from tests.test_nonfinite import SKIPPED_IDS, _all_rows, _skip_config, _train, nan_word_model  # noqa: F401
 
 QUERIES = [
     {"id": "q0", "text": "the fox eats clams in the snow"},
@@ -295,3 +296,25 @@ def test_exact_with_a_lora_adapter(mode, tiny_models, lora_adapters, text_train,
     run_index(projected, show_progress=False)
     ours = run_exact(projected, str(queries), QueryOptions(k=3)).scores
     assert _relative(ours, _store_scores(reference, queries)) <= 1e-10
+
+
+@pytest.mark.heavy  # two indexes and two queries of the NaN-word model: ~10 s
+def test_skipped_rows_and_a_nonfinite_query(tmp_path, nan_word_model):  # noqa: F811 (the imported fixture)
+    """Rows pass 1 skipped (data.on_nonfinite: skip) are out of the full-width factors and never scored: the
+    other rows' exact scores equal a dim-0 store of those rows alone; a query with a NaN gradient is refused."""
+    raw = _skip_config(tmp_path, nan_word_model, _all_rows(tmp_path), "skip.zarr", projection={"dim": 4})
+    raw["exact"] = {"factors": True}
+    run_index(parse_config(raw), show_progress=False)
+    kept = [(f"t{i}", s) for i, s in enumerate(SENTENCES) if f"t{i}" not in SKIPPED_IDS]
+    reference = _skip_config(tmp_path, nan_word_model, _train(tmp_path, kept, "kept.jsonl"), "kept.zarr")
+    run_index(parse_config(reference), show_progress=False)
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q0", "prompt": "the fox eats", "completion": " berries"}])
+    exact = run_exact(parse_config(raw), str(queries), QueryOptions(k=8))
+    assert np.array_equal(np.flatnonzero(~exact.exact), [1, 3])
+    listed = [entry["id"] for entry in exact.records[0]["top_k"]]
+    assert len(listed) == 6 and not set(listed) & set(SKIPPED_IDS)
+    theirs = _store_scores(parse_config(reference), queries)
+    assert _relative(exact.scores[:, exact.exact], theirs) <= 1e-8
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "nanq", "prompt": "the owl eats", "completion": " mice"}])
+    with pytest.raises(TributaryError, match='query "nanq": its gradient is not finite'):
+        run_exact(parse_config(raw), str(bad), QueryOptions(k=2))

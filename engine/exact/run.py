@@ -89,6 +89,7 @@ def run_exact_query(
     full_context = with_projection(context, full)
     tokenized = tokenize_rows(rows, context.tokenizer, config.data.max_length, queries_path)
     grads = gradient_pass(full_context, tokenized, with_covariance=False, measurement=options.measurement).grads
+    _require_finite(grads, [row.id for row in rows])
     queries = exact_queries(grads, full, method, factors, config.exact.query_rank)
     stored = None
     if rescore is not None:
@@ -108,6 +109,17 @@ def run_exact_query(
     ]
     _write(out, scores_out, records, total)
     return ExactResult(result, total, exact, records)
+
+
+def _require_finite(grads: np.ndarray, ids: list[str]) -> None:
+    """A query whose gradient is NaN/inf would score every row NaN (which the merge reads as not scored)."""
+    bad = np.flatnonzero(~np.isfinite(grads).all(axis=1))
+    if len(bad):
+        names = ", ".join(f'"{ids[q]}"' for q in bad[:5])
+        raise TributaryError(
+            f"query {names}: its gradient is not finite (NaN/inf), so it has no scores; the model overflows or "
+            "holds NaN weights on this query: check the query, model.path and model.dtype"
+        )
 
 
 def _score(store: GradientStore, queries: ExactQueries, executor: ShardExecutor) -> tuple[np.ndarray, np.ndarray]:
