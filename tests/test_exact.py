@@ -203,13 +203,17 @@ def test_factored_scores_equal_the_formed_gradient():
     assert np.allclose(batch_scores(formed, {"m": acts}, {"m": dels}).numpy(), expected, rtol=1e-12, atol=0)
 
 
-def test_query_rank_truncates_each_module(tiny_models, text_train, queries, tmp_path):
+def test_query_rank_truncates_each_module(tiny_models, queries, tmp_path):
     """exact.query_rank r scores with each module's preconditioned query cut to its top r singular directions:
-    against the dim-0 store's rows with the truncation done here by numpy's SVD."""
+    against the dim-0 store's rows with the truncation done here by numpy's SVD. The training rows are short
+    enough in the first batch of 3 for every module to take the factored form (no per-example gradient), and
+    long enough in the second for some to form it."""
+    short = ["the fox eats", "owl eats mice", "a bear", *SENTENCES[:3]]
+    train = write_jsonl(tmp_path / "short.jsonl", [{"id": f"s{i}", "text": t} for i, t in enumerate(short)])
     config = _config(
         tmp_path,
         tiny_models["gpt2"],
-        text_train,
+        train,
         "dim0",
         method={"name": "grad_dot"},
         exact={"factors": True, "query_rank": 1},
@@ -218,6 +222,10 @@ def test_query_rank_truncates_each_module(tiny_models, text_train, queries, tmp_
     ours = run_exact(config, str(queries), QueryOptions(k=2)).scores
     store = GradientStore.open(config.store.path)
     context = load_model_context(replace_rank(config))
+    lengths = [len(row.input_ids) for row in context.tokenize(read_rows(str(train), field_names(config)), "t")]
+    batches = [max(lengths[:3]), max(lengths[3:])]  # data.batch_size 3: the padded length of each batch
+    paths = {factored(tokens, 1, m.k_in, m.k_out) for tokens in batches for m in store.modules}
+    assert paths == {True, False}, "both ways of scoring a module are exercised"
     grads = gradient_pass(
         context, context.tokenize(read_rows(str(queries), field_names(config)), "q"), with_covariance=False
     ).grads
