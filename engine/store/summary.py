@@ -17,6 +17,8 @@ def store_summary(opened: GradientStore | RunStore, verify: bool = False) -> tup
     if isinstance(opened, RunStore):
         return run_summary(opened, verify)
     summary = manifest_summary(opened)
+    if opened.manifest.stages.get("exact_factors"):  # only then: a store without them reads as it always did
+        summary["exact_factors"] = "full-width curvature factors, one group per module (tributary query --exact)"
     problems: list[str] = []
     if verify:
         found = verify_store(opened)
@@ -34,13 +36,6 @@ def verification_summary(found: Verification) -> dict[str, Any]:
 
 
 def manifest_summary(store: GradientStore) -> dict[str, Any]:
-    summary = _manifest_fields(store)
-    if store.manifest.stages.get("exact_factors"):  # only then: a store without them reads as it always did
-        summary["exact_factors"] = "full-width curvature factors, one group per module (tributary query --exact)"
-    return summary
-
-
-def _manifest_fields(store: GradientStore) -> dict[str, Any]:
     manifest = store.manifest
     return {
         "format": manifest.format,
