@@ -101,10 +101,12 @@ def run_exact_query(
     total, exact = _score(store, queries, executors(config, queries, context if local_context else None))
     if stored is not None and stored.total is not None:
         total = np.where(exact[None, :], total, stored.total)
-    result = _ranked(total, exact, options.k)
+    result = _ranked(total, exact, options.k, [row.row for row in store.manifest.skipped])
     ids = store.ids()
     records = [
-        _record(q, row.id, config.method.name, options.measurement, result, ids, "rescore" if rescore else "exact")
+        _record(
+            q, row.id, config.method.name, options.measurement, result, ids, "rescore" if rescore else "exact", exact
+        )
         for q, row in enumerate(rows)
     ]
     _write(out, scores_out, records, total)
@@ -138,20 +140,44 @@ def _score(store: GradientStore, queries: ExactQueries, executor: ShardExecutor)
     return total, ~np.isnan(total[0]) if len(total) else np.zeros(store.rows, dtype=bool)
 
 
-def _ranked(total: np.ndarray, exact: np.ndarray, k: int) -> QueryResult:
+def _ranked(total: np.ndarray, exact: np.ndarray, k: int, skipped: list[int]) -> QueryResult:
+    """Each query's top and bottom k among the exactly scored rows; where fewer than k were (--rescore with a
+    small K), the rest follow in the store's order, with the store's scores. Skipped rows are never ranked."""
     columns = np.flatnonzero(exact)
-    scored = total[:, columns]
-    top = columns[top_k(scored, k)]
-    bottom = columns[top_k(-scored, k)]
+    outside = np.isfinite(total[0]) & ~exact if len(total) else np.zeros_like(exact)
+    outside[skipped] = False
+    others = np.flatnonzero(outside)
+
+    def ranked(sign: float) -> np.ndarray:
+        first = columns[top_k(sign * total[:, columns], k)]
+        wanted = k - first.shape[1]
+        if wanted <= 0 or not len(others):
+            return first
+        return np.concatenate([first, others[top_k(sign * total[:, others], wanted)]], axis=1)
+
+    top, bottom = ranked(1.0), ranked(-1.0)
     return QueryResult(top, np.take_along_axis(total, top, 1), bottom, np.take_along_axis(total, bottom, 1), total)
 
 
 def _record(
-    q: int, query_id: str, method: str, measurement: str, result: QueryResult, ids: list[str], mode: str
+    q: int,
+    query_id: str,
+    method: str,
+    measurement: str,
+    result: QueryResult,
+    ids: list[str],
+    mode: str,
+    exact: np.ndarray,
 ) -> dict:
     def listed(indices: np.ndarray, scores: np.ndarray) -> list[dict]:
         return [
-            {"rank": r + 1, "index": int(i), "id": ids[int(i)], "score": float(s), "source": "exact"}
+            {
+                "rank": r + 1,
+                "index": int(i),
+                "id": ids[int(i)],
+                "score": float(s),
+                "source": "exact" if exact[int(i)] else "store",
+            }
             for r, (i, s) in enumerate(zip(indices, scores))
         ]
 
