@@ -151,14 +151,15 @@ def test_rescore(tiny_models, text_train, queries, tmp_path):
     assert np.array_equal(rescored.scores[:, outside], stored.total[:, outside])  # marked store, kept as scored
     # --top-k beyond the candidates: the exactly scored rows first, then the rest in the store's order, marked
     every_row = run_exact(config, str(queries), QueryOptions(k=8), rescore=1)
+    store_scores = stored.total
     for q, record in enumerate(every_row.records):
         sources = [entry["source"] for entry in record["top_k"]]
         assert sources == ["exact"] * len(union) + ["store"] * (8 - len(union))
         for entry in record["top_k"]:
-            reference = exact.scores if entry["source"] == "exact" else stored.total
+            reference = exact.scores if entry["source"] == "exact" else store_scores
             assert entry["score"] == pytest.approx(reference[q, entry["index"]], rel=1e-12)
         store_part = [entry["index"] for entry in record["top_k"] if entry["source"] == "store"]
-        assert store_part == sorted(store_part, key=lambda i: (-stored.total[q, i], i))
+        assert store_part == sorted(store_part, key=lambda i: (-store_scores[q, i], i))
 
 
 def test_bad_input(tiny_models, text_train, queries, tmp_path):
