@@ -340,6 +340,11 @@ class ServeConfig(_Section):
         description="rank single-term methods with the ANN index beside the store (`tributary ann build STORE`), "
         "re-scoring QueryOptions.rerank candidates exactly; other methods scan exactly",
     )
+    rescore: int | None = Field(
+        default=None,
+        description="re-score each query's top-K and bottom-K store candidates with the exact streamed pass "
+        "(as `tributary query --rescore K`; needs exact.factors for method if); null: the store's scores",
+    )
 
 
 class ExactConfig(_Section):
@@ -542,6 +547,11 @@ def _check_serve(config: JobConfig, source: str) -> None:
         raise TributaryError(
             f"invalid config {source}: serve.batch_max_queries ({serve.batch_max_queries}) is smaller than "
             f"serve.max_queries_per_request ({serve.max_queries_per_request}); a full request must fit in one batch"
+        )
+    if serve.rescore is not None and serve.rescore <= 0:
+        raise TributaryError(
+            f"invalid config {source}: serve.rescore must be positive, got {serve.rescore}; give how many store "
+            "candidates per query and side the exact pass re-scores, or null to serve the store's scores"
         )
     if serve.max_prompt_tokens is not None and serve.max_prompt_tokens >= config.data.max_length:
         raise TributaryError(

@@ -124,6 +124,19 @@ def _require_finite(grads: np.ndarray, ids: list[str]) -> None:
         )
 
 
+def scored_columns(
+    store: GradientStore, queries: ExactQueries, executor: ShardExecutor
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact pass over `queries.rows` (all rows when None): (Q, N) scores, NaN where not scored, and which
+    columns were scored (for callers that pick their candidates themselves, as `serve.rescore` does)."""
+    return _score(store, queries, executor)
+
+
+def ranked_among_exact(total: np.ndarray, exact: np.ndarray, k: int, skipped: list[int]) -> QueryResult:
+    """Top and bottom k among the exactly scored columns, then the store's order, as --rescore ranks them."""
+    return _ranked(total, exact, k, skipped)
+
+
 def _score(store: GradientStore, queries: ExactQueries, executor: ShardExecutor) -> tuple[np.ndarray, np.ndarray]:
     """(Q, N) scores (NaN where not scored) and which columns were scored, from the shards holding wanted rows."""
     shards = store.shards()

@@ -77,6 +77,11 @@ class ExactWorker(ShardWorker):
         self._open().write_partial("exact_lambda", shard, *pack_lambda(sums.lambdas, self.full.spec))
         return self._receipt("exact_lambdas", shard, started)
 
+    def use_queries(self, queries: ExactQueries) -> None:
+        """Score against other queries from now on (a service's next batch), keeping the loaded rows and model."""
+        self.queries = queries
+        self._side = None
+
     def exact_scores(self, shard: int) -> dict:
         """(Q, n) scores of the shard's wanted rows against the queries, with their global row numbers."""
         started = time.perf_counter()
