@@ -138,6 +138,12 @@ def query(
     chat: bool | None = _option(GenerationSettings, "chat", "--chat/--no-chat", needs="--generate"),
     approximate: bool = _option(QueryOptions, "approximate", "--approximate"),
     rerank: int = _option(QueryOptions, "rerank", "--rerank", needs="--approximate"),
+    exact: bool = typer.Option(
+        False, "--exact", help="exact scores over every training row from a pass over them (needs exact.factors)"
+    ),
+    rescore: int | None = typer.Option(
+        None, "--rescore", help="the store's (--approximate: the ANN's) top and bottom K, re-scored as --exact"
+    ),
 ) -> None:
     """Score queries against every training example and keep the top-k supporters and opposers."""
     from engine.capture.measurement import MEASUREMENTS
@@ -165,6 +171,9 @@ def query(
         job = load_config(config)
         if method is not None:
             job = with_method_name(job, method, source=f"{config} with --method {method}")
+        if exact or rescore is not None:
+            _query_exact(job, queries, options, out, scores_out, report, rescore)
+            return
         result = run_query(job, queries, top_k, out=out, scores_out=scores_out, options=options, report=report)
     except TributaryError as error:
         _fail(error)
@@ -198,6 +207,18 @@ def plan(
     width = max(len(what) for what, _ in lines)
     for what, value in lines:
         typer.echo(f"{what.ljust(width)}  {value}")
+
+
+def _query_exact(job, queries: str, options, out, scores_out, report, rescore: int | None) -> None:
+    from engine.runner import run_exact
+
+    if report is not None:
+        raise TributaryError("--report does not combine with --exact/--rescore yet; drop --report")
+    result = run_exact(job, queries, options, out=out, scores_out=scores_out, rescore=rescore)
+    console.print(f"scored {len(result.records)} queries exactly against {int(result.exact.sum())} training rows")
+    for label, target in (("results", out), ("scores", scores_out)):
+        if target:
+            console.print(f"{label}: {target}")
 
 
 ann_app = typer.Typer(no_args_is_help=True, help="The approximate top-k index beside a store (FAISS)")

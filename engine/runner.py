@@ -7,6 +7,7 @@ and `tributary query`, the demos, the tests and the benchmarks index and query t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -17,6 +18,11 @@ from engine.distributed.fan_out import call_on_new_actors
 from engine.distributed.groups import GroupExecutor, group_count
 from engine.distributed.pool import RayExecutor, largest_node_gpus
 from engine.errors import TributaryError
+from engine.exact.fit import check_exact_config, fit_exact_factors
+from engine.exact.local import InProcess
+from engine.exact.queries import ExactQueries
+from engine.exact.run import ExactResult, run_exact_query
+from engine.exact.worker import ExactWorker
 from engine.gradients.context import ModelContext, remote_model_context
 from engine.indexing import run as indexing
 from engine.indexing.executor import LocalExecutor, ShardExecutor
@@ -29,6 +35,7 @@ from engine.query import run as query
 from engine.query.row_range import RowRangeScorer, merge_parts, row_ranges
 from engine.query.scoring import QueryResult
 from engine.store import GradientStore
+from engine.store.lock import StoreLock
 from engine.store.run_store import RunStore
 
 
@@ -68,9 +75,63 @@ class ClusterScan:
 def run_index(
     config: JobConfig, overwrite: bool = False, show_progress: bool = True, break_lock: bool = False
 ) -> GradientStore | RunStore:
-    """engine.indexing.run.run_index, on the cluster when the config has a `cluster` section."""
-    return indexing.run_index(
+    """engine.indexing.run.run_index, on the cluster when the config has a `cluster` section; with
+    `exact: {factors: true}` the full-width factors are fitted after (engine.exact.fit)."""
+    check_exact_config(config)
+    store = indexing.run_index(
         config, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=shard_executor
+    )
+    if config.exact.factors and isinstance(store, GradientStore):
+        executor = exact_executor(config)
+        try:
+            with StoreLock(config.store.path, break_lock=break_lock):
+                writable = GradientStore.open(config.store.path, mode="r+")
+                fit_exact_factors(config, writable, executor, show_progress)
+        finally:
+            executor.shutdown()
+        store = GradientStore.open(config.store.path)
+    return store
+
+
+def exact_executor(
+    config: JobConfig, queries: ExactQueries | None = None, context: ModelContext | None = None
+) -> ShardExecutor:
+    """The exact stages' shards in this process (reusing `context`, a model already loaded), or with a
+    `cluster` section on a pool of ExactWorker actors, as indexing's."""
+    if config.cluster is None:
+        return InProcess(ExactWorker(config, queries, context=context))
+    connect(config.cluster)
+    check_placement(config, gpus=largest_node_gpus())
+    if config.placement.kind == "zero3":
+        raise TributaryError("--exact and exact.factors do not run with placement.kind zero3 yet; use single")
+    gpus = config.placement.devices_per_replica if config.placement.kind == "device_map" else None
+    return RayExecutor(ExactWorker, (config, queries), config.cluster, pool_size(config.cluster), gpus_per_actor=gpus)
+
+
+def run_exact(
+    config: JobConfig,
+    queries_path: str,
+    options: QueryOptions,
+    out: str | None = None,
+    scores_out: str | None = None,
+    rescore: int | None = None,
+) -> ExactResult:
+    """engine.exact.run.run_exact_query with this module's executors; `rescore` K takes the store's (or with
+    options.approximate its ANN index's) top-K and bottom-K candidates from run_query."""
+
+    def candidates(k: int) -> QueryResult:
+        return run_query(config, queries_path, k, options=replace(options, k=k))
+
+    return run_exact_query(
+        config,
+        queries_path,
+        options,
+        exact_executor,
+        out=out,
+        scores_out=scores_out,
+        rescore=rescore,
+        candidates=candidates,
+        local_context=config.cluster is None,
     )
 
 

@@ -350,3 +350,45 @@ def test_query_through_the_cluster_gives_the_single_process_scores(
     assert np.array_equal(clustered, dense.total), "scores through the cluster differ from the single-process ones"
     ranked = [[entry["index"] for entry in json.loads(line)["top_k"]] for line in results.read_text().splitlines()]
     assert np.array_equal(np.array(ranked), dense.top_indices)
+
+
+@pytest.mark.heavy  # the exact factors' two passes and the exact query as CLI processes on the cluster: ~90 s
+def test_exact_factors_and_scores_through_the_cluster(
+    two_nodes, two_node_store, tiny_models, train_file, queries_file, tmp_path
+):
+    """`exact: {factors: true}` added to the two-node store fits the full-width factors on both nodes, and
+    `tributary query --exact` through the cluster gives the scores of the exact pass in this process."""
+    from engine.config import QueryOptions
+    from engine.runner import run_exact
+    from tests.distributed_helpers import one_torch_thread
+
+    _, path = two_node_store
+    raw = store_config(
+        tiny_models["gpt2"], train_file, path, cluster=cluster_section(two_nodes), exact={"factors": True}
+    )
+    config = write_config(tmp_path / "exact.yaml", raw)
+    done = run_cli("index", str(config), "--no-progress", env=SINGLE_THREAD, timeout=240)
+    assert done.returncode == 0, f"tributary index failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    manifest = GradientStore.open(path).manifest
+    writers = {
+        entry.node for stage in ("exact_covariance", "exact_lambdas") for entry in manifest.shards[stage].values()
+    }
+    assert writers == {two_nodes.node_with("head_node"), two_nodes.node_with("second_node")}
+    scores = tmp_path / "exact.npy"
+    done = run_cli(
+        "query",
+        str(config),
+        "--queries",
+        str(queries_file),
+        "--exact",
+        "--scores-out",
+        str(scores),
+        env=SINGLE_THREAD,
+        timeout=240,
+    )
+    assert done.returncode == 0, f"tributary query --exact failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    local = dict(raw)
+    local.pop("cluster")
+    with one_torch_thread():
+        expected = run_exact(parse_config(local), str(queries_file), QueryOptions(k=3)).scores
+    assert np.allclose(np.load(scores), expected, rtol=1e-5, atol=0)

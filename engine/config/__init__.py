@@ -1,13 +1,14 @@
 """The job configuration: a YAML file validated by pydantic; an unknown key is an error that names it.
 
 One module per section (model, data, projection, curvature, method, training_run, store, placement, cluster,
-serve), `job` for the whole config, `query_options` for what a query run or request asks beside it,
+serve, exact), `job` for the whole config, `query_options` for what a query run or request asks beside it,
 `validation` for the rules that span sections and `loading` for reading YAML. Import from here.
 """
 
 from engine.config.cluster import ClusterConfig
 from engine.config.curvature import CurvatureConfig
 from engine.config.data import DataConfig
+from engine.config.exact import ExactConfig
 from engine.config.job import JobConfig
 from engine.config.loading import load_config, parse_config, with_method_name
 from engine.config.method import METHODS, MethodConfig, MethodSpec, method_names, unknown_method
@@ -25,6 +26,7 @@ __all__ = [
     "ClusterConfig",
     "CurvatureConfig",
     "DataConfig",
+    "ExactConfig",
     "GenerationSettings",
     "JobConfig",
     "MethodConfig",

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, ValidationError
 from engine.config.cluster import ClusterConfig
 from engine.config.curvature import CurvatureConfig
 from engine.config.data import DataConfig
+from engine.config.exact import ExactConfig
 from engine.config.method import MethodConfig
 from engine.config.model import ModelConfig
 from engine.config.placement import PlacementConfig
@@ -34,6 +35,7 @@ class JobConfig(_Section):
         default=None, description="checkpoints and segments of the training run; absent = the final model only"
     )
     serve: ServeConfig = ServeConfig()
+    exact: ExactConfig = ExactConfig()
 
     @classmethod
     def validated(cls, raw: dict, source: str = "<dict>", *, part_of_run: bool = False) -> JobConfig:

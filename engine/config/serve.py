@@ -45,3 +45,8 @@ class ServeConfig(_Section):
         description="rank single-term methods with the ANN index beside the store (`tributary ann build STORE`), "
         "re-scoring QueryOptions.rerank candidates exactly; other methods scan exactly",
     )
+    rescore: int | None = Field(
+        default=None,
+        description="re-score each query's top-K and bottom-K store candidates with the exact streamed pass "
+        "(as `tributary query --rescore K`; needs exact.factors for method if); null: the store's scores",
+    )

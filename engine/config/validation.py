@@ -144,6 +144,11 @@ def _check_serve(config: JobConfig, source: str) -> None:
             f"invalid config {source}: serve.batch_max_queries ({serve.batch_max_queries}) is smaller than "
             f"serve.max_queries_per_request ({serve.max_queries_per_request}); a full request must fit in one batch"
         )
+    if serve.rescore is not None and serve.rescore <= 0:
+        raise TributaryError(
+            f"invalid config {source}: serve.rescore must be positive, got {serve.rescore}; give how many store "
+            "candidates per query and side the exact pass re-scores, or null to serve the store's scores"
+        )
     if serve.max_prompt_tokens is not None and serve.max_prompt_tokens >= config.data.max_length:
         raise TributaryError(
             f"invalid config {source}: serve.max_prompt_tokens ({serve.max_prompt_tokens}) must be below "

@@ -185,14 +185,15 @@ def _curvature_deltas(
 
 
 def covariance_pass(
-    context: ModelContext, rows: list[TokenizedRow], sketch: Sketch | None = None
+    context: ModelContext, rows: list[TokenizedRow], sketch: Sketch | None = None, upcast: bool = False
 ) -> tuple[dict[str, ModuleCovariance], NonFinite]:
     """K-FAC covariance sums of `rows` at `context`'s projection, and nothing else: one forward and one backward of
     the curvature labels' loss per batch (the fitted projections' fitting pass, at full width; `sketch`: C Ω in
     place of C where it gives an Ω). Also the rows (positions in `rows`) whose activations or δ̃ are not finite:
-    the sums then hold them and must not be used."""
+    the sums then hold them and must not be used. `upcast`: products in float64, as pass 1's (full-width factors
+    that give the scores, not only eigenvectors to project with)."""
     capture = context.capture
-    covariance = CovarianceAccumulator(context.spec, upcast=False, sketch=sketch)
+    covariance = CovarianceAccumulator(context.spec, upcast=upcast, sketch=sketch)
     nonfinite: list[NonFinite] = []
     done = 0
     with capture.hooks():

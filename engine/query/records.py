@@ -12,6 +12,7 @@ of each field that was cut; the id and the tokens (which are what was attributed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -43,6 +44,11 @@ class TrainingExample(BaseModel):
     )
     per_module: dict[str, float] | None = Field(None, description="--per-module: the score of each tracked module")
     per_token: list[float] | None = Field(None, description="--per-token: each completion token's share of the score")
+    source: Literal["exact", "store"] | None = Field(
+        default=None,
+        description="serve.rescore / --rescore: exact when the exact pass scored the example, store when its score "
+        "is the store's (absent otherwise)",
+    )
 
 
 class QueryAttribution(BaseModel):

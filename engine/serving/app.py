@@ -25,13 +25,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
 from engine.capture.measurement import MEASUREMENTS
-from engine.config import JobConfig, method_names
+from engine.config import JobConfig, QueryOptions, method_names
 from engine.errors import TributaryError
 from engine.query.attributor import Attributor, QueryGroup
 from engine.query.row_range import RowRangeScorer, merge_parts
 from engine.query.scoring import QueryResult
 from engine.serving.auth import BearerAuth, read_token, token_digest
 from engine.serving.batching import PassQueue
+from engine.serving.rescore import BatchRescorer, candidate_options
 from engine.serving.responses import RequestError, refusal_of_http_error
 from engine.serving.schema import AttributeRequest, AttributeResponse, ErrorBody
 from engine.serving.validation import BodyLimit, Limits, PreparedRequest, prepare
@@ -83,6 +84,7 @@ class AttributionService:
         self.attributor = Attributor.load(config, scan=scan)
         if config.serve.approximate:
             self.attributor.ann_index()  # a missing or stale index fails the replica's start, not a request
+        self.rescorer = BatchRescorer(self.attributor) if config.serve.rescore is not None else None
         self.request_tokenizer = copy.deepcopy(self.attributor.context.tokenizer)  # for the event loop's use
         self.counts = {"requests": 0, "queries": 0, "batches": 0, "rejected": 0, "timed_out": 0}
         self.passes = PassQueue(
@@ -135,15 +137,16 @@ class AttributionService:
                 "batch_max_queries": serving.batch_max_queries,
                 "batch_wait_s": serving.batch_wait_s,
                 "row_ranges": ranges,
+                "rescore": serving.rescore,
             },
             "replica": dict(self.counts, id=replica, scoring_passes=attributor.scoring_passes),
         }
 
     # ---- batching -----------------------------------------------------------------------------------
-    def _score_alone(self, group: QueryGroup):
+    def _score_alone(self, group: QueryGroup, options: QueryOptions):
         """One request's records, or the 422 refusal naming what the engine refused in it."""
         try:
-            return self.attributor.attribute([group])[0].records
+            return self._records([group], self.attributor.attribute([group]), [options])[0]
         except StoreChanged as error:
             return RequestError(503, str(error))
         except TributaryError as error:
@@ -165,18 +168,20 @@ class AttributionService:
                     continue
             if queries is None:
                 raise RuntimeError("a prepared request has either queries or prompts")
-            groups.append(QueryGroup(queries, item.options, item.method))
+            rescore = self.config.serve.rescore
+            options = item.options if rescore is None else candidate_options(item.options, rescore)
+            groups.append(QueryGroup(queries, options, item.method))
             members.append(i)
         if groups:
             try:
-                results = self.attributor.attribute(groups)
+                answers = self._records(groups, self.attributor.attribute(groups), [items[i].options for i in members])
             except StoreChanged as error:  # never answer with the old store's ids and factors over new rows
                 log.error("%s", error)
                 for i in members:
                     outcomes[i] = RequestError(503, str(error))
             except TributaryError:  # a request the engine refuses (a non-finite query): refuse it, score the rest
                 for i, group in zip(members, groups):
-                    outcomes[i] = self._score_alone(group)
+                    outcomes[i] = self._score_alone(group, items[i].options)
             except Exception as error:
                 log.exception("a scoring pass over %d requests failed", len(groups))
                 for i in members:
@@ -186,12 +191,18 @@ class AttributionService:
                         "the service keeps running, retry the request",
                     )
             else:
-                for i, result in zip(members, results):
-                    outcomes[i] = result.records
+                for i, answer in zip(members, answers):
+                    outcomes[i] = answer
         self.counts["batches"] += 1
         self.counts["requests"] += len(items)
         self.counts["queries"] += _queries_in(items)
         return outcomes
+
+    def _records(self, groups: list[QueryGroup], results: list[QueryResult], options: list[QueryOptions]) -> list:
+        """Each group's records: the store's, or with serve.rescore its candidates re-scored exactly."""
+        if self.rescorer is None:
+            return [result.records for result in results]
+        return self.rescorer.records(groups, results, options)
 
 
 class ApiService(Protocol):

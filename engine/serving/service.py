@@ -90,6 +90,7 @@ def check_inputs(config: JobConfig) -> None:
     missing (its value is not kept)."""
     from engine.model.placement import check_placement, refuse_zero3_serving
     from engine.query.attributor import final_model, open_complete_store
+    from engine.serving.rescore import check_rescore_inputs
 
     refuse_zero3_serving(config)
     check_placement(config, count_devices=config.serve.replica_gpus == 0)
@@ -98,6 +99,7 @@ def check_inputs(config: JobConfig) -> None:
         from engine.ann.index import AnnIndex
 
         AnnIndex(config.store.path, final_model(config, opened)[1])
+    check_rescore_inputs(config, opened)
     read_token(config.serve)
 
 

@@ -17,6 +17,8 @@ def store_summary(opened: GradientStore | RunStore, verify: bool = False) -> tup
     if isinstance(opened, RunStore):
         return run_summary(opened, verify)
     summary = manifest_summary(opened)
+    if opened.manifest.stages.get("exact_factors"):  # only then: a store without them reads as it always did
+        summary["exact_factors"] = "full-width curvature factors, one group per module (tributary query --exact)"
     problems: list[str] = []
     if verify:
         found = verify_store(opened)

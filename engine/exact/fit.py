@@ -1,0 +1,99 @@
+"""`exact: {factors: true}`: EK-FAC (or K-FAC) fitted at full width beside a finished store.
+
+Stages, each committed per shard in the manifest as indexing's are (a killed run resumes): the full-width
+covariance sums — reused where the index made them over every row (pass 1's at projection dim 0, a fitted
+projection's unsketched fitting pass over all rows); otherwise a forward and a backward per batch
+(`exact_covariance`) — then the eigenbases (`exact_eigen`, in the driver, float64), then EK-FAC's Λ from
+a full-width pass in that basis (`exact_lambdas`), written as `exact_factors`, one subgroup per module.
+"""
+
+from __future__ import annotations
+
+import time
+
+from engine.config import JobConfig
+from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
+from engine.curvature.packing import covariance_width, lambda_width, unpack_covariance, unpack_lambda
+from engine.errors import TributaryError
+from engine.exact.stored_factors import (
+    BASIS,
+    FACTORS,
+    full_spec,
+    has_exact_factors,
+    read_exact_factors,
+    write_exact_factors,
+)
+from engine.indexing.driver import IndexRun
+from engine.indexing.executor import ShardExecutor
+from engine.progress import progress_bar
+from engine.store import GradientStore
+
+STRATEGIES = ("kfac", "ekfac")
+
+
+def check_exact_config(config: JobConfig) -> None:
+    """Refuse, before anything is written, what full-width factors cannot be fitted for."""
+    if not config.exact.factors:
+        return
+    if config.curvature.strategy not in STRATEGIES:
+        raise TributaryError(
+            f"exact.factors fits K-FAC/EK-FAC at full width, but curvature.strategy is {config.curvature.strategy}; "
+            "set curvature.strategy to ekfac or kfac, or remove exact.factors"
+        )
+    if config.training_run is not None:
+        raise TributaryError(
+            "exact.factors is for a single-checkpoint store; remove the training_run section or exact.factors"
+        )
+    if config.placement.kind == "zero3":
+        raise TributaryError("exact.factors does not run with placement.kind zero3 yet; use single or device_map")
+
+
+def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardExecutor, show_progress: bool) -> None:
+    """Fit and write the store's full-width factors unless they are there already."""
+    if has_exact_factors(store):
+        return
+    full = full_spec(store)
+    strategy = config.curvature.strategy
+    workers = len(getattr(executor, "actors", [None]))
+    timings: dict[str, float] = {}
+    with progress_bar(show_progress) as progress:
+        run = IndexRun(store, executor, store.manifest.projection, progress, workers)
+        if not run.done("exact_eigen"):
+            reused = _full_width_sums(store)
+            if reused is not None:
+                sums = reused
+            else:
+                store.create_partials("exact_covariance", covariance_width(full), 2)
+                clock = time.perf_counter()
+                run.stage("exact_covariance")
+                timings["exact_covariance_s"] = time.perf_counter() - clock
+                sums = store.summed_partials("exact_covariance")
+            covariance = unpack_covariance(*sums, full)  # every reused or computed sum is d x d per side
+            write_exact_factors(store, shared_basis(strategy, module_widths(full), [covariance]), BASIS)
+            run.mark("exact_eigen")
+        factors = read_exact_factors(store, BASIS)
+        if strategy == "ekfac":
+            store.create_partials("exact_lambda", lambda_width(full), 1)
+            executor.reset()
+            clock = time.perf_counter()
+            run.stage("exact_lambdas")
+            timings["exact_lambda_s"] = time.perf_counter() - clock
+            lambdas = unpack_lambda(*store.summed_partials("exact_lambda"), full)
+            factors = corrected_factors(strategy, factors, [lambdas])
+        write_exact_factors(store, factors, FACTORS)
+        run.mark(FACTORS)
+    measured = {key: round(value, 4) for key, value in timings.items()}
+    store.update_manifest(timings={**(store.manifest.timings or {}), **measured})
+
+
+def _full_width_sums(store: GradientStore):
+    """Full-width covariance sums over every row that the index already made, or None: pass 1's at dim 0, or a
+    fitted projection's fitting pass where it covered every row without a sketch (float32 products there in a
+    float32 model, as kronfluence's default covariances; they choose the eigenbasis that Λ is then fitted in)."""
+    spec = store.manifest.projection
+    if spec.dim == 0 and store.has_group("partials/covariance"):
+        return store.summed_partials("covariance")
+    every_row = spec.fit_rows is None or spec.fit_rows >= store.rows
+    if spec.fitted and spec.fit == "exact" and every_row and store.has_group("partials/projection_covariance"):
+        return store.summed_partials("projection_covariance")
+    return None

@@ -1,0 +1,88 @@
+"""The query side of an exact score: each query's full-width gradient preconditioned with the full-width factors
+(q' = Q_S F(Λ) ⊙ (Q_Sᵀ G_q Q_A) Q_Aᵀ per module), kept whole or as its top r singular directions
+(`exact.query_rank`, as kronfluence's query_gradient_low_rank)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.curvature.factors import ModuleFactors
+from engine.errors import TributaryError
+from engine.projection import ProjectionSpec
+from engine.spectral.core import module_view, transform_queries
+from engine.spectral.methods import Method
+
+EXACT_METHODS = ("if", "grad_dot", "grad_cos")
+
+
+def check_exact_method(method: str) -> None:
+    if method not in EXACT_METHODS:
+        raise TributaryError(
+            f"method {method} has no exact streamed form; --exact and --rescore take method.name "
+            f"{', '.join(EXACT_METHODS)} (give --method if, or query the store without --exact)"
+        )
+
+
+def full_rank(spec: ProjectionSpec) -> dict[str, int]:
+    return {m.name: min(m.k_in, m.k_out) for m in spec.modules}
+
+
+def check_query_rank(rank: int | None, spec: ProjectionSpec) -> None:
+    """A rank above a module's full rank is refused, naming the module and its full rank."""
+    if rank is None:
+        return
+    ranks = full_rank(spec)
+    above = [name for name, full in ranks.items() if rank > full]
+    if above:
+        lowest = min(ranks.values())
+        raise TributaryError(
+            f"exact.query_rank {rank} is above the full rank of module {above[0]} ({ranks[above[0]]} = "
+            f"min(d_out, d_in)); set exact.query_rank to at most {lowest}, or null for full rank"
+        )
+
+
+@dataclass
+class ExactQueries:
+    """What a scoring worker needs: per module the preconditioned queries (Q, d_out, d_in), and with a rank r
+    their factors left (Q, d_out, r) (singular values folded in) and right (Q, r, d_in); `whole` is then their
+    product, so that either way of scoring a row gives the same number. `rows`: the training rows to score
+    (sorted), None for every row."""
+
+    spec: ProjectionSpec
+    normalise: bool
+    whole: dict[str, np.ndarray]
+    low_rank: dict[str, tuple[np.ndarray, np.ndarray]]
+    rows: np.ndarray | None = None
+
+    @property
+    def count(self) -> int:
+        return next(iter(self.whole.values())).shape[0]
+
+    def restricted(self, rows: np.ndarray | None) -> ExactQueries:
+        return ExactQueries(self.spec, self.normalise, self.whole, self.low_rank, rows)
+
+
+def exact_queries(
+    grads: np.ndarray,
+    spec: ProjectionSpec,
+    method: Method,
+    factors: dict[str, ModuleFactors] | None,
+    rank: int | None,
+) -> ExactQueries:
+    """`grads` (Q, D) full-width query gradients → the preconditioned query side of `method`."""
+    check_query_rank(rank, spec)
+    transformed = transform_queries(grads, spec, method, factors)
+    whole, low_rank = {}, {}
+    for module in spec.modules:
+        matrices = module_view(transformed, spec, module.name)
+        if rank is None:
+            whole[module.name] = np.ascontiguousarray(matrices)
+            continue
+        left, values, right = np.linalg.svd(matrices, full_matrices=False)
+        left = left[:, :, :rank] * values[:, None, :rank]
+        right = right[:, :rank, :]
+        low_rank[module.name] = (left, right)
+        whole[module.name] = left @ right
+    return ExactQueries(spec, method.normalise, whole, low_rank)

@@ -1,0 +1,124 @@
+"""The exact path's shard worker: indexing's ShardWorker (same rows, shards, receipts and store handling) with
+the model captured at full width, for three stages: the full-width covariance sums, the full-width Λ sums
+(both written to the store as per-shard partials, as indexing's are), and the streamed scores of a shard's rows
+(returned in the receipt; the driver places them by row, so completion order changes nothing)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from engine.capture.loss import NextTokenLoss
+from engine.config import JobConfig
+from engine.curvature.factors import ModuleFactors
+from engine.curvature.packing import pack_covariance, pack_lambda
+from engine.data.batching import batches
+from engine.data.tokenize import TokenizedRow
+from engine.exact.queries import ExactQueries
+from engine.exact.row_scores import QuerySide, batch_scores
+from engine.exact.stored_factors import BASIS, read_exact_factors
+from engine.gradients.context import ModelContext, with_projection
+from engine.gradients.finite import nonfinite_rows_error
+from engine.gradients.passes import covariance_pass, lambda_pass
+from engine.indexing.worker import ShardWorker
+from engine.projection.fitted import full_width
+from engine.testing.faults import fault_point
+
+
+class ExactWorker(ShardWorker):
+    def __init__(
+        self,
+        config: JobConfig,
+        queries: ExactQueries | None = None,
+        threads: int | None = None,
+        context: ModelContext | None = None,
+    ):
+        super().__init__(config, threads, context)
+        self.full = with_projection(self.context, full_width(self.context.spec))
+        self.queries = queries
+        self._side: QuerySide | None = None
+        self._basis: dict[str, ModuleFactors] | None = None
+
+    def _kept_rows(self, shard: int) -> tuple[int, list[int], list[TokenizedRow]]:
+        """(start, positions in the shard of the rows pass 1 kept, those rows tokenised)."""
+        store = self._open()
+        start, stop = store.shards()[shard]
+        rows = self._tokenized(start, stop)
+        kept = self._kept(store, start, stop)
+        return start, kept, [rows[p] for p in kept]
+
+    def exact_covariance(self, shard: int) -> dict:
+        """Full-width K-FAC covariance sums of the shard's rows (curvature labels), as pass 1's at dim 0."""
+        started = time.perf_counter()
+        start, kept, rows = self._kept_rows(shard)
+        sums, found = covariance_pass(self.full, rows, upcast=True)
+        if found:
+            raise nonfinite_rows_error(
+                {kept[p]: names for p, names in found.items()},
+                self._ids(*self._open().shards()[shard]),
+                start,
+                self.config.data.train,
+            )
+        fault_point("actor", "exact_covariance", shard)
+        self._open().write_partial("exact_covariance", shard, *pack_covariance(sums, self.full.spec))
+        return self._receipt("exact_covariance", shard, started)
+
+    def exact_lambdas(self, shard: int) -> dict:
+        """Full-width Σ (Q_Sᵀ G Q_A)² of the shard's rows in the full-width eigenbasis."""
+        started = time.perf_counter()
+        if self._basis is None:
+            self._basis = read_exact_factors(self._open(), BASIS)
+        start, kept, rows = self._kept_rows(shard)
+        check = self._row_check(self._ids(*self._open().shards()[shard]), start, kept)
+        sums = lambda_pass(self.full, rows, self._basis, on_nonfinite=check)
+        fault_point("actor", "exact_lambdas", shard)
+        self._open().write_partial("exact_lambda", shard, *pack_lambda(sums.lambdas, self.full.spec))
+        return self._receipt("exact_lambdas", shard, started)
+
+    def use_queries(self, queries: ExactQueries) -> None:
+        """Score against other queries from now on (a service's next batch), keeping the loaded rows and model."""
+        self.queries = queries
+        self._side = None
+
+    def exact_scores(self, shard: int) -> dict:
+        """(Q, n) scores of the shard's wanted rows against the queries, with their global row numbers."""
+        started = time.perf_counter()
+        if self.queries is None:
+            raise RuntimeError("exact_scores needs the queries the worker was built with")
+        start, kept, rows = self._kept_rows(shard)
+        wanted = self.queries.rows
+        if wanted is not None:
+            chosen = set(wanted.tolist())
+            rows = [row for p, row in zip(kept, rows) if start + p in chosen]
+            kept = [p for p in kept if start + p in chosen]
+        scores = self._scores(rows)
+        fault_point("actor", "exact_scores", shard)
+        receipt = self._receipt("exact_scores", shard, started)
+        receipt.update(rows=np.asarray([start + p for p in kept], dtype=np.int64), scores=scores)
+        return receipt
+
+    def _scores(self, rows: list[TokenizedRow]) -> np.ndarray:
+        assert self.queries is not None
+        context, data = self.full, self.config.data
+        capture = context.capture
+        if self._side is None:
+            self._side = QuerySide.of(self.queries, capture.compute_dtype, context.device)
+        out = np.zeros((self.queries.count, len(rows)))
+        done = 0
+        with capture.hooks():
+            for batch in batches(rows, data.batch_size, context.pad_id, data.padding_side):
+                batch = batch.to(context.device)
+                state = capture.forward(batch)
+                logit_gradient = NextTokenLoss(state.logits).logit_gradient(batch.labels)
+                deltas = capture.output_gradients_of_logits(state, logit_gradient, retain_graph=False)
+                with torch.no_grad():
+                    scores = batch_scores(self._side, state.activations, deltas)
+                out[:, done : done + len(batch.indices)] = scores.double().cpu().numpy()
+                done += len(batch.indices)
+        return out
+
+    def reset(self) -> None:
+        super().reset()
+        self._basis = None
