@@ -63,6 +63,7 @@ class ShardWorker:
         return {
             "spec": self.context.spec.to_dict(),
             "fingerprints": self.context.fingerprints,
+            "coverage": self.context.coverage.to_dict() if self.context.coverage is not None else {},
             "node": _node_id(),
             "pid": os.getpid(),
         }
