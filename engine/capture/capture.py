@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.capture.modules import module_has_bias_column
 from engine.data.batching import Batch
+from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
 
 
@@ -107,12 +108,26 @@ class GradientCapture:
             if state is None:
                 return
             positions = getattr(module, "positions", None)  # set by a routed expert (engine.capture.experts)
+            if positions is None:
+                self._check_every_token(name, args[0])
             state.activations.setdefault(name, []).append(self._project_input(name, args[0], positions))
             # a router returns (logits, weights, choice): its linear map's output is the logits
             state.outputs.setdefault(name, []).append(output if isinstance(output, torch.Tensor) else output[0])
             state.positions.setdefault(name, []).append(positions)
 
         return record
+
+    def _check_every_token(self, name: str, inputs: torch.Tensor) -> None:
+        """A module called on a subset of the tokens (an nn.Linear expert fed its routed tokens) cannot be told
+        which example each row belongs to: refused, never attributed to the wrong example."""
+        tokens = self._current_mask().numel()
+        rows = inputs.numel() // max(inputs.shape[-1], 1)
+        if rows != tokens:
+            raise TributaryError(
+                f"module {name} was called on {rows} rows for {tokens} tokens: it sees a routed subset of the tokens "
+                "(experts as nn.Linear modules), which Tributary cannot assign to examples; leave it out with "
+                "model.modules (experts fused into 3-D parameters, as transformers 5 stores them, are attributed)"
+            )
 
     @staticmethod
     def _requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -157,9 +172,18 @@ class GradientCapture:
         try:
             with torch.enable_grad():
                 self._current.logits = call()
+            self._unrouted_as_zeros(self._current, mask)
             return self._current
         finally:
             self._current = None
+
+    def _unrouted_as_zeros(self, state: ForwardPass, mask: torch.Tensor) -> None:
+        """An expert no token of the batch was routed to ran no call: its ã is zeros (and so, in
+        `_projected_gradients`, its δ̃), so every module has a gradient, and that gradient is exactly zero."""
+        for name in self.modules:
+            if name not in state.activations:
+                k_in = self.layout[name].k_in
+                state.activations[name] = [torch.zeros(*mask.shape, k_in, dtype=self.compute_dtype, device=self.device)]
 
     def output_gradients(
         self, state: ForwardPass, loss: torch.Tensor, retain_graph: bool
@@ -195,6 +219,10 @@ class GradientCapture:
             deltas.setdefault(name, []).append(
                 self._zero_padding(self._scattered(projected.to(self.device), positions))
             )
+        for name in self.modules:
+            if name not in deltas:  # an expert no token was routed to (`_unrouted_as_zeros`)
+                shape = (*self._current_mask().shape, self.layout[name].k_out)
+                deltas[name] = [torch.zeros(shape, dtype=self.compute_dtype, device=self.device)]
         return deltas
 
     def example_gradients(self, state: ForwardPass, deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

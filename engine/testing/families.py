@@ -109,18 +109,20 @@ def is_moe(family: str) -> bool:
     return FAMILIES[family][3]
 
 
-def build_family_model(family: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny random model of `family`, seeded, in eval mode."""
+def build_family_model(
+    family: str, vocab_size: int, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any
+):
+    """A tiny random model of `family`, seeded, in eval mode; `overrides` change its config arguments."""
     transformers = importlib.import_module("transformers")
     config_name, model_name, arguments, _ = FAMILIES[family]
-    config = getattr(transformers, config_name)(vocab_size=vocab_size, **_COMMON, **arguments)
+    config = getattr(transformers, config_name)(vocab_size=vocab_size, **_COMMON, **{**arguments, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).to(dtype)
     model.eval()
     return model
 
 
-def save_family(directory, family: str, texts: list[str], seed: int = 0):
+def save_family(directory, family: str, texts: list[str], seed: int = 0, **overrides: Any):
     """A tiny `family` model saved to `directory` and a word-level tokenizer on `texts` to `directory`/tokenizer
     (give it as model.tokenizer): beside the model's config.json, AutoTokenizer would load it as the family's own
     tokenizer class, which rebuilds it (Qwen2's, for one, as byte-level BPE)."""
@@ -130,7 +132,7 @@ def save_family(directory, family: str, texts: list[str], seed: int = 0):
 
     directory = Path(directory)
     tokenizer = build_tokenizer(texts, add_bos=False)
-    model = build_family_model(family, vocab_size=len(tokenizer), seed=seed)
+    model = build_family_model(family, vocab_size=len(tokenizer), seed=seed, **overrides)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory / "tokenizer")
     return directory
