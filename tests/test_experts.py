@@ -150,3 +150,29 @@ def test_linear_experts_fed_a_routed_subset_are_refused_not_misattributed():
     hidden = torch.randn(2, 3, 4, requires_grad=True)
     with capture.hooks(), pytest.raises(TributaryError, match=r"module experts\.\d was called on \d rows for 6 tokens"):
         capture.run(lambda: model(hidden), torch.ones(2, 3))
+
+
+class _WeightOnly(torch.nn.Module):
+    """A Linear whose weight the model uses directly, never calling it (as peft's LoRA on 3-D parameters does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = torch.nn.Linear(4, 4)
+        self.merged = torch.nn.Linear(4, 4)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.used(hidden) @ self.merged.weight
+
+
+def test_a_tracked_module_that_never_runs_is_refused_not_given_zeros():
+    from engine.capture.capture import GradientCapture
+    from engine.capture.modules import select_modules, tracked_shapes
+    from engine.projection import build_projection
+
+    model = _WeightOnly()
+    modules = select_modules(model, None)
+    spec = build_projection(0, 0, "rademacher", tracked_shapes(modules, True))
+    capture = GradientCapture(model, modules, spec, True, torch.float64, torch.device("cpu"))
+    hidden = torch.randn(2, 3, 4, requires_grad=True)
+    with capture.hooks(), pytest.raises(TributaryError, match="module merged .* did not run in the forward pass"):
+        capture.run(lambda: model(hidden), torch.ones(2, 3))

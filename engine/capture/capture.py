@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.capture.experts import ExpertSlice
 from engine.capture.modules import module_has_bias_column
 from engine.data.batching import Batch
 from engine.errors import TributaryError
@@ -180,8 +181,14 @@ class GradientCapture:
     def _unrouted_as_zeros(self, state: ForwardPass, mask: torch.Tensor) -> None:
         """An expert no token of the batch was routed to ran no call: its ã is zeros (and so, in
         `_projected_gradients`, its δ̃), so every module has a gradient, and that gradient is exactly zero."""
-        for name in self.modules:
+        for name, module in self.modules.items():
             if name not in state.activations:
+                if not isinstance(module, ExpertSlice):
+                    raise TributaryError(
+                        f"module {name} ({type(module).__name__}) did not run in the forward pass: its weights are "
+                        "used some other way (a LoRA on fused expert parameters, for one); leave it out with "
+                        "model.modules"
+                    )
                 k_in = self.layout[name].k_in
                 state.activations[name] = [torch.zeros(*mask.shape, k_in, dtype=self.compute_dtype, device=self.device)]
 
