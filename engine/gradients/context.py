@@ -52,7 +52,14 @@ class ModelContext:
         }
 
     def tokenize(self, rows: list[Row], source: str) -> list[TokenizedRow]:
-        return tokenize_rows(rows, self.tokenizer, self.config.data.max_length, source)
+        return tokenize_rows(rows, self.tokenizer, self.config.data.max_length, source, vocab_size=self.vocab_size)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary (its input embeddings' rows), that pre-tokenized rows are checked against."""
+        embeddings = getattr(self.model, "get_input_embeddings", None)
+        table = embeddings() if embeddings is not None else None
+        return table.num_embeddings if isinstance(table, nn.Embedding) else None
 
 
 def load_model_context(

@@ -96,6 +96,7 @@ class ShardWorker:
             self.config.data.max_length,
             self.config.data.train,
             log_truncation=False,
+            vocab_size=self.context.vocab_size,
         )
 
     def _receipt(
