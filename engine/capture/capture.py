@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine.capture.experts import ExpertSlice
 from engine.capture.modules import module_has_bias_column
 from engine.data.batching import Batch
+from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
 
 
@@ -25,6 +27,8 @@ class ForwardPass:
     logits: torch.Tensor
     activations: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # (B, T, k_in) per call
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # module outputs y per call
+    # per call: the flat (batch x position) index of each row of a routed expert's call, None for a call on all
+    positions: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
 
 
 class GradientCapture:
@@ -66,22 +70,33 @@ class GradientCapture:
             raise RuntimeError("a capture hook ran outside run(): there is no attention mask to apply")
         return self._mask
 
-    def _project_input(self, name: str, inputs: torch.Tensor) -> torch.Tensor:
+    def _project_input(self, name: str, inputs: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         batch_size = self._current_mask().shape[0]
-        a = inputs.detach().reshape(batch_size, -1, inputs.shape[-1]).to(self.compute_dtype)
+        rows = 1 if positions is not None else batch_size  # a routed expert's rows, scattered back after projecting
+        a = inputs.detach().reshape(rows, -1, inputs.shape[-1]).to(self.compute_dtype)
         projection = self.p_in[name]
         if projection is None:
             if self.bias_column[name]:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            return self._zero_padding(a.to(self.device))
+            return self._zero_padding(self._scattered(a.to(self.device), positions))
         # [a, 1] @ P_in = a @ P_in[:-1] + P_in[-1]: the bias column is never materialised
         if self.bias_column[name]:
             projected = torch.addmm(projection[-1], a.reshape(-1, a.shape[-1]), projection[:-1])
-            projected = projected.view(batch_size, -1, projection.shape[1])
+            projected = projected.view(rows, -1, projection.shape[1])
         else:
             projected = a @ projection
         # padding is zeroed after the projection (row-wise, so a NaN at padding stays in its own row)
-        return self._zero_padding(projected.to(self.device))
+        return self._zero_padding(self._scattered(projected.to(self.device), positions))
+
+    def _scattered(self, values: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, k) from a routed expert's rows (1, n, k) at their flat positions, zeros at tokens not routed
+        to it; `values` as they are for a call on every token."""
+        if positions is None:
+            return values
+        mask = self._current_mask()
+        full = values.new_zeros(mask.numel(), values.shape[-1])
+        full.index_copy_(0, positions.to(values.device), values.reshape(-1, values.shape[-1]))
+        return full.view(*mask.shape, values.shape[-1])
 
     def _zero_padding(self, values: torch.Tensor) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
@@ -89,14 +104,31 @@ class GradientCapture:
         return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
     def _hook(self, name: str):
-        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def record(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
             state = self._current
             if state is None:
                 return
-            state.activations.setdefault(name, []).append(self._project_input(name, args[0]))
-            state.outputs.setdefault(name, []).append(output)
+            positions = getattr(module, "positions", None)  # set by a routed expert (engine.capture.experts)
+            if positions is None:
+                self._check_every_token(name, args[0])
+            state.activations.setdefault(name, []).append(self._project_input(name, args[0], positions))
+            # a router returns (logits, weights, choice): its linear map's output is the logits
+            state.outputs.setdefault(name, []).append(output if isinstance(output, torch.Tensor) else output[0])
+            state.positions.setdefault(name, []).append(positions)
 
         return record
+
+    def _check_every_token(self, name: str, inputs: torch.Tensor) -> None:
+        """A module called on a subset of the tokens (an nn.Linear expert fed its routed tokens) cannot be told
+        which example each row belongs to: refused, never attributed to the wrong example."""
+        tokens = self._current_mask().numel()
+        rows = inputs.numel() // max(inputs.shape[-1], 1)
+        if rows != tokens:
+            raise TributaryError(
+                f"module {name} was called on {rows} rows for {tokens} tokens: it sees a routed subset of the tokens "
+                "(experts as nn.Linear modules), which Tributary cannot assign to examples; leave it out with "
+                "model.modules (experts fused into 3-D parameters, as transformers 5 stores them, are attributed)"
+            )
 
     @staticmethod
     def _requires_grad(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -141,9 +173,24 @@ class GradientCapture:
         try:
             with torch.enable_grad():
                 self._current.logits = call()
+            self._unrouted_as_zeros(self._current, mask)
             return self._current
         finally:
             self._current = None
+
+    def _unrouted_as_zeros(self, state: ForwardPass, mask: torch.Tensor) -> None:
+        """An expert no token of the batch was routed to ran no call: its ã is zeros (and so, in
+        `_projected_gradients`, its δ̃), so every module has a gradient, and that gradient is exactly zero."""
+        for name, module in self.modules.items():
+            if name not in state.activations:
+                if not isinstance(module, ExpertSlice):
+                    raise TributaryError(
+                        f"module {name} ({type(module).__name__}) did not run in the forward pass: its weights are "
+                        "used some other way (a LoRA on fused expert parameters, for one); leave it out with "
+                        "model.modules"
+                    )
+                k_in = self.layout[name].k_in
+                state.activations[name] = [torch.zeros(*mask.shape, k_in, dtype=self.compute_dtype, device=self.device)]
 
     def output_gradients(
         self, state: ForwardPass, loss: torch.Tensor, retain_graph: bool
@@ -163,18 +210,26 @@ class GradientCapture:
     ) -> dict[str, list[torch.Tensor]]:
         names = [(name, i) for name, outs in state.outputs.items() for i in range(len(outs))]
         flat_outputs = [state.outputs[name][i] for name, i in names]
+        flat_positions = [state.positions[name][i] for name, i in names]
         grads = torch.autograd.grad(
             root, flat_outputs, grad_outputs=root_gradient, retain_graph=retain_graph, allow_unused=True
         )
         batch_size = state.logits.shape[0]
         deltas: dict[str, list[torch.Tensor]] = {}
-        for (name, _), output, grad in zip(names, flat_outputs, grads):
+        for (name, _), output, grad, positions in zip(names, flat_outputs, grads, flat_positions):
             if grad is None:
                 grad = torch.zeros_like(output)
-            delta = grad.reshape(batch_size, -1, grad.shape[-1]).to(self.compute_dtype)
+            rows = 1 if positions is not None else batch_size
+            delta = grad.reshape(rows, -1, grad.shape[-1]).to(self.compute_dtype)
             projection = self.p_out[name]
             projected = delta if projection is None else delta @ projection
-            deltas.setdefault(name, []).append(self._zero_padding(projected.to(self.device)))
+            deltas.setdefault(name, []).append(
+                self._zero_padding(self._scattered(projected.to(self.device), positions))
+            )
+        for name in self.modules:
+            if name not in deltas:  # an expert no token was routed to (`_unrouted_as_zeros`)
+                shape = (*self._current_mask().shape, self.layout[name].k_out)
+                deltas[name] = [torch.zeros(shape, dtype=self.compute_dtype, device=self.device)]
         return deltas
 
     def example_gradients(self, state: ForwardPass, deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -3,6 +3,8 @@
 A kind registers itself by module type, so supporting a new layer kind is one small subclass.
 peft's LoRA `lora_A` / `lora_B` are plain `nn.Linear`s, so they are tracked as Linear; when the model
 is a peft model only those adapter modules are tracked (the base weights are frozen, not attributed).
+Experts fused into 3-D parameters are tracked per expert through engine.capture.experts' slices, and a
+mixture-of-experts router (a module of its own, not an nn.Linear) as the linear map to its logits.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import ClassVar, TypeVar
 import torch
 from torch import nn
 
+from engine.capture.experts import ExpertSlice, split_fused_experts
 from engine.errors import TributaryError
 
 ModuleType = TypeVar("ModuleType", bound=nn.Module)
@@ -46,7 +49,52 @@ class TrackedKind:
         for module_type, kind in cls.registry.items():
             if type(module) is module_type:
                 return kind
-        return None
+        return RouterKind if is_router(module) else None
+
+
+def is_router(module: nn.Module) -> bool:
+    """A mixture-of-experts router of transformers 5 (MixtralTopKRouter and its kin): its own (experts, d)
+    `weight` (and optional bias), a `top_k`, and a forward returning (logits = x Wᵀ + b, weights, choice)."""
+    weight = module._parameters.get("weight")
+    own = set(module._parameters) - {"weight", "bias"}
+    return (
+        isinstance(getattr(module, "top_k", None), int)
+        and weight is not None
+        and weight.dim() == 2
+        and not own
+        and not any(True for _ in module.children())
+    )
+
+
+class RouterKind(TrackedKind):
+    module_type = type("RouterModules", (), {})  # matched by is_router, not by type
+
+    @staticmethod
+    def dims(module: nn.Module) -> tuple[int, int]:
+        weight = module._parameters["weight"]
+        if weight is None:
+            raise TypeError(f"router {type(module).__name__} has no weight")
+        return weight.shape[1], weight.shape[0]
+
+    @staticmethod
+    def weight_as_out_in(module: nn.Module) -> torch.Tensor:
+        weight = module._parameters["weight"]
+        if weight is None:
+            raise TypeError(f"router {type(module).__name__} has no weight")
+        return weight
+
+
+class ExpertSliceKind(TrackedKind):
+    module_type = ExpertSlice
+
+    @staticmethod
+    def dims(module: nn.Module) -> tuple[int, int]:
+        expert = _as_kind(module, ExpertSlice)
+        return expert.in_features, expert.out_features
+
+    @staticmethod
+    def weight_as_out_in(module: nn.Module) -> torch.Tensor:
+        return _as_kind(module, ExpertSlice).weight
 
 
 class LinearKind(TrackedKind):
@@ -80,6 +128,15 @@ except ImportError:  # pragma: no cover - transformers is a hard dependency
     pass
 
 
+try:  # Falcon's nn.Linear subclass computes the same x Wᵀ + b (written as a matmul)
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    class FalconLinearKind(LinearKind):
+        module_type = FalconLinear
+except ImportError:  # pragma: no cover - a transformers without Falcon
+    pass
+
+
 EXCLUDED_BY_DEFAULT = ("*lm_head*", "*embed*", "*wte*", "*wpe*")
 LORA_PATTERNS = ("*lora_A*", "*lora_B*")
 
@@ -89,7 +146,9 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def select_modules(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:
-    """Tracked modules in registration order, chosen by fnmatch patterns on their qualified names."""
+    """Tracked modules in registration order, chosen by fnmatch patterns on their qualified names (fused experts
+    are split into per-expert slices first: engine.capture.experts)."""
+    split_fused_experts(model)
     get_output_embeddings = getattr(model, "get_output_embeddings", None)  # HF models only
     output_embeddings = get_output_embeddings() if get_output_embeddings is not None else None
     supported = {

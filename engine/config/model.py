@@ -25,3 +25,10 @@ class ModelConfig(_Section):
         description="with an adapter: attribute its weights (adapter), the merged model's weights "
         "(merged: adapter folded into the base), or the base model alone (base: adapter checked, not applied)",
     )
+    min_coverage: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="refuse a run tracking less than this share of the non-embedding parameters (of the adapter's "
+        "in adapter mode); default 0.5, or 0 where model.modules chooses the modules by hand",
+    )

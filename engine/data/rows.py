@@ -15,6 +15,7 @@ from engine.data.chat import Messages, parse_messages
 from engine.data.chat import display as chat_display
 from engine.data.lines import json_records
 from engine.data.sources import is_table_source, open_table_source
+from engine.data.token_ids import ATTENTION_MASK, INPUT_IDS, LABELS, token_ids_of
 from engine.errors import TributaryError
 
 
@@ -30,6 +31,8 @@ class Row:
     prompt: str | None = None
     completion: str | None = None
     messages: Messages | None = None
+    input_ids: tuple[int, ...] | None = None  # a pre-tokenized row (engine/data/token_ids.py), used as given
+    labels: tuple[int, ...] | None = None  # its labels (-100 = no loss); None: every token after the first counts
     file: str | None = None  # Parquet/Arrow rows: the file they are in (`line` is then the row number in it)
 
     def location(self, source: str) -> str:
@@ -38,6 +41,8 @@ class Row:
 
     @property
     def display(self) -> str:
+        if self.input_ids is not None:
+            return f"<{len(self.input_ids)} token ids>"
         if self.text is not None:
             return self.text
         if self.messages is not None:
@@ -57,6 +62,7 @@ class FieldNames:
     completion: str = "completion"
     id: str = "id"
     messages: str = "messages"
+    input_ids: str = INPUT_IDS
 
 
 def field_names(config: JobConfig) -> FieldNames:
@@ -85,6 +91,14 @@ def _row_from_record(
     if not isinstance(record, dict):
         raise TributaryError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
     row_id = str(record.get(fields.id, index))
+    if fields.input_ids in record:
+        mixed = [f for f in (fields.text, fields.prompt, fields.completion, fields.messages) if f in record]
+        if mixed:
+            raise TributaryError(
+                f"{where}: row has both '{fields.input_ids}' and '{mixed[0]}'; give either token ids or text, not both"
+            )
+        ids, labels = token_ids_of(record, where)
+        return Row(index=index, id=row_id, line=line, input_ids=ids, labels=labels, file=file)
     if fields.text in record:
         text = record[fields.text]
         if not isinstance(text, str):
@@ -113,7 +127,7 @@ def _row_from_record(
         return Row(index=index, id=row_id, line=line, prompt=prompt, completion=completion, file=file)
     raise TributaryError(
         f"{where}: row has neither '{fields.text}' nor '{fields.prompt}'+'{fields.completion}' nor "
-        f"'{fields.messages}' (keys: {sorted(record)}); set data.text_field / prompt_field / completion_field / "
+        f"'{fields.messages}' nor '{fields.input_ids}' (keys: {sorted(record)}); set data.text_field / prompt_field / completion_field / "
         "messages_field to match"
     )
 
@@ -144,7 +158,16 @@ def read_rows(path: str | Path, fields: FieldNames = FieldNames(), what: str = "
 
 
 def _columns(fields: FieldNames) -> list[str]:
-    return [fields.id, fields.text, fields.prompt, fields.completion, fields.messages]
+    return [
+        fields.id,
+        fields.text,
+        fields.prompt,
+        fields.completion,
+        fields.messages,
+        fields.input_ids,
+        LABELS,
+        ATTENTION_MASK,
+    ]
 
 
 def iter_rows(path: str | Path, fields: FieldNames = FieldNames(), what: str = "training file") -> Iterator[Row]:
@@ -197,7 +220,9 @@ def row_count(path: str | Path, what: str = "training file") -> int:
 
 def _table_rows(source, fields: FieldNames, start: int, stop: int) -> Iterator[Row]:
     names = source.column_names()
-    if source.files and not {fields.text, fields.prompt, fields.completion, fields.messages} & set(names):
+    if source.files and not {fields.text, fields.prompt, fields.completion, fields.messages, fields.input_ids} & set(
+        names
+    ):
         raise TributaryError(
             f"{source.given}: its columns are {names}, none of them '{fields.text}', '{fields.prompt}'+"
             f"'{fields.completion}' or '{fields.messages}'; set data.text_field / prompt_field / completion_field / "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from engine.data.chat import tokenize_chat
 from engine.data.labels import IGNORE
 from engine.data.rows import Row
+from engine.data.token_ids import checked_token_row
 from engine.errors import TributaryError
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,25 @@ def _encode(tokenizer, text: str, special: bool, needed: int | None = None) -> l
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def tokenize_row(row: Row, tokenizer, max_length: int, source: str) -> tuple[TokenizedRow, bool]:
+def tokenize_row(
+    row: Row, tokenizer, max_length: int, source: str, vocab_size: int | None = None
+) -> tuple[TokenizedRow, bool]:
     """Tokenise one row; returns the row and whether it was truncated to `max_length`.
 
     Prompt and completion are tokenised separately (prompt with the tokenizer's special tokens,
     completion without) so the boundary between them is exact. A chat row is rendered with the
     tokenizer's chat template; only its assistant tokens carry loss (engine/data/chat.py has the rule).
+    A pre-tokenized row is used as given, its ids checked against `vocab_size` (default: the tokenizer's).
     """
     where = row.location(source)
+    if row.input_ids is not None:
+        ids, labels, truncated = checked_token_row(
+            row.input_ids, row.labels, vocab_size or len(tokenizer), max_length, where
+        )
+        tokenized = TokenizedRow(index=row.index, input_ids=ids, labels=labels)
+        if tokenized.num_loss_tokens == 0:
+            raise TributaryError(f"{where}: no label after the first token carries loss (all are -100)")
+        return tokenized, truncated
     if row.messages is not None:
         ids, labels = tokenize_chat(row.messages, tokenizer, where)
         truncated = len(ids) > max_length
@@ -95,12 +107,18 @@ def tokenize_row(row: Row, tokenizer, max_length: int, source: str) -> tuple[Tok
 
 
 def tokenize_rows(
-    rows: list[Row], tokenizer, max_length: int, source: str, log_truncation: bool = True
+    rows: list[Row],
+    tokenizer,
+    max_length: int,
+    source: str,
+    log_truncation: bool = True,
+    vocab_size: int | None = None,
 ) -> list[TokenizedRow]:
+    """`vocab_size`: the model's, that pre-tokenized rows' ids are checked against (default: the tokenizer's)."""
     out = []
     truncated = 0
     for row in rows:
-        tokenized, was_truncated = tokenize_row(row, tokenizer, max_length, source)
+        tokenized, was_truncated = tokenize_row(row, tokenizer, max_length, source, vocab_size)
         out.append(tokenized)
         truncated += was_truncated
     if truncated and log_truncation:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from engine.capture.capture import GradientCapture
+from engine.capture.coverage import Coverage, check_coverage, model_coverage
 from engine.capture.modules import select_modules, tracked_shapes
 from engine.config import JobConfig
 from engine.data.rows import Row, dataset_fingerprint, field_names, read_rows
@@ -39,6 +40,7 @@ class ModelContext:
     # set when the model lives elsewhere (a zero3 group): its query gradients and fingerprints come from there
     remote_gradients: RemoteGradients | None = None
     remote_fingerprints: dict[str, str] | None = None
+    coverage: Coverage | None = None  # what the tracked modules cover (None for a model held elsewhere)
 
     @property
     def fingerprints(self) -> dict[str, str]:
@@ -50,7 +52,14 @@ class ModelContext:
         }
 
     def tokenize(self, rows: list[Row], source: str) -> list[TokenizedRow]:
-        return tokenize_rows(rows, self.tokenizer, self.config.data.max_length, source)
+        return tokenize_rows(rows, self.tokenizer, self.config.data.max_length, source, vocab_size=self.vocab_size)
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary (its input embeddings' rows), that pre-tokenized rows are checked against."""
+        embeddings = getattr(self.model, "get_input_embeddings", None)
+        table = embeddings() if embeddings is not None else None
+        return table.num_embeddings if isinstance(table, nn.Embedding) else None
 
 
 def load_model_context(
@@ -83,12 +92,14 @@ def context_for_model(
             "the tracked modules of model.path (with model.modules / include_bias) differ from those the "
             "store was built with; use the same model and module patterns as the index"
         )
+    coverage = model_coverage(model, modules, config.model.include_bias, spec.total_width, config.store.dtype)
+    check_coverage(coverage, config.model.min_coverage, chosen_by_hand=config.model.modules is not None)
     compute_dtype = compute_dtype_for(next(model.parameters()).dtype)
     devices = {name: execution_device(module, device) for name, module in modules.items()}
     capture = GradientCapture(model, modules, spec, config.model.include_bias, compute_dtype, device, devices)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     pad_id = cast(int, pad_id)  # transformers types every special-token id as int | list[int] | str | list[str]
-    return ModelContext(config, model, tokenizer, modules, spec, capture, device, pad_id)
+    return ModelContext(config, model, tokenizer, modules, spec, capture, device, pad_id, coverage=coverage)
 
 
 def with_projection(context: ModelContext, spec: ProjectionSpec) -> ModelContext:

@@ -14,6 +14,7 @@ import logging
 import socket
 import time
 
+from engine.capture.coverage import coverage_lines
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
@@ -107,9 +108,12 @@ def build_store(
     started = time.perf_counter() if started is None else started
     facts = executor.describe()
     spec = ProjectionSpec.from_dict(facts["spec"])
+    coverage = facts.get("coverage") or {}
+    for line in coverage_lines(coverage):
+        log.info("%s", line)
     manifest = StoreManifest.model_validate(
         dict(
-            build_manifest(config, spec, facts["fingerprints"], dataset_fingerprint(config.data.train)),
+            build_manifest(config, spec, facts["fingerprints"], dataset_fingerprint(config.data.train), coverage),
             rows=rows,
             width=spec.total_width,
             dtype=config.store.dtype,

@@ -8,7 +8,7 @@ from engine.config import JobConfig
 from engine.data.rows import field_names, iter_rows
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.model.loading import checked_tokenizer, load_tokenizer
+from engine.model.loading import checked_tokenizer, load_tokenizer, model_vocabulary_size
 
 ROWS_PER_CHECK = 1024  # rows read and tokenised at a time: Parquet/Arrow inputs are never held whole
 
@@ -21,10 +21,11 @@ def validated_row_count(config: JobConfig) -> int:
         if config.model.tokenizer is None
         else load_tokenizer(config.model.tokenizer)
     )
+    vocabulary = model_vocabulary_size(config.model.path)
     rows = iter_rows(config.data.train, field_names(config), what="data.train")
     count = 0
     while batch := list(islice(rows, ROWS_PER_CHECK)):
-        tokenize_rows(batch, tokenizer, config.data.max_length, config.data.train)
+        tokenize_rows(batch, tokenizer, config.data.max_length, config.data.train, vocab_size=vocabulary)
         count += len(batch)
     if count == 0:
         raise TributaryError(f"data.train {config.data.train} has no rows")

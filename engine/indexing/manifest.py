@@ -8,8 +8,15 @@ from engine.projection import ProjectionSpec
 from engine.store.location import redact
 
 
-def build_manifest(config: JobConfig, spec: ProjectionSpec, fingerprints: dict, dataset_fingerprint: str) -> dict:
-    """What a store records about how it was built (credentials never appear: paths are redacted)."""
+def build_manifest(
+    config: JobConfig,
+    spec: ProjectionSpec,
+    fingerprints: dict,
+    dataset_fingerprint: str,
+    coverage: dict | None = None,
+) -> dict:
+    """What a store records about how it was built (credentials never appear: paths are redacted); `coverage`:
+    engine.capture.coverage's report of what the tracked modules cover."""
     settings = config.model_dump()
     settings["store"]["path"] = redact(settings["store"]["path"])
     return {
@@ -23,4 +30,5 @@ def build_manifest(config: JobConfig, spec: ProjectionSpec, fingerprints: dict, 
         "data": config.data.model_dump(exclude={"batch_size", "train", "on_nonfinite"}),
         "model": config.model.model_dump(),
         "config": settings,
+        "coverage": coverage or {},
     }

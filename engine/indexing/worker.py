@@ -63,6 +63,7 @@ class ShardWorker:
         return {
             "spec": self.context.spec.to_dict(),
             "fingerprints": self.context.fingerprints,
+            "coverage": self.context.coverage.to_dict() if self.context.coverage is not None else {},
             "node": _node_id(),
             "pid": os.getpid(),
         }
@@ -95,6 +96,7 @@ class ShardWorker:
             self.config.data.max_length,
             self.config.data.train,
             log_truncation=False,
+            vocab_size=self.context.vocab_size,
         )
 
     def _receipt(

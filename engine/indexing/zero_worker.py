@@ -76,6 +76,7 @@ class ZeroShardWorker(ShardWorker):
         self._facts = {
             "spec": self.context.spec.to_dict(),
             "fingerprints": self._fingerprints(),
+            "coverage": self.context.coverage.to_dict() if self.context.coverage is not None else {},
             "node": _node(),
             "pid": os.getpid(),
             "rank": rank,

@@ -58,6 +58,16 @@ def checked_tokenizer(path: str):
     return load_tokenizer(path)
 
 
+def model_vocabulary_size(path: str) -> int | None:
+    """The vocabulary size in model.path's config.json (its text model's, for a multimodal one); None if unread."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    size = raw.get("vocab_size", (raw.get("text_config") or {}).get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
 def load_model(
     config: ModelConfig, device: torch.device | None = None, placement: PlacementConfig | None = None
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:

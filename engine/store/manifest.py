@@ -136,6 +136,7 @@ class StoreManifest(Manifest):
     runs: list[IndexRunRecord] = []
     shards: dict[str, dict[int, ShardCommit]] = {}  # stage ("gradients", "lambdas", ...) -> shard -> commit
     skipped: list[SkippedRow] = []  # format 2: rows left out for non-finite values, by row (data.on_nonfinite)
+    coverage: JsonObject = {}  # what the tracked modules cover (engine.capture.coverage); {} in older stores
 
 
 class RunManifest(Manifest):

@@ -37,7 +37,7 @@ def verification_summary(found: Verification) -> dict[str, Any]:
 
 def manifest_summary(store: GradientStore) -> dict[str, Any]:
     manifest = store.manifest
-    return {
+    summary = {
         "format": manifest.format,
         "code_version": manifest.code_version,
         "rows": manifest.rows,
@@ -60,6 +60,9 @@ def manifest_summary(store: GradientStore) -> dict[str, Any]:
         "nodes": sorted({commit.node for commit in manifest.shards.get("gradients", {}).values()}),
         "runs": len(manifest.runs),
     }
+    if manifest.coverage:  # a store written before the coverage report has none
+        summary["coverage"] = dict(manifest.coverage)
+    return summary
 
 
 def run_summary(run: RunStore, verify: bool = False) -> tuple[dict[str, Any], list[str]]:

@@ -96,6 +96,12 @@ def read_preconditioner(
     out = {}
     for module in spec.modules:
         layer = modules[module.name]
+        if id(layer.weight) not in names:  # an expert's slice of a fused 3-D parameter (engine.capture.experts)
+            raise TributaryError(
+                f"module {module.name} is one expert's slice of a fused parameter, whose optimizer moments are not "
+                "split per expert yet; leave the experts out with model.modules, or set "
+                "training_run.optimizer.preconditioned: false"
+            )
         weight_name = names[id(layer.weight)]
         bias = getattr(layer, "bias", None) if include_bias else None
         moments = []
