@@ -83,10 +83,26 @@ class GradientCapture:
         # padding is zeroed after the projection (row-wise, so a NaN at padding stays in its own row)
         return self._zero_padding(projected.to(self.device))
 
-    def _zero_padding(self, values: torch.Tensor) -> torch.Tensor:
+    def _zero_padding(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
-        keep = self._current_mask().unsqueeze(-1).bool()
+        keep = (self._current_mask() if mask is None else mask).unsqueeze(-1).bool()
         return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def project_activations(self, name: str, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ã (B, T, k_in) of one call of module `name` on a batch whose counted positions `mask` (B, T) marks,
+        outside `run()` (engine.capture.training: hooks on a training forward)."""
+        previous, self._mask = self._mask, mask
+        try:
+            return self._project_input(name, inputs)
+        finally:
+            self._mask = previous
+
+    def project_output_gradient(self, name: str, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """δ̃ (B, T, k_out) of one call of module `name` from its output gradient, zero at padding."""
+        delta = grad.reshape(mask.shape[0], -1, grad.shape[-1]).to(self.compute_dtype)
+        projection = self.p_out[name]
+        projected = delta if projection is None else delta @ projection
+        return self._zero_padding(projected.to(self.device), mask)
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -166,15 +182,12 @@ class GradientCapture:
         grads = torch.autograd.grad(
             root, flat_outputs, grad_outputs=root_gradient, retain_graph=retain_graph, allow_unused=True
         )
-        batch_size = state.logits.shape[0]
+        mask = self._current_mask()
         deltas: dict[str, list[torch.Tensor]] = {}
         for (name, _), output, grad in zip(names, flat_outputs, grads):
             if grad is None:
                 grad = torch.zeros_like(output)
-            delta = grad.reshape(batch_size, -1, grad.shape[-1]).to(self.compute_dtype)
-            projection = self.p_out[name]
-            projected = delta if projection is None else delta @ projection
-            deltas.setdefault(name, []).append(self._zero_padding(projected.to(self.device)))
+            deltas.setdefault(name, []).append(self.project_output_gradient(name, grad, mask))
         return deltas
 
     def example_gradients(self, state: ForwardPass, deltas: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:

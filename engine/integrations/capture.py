@@ -1,0 +1,187 @@
+"""Capture during training, for any loop: per-example projected gradients from the training backward itself,
+written as a training-run store (engine.integrations.store_writer).
+
+    capture = TrainingCapture(config, model, optimizer)
+    for epoch in range(epochs):
+        for batch in loader:                          # batches from TrainingRows.collate
+            with capture.step(batch["tributary_rows"]):   # one optimizer step: every micro-batch's forward
+                loss = model(**batch).loss                #   and backward inside
+                loss.backward()
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        capture.end_epoch()
+    capture.close()
+
+The learning rate of a step is the optimizer's when the step begins (the one its update will use).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.capture.training import TrainingHooks
+from engine.config import JobConfig
+from engine.curvature.factors import NEEDS_COVARIANCE
+from engine.errors import TributaryError
+from engine.gradients.context import context_for_model
+from engine.integrations.rows import TrainingRows
+from engine.integrations.segments import SegmentRows, cut_points, tensor_rows
+from engine.integrations.store_writer import RunWriter
+from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
+from engine.model.loading import DTYPES
+from engine.model.placement import input_device
+
+WEIGHT_METHODS = ("tracin", "trak")  # methods that take query gradients at every checkpoint, not only the final
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, float]:
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return "adam", 0.0
+    group = optimizer.param_groups[0]
+    return "sgd", float(group.get("momentum", 0.0) or 0.0)
+
+
+def check_capture_config(config: JobConfig) -> None:
+    """Refuse, in one line each, what capture does not do (yet)."""
+    if config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True:
+        raise TributaryError(
+            "capture takes the covariance from the training backward (the empirical Fisher); set "
+            "curvature.fisher: empirical (the true Fisher would need a sampled-label backward per step)"
+        )
+    run = config.training_run
+    if run is not None:
+        if run.optimizer.preconditioned:
+            raise TributaryError(
+                "capture does not record Adam's second moments yet; set training_run.optimizer.preconditioned: "
+                "false, or index the saved checkpoints with `tributary index`"
+            )
+        if isinstance(run.segments, list) or run.averaged or run.checkpoints or run.trainer_dir:
+            raise TributaryError(
+                "capture cuts segments at steps: give training_run.boundaries or segments (a number) with "
+                "total_steps; checkpoints, trainer_dir, listed segments and averaged are for `tributary index`"
+            )
+    if config.projection.kind not in ("rademacher", "gaussian"):
+        raise TributaryError(
+            f"capture needs a random projection (projection.kind rademacher or gaussian), not {config.projection.kind}:"
+            " a fitted projection is fitted on a model that training is still changing"
+        )
+
+
+class TrainingCapture:
+    """Per-step capture into the store at config.store.path; see the module docstring."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        rows: TrainingRows | None = None,
+        total_steps: int | None = None,
+        epochs_per_segment: int | None = None,
+        keep_weights: bool | None = None,
+    ):
+        """`keep_weights`: save the weights at every segment boundary (None: where config.method needs them,
+        tracin and trak); the final model's are always saved."""
+        check_capture_config(config)
+        self.config = config
+        self.model = model
+        self.optimizer = optimizer
+        self.rows = rows or TrainingRows(config)
+        dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+        if dtype != DTYPES[config.model.dtype]:
+            raise TributaryError(
+                f"the model trains in {dtype} but model.dtype is {config.model.dtype}; set model.dtype to the "
+                "training dtype (queries load the saved weights with it)"
+            )
+        context = context_for_model(config, model, self.rows.tokenizer, input_device(model))
+        self.spec = context.spec
+        self.modules = context.modules
+        self.hooks = TrainingHooks(model, context.capture)
+        self.hooks.install()
+        run = config.training_run
+        self.cuts = cut_points(
+            run.boundaries if run else None,
+            run.segments if run and isinstance(run.segments, int) else 1,
+            total_steps or (run.total_steps if run else None),
+        )
+        self.epochs_per_segment = epochs_per_segment
+        kind, momentum = _optimizer_kind(optimizer)
+        self.writer = RunWriter(
+            config,
+            self.spec,
+            self.rows.ids,
+            {"tokenizer": tokenizer_fingerprint(self.rows.tokenizer)},
+            kind,
+            momentum,
+            keep_all_weights=keep_weights if keep_weights is not None else config.method.name in WEIGHT_METHODS,
+        )
+        self.numpy_dtype = np.float64 if context.capture.compute_dtype == torch.float64 else np.float32
+        self.step_count = 0  # optimizer steps done
+        self.epoch = 0
+        self.epochs_in_segment = 0
+        self.segment = self._new_segment()
+        self.closed = False
+
+    def _new_segment(self) -> SegmentRows:
+        index = len(self.writer.segments)
+        return SegmentRows(index, len(self.rows), self.spec, np.dtype(self.numpy_dtype), self.step_count + 1)
+
+    @contextmanager
+    def step(self, rows=None):
+        """One optimizer step: run every micro-batch's forward and backward inside. `rows`: the step's row
+        indices in micro-batch order (None: each batch carries its own, under ROW_KEY)."""
+        if self.closed:
+            raise TributaryError("this capture is closed; start a new one for another training run")
+        rate = float(self.optimizer.param_groups[0]["lr"])
+        self.hooks.armed = True
+        try:
+            yield self
+        finally:
+            self.hooks.armed = False
+        self._record(self.hooks.finish(), rate, None if rows is None else tensor_rows(rows))
+
+    def _record(self, batches, rate: float, rows: list[int] | None) -> None:
+        self.step_count += 1
+        position = 0
+        for batch in batches:
+            if batch.rows is None and rows is not None:
+                batch.rows = rows[position : position + batch.grads.shape[0]]
+            position += batch.grads.shape[0]
+            self.segment.add(batch, self.step_count, self.epoch)
+        self.segment.rates.append(rate)
+        if self.step_count in self.cuts:
+            self._end_segment(final=False)
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.epochs_in_segment += 1
+        if self.epochs_per_segment and self.epochs_in_segment >= self.epochs_per_segment:
+            self._end_segment(final=False)
+
+    def _end_segment(self, final: bool) -> None:
+        self.epochs_in_segment = 0
+        if not self.segment.steps:
+            return
+        fingerprint = model_fingerprint(self.model, self.modules)
+        self.writer.write_segment(self.segment, self.model, fingerprint, final)
+        self.segment = self._new_segment()
+
+    def close(self):
+        """End the last segment (its weights are the final model's) and complete the store."""
+        if self.closed:
+            return self.writer.root
+        self.hooks.remove()
+        self.closed = True
+        if self.segment.steps:
+            self._end_segment(final=True)
+        elif self.writer.checkpoints:
+            self._keep_final_weights()
+        return self.writer.complete()
+
+    def _keep_final_weights(self) -> None:
+        """Training ended right at a cut: the last written segment's weights are the final model's."""
+        if self.writer.checkpoints[-1].path is None:
+            self.writer.keep_final_weights(self.model)
