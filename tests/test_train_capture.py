@@ -52,10 +52,13 @@ def _train(
     batch: int = 3,
     accumulate: int = 1,
     epochs: int = 2,
-    save: bool = False,
+    save: int = 0,
     adapter=None,
+    optim: str = "sgd",
+    epochs_per_segment: int | None = 1,
 ):
-    """A Trainer run (SGD, linear decay, float64, seeded), with or without the callback; the trained model."""
+    """A Trainer run (SGD, linear decay, float64, seeded), with or without the callback, saving a checkpoint every
+    `save` steps (0: none); the trained model."""
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     torch.manual_seed(0)
@@ -68,11 +71,11 @@ def _train(
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulate,
         num_train_epochs=epochs,
-        optim="sgd",
-        learning_rate=0.05,
+        optim=optim,
+        learning_rate=0.05 if optim == "sgd" else 0.01,
         lr_scheduler_type="linear",
         save_strategy="steps" if save else "no",
-        save_steps=1,
+        save_steps=max(save, 1),
         report_to=[],
         remove_unused_columns=False,
         use_cpu=True,
@@ -81,7 +84,7 @@ def _train(
         logging_strategy="no",
     )
     callbacks: list[TrainerCallback] = (
-        [TributaryCallback(config, rows, epochs_per_segment=1, keep_weights=True)] if capture else []
+        [TributaryCallback(config, rows, epochs_per_segment=epochs_per_segment, keep_weights=True)] if capture else []
     )
     collate = rows.collate if capture else rows.plain_collate
     Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks).train()
@@ -103,7 +106,7 @@ def trainer_runs(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("capture")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     config = _config(root, tiny_models["llama"], train, "store.zarr")
-    plain = _train(config, tiny_models["llama"], root / "plain", capture=False, save=True)
+    plain = _train(config, tiny_models["llama"], root / "plain", capture=False, save=1)
     captured = _train(config, tiny_models["llama"], root / "captured", capture=True)
     return root, config, plain, captured
 
@@ -282,3 +285,43 @@ def test_capture_refuses_the_true_fisher_and_dropped_row_indices(tiny_models, tm
     with pytest.raises(TributaryError, match="curvature.fisher: empirical"):
         TrainingCapture(config, model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert ROW_KEY == "tributary_rows"
+
+
+@pytest.mark.heavy  # two AdamW Trainer runs, one saving its optimizer state: about 11 s
+def test_adam_preconditioner_at_step_boundaries_is_the_saved_optimizer_states(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engine.capture.modules import select_modules
+    from engine.training_run.optimizer_state import read_preconditioner
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(
+        tmp_path,
+        tiny_models["llama"],
+        train,
+        "adam.zarr",
+        training_run={"segments": 1, "boundaries": [4], "optimizer": {"name": "adamw", "preconditioned": True}},
+    )
+    plain = tmp_path / "plain"
+    _train(config, tiny_models["llama"], plain, capture=False, save=2, optim="adamw_torch")
+    _train(
+        config, tiny_models["llama"], tmp_path / "captured", capture=True, optim="adamw_torch", epochs_per_segment=None
+    )
+    run = RunStore.open(config.store.path)
+    assert run.plan.preconditioned and [c.step for c in run.plan.checkpoints] == [4, 6]
+    assert [s.steps for s in run.plan.segments] == [4, 2]
+    for segment, step in enumerate((4, 6)):
+        checkpoint = plain / f"checkpoint-{step}"
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+        modules = select_modules(model, None)
+        assert config.training_run is not None
+        expected = read_preconditioner(
+            str(checkpoint), model, modules, run.manifest.projection, False, config.training_run.optimizer
+        )
+        stored = run.read_segment_preconditioner(segment)
+        for name, values in expected.items():
+            np.testing.assert_allclose(stored[name], values, rtol=1e-12)
+        assert run.has_segment_factors(segment)
+    queries = write_jsonl(tmp_path / "queries.jsonl", QUERY)
+    total = run_query(config, str(queries), k=3).total
+    assert total is not None and np.isfinite(total).all()

@@ -24,9 +24,10 @@ from torch import nn
 
 from engine.capture.training import TrainingHooks
 from engine.config import JobConfig
-from engine.curvature.factors import NEEDS_COVARIANCE
+from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.errors import TributaryError
 from engine.gradients.context import context_for_model
+from engine.integrations.adam import live_preconditioner
 from engine.integrations.rows import TrainingRows
 from engine.integrations.segments import SegmentRows, cut_points, tensor_rows
 from engine.integrations.store_writer import RunWriter
@@ -35,6 +36,13 @@ from engine.model.loading import DTYPES
 from engine.model.placement import input_device
 
 WEIGHT_METHODS = ("tracin", "trak")  # methods that take query gradients at every checkpoint, not only the final
+
+
+def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (the Trainer's) or a similar wrapper."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # pyright: ignore[reportAttributeAccessIssue]
+    return optimizer
 
 
 def _optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, float]:
@@ -53,10 +61,10 @@ def check_capture_config(config: JobConfig) -> None:
         )
     run = config.training_run
     if run is not None:
-        if run.optimizer.preconditioned:
+        if run.optimizer.preconditioned and config.curvature.strategy not in NEEDS_LAMBDA_PASS:
             raise TributaryError(
-                "capture does not record Adam's second moments yet; set training_run.optimizer.preconditioned: "
-                "false, or index the saved checkpoints with `tributary index`"
+                "training_run.optimizer.preconditioned needs curvature.strategy ekfac or diagonal (Λ of "
+                f"P^1/2 H P^1/2 comes from the eigenvalue correction), not {config.curvature.strategy}"
             )
         if isinstance(run.segments, list) or run.averaged or run.checkpoints or run.trainer_dir:
             raise TributaryError(
@@ -88,7 +96,7 @@ class TrainingCapture:
         check_capture_config(config)
         self.config = config
         self.model = model
-        self.optimizer = optimizer
+        self.optimizer = unwrapped(optimizer)
         self.rows = rows or TrainingRows(config)
         dtype = next(p for p in model.parameters() if p.requires_grad).dtype
         if dtype != DTYPES[config.model.dtype]:
@@ -108,7 +116,12 @@ class TrainingCapture:
             total_steps or (run.total_steps if run else None),
         )
         self.epochs_per_segment = epochs_per_segment
-        kind, momentum = _optimizer_kind(optimizer)
+        kind, momentum = _optimizer_kind(self.optimizer)
+        self.preconditioned = bool(run and run.optimizer.preconditioned)
+        if self.preconditioned and kind != "adam":
+            raise TributaryError(
+                f"training_run.optimizer.preconditioned needs an Adam/AdamW optimizer, not {type(self.optimizer).__name__}"
+            )
         self.writer = RunWriter(
             config,
             self.spec,
@@ -117,12 +130,14 @@ class TrainingCapture:
             kind,
             momentum,
             keep_all_weights=keep_weights if keep_weights is not None else config.method.name in WEIGHT_METHODS,
+            preconditioned=self.preconditioned,
         )
         self.numpy_dtype = np.float64 if context.capture.compute_dtype == torch.float64 else np.float32
         self.step_count = 0  # optimizer steps done
         self.epoch = 0
         self.epochs_in_segment = 0
         self.segment = self._new_segment()
+        self.cut_pending = False  # a cut ends its segment once the step's update is done (the next step or close)
         self.closed = False
 
     def _new_segment(self) -> SegmentRows:
@@ -135,6 +150,7 @@ class TrainingCapture:
         indices in micro-batch order (None: each batch carries its own, under ROW_KEY)."""
         if self.closed:
             raise TributaryError("this capture is closed; start a new one for another training run")
+        self._end_pending_cut()
         rate = float(self.optimizer.param_groups[0]["lr"])
         self.hooks.armed = True
         try:
@@ -152,10 +168,16 @@ class TrainingCapture:
             position += batch.grads.shape[0]
             self.segment.add(batch, self.step_count, self.epoch)
         self.segment.rates.append(rate)
-        if self.step_count in self.cuts:
+        self.cut_pending = self.step_count in self.cuts
+
+    def _end_pending_cut(self) -> None:
+        if self.cut_pending:
+            self.cut_pending = False
             self._end_segment(final=False)
 
     def end_epoch(self) -> None:
+        """Call after the epoch's last optimizer update."""
+        self._end_pending_cut()
         self.epoch += 1
         self.epochs_in_segment += 1
         if self.epochs_per_segment and self.epochs_in_segment >= self.epochs_per_segment:
@@ -166,7 +188,19 @@ class TrainingCapture:
         if not self.segment.steps:
             return
         fingerprint = model_fingerprint(self.model, self.modules)
-        self.writer.write_segment(self.segment, self.model, fingerprint, final)
+        preconditioner = None
+        if self.preconditioned:  # P at the segment's end, as a checkpoint saved at its boundary holds it
+            run = self.config.training_run
+            optimizer = run.optimizer if run is not None else None
+            preconditioner = live_preconditioner(
+                self.optimizer,
+                self.modules,
+                self.spec,
+                self.config.model.include_bias,
+                optimizer.beta2 if optimizer else None,
+                optimizer.eps if optimizer else None,
+            )
+        self.writer.write_segment(self.segment, self.model, fingerprint, final, preconditioner)
         self.segment = self._new_segment()
 
     def close(self):
@@ -174,6 +208,7 @@ class TrainingCapture:
         if self.closed:
             return self.writer.root
         self.hooks.remove()
+        self._end_pending_cut()
         self.closed = True
         if self.segment.steps:
             self._end_segment(final=True)

@@ -38,6 +38,7 @@ from engine.store.zarr_store import default_rows_per_chunk
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.keys import ResourceKey
 from engine.training_run.plan import CheckpointPlan, RunPlan, SegmentPlan
+from engine.training_run.preconditioner import square_root
 
 LAMBDA_BLOCK = 256  # rows rotated at a time for Λ
 
@@ -62,6 +63,7 @@ class RunWriter:
         optimizer: str,
         momentum: float,
         keep_all_weights: bool,
+        preconditioned: bool = False,
     ):
         self.config = config
         self.spec = spec
@@ -70,6 +72,7 @@ class RunWriter:
         self.scale = 1.0 / (1.0 - momentum) if optimizer == "sgd" else 1.0  # SGD momentum β: η/(1−β)
         self.optimizer = optimizer
         self.keep_all_weights = keep_all_weights
+        self.preconditioned = preconditioned
         self.checkpoints: list[CheckpointPlan] = []
         self.segments: list[SegmentPlan] = []
         self.started = time.perf_counter()
@@ -77,7 +80,13 @@ class RunWriter:
         self.root = RunStore.create(config.store.path, self._manifest())
 
     def _plan(self) -> RunPlan:
-        return RunPlan(tuple(self.checkpoints), tuple(self.segments), (self.config.data.train,), self.optimizer)
+        return RunPlan(
+            tuple(self.checkpoints),
+            tuple(self.segments),
+            (self.config.data.train,),
+            self.optimizer,
+            self.preconditioned,
+        )
 
     def _manifest(self) -> RunManifest:
         return RunManifest(
@@ -87,13 +96,26 @@ class RunWriter:
             store=RunStoreSettings(dtype=self.config.store.dtype, rows_per_chunk=self.config.store.rows_per_chunk),
         )
 
-    def write_segment(self, segment: SegmentRows, model: nn.Module, model_fingerprint: str, final: bool) -> None:
+    def write_segment(
+        self,
+        segment: SegmentRows,
+        model: nn.Module,
+        model_fingerprint: str,
+        final: bool,
+        preconditioner: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """`preconditioner`: Adam's P at the segment's end (a preconditioned run): kept as the segment's P̄, and
+        the segment's own factors are then those of P̄^{1/2} H P̄^{1/2}, as `tributary index` fits them."""
         key = ResourceKey.checkpoint(segment.index).group_name
         weights = self._save_weights(model, key) if final or self.keep_all_weights else None
         eta = segment.mean_rate * self.scale
         sub = self._checkpoint_config(key, weights)
         store = self._write_rows(segment, sub, key, model_fingerprint if weights is None else self._saved(sub))
         store.write_factors(self._factors(segment))
+        if preconditioner is not None:
+            store.write_module_arrays("preconditioner", preconditioner)
+            self.root.write_segment_preconditioner(segment.index, preconditioner)
+            self.root.write_segment_factors(segment.index, self._factors(segment, square_root(preconditioner)))
         store.update_manifest(
             stages={"eigen": True, "final": True},
             complete=True,
@@ -176,12 +198,12 @@ class RunWriter:
         store.update_manifest(shards={"gradients": commits}, completed_shards=sorted(commits))
         return store
 
-    def _factors(self, segment: SegmentRows):
+    def _factors(self, segment: SegmentRows, scale: dict[str, np.ndarray] | None = None):
         strategy = self.config.curvature.strategy
         basis = shared_basis(strategy, module_widths(self.spec), [segment.covariance.sums])
         if strategy not in NEEDS_LAMBDA_PASS:
             return basis
-        lambdas = LambdaAccumulator(self.spec, basis)
+        lambdas = LambdaAccumulator(self.spec, basis, scale)
         seen = np.flatnonzero(segment.seen)
         grads = segment.grads()
         for start in range(0, len(seen), LAMBDA_BLOCK):
