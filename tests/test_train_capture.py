@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from engine.capture.loss import per_example_loss
 from engine.capture.training import ROW_KEY, loss_scale
@@ -56,10 +57,12 @@ def _train(
     adapter=None,
     optim: str = "sgd",
     epochs_per_segment: int | None = 1,
+    crash_at: int | None = None,
+    resume: Path | None = None,
 ):
     """A Trainer run (SGD, linear decay, float64, seeded), with or without the callback, saving a checkpoint every
     `save` steps (0: none); the trained model."""
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float64)
@@ -86,9 +89,23 @@ def _train(
     callbacks: list[TrainerCallback] = (
         [TributaryCallback(config, rows, epochs_per_segment=epochs_per_segment, keep_weights=True)] if capture else []
     )
+    if crash_at is not None:
+        callbacks.append(CrashAt(crash_at))
     collate = rows.collate if capture else rows.plain_collate
-    Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks).train()
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     return model
+
+
+class CrashAt(TrainerCallback):
+    """Raise inside step `step` (after the capture has begun it), as a killed run would stop."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise RuntimeError(f"crash in step {self.step}")
 
 
 def _index_rows(config: JobConfig, weights: Path, rows: list[int], adapter: Path | None = None) -> np.ndarray:
@@ -325,3 +342,32 @@ def test_adam_preconditioner_at_step_boundaries_is_the_saved_optimizer_states(ti
     queries = write_jsonl(tmp_path / "queries.jsonl", QUERY)
     total = run_query(config, str(queries), k=3).total
     assert total is not None and np.isfinite(total).all()
+
+
+@pytest.mark.parametrize("checkpoint", [2, 4])
+def test_resume_from_a_trainer_checkpoint_gives_the_uninterrupted_store(
+    trainer_runs, tiny_models, tmp_path, checkpoint
+):
+    _, uninterrupted, _, _ = trainer_runs
+    config = uninterrupted.model_copy(
+        update={"store": uninterrupted.store.model_copy(update={"path": str(tmp_path / "resumed.zarr")})}
+    )
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="crash in step 5"):
+        _train(config, tiny_models["llama"], out, capture=True, save=2, crash_at=5)
+    assert not RunStore.open(config.store.path).manifest.complete
+    kept = sorted(path.name for path in Path(config.store.path + ".resume").iterdir())
+    assert kept == ["step-2.npz", "step-4.npz"]  # one state per Trainer checkpoint, each written whole
+    _train(config, tiny_models["llama"], out, capture=True, save=2, resume=out / f"checkpoint-{checkpoint}")
+    resumed, reference = RunStore.open(config.store.path), RunStore.open(uninterrupted.store.path)
+    assert resumed.manifest.complete and resumed.manifest.segments_done == [0, 1]
+    assert not Path(config.store.path + ".resume").exists()  # a complete store resumes nothing
+    assert [(s.steps, s.eta) for s in resumed.plan.segments] == [(s.steps, s.eta) for s in reference.plan.segments]
+    for ours, theirs in zip(resumed.plan.checkpoints, reference.plan.checkpoints, strict=True):
+        mine, expected = resumed.checkpoint(ours.name), reference.checkpoint(theirs.name)
+        np.testing.assert_array_equal(captured_rows(mine)["step"], captured_rows(expected)["step"])
+        np.testing.assert_array_equal(captured_rows(mine)["seen"], captured_rows(expected)["seen"])
+        rows = expected.read_rows(0, expected.rows)
+        np.testing.assert_allclose(mine.read_rows(0, mine.rows), rows, rtol=0, atol=1e-12 * np.abs(rows).max())
+        for name, factors in expected.read_factors().items():
+            np.testing.assert_allclose(mine.read_factors()[name].lam, factors.lam, rtol=1e-10)

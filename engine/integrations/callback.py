@@ -23,6 +23,7 @@ from engine.config import JobConfig, load_config
 from engine.errors import TributaryError
 from engine.integrations.capture import TrainingCapture
 from engine.integrations.rows import TrainingRows
+from engine.training_run.resolve import CHECKPOINT_DIR
 
 
 class TributaryCallback(TrainerCallback):
@@ -58,11 +59,6 @@ class TributaryCallback(TrainerCallback):
             )
         if model is None or optimizer is None:
             raise TributaryError("the Trainer gave TributaryCallback no model or optimizer at on_train_begin")
-        if state.global_step:
-            raise TributaryError(
-                "TributaryCallback cannot continue a store from a resumed Trainer checkpoint yet; train from the "
-                "start, or index the saved checkpoints with `tributary index`"
-            )
         self.capture = TrainingCapture(
             self.config,
             model,
@@ -71,6 +67,7 @@ class TributaryCallback(TrainerCallback):
             total_steps=state.max_steps or None,
             epochs_per_segment=self.epochs_per_segment,
             keep_weights=self.keep_weights,
+            resume_step=state.global_step or None,  # a Trainer resumed from checkpoint-STEP
         )
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -89,6 +86,13 @@ class TributaryCallback(TrainerCallback):
         epoch = capture.epoch
         capture.end_epoch()
         capture.epoch = epoch + 1
+
+    def on_save(self, args, state, control, **kwargs):
+        capture = self._require()
+        capture.save_state(state.global_step)
+        output = Path(args.output_dir or ".")
+        kept = {int(m.group(1)) for path in output.iterdir() if (m := CHECKPOINT_DIR.match(path.name))}
+        capture.keep_states(kept | {state.global_step})
 
     def on_train_end(self, args, state, control, **kwargs):
         self._require().close()

@@ -16,7 +16,10 @@ The learning rate of a step is the optimizer's when the step begins (the one its
 
 from __future__ import annotations
 
+import os
+import shutil
 from contextlib import contextmanager
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,8 +32,8 @@ from engine.errors import TributaryError
 from engine.gradients.context import context_for_model
 from engine.integrations.adam import live_preconditioner
 from engine.integrations.rows import TrainingRows
-from engine.integrations.segments import SegmentRows, cut_points, tensor_rows
-from engine.integrations.store_writer import RunWriter
+from engine.integrations.segments import SegmentRows, cut_points, restore_segment, segment_arrays, tensor_rows
+from engine.integrations.store_writer import RunWriter, state_path
 from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
 from engine.model.loading import DTYPES
 from engine.model.placement import input_device
@@ -90,9 +93,11 @@ class TrainingCapture:
         total_steps: int | None = None,
         epochs_per_segment: int | None = None,
         keep_weights: bool | None = None,
+        resume_step: int | None = None,
     ):
         """`keep_weights`: save the weights at every segment boundary (None: where config.method needs them,
-        tracin and trak); the final model's are always saved."""
+        tracin and trak); the final model's are always saved. `resume_step`: continue the store of an interrupted
+        run from the state `save_state(resume_step)` kept (the model and optimizer restored to that step)."""
         check_capture_config(config)
         self.config = config
         self.model = model
@@ -131,6 +136,7 @@ class TrainingCapture:
             momentum,
             keep_all_weights=keep_weights if keep_weights is not None else config.method.name in WEIGHT_METHODS,
             preconditioned=self.preconditioned,
+            resume_segments=None if resume_step is None else self._saved_segment(resume_step),
         )
         self.numpy_dtype = np.float64 if context.capture.compute_dtype == torch.float64 else np.float32
         self.step_count = 0  # optimizer steps done
@@ -139,6 +145,50 @@ class TrainingCapture:
         self.segment = self._new_segment()
         self.cut_pending = False  # a cut ends its segment once the step's update is done (the next step or close)
         self.closed = False
+        if resume_step is not None:
+            self._restore(resume_step)
+
+    # ---- resuming ---------------------------------------------------------------------------------------
+    def save_state(self, step: int) -> None:
+        """Keep what a run resumed after optimizer step `step` needs (the segment in progress, the counters),
+        written whole (a temporary file renamed) so that a crash while saving leaves the previous states."""
+        if step != self.step_count:
+            raise TributaryError(f"capture state asked for step {step}, but capture has recorded {self.step_count}")
+        path = state_path(self.config, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = segment_arrays(self.segment, list(self.modules))
+        arrays["capture"] = np.array(
+            [self.step_count, self.epoch, self.epochs_in_segment, int(self.cut_pending)], dtype=np.int64
+        )
+        partial = path.with_suffix(".partial")
+        with open(partial, "wb") as handle:
+            cast(Any, np.savez)(handle, **arrays)  # array names that np.savez's own keywords cannot shadow
+        os.replace(partial, path)
+
+    def keep_states(self, steps: set[int]) -> None:
+        """Delete the kept states of every step not in `steps` (the Trainer rotated their checkpoints away)."""
+        directory = state_path(self.config, 0).parent
+        for path in directory.glob("step-*.npz"):
+            if int(path.stem.removeprefix("step-")) not in steps:
+                path.unlink()
+
+    def _state(self, step: int):
+        path = state_path(self.config, step)
+        if not path.is_file():
+            raise TributaryError(
+                f"no capture state for step {step} at {path}; resume from a checkpoint saved while capturing "
+                "(TributaryCallback keeps one at every Trainer save)"
+            )
+        return np.load(path)
+
+    def _saved_segment(self, step: int) -> int:
+        return int(self._state(step)["meta"][0])
+
+    def _restore(self, step: int) -> None:
+        arrays = self._state(step)
+        restore_segment(self.segment, arrays, list(self.modules))
+        self.step_count, self.epoch, self.epochs_in_segment, pending = (int(v) for v in arrays["capture"])
+        self.cut_pending = bool(pending)
 
     def _new_segment(self) -> SegmentRows:
         index = len(self.writer.segments)
@@ -214,7 +264,9 @@ class TrainingCapture:
             self._end_segment(final=True)
         elif self.writer.checkpoints:
             self._keep_final_weights()
-        return self.writer.complete()
+        store = self.writer.complete()
+        shutil.rmtree(state_path(self.config, 0).parent, ignore_errors=True)  # a complete store resumes nothing
+        return store
 
     def _keep_final_weights(self) -> None:
         """Training ended right at a cut: the last written segment's weights are the final model's."""

@@ -87,3 +87,36 @@ def cut_points(boundaries: list[int] | None, segments: int, total_steps: int | N
 
 def tensor_rows(rows) -> list[int]:
     return [int(r) for r in torch.as_tensor(rows).flatten().tolist()]
+
+
+def segment_arrays(segment: SegmentRows, names: list[str]) -> dict[str, np.ndarray]:
+    """Everything a resumed run needs of the segment in progress, as named arrays (np.savez)."""
+    out = {
+        "meta": np.array([segment.index, segment.first_step], dtype=np.int64),
+        "sums": segment.sums,
+        "seen": segment.seen,
+        "loss": segment.loss,
+        "num_tokens": segment.num_tokens,
+        "step": segment.step,
+        "epoch": segment.epoch,
+        "rates": np.asarray(segment.rates, dtype=np.float64),
+    }
+    for position, name in enumerate(names):
+        covariance = segment.covariance.sums[name]
+        out[f"a{position}"] = covariance.a_sum
+        out[f"s{position}"] = covariance.s_sum
+        out[f"n{position}"] = np.array([covariance.tokens, covariance.examples], dtype=np.int64)
+    return out
+
+
+def restore_segment(segment: SegmentRows, arrays, names: list[str]) -> None:
+    """Load `segment_arrays` into a fresh segment of the same rows and projection."""
+    segment.index, segment.first_step = (int(v) for v in arrays["meta"])
+    for field in ("sums", "seen", "loss", "num_tokens", "step", "epoch"):
+        getattr(segment, field)[...] = arrays[field]
+    segment.rates = [float(r) for r in arrays["rates"]]
+    for position, name in enumerate(names):
+        covariance = segment.covariance.sums[name]
+        covariance.a_sum[...] = arrays[f"a{position}"]
+        covariance.s_sum[...] = arrays[f"s{position}"]
+        covariance.tokens, covariance.examples = (int(v) for v in arrays[f"n{position}"])

@@ -64,7 +64,10 @@ class RunWriter:
         momentum: float,
         keep_all_weights: bool,
         preconditioned: bool = False,
+        resume_segments: int | None = None,
     ):
+        """`resume_segments`: continue the store already at config.store.path, keeping its first that many
+        segments (those a resumed training run finished before the state it resumes from); None: a new store."""
         self.config = config
         self.spec = spec
         self.ids = ids
@@ -77,7 +80,26 @@ class RunWriter:
         self.segments: list[SegmentPlan] = []
         self.started = time.perf_counter()
         self.dataset_fingerprint = dataset_fingerprint(config.data.train)
-        self.root = RunStore.create(config.store.path, self._manifest())
+        if resume_segments is None:
+            self.root = RunStore.create(config.store.path, self._manifest())
+        else:
+            self._resume(resume_segments)
+
+    def _resume(self, kept: int) -> None:
+        self.root = RunStore.open(self.config.store.path, mode="r+")
+        if self.root.manifest.projection.fingerprint() != self.spec.fingerprint():
+            raise TributaryError(
+                f"the store at {location.redact(self.config.store.path)} was captured with another projection or "
+                "other tracked modules; resume with the config of the interrupted run"
+            )
+        plan = self.root.plan
+        if len(plan.segments) < kept:
+            raise TributaryError(
+                f"the store at {location.redact(self.config.store.path)} holds {len(plan.segments)} finished "
+                f"segments, but the capture state to resume from follows {kept}; resume from a later checkpoint"
+            )
+        self.checkpoints, self.segments = list(plan.checkpoints[:kept]), list(plan.segments[:kept])
+        self.root.update_manifest(plan=self._plan(), segments_done=list(range(kept)), complete=False)
 
     def _plan(self) -> RunPlan:
         return RunPlan(
@@ -223,3 +245,11 @@ CAPTURED_ROW_ARRAYS = ("step", "epoch", "seen")
 def captured_rows(store: GradientStore) -> dict[str, np.ndarray]:
     """A captured segment's per-row step, epoch and occurrence count (rows/step, rows/epoch, rows/seen)."""
     return {name: read(store.group, f"rows/{name}", slice(None)) for name in CAPTURED_ROW_ARRAYS}
+
+
+def state_path(config: JobConfig, step: int) -> Path:
+    """Where the capture state after optimizer step `step` is kept for a resumed run (beside the store)."""
+    local = location.local_path(config.store.path)
+    if local is None:
+        raise TributaryError("capture keeps its resume state next to the store, so store.path must be local")
+    return Path(local + ".resume") / f"step-{step}.npz"
