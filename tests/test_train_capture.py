@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch.multiprocessing.spawn import spawn
 from transformers import TrainerCallback
 
 from engine.capture.loss import per_example_loss
@@ -371,3 +372,69 @@ def test_resume_from_a_trainer_checkpoint_gives_the_uninterrupted_store(
         np.testing.assert_allclose(mine.read_rows(0, mine.rows), rows, rtol=0, atol=1e-12 * np.abs(rows).max())
         for name, factors in expected.read_factors().items():
             np.testing.assert_allclose(mine.read_factors()[name].lam, factors.lam, rtol=1e-10)
+
+
+DDP_STEPS = [[5, 1, 6, 0], [2, 7, 3, 4]]  # each step's rows; rank r takes the r-th half
+
+
+def _ddp_rank(rank: int, world: int, init: str, config: JobConfig, model_dir: str) -> None:
+    """One rank of a 2-rank gloo DDP run of the step API (spawned)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+        model.train()
+        ddp = DistributedDataParallel(model)
+        rows = TrainingRows(config)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        capture = TrainingCapture(config, ddp, optimizer, rows, keep_weights=True)
+        for indices in DDP_STEPS:
+            mine = indices[rank * 2 : rank * 2 + 2]
+            with capture.step():
+                ddp(**rows.collate([rows[i] for i in mine])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        capture.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.heavy  # two spawned gloo ranks and a one-process run: about 40 s on 2 busy cores
+def test_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
+    """DDP averages the ranks' mean losses: one process does the same with two half-weighted micro-batches."""
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    ranks = _config(tmp_path, tiny_models["llama"], train, "ddp.zarr")
+    single = _config(tmp_path, tiny_models["llama"], train, "single.zarr")
+    spawn(
+        _ddp_rank,
+        args=(2, f"file://{tmp_path / 'init'}", ranks, str(tiny_models["llama"])),
+        nprocs=2,
+        join=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    model.train()
+    rows = TrainingRows(single)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    capture = TrainingCapture(single, model, optimizer, rows, keep_weights=True)
+    for indices in DDP_STEPS:
+        with capture.step():
+            for half in (indices[:2], indices[2:]):
+                (model(**rows.collate([rows[i] for i in half])).loss / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    capture.close()
+    distributed, alone = RunStore.open(ranks.store.path), RunStore.open(single.store.path)
+    assert distributed.manifest.complete and distributed.plan.segments == alone.plan.segments
+    ours, theirs = distributed.checkpoint("c0"), alone.checkpoint("c0")
+    np.testing.assert_array_equal(captured_rows(ours)["step"], captured_rows(theirs)["step"])
+    expected = theirs.read_rows(0, theirs.rows)
+    np.testing.assert_allclose(ours.read_rows(0, ours.rows), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    for name, factors in theirs.read_factors().items():
+        np.testing.assert_allclose(ours.read_factors()[name].lam, factors.lam, rtol=0, atol=1e-5 * factors.lam.max())

@@ -32,13 +32,39 @@ from engine.errors import TributaryError
 from engine.gradients.context import context_for_model
 from engine.integrations.adam import live_preconditioner
 from engine.integrations.rows import TrainingRows
-from engine.integrations.segments import SegmentRows, cut_points, restore_segment, segment_arrays, tensor_rows
-from engine.integrations.store_writer import RunWriter, state_path
+from engine.integrations.segments import (
+    SegmentRows,
+    cut_points,
+    reduce_over_ranks,
+    restore_segment,
+    segment_arrays,
+    tensor_rows,
+)
+from engine.integrations.store_writer import OtherRankWriter, RunWriter, state_path
 from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
 from engine.model.loading import DTYPES
 from engine.model.placement import input_device
 
 WEIGHT_METHODS = ("tracin", "trak")  # methods that take query gradients at every checkpoint, not only the final
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (its module names are the saved model's)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -100,6 +126,7 @@ class TrainingCapture:
         run from the state `save_state(resume_step)` kept (the model and optimizer restored to that step)."""
         check_capture_config(config)
         self.config = config
+        model = _inner(model)
         self.model = model
         self.optimizer = unwrapped(optimizer)
         self.rows = rows or TrainingRows(config)
@@ -127,7 +154,11 @@ class TrainingCapture:
             raise TributaryError(
                 f"training_run.optimizer.preconditioned needs an Adam/AdamW optimizer, not {type(self.optimizer).__name__}"
             )
-        self.writer = RunWriter(
+        self.ranks = world_size()
+        if self.ranks > 1 and resume_step is not None:
+            raise TributaryError("capture cannot resume a distributed (DDP) run yet; resume it in one process")
+        writer = RunWriter if rank() == 0 else OtherRankWriter
+        self.writer = writer(
             config,
             self.spec,
             self.rows.ids,
@@ -237,6 +268,8 @@ class TrainingCapture:
         self.epochs_in_segment = 0
         if not self.segment.steps:
             return
+        if self.ranks > 1:  # every rank reaches each boundary at the same step; rank 0 writes the whole segment
+            reduce_over_ranks(self.segment)
         fingerprint = model_fingerprint(self.model, self.modules)
         preconditioner = None
         if self.preconditioned:  # P at the segment's end, as a checkpoint saved at its boundary holds it

@@ -120,3 +120,25 @@ def restore_segment(segment: SegmentRows, arrays, names: list[str]) -> None:
         covariance.a_sum[...] = arrays[f"a{position}"]
         covariance.s_sum[...] = arrays[f"s{position}"]
         covariance.tokens, covariance.examples = (int(v) for v in arrays[f"n{position}"])
+
+
+def reduce_over_ranks(segment: SegmentRows) -> None:
+    """Sum a segment's rows and sums over the ranks of a torch.distributed group (DDP: each rank captured the
+    examples of its own micro-batches), so that every rank holds what one process of all the steps would."""
+    import torch.distributed as dist
+
+    def reduce(values: np.ndarray, op) -> None:
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        dist.all_reduce(tensor, op=op)
+        values[...] = tensor.numpy()
+
+    for values in (segment.sums, segment.seen, segment.loss):
+        reduce(values, dist.ReduceOp.SUM)
+    for values in (segment.num_tokens, segment.step, segment.epoch):
+        reduce(values, dist.ReduceOp.MAX)  # −1 / 0 where a rank did not see the row
+    for covariance in segment.covariance.sums.values():
+        reduce(covariance.a_sum, dist.ReduceOp.SUM)
+        reduce(covariance.s_sum, dist.ReduceOp.SUM)
+        counts = np.array([covariance.tokens, covariance.examples], dtype=np.int64)
+        reduce(counts, dist.ReduceOp.SUM)
+        covariance.tokens, covariance.examples = (int(v) for v in counts)

@@ -15,6 +15,7 @@ import socket
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -245,6 +246,24 @@ CAPTURED_ROW_ARRAYS = ("step", "epoch", "seen")
 def captured_rows(store: GradientStore) -> dict[str, np.ndarray]:
     """A captured segment's per-row step, epoch and occurrence count (rows/step, rows/epoch, rows/seen)."""
     return {name: read(store.group, f"rows/{name}", slice(None)) for name in CAPTURED_ROW_ARRAYS}
+
+
+class OtherRankWriter(RunWriter):
+    """A rank other than 0 of a distributed run: it takes part in each segment's reduction, writes nothing."""
+
+    def __init__(self, config: JobConfig, spec: ProjectionSpec, *args, **kwargs):
+        self.config, self.spec = config, spec
+        self.checkpoints, self.segments = [], []
+        self.root = cast(RunStore, None)  # never read: close() returns complete()'s None on these ranks
+
+    def write_segment(self, segment: SegmentRows, *args, **kwargs) -> None:
+        self.segments.append(SegmentPlan(segment.index, (), None, segment.steps))
+
+    def keep_final_weights(self, model: nn.Module) -> None:
+        return None
+
+    def complete(self) -> RunStore | None:  # pyright: ignore[reportIncompatibleMethodOverride]
+        return None
 
 
 def state_path(config: JobConfig, step: int) -> Path:
