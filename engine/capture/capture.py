@@ -98,10 +98,26 @@ class GradientCapture:
         full.index_copy_(0, positions.to(values.device), values.reshape(-1, values.shape[-1]))
         return full.view(*mask.shape, values.shape[-1])
 
-    def _zero_padding(self, values: torch.Tensor) -> torch.Tensor:
+    def _zero_padding(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
-        keep = self._current_mask().unsqueeze(-1).bool()
+        keep = (self._current_mask() if mask is None else mask).unsqueeze(-1).bool()
         return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def project_activations(self, name: str, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ã (B, T, k_in) of one call of module `name` on a batch whose counted positions `mask` (B, T) marks,
+        outside `run()` (engine.capture.training: hooks on a training forward)."""
+        previous, self._mask = self._mask, mask
+        try:
+            return self._project_input(name, inputs)
+        finally:
+            self._mask = previous
+
+    def project_output_gradient(self, name: str, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """δ̃ (B, T, k_out) of one call of module `name` from its output gradient, zero at padding."""
+        delta = grad.reshape(mask.shape[0], -1, grad.shape[-1]).to(self.compute_dtype)
+        projection = self.p_out[name]
+        projected = delta if projection is None else delta @ projection
+        return self._zero_padding(projected.to(self.device), mask)
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:

@@ -76,6 +76,11 @@ class StoreResources(CachedResources):
         if key != self.plan.final.key:
             run = self._training_run()
             checkpoint = self.plan.checkpoint(key)
+            if checkpoint.path is None:  # a store captured during training keeps only the weights methods need
+                raise TributaryError(
+                    f"checkpoint {key} of store {self.config.store.path} kept no weights (captured during training "
+                    "for a method that needs only the final model); capture with keep_weights=True to query this method"
+                )
             dataset = self.plan.datasets[self.plan.segments[checkpoint.segment].dataset]
             context = load_model_context(
                 checkpoint_config(self.config, checkpoint.weights, dataset, run.checkpoint_path(key.group_name)),

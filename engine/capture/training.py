@@ -1,0 +1,193 @@
+"""Per-example projected gradients taken from a training step's own backward: no extra forward or backward.
+
+Hooks on the training model record, for each forward while armed, every tracked module's projected inputs ã
+and (through a tensor hook on its output) the projected output gradients of the backward the training loop
+runs anyway. The per-example gradient of a transformer's batch loss is exact from those: example i's
+outputs reach only example i's loss, so G_i = Σ_t δ_it a_itᵀ restricted to example i's positions.
+
+The training loss is not the summed per-example loss Tributary stores: HF's loss is the batch mean over
+counted tokens (or the sum over `num_items_in_batch`, across gradient-accumulation micro-batches), divided by
+the accumulation steps where the model takes no loss kwargs. Every one of these is L = c · Σ_i loss_i with
+one positive constant c per forward, so each δ is c times the δ of the summed loss. c is read exactly from the
+gradient of the logits, which the backward reaches first: at a counted position t with label y,
+∂L/∂z_{t,y} = −c (1 − p_{t,y}), so c = Σ_t −g_{t,y} (1 − p_{t,y}) / Σ_t (1 − p_{t,y})² (least squares over the
+counted positions, exact when the loss is a scaled cross-entropy; anything else — label smoothing, a custom
+loss — leaves a residual and is refused). The δ̃ are divided by c: rows are those `tributary index` stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine.capture.capture import GradientCapture, example_gradient
+from engine.capture.loss import next_token_labels
+from engine.data.labels import IGNORE
+from engine.errors import TributaryError
+
+ROW_KEY = "tributary_rows"  # the batch key that carries each example's row index; popped before the model sees it
+SCALE_TOLERANCE = 1e-4  # relative residual of ∂L/∂z_label = −c (1 − p) above which the loss is not cross-entropy
+
+
+@dataclass
+class MicroBatch:
+    """One training forward: its rows, mask, labels and what the hooks recorded."""
+
+    mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE where no loss
+    rows: list[int] | None
+    activations: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    deltas: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # of L, not yet divided by `scale`
+    scale: float | None = None  # c of L = c Σ_i loss_i
+    losses: torch.Tensor | None = None  # (B,) summed next-token loss per example
+
+
+@dataclass
+class CapturedBatch:
+    """A finished micro-batch: per-example rows (B, D), losses, token counts, and δ̃ of the summed loss."""
+
+    rows: list[int] | None
+    grads: torch.Tensor
+    losses: torch.Tensor
+    num_tokens: torch.Tensor
+    activations: dict[str, list[torch.Tensor]]
+    deltas: dict[str, list[torch.Tensor]]
+    mask: torch.Tensor
+
+
+class TrainingHooks:
+    """Hooks on a model being trained; `armed` says whether a forward belongs to a captured step."""
+
+    def __init__(self, model: nn.Module, capture: GradientCapture):
+        self.model = model
+        self.capture = capture
+        self.armed = False
+        self.pending: list[MicroBatch] = []
+        self._handles: list = []
+
+    def install(self) -> None:
+        for name, module in self.capture.modules.items():
+            weight = getattr(module, "weight", None)
+            if weight is None or not weight.requires_grad:
+                raise TributaryError(
+                    f"tracked module {name} is frozen in this training run; capture tracks trained weights only: "
+                    "set model.modules to the trained modules (LoRA adapters are chosen by default)"
+                )
+            self._handles.append(module.register_forward_hook(self._module_hook(name)))
+        self._handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._logits_hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ---- hooks --------------------------------------------------------------------------------------
+    def _begin(self, module: nn.Module, args: tuple, kwargs: dict):
+        rows = kwargs.pop(ROW_KEY, None)  # always popped: an evaluation batch carries it too
+        if not (self.armed and module.training and torch.is_grad_enabled()):
+            return args, kwargs
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        labels = kwargs.get("labels")
+        if input_ids is None or labels is None:
+            raise TributaryError(
+                "a captured training step calls the model without input_ids and labels keywords; pass the "
+                "batch as model(**batch) with labels (engine.integrations.TrainingRows' collator gives them)"
+            )
+        mask = kwargs.get("attention_mask")
+        mask = torch.ones_like(input_ids) if mask is None else mask
+        ids = None if rows is None else [int(r) for r in torch.as_tensor(rows).flatten().tolist()]
+        self.pending.append(MicroBatch(mask=mask.detach(), labels=labels.detach(), rows=ids))
+        return args, kwargs
+
+    def _current(self) -> MicroBatch | None:
+        if not (self.armed and self.pending and self.model.training and torch.is_grad_enabled()):
+            return None
+        return self.pending[-1]
+
+    def _module_hook(self, name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            batch = self._current()
+            if batch is None:
+                return
+            batch.activations.setdefault(name, []).append(self.capture.project_activations(name, args[0], batch.mask))
+            slot = batch.deltas.setdefault(name, [])
+            position = len(slot)
+            slot.append(torch.empty(0))
+
+            def gradient(grad: torch.Tensor) -> None:
+                slot[position] = self.capture.project_output_gradient(name, grad.detach(), batch.mask)
+
+            output.register_hook(gradient)
+
+        return record
+
+    def _logits_hook(self, module: nn.Module, args: tuple, output) -> None:
+        batch = self._current()
+        if batch is None:
+            return
+        logits = getattr(output, "logits", None)
+        if logits is None or not logits.requires_grad:
+            raise TributaryError("the trained model returned no logits that need a gradient; capture needs a causal LM")
+        values = logits.detach()
+
+        def gradient(grad: torch.Tensor) -> None:
+            batch.scale, batch.losses = loss_scale(values, grad.detach(), batch.labels)
+
+        logits.register_hook(gradient)
+
+    # ---- after the backward -------------------------------------------------------------------------
+    def finish(self) -> list[CapturedBatch]:
+        """The micro-batches recorded since the last call, with rows of the summed per-example loss."""
+        done, self.pending = self.pending, []
+        return [self._finished(batch) for batch in done]
+
+    def _finished(self, batch: MicroBatch) -> CapturedBatch:
+        if batch.scale is None or batch.losses is None:
+            raise TributaryError(
+                "a captured training forward had no backward before the step ended; call loss.backward() inside "
+                "the captured step"
+            )
+        deltas = {name: [d / batch.scale for d in calls] for name, calls in batch.deltas.items()}
+        for name, calls in deltas.items():
+            if any(d.numel() == 0 for d in calls):
+                raise TributaryError(f"module {name} got no gradient in a captured step; is it part of the loss?")
+        grads = self.capture.flatten(
+            {name: example_gradient(deltas[name], batch.activations[name]) for name in self.capture.modules}
+        )
+        return CapturedBatch(
+            batch.rows,
+            grads.detach(),
+            batch.losses,
+            batch.mask.sum(dim=1),
+            batch.activations,
+            deltas,
+            batch.mask,
+        )
+
+
+def loss_scale(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(c, per-example summed losses) for a loss L = c Σ_i loss_i whose gradient with respect to `logits` is
+    `grad`: c by least squares over the counted positions from ∂L/∂z_{t,y} = −c (1 − p_{t,y})."""
+    targets = next_token_labels(labels.to(logits.device))
+    counted = targets != IGNORE
+    safe = torch.where(counted, targets, torch.zeros_like(targets)).unsqueeze(-1)
+    scored = logits.double() if logits.dtype == torch.float64 else logits.float()
+    log_p = (torch.gather(scored, -1, safe) - torch.logsumexp(scored, dim=-1, keepdim=True)).squeeze(-1).double()
+    one_minus_p = -torch.expm1(log_p)[counted]
+    g = torch.gather(grad, -1, safe).squeeze(-1).double()[counted]
+    losses = torch.where(counted, -log_p, torch.zeros_like(log_p)).sum(dim=1).float()
+    denominator = float((one_minus_p * one_minus_p).sum())
+    if denominator == 0.0:  # every counted token predicted with certainty: the gradient is zero whatever c is
+        return 1.0, losses
+    c = float((-g * one_minus_p).sum()) / denominator
+    residual = float((g + c * one_minus_p).abs().max())
+    if c <= 0 or residual > SCALE_TOLERANCE * float(g.abs().max()):
+        raise TributaryError(
+            "the training loss is not a scaled next-token cross-entropy of the batch's labels (its logits gradient "
+            f"is not c·(softmax − one-hot), residual {residual:.2e}); capture needs the model's own causal-LM loss "
+            "without label smoothing"
+        )
+    return c, losses

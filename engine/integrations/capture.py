@@ -1,0 +1,307 @@
+"""Capture during training, for any loop: per-example projected gradients from the training backward itself,
+written as a training-run store (engine.integrations.store_writer).
+
+    capture = TrainingCapture(config, model, optimizer)
+    for epoch in range(epochs):
+        for batch in loader:                          # batches from TrainingRows.collate
+            with capture.step(batch["tributary_rows"]):   # one optimizer step: every micro-batch's forward
+                loss = model(**batch).loss                #   and backward inside
+                loss.backward()
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        capture.end_epoch()
+    capture.close()
+
+The learning rate of a step is the optimizer's when the step begins (the one its update will use).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.capture.training import TrainingHooks
+from engine.config import JobConfig
+from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
+from engine.errors import TributaryError
+from engine.gradients.context import context_for_model
+from engine.integrations.adam import live_preconditioner
+from engine.integrations.rows import TrainingRows
+from engine.integrations.segments import (
+    SegmentRows,
+    cut_points,
+    reduce_over_ranks,
+    restore_segment,
+    segment_arrays,
+    tensor_rows,
+)
+from engine.integrations.store_writer import OtherRankWriter, RunWriter, state_path
+from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
+from engine.model.loading import DTYPES
+from engine.model.placement import input_device
+
+WEIGHT_METHODS = ("tracin", "trak")  # methods that take query gradients at every checkpoint, not only the final
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel wrapper (its module names are the saved model's)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (the Trainer's) or a similar wrapper."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer  # pyright: ignore[reportAttributeAccessIssue]
+    return optimizer
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, float]:
+    if isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW):
+        return "adam", 0.0
+    group = optimizer.param_groups[0]
+    return "sgd", float(group.get("momentum", 0.0) or 0.0)
+
+
+def check_capture_config(config: JobConfig) -> None:
+    """Refuse, in one line each, what capture does not do (yet)."""
+    if config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True:
+        raise TributaryError(
+            "capture takes the covariance from the training backward (the empirical Fisher); set "
+            "curvature.fisher: empirical (the true Fisher would need a sampled-label backward per step)"
+        )
+    run = config.training_run
+    if run is not None:
+        if run.optimizer.preconditioned and config.curvature.strategy not in NEEDS_LAMBDA_PASS:
+            raise TributaryError(
+                "training_run.optimizer.preconditioned needs curvature.strategy ekfac or diagonal (Λ of "
+                f"P^1/2 H P^1/2 comes from the eigenvalue correction), not {config.curvature.strategy}"
+            )
+        if isinstance(run.segments, list) or run.averaged or run.checkpoints or run.trainer_dir:
+            raise TributaryError(
+                "capture cuts segments at steps: give training_run.boundaries or segments (a number) with "
+                "total_steps; checkpoints, trainer_dir, listed segments and averaged are for `tributary index`"
+            )
+    if config.projection.kind not in ("rademacher", "gaussian"):
+        raise TributaryError(
+            f"capture needs a random projection (projection.kind rademacher or gaussian), not {config.projection.kind}:"
+            " a fitted projection is fitted on a model that training is still changing"
+        )
+
+
+class TrainingCapture:
+    """Per-step capture into the store at config.store.path; see the module docstring."""
+
+    def __init__(
+        self,
+        config: JobConfig,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        rows: TrainingRows | None = None,
+        total_steps: int | None = None,
+        epochs_per_segment: int | None = None,
+        keep_weights: bool | None = None,
+        resume_step: int | None = None,
+    ):
+        """`keep_weights`: save the weights at every segment boundary (None: where config.method needs them,
+        tracin and trak); the final model's are always saved. `resume_step`: continue the store of an interrupted
+        run from the state `save_state(resume_step)` kept (the model and optimizer restored to that step)."""
+        check_capture_config(config)
+        self.config = config
+        model = _inner(model)
+        self.model = model
+        self.optimizer = unwrapped(optimizer)
+        self.rows = rows or TrainingRows(config)
+        dtype = next(p for p in model.parameters() if p.requires_grad).dtype
+        if dtype != DTYPES[config.model.dtype]:
+            raise TributaryError(
+                f"the model trains in {dtype} but model.dtype is {config.model.dtype}; set model.dtype to the "
+                "training dtype (queries load the saved weights with it)"
+            )
+        context = context_for_model(config, model, self.rows.tokenizer, input_device(model))
+        self.spec = context.spec
+        self.modules = context.modules
+        self.hooks = TrainingHooks(model, context.capture)
+        self.hooks.install()
+        run = config.training_run
+        self.cuts = cut_points(
+            run.boundaries if run else None,
+            run.segments if run and isinstance(run.segments, int) else 1,
+            total_steps or (run.total_steps if run else None),
+        )
+        self.epochs_per_segment = epochs_per_segment
+        kind, momentum = _optimizer_kind(self.optimizer)
+        self.preconditioned = bool(run and run.optimizer.preconditioned)
+        if self.preconditioned and kind != "adam":
+            raise TributaryError(
+                f"training_run.optimizer.preconditioned needs an Adam/AdamW optimizer, not {type(self.optimizer).__name__}"
+            )
+        self.ranks = world_size()
+        if self.ranks > 1 and resume_step is not None:
+            raise TributaryError("capture cannot resume a distributed (DDP) run yet; resume it in one process")
+        writer = RunWriter if rank() == 0 else OtherRankWriter
+        self.writer = writer(
+            config,
+            self.spec,
+            self.rows.ids,
+            {"tokenizer": tokenizer_fingerprint(self.rows.tokenizer)},
+            kind,
+            momentum,
+            keep_all_weights=keep_weights if keep_weights is not None else config.method.name in WEIGHT_METHODS,
+            preconditioned=self.preconditioned,
+            resume_segments=None if resume_step is None else self._saved_segment(resume_step),
+        )
+        self.numpy_dtype = np.float64 if context.capture.compute_dtype == torch.float64 else np.float32
+        self.step_count = 0  # optimizer steps done
+        self.epoch = 0
+        self.epochs_in_segment = 0
+        self.segment = self._new_segment()
+        self.cut_pending = False  # a cut ends its segment once the step's update is done (the next step or close)
+        self.closed = False
+        if resume_step is not None:
+            self._restore(resume_step)
+
+    # ---- resuming ---------------------------------------------------------------------------------------
+    def save_state(self, step: int) -> None:
+        """Keep what a run resumed after optimizer step `step` needs (the segment in progress, the counters),
+        written whole (a temporary file renamed) so that a crash while saving leaves the previous states."""
+        if step != self.step_count:
+            raise TributaryError(f"capture state asked for step {step}, but capture has recorded {self.step_count}")
+        path = state_path(self.config, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = segment_arrays(self.segment, list(self.modules))
+        arrays["capture"] = np.array(
+            [self.step_count, self.epoch, self.epochs_in_segment, int(self.cut_pending)], dtype=np.int64
+        )
+        partial = path.with_suffix(".partial")
+        with open(partial, "wb") as handle:
+            cast(Any, np.savez)(handle, **arrays)  # array names that np.savez's own keywords cannot shadow
+        os.replace(partial, path)
+
+    def keep_states(self, steps: set[int]) -> None:
+        """Delete the kept states of every step not in `steps` (the Trainer rotated their checkpoints away)."""
+        directory = state_path(self.config, 0).parent
+        for path in directory.glob("step-*.npz"):
+            if int(path.stem.removeprefix("step-")) not in steps:
+                path.unlink()
+
+    def _state(self, step: int):
+        path = state_path(self.config, step)
+        if not path.is_file():
+            raise TributaryError(
+                f"no capture state for step {step} at {path}; resume from a checkpoint saved while capturing "
+                "(TributaryCallback keeps one at every Trainer save)"
+            )
+        return np.load(path)
+
+    def _saved_segment(self, step: int) -> int:
+        return int(self._state(step)["meta"][0])
+
+    def _restore(self, step: int) -> None:
+        arrays = self._state(step)
+        restore_segment(self.segment, arrays, list(self.modules))
+        self.step_count, self.epoch, self.epochs_in_segment, pending = (int(v) for v in arrays["capture"])
+        self.cut_pending = bool(pending)
+
+    def _new_segment(self) -> SegmentRows:
+        index = len(self.writer.segments)
+        return SegmentRows(index, len(self.rows), self.spec, np.dtype(self.numpy_dtype), self.step_count + 1)
+
+    @contextmanager
+    def step(self, rows=None):
+        """One optimizer step: run every micro-batch's forward and backward inside. `rows`: the step's row
+        indices in micro-batch order (None: each batch carries its own, under ROW_KEY)."""
+        if self.closed:
+            raise TributaryError("this capture is closed; start a new one for another training run")
+        self._end_pending_cut()
+        rate = float(self.optimizer.param_groups[0]["lr"])
+        self.hooks.armed = True
+        try:
+            yield self
+        finally:
+            self.hooks.armed = False
+        self._record(self.hooks.finish(), rate, None if rows is None else tensor_rows(rows))
+
+    def _record(self, batches, rate: float, rows: list[int] | None) -> None:
+        self.step_count += 1
+        position = 0
+        for batch in batches:
+            if batch.rows is None and rows is not None:
+                batch.rows = rows[position : position + batch.grads.shape[0]]
+            position += batch.grads.shape[0]
+            self.segment.add(batch, self.step_count, self.epoch)
+        self.segment.rates.append(rate)
+        self.cut_pending = self.step_count in self.cuts
+
+    def _end_pending_cut(self) -> None:
+        if self.cut_pending:
+            self.cut_pending = False
+            self._end_segment(final=False)
+
+    def end_epoch(self) -> None:
+        """Call after the epoch's last optimizer update."""
+        self._end_pending_cut()
+        self.epoch += 1
+        self.epochs_in_segment += 1
+        if self.epochs_per_segment and self.epochs_in_segment >= self.epochs_per_segment:
+            self._end_segment(final=False)
+
+    def _end_segment(self, final: bool) -> None:
+        self.epochs_in_segment = 0
+        if not self.segment.steps:
+            return
+        if self.ranks > 1:  # every rank reaches each boundary at the same step; rank 0 writes the whole segment
+            reduce_over_ranks(self.segment)
+        fingerprint = model_fingerprint(self.model, self.modules)
+        preconditioner = None
+        if self.preconditioned:  # P at the segment's end, as a checkpoint saved at its boundary holds it
+            run = self.config.training_run
+            optimizer = run.optimizer if run is not None else None
+            preconditioner = live_preconditioner(
+                self.optimizer,
+                self.modules,
+                self.spec,
+                self.config.model.include_bias,
+                optimizer.beta2 if optimizer else None,
+                optimizer.eps if optimizer else None,
+            )
+        self.writer.write_segment(self.segment, self.model, fingerprint, final, preconditioner)
+        self.segment = self._new_segment()
+
+    def close(self):
+        """End the last segment (its weights are the final model's) and complete the store."""
+        if self.closed:
+            return self.writer.root
+        self.hooks.remove()
+        self._end_pending_cut()
+        self.closed = True
+        if self.segment.steps:
+            self._end_segment(final=True)
+        elif self.writer.checkpoints:
+            self._keep_final_weights()
+        store = self.writer.complete()
+        shutil.rmtree(state_path(self.config, 0).parent, ignore_errors=True)  # a complete store resumes nothing
+        return store
+
+    def _keep_final_weights(self) -> None:
+        """Training ended right at a cut: the last written segment's weights are the final model's."""
+        if self.writer.checkpoints[-1].path is None:
+            self.writer.keep_final_weights(self.model)

@@ -1,0 +1,440 @@
+"""Capture during training (engine.integrations): rows, factors and the training-run store from the training
+backward itself, through transformers.Trainer and through the plain-loop step API.
+
+Independent computations: the same Trainer run without capture (weights compared bit for bit), `tributary
+index`'s gradient pass (engine.gradients.passes.gradient_pass) at the checkpoint the Trainer saved one step
+before each row was seen, the loss scale against autograd of an explicitly scaled summed loss, and TracIn's
+sum written out from query gradients at each kept checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.multiprocessing.spawn import spawn
+from transformers import TrainerCallback
+
+from engine.capture.loss import per_example_loss
+from engine.capture.training import ROW_KEY, loss_scale
+from engine.config import JobConfig, parse_config
+from engine.errors import TributaryError
+from engine.gradients.context import prepare_index_job
+from engine.gradients.passes import gradient_pass
+from engine.integrations import TrainingCapture, TrainingRows, TributaryCallback
+from engine.integrations.store_writer import captured_rows
+from engine.runner import run_query
+from engine.store.run_store import RunStore
+from engine.training_run.configs import checkpoint_config
+from tests.conftest import SENTENCES, job_config, write_jsonl
+
+QUERY = [{"id": "q0", "text": "the fox eats seeds in the snow"}]
+
+
+def _config(root: Path, model: Path, train: Path, store: str, **sections) -> JobConfig:
+    settings = {
+        "projection": {"dim": 4, "kind": "rademacher"},
+        "curvature": {"strategy": "ekfac", "fisher": "empirical"},
+        "method": {"name": "source"},
+        "training_run": {"segments": 1},
+        "store": {"path": str(root / store)},
+    }
+    for section, values in sections.items():
+        settings[section] = dict(settings.get(section, {}), **values)
+    return parse_config(job_config(root, model, train, **settings))
+
+
+def _train(
+    config: JobConfig,
+    weights: Path,
+    out: Path,
+    capture: bool,
+    batch: int = 3,
+    accumulate: int = 1,
+    epochs: int = 2,
+    save: int = 0,
+    adapter=None,
+    optim: str = "sgd",
+    epochs_per_segment: int | None = 1,
+    crash_at: int | None = None,
+    resume: Path | None = None,
+):
+    """A Trainer run (SGD, linear decay, float64, seeded), with or without the callback, saving a checkpoint every
+    `save` steps (0: none); the trained model."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float64)
+    if adapter is not None:
+        model = adapter(model)
+    rows = TrainingRows(config)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulate,
+        num_train_epochs=epochs,
+        optim=optim,
+        learning_rate=0.05 if optim == "sgd" else 0.01,
+        lr_scheduler_type="linear",
+        save_strategy="steps" if save else "no",
+        save_steps=max(save, 1),
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
+    callbacks: list[TrainerCallback] = (
+        [TributaryCallback(config, rows, epochs_per_segment=epochs_per_segment, keep_weights=True)] if capture else []
+    )
+    if crash_at is not None:
+        callbacks.append(CrashAt(crash_at))
+    collate = rows.collate if capture else rows.plain_collate
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
+    return model
+
+
+class CrashAt(TrainerCallback):
+    """Raise inside step `step` (after the capture has begun it), as a killed run would stop."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise RuntimeError(f"crash in step {self.step}")
+
+
+def _index_rows(config: JobConfig, weights: Path, rows: list[int], adapter: Path | None = None) -> np.ndarray:
+    """What `tributary index` computes for `rows` at `weights` (a model, or an adapter on config's model)."""
+    if adapter is not None:
+        base = config.model.model_copy(update={"adapter": str(adapter)})
+        job = prepare_index_job(config.model_copy(update={"model": base}))
+    else:
+        job = prepare_index_job(checkpoint_config(config, str(weights), config.data.train, "unused"))
+    return gradient_pass(job.context, [job.tokenized[i] for i in rows], with_covariance=False).grads
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("capture")
+    train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(root, tiny_models["llama"], train, "store.zarr")
+    plain = _train(config, tiny_models["llama"], root / "plain", capture=False, save=1)
+    captured = _train(config, tiny_models["llama"], root / "captured", capture=True)
+    return root, config, plain, captured
+
+
+def test_capture_leaves_training_bit_identical(trainer_runs):
+    _, _, plain, captured = trainer_runs
+    plain_state, captured_state = plain.state_dict(), captured.state_dict()
+    assert list(plain_state) == list(captured_state)
+    for name, value in plain_state.items():
+        assert torch.equal(value, captured_state[name]), name
+
+
+def test_rows_at_step_t_equal_index_of_checkpoint_t_minus_1(trainer_runs, tiny_models):
+    root, config, _, _ = trainer_runs
+    run = RunStore.open(config.store.path)
+    assert run.manifest.complete and [s.steps for s in run.plan.segments] == [3, 3]  # 8 rows, batch 3, 2 epochs
+    for segment, checkpoint in enumerate(run.plan.checkpoints):
+        store = run.checkpoint(checkpoint.name)
+        grads = store.read_rows(0, store.rows)
+        captured = captured_rows(store)
+        steps = captured["step"]
+        assert (captured["epoch"] == segment).all()
+        assert (captured["seen"] == 1).all()  # one epoch a segment: every row once
+        assert sorted(set(steps.tolist())) == [3 * segment + 1, 3 * segment + 2, 3 * segment + 3]
+        for step in sorted(set(steps.tolist())):
+            before = tiny_models["llama"] if step == 1 else root / "plain" / f"checkpoint-{step - 1}"
+            rows = np.flatnonzero(steps == step).tolist()
+            expected = _index_rows(config, before, rows)
+            # HF computes the training loss in float32 (ForCausalLMLoss upcasts logits to float32, not float64)
+            np.testing.assert_allclose(grads[rows], expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_segment_schedule_is_the_trainers(trainer_runs):
+    _, config, _, _ = trainer_runs
+    plan = RunStore.open(config.store.path).plan
+    rates = [0.05 * (1 - step / 6) for step in range(6)]  # linear decay over 6 steps, the rate each step used
+    assert [c.step for c in plan.checkpoints] == [3, 6]
+    np.testing.assert_allclose([float(s.eta or 0) for s in plan.segments], [np.mean(rates[:3]), np.mean(rates[3:])])
+
+
+def test_query_every_method_from_the_captured_store(trainer_runs):
+    root, config, _, _ = trainer_runs
+    queries = write_jsonl(root / "queries.jsonl", QUERY)
+    for method in ("source", "tracin", "if", "grad_dot"):
+        method_config = config.model_copy(update={"method": config.method.model_copy(update={"name": method})})
+        total = run_query(method_config, str(queries), k=3).total
+        assert total is not None and np.isfinite(total).all() and total.shape == (1, len(SENTENCES))
+
+
+def test_gradient_accumulation_of_two_micro_batches_equals_one_batch(tiny_models, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    whole = _config(tmp_path, tiny_models["llama"], train, "whole.zarr")
+    split = _config(tmp_path, tiny_models["llama"], train, "split.zarr")
+    _train(whole, tiny_models["llama"], tmp_path / "a", capture=True, batch=4, epochs=1)
+    _train(split, tiny_models["llama"], tmp_path / "b", capture=True, batch=2, accumulate=2, epochs=1)
+    one, two = RunStore.open(whole.store.path).checkpoint("c0"), RunStore.open(split.store.path).checkpoint("c0")
+    np.testing.assert_array_equal(captured_rows(one)["step"], captured_rows(two)["step"])
+    whole_rows = one.read_rows(0, one.rows)
+    # the loss is float32 in HF (logits upcast to float32), so two micro-batches agree with one to float32 rounding
+    np.testing.assert_allclose(two.read_rows(0, two.rows), whole_rows, rtol=0, atol=1e-6 * np.abs(whole_rows).max())
+    for name, factors in one.read_factors().items():
+        lam = two.read_factors()[name].lam
+        np.testing.assert_allclose(lam, factors.lam, rtol=0, atol=1e-5 * np.abs(factors.lam).max())
+
+
+def test_loss_scale_is_exact_for_a_mean_token_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 7, (3, 5))
+    labels[0, :2] = -100
+    labels[2, 3:] = -100
+    summed = per_example_loss(logits, labels)
+    counted = int((labels[:, 1:] != -100).sum())
+    (grad,) = torch.autograd.grad(summed.sum() / counted / 2, logits)  # HF's mean over tokens, / 2 micro-batches
+    c, losses = loss_scale(logits.detach(), grad, labels)
+    assert c == pytest.approx(1 / counted / 2, rel=1e-12)
+    np.testing.assert_allclose(losses.double().numpy(), summed.detach().numpy(), rtol=1e-6)
+
+
+def test_a_loss_that_is_not_cross_entropy_is_refused():
+    logits = torch.randn(2, 4, 6, dtype=torch.float64)
+    labels = torch.randint(0, 6, (2, 4))
+    with pytest.raises(TributaryError, match="not a scaled next-token cross-entropy"):
+        loss_scale(logits, torch.randn_like(logits), labels)
+
+
+def test_step_api_crash_leaves_finished_segments_and_an_incomplete_store(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(tmp_path, tiny_models["llama"], train, "loop.zarr")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    model.train()
+    rows = TrainingRows(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    capture = TrainingCapture(config, model, optimizer, rows, epochs_per_segment=1, keep_weights=True)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    order = [[5, 1, 6, 0], [2, 7, 3, 4]]
+    for number, indices in enumerate(order):
+        batch = rows.collate([rows[i] for i in indices])
+        with capture.step():
+            model(**batch).loss.backward()
+        if number == 0:
+            step_one = {name: p.detach().clone() for name, p in model.named_parameters()}
+            model.load_state_dict(before, strict=False)  # a row's gradient is taken at the weights before its step
+            expected_one = _index_rows_in_memory(config, model, indices)
+            model.load_state_dict(step_one, strict=False)
+        optimizer.step()
+        optimizer.zero_grad()
+    capture.end_epoch()  # segment 0 (steps 1-2) is written here
+    with pytest.raises(RuntimeError, match="crash"):
+        with capture.step():
+            model(**rows.collate([rows[i] for i in order[0]])).loss.backward()
+            raise RuntimeError("crash in the middle of a step")
+    run = RunStore.open(config.store.path)
+    assert not run.manifest.complete and run.manifest.segments_done == [0]
+    stored = run.checkpoint("c0").read_rows(0, len(SENTENCES))
+    np.testing.assert_allclose(stored[order[0]], expected_one, rtol=0, atol=1e-6 * np.abs(expected_one).max())
+    queries = write_jsonl(tmp_path / "queries.jsonl", QUERY)
+    with pytest.raises(TributaryError, match="incomplete"):
+        run_query(config, str(queries), k=2)
+
+
+def _index_rows_in_memory(config: JobConfig, model, rows: list[int]) -> np.ndarray:
+    path = config.store.path + ".reference"
+    model.save_pretrained(path)
+    return _index_rows(config, Path(path), rows)
+
+
+def test_lora_fine_tune_through_trainer_is_queried_without_an_index_pass(tiny_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    def lora(model):
+        torch.manual_seed(2)
+        peft_model = get_peft_model(
+            model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+        )
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.3)
+        return peft_model
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(tmp_path, tiny_models["llama"], train, "lora.zarr")
+    _train(config, tiny_models["llama"], tmp_path / "out", capture=True, batch=4, epochs=2, adapter=lora)
+    run = RunStore.open(config.store.path)
+    assert all(".lora_" in m.name for m in run.modules) and len(run.plan.checkpoints) == 2
+    queries = write_jsonl(tmp_path / "queries.jsonl", QUERY)
+    results = {}
+    for method in ("source", "tracin"):
+        method_config = config.model_copy(update={"method": config.method.model_copy(update={"name": method})})
+        total = run_query(method_config, str(queries), k=3).total
+        assert total is not None and np.isfinite(total).all()
+        results[method] = total
+    # TracIn written out: Σ_c η_c ⟨g_q at checkpoint c's adapter, the rows captured in segment c⟩
+    query_rows = TrainingRows(
+        config.model_copy(update={"data": config.data.model_copy(update={"train": str(queries)})})
+    )
+    expected = np.zeros(len(SENTENCES))
+    for checkpoint in run.plan.checkpoints:
+        assert checkpoint.path is not None and checkpoint.learning_rate is not None
+        base = config.model.model_copy(update={"adapter": checkpoint.path})
+        job = prepare_index_job(config.model_copy(update={"model": base}))
+        query = gradient_pass(job.context, query_rows.rows, with_covariance=False).grads[0]
+        stored = run.checkpoint(checkpoint.name)
+        expected += checkpoint.learning_rate * (stored.read_rows(0, stored.rows) @ query)
+    np.testing.assert_allclose(results["tracin"][0], expected, rtol=1e-9)
+
+
+def test_capture_refuses_the_true_fisher_and_dropped_row_indices(tiny_models, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(tmp_path, tiny_models["llama"], train, "refused.zarr", curvature={"fisher": True})
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    with pytest.raises(TributaryError, match="curvature.fisher: empirical"):
+        TrainingCapture(config, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert ROW_KEY == "tributary_rows"
+
+
+@pytest.mark.heavy  # two AdamW Trainer runs, one saving its optimizer state: about 11 s
+def test_adam_preconditioner_at_step_boundaries_is_the_saved_optimizer_states(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engine.capture.modules import select_modules
+    from engine.training_run.optimizer_state import read_preconditioner
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(
+        tmp_path,
+        tiny_models["llama"],
+        train,
+        "adam.zarr",
+        training_run={"segments": 1, "boundaries": [4], "optimizer": {"name": "adamw", "preconditioned": True}},
+    )
+    plain = tmp_path / "plain"
+    _train(config, tiny_models["llama"], plain, capture=False, save=2, optim="adamw_torch")
+    _train(
+        config, tiny_models["llama"], tmp_path / "captured", capture=True, optim="adamw_torch", epochs_per_segment=None
+    )
+    run = RunStore.open(config.store.path)
+    assert run.plan.preconditioned and [c.step for c in run.plan.checkpoints] == [4, 6]
+    assert [s.steps for s in run.plan.segments] == [4, 2]
+    for segment, step in enumerate((4, 6)):
+        checkpoint = plain / f"checkpoint-{step}"
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float64)
+        modules = select_modules(model, None)
+        assert config.training_run is not None
+        expected = read_preconditioner(
+            str(checkpoint), model, modules, run.manifest.projection, False, config.training_run.optimizer
+        )
+        stored = run.read_segment_preconditioner(segment)
+        for name, values in expected.items():
+            np.testing.assert_allclose(stored[name], values, rtol=1e-12)
+        assert run.has_segment_factors(segment)
+    queries = write_jsonl(tmp_path / "queries.jsonl", QUERY)
+    total = run_query(config, str(queries), k=3).total
+    assert total is not None and np.isfinite(total).all()
+
+
+@pytest.mark.parametrize("checkpoint", [2, 4])
+def test_resume_from_a_trainer_checkpoint_gives_the_uninterrupted_store(
+    trainer_runs, tiny_models, tmp_path, checkpoint
+):
+    _, uninterrupted, _, _ = trainer_runs
+    config = uninterrupted.model_copy(
+        update={"store": uninterrupted.store.model_copy(update={"path": str(tmp_path / "resumed.zarr")})}
+    )
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="crash in step 5"):
+        _train(config, tiny_models["llama"], out, capture=True, save=2, crash_at=5)
+    assert not RunStore.open(config.store.path).manifest.complete
+    kept = sorted(path.name for path in Path(config.store.path + ".resume").iterdir())
+    assert kept == ["step-2.npz", "step-4.npz"]  # one state per Trainer checkpoint, each written whole
+    _train(config, tiny_models["llama"], out, capture=True, save=2, resume=out / f"checkpoint-{checkpoint}")
+    resumed, reference = RunStore.open(config.store.path), RunStore.open(uninterrupted.store.path)
+    assert resumed.manifest.complete and resumed.manifest.segments_done == [0, 1]
+    assert not Path(config.store.path + ".resume").exists()  # a complete store resumes nothing
+    assert [(s.steps, s.eta) for s in resumed.plan.segments] == [(s.steps, s.eta) for s in reference.plan.segments]
+    for ours, theirs in zip(resumed.plan.checkpoints, reference.plan.checkpoints, strict=True):
+        mine, expected = resumed.checkpoint(ours.name), reference.checkpoint(theirs.name)
+        np.testing.assert_array_equal(captured_rows(mine)["step"], captured_rows(expected)["step"])
+        np.testing.assert_array_equal(captured_rows(mine)["seen"], captured_rows(expected)["seen"])
+        rows = expected.read_rows(0, expected.rows)
+        np.testing.assert_allclose(mine.read_rows(0, mine.rows), rows, rtol=0, atol=1e-12 * np.abs(rows).max())
+        for name, factors in expected.read_factors().items():
+            np.testing.assert_allclose(mine.read_factors()[name].lam, factors.lam, rtol=1e-10)
+
+
+DDP_STEPS = [[5, 1, 6, 0], [2, 7, 3, 4]]  # each step's rows; rank r takes the r-th half
+
+
+def _ddp_rank(rank: int, world: int, init: str, config: JobConfig, model_dir: str) -> None:
+    """One rank of a 2-rank gloo DDP run of the step API (spawned)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+        model.train()
+        ddp = DistributedDataParallel(model)
+        rows = TrainingRows(config)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        capture = TrainingCapture(config, ddp, optimizer, rows, keep_weights=True)
+        for indices in DDP_STEPS:
+            mine = indices[rank * 2 : rank * 2 + 2]
+            with capture.step():
+                ddp(**rows.collate([rows[i] for i in mine])).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        capture.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.heavy  # two spawned gloo ranks and a one-process run: about 40 s on 2 busy cores
+def test_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
+    """DDP averages the ranks' mean losses: one process does the same with two half-weighted micro-batches."""
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    ranks = _config(tmp_path, tiny_models["llama"], train, "ddp.zarr")
+    single = _config(tmp_path, tiny_models["llama"], train, "single.zarr")
+    spawn(
+        _ddp_rank,
+        args=(2, f"file://{tmp_path / 'init'}", ranks, str(tiny_models["llama"])),
+        nprocs=2,
+        join=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    model.train()
+    rows = TrainingRows(single)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    capture = TrainingCapture(single, model, optimizer, rows, keep_weights=True)
+    for indices in DDP_STEPS:
+        with capture.step():
+            for half in (indices[:2], indices[2:]):
+                (model(**rows.collate([rows[i] for i in half])).loss / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    capture.close()
+    distributed, alone = RunStore.open(ranks.store.path), RunStore.open(single.store.path)
+    assert distributed.manifest.complete and distributed.plan.segments == alone.plan.segments
+    ours, theirs = distributed.checkpoint("c0"), alone.checkpoint("c0")
+    np.testing.assert_array_equal(captured_rows(ours)["step"], captured_rows(theirs)["step"])
+    expected = theirs.read_rows(0, theirs.rows)
+    np.testing.assert_allclose(ours.read_rows(0, ours.rows), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    for name, factors in theirs.read_factors().items():
+        np.testing.assert_allclose(ours.read_factors()[name].lam, factors.lam, rtol=0, atol=1e-5 * factors.lam.max())
