@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from engine.config import GenerationSettings, QueryOptions, method_names, option_field
-from engine.errors import TributaryError
+from engine.errors import TributaryError, shown
 from engine.store.location import redact
 
 app = typer.Typer(
@@ -146,7 +146,7 @@ def query(
 
     try:
         if measurement not in MEASUREMENTS:
-            raise TributaryError(f"--measurement {measurement!r} is unknown; use one of {', '.join(MEASUREMENTS)}")
+            raise TributaryError(f"--measurement {shown(measurement)} is unknown; use one of {', '.join(MEASUREMENTS)}")
         try:  # the generation flags are checked with or without --generate: a bad value is an error either way
             generation = GenerationSettings(
                 max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed, chat=chat

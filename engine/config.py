@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -13,11 +14,36 @@ from pydantic.dataclasses import dataclass as options_dataclass
 from pydantic.dataclasses import is_pydantic_dataclass
 from pydantic_core import PydanticCustomError
 
-from engine.errors import TributaryError
+from engine.errors import TributaryError, shown, shown_name
+
+
+def _accepts_bool(annotation: object) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return any(isinstance(arg, bool) for arg in args)
+    if origin is Annotated:
+        return _accepts_bool(args[0])
+    return origin in (Union, UnionType) and any(_accepts_bool(arg) for arg in args)
+
+
+def bools_only_where_declared() -> Any:
+    """A validator for a model's or options dataclass's fields: true/false where a number is declared is refused
+    (pydantic's lax mode reads `top_k: true` as 1). Each class takes its own: `_bools = bools_only_where_declared()`."""
+
+    def refuse(cls: Any, value: Any, info: Any) -> Any:
+        field = cls.__pydantic_fields__.get(info.field_name)
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise PydanticCustomError("bool_type_not_allowed", "must be a number, not true or false")
+        return value
+
+    return field_validator("*", mode="before")(classmethod(refuse))
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    _bools = bools_only_where_declared()
 
 
 class ModelConfig(_Section):
@@ -157,7 +183,7 @@ def method_names() -> tuple[str, ...]:
 
 def unknown_method(name: object) -> str:
     """The message for a method name nobody declared, naming every one that is."""
-    return f"unknown method {name!r}; use one of {', '.join(method_names())}"
+    return f"unknown method {shown(name)}; use one of {', '.join(method_names())}"
 
 
 class MethodConfig(_Section):
@@ -376,6 +402,8 @@ _OPTIONS = ConfigDict(extra="forbid")
 class GenerationSettings:
     """How the model completes each prompt before its generated tokens are attributed (`--generate`)."""
 
+    _bools = bools_only_where_declared()
+
     max_new_tokens: int = Field(default=40, gt=0, description="tokens to generate")
     sample: bool = Field(default=False, description="sample (with seed) instead of greedy decoding")
     temperature: float = Field(default=1.0, gt=0, description="sampling temperature")
@@ -392,6 +420,8 @@ class GenerationSettings:
 @options_dataclass(frozen=True, config=_OPTIONS)
 class QueryOptions:
     """What is attributed and what the results carry (the method is the config's, or the one named)."""
+
+    _bools = bools_only_where_declared()
 
     k: int = Field(default=10, gt=0, description="supporting (and opposing) training examples per query")
     measurement: str = Field(
@@ -426,7 +456,7 @@ def option_field(options: type, name: str) -> Any:
 def _describe(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        where = shown_name(".".join(str(part) for part in item["loc"])) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key; remove it or check its spelling")
         elif item["type"] == "missing":
@@ -603,6 +633,14 @@ def _resolve_run_paths(run: TrainingRunConfig | None, base_dir: Path) -> Trainin
     return run.model_copy(update={"checkpoints": checkpoints, "segments": segments, "trainer_dir": trainer_dir})
 
 
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """One line with file:line:column (as compilers say it), for PyYAML's multi-line excerpt."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    return f"config file {path} is not valid YAML: {where}: {shown_name(' '.join(str(problem).split()))}; fix it there"
+
+
 def load_config(path: str | Path) -> JobConfig:
     """Read and validate a YAML job config; relative paths in it are relative to the current directory."""
     path = Path(path)
@@ -611,7 +649,7 @@ def load_config(path: str | Path) -> JobConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise TributaryError(f"config file {path} is not valid YAML: {error}") from None
+        raise TributaryError(_yaml_problem(path, error)) from None
     if not isinstance(raw, dict):
         raise TributaryError(f"config file {path} must hold a mapping with model, data and store sections")
     return parse_config(raw, source=str(path), base_dir=Path.cwd())

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine import __version__
 from engine.capture.measurement import MEASUREMENTS
 from engine.config import JobConfig, method_names
-from engine.errors import TributaryError
+from engine.errors import TributaryError, shown_name
 from engine.query.attributor import Attributor, QueryGroup
 from engine.query.row_range import RowRangeScorer, merge_parts
 from engine.query.scoring import QueryResult
@@ -118,6 +118,10 @@ class AttributionService:
 
     def info(self) -> dict:
         attributor, serving = self.attributor, self.config.serve
+        try:  # the summary below is of the store as loaded: never describe it as the one there now
+            attributor.check_store_unchanged()
+        except StoreChanged as error:
+            raise RequestError(503, str(error)) from None
         ranges = len(attributor.scan.scorers) if isinstance(attributor.scan, ShardedScan) else 0
         replica = serve.get_replica_context().replica_id.unique_id
         return {
@@ -236,7 +240,7 @@ def build_api(service: ApiService) -> FastAPI:
         fields = [
             "body"
             if problem["type"] == "json_invalid"
-            else ".".join(str(part) for part in problem["loc"] if part != "body") or "body"
+            else shown_name(".".join(str(part) for part in problem["loc"] if part != "body")) or "body"
             for problem in problems
         ]
         message = "; ".join(f"{field}: {problem['msg']}" for field, problem in zip(fields, problems))
@@ -249,7 +253,7 @@ def build_api(service: ApiService) -> FastAPI:
     @api.get(
         "/v1/info",
         summary="The store's manifest summary, methods, limits and this replica's counters",
-        responses={401: ERROR_RESPONSES[401]},
+        responses={status: ERROR_RESPONSES[status] for status in (401, 503)},
     )
     async def info() -> dict:
         return service.info()
