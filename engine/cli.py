@@ -253,7 +253,13 @@ def info(
         opened = open_store(store)
     except TributaryError as error:
         _fail(error)
-    _print_summary(*store_summary(opened, verify))
+    summary, problems = store_summary(opened, verify)
+    if verify:  # the ANN index beside the store is checked with it (what an --approximate query ranks with)
+        from engine.ann.integrity import index_problems
+
+        problems = [*problems, *index_problems(store)]
+        summary["verify"]["problems"] = problems
+    _print_summary(summary, problems)
 
 
 def _print_summary(summary: dict, problems: list[str]) -> None:

@@ -175,3 +175,86 @@ def test_a_chunk_file_is_its_bytes_then_their_xxh3_digest(built):
         chunk = np.zeros((opened.rows_per_chunk, opened.manifest.width), np.float32)  # the last one padded
         chunk[: stop - start] = opened.read_rows(start, stop)
         assert raw[:-8] == chunk.tobytes()
+
+
+# ---- everything scores depend on: factors and partial sums --------------------------------------------------
+def _verify_problems(store: Path) -> tuple[int, list[str]]:
+    import json
+
+    result = invoke("info", store, "--verify")
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(result.stdout)["verify"]["problems"]
+
+
+def test_a_query_refuses_factors_that_fail_their_checksum(copy, tmp_path):
+    """Values rewritten through Zarr get fresh chunk digests: the sha256 recorded per module is what catches
+    them, on every read of the factors, not only under `info --verify`."""
+    import zarr
+
+    store, config = copy
+    lam = zarr.open_group(str(store), mode="r+")["factors/lam"]
+    assert isinstance(lam, zarr.Array)
+    values = np.asarray(lam[...])
+    values[0] *= 2  # the first module's first value
+    lam[...] = values
+    first = GradientStore.open(str(store)).modules[0].name
+    assert_clean_failure(_query(tmp_path, config), f"factors/lam of {first} does not match its checksum", "--verify")
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_info_verify_names_a_damaged_chunk_of_the_partial_sums(copy, damage):
+    store, _ = copy
+    for name in ("covariance", "lambda_counts"):
+        chunk = store / "partials" / name / "c" / "1" / "0"
+        assert chunk.is_file(), chunk
+        _flip_byte(chunk, offset=0) if damage == "flip" else chunk.unlink()
+    code, problems = _verify_problems(store)
+    why = "checksum mismatch (stored data changed" if damage == "flip" else "missing (chunk deleted"
+    assert code == 1 and sorted(problems) == [
+        f"partials/covariance/c/1/0: {why} after it was written)",
+        f"partials/lambda_counts/c/1/0: {why} after it was written)",
+    ]
+
+
+def test_info_verify_names_the_chunk_of_a_flipped_byte_in_factors(copy):
+    store, _ = copy
+    _flip_byte(store / "factors" / "q_a" / "c" / "0", offset=0)
+    code, problems = _verify_problems(store)
+    assert (code, problems) == (1, ["factors/q_a/c/0: checksum mismatch (stored data changed after it was written)"])
+
+
+# ---- the ANN index beside the store ------------------------------------------------------------------------
+def test_a_damaged_ann_index_file_is_named_by_verify_and_refused_by_an_approximate_query(copy, tmp_path):
+    import json
+
+    import xxhash
+
+    pytest.importorskip("faiss")
+    from engine.ann.layout import index_location
+
+    store, config = copy
+    assert invoke("ann", "build", store, "--no-progress").exit_code == 0
+    root = index_location(str(store))
+    record = json.loads((root / "index.json").read_text())
+    names = [*record["files"].values(), record["rows"]]
+    for name in names:  # recorded as the xxhash library computes them over the files
+        assert record["digests"][name] == xxhash.xxh3_128_hexdigest((root / name).read_bytes())
+    assert _verify_problems(store) == (0, [])
+    dot = root / record["files"]["dot"]
+    _flip_byte(dot, offset=dot.stat().st_size // 2)
+    assert _verify_problems(store) == (1, [f"{dot}: checksum mismatch (changed after the index was built)"])
+    queries = write_jsonl(tmp_path / "queries.jsonl", QUERIES)
+    result = invoke(
+        "query",
+        config,
+        "--queries",
+        queries,
+        "--top-k",
+        3,
+        "--approximate",
+        "--method",
+        "grad_dot",
+        "--out",
+        tmp_path / "out.jsonl",
+    )
+    assert_clean_failure(result, f"the ANN index file {dot}: checksum mismatch", "tributary ann build")

@@ -315,7 +315,22 @@ class GradientStore(ManifestStore[StoreManifest]):
         self.record_checksums(name, {f"{name}/{field}": values for field, values in digests.items()})
 
     def read_factors(self, name: str = "factors") -> dict[str, ModuleFactors]:
-        return read_factor_group(subgroup(self.group, name), self.modules)
+        """The factors as written: each module's values checked against the sha256 recorded when they were
+        (a store older than those digests reads unchecked)."""
+        factors = read_factor_group(subgroup(self.group, name), self.modules)
+        for field in FACTOR_FIELDS:
+            expected = self.manifest.array_checksums.get(f"{name}/{field}", {})
+            pieces = {m.name: getattr(factors[m.name], field) for m in self.modules if m.name in expected}
+            found = module_checksums({n: piece for n, piece in pieces.items() if piece is not None})
+            changed = [n for n in pieces if found.get(n) != expected[n]]
+            if changed:
+                raise TributaryError(
+                    f"store {redact(self.path)}: {name}/{field} of {', '.join(changed[:3])} does not match its "
+                    f"checksum (changed after it was written), so nothing is scored with it; run `tributary info "
+                    f"--verify {redact(self.path)}` to list what else changed, then re-index with `tributary index "
+                    "--overwrite`"
+                )
+        return factors
 
     def has_group(self, name: str) -> bool:
         return name in self.group
