@@ -16,26 +16,47 @@ from pydantic_core import PydanticCustomError
 
 from engine.errors import TributaryError, shown, shown_name
 
+_SCALARS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
-def _accepts_bool(annotation: object) -> bool:
-    if annotation is bool or annotation is Any:
-        return True
+
+def _scalar_kinds(annotation: object) -> set[object]:
+    """The JSON scalar types `annotation` declares; "other" where it takes more (a model, a path, Any)."""
+    if annotation in _SCALARS:
+        return {annotation}
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
-        return any(isinstance(arg, bool) for arg in args)
+        return {type(arg) for arg in args}
     if origin is Annotated:
-        return _accepts_bool(args[0])
-    return origin in (Union, UnionType) and any(_accepts_bool(arg) for arg in args)
+        return _scalar_kinds(args[0])
+    if origin in (Union, UnionType):
+        return set().union(*(_scalar_kinds(arg) for arg in args))
+    return set() if annotation is type(None) else {"other"}
 
 
-def bools_only_where_declared() -> Any:
-    """A validator for a model's or options dataclass's fields: true/false where a number is declared is refused
-    (pydantic's lax mode reads `top_k: true` as 1). Each class takes its own: `_bools = bools_only_where_declared()`."""
+def _refused(value: object, kinds: set[object]) -> str | None:
+    """Why `value` does not fit the declared kinds, where pydantic's lax mode would convert it: true read as 1,
+    1.0 or "yes" as true, "3" or 3.0 as 3."""
+    kind = type(value)
+    if kind not in _SCALARS or kind in kinds or (kind is int and float in kinds):
+        return None
+    if kind is bool and (int in kinds or float in kinds):
+        return "must be a number, not true or false"
+    if "other" in kinds:
+        return None
+    wanted = " or ".join(_SCALARS[k] for k in _SCALARS if k in kinds)
+    return f"must be {wanted}, not {_SCALARS[kind]}" if wanted else None
+
+
+def json_types_as_declared() -> Any:
+    """A validator for a model's or options dataclass's fields: a value whose JSON type the field does not declare
+    is refused where pydantic's lax mode would convert it (`top_k: true` read as 1, `chat: 1.0` as true). Each
+    class takes its own: `_types = json_types_as_declared()`."""
 
     def refuse(cls: Any, value: Any, info: Any) -> Any:
         field = cls.__pydantic_fields__.get(info.field_name)
-        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
-            raise PydanticCustomError("bool_type_not_allowed", "must be a number, not true or false")
+        why = None if field is None else _refused(value, _scalar_kinds(field.annotation))
+        if why is not None:
+            raise PydanticCustomError("json_type_not_declared", "{why}", {"why": why})
         return value
 
     return field_validator("*", mode="before")(classmethod(refuse))
@@ -43,7 +64,7 @@ def bools_only_where_declared() -> Any:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    _bools = bools_only_where_declared()
+    _types = json_types_as_declared()
 
 
 class ModelConfig(_Section):
@@ -402,7 +423,7 @@ _OPTIONS = ConfigDict(extra="forbid")
 class GenerationSettings:
     """How the model completes each prompt before its generated tokens are attributed (`--generate`)."""
 
-    _bools = bools_only_where_declared()
+    _types = json_types_as_declared()
 
     max_new_tokens: int = Field(default=40, gt=0, description="tokens to generate")
     sample: bool = Field(default=False, description="sample (with seed) instead of greedy decoding")
@@ -421,7 +442,7 @@ class GenerationSettings:
 class QueryOptions:
     """What is attributed and what the results carry (the method is the config's, or the one named)."""
 
-    _bools = bools_only_where_declared()
+    _types = json_types_as_declared()
 
     k: int = Field(default=10, gt=0, description="supporting (and opposing) training examples per query")
     measurement: str = Field(

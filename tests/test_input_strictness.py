@@ -153,6 +153,25 @@ def test_true_is_not_a_number_in_a_request(service, body, field):
     assert answer["field"] == field
 
 
+@pytest.mark.parametrize(
+    ("body", "field", "why"),
+    [
+        (
+            {"queries": [{"prompt": "a"}], "generate": {"chat": 1.0}},
+            "generate.GenerationSettings.chat",
+            "true or false",
+        ),
+        ({"queries": [QUERY], "top_k": "3"}, "top_k", "an integer, not a string"),
+        ({"queries": [QUERY], "top_k": 3.0}, "top_k", "an integer, not a number"),
+    ],
+    ids=["chat 1.0 (found by tests/test_api_fuzz.py)", "top_k '3'", "top_k 3.0"],
+)
+def test_a_value_of_another_json_type_is_not_converted(service, body, field, why):
+    _, _, api = service
+    code, answer, _ = _post(api, body)
+    assert code == 422 and f"must be {why}" in answer["error"] and answer["field"] == field, answer
+
+
 def test_the_body_limit_refuses_in_the_shape_of_every_other_refusal(service):
     raw, _, api = service
     limit = raw["serve"]["max_request_bytes"]

@@ -106,7 +106,7 @@ def test_any_jsonl_file_is_rows_or_one_tributary_error(content, raw_bytes):
         path = Path(folder) / "rows.jsonl"
         path.write_bytes("\n".join(content).encode("utf-8", "surrogatepass") + raw_bytes)
         for what in ("training file", "queries file"):
-            _only_tributary_errors(lambda: read_rows(path, what=what))
+            _only_tributary_errors(lambda what=what: read_rows(path, what=what))
 
 
 @SETTINGS
@@ -158,7 +158,7 @@ def test_any_parquet_file_is_rows_or_one_tributary_error(table):
         path = Path(folder) / "rows.parquet"
         pq.write_table(pa.table(arrays) if arrays else pa.table({"empty": pa.array([None] * rows)}), path)
         for what in ("training file", "queries file"):
-            _only_tributary_errors(lambda: read_rows(path, what=what))
+            _only_tributary_errors(lambda what=what: read_rows(path, what=what))
 
 
 # ---- the results reader -------------------------------------------------------------------------------------
@@ -168,8 +168,11 @@ def test_any_results_file_is_records_or_one_tributary_error(content, raw_bytes):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "results.jsonl"
         path.write_bytes("\n".join(content).encode("utf-8", "surrogatepass") + raw_bytes)
-        result = _only_tributary_errors(lambda: load_results(path))
-    assert result is None or all(isinstance(record, dict) for record in result)
+        try:
+            result = load_results(path)
+        except TributaryError:
+            return
+    assert all(isinstance(record, dict) for record in result)
 
 
 @pytest.mark.parametrize("depth", [100_000])

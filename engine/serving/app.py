@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
@@ -62,6 +63,13 @@ class ShardedScan:
     def __call__(self, transformed: np.ndarray, normalise: bool, k: int, full: bool) -> QueryResult:
         responses = [scorer.score.remote(transformed, normalise, k, full) for scorer in self.scorers]
         return merge_parts([response.result() for response in responses], k, full)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # the API built in-process around a replica (tests), not in a Serve deployment
+        return "in-process"
 
 
 def _queries_in(items: list[PreparedRequest]) -> int:
@@ -123,7 +131,7 @@ class AttributionService:
         except StoreChanged as error:
             raise RequestError(503, str(error)) from None
         ranges = len(attributor.scan.scorers) if isinstance(attributor.scan, ShardedScan) else 0
-        replica = serve.get_replica_context().replica_id.unique_id
+        replica = _replica_id()
         return {
             "service": {"version": __version__, "auth": self._digest is not None},
             "store": manifest_summary(attributor.store),
