@@ -33,11 +33,13 @@ def _scalar_kinds(annotation: object) -> set[object]:
     return set() if annotation is type(None) else {"other"}
 
 
-def _refused(value: object, kinds: set[object]) -> str | None:
+def _refused(value: object, kinds: set[object], numbers_as_text: bool) -> str | None:
     """Why `value` does not fit the declared kinds, where pydantic's lax mode would convert it: true read as 1,
     1.0 or "yes" as true, "3" or 3.0 as 3."""
     kind = type(value)
     if kind not in _SCALARS or kind in kinds or (kind is int and float in kinds):
+        return None
+    if kind is str and numbers_as_text and (int in kinds or float in kinds):
         return None
     if kind is bool and (int in kinds or float in kinds):
         return "must be a number, not true or false"
@@ -47,14 +49,15 @@ def _refused(value: object, kinds: set[object]) -> str | None:
     return f"must be {wanted}, not {_SCALARS[kind]}" if wanted else None
 
 
-def json_types_as_declared() -> Any:
+def json_types_as_declared(numbers_as_text: bool = False) -> Any:
     """A validator for a model's or options dataclass's fields: a value whose JSON type the field does not declare
     is refused where pydantic's lax mode would convert it (`top_k: true` read as 1, `chat: 1.0` as true). Each
-    class takes its own: `_types = json_types_as_declared()`."""
+    class takes its own: `_types = json_types_as_declared()`. `numbers_as_text` lets a string through to a
+    numeric field for pydantic to parse: the YAML config's, where PyYAML reads `1e-3` as the string "1e-3"."""
 
     def refuse(cls: Any, value: Any, info: Any) -> Any:
         field = cls.__pydantic_fields__.get(info.field_name)
-        why = None if field is None else _refused(value, _scalar_kinds(field.annotation))
+        why = None if field is None else _refused(value, _scalar_kinds(field.annotation), numbers_as_text)
         if why is not None:
             raise PydanticCustomError("json_type_not_declared", "{why}", {"why": why})
         return value
@@ -64,7 +67,7 @@ def json_types_as_declared() -> Any:
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    _types = json_types_as_declared()
+    _types = json_types_as_declared(numbers_as_text=True)
 
 
 class ModelConfig(_Section):

@@ -49,6 +49,15 @@ def test_true_is_not_a_number_in_the_config(tmp_path, section, key):
         parse_config(raw)
 
 
+def test_a_number_yaml_reads_as_text_still_reads(tmp_path):
+    """PyYAML reads `1e-3` (no dot) as the string "1e-3": a config's number may arrive as text."""
+    path = tmp_path / "job.yaml"
+    raw = _config(tmp_path)
+    path.write_text(yaml.safe_dump(raw) + "method: {name: source, eta: 1e-3, steps: 10}\n")
+    assert yaml.safe_load(path.read_text())["method"]["eta"] == "1e-3"
+    assert load_config(path).method.eta == pytest.approx(1e-3)
+
+
 def test_a_bool_where_the_config_takes_one_still_reads(tmp_path):
     raw = _config(tmp_path)
     raw["curvature"] = {"strategy": "ekfac"}
