@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from engine.config import GenerationSettings, QueryOptions, method_names, option_field
-from engine.errors import TributaryError
+from engine.errors import TributaryError, shown
 from engine.store.location import redact
 
 app = typer.Typer(
@@ -152,7 +152,7 @@ def query(
 
     try:
         if measurement not in MEASUREMENTS:
-            raise TributaryError(f"--measurement {measurement!r} is unknown; use one of {', '.join(MEASUREMENTS)}")
+            raise TributaryError(f"--measurement {shown(measurement)} is unknown; use one of {', '.join(MEASUREMENTS)}")
         try:  # the generation flags are checked with or without --generate: a bad value is an error either way
             generation = GenerationSettings(
                 max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed, chat=chat
@@ -300,7 +300,13 @@ def info(
         opened = open_store(store)
     except TributaryError as error:
         _fail(error)
-    _print_summary(*store_summary(opened, verify))
+    summary, problems = store_summary(opened, verify)
+    if verify:  # the ANN index beside the store is checked with it (what an --approximate query ranks with)
+        from engine.ann.integrity import index_problems
+
+        problems = [*problems, *index_problems(store)]
+        summary["verify"]["problems"] = problems
+    _print_summary(summary, problems)
 
 
 def _print_summary(summary: dict, problems: list[str]) -> None:

@@ -26,6 +26,7 @@ from engine.ann.layout import (
     default_lists,
     default_probes,
     faiss_module,
+    file_digest,
     index_location,
     read_record,
     use_gpus,
@@ -173,6 +174,8 @@ class Builder:
         started = time.perf_counter()
         files, indexed = self._assemble()
         rows = self._publish_rows()
+        root = self.directory.parent
+        digests = {name: file_digest(root / name) for name in [*files.values(), *([rows] if rows else [])]}
         self.seconds["assemble"] = time.perf_counter() - started
         return IndexRecord(
             plan=self.plan,
@@ -181,6 +184,7 @@ class Builder:
             indexed_rows=indexed,
             faiss_version=str(self.faiss.__version__),
             seconds={key: round(value, 3) for key, value in self.seconds.items()},
+            digests=digests,
         )
 
     # ---- steps --------------------------------------------------------------------------------------

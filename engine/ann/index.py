@@ -8,7 +8,15 @@ from typing import Any
 
 import numpy as np
 
-from engine.ann.layout import IndexRecord, Metric, faiss_module, index_location, read_record, use_gpus
+from engine.ann.layout import (
+    IndexRecord,
+    Metric,
+    damaged_files,
+    faiss_module,
+    index_location,
+    read_record,
+    use_gpus,
+)
 from engine.errors import TributaryError
 from engine.store import GradientStore
 from engine.store.identity import identity_of
@@ -32,6 +40,19 @@ class AnnIndex:
         self.faiss = faiss_module()
         self._loaded: dict[Metric, Any] = {}
         self._rows: np.ndarray | None = None
+        self._intact: set[str] = set()
+
+    def _require_intact(self, name: str) -> None:
+        """The file as the build wrote it (once per file and process), or a TributaryError naming it."""
+        if name in self._intact:
+            return
+        problems = damaged_files(self.root, self.record, [name])
+        if problems:
+            raise TributaryError(
+                f"the ANN index file {problems[0]}, so nothing is ranked with it; run {self._rebuild()} again "
+                f"(`tributary info --verify {redact(self.store_path)}` lists what else is damaged)"
+            )
+        self._intact.add(name)
 
     def _rebuild(self) -> str:
         return f"`tributary ann build {redact(self.store_path)}`"
@@ -73,6 +94,7 @@ class AnnIndex:
         self.require(metric)
         if metric not in self._loaded:
             path: Path = self.root / self.record.files[metric]
+            self._require_intact(self.record.files[metric])
             try:
                 index = self.faiss.read_index(str(path))
             except RuntimeError as error:
@@ -94,6 +116,7 @@ class AnnIndex:
             return None
         copy = self._rows
         if copy is None:
+            self._require_intact(self.record.rows)
             copy = self._rows = np.load(self.root / self.record.rows, mmap_mode="r")
         return np.asarray(copy[rows])
 

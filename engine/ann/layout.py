@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Literal, TypeVar
 
+import xxhash
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engine.errors import TributaryError
@@ -94,6 +95,12 @@ class IndexRecord(_Record):
     indexed_rows: int  # rows in the index (the store's rows less those the store skipped)
     faiss_version: str
     seconds: dict[str, float]  # train, encode, assemble
+    # xxh3-128 of each file above, taken as the build committed it, checked before a file is read and by
+    # `tributary info --verify`; {} in an index built before (read unchecked)
+    digests: dict[str, str] = {}
+
+    def file_names(self) -> list[str]:
+        return [*self.files.values(), *([self.rows] if self.rows is not None else [])]
 
 
 def index_location(store_path: str) -> Path:
@@ -105,6 +112,30 @@ def index_location(store_path: str) -> Path:
             "local files: copy the store to a local path to build and use one"
         )
     return Path(path.rstrip("/") + ".ann")
+
+
+def file_digest(path: Path, block: int = 16 << 20) -> str:
+    """xxh3-128 of a file, read in blocks (a row copy is as large as the store's rows)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while data := handle.read(block):
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def damaged_files(root: Path, record: IndexRecord, names: list[str] | None = None) -> list[str]:
+    """Each of the index's files (or of `names`) missing or not matching the digest recorded at build time."""
+    problems = []
+    for name in record.file_names() if names is None else names:
+        expected = record.digests.get(name)
+        if expected is None:
+            continue
+        path = root / name
+        if not path.is_file():
+            problems.append(f"{path}: missing (deleted after the index was built)")
+        elif file_digest(path) != expected:
+            problems.append(f"{path}: checksum mismatch (changed after the index was built)")
+    return problems
 
 
 def write_atomically(path: Path, data: bytes) -> None:

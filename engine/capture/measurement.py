@@ -15,6 +15,7 @@ import torch
 
 from engine.capture.loss import per_example_loss
 from engine.data.labels import IGNORE
+from engine.errors import shown
 
 MEASUREMENTS = ("logprob_sum", "logprob_mean", "margin")
 
@@ -39,4 +40,4 @@ def measurement_loss(name: str, logits: torch.Tensor, labels: torch.Tensor) -> t
         return per_example_loss(logits, labels) / counts
     if name == "margin":
         return _margin_loss(logits, labels)
-    raise ValueError(f"unknown measurement {name!r}; use one of {', '.join(MEASUREMENTS)}")
+    raise ValueError(f"unknown measurement {shown(name)}; use one of {', '.join(MEASUREMENTS)}")

@@ -9,7 +9,7 @@ import yaml
 
 from engine.config.job import JobConfig
 from engine.config.training_run import TrainingRunConfig
-from engine.errors import TributaryError
+from engine.errors import TributaryError, shown_name
 
 
 def parse_config(raw: dict, source: str = "<dict>", base_dir: Path | None = None) -> JobConfig:
@@ -77,6 +77,14 @@ def _resolved_run_paths(run: TrainingRunConfig | None, base_dir: Path) -> dict[s
     return raw
 
 
+def _yaml_problem(path: Path, error: yaml.YAMLError) -> str:
+    """One line with file:line:column (as compilers say it), for PyYAML's multi-line excerpt."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    return f"config file {path} is not valid YAML: {where}: {shown_name(' '.join(str(problem).split()))}; fix it there"
+
+
 def load_config(path: str | Path) -> JobConfig:
     """Read and validate a YAML job config; relative paths in it are relative to the current directory."""
     path = Path(path)
@@ -85,7 +93,7 @@ def load_config(path: str | Path) -> JobConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise TributaryError(f"config file {path} is not valid YAML: {error}") from None
+        raise TributaryError(_yaml_problem(path, error)) from None
     if not isinstance(raw, dict):
         raise TributaryError(f"config file {path} must hold a mapping with model, data and store sections")
     return parse_config(raw, source=str(path), base_dir=Path.cwd())

@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from engine.config.section import Section as _Section
+from engine.errors import shown
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,7 @@ def method_names() -> tuple[str, ...]:
 
 def unknown_method(name: object) -> str:
     """The message for a method name nobody declared, naming every one that is."""
-    return f"unknown method {name!r}; use one of {', '.join(method_names())}"
+    return f"unknown method {shown(name)}; use one of {', '.join(method_names())}"
 
 
 class MethodConfig(_Section):

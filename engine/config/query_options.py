@@ -13,12 +13,16 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass as options_dataclass
 from pydantic.dataclasses import is_pydantic_dataclass
 
+from engine.config.json_types import json_types_as_declared
+
 _OPTIONS = ConfigDict(extra="forbid")
 
 
 @options_dataclass(frozen=True, config=_OPTIONS)
 class GenerationSettings:
     """How the model completes each prompt before its generated tokens are attributed (`--generate`)."""
+
+    _types = json_types_as_declared()
 
     max_new_tokens: int = Field(default=40, gt=0, description="tokens to generate")
     sample: bool = Field(default=False, description="sample (with seed) instead of greedy decoding")
@@ -36,6 +40,8 @@ class GenerationSettings:
 @options_dataclass(frozen=True, config=_OPTIONS)
 class QueryOptions:
     """What is attributed and what the results carry (the method is the config's, or the one named)."""
+
+    _types = json_types_as_declared()
 
     k: int = Field(default=10, gt=0, description="supporting (and opposing) training examples per query")
     measurement: str = Field(

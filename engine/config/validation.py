@@ -14,7 +14,7 @@ from engine.config.placement import PlacementConfig
 from engine.config.projection import ProjectionConfig
 from engine.config.serve import ServeConfig
 from engine.config.training_run import TrainingRunConfig
-from engine.errors import TributaryError
+from engine.errors import TributaryError, shown_name
 
 
 class JobConfig(Protocol):
@@ -53,7 +53,7 @@ def check_rules(config: JobConfig, source: str, *, part_of_run: bool = False) ->
 def describe_errors(error: ValidationError, source: str) -> str:
     lines = []
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        where = shown_name(".".join(str(part) for part in item["loc"])) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  {where}: unknown key; remove it or check its spelling")
         elif item["type"] == "missing":

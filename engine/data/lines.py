@@ -68,3 +68,5 @@ def json_records(path: Path, what: str) -> Iterator[tuple[int, object]]:
             yield line_number, json.loads(line)
         except json.JSONDecodeError as error:
             raise TributaryError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        except RecursionError:  # json.loads past Python's recursion limit ([[[[...]]]])
+            raise TributaryError(f"{path}:{line_number}: JSON nested too deeply to parse") from None

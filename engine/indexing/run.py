@@ -15,6 +15,7 @@ from engine.model.placement import check_placement
 from engine.store import GradientStore, location
 from engine.store.lock import StoreLock
 from engine.store.run_store import RunStore
+from engine.store.space import disk_full, is_disk_full
 from engine.store.writable import check_store_location
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ def run_index(
     try:
         with StoreLock(config.store.path, break_lock=break_lock):
             store = build_store(config, rows, executor, overwrite, show_progress, started)
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise disk_full(config.store.path, error) from None
     finally:
         executor.shutdown()
     log.info("indexed %d rows into %s", rows, location.redact(config.store.path))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__
+from engine.data.lines import numbered_lines
 from engine.errors import TributaryError
 
 __all__ = ["load_results", "render_html_report", "write_html_report"]
@@ -430,19 +431,20 @@ def load_results(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise TributaryError(f"{path}: no such results file; write one with `tributary query ... --out {path}`")
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TributaryError(
-                    f"{path}:{line_number}: invalid JSON ({exc.msg}); expected one results record per line"
-                ) from None
-            if not isinstance(record, dict):
-                raise TributaryError(
-                    f"{path}:{line_number}: expected a JSON object (one results record), got {type(record).__name__}"
-                )
-            records.append(record)
+    for line_number, line in numbered_lines(path, "results file"):  # bytes not UTF-8: an error naming the line
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TributaryError(
+                f"{path}:{line_number}: invalid JSON ({exc.msg}); expected one results record per line"
+            ) from None
+        except RecursionError:
+            raise TributaryError(f"{path}:{line_number}: JSON nested too deeply to parse") from None
+        if not isinstance(record, dict):
+            raise TributaryError(
+                f"{path}:{line_number}: expected a JSON object (one results record), got {type(record).__name__}"
+            )
+        records.append(record)
     return records

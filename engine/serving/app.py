@@ -21,12 +21,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
 from engine.capture.measurement import MEASUREMENTS
 from engine.config import JobConfig, QueryOptions, method_names
-from engine.errors import TributaryError
+from engine.errors import TributaryError, shown_name
 from engine.query.attributor import Attributor, QueryGroup
 from engine.query.row_range import RowRangeScorer, merge_parts
 from engine.query.scoring import QueryResult
@@ -63,6 +64,13 @@ class ShardedScan:
     def __call__(self, transformed: np.ndarray, normalise: bool, k: int, full: bool) -> QueryResult:
         responses = [scorer.score.remote(transformed, normalise, k, full) for scorer in self.scorers]
         return merge_parts([response.result() for response in responses], k, full)
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:  # the API built in-process around a replica (tests), not in a Serve deployment
+        return "in-process"
 
 
 def _queries_in(items: list[PreparedRequest]) -> int:
@@ -120,8 +128,12 @@ class AttributionService:
 
     def info(self) -> dict:
         attributor, serving = self.attributor, self.config.serve
+        try:  # the summary below is of the store as loaded: never describe it as the one there now
+            attributor.check_store_unchanged()
+        except StoreChanged as error:
+            raise RequestError(503, str(error)) from None
         ranges = len(attributor.scan.scorers) if isinstance(attributor.scan, ShardedScan) else 0
-        replica = serve.get_replica_context().replica_id.unique_id
+        replica = _replica_id()
         return {
             "service": {"version": __version__, "auth": self._digest is not None},
             "store": manifest_summary(attributor.store),
@@ -247,7 +259,7 @@ def build_api(service: ApiService) -> FastAPI:
         fields = [
             "body"
             if problem["type"] == "json_invalid"
-            else ".".join(str(part) for part in problem["loc"] if part != "body") or "body"
+            else shown_name(".".join(str(part) for part in problem["loc"] if part != "body")) or "body"
             for problem in problems
         ]
         message = "; ".join(f"{field}: {problem['msg']}" for field, problem in zip(fields, problems))
@@ -260,7 +272,7 @@ def build_api(service: ApiService) -> FastAPI:
     @api.get(
         "/v1/info",
         summary="The store's manifest summary, methods, limits and this replica's counters",
-        responses={401: ERROR_RESPONSES[401]},
+        responses={status: ERROR_RESPONSES[status] for status in (401, 503)},
     )
     async def info() -> dict:
         return service.info()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.config import GenerationSettings, QueryOptions, option_field
+from engine.config import GenerationSettings, QueryOptions, json_types_as_declared, option_field
 from engine.query.records import QueryAttribution
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _types = json_types_as_declared()
 
 
 class QueryIn(_Body):

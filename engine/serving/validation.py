@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from engine.capture.measurement import MEASUREMENTS
 from engine.config import GenerationSettings, JobConfig, QueryOptions, method_names, unknown_method
 from engine.data.rows import Row
-from engine.errors import TributaryError
+from engine.errors import TributaryError, shown
 from engine.query.attributor import Attributor
 from engine.query.generate import PromptRow
 from engine.query.records import Query
@@ -111,7 +111,7 @@ def _method(request: AttributeRequest, attributor: Attributor) -> Method:
     if request.method is not None and request.method not in method_names():
         raise RequestError(400, unknown_method(request.method), "method")
     try:
-        return attributor.method(request.method, source=f"the service's config with method {request.method!r}")
+        return attributor.method(request.method, source=f"the service's config with method {shown(request.method)}")
     except TributaryError as error:  # a known method the config cannot run (e.g. source without eta/steps)
         raise RequestError(400, " ".join(str(error).split()), "method") from None
 
@@ -119,7 +119,9 @@ def _method(request: AttributeRequest, attributor: Attributor) -> Method:
 def _check_fields(request: AttributeRequest, tokenizer) -> None:
     if request.measurement not in MEASUREMENTS:
         raise RequestError(
-            400, f"unknown measurement {request.measurement!r}; use one of {', '.join(MEASUREMENTS)}", "measurement"
+            400,
+            f"unknown measurement {shown(request.measurement)}; use one of {', '.join(MEASUREMENTS)}",
+            "measurement",
         )
     generation = request.generation()
     seen: dict[str, int] = {}

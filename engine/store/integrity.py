@@ -1,8 +1,9 @@
 """Checksums of what a store holds, taken as it is written, and `info --verify`, which re-reads and compares them.
 
 Covered: every shard's row arrays (grads, rows/id, rows/num_tokens, rows/loss; one digest each, in the
-shard's commit), and each module's slice of every packed per-module array (factors, preconditioners; in the
-manifest's `array_checksums`). A problem names the array, the module or rows, and the chunk; a chunk whose
+shard's commit), each module's slice of every packed per-module array (factors, preconditioners; in the
+manifest's `array_checksums`), and every chunk of any other array that carries per-chunk digests (the partial
+sums, the sampled-label rows: engine.store.chunks). A problem names the array, the module or rows, and the chunk; a chunk whose
 file is gone is "missing" (Zarr would read it as fill values, which is not what was written).
 """
 
@@ -17,6 +18,8 @@ import zarr
 from zarr.core.sync import sync
 
 from engine.projection import ModuleProjection
+from engine.store.chunk_checksum import ChunkChecksumError
+from engine.store.chunks import checksummed
 from engine.store.manifest import ARRAY_CHECKSUMS_SINCE, Manifest, ShardCommit
 
 SHARD_ARRAYS = ("grads", "rows/id", "rows/num_tokens", "rows/loss")
@@ -133,6 +136,8 @@ def _verify_shard(group: zarr.Group, shard: int, rows: tuple[int, int], commit: 
     for name in SHARD_ARRAYS:
         try:
             values[name] = _read(arrays[name], slice(start, stop))
+        except ChunkChecksumError:
+            return [f"{chunks[name]} {where}: checksum mismatch (stored data changed after it was written)"]
         except Exception as error:  # a corrupt chunk can fail inside any codec
             return [f"{chunks[name]} {where}: unreadable ({type(error).__name__}: {error})"]
     if not commit.arrays:  # written before per-array checksums: one digest over all four arrays
@@ -165,6 +170,8 @@ def _verify_packed(
     array = _array(group, path)
     try:
         packed = _read(array, slice(None))
+    except ChunkChecksumError:
+        return _chunk_problems(path, array)
     except Exception as error:
         return [f"{path}: unreadable ({type(error).__name__}: {error})"]
     chunk = array.chunks[0]
@@ -204,6 +211,42 @@ def _verify_module_arrays(
     return found
 
 
+# ---- arrays with a digest per chunk ----------------------------------------------------------------------
+def _arrays(group: zarr.Group, prefix: str = ""):
+    for name, node in group.members():
+        path = f"{prefix}{name}"
+        if isinstance(node, zarr.Array):
+            yield path, node
+        elif isinstance(node, zarr.Group):
+            yield from _arrays(node, f"{path}/")
+
+
+def _chunk_problems(path: str, array: zarr.Array, complete: bool = True) -> list[str]:
+    """Each chunk of `array` missing (where a complete store must have it) or failing its digest."""
+    problems = []
+    for coords in np.ndindex(*array.cdata_shape):
+        chunk = _chunk_name(path, array, coords)
+        if not _chunk_present(array, coords):
+            if complete:
+                problems.append(f"{chunk}: missing (chunk deleted after it was written)")
+            continue
+        try:
+            array.get_block_selection(coords)
+        except ChunkChecksumError:
+            problems.append(f"{chunk}: checksum mismatch (stored data changed after it was written)")
+    return problems
+
+
+def _verify_chunks(group: zarr.Group, skip: set[str], complete: bool) -> list[str]:
+    """Every chunk of every array written with per-chunk digests (outside `skip`). An incomplete store's
+    missing chunks are work not done yet, not damage."""
+    problems = []
+    for path, array in _arrays(group):
+        if path not in skip and checksummed(array):
+            problems.extend(_chunk_problems(path, array, complete))
+    return problems
+
+
 # ---- stores -----------------------------------------------------------------------------------------------
 def verify(store) -> Verification:
     """A gradient store: every committed shard's rows and every checksummed factor or preconditioner re-read.
@@ -219,7 +262,8 @@ def verify(store) -> Verification:
             problems.append(f"{store.chunk_key(shard)}: not written yet (incomplete store)")
             continue
         problems.extend(_verify_shard(store.group, shard, rows, commit))
-    found.problems = problems + found.problems
+    whole: set[str] = {*SHARD_ARRAYS, *store.manifest.array_checksums}
+    found.problems = problems + found.problems + _verify_chunks(store.group, whole, store.manifest.complete)
     found.shards_checked = len(committed)
     return found
 

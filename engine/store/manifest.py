@@ -31,7 +31,8 @@ from engine.training_run.plan import RunPlan
 
 # bump when a reader of an older version would misread what this one writes. 3: the fitted projection kinds
 # (ProjectionSpec.fit_rows/top, the projection_in/projection_out arrays), which a version-2 reader cannot apply
-FORMAT_VERSION = 3
+# 4: every chunk ends in an xxh3 digest (engine.store.chunk_checksum), a codec a version-3 reader does not have
+FORMAT_VERSION = 4
 UNVERSIONED = 1  # stores written before `format_version` existed
 ARRAY_CHECKSUMS_SINCE = 2  # stores of older versions hold no checksums of factors, preconditioners, row arrays
 STORE_FORMAT = "tributary-store/1"

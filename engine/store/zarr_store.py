@@ -19,11 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
+from zarr.codecs import ZstdCodec
 from zarr.core.common import AccessModeLiteral
 
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ModuleProjection
+from engine.store.chunks import CHECKSUM_CODEC, WRITE_EVERY_CHUNK, read_checked, writable
 from engine.store.encoding import PHYSICAL, decode, encode
 from engine.store.integrity import (
     FACTOR_FIELDS,
@@ -31,6 +33,7 @@ from engine.store.integrity import (
     SHARD_ARRAYS,
     checksum,
     combined_checksum,
+    digest_of,
     module_checksums,
     module_size,
     row_checksums,
@@ -53,7 +56,9 @@ MAX_CHUNK_BYTES = 512 << 20
 # Gradient rows are stored uncompressed: Zarr's default zstd saves about 7% of their size (projected or full
 # gradients are mantissa noise to a compressor) and writes them at ~0.3 GB/s against ~3 GB/s, reads at ~0.4
 # against ~0.9 GB/s on one core; at projection dim 0 that was most of the index's time.
-ROW_COMPRESSORS = None
+# Each chunk ends in its xxh3 digest (8 bytes, checked on every read: engine.store.chunks).
+ROW_COMPRESSORS = (CHECKSUM_CODEC,)
+COMPRESSED = (ZstdCodec(level=0), CHECKSUM_CODEC)  # Zarr's default compressor, then the digest
 FISHER_ROWS = "fisher_grads"
 
 
@@ -93,12 +98,14 @@ class GradientStore(ManifestStore[StoreManifest]):
             dtype=PHYSICAL[dtype],
             fill_value=0,
             compressors=ROW_COMPRESSORS,
+            config=WRITE_EVERY_CHUNK,
         )
         group["grads"].attrs["logical_dtype"] = dtype
         meta = group.create_group("rows")
-        meta.create_array("id", shape=(rows,), chunks=(rows_per_chunk,), dtype=str)
-        meta.create_array("num_tokens", shape=(rows,), chunks=(rows_per_chunk,), dtype="int32", fill_value=0)
-        meta.create_array("loss", shape=(rows,), chunks=(rows_per_chunk,), dtype="float32", fill_value=0)
+        metadata = {"chunks": (rows_per_chunk,), "compressors": COMPRESSED, "config": WRITE_EVERY_CHUNK}
+        meta.create_array("id", shape=(rows,), dtype=str, **metadata)
+        meta.create_array("num_tokens", shape=(rows,), dtype="int32", fill_value=0, **metadata)
+        meta.create_array("loss", shape=(rows,), dtype="float32", fill_value=0, **metadata)
         group.create_group("factors")
         return cls(group, path, manifest)
 
@@ -152,7 +159,7 @@ class GradientStore(ManifestStore[StoreManifest]):
             "rows/loss": np.asarray(losses, dtype=np.float32),
         }
         for name, values in arrays.items():
-            array(self.group, name)[start:stop] = values
+            writable(self.group, name)[start:stop] = values
         digests = row_checksums(arrays)
         return combined_checksum(digests), digests
 
@@ -168,16 +175,19 @@ class GradientStore(ManifestStore[StoreManifest]):
                 dtype=grads.dtype,
                 fill_value=0,
                 compressors=ROW_COMPRESSORS,
+                config=WRITE_EVERY_CHUNK,
             )
 
     def has_fisher_rows(self) -> bool:
         return FISHER_ROWS in self.group
 
     def write_fisher_rows(self, start: int, grads: np.ndarray) -> None:
-        array(self.group, FISHER_ROWS)[start : start + len(grads)] = encode(grads, self.manifest.dtype)
+        writable(self.group, FISHER_ROWS)[start : start + len(grads)] = encode(grads, self.manifest.dtype)
 
     def read_fisher_rows(self, start: int, stop: int) -> np.ndarray:
-        return decode(read(self.group, FISHER_ROWS, slice(start, stop)), self.manifest.dtype)
+        # an older store's sampled-label rows have no digest to vouch for a chunk it skipped: read as before
+        rows = self._checked(FISHER_ROWS, slice(start, stop), lambda _: True)
+        return decode(rows, self.manifest.dtype)
 
     def delete_fisher_rows(self) -> None:
         if FISHER_ROWS in self.group:
@@ -194,6 +204,26 @@ class GradientStore(ManifestStore[StoreManifest]):
             return checksum(arrays)
         return combined_checksum(row_checksums(arrays))
 
+    def _checked(self, name: str, rows: slice | np.ndarray, absent_allowed=None) -> np.ndarray:
+        """Rows of the array `name` as written, or a TributaryError naming the missing or damaged chunk."""
+        vouched = self._written_as_fill(name) if absent_allowed is None else absent_allowed
+        return read_checked(self.path, name, array(self.group, name), rows, vouched)
+
+    def _written_as_fill(self, name: str):
+        """For a store older than per-chunk digests, whose writer skipped chunks of fill values: a missing chunk
+        of a row array is what was written when its shard's recorded digest matches fill values."""
+
+        def vouched(coords: tuple[int, ...]) -> bool:
+            commit = self.manifest.shards.get("gradients", {}).get(coords[0])
+            if commit is None:
+                return False
+            if commit.arrays:
+                start, stop = self.shards()[coords[0]]
+                return digest_of(read(self.group, name, slice(start, stop))) == commit.arrays.get(name)
+            return self.shard_checksum(coords[0]) == commit.checksum
+
+        return vouched
+
     def chunk_key(self, shard: int) -> str:
         start, stop = self.shards()[shard]
         return f"grads/c/{shard}/0 (rows {start}..{stop - 1})"
@@ -206,16 +236,34 @@ class GradientStore(ManifestStore[StoreManifest]):
         if name not in root:
             # float64 sums barely compress, and a fitted projection's full-width sums are ~100 MB a shard
             root.create_array(
-                name, shape=(shards, width), chunks=(1, width), dtype="float64", fill_value=0, compressors=None
+                name,
+                shape=(shards, width),
+                chunks=(1, width),
+                dtype="float64",
+                fill_value=0,
+                compressors=ROW_COMPRESSORS,
+                config=WRITE_EVERY_CHUNK,
             )
-            root.create_array(f"{name}_counts", shape=(shards, counts), chunks=(1, counts), dtype="int64", fill_value=0)
+            root.create_array(
+                f"{name}_counts",
+                shape=(shards, counts),
+                chunks=(1, counts),
+                dtype="int64",
+                fill_value=0,
+                compressors=COMPRESSED,
+                config=WRITE_EVERY_CHUNK,
+            )
 
     def write_partial(self, name: str, shard: int, vector: np.ndarray, counts: np.ndarray) -> None:
-        array(self.group, f"partials/{name}")[shard] = vector
-        array(self.group, f"partials/{name}_counts")[shard] = counts
+        writable(self.group, f"partials/{name}")[shard] = vector
+        writable(self.group, f"partials/{name}_counts")[shard] = counts
+
+    def _partial(self, name: str, rows: slice) -> np.ndarray:
+        # an older store's partial sums carry no digest: a chunk it skipped reads as before
+        return read_checked(self.path, name, array(self.group, name), rows, lambda _: True, unit="shards")
 
     def read_partials(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        return read(self.group, f"partials/{name}"), read(self.group, f"partials/{name}_counts")
+        return self._partial(f"partials/{name}", slice(None)), self._partial(f"partials/{name}_counts", slice(None))
 
     def summed_partials(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The shards' partial sums added in shard order (a fixed order, so the result does not depend on the
@@ -224,17 +272,16 @@ class GradientStore(ManifestStore[StoreManifest]):
         sums = array(self.group, f"partials/{name}")
         total = np.zeros(sums.shape[1])
         for shard in range(sums.shape[0]):
-            total += np.asarray(sums[shard])
-        return total, read(self.group, f"partials/{name}_counts").sum(axis=0)
+            total += self._partial(f"partials/{name}", slice(shard, shard + 1))[0]
+        return total, self._partial(f"partials/{name}_counts", slice(None)).sum(axis=0)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        return decode(read(self.group, "grads", slice(start, stop)), self.manifest.dtype)
+        return decode(self._checked("grads", slice(start, stop)), self.manifest.dtype)
 
     def read_row_selection(self, indices) -> np.ndarray:
         """Rows at arbitrary indices, in the order given."""
         indices = np.asarray(indices, dtype=np.int64)
-        raw = np.asarray(array(self.group, "grads").get_orthogonal_selection((indices, slice(None))))
-        return decode(raw, self.manifest.dtype)
+        return decode(self._checked("grads", indices), self.manifest.dtype)
 
     def iter_chunks(self, shards: list[tuple[int, int]] | None = None):
         """(start, stop, rows) per chunk; the next chunk is read in a background thread while the caller
@@ -251,12 +298,12 @@ class GradientStore(ManifestStore[StoreManifest]):
                 yield start, stop, rows
 
     def ids(self) -> list[str]:
-        return [str(x) for x in read(self.group, "rows/id", slice(None))]
+        return [str(x) for x in self._checked("rows/id", slice(None))]
 
     def row_metadata(self) -> dict[str, np.ndarray]:
         return {
-            "num_tokens": read(self.group, "rows/num_tokens", slice(None)),
-            "loss": read(self.group, "rows/loss", slice(None)),
+            "num_tokens": self._checked("rows/num_tokens", slice(None)),
+            "loss": self._checked("rows/loss", slice(None)),
         }
 
     # ---- factors ----------------------------------------------------------------------------------
@@ -268,7 +315,22 @@ class GradientStore(ManifestStore[StoreManifest]):
         self.record_checksums(name, {f"{name}/{field}": values for field, values in digests.items()})
 
     def read_factors(self, name: str = "factors") -> dict[str, ModuleFactors]:
-        return read_factor_group(subgroup(self.group, name), self.modules)
+        """The factors as written: each module's values checked against the sha256 recorded when they were
+        (a store older than those digests reads unchecked)."""
+        factors = read_factor_group(subgroup(self.group, name), self.modules)
+        for field in FACTOR_FIELDS:
+            expected = self.manifest.array_checksums.get(f"{name}/{field}", {})
+            pieces = {m.name: getattr(factors[m.name], field) for m in self.modules if m.name in expected}
+            found = module_checksums({n: piece for n, piece in pieces.items() if piece is not None})
+            changed = [n for n in pieces if found.get(n) != expected[n]]
+            if changed:
+                raise TributaryError(
+                    f"store {redact(self.path)}: {name}/{field} of {', '.join(changed[:3])} does not match its "
+                    f"checksum (changed after it was written), so nothing is scored with it; run `tributary info "
+                    f"--verify {redact(self.path)}` to list what else changed, then re-index with `tributary index "
+                    "--overwrite`"
+                )
+        return factors
 
     def has_group(self, name: str) -> bool:
         return name in self.group
@@ -289,7 +351,7 @@ class GradientStore(ManifestStore[StoreManifest]):
         for side, name in enumerate(PROJECTION_ARRAYS):
             pieces = {m.name: np.asarray(matrices[m.name][side], dtype=np.float64) for m in self.modules}
             packed = np.concatenate([pieces[m.name].ravel() for m in self.modules])
-            self.group.create_array(name, shape=packed.shape, dtype="float64", overwrite=True)[...] = packed
+            _create_packed(self.group, name, packed)
             self.record_checksums(name, {name: module_checksums(pieces)})
 
     def read_projection(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -302,7 +364,7 @@ class GradientStore(ManifestStore[StoreManifest]):
             )
         sides = []
         for name in PROJECTION_ARRAYS:
-            packed, offset, pieces = read(self.group, name), 0, {}
+            packed, offset, pieces = read_packed(self.group, name), 0, {}
             for m in self.modules:
                 size = module_size(name, m)
                 shape = (m.d_in, m.k_in) if name == "projection_in" else (m.d_out, m.k_out)
@@ -349,14 +411,13 @@ def write_factor_group(
                 del root[field]
             continue
         packed = np.concatenate([np.asarray(piece, dtype=np.float64).ravel() for piece in pieces])
-        array = root.create_array(field, shape=packed.shape, dtype="float64", overwrite=True)
-        array[...] = packed
+        _create_packed(root, field, packed)
         digests[field] = module_checksums({m.name: piece for m, piece in zip(modules, pieces, strict=True)})
     return digests
 
 
 def read_factor_group(root: zarr.Group, modules: Sequence[ModuleProjection]) -> dict[str, ModuleFactors]:
-    packed = {field: read(root, field) for field in FACTOR_FIELDS if field in root}
+    packed = {field: read_packed(root, field) for field in FACTOR_FIELDS if field in root}
     offsets = dict.fromkeys(packed, 0)
     out = {}
     for module in modules:
@@ -376,15 +437,29 @@ def write_module_arrays(
 ) -> dict[str, str]:
     """Write the packed array; returns each module's checksum."""
     packed = np.concatenate([np.asarray(arrays[m.name], dtype=np.float64).ravel() for m in modules])
-    group.create_array(name, shape=packed.shape, dtype="float64", overwrite=True)[...] = packed
+    _create_packed(group, name, packed)
     return module_checksums({m.name: arrays[m.name] for m in modules})
 
 
 def read_module_arrays(group: zarr.Group, name: str, modules: Sequence[ModuleProjection]) -> dict[str, np.ndarray]:
-    packed = read(group, name)
+    packed = read_packed(group, name)
     out, offset = {}, 0
     for m in modules:
         size = m.k_in * m.k_out
         out[m.name] = packed[offset : offset + size].reshape(m.k_out, m.k_in)
         offset += size
     return out
+
+
+def _create_packed(group: zarr.Group, name: str, packed: np.ndarray) -> None:
+    created = group.create_array(
+        name, shape=packed.shape, dtype="float64", overwrite=True, compressors=COMPRESSED, config=WRITE_EVERY_CHUNK
+    )
+    created[...] = packed
+
+
+def read_packed(group: zarr.Group, name: str) -> np.ndarray:
+    """A packed per-module array as written (an older store's, without chunk digests, as Zarr reads it: the digests
+    in the manifest are what check it)."""
+    where, node = str(group.store_path.store), f"{group.path}/{name}".lstrip("/")
+    return read_checked(where, node, array(group, name), slice(None), lambda _: True, unit="values")

@@ -1,0 +1,78 @@
+"""What the per-chunk xxh3 digest costs a scan: the same rows stored with digests (as `tributary index` writes
+them) and without, read and scored (grad_dot, Q=1) in alternating rounds in one process; wall-clock and
+process CPU time, medians.
+
+Usage: python -m benchmarks.chunk_digest [--rows 16000] [--width 2048] [--rounds 21]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from benchmarks.common import first_line, positive_int
+from benchmarks.scoring import GRAD_DOT, build_store
+from engine.query.scoring import score_store
+from engine.store import GradientStore
+
+
+def without_digests(source: Path, target: Path) -> GradientStore:
+    """A copy of the store at `source` whose `grads` chunks carry no digest (as stores before format 4)."""
+    shutil.copytree(source, target)
+    group = zarr.open_group(str(target), mode="r+")
+    old = group["grads"]
+    assert isinstance(old, zarr.Array)
+    rows = np.asarray(old[...])
+    plain = group.create_array(
+        "grads", shape=old.shape, chunks=old.chunks, dtype=old.dtype, fill_value=0, compressors=None, overwrite=True
+    )
+    plain.with_config({"write_empty_chunks": True})[...] = rows
+    plain.attrs["logical_dtype"] = "float32"
+    return GradientStore.open(str(target))
+
+
+def timed(call, store: GradientStore) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    call(store)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=first_line(__doc__))
+    parser.add_argument("--rows", type=positive_int, default=16000)
+    parser.add_argument("--width", type=positive_int, default=2048)
+    parser.add_argument("--rounds", type=positive_int, default=21)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="tributary-digest-"))
+    try:
+        stores = {"digest": build_store(work / "digest.zarr", args.rows, args.width)}
+        stores["none"] = without_digests(work / "digest.zarr", work / "none.zarr")
+        query = np.random.default_rng(1).standard_normal((1, args.width))
+        tasks = {
+            "read": lambda store: [store.read_rows(a, b) for a, b in store.shards()],
+            "score Q=1": lambda store: score_store(store, query, GRAD_DOT),
+        }
+        samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for _ in range(args.rounds):
+            for task, run in tasks.items():
+                for name, store in stores.items():
+                    samples.setdefault((task, name), []).append(timed(run, store))
+        for task in tasks:
+            costs = []
+            for clock, index in (("wall", 0), ("cpu", 1)):
+                digest, plain = (statistics.median(s[index] for s in samples[(task, n)]) for n in ("digest", "none"))
+                costs.append(f"{clock} {plain:.4f}s -> {digest:.4f}s ({100 * (digest - plain) / plain:+.1f}%)")
+            print(f"{task:<10} " + "; ".join(costs))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
