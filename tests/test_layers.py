@@ -36,8 +36,6 @@ LAYERS: list[tuple[str, ...]] = [
     ("report",),  # the HTML report of a query run
     ("indexing", "query"),  # the index driver and workers; queries against a store
     ("exact",),  # full-width factors and the streamed exact scoring pass (--exact, --rescore)
-
-
     ("integrations",),  # capture while training: Trainer callback, step API, the store it writes
     ("distributed",),  # generic Ray plumbing: cluster, actor pool, one call on fresh actors
     ("runner",),  # where work runs: in this process or on Ray

@@ -164,9 +164,9 @@ class RunWriter:
         last = self.checkpoints[-1]
         weights = self._save_weights(model, last.name)
         store = self.root.checkpoint(last.name, mode="r+")
-        fingerprints = store.manifest.fingerprints.model_copy(
-            update={"model": self._saved(self._checkpoint_config(last.name, weights))}
-        )
+        recorded = store.manifest.fingerprints
+        model = self._saved(self._checkpoint_config(last.name, weights))
+        fingerprints = type(recorded).model_validate({**recorded.model_dump(), "model": model})
         store.update_manifest(fingerprints=fingerprints)
         self.checkpoints[-1] = replace(last, path=weights)
         self.root.update_manifest(plan=self._plan())
