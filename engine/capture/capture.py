@@ -108,7 +108,7 @@ class GradientCapture:
         outside `run()` (engine.capture.training: hooks on a training forward)."""
         previous, self._mask = self._mask, mask
         try:
-            return self._project_input(name, inputs)
+            return self._project_input(name, inputs, None)
         finally:
             self._mask = previous
 

@@ -10,6 +10,7 @@ from engine.config.curvature import CurvatureConfig
 from engine.config.data import DataConfig
 from engine.config.exact import ExactConfig
 from engine.config.job import JobConfig
+from engine.config.json_types import json_types_as_declared
 from engine.config.loading import load_config, parse_config, with_method_name
 from engine.config.method import METHODS, MethodConfig, MethodSpec, method_names, unknown_method
 from engine.config.model import ModelConfig
@@ -40,6 +41,7 @@ __all__ = [
     "ServeConfig",
     "StoreConfig",
     "TrainingRunConfig",
+    "json_types_as_declared",
     "load_config",
     "method_names",
     "option_field",

@@ -165,8 +165,8 @@ class RunWriter:
         weights = self._save_weights(model, last.name)
         store = self.root.checkpoint(last.name, mode="r+")
         recorded = store.manifest.fingerprints
-        model = self._saved(self._checkpoint_config(last.name, weights))
-        fingerprints = type(recorded).model_validate({**recorded.model_dump(), "model": model})
+        saved = self._saved(self._checkpoint_config(last.name, weights))
+        fingerprints = type(recorded).model_validate({**recorded.model_dump(), "model": saved})
         store.update_manifest(fingerprints=fingerprints)
         self.checkpoints[-1] = replace(last, path=weights)
         self.root.update_manifest(plan=self._plan())
