@@ -36,7 +36,9 @@ def test_a_single_checkpoint_index_resolves_its_plan_once(tiny_models, tmp_path,
     counts = _counted(monkeypatch)
     store = run_index(config, show_progress=False)
     assert counts == {"run plan": 1, "rows": 1, "weight files": 1}
-    assert isinstance(store, GradientStore) and plan.run is None and store.rows == plan.rows[str(train)] == len(SENTENCES)
+    assert (
+        isinstance(store, GradientStore) and plan.run is None and store.rows == plan.rows[str(train)] == len(SENTENCES)
+    )
     assert plan.spec is not None and store.manifest.projection.fingerprint() == plan.spec.fingerprint()
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.core.common import AccessModeLiteral
 
+from engine.config.capabilities import StoreKind
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ModuleProjection
@@ -70,6 +71,10 @@ class RunStore(ManifestStore[RunManifest]):
     @property
     def plan(self) -> RunPlan:
         return self.manifest.plan
+
+    @property
+    def kind(self) -> StoreKind:
+        return "averaged_run" if self.plan.averaged else "training_run"
 
     @property
     def modules(self) -> tuple[ModuleProjection, ...]:

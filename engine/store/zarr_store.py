@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.core.common import AccessModeLiteral
 
+from engine.config.capabilities import StoreKind
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ModuleProjection
@@ -121,6 +122,10 @@ class GradientStore(ManifestStore[StoreManifest]):
         return open_group(path) is not None
 
     # ---- layout ---------------------------------------------------------------------------------
+    @property
+    def kind(self) -> StoreKind:
+        return "checkpoint"
+
     @property
     def rows(self) -> int:
         return self.manifest.rows
