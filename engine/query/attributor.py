@@ -36,8 +36,6 @@ from engine.store import GradientStore
 from engine.store.identity import StoreChanged, StoreIdentity, check_unchanged, identity_of
 from engine.store.location import redact
 from engine.store.run_store import RunStore, is_run_store
-from engine.training_run.configs import checkpoint_config
-from engine.training_run.resolve import require_schedule
 
 log = logging.getLogger(__name__)
 SNIPPET_CHARS = 200
@@ -69,16 +67,9 @@ def open_complete_store(path: str) -> GradientStore | RunStore:
 
 
 def final_model(config: JobConfig, opened: GradientStore | RunStore) -> tuple[JobConfig, GradientStore]:
-    """(config of the final model, its store): a training run's last checkpoint and its sub-store."""
-    if isinstance(opened, GradientStore):
-        return config, opened
-    plan = opened.plan
-    final = plan.final
-    dataset = plan.datasets[plan.segments[final.segment].dataset]
-    return (
-        checkpoint_config(config, final.weights, dataset, opened.checkpoint_path(final.name)),
-        opened.checkpoint(final.name),
-    )
+    """(config of the final model, its store): a training run's last checkpoint and its sub-store; a
+    single-checkpoint store's own."""
+    return opened.final_config(config), opened.final_store()
 
 
 def check_method(
@@ -87,8 +78,7 @@ def check_method(
     """Refuse, before any model loads, a method the store or the placement cannot serve or a feature they lack
     (engine.config.capabilities), or a training run without the schedule the method needs."""
     check_capability(method.name, config.placement.kind, opened.kind, features)
-    if isinstance(opened, RunStore):
-        require_schedule(opened.plan, method.name)
+    opened.check_schedule(method.name)
 
 
 def _projection_differences(stored: ProjectionSpec, config: JobConfig) -> list[str]:
