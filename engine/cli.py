@@ -85,14 +85,12 @@ def index(
     """Compute projected training gradients and curvature factors into the store."""
     from engine.config import load_config
     from engine.runner import run_index
-    from engine.store.zarr_store import GradientStore
 
     try:
         store = run_index(load_config(config), overwrite=overwrite, show_progress=progress, break_lock=break_lock)
     except TributaryError as error:
         _fail(error)
-    size = f"{store.rows} rows" if isinstance(store, GradientStore) else "training-run store"
-    console.print(f"store: {redact(store.path)} ({size})")
+    console.print(f"store: {redact(store.path)} ({store.size_text()})")
 
 
 # The query options' defaults and help come from engine.config's QueryOptions and GenerationSettings (the

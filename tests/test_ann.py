@@ -315,8 +315,8 @@ def test_the_service_with_serve_approximate_ranks_with_the_index(model_store):
     """serve.approximate: the start-up check refuses a missing index; each request is ranked by the index
     (the same pass the replicas run, here without Ray) and equals the exact answer after rerank."""
     from engine.query.attributor import Attributor, QueryGroup
+    from engine.serving.plan import resolve_serve_plan
     from engine.serving.schema import AttributeRequest, QueryIn
-    from engine.serving.service import check_inputs
     from engine.serving.validation import Limits, prepare
 
     root, config_file, _, store = model_store
@@ -324,9 +324,9 @@ def test_the_service_with_serve_approximate_ranks_with_the_index(model_store):
     config = parse_config(dict(raw, serve={"approximate": True}))
     shutil.rmtree(index_location(store), ignore_errors=True)
     with pytest.raises(TributaryError, match=r"has no ANN index .*tributary ann build"):
-        check_inputs(config)
+        resolve_serve_plan(config)
     build_index(store, show_progress=False)
-    check_inputs(config)
+    resolve_serve_plan(config)
     attributor = Attributor.load(config)
     request = AttributeRequest(queries=[QueryIn(prompt=p, completion=" " + c) for p, c in PROMPTS], top_k=3)
     tokenizer = attributor.context.tokenizer

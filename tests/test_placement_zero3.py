@@ -165,7 +165,7 @@ QUERIES = [{"id": "q0", "text": "the fox eats clams in the snow"}, {"id": "q1", 
 
 def test_zero3_refuses_generation_per_token_and_serving_before_a_group_starts(llama32, train_file, tmp_path):
     from engine.config import GenerationSettings, QueryOptions
-    from engine.serving.service import check_inputs
+    from engine.serving.plan import resolve_serve_plan
 
     path = str(tmp_path / "s.zarr")
     _single(llama32, train_file, path)
@@ -179,7 +179,7 @@ def test_zero3_refuses_generation_per_token_and_serving_before_a_group_starts(ll
     with pytest.raises(TributaryError, match="--per-token with placement.kind zero3 is not supported"):
         run_query(config, str(queries), k=1, options=QueryOptions(k=1, per_token=True))
     with pytest.raises(TributaryError, match="tributary serve with placement.kind zero3 is not supported"):
-        check_inputs(config)
+        resolve_serve_plan(config)
     assert not ray.is_initialized(), "a refused query must not have started the cluster"
 
 

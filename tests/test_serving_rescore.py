@@ -19,8 +19,8 @@ from engine.config import parse_config
 from engine.errors import TributaryError
 from engine.runner import run_index
 from engine.serving.app import AttributionService, build_api
+from engine.serving.plan import resolve_serve_plan
 from engine.serving.schema import AttributeRequest, AttributeResponse
-from engine.serving.service import check_inputs
 from engine.serving.validation import prepare
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, job_config, write_jsonl
@@ -151,6 +151,6 @@ def test_serving_rescore_without_full_width_factors_is_refused_before_starting(t
     raw = job_config(tmp_path, tiny_models["gpt2"], text_train, projection={"dim": 4})
     run_index(parse_config(raw), show_progress=False)
     with pytest.raises(TributaryError, match=r"no full-width factors.*exact: \{factors: true\}"):
-        check_inputs(parse_config(dict(raw, serve={"rescore": K})))
+        resolve_serve_plan(parse_config(dict(raw, serve={"rescore": K})))
     with pytest.raises(TributaryError, match="has no exact streamed form"):
-        check_inputs(parse_config(dict(raw, serve={"rescore": K}, method={"name": "trak"})))
+        resolve_serve_plan(parse_config(dict(raw, serve={"rescore": K}, method={"name": "trak"})))

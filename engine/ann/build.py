@@ -39,7 +39,6 @@ from engine.store import GradientStore
 from engine.store.identity import identity_at, identity_of
 from engine.store.location import redact
 from engine.store.opening import open_store
-from engine.store.run_store import RunStore
 from engine.testing.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -54,9 +53,7 @@ def indexed_store(path: str) -> GradientStore:
         raise TributaryError(
             f"store {redact(path)} is incomplete; finish it with `tributary index` before `tributary ann build`"
         )
-    if isinstance(opened, RunStore):
-        return opened.checkpoint(opened.plan.final.name)
-    return opened
+    return opened.final_store()
 
 
 def normalised(rows: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from pydantic import ValidationError
 
+from engine.config.capabilities import StoreKind, check_capability
 from engine.config.cluster import ClusterConfig
 from engine.config.data import DataConfig
 from engine.config.method import MethodConfig
@@ -47,7 +48,17 @@ def check_rules(config: JobConfig, source: str, *, part_of_run: bool = False) ->
         _check_source_schedule(config, source)
     _check_serve(config, source)
     _check_placement(config, source)
+    check_capability(
+        config.method.name, config.placement.kind, None if part_of_run else config_store_kind(config), source=source
+    )
     _check_fitted_projection(config, source)
+
+
+def config_store_kind(config: JobConfig) -> StoreKind:
+    """The kind of store `config` indexes (and queries): a training run's, averaged or not, or one checkpoint's."""
+    if config.training_run is None:
+        return "checkpoint"
+    return "averaged_run" if config.training_run.averaged else "training_run"
 
 
 def describe_errors(error: ValidationError, source: str) -> str:
@@ -127,11 +138,6 @@ def _check_placement(config: JobConfig, source: str) -> None:
             f"invalid config {source}: data.on_nonfinite skip is not supported with placement.kind zero3 (a rank "
             "re-running a shard without its skipped rows would leave the group's collectives out of step); use "
             "data.on_nonfinite: error, or placement.kind single or device_map"
-        )
-    if placement.kind == "zero3" and config.training_run is not None:
-        raise TributaryError(
-            f"invalid config {source}: placement.kind zero3 is not supported with a training_run section yet; "
-            "use placement.kind single or device_map for training runs"
         )
 
 

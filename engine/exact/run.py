@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -76,9 +77,9 @@ def run_exact_query(
     check_exact_options(options, rescore)
     check_exact_method(config.method.name)
     opened = open_complete_store(config.store.path)
-    if not isinstance(opened, GradientStore):
+    if opened.kind != "checkpoint":
         raise TributaryError("--exact runs on a single-checkpoint store, not a training run's; query without --exact")
-    store = opened
+    store = cast(GradientStore, opened)
     method = method_from_config(config.method)
     factors = require_exact_factors(store) if method.needs_curvature else None
     full = full_spec(store)

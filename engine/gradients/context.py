@@ -144,7 +144,7 @@ def remote_model_context(
 ) -> ModelContext:
     """The context of a model held elsewhere (the ranks of a zero3 group): the tokenizer, projection and
     fingerprints here, the query gradients from `gradients`. Nothing in this process can run the model, so
-    generation and per-token gradients refuse it (engine.model.placement.check_zero3_query)."""
+    generation and per-token gradients refuse it (engine.config.capabilities)."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     no_capture = cast(GradientCapture, None)  # never used: every gradient comes from `gradients`
     return ModelContext(

@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from engine.config import JobConfig, PlacementConfig, QueryOptions
+from engine.config import JobConfig, PlacementConfig
 from engine.errors import TributaryError
 
 Adapted = TypeVar("Adapted", bound=nn.Module)
@@ -49,32 +49,6 @@ def check_placement(config: JobConfig, gpus: int | None = None, count_devices: b
             raise TributaryError(
                 "placement.kind zero3 needs DeepSpeed (pip install deepspeed); or use placement.kind device_map"
             )
-
-
-def refuse_zero3_serving(config: JobConfig) -> None:
-    """A service replica is one process holding the model: a zero3 group is not one."""
-    if config.placement.kind == "zero3":
-        raise TributaryError(
-            "tributary serve with placement.kind zero3 is not supported: a service replica is one process; serve "
-            "this store with placement.kind single or device_map (same model, data and projection) — the store is "
-            "the same"
-        )
-
-
-def check_zero3_query(config: JobConfig, options: QueryOptions) -> None:
-    """With zero3 the query gradients come from a group of ranks; what needs the model in this process cannot."""
-    if config.placement.kind != "zero3":
-        return
-    if options.generation is not None:
-        raise TributaryError(
-            "--generate with placement.kind zero3 is not supported (generation would run on the group of ranks); "
-            "generate with placement.kind single or device_map — the store is the same"
-        )
-    if options.per_token:
-        raise TributaryError(
-            "--per-token with placement.kind zero3 is not supported; use placement.kind single or device_map for "
-            "per-token attributions — the store is the same"
-        )
 
 
 def _check_offload_directory(offload: str) -> None:

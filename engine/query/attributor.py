@@ -18,6 +18,7 @@ import numpy as np
 
 from engine.ann.index import AnnIndex
 from engine.config import GenerationSettings, JobConfig, QueryOptions, with_method_name
+from engine.config.capabilities import Feature, check_capability
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
@@ -35,8 +36,6 @@ from engine.store import GradientStore
 from engine.store.identity import StoreChanged, StoreIdentity, check_unchanged, identity_of
 from engine.store.location import redact
 from engine.store.run_store import RunStore, is_run_store
-from engine.training_run.configs import checkpoint_config
-from engine.training_run.resolve import require_schedule
 
 log = logging.getLogger(__name__)
 SNIPPET_CHARS = 200
@@ -68,30 +67,18 @@ def open_complete_store(path: str) -> GradientStore | RunStore:
 
 
 def final_model(config: JobConfig, opened: GradientStore | RunStore) -> tuple[JobConfig, GradientStore]:
-    """(config of the final model, its store): a training run's last checkpoint and its sub-store."""
-    if isinstance(opened, GradientStore):
-        return config, opened
-    plan = opened.plan
-    final = plan.final
-    dataset = plan.datasets[plan.segments[final.segment].dataset]
-    return (
-        checkpoint_config(config, final.weights, dataset, opened.checkpoint_path(final.name)),
-        opened.checkpoint(final.name),
-    )
+    """(config of the final model, its store): a training run's last checkpoint and its sub-store; a
+    single-checkpoint store's own."""
+    return opened.final_config(config), opened.final_store()
 
 
-def check_method(opened: GradientStore | RunStore, method: Method, per_token: bool) -> None:
-    """Refuse, before any model loads, a method the store cannot serve or an option the method lacks."""
-    if isinstance(opened, RunStore):
-        require_schedule(opened.plan, method.name)
-    elif method.name == "fast_source":
-        raise TributaryError("method fast_source needs a training-run store indexed with training_run.averaged: true")
-    per_token_ok = method.build_terms is None or (method.spectral is not None and not isinstance(opened, RunStore))
-    if per_token and not per_token_ok:
-        raise TributaryError(
-            f"--per-token is available for grad_dot, grad_cos, if and one-segment source on a "
-            f"single-checkpoint store, not for method {method.name}; drop --per-token"
-        )
+def check_method(
+    config: JobConfig, opened: GradientStore | RunStore, method: Method, features: tuple[Feature, ...] = ()
+) -> None:
+    """Refuse, before any model loads, a method the store or the placement cannot serve or a feature they lack
+    (engine.config.capabilities), or a training run without the schedule the method needs."""
+    check_capability(method.name, config.placement.kind, opened.kind, features)
+    opened.check_schedule(method.name)
 
 
 def _projection_differences(stored: ProjectionSpec, config: JobConfig) -> list[str]:
@@ -251,7 +238,7 @@ class Attributor:
         if name not in self._methods:
             config = self.config if name == self.config.method.name else with_method_name(self.config, name, source)
             method = method_from_config(config.method)
-            check_method(self.opened, method, per_token=False)
+            check_method(self.config, self.opened, method)
             self._methods[name] = method
         return self._methods[name]
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from engine.ann.index import AnnIndex
 from engine.config import JobConfig, QueryOptions
+from engine.config.capabilities import Feature
 from engine.data.rows import Row, field_names, read_rows
 from engine.errors import TributaryError
-from engine.model.placement import check_zero3_query
 from engine.query.attributor import check_method, final_model, open_complete_store
 from engine.query.generate import PromptRow, read_prompts
 from engine.spectral.methods import Method, method_from_config
@@ -85,7 +85,7 @@ def resolve_query_plan(
     outputs.check()
     opened = open_complete_store(config.store.path)
     method = method_from_config(config.method)
-    check_method(opened, method, options.per_token)
+    check_method(config, opened, method, query_features(options))
     rows, prompts = None, None
     if options.generation is not None:  # read (and validate) the queries file before the model loads
         prompts = read_prompts(queries_path, config.data.prompt_field, config.data.id_field)
@@ -95,8 +95,17 @@ def resolve_query_plan(
     plan = QueryPlan(config, opened, final_config, store, method, options, queries_path, rows, prompts, outputs)
     if plan.uses_ann_index:
         AnnIndex(config.store.path, store)  # a missing or stale index: refused before the model loads
-    check_zero3_query(config, options)
     return plan
+
+
+def query_features(options: QueryOptions) -> tuple[Feature, ...]:
+    """The features of engine.config.capabilities a query run's options ask for."""
+    features: list[Feature] = []
+    if options.per_token:
+        features.append("per_token")
+    if options.generation is not None:
+        features.append("generate")
+    return tuple(features)
 
 
 def with_top_k(options: QueryOptions | None, k: int, per_module: bool) -> QueryOptions:

@@ -31,7 +31,6 @@ from engine.store import GradientStore
 from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.keys import ResourceKey
-from engine.training_run.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +48,13 @@ class StoreResources(CachedResources):
     ):
         self.config = config
         self.opened = store
-        self.run = store if isinstance(store, RunStore) else None
-        plan = self.run.plan if self.run is not None else RunPlan.single(path=config.model.path)
-        super().__init__(spec, plan, shared)
+        super().__init__(spec, store.run_plan(config), shared)
         self._final_context = final_context
         self._rows = rows
         self._measurement = measurement
 
     def store(self, key: ResourceKey) -> GradientStore:
-        opened = self.opened
-        if isinstance(opened, GradientStore):
-            return opened
-        return self.cached("store", key, lambda: opened.checkpoint(key.group_name))
-
-    def _training_run(self) -> RunStore:
-        """The training-run store: only its plan names other checkpoints, segment factors and preconditioners."""
-        if self.run is None:
-            raise ValueError("a single-checkpoint store has no other checkpoints, segment factors or preconditioners")
-        return self.run
+        return self.cached("store", key, lambda: self.opened.checkpoint_store(key.group_name))
 
     # ---- Resources --------------------------------------------------------------------------------
     def _query_gradients(self, key: ResourceKey) -> np.ndarray:
@@ -74,7 +62,6 @@ class StoreResources(CachedResources):
         if context.remote_gradients is not None:  # a zero3 group (a training run is refused with zero3)
             return context.remote_gradients(self._rows, self._measurement)
         if key != self.plan.final.key:
-            run = self._training_run()
             checkpoint = self.plan.checkpoint(key)
             if checkpoint.path is None:  # a store captured during training keeps only the weights methods need
                 raise TributaryError(
@@ -83,7 +70,7 @@ class StoreResources(CachedResources):
                 )
             dataset = self.plan.datasets[self.plan.segments[checkpoint.segment].dataset]
             context = load_model_context(
-                checkpoint_config(self.config, checkpoint.weights, dataset, run.checkpoint_path(key.group_name)),
+                checkpoint_config(self.config, checkpoint.weights, dataset, self.store(key).path),
                 spec=self.spec,
             )
         return gradient_pass(context, self._rows, with_covariance=False, measurement=self._measurement).grads
@@ -92,7 +79,7 @@ class StoreResources(CachedResources):
         return self.store(key).read_factors()
 
     def _segment_factors(self, segment: int) -> dict[str, ModuleFactors]:
-        return self._training_run().read_segment_factors(segment)
+        return self.opened.read_segment_factors(segment)
 
     def _averaged_factors(self, segment: int) -> dict[str, ModuleFactors]:
         group = "preconditioned_factors" if self.plan.preconditioned else "factors"
@@ -103,7 +90,7 @@ class StoreResources(CachedResources):
             yield rows
 
     def _preconditioner(self, segment: int) -> dict[str, np.ndarray]:
-        return self._training_run().read_segment_preconditioner(segment)
+        return self.opened.read_segment_preconditioner(segment)
 
     # ---- rows of the score matrix -------------------------------------------------------------------
     def _dataset_key(self, dataset: int) -> ResourceKey:
@@ -122,9 +109,7 @@ class StoreResources(CachedResources):
 
     def snippets(self, chars: int) -> list[str] | None:
         out = []
-        # a single-checkpoint store's one dataset is data.train (its plan names a placeholder)
-        datasets = self.plan.datasets if self.run is not None else (self.config.data.train,)
-        for d, path in enumerate(datasets):
+        for d, path in enumerate(self.plan.datasets):
             store = self.store(self._dataset_key(d))
             if not _readable(path) or dataset_fingerprint(path) != store.manifest.fingerprints.dataset:
                 log.warning(
@@ -136,9 +121,7 @@ class StoreResources(CachedResources):
 
     def is_single_term(self, terms: list[QueryTerm]) -> bool:
         """One term against the one set of rows: the plain single-store scoring path applies."""
-        return (
-            len(terms) == 1 and len(self.plan.datasets) == 1 and (self.run is None or len(self.plan.checkpoints) == 1)
-        )
+        return len(terms) == 1 and len(self.plan.datasets) == 1 and len(self.plan.checkpoints) == 1
 
     def scores_final_rows(self, terms: list[QueryTerm]) -> bool:
         """One term against the final model's rows, which are all the rows: ⟨transformed query, stored row⟩ of

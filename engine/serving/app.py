@@ -33,10 +33,12 @@ from engine.query.row_range import RowRangeScorer, merge_parts
 from engine.query.scoring import QueryResult
 from engine.serving.auth import BearerAuth, read_token, token_digest
 from engine.serving.batching import PassQueue
+from engine.serving.plan import ServePlan, resolve_serve_plan
 from engine.serving.rescore import BatchRescorer, candidate_options
 from engine.serving.responses import RequestError, refusal_of_http_error
 from engine.serving.schema import AttributeRequest, AttributeResponse, ErrorBody
 from engine.serving.validation import BodyLimit, Limits, PreparedRequest, prepare
+from engine.store import GradientStore
 from engine.store.identity import StoreChanged
 from engine.store.summary import manifest_summary
 
@@ -80,16 +82,21 @@ def _queries_in(items: list[PreparedRequest]) -> int:
 @serve.deployment(name="attribution")
 @serve.ingress()
 class AttributionService:
-    def __init__(self, config: JobConfig, range_scorers: list | None = None):
+    def __init__(self, plan: ServePlan | JobConfig, range_scorers: list | None = None):
+        """`plan`: as engine.serving.service resolved it once; a config is resolved here (a replica built in
+        this process, as tests do)."""
         import torch
 
+        plan = plan if isinstance(plan, ServePlan) else resolve_serve_plan(plan)
+        config = plan.config
         torch.set_num_threads(max(1, int(config.serve.replica_cpus)))
         self.config = config
         self.limits = Limits.from_config(config)
         token = read_token(config.serve)  # only its digest is kept
         self._digest = None if token is None else token_digest(token)
         scan = ShardedScan(range_scorers) if range_scorers else None
-        self.attributor = Attributor.load(config, scan=scan)
+        final = (plan.final_config, GradientStore.open(plan.final_store))
+        self.attributor = Attributor.load(config, scan=scan, final=final, method=plan.method)
         if config.serve.approximate:
             self.attributor.ann_index()  # a missing or stale index fails the replica's start, not a request
         self.rescorer = BatchRescorer(self.attributor) if config.serve.rescore is not None else None

@@ -27,14 +27,13 @@ from engine.query.generate import token_pieces
 from engine.query.records import result_records
 from engine.query.scoring import QueryResult
 from engine.serving.responses import RequestError
-from engine.store import GradientStore
 
 
 def check_rescore_inputs(config: JobConfig, opened) -> None:
     """Refuse, before the service starts, a `serve.rescore` its store or method cannot serve (one line each)."""
     if config.serve.rescore is None:
         return
-    if not isinstance(opened, GradientStore):
+    if opened.kind != "checkpoint":
         raise TributaryError(
             "serve.rescore runs on a single-checkpoint store, not a training run's; drop serve.rescore"
         )

@@ -6,11 +6,14 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from typing import TYPE_CHECKING
 
 from engine.config import ClusterConfig, JobConfig, parse_config
 from engine.errors import TributaryError
-from engine.serving.auth import read_token
 from engine.store.location import redact
+
+if TYPE_CHECKING:
+    from engine.serving.plan import ServePlan
 
 log = logging.getLogger(__name__)
 APP_NAME = "tributary"
@@ -26,31 +29,30 @@ def with_serve_options(config: JobConfig, source: str, **options) -> JobConfig:
     return parse_config(raw, source=source)
 
 
-def _range_scorers(config: JobConfig) -> list:
+def _range_scorers(plan: ServePlan) -> list:
     from engine.distributed.cluster import pool_size
-    from engine.query.attributor import final_model, open_complete_store
     from engine.query.row_range import row_ranges
     from engine.serving.app import range_scorer_deployment
 
-    cluster = config.cluster
+    cluster = plan.config.cluster
     if cluster is None:
         raise ValueError("range scorers are only built for a config with a cluster section")
-    _, store = final_model(config, open_complete_store(config.store.path))  # a training run: its final model's
     deployment = range_scorer_deployment()
-    return [
+    return [  # a training run: its final model's store
         deployment.options(
             name=f"rows-{a}-{b}", num_replicas=1, ray_actor_options={"num_cpus": cluster.cpus_per_worker, "num_gpus": 0}
-        ).bind(store.path, a, b, cluster.cpus_per_worker)
-        for a, b in row_ranges(len(store.shards()), pool_size(cluster))
+        ).bind(plan.final_store, a, b, cluster.cpus_per_worker)
+        for a, b in row_ranges(plan.shards, pool_size(cluster))
     ]
 
 
-def build_application(config: JobConfig):
+def build_application(plan: ServePlan):
     from engine.distributed.cluster import forwarded_environment
     from engine.serving.app import AttributionService
 
+    config = plan.config
     serve = config.serve
-    scorers = _range_scorers(config) if config.cluster is not None else None
+    scorers = _range_scorers(plan) if config.cluster is not None else None
     return AttributionService.options(
         num_replicas=serve.replicas,
         max_ongoing_requests=serve.max_ongoing_requests,
@@ -60,7 +62,7 @@ def build_application(config: JobConfig):
             "num_gpus": replica_gpus(config),
             "runtime_env": {"env_vars": forwarded_environment()},
         },
-    ).bind(config, scorers)
+    ).bind(plan, scorers)
 
 
 def start_service(config: JobConfig, name: str = APP_NAME, route_prefix: str = "/") -> str:
@@ -70,10 +72,11 @@ def start_service(config: JobConfig, name: str = APP_NAME, route_prefix: str = "
     prefixes; the proxy's host and port are those of the first one started.
     """
     from engine.distributed.cluster import connect
+    from engine.serving.plan import resolve_serve_plan
 
-    check_inputs(config)
+    plan = resolve_serve_plan(config)
     connect(config.cluster or ClusterConfig())
-    return deploy(config, name, route_prefix)
+    return deploy(plan, name, route_prefix)
 
 
 def replica_gpus(config: JobConfig) -> float:
@@ -85,31 +88,14 @@ def replica_gpus(config: JobConfig) -> float:
     return gpus
 
 
-def check_inputs(config: JobConfig) -> None:
-    """Fail here, with the store's own message, not in a replica; likewise for a configured token that is
-    missing (its value is not kept)."""
-    from engine.model.placement import check_placement, refuse_zero3_serving
-    from engine.query.attributor import final_model, open_complete_store
-    from engine.serving.rescore import check_rescore_inputs
-
-    refuse_zero3_serving(config)
-    check_placement(config, count_devices=config.serve.replica_gpus == 0)
-    opened = open_complete_store(config.store.path)
-    if config.serve.approximate:
-        from engine.ann.index import AnnIndex
-
-        AnnIndex(config.store.path, final_model(config, opened)[1])
-    check_rescore_inputs(config, opened)
-    read_token(config.serve)
-
-
-def deploy(config: JobConfig, name: str = APP_NAME, route_prefix: str = "/") -> str:
-    """Start Serve's HTTP proxy and the application on the connected Ray; the service's URL."""
+def deploy(plan: ServePlan, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Start Serve's HTTP proxy and the application of `plan` on the connected Ray; the service's URL."""
     from ray import serve
 
+    config = plan.config
     serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
     try:
-        serve.run(build_application(config), name=name, route_prefix=route_prefix)
+        serve.run(build_application(plan), name=name, route_prefix=route_prefix)
     except (RuntimeError, TributaryError) as error:
         reason = _failure_reason(name) or str(error)
         stop_service(name)
@@ -162,8 +148,9 @@ def serve_until_stopped(config: JobConfig, on_ready=None) -> None:
 
     from engine.distributed.cluster import connect
     from engine.distributed.local_node import adopt_orphans, stop_local_node
+    from engine.serving.plan import resolve_serve_plan
 
-    check_inputs(config)
+    plan = resolve_serve_plan(config)
     cluster = config.cluster or ClusterConfig()
     owns_ray = not ray.is_initialized() and cluster.address == "local"
     if owns_ray:
@@ -171,7 +158,7 @@ def serve_until_stopped(config: JobConfig, on_ready=None) -> None:
     connect(cluster)
     previous = signal.signal(signal.SIGTERM, _request_stop)  # after ray.init, which installs a handler of its own
     try:
-        url = deploy(config)
+        url = deploy(plan)
         if on_ready is not None:
             on_ready(url)
         while True:

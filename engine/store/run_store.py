@@ -21,6 +21,8 @@ import numpy as np
 import zarr
 from zarr.core.common import AccessModeLiteral
 
+from engine.config import JobConfig
+from engine.config.capabilities import StoreKind
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ModuleProjection
@@ -42,8 +44,10 @@ from engine.store.zarr_store import (
     write_factor_group,
     write_module_arrays,
 )
+from engine.training_run.configs import checkpoint_config
 from engine.training_run.keys import ResourceKey
 from engine.training_run.plan import RunPlan
+from engine.training_run.resolve import require_schedule
 
 
 def is_run_store(path: str) -> bool:
@@ -70,6 +74,33 @@ class RunStore(ManifestStore[RunManifest]):
     @property
     def plan(self) -> RunPlan:
         return self.manifest.plan
+
+    @property
+    def kind(self) -> StoreKind:
+        return "averaged_run" if self.plan.averaged else "training_run"
+
+    # ---- the interface it shares with GradientStore (a single-checkpoint store: a run of one) --------------
+    def run_plan(self, config: JobConfig) -> RunPlan:
+        return self.plan
+
+    def final_config(self, config: JobConfig) -> JobConfig:
+        """The run's config at its final checkpoint: that checkpoint's weights, segment data and sub-store."""
+        final = self.plan.final
+        dataset = self.plan.datasets[self.plan.segments[final.segment].dataset]
+        return checkpoint_config(config, final.weights, dataset, self.checkpoint_path(final.name))
+
+    def final_store(self) -> GradientStore:
+        return self.checkpoint(self.plan.final.name)
+
+    def checkpoint_store(self, name: str, mode: AccessModeLiteral = "r") -> GradientStore:
+        return self.checkpoint(name, mode)
+
+    def check_schedule(self, method: str) -> None:
+        """The learning rates and steps `method` needs, from the run (a TributaryError naming what to set)."""
+        require_schedule(self.plan, method)
+
+    def size_text(self) -> str:
+        return "training-run store"
 
     @property
     def modules(self) -> tuple[ModuleProjection, ...]:

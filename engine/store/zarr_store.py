@@ -14,6 +14,7 @@ A shard is a whole number of row-chunks, so a writer never shares a chunk with a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,6 +23,8 @@ import zarr
 from zarr.codecs import ZstdCodec
 from zarr.core.common import AccessModeLiteral
 
+from engine.config import JobConfig
+from engine.config.capabilities import StoreKind
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
 from engine.projection import ModuleProjection
@@ -49,6 +52,7 @@ from engine.store.manifest import (
     raw_manifest,
 )
 from engine.store.nodes import array, read, subgroup
+from engine.training_run.plan import RunPlan
 
 TARGET_CHUNK_BYTES = 16 << 20
 PARTIALS_SHARE = 4  # a shard's partial sums at most a quarter of its rows' bytes, where MAX_CHUNK_BYTES allows
@@ -128,6 +132,38 @@ class GradientStore(ManifestStore[StoreManifest]):
         return open_group(path) is not None
 
     # ---- layout ---------------------------------------------------------------------------------
+    @property
+    def kind(self) -> StoreKind:
+        return "checkpoint"
+
+    # ---- as a training run of one checkpoint (the interface it shares with RunStore) -----------------------
+    def run_plan(self, config: JobConfig) -> RunPlan:
+        """One checkpoint, config's model, in one segment over data.train (its schedule, if any, is the method
+        section's)."""
+        return dataclasses.replace(RunPlan.single(path=config.model.path), datasets=(config.data.train,))
+
+    def final_config(self, config: JobConfig) -> JobConfig:
+        return config
+
+    def final_store(self) -> GradientStore:
+        return self
+
+    def checkpoint_store(self, name: str, mode: AccessModeLiteral = "r") -> GradientStore:
+        """Its one checkpoint: itself."""
+        return self
+
+    def check_schedule(self, method: str) -> None:
+        """Nothing to check: a single checkpoint's schedule is the method section's (checked when parsed)."""
+
+    def read_segment_factors(self, index: int) -> dict[str, ModuleFactors]:
+        raise ValueError("a single-checkpoint store has no segment factors: its one segment's are its own")
+
+    def read_segment_preconditioner(self, index: int) -> dict[str, np.ndarray]:
+        raise ValueError("a single-checkpoint store has no optimizer preconditioners")
+
+    def size_text(self) -> str:
+        return f"{self.rows} rows"
+
     @property
     def rows(self) -> int:
         return self.manifest.rows

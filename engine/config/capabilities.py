@@ -1,0 +1,126 @@
+"""What runs with what, declared once as data: method × placement × store kind × feature.
+
+Every route checks a request against this one table with `check_capability`: a config as parsed or derived
+(engine.config.validation), the query run's flags (engine.query.plan), the service's start (engine.serving.plan)
+and each HTTP request's method (engine.query.attributor.Attributor.method). A refusal is one line naming the
+combination and what to change. `supported` reads the same table, for `capability_matrix` and the tests.
+
+Not here yet: an exact scoring pass (a later issue), which becomes one more feature column.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+from engine.config.method import method_names
+from engine.config.placement import PlacementConfig
+from engine.errors import TributaryError
+
+StoreKind = Literal["checkpoint", "training_run", "averaged_run"]
+Feature = Literal["per_token", "generate", "serve"]
+STORE_KINDS: tuple[StoreKind, ...] = get_args(StoreKind)
+FEATURES: tuple[Feature, ...] = get_args(Feature)
+PLACEMENT_KINDS: tuple[str, ...] = get_args(PlacementConfig.model_fields["kind"].annotation)
+
+STORE_NAMES: dict[StoreKind, str] = {
+    "checkpoint": "a single-checkpoint store",
+    "training_run": "a training-run store",
+    "averaged_run": "a training-run store indexed with training_run.averaged: true",
+}
+FEATURE_NAMES: dict[Feature, str] = {"per_token": "--per-token", "generate": "--generate", "serve": "tributary serve"}
+_RUNS: frozenset[StoreKind] = frozenset({"training_run", "averaged_run"})
+_ALL_STORES: frozenset[StoreKind] = frozenset(STORE_KINDS)
+
+
+@dataclass(frozen=True)
+class MethodCapability:
+    stores: frozenset[StoreKind]  # the store kinds the method scores
+    per_token: frozenset[StoreKind]  # where it splits a score over the query's tokens
+    fix: str  # what to change when the store kind is not one of `stores`
+
+
+@dataclass(frozen=True)
+class PlacementCapability:
+    stores: frozenset[StoreKind]
+    features: frozenset[Feature]
+    fix: str  # what to change for a store kind or feature it lacks
+
+
+# Per-token needs one query term at the final model: the single-term methods anywhere, a spectral F(Λ) (source's
+# one segment) on a single-checkpoint store only. tracin and fast_source read a training run's checkpoints.
+METHOD_CAPABILITIES: dict[str, MethodCapability] = {
+    "grad_dot": MethodCapability(_ALL_STORES, _ALL_STORES, ""),
+    "grad_cos": MethodCapability(_ALL_STORES, _ALL_STORES, ""),
+    "if": MethodCapability(_ALL_STORES, _ALL_STORES, ""),
+    "source": MethodCapability(_ALL_STORES, frozenset({"checkpoint"}), ""),
+    "fast_source": MethodCapability(
+        frozenset({"averaged_run"}), frozenset(), "index a training_run section with averaged: true"
+    ),
+    "tracin": MethodCapability(_RUNS, frozenset(), "index a training_run section (tracin sums over its checkpoints)"),
+    "trak": MethodCapability(_ALL_STORES, frozenset(), ""),
+    "datainf": MethodCapability(_ALL_STORES, frozenset(), ""),
+}
+
+# zero3 partitions the model over a group of ranks: no one process holds it to generate, to take a gradient per
+# token or to serve, and a training run's checkpoints are not indexed with it yet.
+PLACEMENT_CAPABILITIES: dict[str, PlacementCapability] = {
+    "single": PlacementCapability(_ALL_STORES, frozenset(FEATURES), ""),
+    "device_map": PlacementCapability(_ALL_STORES, frozenset(FEATURES), ""),
+    "zero3": PlacementCapability(frozenset({"checkpoint"}), frozenset(), "use placement.kind single or device_map"),
+}
+
+
+def supported(method: str, placement: str, store: StoreKind, feature: Feature | None = None) -> bool:
+    """Whether the table allows `method` with `placement` on `store` (and `feature`, when given)."""
+    return _refusal(method, placement, store, () if feature is None else (feature,)) is None
+
+
+def capability_matrix() -> dict[tuple[str, str, StoreKind, Feature | None], bool]:
+    """Every (method, placement, store kind, feature or None for the plain query) → supported."""
+    return {
+        (method, placement, store, feature): supported(method, placement, store, feature)
+        for method, placement, store, feature in itertools.product(
+            method_names(), PLACEMENT_KINDS, STORE_KINDS, (None, *FEATURES)
+        )
+    }
+
+
+def check_capability(
+    method: str,
+    placement: str,
+    store: StoreKind | None,
+    features: tuple[Feature, ...] = (),
+    source: str | None = None,
+) -> None:
+    """A TributaryError (one line, naming the combination and the fix) unless the table allows it. `store`:
+    None where the store kind is not known yet (one checkpoint's config inside a training run)."""
+    refusal = _refusal(method, placement, store, features)
+    if refusal is not None:
+        raise TributaryError(refusal if source is None else f"invalid config {source}: {refusal}")
+
+
+def _refusal(method: str, placement: str, store: StoreKind | None, features: tuple[Feature, ...]) -> str | None:
+    capability = METHOD_CAPABILITIES.get(method)
+    if capability is None:  # a declared method without a row here: a bug, caught by the tests
+        raise ValueError(f"method {method!r} has no row in engine.config.capabilities.METHOD_CAPABILITIES")
+    hosting = PLACEMENT_CAPABILITIES[placement]
+    for feature in features:
+        if feature not in hosting.features:
+            return f"{FEATURE_NAMES[feature]} with placement.kind {placement} is not supported; {hosting.fix}"
+    if store is not None and store not in hosting.stores:
+        return f"placement.kind {placement} is not supported with {STORE_NAMES[store]} yet; {hosting.fix}"
+    if store is not None and store not in capability.stores:
+        return f"method {method} needs {_store_list(capability.stores)}, not {STORE_NAMES[store]}; {capability.fix}"
+    if "per_token" in features and store is not None and store not in capability.per_token:
+        allowed = [name for name, c in METHOD_CAPABILITIES.items() if store in c.per_token]
+        return (
+            f"--per-token is available for {', '.join(allowed)} on {STORE_NAMES[store]}, not for method {method}; "
+            "drop --per-token"
+        )
+    return None
+
+
+def _store_list(stores: frozenset[StoreKind]) -> str:
+    return " or ".join(STORE_NAMES[kind] for kind in STORE_KINDS if kind in stores)
