@@ -81,7 +81,7 @@ def run_index(
     store = indexing.run_index(
         config, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=shard_executor
     )
-    if config.exact.factors and isinstance(store, GradientStore):
+    if config.exact.factors and store.kind == "checkpoint":
         executor = exact_executor(config)
         try:
             with StoreLock(config.store.path, break_lock=break_lock):

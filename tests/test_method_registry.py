@@ -94,6 +94,8 @@ def test_the_query_commands_flags_take_the_declared_defaults():
         "chat": ["--chat", "--no-chat"],
         "approximate": ["--approximate"],
         "rerank": ["--rerank"],
+        "exact": ["--exact"],
+        "rescore": ["--rescore"],
     }
     defaults = {name: params[name].default for name in params if name not in ("config", "queries")}
     assert defaults == {
@@ -114,6 +116,8 @@ def test_the_query_commands_flags_take_the_declared_defaults():
         "chat": None,
         "approximate": False,
         "rerank": 100,
+        "exact": False,
+        "rescore": None,
     }
     options = {p.name: p for p in command.params if isinstance(p, TyperOption)}  # the ones with help
     assert options["top_k"].help == "supporting (and opposing) training examples per query"
