@@ -488,7 +488,19 @@ def parse_config(raw: dict, source: str = "<dict>", base_dir: Path | None = None
     _check_serve(config, source)
     _check_placement(config, source)
     _check_fitted_projection(config, source)
+    _check_budget(config, source)
     return config
+
+
+def _check_budget(config: JobConfig, source: str) -> None:
+    """projection.budget is built by `tributary index`'s shard workers (engine.store.budget) alone so far."""
+    if config.projection.budget is None:
+        return
+    if config.placement.kind == "zero3" or config.training_run is not None:
+        raise TributaryError(
+            f"invalid config {source}: projection.budget is not supported with placement.kind zero3 or a "
+            "training_run section yet; use projection.dim"
+        )
 
 
 def _check_fitted_projection(config: JobConfig, source: str) -> None:
@@ -601,8 +613,12 @@ def _resolve_paths(config: JobConfig, base_dir: Path) -> JobConfig:
     serve = config.serve.model_copy(
         update={"auth_token_file": None if token_file is None else _resolve(token_file, base_dir)}
     )
+    budget = config.projection.budget
+    if budget is not None:
+        budget = budget.model_copy(update={"measured_on": _resolve(budget.measured_on, base_dir)})
     return config.model_copy(
         update={
+            "projection": config.projection.model_copy(update={"budget": budget}),
             "data": data,
             "store": store,
             "model": model,

@@ -143,3 +143,19 @@ def torch_float64():
     import torch
 
     return torch.float64
+
+
+def test_a_budget_where_the_workers_cannot_build_it_is_refused(tmp_path, tiny_models, text_train):
+    raw = _raw(tmp_path, tiny_models["gpt2"], text_train, "zero3", budget={"numbers_per_row": 64, "measured_on": "x"})
+    raw["placement"] = {"kind": "zero3"}
+    raw["cluster"] = {"address": "local"}
+    with pytest.raises(TributaryError, match="projection.budget is not supported with placement.kind zero3"):
+        parse_config(raw)
+
+
+def test_a_relative_measured_on_is_resolved_as_the_other_paths(tmp_path, tiny_models, text_train):
+    raw = _raw(
+        tmp_path, tiny_models["gpt2"], text_train, "rel", budget={"numbers_per_row": 64, "measured_on": "m.zarr"}
+    )
+    budget = parse_config(raw, base_dir=tmp_path / "sub").projection.budget
+    assert budget is not None and budget.measured_on == str((tmp_path / "sub" / "m.zarr").resolve())
