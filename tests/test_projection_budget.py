@@ -159,3 +159,25 @@ def test_a_relative_measured_on_is_resolved_as_the_other_paths(tmp_path, tiny_mo
     )
     budget = parse_config(raw, base_dir=tmp_path / "sub").projection.budget
     assert budget is not None and budget.measured_on == str((tmp_path / "sub" / "m.zarr").resolve())
+
+
+def test_exact_and_rescore_run_on_a_budgeted_store(tmp_path, tiny_models, text_train):
+    """--exact beside a budgeted store gives the dim-0 store's EK-FAC scores; --rescore over every row too."""
+    from engine.config import QueryOptions
+    from engine.runner import run_exact
+
+    model = tiny_models["gpt2"]
+    measured = parse_config(_raw(tmp_path, model, text_train, "dim0", dim=0))
+    run_index(measured, show_progress=False)
+    raw = _raw(
+        tmp_path, model, text_train, "b", budget={"numbers_per_row": 64, "measured_on": str(measured.store.path)}
+    )
+    raw["exact"] = {"factors": True}
+    config = parse_config(raw)
+    run_index(config, show_progress=False)
+    expected = run_query(measured, str(text_train), k=3).total
+    assert expected is not None
+    ours = run_exact(config, str(text_train), QueryOptions(k=3)).scores
+    np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
+    every = run_exact(config, str(text_train), QueryOptions(k=3), rescore=len(expected[0]))
+    assert np.array_equal(every.scores, ours)

@@ -21,7 +21,7 @@ from engine.config import GenerationSettings, JobConfig, QueryOptions, with_meth
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.gradients.context import ModelContext, load_model_context, with_projection, with_stored_projection
+from engine.gradients.context import ModelContext, load_model_context, with_stored_projection
 from engine.gradients.passes import token_gradients
 from engine.projection import ProjectionSpec
 from engine.query.approximate import rank_approximate
@@ -32,7 +32,7 @@ from engine.query.scoring import QueryResult, rank_store, without_rows
 from engine.spectral.core import QueryTerm, score_block, transform_queries
 from engine.spectral.methods import Method, method_from_config
 from engine.store import GradientStore
-from engine.store.budget import budgeted_projection
+from engine.store.budget import budgeted_context
 from engine.store.identity import StoreChanged, StoreIdentity, check_unchanged, identity_of
 from engine.store.location import redact
 from engine.store.run_store import RunStore, is_run_store
@@ -227,9 +227,7 @@ class Attributor:
         on a group of ranks); refuse a store built from other inputs."""
         opened = opened or open_complete_store(config.store.path)
         model_config, store = final_model(config, opened)
-        context = load_context(model_config)
-        if model_config.projection.budget is not None:
-            context = with_projection(context, budgeted_projection(model_config, context.spec))
+        context = budgeted_context(model_config, load_context(model_config))
         check_compatible(store, context, model_config)
         return cls(config, opened, with_stored_projection(context, store.read_projection), scan)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
 from engine.errors import TributaryError
+from engine.gradients.context import ModelContext, with_projection
 from engine.projection import ProjectionSpec, build_projection
 from engine.projection.budget import allocate, effective_dimension
 from engine.projection.fitted import full_width
@@ -60,3 +61,10 @@ def budgeted_projection(config: JobConfig, spec: ProjectionSpec) -> ProjectionSp
     widths = allocate(budget.numbers_per_row, shapes, effective)
     largest = max(max(pair) for pair in widths.values())  # dim is informational here: each module has its own k
     return build_projection(largest, spec.seed, spec.kind, shapes, widths=widths, budget=budget.numbers_per_row)
+
+
+def budgeted_context(config: JobConfig, context: ModelContext) -> ModelContext:
+    """`context` (built from the config alone) with the budgeted spec, where config.projection.budget is set."""
+    if config.projection.budget is None or context.spec.budget is not None:
+        return context
+    return with_projection(context, budgeted_projection(config, context.spec))
