@@ -15,7 +15,7 @@ from engine.config.loading import load_config, parse_config, with_method_name
 from engine.config.method import METHODS, MethodConfig, MethodSpec, method_names, unknown_method
 from engine.config.model import ModelConfig
 from engine.config.placement import PlacementConfig
-from engine.config.projection import ProjectionConfig
+from engine.config.projection import ProjectionBudget, ProjectionConfig
 from engine.config.query_options import GenerationSettings, QueryOptions, option_field
 from engine.config.serve import ServeConfig
 from engine.config.store import StoreConfig
@@ -35,6 +35,7 @@ __all__ = [
     "ModelConfig",
     "OptimizerConfig",
     "PlacementConfig",
+    "ProjectionBudget",
     "ProjectionConfig",
     "QueryOptions",
     "SegmentConfig",

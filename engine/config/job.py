@@ -53,14 +53,16 @@ class JobConfig(_Section):
 
         Each change names a section: a mapping updates those keys of it (`store={"path": p}`), a section or
         None replaces it. `part_of_run`: one checkpoint's config of a training run (see check_rules)."""
-        raw = self.model_dump()
+        # exclude_unset: a field the config never set stays unset, so rules on what was given (projection.budget
+        # replaces dim) read the derived config as they read the parsed one
+        raw = self.model_dump(exclude_unset=True)
         for name, value in changes.items():
             if name not in type(self).model_fields:
                 raise ValueError(f"JobConfig has no section {name!r}")
             if isinstance(value, BaseModel):
-                raw[name] = value.model_dump()
-            elif isinstance(value, dict) and isinstance(raw[name], dict):
-                raw[name] = {**raw[name], **value}
+                raw[name] = value.model_dump(exclude_unset=True)
+            elif isinstance(value, dict) and getattr(self, name) is not None:
+                raw[name] = {**raw.get(name, {}), **value}
             else:
                 raw[name] = value
         return type(self).validated(raw, source, part_of_run=part_of_run)

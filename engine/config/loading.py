@@ -50,6 +50,11 @@ def _resolved_paths(config: JobConfig, base_dir: Path) -> dict[str, Any]:
         "serve": {"auth_token_file": None if token_file is None else _resolve(token_file, base_dir)},
         "training_run": _resolved_run_paths(config.training_run, base_dir),
     }
+    budget = config.projection.budget
+    if budget is not None:
+        changes["projection"] = {
+            "budget": {**budget.model_dump(), "measured_on": _resolve(budget.measured_on, base_dir)}
+        }
     offload = config.placement.offload
     if offload is not None and offload != "cpu":
         changes["placement"] = {"offload": _resolve(offload, base_dir)}

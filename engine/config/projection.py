@@ -10,6 +10,14 @@ from pydantic_core import PydanticCustomError
 from engine.config.section import Section as _Section
 
 
+class ProjectionBudget(_Section):
+    numbers_per_row: int = Field(gt=0, description="stored numbers per row, split over the modules")
+    measured_on: str = Field(
+        description="a store with full-width factors (`exact: {factors: true}`, or projection.dim 0) of the same "
+        "model and modules: its Λ gives each module's effective dimension Σ Λ/(Λ+λ), by which the budget is split"
+    )
+
+
 class ProjectionConfig(_Section):
     dim: int = Field(default=16, ge=0, description="per-side projection width k; 0 = identity (exact)")
     seed: int = 0
@@ -37,8 +45,18 @@ class ProjectionConfig(_Section):
         "sketch of width 4 x the eigenvectors kept (4kd products and floats), exact where that is not narrower",
     )
 
+    budget: ProjectionBudget | None = Field(
+        default=None,
+        description="in place of dim: numbers_per_row split over the modules by effective dimension (random kinds; "
+        "engine.projection.budget)",
+    )
+
     @model_validator(mode="after")
     def _fitted_options(self) -> ProjectionConfig:
+        if self.budget is not None and "dim" in self.model_fields_set:
+            raise PydanticCustomError("projection_options", "budget replaces dim; remove one of them")
+        if self.budget is not None and self.kind not in ("rademacher", "gaussian"):
+            raise PydanticCustomError("projection_options", "budget is for kind rademacher or gaussian")
         fitted = self.kind in ("kfac_eigen", "eigen_sketch")
         if not fitted and (self.fit_rows is not None or self.top is not None or self.fit != "exact"):
             raise PydanticCustomError(

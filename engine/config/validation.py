@@ -52,6 +52,7 @@ def check_rules(config: JobConfig, source: str, *, part_of_run: bool = False) ->
         config.method.name, config.placement.kind, None if part_of_run else config_store_kind(config), source=source
     )
     _check_fitted_projection(config, source)
+    _check_budget(config, source)
 
 
 def config_store_kind(config: JobConfig) -> StoreKind:
@@ -83,6 +84,17 @@ def _check_source_schedule(config: JobConfig, source: str) -> None:
         raise TributaryError(
             f"invalid config {source}: method 'source' needs method.eta (mean learning rate) and "
             "method.steps (optimizer steps K), or a training_run section"
+        )
+
+
+def _check_budget(config: JobConfig, source: str) -> None:
+    """projection.budget is built by `tributary index`'s shard workers (engine.store.budget) alone so far."""
+    if config.projection.budget is None:
+        return
+    if config.placement.kind == "zero3" or config.training_run is not None:
+        raise TributaryError(
+            f"invalid config {source}: projection.budget is not supported with placement.kind zero3 or a "
+            "training_run section yet; use projection.dim"
         )
 
 

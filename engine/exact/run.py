@@ -30,6 +30,7 @@ from engine.query.attributor import check_compatible, open_complete_store
 from engine.query.scoring import QueryResult, top_k
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore
+from engine.store.budget import budgeted_context
 
 # (config, queries, the driver's loaded model or None) → the executor of the `exact_scores` stage
 ExactExecutors = Callable[[JobConfig, ExactQueries, ModelContext | None], ShardExecutor]
@@ -85,7 +86,7 @@ def run_exact_query(
     full = full_spec(store)
     check_query_rank(config.exact.query_rank, full)
     rows = read_rows(queries_path, field_names(config), what="queries file")
-    context = load_model_context(config)
+    context = budgeted_context(config, load_model_context(config))
     check_compatible(store, context, config)
     full_context = with_projection(context, full)
     tokenized = tokenize_rows(rows, context.tokenizer, config.data.max_length, queries_path)

@@ -31,6 +31,7 @@ from engine.gradients.passes import (
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
 from engine.projection.fitted import fit_row_positions, fit_shapes, full_width, sketch_matrices
 from engine.store import GradientStore
+from engine.store.budget import budgeted_context
 from engine.testing.faults import fault_point
 
 
@@ -50,7 +51,7 @@ class ShardWorker:
 
             torch.set_num_threads(threads)
         self.config = config
-        self.context = context or load_model_context(config)
+        self.context = budgeted_context(config, context or load_model_context(config))
         self._rows: list[Row] | None = None
         self._range: tuple[tuple[int, int], list[Row]] | None = None
         self._store: GradientStore | None = None

@@ -75,6 +75,7 @@ class ProjectionSpec:
     fit: str = (
         "exact"  # fitted kinds: "exact" (full covariances) or "sketch" (one-pass Nyström, engine.projection.fitted)
     )
+    budget: int | None = None  # projection.budget's numbers per row (k per module: engine.projection.budget)
     # fitted kinds: module -> (P_in, P_out), read from the store (engine.store) and checked against its checksums;
     # not part of the spec's identity, which the settings above fix
     # (Any, excluded: a manifest records the spec and the store the matrices, with their checksums)
@@ -100,6 +101,8 @@ class ProjectionSpec:
             raw.update(fit_rows=self.fit_rows, top=self.top)
             if self.fit != "exact":  # absent for an exact fit, so its fingerprint is that of a version-3 store
                 raw["fit"] = self.fit
+        if self.budget is not None:  # absent without a budget, so a fixed dim's fingerprint is unchanged
+            raw["budget"] = self.budget
         return raw
 
     def fingerprint(self) -> str:
@@ -116,6 +119,7 @@ class ProjectionSpec:
             fit_rows=raw.get("fit_rows"),
             top=raw.get("top"),
             fit=raw.get("fit", "exact"),
+            budget=raw.get("budget"),
         )
 
     def with_matrices(self, matrices: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> ProjectionSpec:
@@ -162,15 +166,20 @@ def build_projection(
     fit_rows: int | None = None,
     top: int | None = None,
     fit: str = "exact",
+    widths: Mapping[str, tuple[int, int]] | None = None,
+    budget: int | None = None,
 ) -> ProjectionSpec:
     """`shapes` lists (module name, d_in incl. bias column, d_out) in tracking order. A fitted kind keeps a side
-    as narrow as `dim` at full width too, as a rotation into its eigenbasis (the same scores as the identity)."""
+    as narrow as `dim` at full width too, as a rotation into its eigenbasis (the same scores as the identity).
+    `widths` (with `budget`, the numbers per row they were allocated from) gives each module its own (k_in, k_out)
+    in place of `dim`; a side as wide as the module stays the identity."""
     modules = []
     offset = 0
     for name, d_in, d_out in shapes:
-        module = ModuleProjection(
-            name=name, d_in=d_in, d_out=d_out, k_in=_side_width(dim, d_in), k_out=_side_width(dim, d_out), offset=offset
-        )
+        k_in, k_out = (_side_width(dim, d_in), _side_width(dim, d_out)) if widths is None else widths[name]
+        module = ModuleProjection(name=name, d_in=d_in, d_out=d_out, k_in=k_in, k_out=k_out, offset=offset)
         modules.append(module)
         offset += module.width
-    return ProjectionSpec(dim=dim, seed=seed, kind=kind, modules=tuple(modules), fit_rows=fit_rows, top=top, fit=fit)
+    return ProjectionSpec(
+        dim=dim, seed=seed, kind=kind, modules=tuple(modules), fit_rows=fit_rows, top=top, fit=fit, budget=budget
+    )

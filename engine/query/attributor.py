@@ -33,6 +33,7 @@ from engine.query.scoring import QueryResult, rank_store, without_rows
 from engine.spectral.core import QueryTerm, score_block, transform_queries
 from engine.spectral.methods import Method, method_from_config
 from engine.store import GradientStore
+from engine.store.budget import budgeted_context
 from engine.store.identity import StoreChanged, StoreIdentity, check_unchanged, identity_of
 from engine.store.location import redact
 from engine.store.run_store import RunStore, is_run_store
@@ -224,7 +225,7 @@ class Attributor:
         store) and `method`: as already resolved by engine.query.plan, when given."""
         opened = opened or open_complete_store(config.store.path)
         model_config, store = final_model(config, opened) if final is None else final
-        context = load_context(model_config)
+        context = budgeted_context(model_config, load_context(model_config))
         check_compatible(store, context, model_config)
         return cls(config, opened, with_stored_projection(context, store.read_projection), scan, store, method)
 

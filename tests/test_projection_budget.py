@@ -1,0 +1,183 @@
+"""`projection.budget`: B numbers per row split over the modules by the effective dimension Σ Λ/(Λ+λ) measured on
+another store's full-width factors, each module's k recorded in the manifest, and scores correct for that
+projection (checked against the dim-0 store's full gradients projected here with the same matrices)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import parse_config
+from engine.errors import TributaryError
+from engine.projection.budget import allocate, effective_dimension, factor_share, shares
+from engine.runner import run_index, run_query
+from engine.store import GradientStore
+from tests.conftest import job_config
+
+SHAPES = [("a", 9, 5), ("b", 33, 17), ("c", 4, 64), ("d", 65, 65)]
+
+
+def test_effective_dimension_is_the_damped_count_of_eigenvalues():
+    lam = np.array([[4.0, 1.0], [0.0, 3.0]])
+    assert effective_dimension(lam, 1.0) == pytest.approx(4 / 5 + 1 / 2 + 0 + 3 / 4)
+    mean = lam.mean()
+    assert effective_dimension(lam, None) == pytest.approx(sum(v / (v + 0.1 * mean) for v in lam.ravel()))
+
+
+@pytest.mark.parametrize("budget", [4, 5, 37, 256, 1000, 4096])
+def test_shares_sum_to_the_budget_one_each_then_in_proportion(budget):
+    weights = [1.0, 7.5, 0.0, 3.25]
+    split = shares(budget, weights)
+    assert sum(split) == budget and min(split) >= 1
+    ideal = np.array(weights) / sum(weights) * (budget - len(weights))
+    assert np.all(np.abs(np.array(split) - 1 - ideal) < 1.0)  # largest remainder: within one of the ideal share
+    assert split == shares(budget, list(weights))  # deterministic
+
+
+def test_factor_share_is_the_largest_product_within_the_share_by_brute_force():
+    for share in (1, 7, 12, 64, 97, 300):
+        for d_in, d_out in ((9, 5), (4, 64), (65, 65), (1, 3)):
+            k_in, k_out = factor_share(share, d_in, d_out)
+            best = max(a * b for a in range(1, d_in + 1) for b in range(1, d_out + 1) if a * b <= share)
+            assert k_in * k_out == best and k_in <= d_in and k_out <= d_out
+
+
+@pytest.mark.parametrize("budget", [4, 64, 1024, 3000])
+def test_allocation_stays_within_the_budget_and_is_deterministic(budget):
+    effective = {"a": 2.0, "b": 40.0, "c": 9.0, "d": 120.0}
+    widths = allocate(budget, SHAPES, effective)
+    assert list(widths) == [name for name, _, _ in SHAPES]
+    assert sum(k_in * k_out for k_in, k_out in widths.values()) <= budget
+    assert widths == allocate(budget, SHAPES, dict(reversed(list(effective.items()))))
+    if budget >= 1024:  # the module of the largest effective dimension gets the most numbers
+        assert max(widths, key=lambda n: widths[n][0] * widths[n][1]) == "d"
+
+
+def test_too_small_a_budget_is_refused():
+    with pytest.raises(ValueError, match="cannot give each of 4 modules one number"):
+        allocate(3, SHAPES, {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0})
+
+
+def _raw(tmp_path, model, train, name, **projection):
+    raw = job_config(tmp_path, model, train, curvature={"strategy": "ekfac", "fisher": "empirical"})
+    raw["store"]["path"] = str(tmp_path / f"{name}.zarr")
+    raw["projection"] = projection
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("projection", "words"),
+    [
+        ({"budget": {"numbers_per_row": 0, "measured_on": "x"}}, "numbers_per_row"),
+        ({"budget": {"numbers_per_row": 64, "measured_on": "x"}, "dim": 16}, "budget replaces dim"),
+        ({"budget": {"numbers_per_row": 64}}, "measured_on"),
+        ({"budget": {"numbers_per_row": 64, "measured_on": "x"}, "kind": "kfac_eigen"}, "budget is for kind"),
+    ],
+)
+def test_bad_budget_settings_are_refused_naming_the_key(tmp_path, tiny_models, text_train, projection, words):
+    with pytest.raises(TributaryError, match=words) as refused:
+        parse_config(_raw(tmp_path, tiny_models["gpt2"], text_train, "bad", **projection))
+    header, *problems = str(refused.value).strip().splitlines()
+    assert header.startswith("invalid config") and len(problems) == 1  # the config's format: one line a problem
+    assert problems[0].strip().startswith("projection")
+
+
+def test_a_budget_below_one_number_per_module_is_refused_before_a_store_is_written(tmp_path, tiny_models, text_train):
+    measured = parse_config(_raw(tmp_path, tiny_models["gpt2"], text_train, "dim0", dim=0))
+    run_index(measured, show_progress=False)
+    config = parse_config(
+        _raw(
+            tmp_path,
+            tiny_models["gpt2"],
+            text_train,
+            "few",
+            budget={"numbers_per_row": 2, "measured_on": str(measured.store.path)},
+        )
+    )
+    with pytest.raises(TributaryError, match="projection.budget.numbers_per_row is 2, fewer than one number"):
+        run_index(config, show_progress=False)
+    assert not GradientStore.exists(config.store.path)
+
+
+def test_a_budgeted_store_records_k_per_module_and_scores_its_projection(tmp_path, tiny_models, text_train):
+    """grad_dot queries with the training rows themselves: the budgeted store's scores are R Rᵀ, with R the dim-0
+    store's full gradients projected here by each module's P_outᵀ G P_in."""
+    model = tiny_models["gpt2"]
+    measured = parse_config(_raw(tmp_path, model, text_train, "dim0", dim=0))
+    run_index(measured, show_progress=False)
+    budget = 200
+    raw = _raw(
+        tmp_path,
+        model,
+        text_train,
+        "budget",
+        budget={"numbers_per_row": budget, "measured_on": str(measured.store.path)},
+    )
+    raw["method"] = {"name": "grad_dot"}
+    config = parse_config(raw)
+    store = run_index(config, show_progress=False)
+    assert isinstance(store, GradientStore)
+    spec = store.manifest.projection
+    assert spec.budget == budget and store.manifest.width == spec.total_width <= budget
+    widths = {(m.k_in, m.k_out) for m in spec.modules}
+    assert len(widths) > 1  # not one k for every module
+    full_store = GradientStore.open(measured.store.path)
+    full = full_store.read_rows(0, full_store.rows)
+    parts = []
+    for module, wide in zip(spec.modules, full_store.manifest.projection.modules):
+        gradient = full[:, wide.offset : wide.offset + wide.width].reshape(-1, wide.k_out, wide.k_in)
+        p_in = spec.side_matrix(module, "in", torch_float64())
+        p_out = spec.side_matrix(module, "out", torch_float64())
+        p_in = np.eye(module.d_in) if p_in is None else p_in.numpy()
+        p_out = np.eye(module.d_out) if p_out is None else p_out.numpy()
+        parts.append(np.einsum("oa,noi,ib->nab", p_out, gradient, p_in).reshape(len(full), -1))
+    projected = np.concatenate(parts, axis=1)
+    np.testing.assert_allclose(store.read_rows(0, store.rows), projected, rtol=1e-9, atol=1e-12)
+    scores = run_query(config, str(text_train), k=3).total
+    assert scores is not None
+    expected = projected @ projected.T
+    np.testing.assert_allclose(scores, expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+
+
+def torch_float64():
+    import torch
+
+    return torch.float64
+
+
+def test_a_budget_where_the_workers_cannot_build_it_is_refused(tmp_path, tiny_models, text_train):
+    raw = _raw(tmp_path, tiny_models["gpt2"], text_train, "zero3", budget={"numbers_per_row": 64, "measured_on": "x"})
+    raw["placement"] = {"kind": "zero3"}
+    raw["cluster"] = {"address": "local"}
+    with pytest.raises(TributaryError, match="projection.budget is not supported with placement.kind zero3"):
+        parse_config(raw)
+
+
+def test_a_relative_measured_on_is_resolved_as_the_other_paths(tmp_path, tiny_models, text_train):
+    raw = _raw(
+        tmp_path, tiny_models["gpt2"], text_train, "rel", budget={"numbers_per_row": 64, "measured_on": "m.zarr"}
+    )
+    budget = parse_config(raw, base_dir=tmp_path / "sub").projection.budget
+    assert budget is not None and budget.measured_on == str((tmp_path / "sub" / "m.zarr").resolve())
+
+
+def test_exact_and_rescore_run_on_a_budgeted_store(tmp_path, tiny_models, text_train):
+    """--exact beside a budgeted store gives the dim-0 store's EK-FAC scores; --rescore over every row too."""
+    from engine.config import QueryOptions
+    from engine.runner import run_exact
+
+    model = tiny_models["gpt2"]
+    measured = parse_config(_raw(tmp_path, model, text_train, "dim0", dim=0))
+    run_index(measured, show_progress=False)
+    raw = _raw(
+        tmp_path, model, text_train, "b", budget={"numbers_per_row": 64, "measured_on": str(measured.store.path)}
+    )
+    raw["exact"] = {"factors": True}
+    config = parse_config(raw)
+    run_index(config, show_progress=False)
+    expected = run_query(measured, str(text_train), k=3).total
+    assert expected is not None
+    ours = run_exact(config, str(text_train), QueryOptions(k=3)).scores
+    np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
+    every = run_exact(config, str(text_train), QueryOptions(k=3), rescore=len(expected[0]))
+    assert np.array_equal(every.scores, ours)
