@@ -1,17 +1,17 @@
 """Capture during training, for any loop: per-example projected gradients from the training backward itself,
 written as a training-run store (engine.integrations.store_writer).
 
-    capture = TrainingCapture(config, model, optimizer)
+    capture = TrainingCapture(config, model, optimizer)   # model: the HF / peft model, or its DDP wrapper
     for epoch in range(epochs):
-        for batch in loader:                          # batches from TrainingRows.collate
-            with capture.step(batch["tributary_rows"]):   # one optimizer step: every micro-batch's forward
-                loss = model(**batch).loss                #   and backward inside
-                loss.backward()
-            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        for batch in loader:                  # batches from TrainingRows.collate carry their row indices
+            with capture.step():              # one optimizer step: every micro-batch's forward and backward
+                model(**batch).loss.backward()
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()   # after the block
         capture.end_epoch()
     capture.close()
 
-The learning rate of a step is the optimizer's when the step begins (the one its update will use).
+The learning rate of a step is the optimizer's when the step begins (the one its update will use). A segment
+cut after a step is written when the next step begins (or at end_epoch / close), after that step's update.
 """
 
 from __future__ import annotations
