@@ -24,6 +24,7 @@ from engine.errors import TributaryError
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass
 from engine.integrations import TrainingCapture, TrainingRows, TributaryCallback
+from engine.integrations.segments import cut_points
 from engine.integrations.store_writer import captured_rows
 from engine.runner import run_query
 from engine.store.run_store import RunStore
@@ -438,3 +439,21 @@ def test_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
     np.testing.assert_allclose(ours.read_rows(0, ours.rows), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
     for name, factors in theirs.read_factors().items():
         np.testing.assert_allclose(ours.read_factors()[name].lam, factors.lam, rtol=0, atol=1e-5 * factors.lam.max())
+
+
+def test_segments_cut_at_boundaries_or_equal_parts_of_the_steps():
+    assert cut_points([6, 2], segments=1, total_steps=None) == [2, 6]
+    assert cut_points(None, segments=3, total_steps=9) == [3, 6]
+    assert cut_points(None, segments=1, total_steps=None) == []
+    with pytest.raises(TributaryError, match="total_steps"):
+        cut_points(None, segments=2, total_steps=None)
+
+
+def test_callback_refuses_a_trainer_that_drops_the_row_indices(tiny_models, tmp_path):
+    from types import SimpleNamespace
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    callback = TributaryCallback(_config(tmp_path, tiny_models["llama"], train, "cb.zarr"))
+    args = SimpleNamespace(remove_unused_columns=True, gradient_checkpointing=False)
+    with pytest.raises(TributaryError, match="remove_unused_columns=False"):
+        callback.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=1), None, model=None, optimizer=None)
