@@ -1,7 +1,7 @@
 """Attribution at the cost of training: a Trainer fine-tune with and without TributaryCallback (empirical
 Fisher, and the true Fisher's sampled-label backward), and the alternative (save checkpoints at the segment boundaries, then `tributary index` them), side by side in one run.
 
-Usage: python -m benchmarks.train_capture [--rows 64] [--rounds 1] [--dim 16]   (about 2 minutes on 2 CPU cores)
+Usage: python -m benchmarks.train_capture [--rows 64] [--rounds 1] [--dim 16]   (about 3 minutes on 2 quiet CPU cores)
 
 Times per variant: the whole `trainer.train()` (capture included: rows, factors, segment stores, the final
 weights), the optimizer steps alone (on_step_begin to on_step_end, the capture's per-step work included), and
