@@ -1,5 +1,6 @@
 """Attribution at the cost of training: a Trainer fine-tune with and without TributaryCallback (empirical
-Fisher, and the true Fisher's sampled-label backward), and the alternative (save checkpoints at the segment boundaries, then `tributary index` them), side by side in one run.
+Fisher, and the true Fisher's sampled-label backward), and the alternative (save checkpoints at the segment
+boundaries, then `tributary index` them), side by side in one run.
 
 Usage: python -m benchmarks.train_capture [--rows 64] [--rounds 1] [--dim 16]   (about 3 minutes on 2 quiet CPU cores)
 

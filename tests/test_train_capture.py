@@ -175,10 +175,11 @@ def test_query_every_method_from_the_captured_store(trainer_runs):
         assert total is not None and np.isfinite(total).all() and total.shape == (1, len(SENTENCES))
 
 
-def test_gradient_accumulation_of_two_micro_batches_equals_one_batch(tiny_models, tmp_path):
+@pytest.mark.parametrize("fisher", ["empirical", True])
+def test_gradient_accumulation_of_two_micro_batches_equals_one_batch(tiny_models, tmp_path, fisher):
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    whole = _config(tmp_path, tiny_models["llama"], train, "whole.zarr")
-    split = _config(tmp_path, tiny_models["llama"], train, "split.zarr")
+    whole = _config(tmp_path, tiny_models["llama"], train, "whole.zarr", curvature={"fisher": fisher})
+    split = _config(tmp_path, tiny_models["llama"], train, "split.zarr", curvature={"fisher": fisher})
     _train(whole, tiny_models["llama"], tmp_path / "a", capture=True, batch=4, epochs=1)
     _train(split, tiny_models["llama"], tmp_path / "b", capture=True, batch=2, accumulate=2, epochs=1)
     one, two = RunStore.open(whole.store.path).checkpoint("c0"), RunStore.open(split.store.path).checkpoint("c0")
