@@ -1,7 +1,8 @@
-"""Attribution at the cost of training: a Trainer fine-tune with and without TributaryCallback, and the
-alternative (save checkpoints at the segment boundaries, then `tributary index` them), side by side in one run.
+"""Attribution at the cost of training: a Trainer fine-tune with and without TributaryCallback (empirical
+Fisher, and the true Fisher's sampled-label backward), and the alternative (save checkpoints at the segment
+boundaries, then `tributary index` them), side by side in one run.
 
-Usage: python -m benchmarks.train_capture [--rows 64] [--rounds 1] [--dim 16]   (about 2 minutes on 2 CPU cores)
+Usage: python -m benchmarks.train_capture [--rows 64] [--rounds 1] [--dim 16]   (about 3 minutes on 2 quiet CPU cores)
 
 Times per variant: the whole `trainer.train()` (capture included: rows, factors, segment stores, the final
 weights), the optimizer steps alone (on_step_begin to on_step_end, the capture's per-step work included), and
@@ -102,19 +103,24 @@ def main() -> None:
         train = write_jsonl(work / "train.jsonl", texts)
         steps = -(-args.rows // BATCH)
 
-        def config(store: str, **extra) -> JobConfig:
+        def config(store: str, fisher: bool | str = "empirical", **extra) -> JobConfig:
             raw = {
                 "model": {"path": str(model_dir), "dtype": "float32"},
                 "data": {"train": str(train), "max_length": SEQUENCE + 8, "batch_size": BATCH},
                 "projection": {"dim": args.dim, "kind": "rademacher"},
-                "curvature": {"strategy": "ekfac", "fisher": "empirical"},
+                "curvature": {"strategy": "ekfac", "fisher": fisher},
                 "method": {"name": "source"},
                 "training_run": {"segments": SEGMENTS, **extra},
                 "store": {"path": str(work / store)},
             }
             return parse_config(raw)
 
-        details: dict[str, list[dict]] = {"train": [], "train_capture": [], "train_checkpoints_index": []}
+        details: dict[str, list[dict]] = {
+            "train": [],
+            "train_capture": [],
+            "train_capture_true_fisher": [],
+            "train_checkpoints_index": [],
+        }
 
         def plain() -> float:
             result = _train(model_dir, config("unused.zarr"), work / "plain", capture=False, save_steps=None)
@@ -125,6 +131,13 @@ def main() -> None:
             shutil.rmtree(work / "captured.zarr", ignore_errors=True)
             result = _train(model_dir, config("captured.zarr"), work / "captured", capture=True, save_steps=None)
             details["train_capture"].append(result)
+            return result["train_s"]
+
+        def captured_true_fisher() -> float:
+            shutil.rmtree(work / "fisher.zarr", ignore_errors=True)
+            fisher = config("fisher.zarr", fisher=True)
+            result = _train(model_dir, fisher, work / "fisher", capture=True, save_steps=None)
+            details["train_capture_true_fisher"].append(result)
             return result["train_s"]
 
         def checkpoints_then_index() -> float:
@@ -139,7 +152,12 @@ def main() -> None:
             return result["train_s"] + result["index_s"]
 
         times = side_by_side(
-            {"train": plain, "train_capture": captured, "train_checkpoints_index": checkpoints_then_index},
+            {
+                "train": plain,
+                "train_capture": captured,
+                "train_capture_true_fisher": captured_true_fisher,
+                "train_checkpoints_index": checkpoints_then_index,
+            },
             args.rounds,
         )
         medians = {name: statistics.median(values) for name, values in times.items()}
@@ -150,7 +168,7 @@ def main() -> None:
         step_medians = {name: median_of(name, "steps_s") for name in details}
         payload = {
             "what": "Trainer fine-tune of a GPT-2-like model (4 layers, hidden 128) on CPU: plain, with "
-            "TributaryCallback (EK-FAC, empirical Fisher, rademacher projection), and with checkpoints at the "
+            "TributaryCallback (EK-FAC, empirical and true Fisher, rademacher projection), and with checkpoints at the "
             f"{SEGMENTS} segment boundaries then `tributary index` of them (the post-hoc alternative)",
             "rows": args.rows,
             "sequence": SEQUENCE,
@@ -165,6 +183,8 @@ def main() -> None:
             "index_s": median_of("train_checkpoints_index", "index_s"),
             "capture_over_train": medians["train_capture"] / medians["train"],
             "capture_steps_over_train_steps": step_medians["train_capture"] / step_medians["train"],
+            "true_fisher_over_train": medians["train_capture_true_fisher"] / medians["train"],
+            "true_fisher_steps_over_train_steps": step_medians["train_capture_true_fisher"] / step_medians["train"],
             "index_path_over_train": medians["train_checkpoints_index"] / medians["train"],
         }
         path = write_result("train_capture", payload)
@@ -172,6 +192,10 @@ def main() -> None:
             print(f"{name:<26} {value:7.2f} s   steps {step_medians[name]:6.2f} s")
         print(
             f"capture / train: {payload['capture_over_train']:.2f}x (steps {payload['capture_steps_over_train_steps']:.2f}x)"
+        )
+        print(
+            f"capture, true Fisher / train: {payload['true_fisher_over_train']:.2f}x "
+            f"(steps {payload['true_fisher_steps_over_train_steps']:.2f}x)"
         )
         print(f"checkpoints + index / train: {payload['index_path_over_train']:.2f}x -> {path}")
     finally:

@@ -24,6 +24,7 @@ from engine.errors import TributaryError
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass
 from engine.integrations import TrainingCapture, TrainingRows, TributaryCallback
+from engine.integrations.segments import cut_points
 from engine.integrations.store_writer import captured_rows
 from engine.runner import run_query
 from engine.store.run_store import RunStore
@@ -174,10 +175,11 @@ def test_query_every_method_from_the_captured_store(trainer_runs):
         assert total is not None and np.isfinite(total).all() and total.shape == (1, len(SENTENCES))
 
 
-def test_gradient_accumulation_of_two_micro_batches_equals_one_batch(tiny_models, tmp_path):
+@pytest.mark.parametrize("fisher", ["empirical", True])
+def test_gradient_accumulation_of_two_micro_batches_equals_one_batch(tiny_models, tmp_path, fisher):
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    whole = _config(tmp_path, tiny_models["llama"], train, "whole.zarr")
-    split = _config(tmp_path, tiny_models["llama"], train, "split.zarr")
+    whole = _config(tmp_path, tiny_models["llama"], train, "whole.zarr", curvature={"fisher": fisher})
+    split = _config(tmp_path, tiny_models["llama"], train, "split.zarr", curvature={"fisher": fisher})
     _train(whole, tiny_models["llama"], tmp_path / "a", capture=True, batch=4, epochs=1)
     _train(split, tiny_models["llama"], tmp_path / "b", capture=True, batch=2, accumulate=2, epochs=1)
     one, two = RunStore.open(whole.store.path).checkpoint("c0"), RunStore.open(split.store.path).checkpoint("c0")
@@ -294,14 +296,70 @@ def test_lora_fine_tune_through_trainer_is_queried_without_an_index_pass(tiny_mo
     np.testing.assert_allclose(results["tracin"][0], expected, rtol=1e-9)
 
 
-def test_capture_refuses_the_true_fisher_and_dropped_row_indices(tiny_models, tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(tmp_path, tiny_models["llama"], train, "refused.zarr", curvature={"fisher": True})
+def test_true_fisher_capture_leaves_trainer_weights_bit_identical(trainer_runs, tiny_models):
+    root, config, plain, _ = trainer_runs
+    fisher = config.model_copy(
+        update={
+            "curvature": config.curvature.model_copy(update={"fisher": True}),
+            "store": config.store.model_copy(update={"path": str(root / "fisher.zarr")}),
+        }
+    )
+    captured = _train(fisher, tiny_models["llama"], root / "fisher", capture=True)
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, captured.state_dict()[name]), name
+    assert RunStore.open(fisher.store.path).manifest.complete
+
+
+def test_true_fisher_sums_are_the_index_s_at_the_weights_before_the_step(tiny_models, tmp_path):
+    """Each step's covariance sums (and the sampled-label rows Λ is read from) equal `tributary index`'s pass with
+    the true Fisher at the weights the step started from: the same labels drawn from the same seed and rows."""
     from transformers import AutoModelForCausalLM
 
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(tmp_path, tiny_models["llama"], train, "fisher.zarr", curvature={"fisher": True, "seed": 3})
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
-    with pytest.raises(TributaryError, match="curvature.fisher: empirical"):
-        TrainingCapture(config, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    model.train()
+    rows = TrainingRows(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    capture = TrainingCapture(config, model, optimizer, rows, epochs_per_segment=1, keep_weights=True)
+    for number, indices in enumerate([[5, 1, 6, 0], [2, 7, 3]]):
+        before = tmp_path / f"before-{number}"
+        model.save_pretrained(before)
+        job = prepare_index_job(checkpoint_config(config, str(before), config.data.train, "unused"))
+        expected = gradient_pass(job.context, [job.tokenized[i] for i in indices], fisher_rows=True)
+        with capture.step():
+            model(**rows.collate([rows[i] for i in indices])).loss.backward()
+        for name, sums in expected.sums.covariance.items():
+            ours = capture.segment.covariance.sums[name]
+            np.testing.assert_allclose(ours.a_sum, sums.a_sum, rtol=0, atol=1e-9 * np.abs(sums.a_sum).max())
+            np.testing.assert_allclose(ours.s_sum, sums.s_sum, rtol=0, atol=1e-6 * np.abs(sums.s_sum).max())
+            assert (ours.tokens, ours.examples) == (sums.tokens, sums.examples)
+        assert capture.segment.fisher_sums is not None and expected.fisher_grads is not None
+        fisher_rows = capture.segment.fisher_sums[indices]
+        scale = np.abs(expected.fisher_grads).max()
+        np.testing.assert_allclose(fisher_rows, expected.fisher_grads, rtol=0, atol=1e-6 * scale)
+        assert not np.allclose(fisher_rows, expected.grads, rtol=0, atol=1e-3 * scale)  # labels were sampled
+        # the rows stay the training gradient's, not the sampled labels'
+        np.testing.assert_allclose(capture.segment.sums[indices], expected.grads, rtol=0, atol=1e-6 * scale)
+        optimizer.step()
+        optimizer.zero_grad()
+        capture.end_epoch()  # one segment a step: the next step's sums start from zero
+    capture.close()
+    assert RunStore.open(config.store.path).manifest.complete
+
+
+def test_true_fisher_refuses_a_batch_without_row_indices(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(tmp_path, tiny_models["llama"], train, "refused.zarr", curvature={"fisher": True})
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    model.train()
+    rows = TrainingRows(config)
+    capture = TrainingCapture(config, model, torch.optim.SGD(model.parameters(), lr=0.1), rows)
+    with pytest.raises(TributaryError, match="row index"):
+        with capture.step([0, 1]):
+            model(**rows.plain_collate([rows[0], rows[1]])).loss.backward()
     assert ROW_KEY == "tributary_rows"
 
 
@@ -438,3 +496,21 @@ def test_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
     np.testing.assert_allclose(ours.read_rows(0, ours.rows), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
     for name, factors in theirs.read_factors().items():
         np.testing.assert_allclose(ours.read_factors()[name].lam, factors.lam, rtol=0, atol=1e-5 * factors.lam.max())
+
+
+def test_segments_cut_at_boundaries_or_equal_parts_of_the_steps():
+    assert cut_points([6, 2], segments=1, total_steps=None) == [2, 6]
+    assert cut_points(None, segments=3, total_steps=9) == [3, 6]
+    assert cut_points(None, segments=1, total_steps=None) == []
+    with pytest.raises(TributaryError, match="total_steps"):
+        cut_points(None, segments=2, total_steps=None)
+
+
+def test_callback_refuses_a_trainer_that_drops_the_row_indices(tiny_models, tmp_path):
+    from types import SimpleNamespace
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    callback = TributaryCallback(_config(tmp_path, tiny_models["llama"], train, "cb.zarr"))
+    args = SimpleNamespace(remove_unused_columns=True, gradient_checkpointing=False)
+    with pytest.raises(TributaryError, match="remove_unused_columns=False"):
+        callback.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=1), None, model=None, optimizer=None)

@@ -13,6 +13,13 @@ gradient of the logits, which the backward reaches first: at a counted position 
 ∂L/∂z_{t,y} = −c (1 − p_{t,y}), so c = Σ_t −g_{t,y} (1 − p_{t,y}) / Σ_t (1 − p_{t,y})² (least squares over the
 counted positions, exact when the loss is a scaled cross-entropy; anything else — label smoothing, a custom
 loss — leaves a residual and is refused). The δ̃ are divided by c: rows are those `tributary index` stores.
+
+The true Fisher (`fisher_seed` given): when the training backward reaches the logits, the logits hook runs one
+more backward of the summed loss on labels sampled exactly as `tributary index` samples them (same seed, row
+index and positions), from the logits down to the tracked modules' outputs only, keeping the graph for the
+training backward that then goes on. Parameter gradients are untouched (the nested backward's inputs are the
+module outputs); a guard keeps the hooks from recording the nested backward as the training one. Its δ̃ give
+the covariance sums and the sampled-label rows Λ is read from; the stored rows stay the training gradient's.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 from torch import nn
 
 from engine.capture.capture import GradientCapture, example_gradient
-from engine.capture.loss import next_token_labels
+from engine.capture.loss import NextTokenLoss, next_token_labels, sample_labels
 from engine.data.labels import IGNORE
 from engine.errors import TributaryError
 
@@ -42,6 +49,9 @@ class MicroBatch:
     deltas: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # of L, not yet divided by `scale`
     scale: float | None = None  # c of L = c Σ_i loss_i
     losses: torch.Tensor | None = None  # (B,) summed next-token loss per example
+    position_ids: torch.Tensor | None = None  # (B, T), for the true Fisher's sampled labels
+    outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # the modules' outputs (true Fisher)
+    fisher_deltas: dict[str, list[torch.Tensor]] | None = None  # δ̃ of the summed sampled-label loss
 
 
 @dataclass
@@ -53,16 +63,20 @@ class CapturedBatch:
     losses: torch.Tensor
     num_tokens: torch.Tensor
     activations: dict[str, list[torch.Tensor]]
-    deltas: dict[str, list[torch.Tensor]]
+    deltas: dict[str, list[torch.Tensor]]  # of the covariance's loss: the sampled labels' with the true Fisher
     mask: torch.Tensor
+    fisher_grads: torch.Tensor | None = None  # (B, D) sampled-label rows (true Fisher), for Λ
 
 
 class TrainingHooks:
-    """Hooks on a model being trained; `armed` says whether a forward belongs to a captured step."""
+    """Hooks on a model being trained; `armed` says whether a forward belongs to a captured step.
+    `fisher_seed`: take the covariance from a sampled-label backward with this seed (the true Fisher)."""
 
-    def __init__(self, model: nn.Module, capture: GradientCapture):
+    def __init__(self, model: nn.Module, capture: GradientCapture, fisher_seed: int | None = None):
         self.model = model
         self.capture = capture
+        self.fisher_seed = fisher_seed
+        self.sampling = False  # inside the sampled-label backward: the hooks record nothing
         self.armed = False
         self.pending: list[MicroBatch] = []
         self._handles: list = []
@@ -99,11 +113,21 @@ class TrainingHooks:
         mask = kwargs.get("attention_mask")
         mask = torch.ones_like(input_ids) if mask is None else mask
         ids = None if rows is None else [int(r) for r in torch.as_tensor(rows).flatten().tolist()]
-        self.pending.append(MicroBatch(mask=mask.detach(), labels=labels.detach(), rows=ids))
+        if self.fisher_seed is not None and ids is None:
+            raise TributaryError(
+                "the true Fisher samples each row's labels from its row index, but this batch carries none; build "
+                "batches with engine.integrations.TrainingRows.collate"
+            )
+        positions = kwargs.get("position_ids")
+        if positions is None:  # as the index's batches count them: over real tokens only
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        self.pending.append(
+            MicroBatch(mask=mask.detach(), labels=labels.detach(), rows=ids, position_ids=positions.detach())
+        )
         return args, kwargs
 
     def _current(self) -> MicroBatch | None:
-        if not (self.armed and self.pending and self.model.training and torch.is_grad_enabled()):
+        if self.sampling or not (self.armed and self.pending and self.model.training and torch.is_grad_enabled()):
             return None
         return self.pending[-1]
 
@@ -113,12 +137,15 @@ class TrainingHooks:
             if batch is None:
                 return
             batch.activations.setdefault(name, []).append(self.capture.project_activations(name, args[0], batch.mask))
+            if self.fisher_seed is not None:
+                batch.outputs.setdefault(name, []).append(output)
             slot = batch.deltas.setdefault(name, [])
             position = len(slot)
             slot.append(torch.empty(0))
 
             def gradient(grad: torch.Tensor) -> None:
-                slot[position] = self.capture.project_output_gradient(name, grad.detach(), batch.mask)
+                if not self.sampling:
+                    slot[position] = self.capture.project_output_gradient(name, grad.detach(), batch.mask)
 
             output.register_hook(gradient)
 
@@ -134,9 +161,34 @@ class TrainingHooks:
         values = logits.detach()
 
         def gradient(grad: torch.Tensor) -> None:
+            if self.sampling:
+                return
             batch.scale, batch.losses = loss_scale(values, grad.detach(), batch.labels)
+            if self.fisher_seed is not None:
+                self._sampled_backward(batch, logits, values)
 
         logits.register_hook(gradient)
+
+    def _sampled_backward(self, batch: MicroBatch, logits: torch.Tensor, values: torch.Tensor) -> None:
+        """δ̃ of the summed loss on sampled labels, by a backward from `logits` to the modules' outputs only."""
+        assert batch.rows is not None and batch.position_ids is not None and self.fisher_seed is not None
+        labels = sample_labels(values, batch.labels, batch.position_ids, batch.rows, self.fisher_seed)
+        root_gradient = NextTokenLoss(values).logit_gradient(labels)
+        names = [(name, i) for name, outs in batch.outputs.items() for i in range(len(outs))]
+        outputs = [batch.outputs[name][i] for name, i in names]
+        self.sampling = True
+        try:
+            grads = torch.autograd.grad(
+                logits, outputs, grad_outputs=root_gradient, retain_graph=True, allow_unused=True
+            )
+        finally:
+            self.sampling = False
+        deltas: dict[str, list[torch.Tensor]] = {}
+        for (name, _), output, grad in zip(names, outputs, grads, strict=True):
+            grad = torch.zeros_like(output) if grad is None else grad
+            deltas.setdefault(name, []).append(self.capture.project_output_gradient(name, grad, batch.mask))
+        batch.fisher_deltas = deltas
+        batch.outputs = {}  # the graph holds them while the training backward still needs them
 
     # ---- after the backward -------------------------------------------------------------------------
     def finish(self) -> list[CapturedBatch]:
@@ -157,6 +209,16 @@ class TrainingHooks:
         grads = self.capture.flatten(
             {name: example_gradient(deltas[name], batch.activations[name]) for name in self.capture.modules}
         )
+        fisher_grads = None
+        if self.fisher_seed is not None:
+            if batch.fisher_deltas is None:
+                raise TributaryError(
+                    "a captured training forward had no sampled-label backward; is it part of the loss?"
+                )
+            deltas = batch.fisher_deltas
+            fisher_grads = self.capture.flatten(
+                {name: example_gradient(deltas[name], batch.activations[name]) for name in self.capture.modules}
+            ).detach()
         return CapturedBatch(
             batch.rows,
             grads.detach(),
@@ -165,6 +227,7 @@ class TrainingHooks:
             batch.activations,
             deltas,
             batch.mask,
+            fisher_grads,
         )
 
 

@@ -1,17 +1,17 @@
 """Capture during training, for any loop: per-example projected gradients from the training backward itself,
 written as a training-run store (engine.integrations.store_writer).
 
-    capture = TrainingCapture(config, model, optimizer)
+    capture = TrainingCapture(config, model, optimizer)   # model: the HF / peft model, or its DDP wrapper
     for epoch in range(epochs):
-        for batch in loader:                          # batches from TrainingRows.collate
-            with capture.step(batch["tributary_rows"]):   # one optimizer step: every micro-batch's forward
-                loss = model(**batch).loss                #   and backward inside
-                loss.backward()
-            optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        for batch in loader:                  # batches from TrainingRows.collate carry their row indices
+            with capture.step():              # one optimizer step: every micro-batch's forward and backward
+                model(**batch).loss.backward()
+            optimizer.step(); scheduler.step(); optimizer.zero_grad()   # after the block
         capture.end_epoch()
     capture.close()
 
-The learning rate of a step is the optimizer's when the step begins (the one its update will use).
+The learning rate of a step is the optimizer's when the step begins (the one its update will use). A segment
+cut after a step is written when the next step begins (or at end_epoch / close), after that step's update.
 """
 
 from __future__ import annotations
@@ -83,11 +83,6 @@ def _optimizer_kind(optimizer: torch.optim.Optimizer) -> tuple[str, float]:
 
 def check_capture_config(config: JobConfig) -> None:
     """Refuse, in one line each, what capture does not do (yet)."""
-    if config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True:
-        raise TributaryError(
-            "capture takes the covariance from the training backward (the empirical Fisher); set "
-            "curvature.fisher: empirical (the true Fisher would need a sampled-label backward per step)"
-        )
     run = config.training_run
     if run is not None:
         if run.optimizer.preconditioned and config.curvature.strategy not in NEEDS_LAMBDA_PASS:
@@ -139,7 +134,8 @@ class TrainingCapture:
         context = context_for_model(config, model, self.rows.tokenizer, input_device(model))
         self.spec = context.spec
         self.modules = context.modules
-        self.hooks = TrainingHooks(model, context.capture)
+        self.true_fisher = config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True
+        self.hooks = TrainingHooks(model, context.capture, config.curvature.seed if self.true_fisher else None)
         self.hooks.install()
         run = config.training_run
         self.cuts = cut_points(
@@ -223,7 +219,8 @@ class TrainingCapture:
 
     def _new_segment(self) -> SegmentRows:
         index = len(self.writer.segments)
-        return SegmentRows(index, len(self.rows), self.spec, np.dtype(self.numpy_dtype), self.step_count + 1)
+        dtype = np.dtype(self.numpy_dtype)
+        return SegmentRows(index, len(self.rows), self.spec, dtype, self.step_count + 1, self.true_fisher)
 
     @contextmanager
     def step(self, rows=None):

@@ -3,7 +3,8 @@
 A row seen once in the segment holds its gradient at that step; a row seen several times (several epochs in
 one segment) holds the mean of those gradients, with its last step and epoch; a row the segment never saw is
 zero with step −1 and contributes nothing there (the training run did not use it in that segment). The
-covariance sums count every occurrence, as the empirical Fisher of the segment's steps.
+covariance sums count every occurrence, as the empirical Fisher of the segment's steps (the true Fisher: of the
+sampled-label backward of each step, whose rows, averaged the same way, are kept apart for Λ).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from engine.projection import ProjectionSpec
 
 
 class SegmentRows:
-    def __init__(self, index: int, rows: int, spec: ProjectionSpec, dtype: np.dtype, first_step: int):
+    def __init__(
+        self, index: int, rows: int, spec: ProjectionSpec, dtype: np.dtype, first_step: int, fisher: bool = False
+    ):
         self.index = index
         self.first_step = first_step  # the first optimizer step of the segment (1-based)
         self.sums = np.zeros((rows, spec.total_width), dtype=dtype)
+        self.fisher_sums = np.zeros((rows, spec.total_width), dtype=dtype) if fisher else None  # sampled labels
         self.seen = np.zeros(rows, dtype=np.int32)
         self.loss = np.zeros(rows, dtype=np.float64)
         self.num_tokens = np.zeros(rows, dtype=np.int32)
@@ -43,6 +47,10 @@ class SegmentRows:
                 f"indices 0..{len(self.seen) - 1} of data.train"
             )
         np.add.at(self.sums, rows, batch.grads.cpu().numpy().astype(self.sums.dtype, copy=False))
+        if self.fisher_sums is not None:
+            if batch.fisher_grads is None:
+                raise TributaryError("a true-Fisher segment got a captured batch without sampled-label rows")
+            np.add.at(self.fisher_sums, rows, batch.fisher_grads.cpu().numpy().astype(self.sums.dtype, copy=False))
         np.add.at(self.seen, rows, 1)
         np.add.at(self.loss, rows, batch.losses.detach().cpu().double().numpy())
         self.num_tokens[rows] = batch.num_tokens.cpu().numpy()
@@ -65,6 +73,12 @@ class SegmentRows:
     def grads(self) -> np.ndarray:
         """Each row's mean captured gradient (zeros where unseen)."""
         return self.sums / np.maximum(self.seen, 1)[:, None].astype(self.sums.dtype)
+
+    def lambda_grads(self) -> np.ndarray:
+        """The rows Λ is read from: the sampled-label rows with the true Fisher, else the captured rows."""
+        if self.fisher_sums is None:
+            return self.grads()
+        return self.fisher_sums / np.maximum(self.seen, 1)[:, None].astype(self.sums.dtype)
 
     def losses(self) -> np.ndarray:
         return (self.loss / np.maximum(self.seen, 1)).astype(np.float32)
@@ -101,6 +115,8 @@ def segment_arrays(segment: SegmentRows, names: list[str]) -> dict[str, np.ndarr
         "epoch": segment.epoch,
         "rates": np.asarray(segment.rates, dtype=np.float64),
     }
+    if segment.fisher_sums is not None:
+        out["fisher_sums"] = segment.fisher_sums
     for position, name in enumerate(names):
         covariance = segment.covariance.sums[name]
         out[f"a{position}"] = covariance.a_sum
@@ -115,6 +131,8 @@ def restore_segment(segment: SegmentRows, arrays, names: list[str]) -> None:
     for field in ("sums", "seen", "loss", "num_tokens", "step", "epoch"):
         getattr(segment, field)[...] = arrays[field]
     segment.rates = [float(r) for r in arrays["rates"]]
+    if segment.fisher_sums is not None:
+        segment.fisher_sums[...] = arrays["fisher_sums"]
     for position, name in enumerate(names):
         covariance = segment.covariance.sums[name]
         covariance.a_sum[...] = arrays[f"a{position}"]
@@ -134,6 +152,8 @@ def reduce_over_ranks(segment: SegmentRows) -> None:
 
     for values in (segment.sums, segment.seen, segment.loss):
         reduce(values, dist.ReduceOp.SUM)
+    if segment.fisher_sums is not None:
+        reduce(segment.fisher_sums, dist.ReduceOp.SUM)
     for values in (segment.num_tokens, segment.step, segment.epoch):
         reduce(values, dist.ReduceOp.MAX)  # −1 / 0 where a rank did not see the row
     for covariance in segment.covariance.sums.values():

@@ -2,7 +2,8 @@
 
 Each segment ℓ is one checkpoint c<ℓ> of the plan: the weights after its last step (saved beside the store,
 in <store>.weights/c<ℓ>, where a method needs them), its rows (engine.integrations.segments), and its own
-factors: the covariance sums of its steps eigendecomposed, Λ from its rows (EK-FAC, empirical Fisher).
+factors: the covariance sums of its steps eigendecomposed, Λ from its rows (EK-FAC; the true Fisher: from its
+sampled-label rows, as the index reads Λ from fisher_grads).
 A segment is written whole, then recorded in the root manifest's plan and `segments_done`; the root is
 `complete` only when training ends. A crash leaves an incomplete store, never a half-written segment that a
 query could read (a query refuses an incomplete store).
@@ -228,7 +229,7 @@ class RunWriter:
             return basis
         lambdas = LambdaAccumulator(self.spec, basis, scale)
         seen = np.flatnonzero(segment.seen)
-        grads = segment.grads()
+        grads = segment.lambda_grads()
         for start in range(0, len(seen), LAMBDA_BLOCK):
             block = torch.from_numpy(np.ascontiguousarray(grads[seen[start : start + LAMBDA_BLOCK]])).double()
             lambdas.add(
