@@ -1,9 +1,9 @@
 """What the per-chunk xxh3 digest costs a scan: the same rows stored with digests (as `tributary index` writes
 them) and without, read and scored (grad_dot, Q=1) in alternating rounds in one process; wall-clock and
 process CPU time, medians and minima. Each timed call follows an untimed one of the same task and store, and
-which store goes first alternates from round to round: the first read after the other task pays for memory
-the allocator handed back meanwhile (+20-100% on a loaded machine), which a fixed order charged to the
-digest store alone (the +39% wall / +20% CPU this benchmark first reported for the scan).
+which store goes first alternates from round to round: the first read after the other task is slower
+whichever store it is (+20-100% on a loaded machine; allocator or cache state), which a fixed order charged
+to the digest store alone (the +39% wall / +20% CPU this benchmark first reported for the scan).
 
 Usage: python -m benchmarks.chunk_digest [--rows 16000] [--width 2048] [--rounds 21]
 """
