@@ -21,6 +21,7 @@ from zarr.core.sync import sync
 from engine.errors import TributaryError
 from engine.store.chunk_checksum import ChunkChecksumError, Xxh3Checksum
 from engine.store.location import redact
+from engine.store.whole_chunk import read_within_chunk
 
 CHECKSUM_CODEC = Xxh3Checksum()
 # Zarr's default (False) skips writing a chunk equal to the fill value, which would make a missing chunk
@@ -94,12 +95,17 @@ def read_checked(
             )
     try:
         if isinstance(rows, slice):
-            return np.asarray(array[rows])
+            direct = read_within_chunk(array, rows) if strict else None
+            return np.asarray(array[rows]) if direct is None else direct
         return np.asarray(array.get_orthogonal_selection((rows,) + (slice(None),) * (array.ndim - 1)))
     except ChunkChecksumError:
         bad = next((chunk for chunk in coords if not _chunk_decodes(array, chunk)), coords[0])
         raise damaged_chunk(
             store_path, _describe(name, array, bad, unit), "fails its checksum (its bytes changed after it was written)"
+        ) from None
+    except FileNotFoundError:
+        raise damaged_chunk(
+            store_path, _describe(name, array, coords[0], unit), "is missing (deleted while it was read)"
         ) from None
 
 
