@@ -225,7 +225,7 @@ class InMemoryAttribution(CachedResources):
                 state, mask = self._forward(self._parameters[key], inputs)
                 draws = self._curvature_deltas(state, targets, generator)
                 merged = {name: [d for draw in draws for d in draw[name]] for name in self.modules}
-                sums.add(state.activations, merged, mask)
+                sums.add(state.activations, merged, mask, state.routed_tokens)
         return sums.sums
 
     def _lambdas(

@@ -29,6 +29,8 @@ class ForwardPass:
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # module outputs y per call
     # per call: the flat (batch x position) index of each row of a routed expert's call, None for a call on all
     positions: dict[str, list[torch.Tensor | None]] = field(default_factory=dict)
+    # routed experts only: the counted tokens (mask) routed to each, 0 for an expert no token reached
+    routed_tokens: dict[str, int] = field(default_factory=dict)
 
 
 class GradientCapture:
@@ -190,6 +192,7 @@ class GradientCapture:
             with torch.enable_grad():
                 self._current.logits = call()
             self._unrouted_as_zeros(self._current, mask)
+            self._count_routed_tokens(self._current, mask)
             return self._current
         finally:
             self._current = None
@@ -207,6 +210,14 @@ class GradientCapture:
                     )
                 k_in = self.layout[name].k_in
                 state.activations[name] = [torch.zeros(*mask.shape, k_in, dtype=self.compute_dtype, device=self.device)]
+
+    def _count_routed_tokens(self, state: ForwardPass, mask: torch.Tensor) -> None:
+        """Each routed expert's counted tokens: those of `mask` among the flat positions of its calls."""
+        flat = mask.reshape(-1)
+        for name, module in self.modules.items():
+            if isinstance(module, ExpertSlice):
+                calls = [p for p in state.positions.get(name, []) if p is not None]
+                state.routed_tokens[name] = sum(int(flat[p.to(flat.device)].sum()) for p in calls)
 
     def output_gradients(
         self, state: ForwardPass, loss: torch.Tensor, retain_graph: bool

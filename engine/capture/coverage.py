@@ -71,7 +71,16 @@ def coverage_lines(report: dict) -> list[str]:
         f"({report['coverage']:.1%}; {report['parameters']:,} in all), {report['bytes_per_row']:,} bytes per row",
         f"modules tracked by kind: {kinds}",
     ]
-    return lines + [f"not tracked: {reason}" for reason in report["skipped"]]
+    lines += [f"not tracked: {reason}" for reason in report["skipped"]]
+    return lines + ([unrouted_line(report["unrouted_experts"])] if report.get("unrouted_experts") else [])
+
+
+def unrouted_line(experts: list[str]) -> str:
+    """The experts no token of the curvature fit was routed to (named after pass 1, in the manifest's report)."""
+    return (
+        f"no token of the curvature fit was routed to {len(experts)} expert module(s), whose K-FAC/EK-FAC factors "
+        f"are damping alone and whose gradients are zero on every row: {', '.join(experts)}"
+    )
 
 
 def module_kind(name: str, module: nn.Module, output_embeddings: nn.Module | None) -> str:

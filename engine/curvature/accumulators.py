@@ -32,12 +32,19 @@ class CovarianceAccumulator:
         self.upcast = upcast
 
     def add(
-        self, activations: dict[str, list[torch.Tensor]], deltas: dict[str, list[torch.Tensor]], mask: torch.Tensor
+        self,
+        activations: dict[str, list[torch.Tensor]],
+        deltas: dict[str, list[torch.Tensor]],
+        mask: torch.Tensor,
+        routed_tokens: dict[str, int] | None = None,
     ) -> None:
-        """One batch: each module's activations and curvature δ̃ per call (`add_covariance`), `mask` (B, T)."""
+        """One batch: each module's activations and curvature δ̃ per call (`add_covariance`), `mask` (B, T);
+        `routed_tokens`: the counted tokens each routed expert saw (`ForwardPass.routed_tokens`), so that its
+        ã ãᵀ is a mean over its own tokens; the other modules count every token of `mask`."""
+        routed = routed_tokens or {}
         for name, target in self.sums.items():
             sketch = self.sketch.get(name, (None, None))
-            add_covariance(target, activations[name], deltas[name], mask, self.upcast, sketch)
+            add_covariance(target, activations[name], deltas[name], mask, self.upcast, sketch, routed.get(name))
 
 
 class LambdaAccumulator:

@@ -47,9 +47,12 @@ def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def eigendecompose(covariance: ModuleCovariance, strategy: str) -> ModuleFactors:
     """The K-FAC eigenbasis (float64) and, for K-FAC, Λ = σ αᵀ; EK-FAC's Λ comes from `correct`."""
-    if covariance.tokens == 0 or covariance.examples == 0:
+    if covariance.examples == 0:
         raise ValueError("covariance has no data")
-    alpha, q_a = _eigh(covariance.a_sum / covariance.tokens)
+    # a routed expert no token of the fit reached has A = 0 (so Λ = 0: damping alone); its gradient is then zero
+    # on every row the curvature was fitted on
+    a_mean = covariance.a_sum / covariance.tokens if covariance.tokens else np.zeros_like(covariance.a_sum)
+    alpha, q_a = _eigh(a_mean)
     sigma, q_s = _eigh(covariance.s_sum / covariance.examples)
     lam = np.outer(sigma, alpha)
     return ModuleFactors(strategy=strategy, lam=lam, q_a=q_a, q_s=q_s, alpha=alpha, sigma=sigma)

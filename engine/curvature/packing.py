@@ -21,12 +21,19 @@ def lambda_width(spec: ProjectionSpec) -> int:
     return sum(m.k_in * m.k_out for m in spec.modules)
 
 
+def covariance_counts(spec: ProjectionSpec) -> int:
+    """Counts a shard's covariance sums carry: tokens and examples, then each module's own tokens (a routed
+    expert's are those routed to it; every other module's equal the first count)."""
+    return 2 + len(spec.modules)
+
+
 def pack_covariance(sums: dict[str, ModuleCovariance], spec: ProjectionSpec) -> tuple[np.ndarray, np.ndarray]:
     vector = np.concatenate(
         [np.concatenate([sums[m.name].a_sum.ravel(), sums[m.name].s_sum.ravel()]) for m in spec.modules]
     )
     first = sums[spec.modules[0].name]
-    return vector, np.array([first.tokens, first.examples], dtype=np.int64)
+    tokens = [sums[m.name].tokens for m in spec.modules]
+    return vector, np.array([max(tokens), first.examples, *tokens], dtype=np.int64)
 
 
 Shapes = list[tuple[tuple[int, int], tuple[int, int]]]  # per module, the (A, S) sums' shapes
@@ -43,14 +50,16 @@ def shapes_width(shapes: Shapes) -> int:
 def unpack_covariance(
     vector: np.ndarray, counts: np.ndarray, spec: ProjectionSpec, shapes: Shapes | None = None
 ) -> dict[str, ModuleCovariance]:
-    """`shapes` (default k x k per side): those of sketched sums (engine.projection.fitted.fit_shapes)."""
+    """`shapes` (default k x k per side): those of sketched sums (engine.projection.fitted.fit_shapes); `counts`
+    as `pack_covariance` gives them (stores without per-module tokens: every module counts the first)."""
     out, offset = {}, 0
-    for m, (a_shape, s_shape) in zip(spec.modules, shapes or square_shapes(spec)):
+    tokens = counts[2:] if len(counts) == covariance_counts(spec) else [counts[0]] * len(spec.modules)
+    for m, (a_shape, s_shape), module_tokens in zip(spec.modules, shapes or square_shapes(spec), tokens):
         a = vector[offset : offset + a_shape[0] * a_shape[1]].reshape(a_shape)
         offset += a.size
         s = vector[offset : offset + s_shape[0] * s_shape[1]].reshape(s_shape)
         offset += s.size
-        out[m.name] = ModuleCovariance(a.copy(), s.copy(), int(counts[0]), int(counts[1]))
+        out[m.name] = ModuleCovariance(a.copy(), s.copy(), int(module_tokens), int(counts[1]))
     return out
 
 

@@ -93,15 +93,17 @@ def add_covariance(
     mask: torch.Tensor,
     upcast: bool = True,
     sketch: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    tokens: int | None = None,
 ) -> None:
     """Accumulate one batch: activations (B,T,k_in) and sampled-label δ̃ (B,T,k_out) per module call; `upcast`
     False keeps a float32 model's products in float32 (`_gram`); `sketch` (Ω_in, Ω_out) sums C Ω in place of
-    C on a side where it is given (the fitting pass's Nyström sketch)."""
+    C on a side where it is given (the fitting pass's Nyström sketch); `tokens`: the tokens the module saw (a
+    routed expert's; its ã is zeros elsewhere), by default every counted token of `mask`."""
     for act in activations:
         target.a_sum += _gram(act, upcast, sketch[0])
     for delta in deltas:
         target.s_sum += _gram(delta, upcast, sketch[1])
-    target.tokens += int(mask.sum())
+    target.tokens += int(mask.sum()) if tokens is None else tokens
     target.examples += int(mask.shape[0])
 
 

@@ -134,7 +134,7 @@ def gradient_pass(
             if want_covariance:
                 nonfinite.append(nonfinite_statistics(state.activations, done))
                 nonfinite.append(nonfinite_statistics(deltas, done))
-                covariance.add(state.activations, deltas, batch.attention_mask)
+                covariance.add(state.activations, deltas, batch.attention_mask, state.routed_tokens)
             done += len(batch.indices)
     sums = PartialSums(covariance=covariance.sums if want_covariance else {})
     if not rows:  # a ZeRO-3 rank with padding only
@@ -201,7 +201,7 @@ def covariance_pass(
             state = capture.forward(batch)
             deltas = _curvature_deltas(context, batch, state, NextTokenLoss(state.logits))
             nonfinite += [nonfinite_statistics(state.activations, done), nonfinite_statistics(deltas, done)]
-            covariance.add(state.activations, deltas, batch.attention_mask)
+            covariance.add(state.activations, deltas, batch.attention_mask, state.routed_tokens)
             done += len(batch.indices)
     return covariance.sums, merged(*nonfinite)
 

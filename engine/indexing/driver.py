@@ -14,11 +14,19 @@ import logging
 import socket
 import time
 
-from engine.capture.coverage import coverage_lines
+from engine.capture.coverage import coverage_lines, unrouted_line
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
-from engine.curvature.packing import covariance_width, lambda_width, shapes_width, unpack_covariance, unpack_lambda
+from engine.curvature.packing import (
+    covariance_counts,
+    covariance_width,
+    lambda_width,
+    shapes_width,
+    unpack_covariance,
+    unpack_lambda,
+)
+from engine.curvature.statistics import ModuleCovariance
 from engine.data.rows import dataset_fingerprint
 from engine.errors import TributaryError
 from engine.indexing.executor import ShardExecutor
@@ -151,6 +159,15 @@ def build_store(
     return store
 
 
+def _name_unrouted_experts(store: GradientStore, covariance: list[dict[str, ModuleCovariance]]) -> None:
+    """Routed experts no token of the fit reached, named in the log and the manifest's coverage report: their
+    K-FAC/EK-FAC factors are damping alone (README, mixture-of-experts), and their gradient is zero on every row."""
+    unrouted = [name for sums in covariance for name, c in sums.items() if c.tokens == 0 and c.examples > 0]
+    if unrouted:
+        log.warning("%s", unrouted_line(unrouted))
+        store.update_manifest(coverage={**store.manifest.coverage, "unrouted_experts": unrouted})
+
+
 def _partial_width(config: JobConfig, spec: ProjectionSpec) -> int:
     """float64 values of partial sums each shard writes: its covariances (pass 1) and its Λ (the Λ stage)."""
     strategy = config.curvature.strategy
@@ -162,7 +179,7 @@ def _fit_projection(store: GradientStore, run: IndexRun, spec: ProjectionSpec) -
     """Stage `projection` (fitted kinds): full-width K-FAC covariance sums of the fit rows per shard, reduced in
     shard order and turned into each side's matrix once, here; the workers then read the matrices from the store."""
     full, shapes = full_width(spec), fit_shapes(spec)
-    store.create_partials("projection_covariance", shapes_width(shapes), 2)
+    store.create_partials("projection_covariance", shapes_width(shapes), covariance_counts(full))
     run.stage("projection", only=fit_shards(store.shards(), store.rows, spec.fit_rows))
     sums = unpack_covariance(*store.summed_partials("projection_covariance"), full, shapes)
     store.write_projection(fitted_matrices(spec, {name: (c.a_sum, c.s_sum) for name, c in sums.items()}))
@@ -183,7 +200,7 @@ def _run_stages(
             executor.reset()
             timings["projection_s"] = time.perf_counter() - clock
         if strategy in NEEDS_COVARIANCE:
-            store.create_partials("covariance", covariance_width(spec), 2)
+            store.create_partials("covariance", covariance_width(spec), covariance_counts(spec))
         fisher_rows = writes_fisher_rows(config)
         if fisher_rows and not store.manifest.shards.get("gradients"):
             store.create_fisher_rows()  # only before pass 1's first shard: every shard then writes its rows
@@ -199,6 +216,7 @@ def _run_stages(
                     "model.dtype (float16 overflows: use float32 or bfloat16)"
                 )
             covariance = [unpack_covariance(*store.summed_partials("covariance"), spec)] if needed else []
+            _name_unrouted_experts(store, covariance)
             store.write_factors(shared_basis(strategy, widths, covariance))
             run.mark("eigen")
         if strategy in NEEDS_LAMBDA_PASS:
