@@ -129,3 +129,41 @@ def bare_store_manifest(rows: int, width: int, rows_per_chunk: int, dtype: str =
         rows_per_chunk=rows_per_chunk,
         store_id=new_store_id(),
     )
+
+
+def bare_pass_seconds(config, batch_size: int) -> float:
+    """One forward and backward over the config's training rows in batches of `batch_size`, nothing captured: the
+    "bare" of every × bare figure."""
+    from engine.capture.loss import per_example_loss
+    from engine.data.batching import batches
+    from engine.gradients.context import prepare_index_job
+
+    job = prepare_index_job(config)
+    model = job.context.model
+    model.requires_grad_(True)
+    started = time.perf_counter()
+    for batch in batches(job.tokenized, batch_size, job.context.pad_id):
+        logits = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).logits
+        per_example_loss(logits, batch.labels).sum().backward()
+        model.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def mean_spearman(ours, reference) -> float:
+    """The rank correlation of each query's scores (a row) with the reference's, averaged over queries."""
+    import numpy as np
+
+    def ranks(matrix):
+        return np.argsort(np.argsort(np.asarray(matrix), axis=1, kind="stable"), axis=1, kind="stable").astype(
+            np.float64
+        )
+
+    a, b = ranks(ours), ranks(reference)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    return float(np.mean((a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))))

@@ -34,7 +34,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import first_line, gpt2_like, random_corpus, write_jsonl, write_result
+from benchmarks.common import (
+    bare_pass_seconds,
+    first_line,
+    gpt2_like,
+    mean_spearman,
+    random_corpus,
+    write_jsonl,
+    write_result,
+)
 from benchmarks.kronfluence_side import kronfluence_scores
 
 ROWS, QUERIES, SEQUENCE, BATCH, HIDDEN, LAYERS = 128, 8, 64, 8, 64, 2
@@ -55,35 +63,6 @@ def _config(work: Path, model: Path, train: Path):
             "exact": {"factors": True},
         }
     )
-
-
-def _bare(config) -> float:
-    from engine.capture.loss import per_example_loss
-    from engine.data.batching import batches
-    from engine.gradients.context import prepare_index_job
-
-    job = prepare_index_job(config)
-    model = job.context.model
-    model.requires_grad_(True)
-    started = time.perf_counter()
-    for batch in batches(job.tokenized, BATCH, job.context.pad_id):
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).logits
-        per_example_loss(logits, batch.labels).sum().backward()
-        model.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    return np.argsort(np.argsort(values, kind="stable"), kind="stable").astype(np.float64)
-
-
-def _spearman(ours: np.ndarray, reference: np.ndarray) -> float:
-    return float(np.mean([np.corrcoef(_ranks(a), _ranks(b))[0, 1] for a, b in zip(ours, reference)]))
 
 
 def _overlap(ours: np.ndarray, reference: np.ndarray, k: int = 10) -> float:
@@ -111,7 +90,7 @@ def main() -> None:
         train = write_jsonl(work / "train.jsonl", texts)
         queries = str(write_jsonl(work / "queries.jsonl", random_corpus(QUERIES, SEQUENCE, vocabulary=2000, seed=1)))
         config = _config(work, model, train)
-        bare = _bare(config)
+        bare = bare_pass_seconds(config, BATCH)
         theirs, kron_s = kronfluence_scores(config, queries, BATCH, work / "kronfluence")
         store, index_s = _timed(lambda: run_index(config, show_progress=False))
         options = QueryOptions(k=10)
@@ -123,12 +102,12 @@ def main() -> None:
             "bare": {"seconds": bare},
             "kronfluence": {"seconds": kron_s},
             "index (dim 16 + exact factors)": {"seconds": index_s, "timings": store.manifest.timings},
-            "exact": {"seconds": exact_s, "spearman_vs_kronfluence": _spearman(exact.scores, theirs)},
+            "exact": {"seconds": exact_s, "spearman_vs_kronfluence": mean_spearman(exact.scores, theirs)},
             "exact again": {"seconds": again_s},
             "store (dim 16)": {
                 "seconds": store_s,
                 "top10_overlap_with_exact": _overlap(stored.top_indices, reference),
-                "spearman_vs_exact": _spearman(np.asarray(stored.total), exact.scores),
+                "spearman_vs_exact": mean_spearman(np.asarray(stored.total), exact.scores),
             },
         }
         for k in RESCORE:

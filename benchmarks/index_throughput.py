@@ -57,7 +57,16 @@ import numpy as np
 import torch
 import yaml
 
-from benchmarks.common import first_line, gpt2_like, positive_int, random_corpus, write_jsonl, write_result
+from benchmarks.common import (
+    bare_pass_seconds,
+    first_line,
+    gpt2_like,
+    mean_spearman,
+    positive_int,
+    random_corpus,
+    write_jsonl,
+    write_result,
+)
 
 SEQUENCE = 128
 BATCH = 8
@@ -112,16 +121,6 @@ def _child(module_args: list[str]) -> tuple[int, float, int]:
     return status, seconds, int(text) if text else 0
 
 
-def _spearman(ours: np.ndarray, reference: np.ndarray) -> float:
-    def ranks(matrix: np.ndarray) -> np.ndarray:
-        return np.argsort(np.argsort(matrix, axis=1), axis=1).astype(np.float64)
-
-    a, b = ranks(ours), ranks(reference)
-    a -= a.mean(axis=1, keepdims=True)
-    b -= b.mean(axis=1, keepdims=True)
-    return float(np.mean((a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))))
-
-
 def _tributary(work: Path, name: str, model: Path, train: Path, queries: Path) -> dict:
     from engine.config import parse_config
     from engine.runner import run_query
@@ -163,34 +162,13 @@ def _in_child(kind: str, spec: Path) -> None:
     settings = json.loads(spec.read_text())
     config = parse_config(settings["config"])
     if kind == "bare":
-        seconds = _bare(config)
+        seconds = bare_pass_seconds(config, BATCH)
     else:
         from benchmarks.kronfluence_side import kronfluence_scores
 
         scores, seconds = kronfluence_scores(config, settings["queries"], BATCH, spec.parent / "kronfluence")
         np.save(spec.with_suffix(".npy"), scores)
     spec.with_suffix(".out").write_text(json.dumps({"seconds": seconds}))
-
-
-def _bare(config) -> float:
-    from engine.capture.loss import per_example_loss
-    from engine.data.batching import batches
-    from engine.gradients.context import prepare_index_job
-
-    job = prepare_index_job(config)
-    model = job.context.model
-    model.requires_grad_(True)
-    started = time.perf_counter()
-    for batch in batches(job.tokenized, BATCH, job.context.pad_id):
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).logits
-        per_example_loss(logits, batch.labels).sum().backward()
-        model.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
 
 
 def _measured_child(kind: str, work: Path, raw: dict, queries: Path) -> dict:
@@ -261,7 +239,7 @@ def main() -> None:
                 row["fit_rows"] = fitted
                 row["fit_vs_bare_rows"] = round(runs[-1]["projection_s"] / (bare * fitted / rows), 3)
             if "scores" in runs[-1]:
-                row["spearman_vs_exact_ekfac"] = round(_spearman(runs[-1]["scores"], reference), 3)
+                row["spearman_vs_exact_ekfac"] = round(mean_spearman(runs[-1]["scores"], reference), 3)
             table[name] = row
         parameters = sum(p.numel() for p in _load(model).parameters())
         print(f"model: {parameters / 1e6:.1f}M parameters, {rows} rows x {SEQUENCE} tokens, {query_count} queries")

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import first_line, machine, write_jsonl, write_result
+from benchmarks.common import bare_pass_seconds, first_line, machine, mean_spearman, write_jsonl, write_result
 from benchmarks.lm_lds_task import Architecture, Recipe, TaskSpec, build_task, save_full_model
 
 QUERIES, WINDOW, BATCH = 32, 32, 32
@@ -59,31 +59,6 @@ def _config(work: Path, name: str, projection: dict, dtype: str = "float32", exa
     return parse_config(raw)
 
 
-def _bare(config) -> float:
-    from engine.capture.loss import per_example_loss
-    from engine.data.batching import batches
-    from engine.gradients.context import prepare_index_job
-
-    job = prepare_index_job(config)
-    model = job.context.model
-    model.requires_grad_(True)
-    started = time.perf_counter()
-    for batch in batches(job.tokenized, BATCH, job.context.pad_id):
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
-            use_cache=False,
-        ).logits
-        per_example_loss(logits, batch.labels).sum().backward()
-        model.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    return np.argsort(np.argsort(values, kind="stable"), kind="stable").astype(np.float64)
-
-
 def _top(scores: np.ndarray, k: int) -> np.ndarray:
     """Best first, ties to the lower row (the store's order)."""
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -95,7 +70,7 @@ def measures(scores: np.ndarray, exact: np.ndarray) -> dict:
     for k in CUTOFFS:
         found = _top(scores, min(k, scores.shape[1]))
         out[f"recall_top10_in_top{k}"] = float(np.mean([len(set(t) & set(f)) / 10 for t, f in zip(truth, found)]))
-    out["spearman"] = float(np.mean([np.corrcoef(_ranks(a), _ranks(b))[0, 1] for a, b in zip(scores, exact)]))
+    out["spearman"] = mean_spearman(scores, exact)
     return out
 
 
@@ -146,8 +121,8 @@ def main() -> None:
         write_jsonl(work / "train.jsonl", list(task.train_texts))
         queries = str(write_jsonl(work / "queries.jsonl", list(task.query_texts)))
         reference = _config(work, "exact", {"dim": 16}, exact=True)
-        _bare(reference)  # warm-up: the first pass pays for thread pools and allocations
-        bare = _bare(reference)
+        bare_pass_seconds(reference, BATCH)  # warm-up: the first pass pays for thread pools and allocations
+        bare = bare_pass_seconds(reference, BATCH)
         started = time.perf_counter()
         store = run_index(reference, show_progress=False)
         reference_index_s = time.perf_counter() - started
