@@ -5,7 +5,8 @@ Every route checks a request against this one table with `check_capability`: a c
 and each HTTP request's method (engine.query.attributor.Attributor.method). A refusal is one line naming the
 combination and what to change. `supported` reads the same table, for `capability_matrix` and the tests.
 
-Not here yet: an exact scoring pass (a later issue), which becomes one more feature column.
+Not here yet: the exact streamed pass (`--exact`, `--rescore`, `serve.rescore`) still refuses its own
+combinations in engine.exact.queries and engine.exact.run; it belongs here as one more feature column.
 """
 
 from __future__ import annotations
