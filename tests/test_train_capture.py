@@ -9,6 +9,7 @@ sum written out from query gradients at each kept checkpoint.
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import numpy as np
@@ -441,7 +442,10 @@ def _ddp_rank(rank: int, world: int, init: str, config: JobConfig, model_dir: st
     from torch.nn.parallel import DistributedDataParallel
     from transformers import AutoModelForCausalLM
 
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    # bounded: a rank left waiting in a collective fails the test in minutes instead of holding the heavy group
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180)
+    )
     try:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
