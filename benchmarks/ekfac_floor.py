@@ -39,8 +39,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import first_line, gpt2_like, positive_int, random_corpus, write_jsonl, write_result
-from benchmarks.index_throughput import BATCH, SEQUENCE, _bare, _config
+from benchmarks.common import (
+    bare_pass_seconds,
+    first_line,
+    gpt2_like,
+    positive_int,
+    random_corpus,
+    write_jsonl,
+    write_result,
+)
+from benchmarks.index_throughput import BATCH, SEQUENCE, _config
 
 GOAL = 2.0
 
@@ -197,7 +205,7 @@ def main() -> None:
         row_bytes = args.rows * sum(d_in * d_out for _, d_in, d_out in shapes) * 4
         _pieces(modules, 1)  # warm-up
         for _ in range(args.rounds):
-            bare_runs.append(_bare(config))
+            bare_runs.append(bare_pass_seconds(config, BATCH))
             piece_runs.append(_pieces(modules, batches))
             eigh_runs.append(_eigh(modules, generator))
             forward_runs.append(_forward(config))
