@@ -23,6 +23,7 @@ from engine.store import GradientStore, location
 from engine.store.lock import LOCK_SUFFIX
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import assert_same_store, run_cli, store_config, store_contents, write_config
+from tests.ports import unused_port
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -39,19 +40,13 @@ TRAIN = SENTENCES + [
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """moto's S3 on 127.0.0.1; credentials and endpoint only in the environment (inherited by the CLI)."""
     import boto3
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no per-request lines from the server
-    port = _free_port()
+    port = unused_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

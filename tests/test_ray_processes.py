@@ -25,6 +25,7 @@ from engine.config import parse_config
 from engine.runner import run_index
 from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import ROOT, store_config
+from tests.ports import unused_port
 from tests.requirements import require
 
 require("ray")
@@ -32,14 +33,6 @@ psutil = pytest.importorskip("psutil")
 
 READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 10
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_in_own_session(*args: str, log: Path) -> subprocess.Popen:
@@ -172,7 +165,7 @@ def test_serve_listens_on_loopback_and_stops_on_sigterm_to_its_group(tiny_models
     """With a `cluster` section, so the row-range scorer replicas run too."""
     raw = job_config(tmp_path, tiny_models["gpt2"], train_file, store={"rows_per_chunk": 3})
     run_index(parse_config(raw), show_progress=False)
-    port = free_port()
+    port = unused_port()
     raw["cluster"] = {"address": "local", "workers": 1, "local_cpus": 2}
     raw["serve"] = {"port": port, "replica_cpus": 0.5}
     config = tmp_path / "serve.yaml"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from engine.serving.batching import PassQueue
 from engine.serving.client import AttributionClient, ServiceError
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
+from tests.ports import unused_port
 from tests.requirements import require
 
 ray = require("ray")
@@ -41,12 +41,6 @@ MAX_BYTES = 16 * 1024
 CLIENTS, ROUNDS = 32, 3
 QUERIES = [{"prompt": prompt, "completion": " " + completion} for prompt, completion in PROMPTS]
 GENERATE_PROMPTS = [{"prompt": "the fox eats"}, {"prompt": "a seal"}]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def store_snapshot(path: Path) -> dict[str, tuple[str, int]]:
@@ -77,7 +71,7 @@ def served(tiny_models, tmp_path_factory):
     cli_config.write_text(yaml.safe_dump(raw))
     raw["cluster"] = {"address": "local", "workers": 2, "cpus_per_worker": 1}
     raw["serve"] = {
-        "port": free_port(),
+        "port": unused_port(),
         "replica_cpus": 0.5,
         "auth_token_file": str(root / "token"),
         "max_queries_per_request": MAX_QUERIES,
@@ -497,7 +491,7 @@ def test_token_comparison():
 def test_serve_refuses_a_missing_store_before_starting(tmp_path, tiny_models, text_train):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(job_config(tmp_path, tiny_models["gpt2"], text_train)))
-    assert_clean_failure(invoke("serve", config, "--port", free_port()), "does not exist", "tributary index")
+    assert_clean_failure(invoke("serve", config, "--port", unused_port()), "does not exist", "tributary index")
 
 
 def test_the_store_was_never_written(served, client):

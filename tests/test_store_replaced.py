@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from engine.store.location import remove
 from tests.cli_helpers import invoke
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import local_ray
+from tests.ports import unused_port
 
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v1"
 QUERIES = [{"id": f"q{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)]
@@ -123,12 +123,6 @@ def test_the_identity_of_a_store_without_an_id_is_its_completion_record(tmp_path
 # ---- the service ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.requires_ray_serve
 def test_the_service_answers_503_naming_the_change_after_an_overwrite(tiny_models, tmp_path):
     from engine.serving.client import AttributionClient, ServiceError
@@ -137,7 +131,7 @@ def test_the_service_answers_503_naming_the_change_after_an_overwrite(tiny_model
     raw = _raw(tmp_path, tiny_models["gpt2"], seed=0)
     run_index(parse_config(raw), show_progress=False)
     old = _cli_records(tmp_path, raw, "old")
-    served = dict(raw, serve={"port": _free_port(), "replica_cpus": 0.5, "batch_wait_s": 0.01})
+    served = dict(raw, serve={"port": unused_port(), "replica_cpus": 0.5, "batch_wait_s": 0.01})
     body = [{"id": q["id"], "prompt": q["prompt"], "completion": q["completion"]} for q in QUERIES]
     with local_ray():
         try:
