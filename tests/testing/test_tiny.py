@@ -16,7 +16,8 @@ WORDS = sorted({word for text in TEXTS for word in text.split()})
 @pytest.mark.parametrize("add_bos", [False, True])
 def test_the_tokenizer_has_one_id_per_word_after_the_four_specials(add_bos):
     tokenizer = build_tokenizer(TEXTS, add_bos=add_bos, extra_special=("<|im_start|>",))
-    specials = [tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token]
+    specials = ["<pad>", "<unk>", "<bos>", "<eos>"]
+    assert [tokenizer.pad_token, tokenizer.unk_token, tokenizer.bos_token, tokenizer.eos_token] == specials
     assert tokenizer.convert_tokens_to_ids(specials) == [0, 1, 2, 3]
     assert tokenizer.convert_tokens_to_ids("<|im_start|>") == 4
     assert len(tokenizer) == 5 + len(WORDS)
