@@ -35,37 +35,16 @@ The heuristic damping (None: 0.1 × mean Λ per module, in both libraries) is ch
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
-import torch
 
-from benchmarks.kronfluence_side import RowDataset, causal_lm_task, conv1d_to_linear
 from engine.config import MethodConfig
-from engine.data.rows import field_names, read_rows
-from engine.gradients.context import prepare_index_job
-from engine.model.loading import load_model
 from engine.runner import run_index, run_query
 from engine.store import GradientStore
-from tests.conftest import PROMPTS, SENTENCES, write_jsonl
+from tests.conftest import write_jsonl
+from tests.reference import KRONFLUENCE_QUERIES, KronfluenceEkfac, mixed_train
 
 kronfluence = pytest.importorskip("kronfluence")
-from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
-from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
-from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
-
-QUERIES = [
-    {"id": "q0", "text": "the fox eats clams in the snow"},
-    {"id": "q1", "prompt": "the owl eats", "completion": " fish at night"},
-    {"id": "q2", "text": "a wolf eats honey in the cold forest"},
-]
-
-
-def _mixed_train(path: Path) -> Path:
-    rows = [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)]
-    rows += [{"id": f"p{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)]
-    return write_jsonl(path, rows)
 
 
 def _compare(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
@@ -76,70 +55,18 @@ def _compare(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp_path):
-    train = _mixed_train(tmp_path / "mixed_train.jsonl")
-    queries = write_jsonl(tmp_path / "queries.jsonl", QUERIES)
+    train = mixed_train(tmp_path / "mixed_train.jsonl")
+    queries = write_jsonl(tmp_path / "queries.jsonl", KRONFLUENCE_QUERIES)
     config = make_config(
         tiny_models[kind], train, curvature={"strategy": "ekfac", "fisher": "empirical"}, method={"name": "if"}
     )
     assert config.projection.dim == 0 and config.model.dtype == "float64" and config.model.include_bias
 
     # --- kronfluence, on its own copy of the same model and the same tokenized rows ---
-    job = prepare_index_job(config)
-    module_names = list(job.context.modules)
-    query_rows = job.context.tokenize(read_rows(queries, field_names(config)), str(queries))
-    model, _ = load_model(config.model, torch.device("cpu"))
-    conv1d_to_linear(model, module_names)
-    task = causal_lm_task(module_names, true_fisher=False)
-    model = prepare_model(model, task)
-    analyzer = Analyzer(
-        analysis_name="tributary",
-        model=model,
-        task=task,
-        cpu=True,
-        disable_tqdm=True,
-        output_dir=str(tmp_path / "kronfluence"),
-        disable_model_save=True,
-    )
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
-    train_set = RowDataset(job.tokenized, job.context.pad_id)
-    query_set = RowDataset(query_rows, job.context.pad_id)
-    f64 = torch.float64
-    factor_args = FactorArguments(
-        strategy="ekfac",
-        use_empirical_fisher=True,
-        activation_covariance_dtype=f64,
-        gradient_covariance_dtype=f64,
-        eigendecomposition_dtype=f64,
-        per_sample_gradient_dtype=f64,
-        lambda_dtype=f64,
-    )
-    analyzer.fit_all_factors(
-        "ekfac", dataset=train_set, per_device_batch_size=5, factor_args=factor_args, overwrite_output_dir=True
-    )
-    lambdas = analyzer.load_lambda_matrices("ekfac")
-    assert lambdas is not None, "kronfluence saved no lambda matrices"
-    their_lambda = {
-        name: (lambdas["lambda_matrix"][name] / lambdas["num_lambda_processed"][name]).numpy() for name in module_names
-    }
+    theirs_ekfac = KronfluenceEkfac.fit(config, tmp_path / "kronfluence")
+    module_names = theirs_ekfac.module_names
+    their_lambda = theirs_ekfac.lambdas()
     damping = 1e-3 * float(np.mean(np.concatenate([lam.ravel() for lam in their_lambda.values()])))
-
-    def kronfluence_scores(name: str, damping_factor: float | None) -> np.ndarray:
-        score_args = ScoreArguments(
-            damping_factor=damping_factor, per_sample_gradient_dtype=f64, precondition_dtype=f64, score_dtype=f64
-        )
-        analyzer.compute_pairwise_scores(
-            name,
-            "ekfac",
-            query_dataset=query_set,
-            train_dataset=train_set,
-            per_device_query_batch_size=2,
-            per_device_train_batch_size=4,
-            score_args=score_args,
-            overwrite_output_dir=True,
-        )
-        scores = analyzer.load_pairwise_scores(name)
-        assert scores is not None, f"kronfluence saved no scores for {name}"
-        return scores["all_modules"].to(f64).numpy()
 
     # --- Tributary ---
     run_index(config, show_progress=False)
@@ -151,10 +78,10 @@ def test_ekfac_influence_matches_kronfluence(kind, tiny_models, make_config, tmp
         assert np.linalg.norm(ours_lam - their_lambda[name]) <= 1e-6 * np.linalg.norm(their_lambda[name]), name
 
     for label, damping_value in [("numeric", damping), ("heuristic", None)]:
-        theirs = kronfluence_scores(f"pairwise_{label}", damping_value)
+        theirs = theirs_ekfac.pairwise_scores(queries, damping_value, f"pairwise_{label}")
         ours = run_query(config.with_method(MethodConfig(name="if", damping=damping_value)), str(queries), k=3).total
         assert ours is not None
-        assert ours.shape == theirs.shape == (len(QUERIES), len(job.tokenized))
+        assert ours.shape == theirs.shape == (len(KRONFLUENCE_QUERIES), len(theirs_ekfac.job.tokenized))
         assert np.abs(theirs).max() > 0
         factor = 1.0  # see the module docstring
         pearson, relative = _compare(ours, factor * theirs)
