@@ -244,8 +244,8 @@ def _source_reference(resources: FakeResources, form: str, averaged: bool = Fals
     u = resources.queries[C2]
     total = np.zeros((QUERIES, ROWS))
     for segment in reversed(PLAN.segments):
-        eta, steps = segment.eta, segment.steps
-        assert eta is not None and steps is not None
+        assert segment.eta is not None and segment.steps is not None
+        eta, steps = float(segment.eta), int(segment.steps)
         factors = resources.curvature[segment.averaged if averaged else segment.key]
         roots = {m.name: np.ones(m.width) for m in MODULES}
         if resources.plan.preconditioned:
