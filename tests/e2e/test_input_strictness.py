@@ -173,7 +173,7 @@ def test_true_is_not_a_number_in_a_request(service, body, field):
         ({"queries": [QUERY], "top_k": "3"}, "top_k", "an integer, not a string"),
         ({"queries": [QUERY], "top_k": 3.0}, "top_k", "an integer, not a number"),
     ],
-    ids=["chat 1.0 (found by tests/test_api_fuzz.py)", "top_k '3'", "top_k 3.0"],
+    ids=["chat 1.0 (found by tests/serving/test_api_fuzz.py)", "top_k '3'", "top_k 3.0"],
 )
 def test_a_value_of_another_json_type_is_not_converted(service, body, field, why):
     _, _, api = service

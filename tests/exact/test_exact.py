@@ -2,7 +2,7 @@
 the training rows that scores each row from its per-token captures, with no rows at full width stored.
 
 The reference is the dim-0 store: its rows are the full per-example gradients and its factors full-width EK-FAC
-(which tests/test_kronfluence.py checks against kronfluence), scored by the store's own path.
+(which tests/spectral/test_kronfluence.py checks against kronfluence), scored by the store's own path.
 """
 
 from __future__ import annotations
