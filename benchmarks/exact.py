@@ -4,7 +4,7 @@ side with kronfluence's EK-FAC and a bare forward+backward, on a reduced workloa
 
 Workload: a GPT-2-like model of 2 layers, 64 wide (vocabulary of the corpus), 128 rows x 64 tokens, 8 queries,
 batch 8, float32, true Fisher on both sides (their sampled labels come from different generators, so the
-exact scores are compared by rank correlation; tests/test_exact_kronfluence.py shows equality with the
+exact scores are compared by rank correlation; tests/exact/test_exact_kronfluence.py shows equality with the
 empirical Fisher). All in this process, one round: timings are indicative.
 
   bare            forward + loss.backward() over the rows

@@ -1,6 +1,6 @@
 """kronfluence's side of a comparison on Tributary's model and rows: a causal-LM task, the tokenized rows as a
 dataset, GPT-2's Conv1D modules as the nn.Linear kronfluence wraps, and its EK-FAC scores with its defaults.
-tests/test_kronfluence.py shows the two libraries' scores equal with these; benchmarks/index_throughput.py
+tests/spectral/test_kronfluence.py shows the two libraries' scores equal with these; benchmarks/index_throughput.py
 times them."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Run many training runs of a task: in this process, or as Ray tasks (one chunk of runs per task).
 
 The runs are cut into the same chunks either way, and each chunk is one vectorised `Trainer.train`, so
-Ray and in-process results agree (tests/test_evaluation.py). Only measurements travel back, never models.
+Ray and in-process results agree (tests/evaluation/test_evaluation.py). Only measurements travel back, never models.
 """
 
 from __future__ import annotations

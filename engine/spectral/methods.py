@@ -3,7 +3,7 @@
 score(q, i) = Σ_m ⟨F(Λ_m) ⊙ ĝ_{q,m}, ĝ_{i,m}⟩ with ĝ = Q_Sᵀ G̃ Q_A. Scores are *not* divided by N
 (as in kronfluence): for influence and Source the predicted change of the query loss when example i
 is removed from the N training examples of its dataset is score / N. Positive = the example supports
-the query. EK-FAC influence scores equal kronfluence's exactly (tests/test_kronfluence.py). For K-FAC,
+the query. EK-FAC influence scores equal kronfluence's exactly (tests/spectral/test_kronfluence.py). For K-FAC,
 Λ = σ αᵀ with S̃ normalised per example (kronfluence: per token), so with r = tokens/examples
 Tributary's K-FAC score at damping d = (1/r) × kronfluence's at damping d/r.
 

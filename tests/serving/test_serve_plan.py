@@ -1,0 +1,85 @@
+"""`tributary serve` is resolved once into a ServePlan in the process that starts it: the method and the final
+model are worked out once per service (counted here on the tiny GPT-2, the replica built in this process), the
+replica consumes the plan, and it answers as `tributary query` does on the same store."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any, cast
+
+import numpy as np
+import pytest
+
+import engine.query.attributor
+import engine.spectral.methods
+from engine.config import QueryOptions, parse_config
+from engine.errors import TributaryError
+from engine.indexing.run import run_index
+from engine.query.run import run_query
+from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
+from tests.query.test_query_plan import count_calls
+from tests.requirements import require
+
+
+@pytest.fixture(scope="module")
+def indexed(tiny_models, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("serve_plan")
+    train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    raw = job_config(root, tiny_models["gpt2"], train)
+    run_index(parse_config(raw), show_progress=False)
+    return {"root": root, "raw": raw}
+
+
+def _replica(plan) -> Any:
+    """The replica class itself, in this process (Serve's ingress wrapper around it needs a running Serve)."""
+    from engine.serving.app import AttributionService
+
+    wrapped = cast(type, AttributionService.func_or_class)
+    replica: Any = next(c for c in wrapped.__mro__ if "_score_batch" in vars(c))
+    service = replica.__new__(replica)
+    replica.__init__(service, plan)
+    return service
+
+
+def test_a_service_resolves_method_and_final_model_once(indexed):
+    require("ray.serve")
+    from engine.serving.app import build_api
+    from engine.serving.plan import resolve_serve_plan
+    from engine.serving.service import build_application
+    from tests.e2e.test_serving import asgi_request
+
+    config = parse_config(indexed["raw"])
+    counts: Counter = Counter()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        count_calls(monkeypatch, counts, "method", engine.spectral.methods.method_from_config)
+        count_calls(monkeypatch, counts, "final model", engine.query.attributor.final_model)
+        plan = resolve_serve_plan(config)
+        build_application(plan)  # what `tributary serve` deploys: built from the plan alone
+        service = _replica(plan)
+    assert counts == {"method": 1, "final model": 1}
+    assert plan.final_store == indexed["raw"]["store"]["path"] and plan.method.name == "if"
+
+    queries = [{"id": f"p{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)]
+    status, answer = asgi_request(
+        build_api(service), "POST", "/v1/attribute", json.dumps({"queries": queries, "top_k": 3}).encode()
+    )
+    assert status == 200, answer
+    expected = run_query(config, str(write_jsonl(indexed["root"] / "q.jsonl", queries)), 3, options=QueryOptions(k=3))
+    for i, result in enumerate(answer["results"]):
+        assert [entry["id"] for entry in result["top_k"]] == [f"t{j}" for j in expected.top_indices[i]]
+        np.testing.assert_allclose([entry["score"] for entry in result["top_k"]], expected.top_scores[i], rtol=1e-9)
+
+
+def test_the_plan_refuses_before_any_replica_starts(indexed, tmp_path):
+    from engine.serving.plan import resolve_serve_plan
+
+    zero3 = parse_config(
+        dict(indexed["raw"], placement={"kind": "zero3", "devices_per_replica": 2}, cluster={"address": "local"})
+    )
+    with pytest.raises(TributaryError, match="tributary serve with placement.kind zero3 is not supported"):
+        resolve_serve_plan(zero3)
+    missing = parse_config(dict(indexed["raw"], store={"path": str(tmp_path / "none.zarr"), "dtype": "float64"}))
+    with pytest.raises(TributaryError, match="none.zarr"):
+        resolve_serve_plan(missing)
+    assert not list(tmp_path.iterdir())
