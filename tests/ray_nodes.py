@@ -113,7 +113,8 @@ class TwoNodeCluster:
         self.logs: list[Path] = []
         self.address = ""
         self.nodes: list[dict] = []
-        self.ports = {"second": 0}
+        self.ids: dict[str, str] = {}  # node id by name, for the nodes add_node started
+        self.killed: set[str] = set()  # ids of nodes killed here (the GCS may still count one alive a moment)
 
     def _start(self, name: str, arguments: list[str]) -> subprocess.Popen:
         log = self.temp_dir.parent / f"{self.temp_dir.name}-{name}.log"
@@ -192,13 +193,19 @@ class TwoNodeCluster:
             ],
         )
         want = len(self.named)  # the nodes started and not killed, this one included
-        self.nodes = self._alive(want, START_TIMEOUT_S)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            self.nodes = [n for n in self._alive(want, START_TIMEOUT_S) if n["id"] not in self.killed]
+            if len(self.nodes) >= want or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         for label in ("head", name):
             if self.named[label].poll() is not None:
                 self._fail(f"the {label} node exited with {self.named[label].returncode}")
         if len(self.nodes) != want:
             self._fail(f"expected {want} alive nodes within {START_TIMEOUT_S} s, got {self.nodes}")
-        return self.node_with(resource)
+        self.ids[name] = self.node_with(resource)
+        return self.ids[name]
 
     def _alive(self, want: int, wait_s: float) -> list[dict]:
         """The cluster's alive nodes, asked from a fresh process, polling up to `wait_s` until there are `want`."""
@@ -222,6 +229,7 @@ class TwoNodeCluster:
         """SIGKILL every process of node `name`'s session at once (its raylet, object store, workers): a lost
         machine. Its `ray start` process is reaped; the cluster notices by its health checks."""
         process = self.named.pop(name)
+        self.killed.add(self.ids.pop(name))
         for pid in _session_members({process.pid}):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -230,7 +238,7 @@ class TwoNodeCluster:
         process.wait(timeout=STOP_TIMEOUT_S)
 
     def node_with(self, resource: str) -> str:
-        (node,) = [n["id"] for n in self.nodes if resource in n["resources"]]
+        (node,) = [n["id"] for n in self.nodes if resource in n["resources"] and n["id"] not in self.killed]
         return node
 
     def stop(self) -> None:

@@ -54,6 +54,7 @@ HEALTH_CHECKS = {
 NOTICE_BOUND_S = 10  # 3 x 0.3 s of checks, plus the GCS telling the driver, on a loaded 2-core machine
 STALL_WAIT_S = 120  # until the worker on the second node is inside its shard (the model loads first)
 RUN_TIMEOUT_S = 240
+REPLACE_WAIT_S = 90  # a replacement `ray start` joins in ~10-30 s on a loaded machine
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +71,8 @@ def cluster():
 
 @pytest.fixture
 def second_node(cluster) -> str:
-    """The second node's id; a node killed by an earlier test is replaced by a fresh one first."""
-    if "second" not in cluster.named:
+    """The node with resource second_node; one killed by an earlier test is replaced by a fresh one first."""
+    if not any(name in cluster.named for name in ("second", "third")):
         return cluster.add_node("second", "second_node")
     return cluster.node_with("second_node")
 
@@ -99,7 +100,8 @@ class Driver:
     """A `tributary` CLI process; its output lines are timestamped as they arrive."""
 
     def __init__(self, *args: str, chaos: str | None = None):
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", **SINGLE_THREAD)
+        # COLUMNS: rich's log lines unwrapped, so a message is one line to look for
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", COLUMNS="400", **SINGLE_THREAD)
         if chaos:
             env["TRIBUTARY_CHAOS"] = chaos
         self.process = subprocess.Popen(
@@ -131,6 +133,9 @@ class Driver:
 
     def output(self) -> str:
         return "\n".join(line for _, line in self.lines)[-6000:]
+
+    def said(self, text: str) -> bool:
+        return self.first(text) is not None
 
     def first(self, text: str) -> float | None:
         return next((at for at, line in self.lines if text in line), None)
@@ -274,4 +279,28 @@ def test_min_nodes_stops_with_one_line_and_the_resumed_store_is_the_clean_one(
     finally:
         again.kill()
     assert "resuming" in again.output()
+    assert_identical_stores(path, clean_store)
+
+
+def test_min_nodes_waits_for_a_replacement_whose_worker_takes_the_lost_ones_work(
+    cluster, second_node, tiny_models, data, clean_store, tmp_path
+):
+    path = str(tmp_path / "store.zarr")
+    raw = store_config(
+        tiny_models["gpt2"], data[0], path, cluster=cluster_section(cluster, min_nodes=2, node_wait_s=REPLACE_WAIT_S)
+    )
+    config = write_config(tmp_path / "job.yaml", raw)
+    marker = tmp_path / "stalled"
+    driver = Driver("index", str(config), "--no-progress", chaos=f"stall:gradients:{second_node}:{marker}")
+    try:
+        kill_when_stalled(cluster, driver, marker)
+        replacement = cluster.add_node("third", "second_node")  # the same resource: a like-for-like machine
+        code = driver.wait()
+    finally:
+        driver.kill()
+    assert code == 0, driver.output()
+    assert driver.said("waiting up to") and driver.said("alive again"), driver.output()
+    manifest = GradientStore.open(path).manifest
+    writers = {entry.node for entry in manifest.shards["lambdas"].values()}
+    assert replacement in writers, f"the replacement node wrote no lambdas shard: {writers}"
     assert_identical_stores(path, clean_store)

@@ -21,15 +21,15 @@ def alive_nodes() -> int:
     return sum(1 for node in ray.nodes() if node.get("Alive"))
 
 
-def require_nodes(cluster: ClusterConfig, doing: str) -> None:
-    """Return once at least cluster.min_nodes nodes are alive (at once without min_nodes); after waiting
-    cluster.node_wait_s for them, a TributaryError naming the count and how to resume."""
+def require_nodes(cluster: ClusterConfig, doing: str) -> bool:
+    """Return once at least cluster.min_nodes nodes are alive (at once without min_nodes), and whether that took
+    waiting; after waiting cluster.node_wait_s for them, a TributaryError naming the count and how to resume."""
     wanted = cluster.min_nodes
     if wanted is None:
-        return
+        return False
     alive = alive_nodes()
     if alive >= wanted:
-        return
+        return False
     log.warning(
         "%s: %d node(s) alive, cluster.min_nodes is %d; waiting up to %g s for a node to join",
         doing,
@@ -48,3 +48,4 @@ def require_nodes(cluster: ClusterConfig, doing: str) -> None:
         time.sleep(NODE_POLL_S)
         alive = alive_nodes()
     log.warning("%s: %d node(s) alive again; going on", doing, alive)
+    return True

@@ -22,6 +22,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 from engine.config import ClusterConfig
 from engine.distributed.nodes import require_nodes
@@ -29,8 +30,11 @@ from engine.errors import TributaryError
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 4
-RECOVERY_PINGS = 240
+RECOVERY_PINGS = 240  # failed pings (0.25 s apart) before an actor that keeps dying is given up
 RECOVERY_WAIT_S = 0.25
+# An actor Ray calls unavailable is restarting, perhaps waiting for room on a node yet to join: it is asked
+# again every second for as long as the run lasts, so a replacement node's actor takes work within a second.
+UNAVAILABLE_PING_S = 1.0
 # Ray's defaults (health_check_period_ms 3000, failure_threshold 5, timeout_ms 10000) declare a killed node
 # dead within 5 x 3 s + the last check's wait, about 20 s after its last answer; the driver then re-issues at
 # once. This is the bound README's "Faults we test" states; the tests set the checks 10x faster (about 2 s).
@@ -66,6 +70,7 @@ class RayExecutor:
         self._recoveries: dict[int, int] = {}
         self._answering = list(self.actors)  # the actors that take work; a failed one rejoins when it answers
         self._pings: dict = {}  # ref -> a failed actor, asked whether it is back
+        self._resting: list[tuple[float, Any]] = []  # (when to ask again, failed actor)
 
     def describe(self) -> dict:
         try:
@@ -85,11 +90,12 @@ class RayExecutor:
         idle = deque(self._answering)
         idle_since = time.monotonic()
         while queue or in_flight:
+            self._ping_due()
             while queue and idle:
                 actor, shard = idle.popleft(), queue.popleft()
                 attempts[shard] += 1
                 in_flight[getattr(actor, stage).remote(shard)] = (actor, shard)
-            if not in_flight and not self._pings:
+            if not in_flight and not self._pings and not self._resting:
                 raise TributaryError(f"{stage}: every worker is gone; check the cluster and run again to resume")
             if in_flight:
                 idle_since = time.monotonic()
@@ -98,7 +104,11 @@ class RayExecutor:
                     f"{stage}: no worker answered for {WORKER_RETURN_S} s ({len(queue)} shards left); check the "
                     "cluster and run again to resume"
                 )
-            ready, _ = ray.wait([*in_flight, *self._pings], num_returns=1, timeout=RECOVERY_WAIT_S * 4)
+            waiting = [*in_flight, *self._pings]
+            if not waiting:  # only actors resting before their next ping
+                time.sleep(RECOVERY_WAIT_S)
+                continue
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=RECOVERY_WAIT_S)
             if not ready:
                 continue
             (ref,) = ready
@@ -118,7 +128,7 @@ class RayExecutor:
                 log.warning("%s shard %d: its worker died (%s); re-issuing it", stage, shard, type(error).__name__)
                 queue.append(shard)
                 self._lost(actor)
-                require_nodes(self.cluster, f"{stage}, after losing a worker")
+                self._replace(stage, idle)
                 continue
             idle.append(actor)
             yield result
@@ -127,20 +137,50 @@ class RayExecutor:
         """A failed actor takes no work until it answers a ping (it is restarting, maybe on a node yet to come)."""
         if actor in self._answering:
             self._answering.remove(actor)
-        attempts = self._recoveries.get(id(actor), 0) + 1
-        self._recoveries[id(actor)] = attempts
-        if attempts > RECOVERY_PINGS:
-            log.warning("a worker did not come back after %d checks; continuing without it", RECOVERY_PINGS)
-            return
         self._pings[actor.ping.remote()] = actor
 
+    def _replace(self, stage: str, idle: deque) -> None:
+        """With cluster.min_nodes: wait for enough nodes (engine.distributed.nodes), and when that took a new node,
+        for the lost actors to restart on it and answer, so the replacement shares the work from here on; both
+        within cluster.node_wait_s."""
+        started = time.monotonic()
+        if not require_nodes(self.cluster, f"{stage}, after losing a worker"):
+            return
+        deadline = started + self.cluster.node_wait_s
+        while len(self._answering) < len(self.actors) and time.monotonic() < deadline:
+            self._ping_due()
+            if not self._pings:
+                time.sleep(RECOVERY_WAIT_S)
+                continue
+            ready, _ = self._ray.wait(list(self._pings), num_returns=1, timeout=RECOVERY_WAIT_S)
+            for ref in ready:
+                actor = self._pings.pop(ref)
+                if self._answered(actor, ref):
+                    idle.append(actor)
+        log.warning("%s: %d of %d workers answering; going on", stage, len(self._answering), len(self.actors))
+
+    def _ping_due(self) -> None:
+        now = time.monotonic()
+        due = [actor for at, actor in self._resting if at <= now]
+        self._resting = [(at, actor) for at, actor in self._resting if at > now]
+        for actor in due:
+            self._pings[actor.ping.remote()] = actor
+
     def _answered(self, actor, ref) -> bool:
-        """Whether a pinged actor is back (then it takes work again); a failed ping pings again after a pause."""
+        """Whether a pinged actor is back (then it takes work again); otherwise it is asked again later."""
+        ray = self._ray
         try:
-            self._ray.get(ref)
-        except self._ray.exceptions.RayActorError:
-            time.sleep(RECOVERY_WAIT_S)
-            self._lost(actor)
+            ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:
+            self._resting.append((time.monotonic() + UNAVAILABLE_PING_S, actor))
+            return False
+        except ray.exceptions.RayActorError:
+            attempts = self._recoveries.get(id(actor), 0) + 1
+            self._recoveries[id(actor)] = attempts
+            if attempts > RECOVERY_PINGS:
+                log.warning("a worker did not come back after %d checks; continuing without it", RECOVERY_PINGS)
+            else:
+                self._resting.append((time.monotonic() + RECOVERY_WAIT_S, actor))
             return False
         self._answering.append(actor)
         return True
