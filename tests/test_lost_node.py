@@ -246,7 +246,9 @@ def test_a_node_lost_mid_exact_scoring_gives_the_clean_scores(cluster, second_no
         driver.kill()
     assert code == 0, driver.output()
     noticed = driver.first("re-issuing it")
-    assert noticed is not None and noticed - killed < NOTICE_BOUND_S, driver.output()
+    assert noticed is not None, f"the driver never said it re-issued a shard:\n{driver.output()}"
+    print(f"lost node noticed {noticed - killed:.2f} s after the kill (exact scoring)")
+    assert noticed - killed < NOTICE_BOUND_S
     assert np.array_equal(np.load(scores), clean)
 
 
@@ -263,7 +265,7 @@ def test_min_nodes_stops_with_one_line_and_the_resumed_store_is_the_clean_one(
         code = driver.wait()
     finally:
         driver.kill()
-    assert code != 0, driver.output()
+    assert code == 2, driver.output()  # the CLI's exit code for a TributaryError
     errors = [line for _, line in driver.lines if line.startswith("error:")]
     assert len(errors) == 1, driver.output()
     assert "1 Ray node(s) alive but cluster.min_nodes is 2" in errors[0], errors[0]
