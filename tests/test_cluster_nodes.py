@@ -3,6 +3,8 @@ faked; tests/test_lost_node.py kills real nodes)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from engine.config import ClusterConfig, parse_config
@@ -12,7 +14,7 @@ from tests.distributed_helpers import store_config
 
 
 def _parse(cluster: dict):
-    return parse_config(store_config("model", "train.jsonl", "store.zarr", cluster=cluster))
+    return parse_config(store_config(Path("model"), Path("train.jsonl"), "store.zarr", cluster=cluster))
 
 
 @pytest.mark.parametrize(
