@@ -5,9 +5,10 @@ Determinism: TRIBUTARY_CHAOS "stall:STAGE:NODE:MARKER" makes the first worker on
 STAGE's fault point (mid-shard, after its rows are written) write MARKER and sleep; the test kills the node
 once MARKER exists, so the kill always lands after a shard started there and before the run can finish.
 
-The driver runs as a CLI process. How soon it noticed is the time from the kill to its "re-issuing" line; the
-head's GCS runs its health checks 10x faster than Ray's defaults here (HEALTH_CHECKS), so the bound asserted is
-NOTICE_BOUND_S, not the production LOST_NODE_NOTICE_S of engine/distributed/pool.py.
+The driver runs as a CLI process. How soon it noticed is the time from the kill to its "re-issuing" line: the
+killed processes' connections break and Ray fails the call at once (1.4-2.0 s measured, with Ray's default
+health checks too). The head's GCS runs its health checks 10x faster than Ray's defaults here (HEALTH_CHECKS)
+so that it counts the killed node dead within a second, which the cluster.min_nodes tests rely on.
 
 What must hold: the store is the clean single-process one byte for byte (every Zarr array); exact scores are
 the clean ones; with cluster.min_nodes the run stops with one line and a store that resumes to the clean one.
@@ -45,13 +46,13 @@ TRAIN = SENTENCES + [
     "a crow eats seeds in the meadow",
 ]  # 12 rows, 4 shards
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-# A killed node is declared dead after 3 missed checks 300 ms apart (Ray's defaults: 5 x 3 s).
+# The GCS declares a killed node dead after 3 missed checks 300 ms apart (Ray's defaults: 5 x 3 s).
 HEALTH_CHECKS = {
     "RAY_health_check_period_ms": "300",
     "RAY_health_check_timeout_ms": "300",
     "RAY_health_check_failure_threshold": "3",
 }
-NOTICE_BOUND_S = 10  # 3 x 0.3 s of checks, plus the GCS telling the driver, on a loaded 2-core machine
+NOTICE_BOUND_S = 10  # measured 1.4-2.0 s on a loaded 2-core machine; 5x that before a test calls it slow
 STALL_WAIT_S = 120  # until the worker on the second node is inside its shard (the model loads first)
 RUN_TIMEOUT_S = 240
 REPLACE_WAIT_S = 90  # a replacement `ray start` joins in ~10-30 s on a loaded machine
