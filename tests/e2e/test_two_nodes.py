@@ -6,22 +6,14 @@ the manifest must show both nodes writing shards; the store must equal the singl
 rows at one torch thread), and a query through the cluster must give the single-process scores.
 
 The driver (`tributary index` / `tributary query`) runs as a subprocess, so it connects to the cluster
-freshly whatever Ray state this pytest process holds. Teardown signals exactly the `ray start`
-processes this module launched (each in its own session) and kills whatever is left of those sessions;
-it never runs `ray stop`, which would stop every Ray process on the machine.
+freshly whatever Ray state this pytest process holds. tests/ray_nodes.py starts and stops the nodes.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +24,6 @@ from engine.runner import run_query
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import (
-    ROOT,
     assert_same_store,
     run_cli,
     single_thread_store,
@@ -40,14 +31,10 @@ from tests.distributed_helpers import (
     store_contents,
     write_config,
 )
+from tests.ray_nodes import IP, TwoNodeCluster, require_ray_cli
 
-RAY_CLI = Path(sys.executable).with_name("ray")
-if not RAY_CLI.exists():
-    pytest.skip(f"the `ray` CLI is not installed next to {sys.executable}", allow_module_level=True)
+require_ray_cli()
 
-IP = "127.0.0.2"
-START_TIMEOUT_S = 60
-STOP_TIMEOUT_S = 20
 TRAIN = SENTENCES + [
     "the owl eats mice at night",
     "a bear eats honey in the valley",
@@ -55,194 +42,6 @@ TRAIN = SENTENCES + [
     "a crow eats seeds in the meadow",
 ]  # 12 rows, 4 shards
 SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-# Asks the cluster (from a fresh process) for its alive nodes, polling until there are `want` of them.
-NODES_PROBE = """
-import json, sys, time
-import ray
-address, want, deadline = sys.argv[1], int(sys.argv[2]), time.monotonic() + float(sys.argv[3])
-ray.init(address=address, _node_ip_address=sys.argv[4], logging_level="ERROR", log_to_driver=False)
-while True:
-    alive = [n for n in ray.nodes() if n["Alive"]]
-    if len(alive) >= want or time.monotonic() > deadline:
-        break
-    time.sleep(0.5)
-print(json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in alive]))
-"""
-
-
-def _ray_env() -> dict:
-    return dict(
-        os.environ,
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_AUTH_MODE="disabled",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-    )
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind((IP, 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _session_members(sessions: set[int]) -> list[int]:
-    """Pids whose session is one of ours (`ray start` ran as a session leader: every Ray process it spawned,
-    workers included, stays in that session)."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            if os.getsid(int(entry)) not in sessions:
-                continue
-            with open(f"/proc/{entry}/stat") as handle:
-                state = handle.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):  # gone meanwhile, or not ours to read
-            continue
-        if state != "Z":  # a zombie has exited already; its parent reaps it
-            members.append(int(entry))
-    return members
-
-
-class TwoNodeCluster:
-    def __init__(self, temp_dir: Path):
-        self.temp_dir = temp_dir
-        self.processes: list[subprocess.Popen] = []
-        self.logs: list[Path] = []
-        self.address = ""
-        self.nodes: list[dict] = []
-
-    def _start(self, name: str, arguments: list[str]) -> subprocess.Popen:
-        log = self.temp_dir.parent / f"{self.temp_dir.name}-{name}.log"
-        self.logs.append(log)
-        with open(log, "wb") as handle:
-            process = subprocess.Popen(
-                [str(RAY_CLI), "start", "--block", *arguments],
-                cwd=ROOT,
-                env=_ray_env(),
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-        self.processes.append(process)
-        return process
-
-    def _fail(self, message: str) -> None:
-        logs = "\n".join(f"--- {log.name}\n{_tail(log)}" for log in self.logs)
-        raise RuntimeError(f"{message}\n{logs}")
-
-    def start(self) -> None:
-        gcs, client, dashboard, head_agent, second_agent = _free_ports(5)
-        self.address = f"{IP}:{gcs}"
-        common = [
-            f"--node-ip-address={IP}",
-            "--num-cpus=1",
-            "--num-gpus=0",
-            "--object-store-memory=100000000",
-            "--disable-usage-stats",
-        ]
-        head = self._start(
-            "head",
-            [
-                "--head",
-                f"--port={gcs}",
-                *common,
-                '--resources={"head_node": 1}',
-                "--include-dashboard=false",
-                f"--temp-dir={self.temp_dir}",
-                f"--ray-client-server-port={client}",
-                f"--dashboard-port={dashboard}",
-                f"--dashboard-agent-listen-port={head_agent}",
-            ],
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:  # the GCS answers once the head is up
-            if head.poll() is not None:
-                self._fail(f"the head node exited with {head.returncode}")
-            try:
-                socket.create_connection((IP, gcs), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self._fail(f"the head's GCS did not listen on {self.address} within {START_TIMEOUT_S} s")
-                time.sleep(0.5)
-        second = self._start(
-            "second",
-            [
-                f"--address={self.address}",
-                *common,
-                '--resources={"second_node": 1}',
-                f"--temp-dir={self.temp_dir}",
-                f"--dashboard-agent-listen-port={second_agent}",
-            ],
-        )
-        left = max(5.0, deadline - time.monotonic())
-        try:
-            probe = subprocess.run(
-                [sys.executable, "-c", NODES_PROBE, self.address, "2", str(left), IP],
-                cwd=ROOT,
-                env=_ray_env(),
-                capture_output=True,
-                text=True,
-                timeout=left + 30,
-            )
-        except subprocess.TimeoutExpired:
-            self._fail("asking the cluster for its nodes timed out")
-        if probe.returncode != 0:
-            self._fail(f"asking the cluster for its nodes failed:\n{probe.stderr[-3000:]}")
-        self.nodes = json.loads(probe.stdout.strip().splitlines()[-1])
-        for process, name in ((head, "head"), (second, "second")):
-            if process.poll() is not None:
-                self._fail(f"the {name} node exited with {process.returncode}")
-        if len(self.nodes) != 2:
-            self._fail(f"expected 2 alive nodes within {START_TIMEOUT_S} s, got {self.nodes}")
-
-    def node_with(self, resource: str) -> str:
-        (node,) = [n["id"] for n in self.nodes if resource in n["resources"]]
-        return node
-
-    def stop(self) -> None:
-        """SIGTERM our `ray start --block` processes (they shut their node down), then SIGKILL whatever is
-        left of their sessions. Nothing outside the sessions this module started is touched."""
-        sessions = {p.pid for p in self.processes}
-        for process in reversed(self.processes):  # the second node first, then the head
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            for process in self.processes:
-                process.poll()  # reap the `ray start` processes, our children
-            if not _session_members(sessions):
-                break
-            time.sleep(0.25)
-        for pid in _session_members(sessions):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for process in self.processes:
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 @pytest.fixture(scope="module")
