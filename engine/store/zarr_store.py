@@ -298,7 +298,7 @@ class GradientStore(ManifestStore[StoreManifest]):
         root = self.group.get("partials")
         if not isinstance(root, zarr.Group) or name not in root:
             return
-        found = (root[name].shape[1], root[f"{name}_counts"].shape[1])
+        found = (array(root, name).shape[1], array(root, f"{name}_counts").shape[1])
         if found != (width, counts):
             raise TributaryError(
                 f"store {redact(self.path)} was begun by an earlier version of Tributary whose partial sums "
