@@ -92,7 +92,7 @@ def test_experts_that_cannot_be_split_are_refused_before_the_store_exists(text_t
     def unsplittable(*args, **kwargs):
         model, tokenizer = load_model(*args, **kwargs)
         for experts in (m for name, m in model.named_modules() if name.endswith("mlp.experts")):
-            experts.up_proj_3d = torch.nn.Parameter(experts.gate_up_proj.data)
+            experts.up_proj_3d = torch.nn.Parameter(experts.get_parameter("gate_up_proj").data)
             del experts.gate_up_proj
         return model, tokenizer
 
