@@ -212,3 +212,39 @@ def test_experts_given_rows_that_are_not_the_blocks_input_are_refused():
     hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     with capture.hooks(), pytest.raises(TributaryError, match=r"expert experts\.\d was given rows that are not rows"):
         capture.run(lambda: model(hidden), torch.ones(2, 3))
+
+
+class _ScalingBlock(LinearExpertsBlock):
+    """Dispatches 2x its hidden states (and halves the result): its experts' rows are not rows of its input."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return super().forward(hidden_states * 2) / 2
+
+
+def test_an_index_of_experts_that_cannot_be_placed_is_refused_before_the_store_exists(tmp_path, monkeypatch):
+    """The refusal comes from a one-batch check of the routed forward while the worker describes the model,
+    not during pass 1: one line, and no store (the earlier refusal of nn.Linear experts left a partial one)."""
+    from engine.gradients import context
+    from engine.testing.families import save_family
+    from tests.cli_helpers import assert_clean_failure, invoke
+    from tests.conftest import write_jsonl
+
+    path = save_family(tmp_path / "mixtral", "mixtral", vocabulary_texts())
+    load_model = context.load_model
+
+    def scaling(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        for layer in with_linear_experts(model).get_submodule("model.layers").children():
+            block = layer.get_submodule("mlp")
+            block.__class__ = _ScalingBlock
+        return model, tokenizer
+
+    monkeypatch.setattr(context, "load_model", scaling)
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS)])
+    raw = job_config(tmp_path, path, train, model={"tokenizer": str(path / "tokenizer")})
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps(raw))
+    result = invoke("index", config, "--no-progress")
+    assert_clean_failure(result, "was given rows that are not rows of its block model.layers.0.mlp's input")
+    assert result.output.count("error:") == 1
+    assert not (tmp_path / "store.zarr").exists()

@@ -70,6 +70,7 @@ class GradientCapture:
         self.p_out = {m.name: spec.side_matrix(m, "out", compute_dtype, where.get(m.name, device)) for m in sides}
         self._mask: torch.Tensor | None = None
         self._current: ForwardPass | None = None
+        self._checking = False  # check_routed_forward: hooks record without projecting
 
     def _current_mask(self) -> torch.Tensor:
         if self._mask is None:
@@ -141,7 +142,9 @@ class GradientCapture:
                     f"module {name} was called on another number of rows than its expert was given: Tributary cannot "
                     "tell whose tokens they are; leave it out with model.modules"
                 )
-            state.activations.setdefault(name, []).append(self._project_input(name, args[0], positions))
+            # the routed-forward check records where each call's rows go, not their projections
+            activations = args[0] if self._checking else self._project_input(name, args[0], positions)
+            state.activations.setdefault(name, []).append(activations)
             # a router returns (logits, weights, choice): its linear map's output is the logits
             state.outputs.setdefault(name, []).append(output if isinstance(output, torch.Tensor) else output[0])
             state.positions.setdefault(name, []).append(positions)
@@ -168,7 +171,7 @@ class GradientCapture:
 
     @contextmanager
     def hooks(self):
-        if self.unfitted:
+        if self.unfitted and not self._checking:
             raise RuntimeError(f"projection kind {self.spec.kind}: its fitted matrices are not loaded")
         handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
         embeddings = getattr(self.model, "get_input_embeddings", None)
@@ -195,6 +198,22 @@ class GradientCapture:
             return logits.to(device=batch.input_ids.device, dtype=dtype)
 
         return self.run(call, batch.attention_mask)
+
+    def check_routed_forward(self, vocab_size: int) -> None:
+        """One forward of a tiny batch with the hooks recording, for a model with routed experts: a module whose
+        rows cannot be assigned to examples, or that never runs, is refused here, before anything is written,
+        not during pass 1."""
+        if not self.routed:
+            return
+        ids = (torch.arange(8, device=self.device) % max(vocab_size, 1)).view(2, 4)
+        ones = torch.ones_like(ids)
+        positions = torch.arange(4, device=self.device).expand(2, 4)
+        self._checking = True
+        try:
+            with self.hooks():
+                self.forward(Batch([0, 1], ids, ones, positions, ids))
+        finally:
+            self._checking = False
 
     def run(self, call, mask: torch.Tensor) -> ForwardPass:
         """Run `call()` (a forward pass returning the outputs) with the hooks recording; `mask` (B, T) marks
