@@ -58,8 +58,23 @@ def test_a_checkpoint_needing_remote_code_is_refused_and_its_code_never_runs(
     path = _remote_code_checkpoint(tiny_models["llama"], tmp_path / "custom", auto_map)
     raw = job_config(tmp_path, path, text_train)
     assert "trust_remote_code" not in raw["model"]  # the default
-    needs = "auto_map names custom code (configuration_custom.CustomConfig" if auto_map else "'tributary_custom'"
-    _index_fails(tmp_path, raw, f"model.path {path} needs remote code", needs, "model.trust_remote_code")
+    needs = ["model_type 'tributary_custom' is not a family transformers"]
+    needs += ["auto_map names custom code (configuration_custom.CustomConfig"] if auto_map else []
+    _index_fails(tmp_path, raw, f"model.path {path} needs remote code", *needs, "model.trust_remote_code")
+    assert not (path / "code_ran").exists()
+
+
+def test_an_auto_map_beside_a_known_family_loads_that_family_without_running_the_code(tiny_models, tmp_path):
+    """transformers uses its own implementation of a model_type it knows, whatever auto_map says: not refused."""
+    from engine.config import ModelConfig
+    from engine.model.loading import load_model, refuse_remote_code
+
+    path = _remote_code_checkpoint(tiny_models["llama"], tmp_path / "custom", auto_map=True)
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(raw, model_type="llama")))
+    refuse_remote_code(str(path), trust_remote_code=False)
+    model, _ = load_model(ModelConfig(path=str(path)), torch.device("cpu"))
+    assert type(model).__name__ == "LlamaForCausalLM"
     assert not (path / "code_ran").exists()
 
 

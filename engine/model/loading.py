@@ -38,8 +38,9 @@ def default_device() -> torch.device:
 
 
 def refuse_remote_code(path: str, trust_remote_code: bool) -> None:
-    """One line, before any model code runs, where model.path's config.json needs code the checkpoint ships
-    (an auto_map, or a model_type this transformers does not know) and model.trust_remote_code is false."""
+    """One line, before any model code runs, where model.path's config.json names a model_type this transformers
+    does not know (so only code the checkpoint ships could build it) and model.trust_remote_code is false. An
+    auto_map beside a known model_type is not refused: transformers then uses its own implementation."""
     if trust_remote_code:
         return
     from transformers import CONFIG_MAPPING, __version__
@@ -48,17 +49,14 @@ def refuse_remote_code(path: str, trust_remote_code: bool) -> None:
         raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return  # not readable as JSON: the loaders name the problem
-    if not isinstance(raw, dict):
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
         return
     auto_map = raw.get("auto_map")
-    model_type = raw.get("model_type")
+    needs = f"its model_type {model_type!r} is not a family transformers {__version__} knows"
     if auto_map:
         classes = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
-        needs = f"its config.json auto_map names custom code ({', '.join(str(c) for c in classes)})"
-    elif isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
-        needs = f"its model_type {model_type!r} is not a family transformers {__version__} knows"
-    else:
-        return
+        needs += f", and its config.json auto_map names custom code ({', '.join(str(c) for c in classes)})"
     raise TributaryError(
         f"model.path {path} needs remote code: {needs}; Tributary does not run a checkpoint's own code unless "
         "model.trust_remote_code is true (set it only for code you trust), or give a checkpoint of a family "
