@@ -191,7 +191,7 @@ class QueryGroups:
         facts = self._start(config).describe()
         return remote_model_context(
             config,
-            load_tokenizer(config.model.tokenizer or config.model.path),
+            load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code),
             ProjectionSpec.from_dict(facts["spec"]),
             facts["fingerprints"],
             self.gradients,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.capture.experts import ExpertSlice
+from engine.capture.linear_experts import ExpertRouting
 from engine.capture.modules import module_has_bias_column
 from engine.data.batching import Batch
 from engine.errors import TributaryError
@@ -56,6 +57,9 @@ class GradientCapture:
         if list(self.layout) != list(modules):
             raise ValueError("projection spec and tracked modules disagree on names or order")
         self.bias_column = {name: module_has_bias_column(mod, include_bias) for name, mod in modules.items()}
+        # nn.Linear experts (engine.capture.linear_experts) and fused experts' slices: called on routed tokens only
+        self.routing = ExpertRouting(model, modules)
+        self.routed = {n for n, m in modules.items() if isinstance(m, ExpertSlice) or n in self.routing.owners}
         self.device = device
         where = devices or {}
         # a fitted projection whose matrices are not read yet (an index before its fit) cannot capture until they
@@ -66,6 +70,7 @@ class GradientCapture:
         self.p_out = {m.name: spec.side_matrix(m, "out", compute_dtype, where.get(m.name, device)) for m in sides}
         self._mask: torch.Tensor | None = None
         self._current: ForwardPass | None = None
+        self._checking = False  # check_routed_forward: hooks record without projecting
 
     def _current_mask(self) -> torch.Tensor:
         if self._mask is None:
@@ -126,10 +131,20 @@ class GradientCapture:
             state = self._current
             if state is None:
                 return
-            positions = getattr(module, "positions", None)  # set by a routed expert (engine.capture.experts)
+            # set by a fused expert's slice (engine.capture.experts), or found for a Linear expert's rows
+            positions = getattr(module, "positions", None) if isinstance(module, ExpertSlice) else None
+            if name in self.routing.owners:
+                positions = self.routing.positions(name)
             if positions is None:
                 self._check_every_token(name, args[0])
-            state.activations.setdefault(name, []).append(self._project_input(name, args[0], positions))
+            elif args[0].numel() // max(args[0].shape[-1], 1) != positions.numel():
+                raise TributaryError(
+                    f"module {name} was called on another number of rows than its expert was given: Tributary cannot "
+                    "tell whose tokens they are; leave it out with model.modules"
+                )
+            # the routed-forward check records where each call's rows go, not their projections
+            activations = args[0] if self._checking else self._project_input(name, args[0], positions)
+            state.activations.setdefault(name, []).append(activations)
             # a router returns (logits, weights, choice): its linear map's output is the logits
             state.outputs.setdefault(name, []).append(output if isinstance(output, torch.Tensor) else output[0])
             state.positions.setdefault(name, []).append(positions)
@@ -137,15 +152,15 @@ class GradientCapture:
         return record
 
     def _check_every_token(self, name: str, inputs: torch.Tensor) -> None:
-        """A module called on a subset of the tokens (an nn.Linear expert fed its routed tokens) cannot be told
-        which example each row belongs to: refused, never attributed to the wrong example."""
+        """A module called on a subset of the tokens outside a recognised experts block cannot be told which
+        example each row belongs to: refused, never attributed to the wrong example."""
         tokens = self._current_mask().numel()
         rows = inputs.numel() // max(inputs.shape[-1], 1)
         if rows != tokens:
             raise TributaryError(
-                f"module {name} was called on {rows} rows for {tokens} tokens: it sees a routed subset of the tokens "
-                "(experts as nn.Linear modules), which Tributary cannot assign to examples; leave it out with "
-                "model.modules (experts fused into 3-D parameters, as transformers 5 stores them, are attributed)"
+                f"module {name} was called on {rows} rows for {tokens} tokens: it sees a subset of the tokens outside "
+                "an experts block Tributary recognises (a module whose `experts` is an nn.ModuleList or ModuleDict), "
+                "so Tributary cannot assign its rows to examples; leave it out with model.modules"
             )
 
     @staticmethod
@@ -156,14 +171,15 @@ class GradientCapture:
 
     @contextmanager
     def hooks(self):
-        if self.unfitted:
+        if self.unfitted and not self._checking:
             raise RuntimeError(f"projection kind {self.spec.kind}: its fitted matrices are not loaded")
         handles = [module.register_forward_hook(self._hook(name)) for name, module in self.modules.items()]
         embeddings = getattr(self.model, "get_input_embeddings", None)
         if embeddings is not None:  # a plain torch model starts the graph at its (grad-requiring) inputs instead
             handles.append(embeddings().register_forward_hook(self._requires_grad))
         try:
-            yield self
+            with self.routing.hooks():
+                yield self
         finally:
             for handle in handles:
                 handle.remove()
@@ -183,10 +199,27 @@ class GradientCapture:
 
         return self.run(call, batch.attention_mask)
 
+    def check_routed_forward(self, vocab_size: int) -> None:
+        """One forward of a tiny batch with the hooks recording, for a model with routed experts: a module whose
+        rows cannot be assigned to examples, or that never runs, is refused here, before anything is written,
+        not during pass 1."""
+        if not self.routed:
+            return
+        ids = (torch.arange(8, device=self.device) % max(vocab_size, 1)).view(2, 4)
+        ones = torch.ones_like(ids)
+        positions = torch.arange(4, device=self.device).expand(2, 4)
+        self._checking = True
+        try:
+            with self.hooks():
+                self.forward(Batch([0, 1], ids, ones, positions, ids))
+        finally:
+            self._checking = False
+
     def run(self, call, mask: torch.Tensor) -> ForwardPass:
         """Run `call()` (a forward pass returning the outputs) with the hooks recording; `mask` (B, T) marks
         the counted positions (ones for a plain model with one position per example)."""
         self._mask = mask
+        self.routing.tokens = mask.numel()
         self._current = ForwardPass(logits=torch.empty(0))
         try:
             with torch.enable_grad():
@@ -202,7 +235,7 @@ class GradientCapture:
         `_projected_gradients`, its δ̃), so every module has a gradient, and that gradient is exactly zero."""
         for name, module in self.modules.items():
             if name not in state.activations:
-                if not isinstance(module, ExpertSlice):
+                if name not in self.routed:
                     raise TributaryError(
                         f"module {name} ({type(module).__name__}) did not run in the forward pass: its weights are "
                         "used some other way (a LoRA on fused expert parameters, for one); leave it out with "
@@ -214,10 +247,9 @@ class GradientCapture:
     def _count_routed_tokens(self, state: ForwardPass, mask: torch.Tensor) -> None:
         """Each routed expert's counted tokens: those of `mask` among the flat positions of its calls."""
         flat = mask.reshape(-1)
-        for name, module in self.modules.items():
-            if isinstance(module, ExpertSlice):
-                calls = [p for p in state.positions.get(name, []) if p is not None]
-                state.routed_tokens[name] = sum(int(flat[p.to(flat.device)].sum()) for p in calls)
+        for name in self.routed:
+            calls = [p for p in state.positions.get(name, []) if p is not None]
+            state.routed_tokens[name] = sum(int(flat[p.to(flat.device)].sum()) for p in calls)
 
     def output_gradients(
         self, state: ForwardPass, loss: torch.Tensor, retain_graph: bool

@@ -93,6 +93,19 @@ def fused_experts_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if is_fused_experts(module)}
 
 
+def refuse_partitioned_experts(model: nn.Module) -> None:
+    """placement.kind zero3 partitions each parameter across ranks, and a split expert is a view of one slice of
+    a 3-D parameter: refused (from the model's structure, before a group starts) rather than attributed."""
+    names = list(fused_experts_modules(model))
+    if names:
+        module = model.get_submodule(names[0])
+        raise TributaryError(
+            f"placement.kind zero3 would partition the fused 3-D expert weights of {type(module).__name__} "
+            f"({names[0]} and {len(names) - 1} more), which Tributary splits per expert; use placement.kind single "
+            "or device_map for this mixture-of-experts model"
+        )
+
+
 def split_fused_experts(model: nn.Module) -> list[str]:
     """Give every fused experts module of `model` its per-expert slices and routed loop (idempotent); the names
     of the modules split."""

@@ -32,3 +32,8 @@ class ModelConfig(_Section):
         description="refuse a run tracking less than this share of the non-embedding parameters (of the adapter's "
         "in adapter mode); default 0.5, or 0 where model.modules chooses the modules by hand",
     )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="run the Python code a checkpoint ships (config.json auto_map); false: such a checkpoint is "
+        "refused before anything is written",
+    )

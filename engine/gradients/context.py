@@ -99,6 +99,7 @@ def context_for_model(
     capture = GradientCapture(model, modules, spec, config.model.include_bias, compute_dtype, device, devices)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     pad_id = cast(int, pad_id)  # transformers types every special-token id as int | list[int] | str | list[str]
+    capture.check_routed_forward(len(tokenizer))
     return ModelContext(config, model, tokenizer, modules, spec, capture, device, pad_id, coverage=coverage)
 
 

@@ -136,6 +136,7 @@ def build_store(
         log.info("store %s is complete and up to date; nothing to do", location.redact(config.store.path))
         return store
     if resumed:
+        _check_resumable(store, config, spec)
         log.info(
             "resuming %s: %d of %d gradient shards already done",
             location.redact(config.store.path),
@@ -157,6 +158,17 @@ def build_store(
     timings["total_s"] = time.perf_counter() - started
     store.update_manifest(complete=True, timings={k: round(v, 4) for k, v in timings.items()})
     return store
+
+
+def _check_resumable(store: GradientStore, config: JobConfig, spec: ProjectionSpec) -> None:
+    """A resumed store's partial sums have the layout this version writes (one line and nothing written if not)."""
+    if spec.fitted:
+        full = full_width(spec)
+        store.check_partials_layout("projection_covariance", shapes_width(fit_shapes(spec)), covariance_counts(full))
+    if config.curvature.strategy in NEEDS_COVARIANCE:
+        store.check_partials_layout("covariance", covariance_width(spec), covariance_counts(spec))
+    if config.curvature.strategy in NEEDS_LAMBDA_PASS:
+        store.check_partials_layout("lambda", lambda_width(spec), 1)
 
 
 def _name_unrouted_experts(store: GradientStore, covariance: list[dict[str, ModuleCovariance]]) -> None:

@@ -8,7 +8,7 @@ from engine.config import JobConfig
 from engine.data.rows import field_names, iter_rows
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.model.loading import checked_tokenizer, load_tokenizer, model_vocabulary_size
+from engine.model.loading import checked_tokenizer, load_tokenizer, model_vocabulary_size, refuse_remote_code
 
 ROWS_PER_CHECK = 1024  # rows read and tokenised at a time: Parquet/Arrow inputs are never held whole
 
@@ -16,10 +16,12 @@ ROWS_PER_CHECK = 1024  # rows read and tokenised at a time: Parquet/Arrow inputs
 def validated_row_count(config: JobConfig) -> int:
     """Read and tokenise every training row before anything is loaded or written (errors name file:line, or
     file and row); the number of rows."""
+    trust = config.model.trust_remote_code
+    refuse_remote_code(config.model.path, trust)
     tokenizer = (
-        checked_tokenizer(config.model.path)
+        checked_tokenizer(config.model.path, trust)
         if config.model.tokenizer is None
-        else load_tokenizer(config.model.tokenizer)
+        else load_tokenizer(config.model.tokenizer, trust)
     )
     vocabulary = model_vocabulary_size(config.model.path)
     rows = iter_rows(config.data.train, field_names(config), what="data.train")

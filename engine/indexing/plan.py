@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.capture.experts import refuse_partitioned_experts
 from engine.capture.modules import select_modules, tracked_shapes
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
@@ -91,9 +92,12 @@ def resolve_index_plan(config: JobConfig) -> IndexPlan:
     if run is None:
         check_weight_files(weights)
     spec = None
+    structure = meta_model(weights)
+    if config.placement.kind == "zero3":
+        refuse_partitioned_experts(structure)
     if config.model.adapter is None:  # a training run refuses an adapter (engine.training_run.resolve)
         projection = config.projection
-        shapes = tracked_shapes(select_modules(meta_model(weights), config.model.modules), config.model.include_bias)
+        shapes = tracked_shapes(select_modules(structure, config.model.modules), config.model.include_bias)
         if run is None:
             spec = build_projection(
                 projection.dim,

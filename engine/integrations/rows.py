@@ -30,7 +30,9 @@ class TrainingRows(torch.utils.data.Dataset):
 
     def __init__(self, config: JobConfig, tokenizer=None):
         self.config = config
-        self.tokenizer = tokenizer or load_tokenizer(config.model.tokenizer or config.model.path)
+        self.tokenizer = tokenizer or load_tokenizer(
+            config.model.tokenizer or config.model.path, config.model.trust_remote_code
+        )
         self.source = read_rows(config.data.train, field_names(config), what="data.train")
         self.rows: list[TokenizedRow] = tokenize_rows(
             self.source, self.tokenizer, config.data.max_length, config.data.train

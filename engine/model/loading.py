@@ -37,17 +37,44 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def refuse_remote_code(path: str, trust_remote_code: bool) -> None:
+    """One line, before any model code runs, where model.path's config.json names a model_type this transformers
+    does not know (so only code the checkpoint ships could build it) and model.trust_remote_code is false. An
+    auto_map beside a known model_type is not refused: transformers then uses its own implementation."""
+    if trust_remote_code:
+        return
+    from transformers import CONFIG_MAPPING, __version__
+
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # not readable as JSON: the loaders name the problem
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if not isinstance(model_type, str) or model_type in CONFIG_MAPPING:
+        return
+    auto_map = raw.get("auto_map")
+    needs = f"its model_type {model_type!r} is not a family transformers {__version__} knows"
+    if auto_map:
+        classes = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        needs += f", and its config.json auto_map names custom code ({', '.join(str(c) for c in classes)})"
+    raise TributaryError(
+        f"model.path {path} needs remote code: {needs}; Tributary does not run a checkpoint's own code unless "
+        "model.trust_remote_code is true (set it only for code you trust), or give a checkpoint of a family "
+        "transformers implements"
+    )
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise TributaryError(f"model.path {path}: no tokenizer could be loaded ({error})") from None
 
 
-def checked_tokenizer(path: str):
-    """The tokenizer of model.path, with a clear error when the path does not exist."""
+def checked_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer of model.path, with a clear error when the path does not exist or needs remote code."""
     if not Path(path).exists():
         raise TributaryError(
             f"model.path {path} does not exist; give a local HF model directory "
@@ -55,7 +82,8 @@ def checked_tokenizer(path: str):
         )
     if not (Path(path) / "config.json").is_file():
         raise TributaryError(f"model.path {path} is not an HF model directory (it has no config.json)")
-    return load_tokenizer(path)
+    refuse_remote_code(path, trust_remote_code)
+    return load_tokenizer(path, trust_remote_code)
 
 
 def model_vocabulary_size(path: str) -> int | None:
@@ -88,8 +116,10 @@ def load_model(
             f"model.path {path} does not exist; give a local HF model directory "
             "(models are never downloaded at run time)"
         )
+    trust = config.trust_remote_code
+    refuse_remote_code(path, trust)
     try:
-        model_config = AutoConfig.from_pretrained(path, local_files_only=True)
+        model_config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust)
     except (OSError, ValueError) as error:
         raise TributaryError(f"model.path {path} is not an HF model directory: {error}") from None
     dispatched = placement.kind == "device_map"
@@ -103,7 +133,7 @@ def load_model(
     try:
         with quiet_offload_notice():
             model = AutoModelForCausalLM.from_pretrained(
-                path, config=model_config, dtype=dtype, local_files_only=True, **arguments
+                path, config=model_config, dtype=dtype, local_files_only=True, trust_remote_code=trust, **arguments
             )
     except torch.OutOfMemoryError:
         raise  # the machine's limit, not a fault of the files
@@ -126,7 +156,7 @@ def load_model(
     if not dispatched:  # accelerate's hooks place a dispatched model's modules
         # PreTrainedModel.to is wrapped with functools.wraps, whose typeshed stub loses the method binding
         model.to(device)  # pyright: ignore[reportArgumentType]
-    return model, load_tokenizer(config.tokenizer or path)
+    return model, load_tokenizer(config.tokenizer or path, trust)
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -76,7 +76,9 @@ def load_zero3_model(config: ModelConfig, placement: PlacementConfig, device: to
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed's "op built successfully" line, once per rank
-            model = AutoModelForCausalLM.from_pretrained(config.path, dtype=dtype, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(
+                config.path, dtype=dtype, local_files_only=True, trust_remote_code=config.trust_remote_code
+            )
     except (OSError, ValueError, RuntimeError) as error:
         raise TributaryError(f"model.path {config.path}: could not be loaded partitioned ({error})") from None
     finally:
@@ -94,7 +96,7 @@ def load_zero3_model(config: ModelConfig, placement: PlacementConfig, device: to
                 param.data = param.data.to(device)
     model.requires_grad_(False)
     model.eval()
-    return model, load_tokenizer(config.tokenizer or config.path)
+    return model, load_tokenizer(config.tokenizer or config.path, config.trust_remote_code)
 
 
 def _force_dtype(model: nn.Module, dtype: torch.dtype) -> None:

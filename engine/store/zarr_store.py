@@ -269,7 +269,9 @@ class GradientStore(ManifestStore[StoreManifest]):
         """One row per shard (one chunk each), so every shard's writer owns its chunk."""
         shards = len(self.shards())
         root = self.group.require_group("partials")
-        if name not in root:
+        if name in root:
+            self.check_partials_layout(name, width, counts)
+        else:
             # float64 sums barely compress, and a fitted projection's full-width sums are ~100 MB a shard
             root.create_array(
                 name,
@@ -288,6 +290,21 @@ class GradientStore(ManifestStore[StoreManifest]):
                 fill_value=0,
                 compressors=COMPRESSED,
                 config=WRITE_EVERY_CHUNK,
+            )
+
+    def check_partials_layout(self, name: str, width: int, counts: int) -> None:
+        """Partial sums begun by an earlier version with another layout (pass 1's per-module token counts widened
+        the covariance counts) cannot be added to: refused before anything is written, the store left as it is."""
+        root = self.group.get("partials")
+        if not isinstance(root, zarr.Group) or name not in root:
+            return
+        found = (array(root, name).shape[1], array(root, f"{name}_counts").shape[1])
+        if found != (width, counts):
+            raise TributaryError(
+                f"store {redact(self.path)} was begun by an earlier version of Tributary whose partial sums "
+                f"{name} have another layout ({found[0]} values and {found[1]} counts per shard, this version "
+                f"writes {width} and {counts}), so it cannot be resumed; start over with `tributary index "
+                "--overwrite` (or delete the partial store)"
             )
 
     def write_partial(self, name: str, shard: int, vector: np.ndarray, counts: np.ndarray) -> None:

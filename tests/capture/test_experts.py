@@ -119,36 +119,42 @@ def test_fused_experts_that_cannot_be_split_are_refused(tmp_path):
         context_for_model(config, model, tokenizer, torch.device("cpu"))
 
 
-class _LinearExperts(torch.nn.Module):
-    """A mixture of two nn.Linear experts, each fed only its routed tokens (argmax of a linear router)."""
+class _UnnamedLinearExperts(torch.nn.Module):
+    """Two nn.Linear experts fed only their routed tokens, held as plain attributes (no `experts` container that
+    engine.capture.linear_experts recognises): their rows cannot be assigned to examples."""
 
     def __init__(self, width: int):
         super().__init__()
         self.router = torch.nn.Linear(width, 2)
-        self.experts = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(2))
+        self.left = torch.nn.Linear(width, width)
+        self.right = torch.nn.Linear(width, width)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         choice = self.router(flat).argmax(dim=-1)
         out = torch.zeros_like(flat)
-        for expert, layer in enumerate(self.experts):
+        for expert, layer in enumerate((self.left, self.right)):
             tokens = torch.where(choice == expert)[0]
             out = out.index_add(0, tokens, layer(flat[tokens]))
         return out.view_as(hidden)
 
 
-def test_linear_experts_fed_a_routed_subset_are_refused_not_misattributed():
+def test_linear_experts_outside_an_experts_block_are_refused_not_misattributed():
+    """(Experts in an `experts` ModuleList are attributed: tests/capture/test_linear_experts.py.)"""
     from engine.capture.capture import GradientCapture
     from engine.capture.modules import select_modules, tracked_shapes
     from engine.projection import build_projection
 
     torch.manual_seed(0)
-    model = _LinearExperts(4)
+    model = _UnnamedLinearExperts(4)
     modules = select_modules(model, None)
     spec = build_projection(0, 0, "rademacher", tracked_shapes(modules, True))
     capture = GradientCapture(model, modules, spec, True, torch.float64, torch.device("cpu"))
     hidden = torch.randn(2, 3, 4, requires_grad=True)
-    with capture.hooks(), pytest.raises(TributaryError, match=r"module experts\.\d was called on \d rows for 6 tokens"):
+    with (
+        capture.hooks(),
+        pytest.raises(TributaryError, match=r"module (left|right) was called on \d rows for 6 tokens"),
+    ):
         capture.run(lambda: model(hidden), torch.ones(2, 3))
 
 

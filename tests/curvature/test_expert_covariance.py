@@ -127,3 +127,69 @@ def test_an_index_stores_each_experts_own_token_count(tmp_path, text_train):
     total = sum(len(row.input_ids) for row in job.tokenized)
     assert all(stored[name].tokens < total for name in experts)
     assert all(c.tokens == total for name, c in stored.items() if name not in experts)
+
+
+def _to_expert_0(router_forward):
+    def routed(hidden_states):
+        logits, scores, indices = router_forward(hidden_states)
+        return logits, scores, torch.zeros_like(indices)
+
+    return routed
+
+
+def _unrouted_index(tmp_path, monkeypatch, linear: bool):
+    """`tributary index` (EK-FAC) of a top-1 Mixtral whose routers send every token to expert 0 (through the
+    worker's own model load); experts 1-3 of each layer then see no token of the fit."""
+    from engine.gradients import context
+    from engine.testing.linear_moe import with_linear_experts
+    from tests.cli_helpers import invoke
+
+    path = save_family(tmp_path / "mixtral", "mixtral", vocabulary_texts(), num_experts_per_tok=1)
+    load_model = context.load_model
+
+    def all_to_expert_0(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        for layer in (0, 1):
+            router = model.get_submodule(f"model.layers.{layer}.mlp.gate")
+            router.forward = _to_expert_0(router.forward)
+        return (with_linear_experts(model) if linear else model), tokenizer
+
+    monkeypatch.setattr(context, "load_model", all_to_expert_0)
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES[:4]))
+    raw = job_config(tmp_path, path, train, model={"tokenizer": str(path / "tokenizer")})
+    config = tmp_path / "job.yaml"
+    config.write_text(json.dumps(raw))
+    result = invoke("index", config, "--no-progress")
+    assert result.exit_code == 0, result.output
+    return raw["store"]["path"], result.output
+
+
+@pytest.mark.parametrize("linear", [False, pytest.param(True, marks=pytest.mark.heavy)], ids=["fused", "linear"])
+def test_an_expert_no_token_reached_is_named_and_its_factors_are_not_invented(tmp_path, monkeypatch, linear):
+    from tests.cli_helpers import invoke
+
+    path, output = _unrouted_index(tmp_path, monkeypatch, linear)
+    layers = [EXPERTS.format(layer=layer) for layer in (0, 1)]
+    if linear:
+        unrouted = [f"{experts}.{e}.{p}" for experts in layers for e in (1, 2, 3) for p in ("w1", "w3", "w2")]
+    else:
+        unrouted = [f"{experts}.{p}.{e}" for experts in layers for p in ("gate_up", "down") for e in (1, 2, 3)]
+    store = GradientStore.open(path)
+    assert sorted(store.manifest.coverage["unrouted_experts"]) == sorted(unrouted)
+    assert f"no token of the curvature fit was routed to {len(unrouted)} expert module(s)" in " ".join(output.split())
+    info = invoke("info", path)
+    assert info.exit_code == 0, info.output
+    assert sorted(json.loads(info.stdout)["coverage"]["unrouted_experts"]) == sorted(unrouted)
+    factors = store.read_factors()
+    rows = store.read_rows(0, store.rows)
+    offset = 0
+    for module in store.manifest.projection.modules:
+        width = module.d_in * module.d_out
+        if module.name in unrouted:  # damping alone: no eigenvalue, no Λ made up, and no gradient on any row
+            assert not np.any(factors[module.name].lam), module.name
+            assert factors[module.name].alpha is None or not np.any(factors[module.name].alpha), module.name
+            assert not np.any(rows[:, offset : offset + width]), module.name
+        offset += width
+    routed = f"{layers[1]}.0.w1" if linear else f"{layers[1]}.gate_up.0"
+    assert np.any(factors[routed].lam) and np.any(factors[routed].alpha)

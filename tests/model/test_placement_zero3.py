@@ -234,3 +234,22 @@ def test_a_group_the_cluster_cannot_place_is_refused_before_anything_is_written(
     with pytest.raises(TributaryError, match="devices_per_replica 3 ranks needs 3 CPUs .* the cluster has 2"):
         run_index(parse_config(raw), show_progress=False)
     assert not path.exists()
+
+
+def test_zero3_refuses_fused_experts_before_a_group_starts(train_file, tmp_path):
+    """A mixture-of-experts model whose experts are fused into 3-D parameters: ZeRO-3 would partition what
+    Tributary splits per expert, so the index is refused from the model's structure, one line, nothing written."""
+    from engine.testing.families import save_family
+
+    path = save_family(tmp_path / "mixtral", "mixtral", vocabulary_texts())
+    store = tmp_path / "s.zarr"
+    raw = store_config(path, train_file, str(store), cluster=CLUSTER, placement=ZERO3)
+    raw["model"]["tokenizer"] = str(path / "tokenizer")
+    with pytest.raises(
+        TributaryError,
+        match=r"placement.kind zero3 would partition the fused 3-D expert weights of "
+        r"MixtralExperts \(model.layers.0.mlp.experts and 1 more\).*use placement.kind single",
+    ):
+        run_index(parse_config(raw), show_progress=False)
+    assert not store.exists()
+    assert not ray.is_initialized(), "a refused index must not have started the cluster"

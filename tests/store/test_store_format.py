@@ -299,3 +299,38 @@ def test_resuming_with_another_chunking_is_refused_naming_both_values(tiny_model
     assert_clean_failure(result, "rows_per_chunk: store 1 vs now", "--overwrite")
     assert result.output.count("rows_per_chunk") == 1
     assert json.loads(json.dumps(zarr.open_group(raw["store"]["path"], mode="r").attrs["manifest"])) == manifest
+
+
+def test_a_pass_1_begun_by_an_earlier_version_is_refused_on_resume_naming_the_store(tiny_models, tmp_path):
+    """A store whose pass 1 began when a shard's covariance counts were 2 wide (tokens, examples: before the
+    per-module token counts of routed experts): resuming it is one line naming the store and the fix, not a
+    shape error from Zarr, and the store is left as it was."""
+    from engine.config import parse_config
+    from engine.curvature.packing import covariance_counts
+    from engine.runner import run_index
+    from tests.conftest import SENTENCES, job_config, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    raw = job_config(tmp_path, tiny_models["gpt2"], train, store={"rows_per_chunk": 2})
+    store = run_index(parse_config(raw), show_progress=False)
+    assert isinstance(store, GradientStore)
+    path = raw["store"]["path"]
+    group = zarr.open_group(path, mode="r+")
+    counts = group["partials/covariance_counts"]
+    assert counts.shape[1] == covariance_counts(store.manifest.projection) > 2
+    old_counts = np.asarray(counts[:, :2])
+    del group["partials/covariance_counts"]
+    group.create_array("partials/covariance_counts", data=old_counts)
+    manifest: dict = json.loads(json.dumps(group.attrs["manifest"]))
+    manifest["complete"] = False
+    manifest["stages"] = {}
+    manifest["shards"]["gradients"] = dict(list(manifest["shards"]["gradients"].items())[:1])
+    group.attrs["manifest"] = manifest
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    result = invoke("index", config, "--no-progress")
+    assert_clean_failure(result, f"store {path} was begun by an earlier version", "--overwrite", "delete")
+    assert result.output.count("error:") == 1
+    after = zarr.open_group(path, mode="r")
+    assert json.loads(json.dumps(after.attrs["manifest"])) == manifest
+    assert np.array_equal(np.asarray(after["partials/covariance_counts"][:]), old_counts)
