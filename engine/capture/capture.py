@@ -121,6 +121,37 @@ class GradientCapture:
         projected = delta if projection is None else delta @ projection
         return self._zero_padding(projected.to(self.device), mask)
 
+    def projected_activations(self, activations: dict[str, list[torch.Tensor]], mask: torch.Tensor):
+        """ã of this capture's projection from a full-width capture's a of the same batch (bias column appended,
+        zero at padding and at tokens a routed expert did not see): at every counted token the numbers this
+        capture's hooks record (the same product on the same values), zero elsewhere."""
+        return {
+            name: [a if self.p_in[name] is None else self._projected_full(a, name, mask) for a in calls]
+            for name, calls in activations.items()
+        }
+
+    def projected_deltas(self, deltas: dict[str, list[torch.Tensor]], mask: torch.Tensor):
+        """δ̃ of this capture's projection from a full-width capture's δ of the same batch (zero where not counted)."""
+        out = {}
+        for name, calls in deltas.items():
+            projection = self.p_out[name]
+            out[name] = [
+                d if projection is None else self._zero_padding(d @ projection.to(d.device), mask) for d in calls
+            ]
+        return out
+
+    def _projected_full(self, a: torch.Tensor, name: str, mask: torch.Tensor) -> torch.Tensor:
+        projection = self.p_in[name]
+        assert projection is not None
+        projection = projection.to(a.device)
+        if not self.bias_column[name]:
+            return self._zero_padding(a @ projection, mask)
+        # as _project_input's addmm; the bias column is 0 where a token does not count (padding, not routed)
+        plain = a[..., :-1].reshape(-1, a.shape[-1] - 1)
+        projected = torch.addmm(projection[-1], plain, projection[:-1]).view(*a.shape[:-1], projection.shape[1])
+        counted = a[..., -1:] != 0
+        return torch.where(counted, projected, torch.zeros((), dtype=projected.dtype, device=projected.device))
+
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
             state = self._current

@@ -1,8 +1,9 @@
 """`exact: {factors: true}`: EK-FAC (or K-FAC) fitted at full width beside a finished store.
 
 Stages, each committed per shard in the manifest as indexing's are (a killed run resumes): the full-width
-covariance sums — reused where the index made them over every row (pass 1's at projection dim 0, a fitted
-projection's unsketched fitting pass over all rows); otherwise a forward and a backward per batch
+covariance sums — reused where the index made them over every row (pass 1's at projection dim 0 or, with a
+random projection, summed by pass 1 beside its rows; a fitted projection's unsketched fitting pass over all rows);
+otherwise a forward and a backward per batch
 (`exact_covariance`) — then the eigenbases (`exact_eigen`, in the driver, float64), then EK-FAC's Λ from
 a full-width pass in that basis (`exact_lambdas`), written as `exact_factors`, one subgroup per module.
 """
@@ -24,6 +25,7 @@ from engine.exact.stored_factors import (
     write_exact_factors,
 )
 from engine.indexing.driver import IndexRun
+from engine.indexing.exact_sums import PASS_ONE_EXACT, has_pass_one_sums
 from engine.indexing.executor import ShardExecutor
 from engine.progress import progress_bar
 from engine.store import GradientStore
@@ -87,10 +89,13 @@ def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardEx
 
 
 def _full_width_sums(store: GradientStore):
-    """Full-width covariance sums over every row that the index already made, or None: pass 1's at dim 0, or a
-    fitted projection's fitting pass where it covered every row without a sketch (float32 products there in a
-    float32 model, as kronfluence's default covariances; they choose the eigenbasis that Λ is then fitted in)."""
+    """Full-width covariance sums over every row that the index already made, or None: pass 1's (at dim 0, or
+    beside a random projection's rows), or a fitted projection's fitting pass where it covered every row without a
+    sketch (float32 products there in a float32 model, as kronfluence's default covariances; they choose the
+    eigenbasis that Λ is then fitted in)."""
     spec = store.manifest.projection
+    if has_pass_one_sums(store):  # a random projection's pass 1 summed them (engine.indexing.exact_sums)
+        return store.summed_partials(PASS_ONE_EXACT)
     if spec.dim == 0 and store.has_group("partials/covariance"):
         return store.summed_partials("covariance")
     every_row = spec.fit_rows is None or spec.fit_rows >= store.rows

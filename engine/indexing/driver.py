@@ -29,6 +29,7 @@ from engine.curvature.packing import (
 from engine.curvature.statistics import ModuleCovariance
 from engine.data.rows import dataset_fingerprint
 from engine.errors import TributaryError
+from engine.indexing.exact_sums import create_pass_one_sums
 from engine.indexing.executor import ShardExecutor
 from engine.indexing.lambda_source import writes_fisher_rows
 from engine.indexing.manifest import build_manifest
@@ -201,6 +202,7 @@ def _run_stages(
             timings["projection_s"] = time.perf_counter() - clock
         if strategy in NEEDS_COVARIANCE:
             store.create_partials("covariance", covariance_width(spec), covariance_counts(spec))
+        create_pass_one_sums(config, store, spec)  # exact.factors: the full-width covariances in pass 1
         fisher_rows = writes_fisher_rows(config)
         if fisher_rows and not store.manifest.shards.get("gradients"):
             store.create_fisher_rows()  # only before pass 1's first shard: every shard then writes its rows
