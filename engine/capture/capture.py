@@ -80,7 +80,8 @@ class GradientCapture:
         if projection is None:
             if self.bias_column[name]:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            return self._zero_padding(self._scattered(a.to(self.device), positions))
+            fresh = self.bias_column[name]  # torch.cat made `a`; otherwise it may be the module's own input
+            return self._zero_padding(self._scattered(a.to(self.device), positions), fresh=fresh)
         # [a, 1] @ P_in = a @ P_in[:-1] + P_in[-1]: the bias column is never materialised
         if self.bias_column[name]:
             projected = torch.addmm(projection[-1], a.reshape(-1, a.shape[-1]), projection[:-1])
@@ -88,7 +89,7 @@ class GradientCapture:
         else:
             projected = a @ projection
         # padding is zeroed after the projection (row-wise, so a NaN at padding stays in its own row)
-        return self._zero_padding(self._scattered(projected.to(self.device), positions))
+        return self._zero_padding(self._scattered(projected.to(self.device), positions), fresh=True)
 
     def _scattered(self, values: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """(B, T, k) from a routed expert's rows (1, n, k) at their flat positions, zeros at tokens not routed
@@ -100,9 +101,13 @@ class GradientCapture:
         full.index_copy_(0, positions.to(values.device), values.reshape(-1, values.shape[-1]))
         return full.view(*mask.shape, values.shape[-1])
 
-    def _zero_padding(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _zero_padding(
+        self, values: torch.Tensor, mask: torch.Tensor | None = None, fresh: bool = False
+    ) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
         keep = (self._current_mask() if mask is None else mask).unsqueeze(-1).bool()
+        if fresh and bool(keep.all()):  # no padding: `values` (made here, aliasing nothing) as they are
+            return values
         return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
     def project_activations(self, name: str, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -136,7 +141,8 @@ class GradientCapture:
         for name, calls in deltas.items():
             projection = self.p_out[name]
             out[name] = [
-                d if projection is None else self._zero_padding(d @ projection.to(d.device), mask) for d in calls
+                d if projection is None else self._zero_padding(d @ projection.to(d.device), mask, fresh=True)
+                for d in calls
             ]
         return out
 
@@ -145,7 +151,7 @@ class GradientCapture:
         assert projection is not None
         projection = projection.to(a.device)
         if not self.bias_column[name]:
-            return self._zero_padding(a @ projection, mask)
+            return self._zero_padding(a @ projection, mask, fresh=True)
         # as _project_input's addmm; the bias column is 0 where a token does not count (padding, not routed)
         plain = a[..., :-1].reshape(-1, a.shape[-1] - 1)
         projected = torch.addmm(projection[-1], plain, projection[:-1]).view(*a.shape[:-1], projection.shape[1])
@@ -282,7 +288,7 @@ class GradientCapture:
             projection = self.p_out[name]
             projected = delta if projection is None else delta @ projection
             deltas.setdefault(name, []).append(
-                self._zero_padding(self._scattered(projected.to(self.device), positions))
+                self._zero_padding(self._scattered(projected.to(self.device), positions), fresh=projection is not None)
             )
         for name in self.modules:
             if name not in deltas:  # an expert no token was routed to (`_unrouted_as_zeros`)

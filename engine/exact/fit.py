@@ -16,18 +16,21 @@ from engine.config import JobConfig
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
 from engine.curvature.packing import covariance_width, lambda_width, unpack_covariance, unpack_lambda
 from engine.errors import TributaryError
+from engine.exact.partition import lambda_stage, module_groups
 from engine.exact.stored_factors import (
     BASIS,
     FACTORS,
     full_spec,
     has_exact_factors,
     read_exact_factors,
+    set_lambda_group,
     write_exact_factors,
 )
 from engine.indexing.driver import IndexRun
 from engine.indexing.exact_sums import PASS_ONE_EXACT, has_pass_one_sums
 from engine.indexing.executor import ShardExecutor
 from engine.progress import progress_bar
+from engine.projection import ProjectionSpec
 from engine.store import GradientStore
 
 STRATEGIES = ("kfac", "ekfac")
@@ -55,6 +58,7 @@ def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardEx
     if has_exact_factors(store):
         return
     full = full_spec(store)
+    groups = module_groups(full, config.exact.factor_memory_gb)  # refused here, before a pass, if a module cannot fit
     strategy = config.curvature.strategy
     workers = len(getattr(executor, "actors", [None]))
     timings: dict[str, float] = {}
@@ -75,17 +79,28 @@ def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardEx
             run.mark("exact_eigen")
         factors = read_exact_factors(store, BASIS)
         if strategy == "ekfac":
-            store.create_partials("exact_lambda", lambda_width(full), 1)
-            executor.reset()
             clock = time.perf_counter()
-            run.stage("exact_lambdas")
+            lambdas = _lambdas(store, run, executor, groups)
             timings["exact_lambda_s"] = time.perf_counter() - clock
-            lambdas = unpack_lambda(*store.summed_partials("exact_lambda"), full)
             factors = corrected_factors(strategy, factors, [lambdas])
         write_exact_factors(store, factors, FACTORS)
         run.mark(FACTORS)
     measured = {key: round(value, 4) for key, value in timings.items()}
     store.update_manifest(timings={**(store.manifest.timings or {}), **measured})
+
+
+def _lambdas(store: GradientStore, run: IndexRun, executor: ShardExecutor, groups: list[ProjectionSpec]) -> dict:
+    """Λ sums of every module, one stage per module group (each committed per shard under its own name), the
+    workers told the group through the store (engine.exact.stored_factors.set_lambda_group)."""
+    lambdas = {}
+    for number, group in enumerate(groups):
+        key, partials = lambda_stage(number, len(groups))
+        store.create_partials(partials, lambda_width(group), 1)
+        set_lambda_group(store, number)
+        executor.reset()  # forget the previous group's bases, and read the group anew
+        run.stage(key, method="exact_lambdas")
+        lambdas.update(unpack_lambda(*store.summed_partials(partials), group))
+    return lambdas
 
 
 def _full_width_sums(store: GradientStore):

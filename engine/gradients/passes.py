@@ -24,6 +24,7 @@ from engine.data.labels import IGNORE
 from engine.data.tokenize import TokenizedRow
 from engine.gradients.context import ModelContext
 from engine.gradients.finite import NonFinite, merged, nonfinite_gradients, nonfinite_statistics
+from engine.projection import ProjectionSpec
 
 
 @dataclass
@@ -287,13 +288,15 @@ def lambda_pass(
     scale: dict[str, np.ndarray] | None = None,
     on_nonfinite: Callable[[NonFinite], None] | None = None,
     pad_batches: int | None = None,
+    spec: ProjectionSpec | None = None,
 ) -> PartialSums:
     """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal).
     `scale` multiplies each G̃_n elementwise first (Adam's P^{1/2}: the factors of P^{1/2} H P^{1/2}).
     `on_nonfinite` is called with the rows (positions in `rows`) of a batch whose gradients are not finite,
-    before they are added. `pad_batches`: as in gradient_pass (ZeRO-3 lockstep)."""
+    before they are added. `pad_batches`: as in gradient_pass (ZeRO-3 lockstep). `spec`: the modules to sum (a
+    subset of `context.spec`'s, with `factors` of those alone; engine.exact.partition), default all."""
     capture = context.capture
-    lambdas = LambdaAccumulator(context.spec, factors, scale, context.device)
+    lambdas = LambdaAccumulator(spec or context.spec, factors, scale, context.device)
     done = 0
     with capture.hooks():
         for batch, padding in _padded_batches(context, rows, pad_batches):

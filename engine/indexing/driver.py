@@ -66,8 +66,9 @@ class IndexRun:
             IndexRunRecord.model_validate({**self.record.model_dump(), "computed": self.computed}),
         ]
 
-    def stage(self, stage: str, only: list[int] | None = None) -> None:
-        """Run every shard of `stage` not yet committed (`only`: of those shards)."""
+    def stage(self, stage: str, only: list[int] | None = None, method: str | None = None) -> None:
+        """Run every shard of `stage` not yet committed (`only`: of those shards); `method`: the workers' method
+        when it is not named `stage` (one method run as several stages, each committed under its own name)."""
         shards = self.store.shards()
         committed = dict(self.store.manifest.shards.get(stage, {}))
         wanted = range(len(shards)) if only is None else only
@@ -78,7 +79,7 @@ class IndexRun:
             total=sum(shards[i][1] - shards[i][0] for i in wanted),
             completed=sum(shards[i][1] - shards[i][0] for i in committed),
         )
-        for receipt in self.executor.run(stage, pending):
+        for receipt in self.executor.run(method or stage, pending):
             shard = receipt["shard"]
             if shard in committed:
                 continue  # a late duplicate from a re-issued shard: each shard is committed once
