@@ -1,32 +1,42 @@
 """Exact EK-FAC without full-width rows (`exact.factors` + `tributary query --exact` / `--rescore K`) side by
-side with kronfluence's EK-FAC and a bare forward+backward, on a reduced workload (a quick figure, not issue
-29's full one).
+side with kronfluence's EK-FAC and a bare forward+backward, on a reduced workload by default (issue 13's with
+--issue13: about 20x the work, more than 10 minutes on a loaded 2-core machine).
 
-Workload: a GPT-2-like model of 2 layers, 64 wide (vocabulary of the corpus), 128 rows x 64 tokens, 8 queries,
-batch 8, float32, true Fisher on both sides (their sampled labels come from different generators, so the
-exact scores are compared by rank correlation; tests/exact/test_exact_kronfluence.py shows equality with the
-empirical Fisher). All in this process, one round: timings are indicative.
+Reduced workload: a GPT-2-like model of 2 layers, 64 wide (vocabulary of the corpus), 128 rows x 64 tokens,
+8 queries, batch 8, float32, true Fisher on both sides (their sampled labels come from different generators, so
+the exact scores are compared by rank correlation; tests/exact/test_exact_kronfluence.py shows equality with the
+empirical Fisher).
+
+Each side runs in a process of its own (python -m benchmarks.peak_memory), one after the other, so that its
+peak RSS (VmHWM) is its own; the bare pass and the store/rescore rows run in this process after them.
 
   bare            forward + loss.backward() over the rows
-  kronfluence     fit_all_factors + compute_pairwise_scores (heuristic damping)
+  kronfluence     fit_all_factors (covariances, eigendecomposition, Λ) + compute_pairwise_scores (heuristic damping)
   index           `tributary index` at projection dim 16 with exact.factors (wall time, model load included):
-                  pass 1 (dim-16 rows and covariances), Λ, then the full-width covariance and Λ passes
+                  pass 1 (dim-16 rows, their covariances and the full-width covariances, one capture at full
+                  width projected in the pass), the store's Λ (from its rows), then the full-width Λ pass
   exact           `query --exact`, the first batch of queries (query gradients + one pass over the rows)
   exact again     the same query again (the factors reused): the cost of a further batch
   rescore K       `query --rescore K`: the store's top/bottom K, re-scored exactly
   store           the dim-16 store's own query
 
-Overlap: the mean over queries of |top-10 ∩ exact top-10| / 10; Spearman: the mean over queries of the rank
-correlation over training rows with kronfluence's scores (or with --exact's).
+Breakdown: our side's stage timings (the manifest's pass1_s, pass2_s, exact_lambda_s), kronfluence's
+factors/scores split, and a cProfile of a third exact batch, untimed (the top functions by own time).
+Rows written: the bytes of the store's rows array against what a dim-0 store of the same rows would hold.
 
-Usage: python -m benchmarks.exact [--result exact]
+Usage: python -m benchmarks.exact [--result exact] [--issue13]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import json
 import logging
+import pstats
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,17 +55,22 @@ from benchmarks.common import (
 )
 from benchmarks.kronfluence_side import kronfluence_scores
 
-ROWS, QUERIES, SEQUENCE, BATCH, HIDDEN, LAYERS = 128, 8, 64, 8, 64, 2
-RESCORE = (10, 25, 50)
+REDUCED = {"rows": 128, "queries": 8, "sequence": 64, "batch": 8, "hidden": 64, "layers": 2}
+ISSUE13 = {"rows": 512, "queries": 32, "sequence": 128, "batch": 8, "hidden": 256, "layers": 4}
+RESCORE = (10, 25)
 
 
-def _config(work: Path, model: Path, train: Path):
+def _config(work: Path, size: dict):
     from engine.config import parse_config
 
     return parse_config(
         {
-            "model": {"path": str(model), "dtype": "float32"},
-            "data": {"train": str(train), "max_length": SEQUENCE + 2, "batch_size": BATCH},
+            "model": {"path": str(work / "model"), "dtype": "float32"},
+            "data": {
+                "train": str(work / "train.jsonl"),
+                "max_length": size["sequence"] + 2,
+                "batch_size": size["batch"],
+            },
             "projection": {"dim": 16},
             "curvature": {"strategy": "ekfac"},
             "method": {"name": "if"},
@@ -75,69 +90,157 @@ def _timed(call):
     return value, time.perf_counter() - started
 
 
+def _ours(work: Path, size: dict) -> dict:
+    """Index with exact factors, then two exact query batches; profiled, timings and scores left in `work`."""
+    from engine.config import QueryOptions
+    from engine.runner import run_exact, run_index
+
+    config = _config(work, size)
+    queries, options = str(work / "queries.jsonl"), QueryOptions(k=10)
+    store, index_s = _timed(lambda: run_index(config, show_progress=False))
+    exact, exact_s = _timed(lambda: run_exact(config, queries, options))
+    _, again_s = _timed(lambda: run_exact(config, queries, options))
+    profile = cProfile.Profile()  # a third batch, untimed: where a query batch's time goes
+    profile.runcall(run_exact, config, queries, options)
+    np.save(work / "exact_scores.npy", exact.scores)
+    stats = pstats.Stats(profile)
+    entries = sorted(stats.stats.items(), key=lambda item: -item[1][2])[:15]  # type: ignore[attr-defined]
+    top = [
+        {"function": f"{Path(file).name}:{line}({name})", "own_s": round(own, 2), "cumulative_s": round(cum, 2)}
+        for (file, line, name), (_, _, own, cum, _) in entries
+    ]
+    rows_bytes = sum(a.nbytes_stored() for a in [store.group["grads"]])  # type: ignore[union-attr]
+    return {
+        "index_s": index_s,
+        "exact_s": exact_s,
+        "exact_again_s": again_s,
+        "index_timings": store.manifest.timings,
+        "rows_bytes_stored": int(rows_bytes),
+        "profile_top_own_time": top,
+    }
+
+
+def _kronfluence(work: Path, size: dict) -> dict:
+    stages: dict[str, float] = {}
+    scores, seconds = kronfluence_scores(
+        _config(work, size), str(work / "queries.jsonl"), size["batch"], work / "kronfluence", stages
+    )
+    np.save(work / "kronfluence_scores.npy", scores)
+    return {"seconds": seconds, **stages}
+
+
+def _child(side: str, work: Path, issue13: bool) -> dict:
+    """One side in a process of its own; its result and peak RSS."""
+    peak = work / f"{side}.peak"
+    command = [sys.executable, "-m", "benchmarks.peak_memory", str(peak), "benchmarks.exact", "--side", side]
+    command += ["--work", str(work)] + (["--issue13"] if issue13 else [])
+    subprocess.run(command, check=True)
+    result = json.loads((work / f"{side}.json").read_text())
+    result["peak_rss_gib"] = round(int(peak.read_text()) / 2**30, 3)
+    return result
+
+
+def _prepare(work: Path, size: dict) -> None:
+    texts = random_corpus(size["rows"], size["sequence"], vocabulary=2000)
+    gpt2_like(
+        work / "model", texts, hidden=size["hidden"], layers=size["layers"], heads=4, positions=size["sequence"] + 2
+    )
+    write_jsonl(work / "train.jsonl", texts)
+    write_jsonl(work / "queries.jsonl", random_corpus(size["queries"], size["sequence"], vocabulary=2000, seed=1))
+
+
+def _compare(work: Path, size: dict, ours: dict, theirs: dict) -> dict:
+    """The bare pass, and the store's and --rescore's agreement with --exact, in this process."""
+    from engine.config import QueryOptions
+    from engine.projection.fitted import full_width
+    from engine.runner import run_exact, run_query
+
+    config = _config(work, size)
+    queries, options = str(work / "queries.jsonl"), QueryOptions(k=10)
+    exact_scores = np.load(work / "exact_scores.npy")
+    reference = np.argsort(-exact_scores, axis=1)[:, :10]
+    bare = bare_pass_seconds(config, size["batch"])
+    stored, store_s = _timed(lambda: run_query(config, queries, 10, options=options))
+    store = stored_store(config)
+    rows = {
+        "bare": {"seconds": bare},
+        "kronfluence": {**theirs},
+        "index (dim 16 + exact factors)": {"seconds": ours["index_s"], "timings": ours["index_timings"]},
+        "exact": {
+            "seconds": ours["exact_s"],
+            "spearman_vs_kronfluence": mean_spearman(exact_scores, np.load(work / "kronfluence_scores.npy")),
+        },
+        "exact again": {"seconds": ours["exact_again_s"]},
+        "store (dim 16)": {
+            "seconds": store_s,
+            "top10_overlap_with_exact": _overlap(stored.top_indices, reference),
+            "spearman_vs_exact": mean_spearman(np.asarray(stored.total), exact_scores),
+        },
+    }
+    for k in RESCORE:
+        rescored, seconds = _timed(lambda k=k: run_exact(config, queries, options, rescore=k))
+        rows[f"rescore {k}"] = {
+            "seconds": seconds,
+            "top10_overlap_with_exact": _overlap(rescored.result.top_indices, reference),
+            "rows_scored_exactly": int(rescored.exact.sum()),
+        }
+    for row in rows.values():
+        row["ratio_to_bare"] = round(row["seconds"] / bare, 2)
+        row["seconds"] = round(row["seconds"], 3)
+    dim0_bytes = full_width(store.manifest.projection).total_width * 4 * store.rows
+    return {"rows": rows, "dim0_rows_bytes_float32": dim0_bytes}
+
+
+def stored_store(config):
+    from engine.store import GradientStore
+
+    return GradientStore.open(config.store.path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--result", default="exact", help="name of the JSON under benchmarks/results/")
+    parser.add_argument("--issue13", action="store_true", help="issue 13's workload instead of the reduced one")
+    parser.add_argument("--side", choices=("ours", "kronfluence"), help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.disable(logging.INFO)
-    from engine.config import QueryOptions
-    from engine.runner import run_exact, run_index, run_query
-
+    size = ISSUE13 if args.issue13 else REDUCED
+    torch.manual_seed(0)
+    if args.side is not None:
+        work = Path(args.work)
+        result = _ours(work, size) if args.side == "ours" else _kronfluence(work, size)
+        (work / f"{args.side}.json").write_text(json.dumps(result, default=str))
+        return
     work = Path(tempfile.mkdtemp(prefix="tributary-exact-"))
     try:
-        texts = random_corpus(ROWS, SEQUENCE, vocabulary=2000)
-        model = gpt2_like(work / "model", texts, hidden=HIDDEN, layers=LAYERS, heads=4, positions=SEQUENCE + 2)
-        train = write_jsonl(work / "train.jsonl", texts)
-        queries = str(write_jsonl(work / "queries.jsonl", random_corpus(QUERIES, SEQUENCE, vocabulary=2000, seed=1)))
-        config = _config(work, model, train)
-        bare = bare_pass_seconds(config, BATCH)
-        theirs, kron_s = kronfluence_scores(config, queries, BATCH, work / "kronfluence")
-        store, index_s = _timed(lambda: run_index(config, show_progress=False))
-        options = QueryOptions(k=10)
-        exact, exact_s = _timed(lambda: run_exact(config, queries, options))
-        _, again_s = _timed(lambda: run_exact(config, queries, options))
-        stored, store_s = _timed(lambda: run_query(config, queries, 10, options=options))
-        reference = exact.result.top_indices
-        rows = {
-            "bare": {"seconds": bare},
-            "kronfluence": {"seconds": kron_s},
-            "index (dim 16 + exact factors)": {"seconds": index_s, "timings": store.manifest.timings},
-            "exact": {"seconds": exact_s, "spearman_vs_kronfluence": mean_spearman(exact.scores, theirs)},
-            "exact again": {"seconds": again_s},
-            "store (dim 16)": {
-                "seconds": store_s,
-                "top10_overlap_with_exact": _overlap(stored.top_indices, reference),
-                "spearman_vs_exact": mean_spearman(np.asarray(stored.total), exact.scores),
+        _prepare(work, size)
+        theirs = _child("kronfluence", work, args.issue13)
+        ours = _child("ours", work, args.issue13)
+        compared = _compare(work, size, ours, theirs)
+        first = (ours["index_s"] + ours["exact_s"]) / theirs["seconds"]
+        bare = compared["rows"]["bare"]["seconds"]
+        summary = {
+            "index_plus_first_exact_over_kronfluence": round(first, 3),
+            "exact_again_over_bare": round(ours["exact_again_s"] / bare, 3),
+            "peak_rss_gib": {"ours": ours["peak_rss_gib"], "kronfluence": theirs["peak_rss_gib"]},
+            "rows_bytes_stored": {
+                "dim16_store": ours["rows_bytes_stored"],
+                "dim0": compared["dim0_rows_bytes_float32"],
             },
         }
-        for k in RESCORE:
-            rescored, seconds = _timed(lambda k=k: run_exact(config, queries, options, rescore=k))
-            rows[f"rescore {k}"] = {
-                "seconds": seconds,
-                "top10_overlap_with_exact": _overlap(rescored.result.top_indices, reference),
-                "rows_scored_exactly": int(rescored.exact.sum()),
-            }
-        for row in rows.values():
-            row["ratio_to_bare"] = round(row["seconds"] / bare, 2)
-            row["seconds"] = round(row["seconds"], 3)
-        first = (index_s + exact_s) / kron_s
-        print(
-            f"{ROWS} rows x {SEQUENCE} tokens, {QUERIES} queries; (index + first exact batch) / kronfluence: {first:.2f}"
-        )
-        for name, row in rows.items():
+        print(f"{size}: {json.dumps(summary)}")
+        for name, row in compared["rows"].items():
             extras = {k: round(v, 3) for k, v in row.items() if isinstance(v, float) and k != "seconds"}
             print(f"{name:<32}{row['seconds']:>9.2f} s  {extras}")
         path = write_result(
             args.result,
             {
-                "rows": ROWS,
-                "queries": QUERIES,
-                "sequence": SEQUENCE,
-                "batch": BATCH,
-                "hidden": HIDDEN,
-                "layers": LAYERS,
-                "index_plus_first_exact_over_kronfluence": round(first, 3),
-                "results": rows,
+                **size,
+                **summary,
+                "machine_note": "loaded: 2 cores shared with other jobs; ratios are measured within this one run",
+                "results": compared["rows"],
+                "profile_top_own_time": ours["profile_top_own_time"],
             },
         )
         print(f"wrote {path}")
@@ -146,5 +249,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     main()

@@ -114,9 +114,12 @@ def conv1d_to_linear(model: nn.Module, names: list[str]) -> None:
         setattr(parent, child, linear)
 
 
-def kronfluence_scores(config, queries: str, batch: int, work: Path) -> tuple[np.ndarray, float]:
+def kronfluence_scores(
+    config, queries: str, batch: int, work: Path, stages: dict[str, float] | None = None
+) -> tuple[np.ndarray, float]:
     """(queries × rows) EK-FAC influence scores with kronfluence's defaults (true Fisher, float32, heuristic
-    damping) and the seconds of its factor fit and pairwise scoring (model loading and tokenising excluded)."""
+    damping) and the seconds of its factor fit and pairwise scoring (model loading and tokenising excluded);
+    `stages`, where given, gets each of the two's seconds."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
@@ -153,6 +156,7 @@ def kronfluence_scores(config, queries: str, batch: int, work: Path) -> tuple[np
         factor_args=FactorArguments(strategy="ekfac"),
         overwrite_output_dir=True,
     )
+    fitted = time.perf_counter()
     analyzer.compute_pairwise_scores(
         "scores",
         "ekfac",
@@ -164,6 +168,8 @@ def kronfluence_scores(config, queries: str, batch: int, work: Path) -> tuple[np
         overwrite_output_dir=True,
     )
     seconds = time.perf_counter() - started
+    if stages is not None:
+        stages.update(factors_s=fitted - started, scores_s=started + seconds - fitted)
     scores = analyzer.load_pairwise_scores("scores")
     if scores is None:
         raise RuntimeError("kronfluence saved no scores")

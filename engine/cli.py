@@ -327,6 +327,9 @@ def demo(
         "--retrain",
         help="train the LoRA adapter again from its recipe (~8 min on 2 idle CPU cores), not the committed one",
     ),
+    exact: bool = typer.Option(
+        False, "--exact", help="also fit full-width factors and print the store's top-10 overlap with exact EK-FAC's"
+    ),
 ) -> None:
     """End to end on the embedded default: SmolLM2 + LoRA on Shakespeare, Ray index, generations attributed."""
     try:
@@ -334,11 +337,11 @@ def demo(
         if toy:
             from engine.demo_assets.toy import run_toy_demo
 
-            run_toy_demo(workdir, small=small)
+            run_toy_demo(workdir, small=small, exact=exact)
         else:
             from engine.demo import run_demo
 
-            run_demo(workdir, small=small, retrain=retrain)
+            run_demo(workdir, small=small, retrain=retrain, exact=exact)
     except TributaryError as error:
         _fail(error)
 

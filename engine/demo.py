@@ -105,7 +105,9 @@ def _adapter(model_dir: Path, rows: list[dict], root: Path, retrain: bool) -> Pa
     return adapter
 
 
-def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[dict]:
+def run_demo(workdir: str, small: bool = False, retrain: bool = False, exact: bool = False) -> list[dict]:
+    """`exact`: the index also fits the full-width factors, and the IF rankings are compared with exact EK-FAC's
+    (engine.demo_assets.exact_overlap; minutes more on 2 CPU cores, so off by default)."""
     from engine.config import parse_config
     from engine.demo_assets.adapter import recipe_rows, rows_jsonl
     from engine.demo_assets.shakespeare import DEMO_PLAYS, demo_queries
@@ -117,7 +119,7 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[d
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     console.print(f"writing to {root}; the report will be [bold]{root / 'report.html'}[/]")
-    stages = _Stages(total=4)
+    stages = _Stages(total=5 if exact else 4)
     stages.begin("model", "SmolLM2-135M-Instruct (converted from GGUF once, then cached)")
     model_dir = ensure_smollm2()
     from transformers import AutoTokenizer
@@ -136,6 +138,7 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[d
             "method": {"name": "if"},
             "store": {"path": str(root / "store.zarr"), "rows_per_chunk": 8},
             "cluster": {"address": "local", "workers": size["workers"], "cpus_per_worker": 1},
+            **({"exact": {"factors": True}} if exact else {}),
         },
         source="the demo's config",
     )
@@ -163,9 +166,12 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[d
     _write_jsonl(root / "results.jsonl", outcome.records)
     (root / "own_play.json").write_text(json.dumps(outcome.own_play, indent=1))
     report = outcome.write_report(root / "report.html")
+    overlap = _exact_overlap(config, root, outcome.records, stages) if exact else None
     seconds = stages.finish()
     _print_generations(outcome.records)
     _print_own_play(outcome.own_play)
+    if overlap is not None:
+        console.print(overlap)
     total = round(time.perf_counter() - started, 1)
     (root / "timings.json").write_text(json.dumps({"seconds": seconds, "total": total, "size": size}, indent=1))
     console.print(
@@ -174,6 +180,20 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False) -> list[d
         + f")\nresults: {root / 'results.jsonl'}\nreport:  [bold]{report}[/] (open it in a browser)"
     )
     return outcome.records
+
+
+def _exact_overlap(config, root: Path, records: list[dict], stages: _Stages) -> str:
+    """The tuned answers as a queries file, their store top-10 against exact EK-FAC's (in this process)."""
+    from engine.demo_assets.exact_overlap import exact_overlap
+
+    stages.begin("exact", "the same answers scored exactly (query --exact: one pass over the rows, no rows written)")
+    queries = _write_jsonl(
+        root / "exact_queries.jsonl",
+        [{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]} for r in records],
+    )
+    overlap = exact_overlap(config.derive(cluster=None), str(queries))
+    (root / "exact_overlap.json").write_text(json.dumps({"ids": overlap.ids, "top10_overlap": overlap.shares}))
+    return overlap.line()
 
 
 def _clipped(text: str, width: int) -> str:

@@ -19,7 +19,6 @@ from engine.distributed.groups import GroupExecutor, group_count
 from engine.distributed.pool import RayExecutor, largest_node_gpus
 from engine.errors import TributaryError
 from engine.exact.fit import check_exact_config, fit_exact_factors
-from engine.exact.local import InProcess
 from engine.exact.queries import ExactQueries
 from engine.exact.run import ExactResult, run_exact_query
 from engine.exact.worker import ExactWorker
@@ -99,7 +98,7 @@ def exact_executor(
     """The exact stages' shards in this process (reusing `context`, a model already loaded), or with a
     `cluster` section on a pool of ExactWorker actors, as indexing's."""
     if config.cluster is None:
-        return InProcess(ExactWorker(config, queries, context=context))
+        return LocalExecutor(worker=ExactWorker(config, queries, context=context))
     connect(config.cluster)
     check_placement(config, gpus=largest_node_gpus())
     if config.placement.kind == "zero3":

@@ -85,7 +85,8 @@ class GradientCapture:
         if projection is None:
             if self.bias_column[name]:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            return self._zero_padding(self._scattered(a.to(self.device), positions))
+            fresh = self.bias_column[name]  # torch.cat made `a`; otherwise it may be the module's own input
+            return self._zero_padding(self._scattered(a.to(self.device), positions), fresh=fresh)
         # [a, 1] @ P_in = a @ P_in[:-1] + P_in[-1]: the bias column is never materialised
         if self.bias_column[name]:
             projected = torch.addmm(projection[-1], a.reshape(-1, a.shape[-1]), projection[:-1])
@@ -93,7 +94,7 @@ class GradientCapture:
         else:
             projected = a @ projection
         # padding is zeroed after the projection (row-wise, so a NaN at padding stays in its own row)
-        return self._zero_padding(self._scattered(projected.to(self.device), positions))
+        return self._zero_padding(self._scattered(projected.to(self.device), positions), fresh=True)
 
     def _scattered(self, values: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
         """(B, T, k) from a routed expert's rows (1, n, k) at their flat positions, zeros at tokens not routed
@@ -105,9 +106,13 @@ class GradientCapture:
         full.index_copy_(0, positions.to(values.device), values.reshape(-1, values.shape[-1]))
         return full.view(*mask.shape, values.shape[-1])
 
-    def _zero_padding(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def _zero_padding(
+        self, values: torch.Tensor, mask: torch.Tensor | None = None, fresh: bool = False
+    ) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
         keep = (self._current_mask() if mask is None else mask).unsqueeze(-1).bool()
+        if fresh and bool(keep.all()):  # no padding: `values` (made here, aliasing nothing) as they are
+            return values
         return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
     def project_activations(self, name: str, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -125,6 +130,38 @@ class GradientCapture:
         projection = self.p_out[name]
         projected = delta if projection is None else delta @ projection
         return self._zero_padding(projected.to(self.device), mask)
+
+    def projected_activations(self, activations: dict[str, list[torch.Tensor]], mask: torch.Tensor):
+        """ã of this capture's projection from a full-width capture's a of the same batch (bias column appended,
+        zero at padding and at tokens a routed expert did not see): at every counted token the numbers this
+        capture's hooks record (the same product on the same values), zero elsewhere."""
+        return {
+            name: [a if self.p_in[name] is None else self._projected_full(a, name, mask) for a in calls]
+            for name, calls in activations.items()
+        }
+
+    def projected_deltas(self, deltas: dict[str, list[torch.Tensor]], mask: torch.Tensor):
+        """δ̃ of this capture's projection from a full-width capture's δ of the same batch (zero where not counted)."""
+        out = {}
+        for name, calls in deltas.items():
+            projection = self.p_out[name]
+            out[name] = [
+                d if projection is None else self._zero_padding(d @ projection.to(d.device), mask, fresh=True)
+                for d in calls
+            ]
+        return out
+
+    def _projected_full(self, a: torch.Tensor, name: str, mask: torch.Tensor) -> torch.Tensor:
+        projection = self.p_in[name]
+        assert projection is not None
+        projection = projection.to(a.device)
+        if not self.bias_column[name]:
+            return self._zero_padding(a @ projection, mask, fresh=True)
+        # as _project_input's addmm; the bias column is 0 where a token does not count (padding, not routed)
+        plain = a[..., :-1].reshape(-1, a.shape[-1] - 1)
+        projected = torch.addmm(projection[-1], plain, projection[:-1]).view(*a.shape[:-1], projection.shape[1])
+        counted = a[..., -1:] != 0
+        return torch.where(counted, projected, torch.zeros((), dtype=projected.dtype, device=projected.device))
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
@@ -283,7 +320,7 @@ class GradientCapture:
             projection = self.p_out[name]
             projected = delta if projection is None else delta @ projection
             deltas.setdefault(name, []).append(
-                self._zero_padding(self._scattered(projected.to(self.device), positions))
+                self._zero_padding(self._scattered(projected.to(self.device), positions), fresh=projection is not None)
             )
         for name in self.modules:
             if name not in deltas:  # an expert no token was routed to (`_unrouted_as_zeros`)

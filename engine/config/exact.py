@@ -19,3 +19,10 @@ class ExactConfig(_Section):
         description="--exact: keep each preconditioned query gradient's top r singular directions per module; "
         "null keeps its full rank",
     )
+    factor_memory_gb: float | None = Field(
+        default=None,
+        gt=0,
+        description="the full-width Λ pass: modules in layout order cut into the fewest groups whose float64 "
+        "factors fit this many GB; each group is a pass over the rows whose actors hold its modules' bases only "
+        "(as kronfluence's module partitions); null: one group",
+    )

@@ -69,7 +69,8 @@ def _train(model, tokenizer, texts: list[str], steps: int) -> None:
     model.eval()
 
 
-def run_toy_demo(workdir: str, small: bool = False) -> list[dict]:
+def run_toy_demo(workdir: str, small: bool = False, exact: bool = False) -> list[dict]:
+    """`exact`: also fit the full-width factors and print the store's top-10 overlap with exact EK-FAC's."""
     started = time.perf_counter()
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,8 @@ def run_toy_demo(workdir: str, small: bool = False) -> list[dict]:
         "method": {"name": "if"},
         "store": {"path": str(root / "store.zarr"), "rows_per_chunk": 32},
     }
+    if exact:
+        config["exact"] = {"factors": True}
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     job = load_config(root / "config.yaml")
     console.print("[bold]2/3[/] indexing the training set (projected gradients + EK-FAC)")
@@ -109,5 +112,15 @@ def run_toy_demo(workdir: str, small: bool = False) -> list[dict]:
         for entry in result["top_k"]:
             table.add_row(str(entry["rank"]), f"{entry['score']:.3g}", entry.get("snippet", entry["id"]))
         console.print(table)
+    if exact:
+        _print_overlap(job, root)
     console.print(f"done in {time.perf_counter() - started:.1f} s; results in {root / 'results.jsonl'}")
     return results
+
+
+def _print_overlap(job, root: Path) -> None:
+    from engine.demo_assets.exact_overlap import exact_overlap
+
+    overlap = exact_overlap(job, str(root / "queries.jsonl"))
+    (root / "exact_overlap.json").write_text(json.dumps({"ids": overlap.ids, "top10_overlap": overlap.shares}))
+    console.print(overlap.line())

@@ -29,15 +29,31 @@ def write_exact_factors(store: GradientStore, factors: dict[str, ModuleFactors],
     root.attrs["modules"] = [module.name for module in spec.modules]
 
 
+LAMBDA_GROUP = "exact_lambda_group"  # the store attribute naming the module group the Λ stage runs
+
+
+def set_lambda_group(store: GradientStore, number: int) -> None:
+    store.group.attrs[LAMBDA_GROUP] = number
+
+
+def lambda_group(store: GradientStore) -> int:
+    return int(store.group.attrs.get(LAMBDA_GROUP, 0))  # pyright: ignore[reportArgumentType]
+
+
 def has_exact_factors(store: GradientStore) -> bool:
     return bool(store.manifest.stages.get(FACTORS)) and store.has_group(FACTORS)
 
 
-def read_exact_factors(store: GradientStore, name: str = FACTORS) -> dict[str, ModuleFactors]:
+def read_exact_factors(
+    store: GradientStore, name: str = FACTORS, modules: set[str] | None = None
+) -> dict[str, ModuleFactors]:
+    """Every module's factors, or those of `modules` alone (an actor's group, engine.exact.partition)."""
     spec = full_spec(store)
     root = store.group[name]
     out = {}
     for number, module in enumerate(spec.modules):
+        if modules is not None and module.name not in modules:
+            continue
         out.update(read_factor_group(root[str(number)], [module]))  # pyright: ignore[reportArgumentType]
     return out
 

@@ -16,9 +16,10 @@ from engine.curvature.factors import ModuleFactors
 from engine.curvature.packing import pack_covariance, pack_lambda
 from engine.data.batching import batches
 from engine.data.tokenize import TokenizedRow
+from engine.exact.partition import lambda_stage, module_groups
 from engine.exact.queries import ExactQueries
 from engine.exact.row_scores import QuerySide, batch_scores
-from engine.exact.stored_factors import BASIS, read_exact_factors
+from engine.exact.stored_factors import BASIS, lambda_group, read_exact_factors
 from engine.gradients.context import ModelContext, with_projection
 from engine.gradients.finite import nonfinite_rows_error
 from engine.gradients.passes import covariance_pass, lambda_pass
@@ -66,16 +67,22 @@ class ExactWorker(ShardWorker):
         return self._receipt("exact_covariance", shard, started)
 
     def exact_lambdas(self, shard: int) -> dict:
-        """Full-width Σ (Q_Sᵀ G Q_A)² of the shard's rows in the full-width eigenbasis."""
+        """Full-width Σ (Q_Sᵀ G Q_A)² of the shard's rows in the full-width eigenbasis, for the modules of the group
+        the driver runs (engine.exact.partition: this worker holds that group's bases alone)."""
         started = time.perf_counter()
+        store = self._open()
+        groups = module_groups(self.full.spec, self.config.exact.factor_memory_gb)
+        number = lambda_group(store)
+        group = groups[number]
         if self._basis is None:
-            self._basis = read_exact_factors(self._open(), BASIS)
+            self._basis = read_exact_factors(store, BASIS, {m.name for m in group.modules})
         start, kept, rows = self._kept_rows(shard)
-        check = self._row_check(self._ids(*self._open().shards()[shard]), start, kept)
-        sums = lambda_pass(self.full, rows, self._basis, on_nonfinite=check)
-        fault_point("actor", "exact_lambdas", shard)
-        self._open().write_partial("exact_lambda", shard, *pack_lambda(sums.lambdas, self.full.spec))
-        return self._receipt("exact_lambdas", shard, started)
+        check = self._row_check(self._ids(*store.shards()[shard]), start, kept)
+        sums = lambda_pass(self.full, rows, self._basis, on_nonfinite=check, spec=group)
+        key, partials = lambda_stage(number, len(groups))
+        fault_point("actor", key, shard)
+        store.write_partial(partials, shard, *pack_lambda(sums.lambdas, group))
+        return self._receipt(key, shard, started)
 
     def use_queries(self, queries: ExactQueries) -> None:
         """Score against other queries from now on (a service's next batch), keeping the loaded rows and model."""

@@ -8,7 +8,7 @@ of the rows gives the same rows and, after merging, the same statistics.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from engine.data.labels import IGNORE
 from engine.data.tokenize import TokenizedRow
 from engine.gradients.context import ModelContext
 from engine.gradients.finite import NonFinite, merged, nonfinite_gradients, nonfinite_statistics
+from engine.projection import ProjectionSpec
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ShardGradients:
     sums: PartialSums
     nonfinite: NonFinite = field(default_factory=dict)  # row position in the shard → non-finite modules
     fisher_grads: np.ndarray | None = None  # (n, D) sampled-label rows (pass 1 with fisher_rows), for Λ
+    full_covariance: dict[str, ModuleCovariance] = field(default_factory=dict)  # pass 1 given `full`
 
 
 def _curvature_labels(context: ModelContext, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
@@ -83,18 +85,23 @@ def gradient_pass(
     measurement: str = "logprob_sum",
     pad_batches: int | None = None,
     fisher_rows: bool = False,
+    full: ModelContext | None = None,
 ) -> ShardGradients:
     """Projected per-example gradients of the loss (queries: of `measurement`), and the covariance sums
     for K-FAC/EK-FAC (training rows only). `fisher_rows` (true Fisher only): also the projected gradients of
     the sampled-label loss (`fisher_grads`), from the same backward as the covariance, so that Λ can be
     read from the store instead of running the model a second time. `pad_batches`: run padding batches
     after the rows' own up to that many batches in all, with the same forward/backward calls, results
-    discarded (ZeRO-3 lockstep)."""
+    discarded (ZeRO-3 lockstep). `full`: the same model captured at full width (exact.factors, one pass for
+    both): the hooks and backwards run there, each batch is projected here with `context`'s matrices, and the
+    full-width covariance sums of the curvature labels are kept too (`full_covariance`, float64 products)."""
     capture = context.capture
+    runner = full or context  # the capture the model runs under
     curvature = context.config.curvature
     want_covariance = with_covariance and curvature.strategy in NEEDS_COVARIANCE
     want_fisher_rows = fisher_rows and curvature.fisher is True
     covariance = CovarianceAccumulator(context.spec)
+    full_covariance = CovarianceAccumulator(full.spec) if full is not None and want_covariance else None
     # The shard's outputs go into buffers allocated once, not a small tensor per batch: kept allocations made
     # between a batch's large temporaries pin the allocator's heap, which then grows by the batch (~2 MB a batch
     # of issue 13's workload, about 0.1 GB over a 512-row shard).
@@ -104,22 +111,28 @@ def gradient_pass(
     # ZeRO-3 frees a module's gathered weights after its backward, so a retained graph cannot be walked twice:
     # the curvature-label backward gets a forward of its own there (same logits, same sampled labels).
     reforward = context.config.placement.kind == "zero3"
-    with capture.hooks():
+    with runner.capture.hooks():
         for batch, padding in _padded_batches(context, rows, pad_batches):
-            state = capture.forward(batch)
+            state = runner.capture.forward(batch)
             separate_fisher = (want_covariance or want_fisher_rows) and curvature.fisher is True
             retain = separate_fisher and not reforward
             token_loss = NextTokenLoss(state.logits) if measurement == "logprob_sum" else None
             if token_loss is not None:  # the training loss: its logits gradient in closed form
                 loss = token_loss.losses(batch.labels)
-                deltas = capture.output_gradients_of_logits(state, token_loss.logit_gradient(batch.labels), retain)
+                logit_gradient = token_loss.logit_gradient(batch.labels)
+                deltas = runner.capture.output_gradients_of_logits(state, logit_gradient, retain)
             else:
                 loss = measurement_loss(measurement, state.logits, batch.labels)
-                deltas = capture.output_gradients(state, loss, retain_graph=retain)
+                deltas = runner.capture.output_gradients(state, loss, retain_graph=retain)
             if padding:
                 if separate_fisher:  # the same forward/backward calls as a batch of rows
-                    _fisher_deltas(context, batch, state, reforward, token_loss)
+                    _fisher_deltas(runner, batch, state, reforward, token_loss)
                 continue
+            full_activations, full_deltas = state.activations, deltas
+            if full is not None:
+                mask = batch.attention_mask
+                state = replace(state, activations=capture.projected_activations(full_activations, mask))
+                deltas = capture.projected_deltas(full_deltas, mask)
             rows_here = slice(done, done + len(batch.indices))
             out.grads[rows_here] = capture.flatten(capture.example_gradients(state, deltas)).detach()
             out.losses[rows_here] = loss.detach()
@@ -127,7 +140,9 @@ def gradient_pass(
             batch_losses = out.losses[rows_here].numpy()
             nonfinite.append(nonfinite_gradients(out.grads[rows_here].numpy(), batch_losses, context.spec, done))
             if separate_fisher:
-                deltas = _fisher_deltas(context, batch, state, reforward, token_loss)
+                full_deltas = deltas = _fisher_deltas(runner, batch, state, reforward, token_loss)
+                if full is not None:
+                    deltas = capture.projected_deltas(full_deltas, batch.attention_mask)
             if out.fisher is not None:
                 out.fisher[rows_here] = capture.flatten(capture.example_gradients(state, deltas)).detach()
                 nonfinite.append(nonfinite_gradients(out.fisher[rows_here].numpy(), batch_losses, context.spec, done))
@@ -135,8 +150,11 @@ def gradient_pass(
                 nonfinite.append(nonfinite_statistics(state.activations, done))
                 nonfinite.append(nonfinite_statistics(deltas, done))
                 covariance.add(state.activations, deltas, batch.attention_mask, state.routed_tokens)
+            if full_covariance is not None:
+                full_covariance.add(full_activations, full_deltas, batch.attention_mask, state.routed_tokens)
             done += len(batch.indices)
     sums = PartialSums(covariance=covariance.sums if want_covariance else {})
+    full_sums = full_covariance.sums if full_covariance is not None else {}
     if not rows:  # a ZeRO-3 rank with padding only
         return ShardGradients(start, np.zeros((0, context.spec.total_width), np.float32), *_no_rows(), sums)
     return ShardGradients(
@@ -147,6 +165,7 @@ def gradient_pass(
         sums,
         merged(*nonfinite),
         out.fisher.numpy() if out.fisher is not None else None,
+        full_sums,
     )
 
 
@@ -211,25 +230,33 @@ def _no_rows() -> tuple[np.ndarray, np.ndarray]:
 
 
 def gradient_pass_without(
-    context: ModelContext, rows: list[TokenizedRow], start: int, left_out: NonFinite, fisher_rows: bool = False
+    context: ModelContext,
+    rows: list[TokenizedRow],
+    start: int,
+    left_out: NonFinite,
+    fisher_rows: bool = False,
+    full: ModelContext | None = None,
 ):
     """Pass 1 of the rows not in `left_out` (positions), with the left-out rows' gradients and losses kept as
     zeros in place: the covariance sums are those of the kept rows alone (data.on_nonfinite: skip)."""
     kept = [position for position in range(len(rows)) if position not in left_out]
-    partial = gradient_pass(context, [rows[p] for p in kept], start, fisher_rows=fisher_rows) if kept else None
+    kept_rows = [rows[p] for p in kept]
+    partial = gradient_pass(context, kept_rows, start, fisher_rows=fisher_rows, full=full) if kept else None
     width = context.spec.total_width
     grads = np.zeros((len(rows), width), dtype=partial.grads.dtype if partial else np.float32)
     fisher = np.zeros_like(grads) if fisher_rows and context.config.curvature.fisher is True else None
     losses = np.zeros(len(rows), dtype=np.float32)
     tokens = np.array([len(row.input_ids) for row in rows], dtype=np.int64)  # as Batch.num_tokens counts
     sums = PartialSums()
+    full_sums = {}
     again: NonFinite = {}
     if partial is not None:
+        full_sums = partial.full_covariance
         grads[kept], losses[kept], tokens[kept], sums = partial.grads, partial.losses, partial.num_tokens, partial.sums
         again = {kept[position]: names for position, names in partial.nonfinite.items()}
         if fisher is not None and partial.fisher_grads is not None:
             fisher[kept] = partial.fisher_grads
-    return ShardGradients(start, grads, losses, tokens, sums, again, fisher)
+    return ShardGradients(start, grads, losses, tokens, sums, again, fisher, full_sums)
 
 
 def token_gradients(context: ModelContext, row: TokenizedRow, measurement: str = "logprob_sum") -> np.ndarray:
@@ -261,13 +288,15 @@ def lambda_pass(
     scale: dict[str, np.ndarray] | None = None,
     on_nonfinite: Callable[[NonFinite], None] | None = None,
     pad_batches: int | None = None,
+    spec: ProjectionSpec | None = None,
 ) -> PartialSums:
     """Σ_n (Q_Sᵀ G̃_n Q_A)² with curvature labels: EK-FAC's corrected eigenvalues (raw basis: diagonal).
     `scale` multiplies each G̃_n elementwise first (Adam's P^{1/2}: the factors of P^{1/2} H P^{1/2}).
     `on_nonfinite` is called with the rows (positions in `rows`) of a batch whose gradients are not finite,
-    before they are added. `pad_batches`: as in gradient_pass (ZeRO-3 lockstep)."""
+    before they are added. `pad_batches`: as in gradient_pass (ZeRO-3 lockstep). `spec`: the modules to sum (a
+    subset of `context.spec`'s, with `factors` of those alone; engine.exact.partition), default all."""
     capture = context.capture
-    lambdas = LambdaAccumulator(context.spec, factors, scale, context.device)
+    lambdas = LambdaAccumulator(spec or context.spec, factors, scale, context.device)
     done = 0
     with capture.hooks():
         for batch, padding in _padded_batches(context, rows, pad_batches):

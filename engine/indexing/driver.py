@@ -29,6 +29,7 @@ from engine.curvature.packing import (
 from engine.curvature.statistics import ModuleCovariance
 from engine.data.rows import dataset_fingerprint
 from engine.errors import TributaryError
+from engine.indexing.exact_sums import create_pass_one_sums
 from engine.indexing.executor import ShardExecutor
 from engine.indexing.lambda_source import writes_fisher_rows
 from engine.indexing.manifest import build_manifest
@@ -65,8 +66,9 @@ class IndexRun:
             IndexRunRecord.model_validate({**self.record.model_dump(), "computed": self.computed}),
         ]
 
-    def stage(self, stage: str, only: list[int] | None = None) -> None:
-        """Run every shard of `stage` not yet committed (`only`: of those shards)."""
+    def stage(self, stage: str, only: list[int] | None = None, method: str | None = None) -> None:
+        """Run every shard of `stage` not yet committed (`only`: of those shards); `method`: the workers' method
+        when it is not named `stage` (one method run as several stages, each committed under its own name)."""
         shards = self.store.shards()
         committed = dict(self.store.manifest.shards.get(stage, {}))
         wanted = range(len(shards)) if only is None else only
@@ -77,7 +79,7 @@ class IndexRun:
             total=sum(shards[i][1] - shards[i][0] for i in wanted),
             completed=sum(shards[i][1] - shards[i][0] for i in committed),
         )
-        for receipt in self.executor.run(stage, pending):
+        for receipt in self.executor.run(method or stage, pending):
             shard = receipt["shard"]
             if shard in committed:
                 continue  # a late duplicate from a re-issued shard: each shard is committed once
@@ -213,6 +215,7 @@ def _run_stages(
             timings["projection_s"] = time.perf_counter() - clock
         if strategy in NEEDS_COVARIANCE:
             store.create_partials("covariance", covariance_width(spec), covariance_counts(spec))
+        create_pass_one_sums(config, store, spec)  # exact.factors: the full-width covariances in pass 1
         fisher_rows = writes_fisher_rows(config)
         if fisher_rows and not store.manifest.shards.get("gradients"):
             store.create_fisher_rows()  # only before pass 1's first shard: every shard then writes its rows

@@ -32,8 +32,15 @@ ExecutorFactory = Callable[[JobConfig], ShardExecutor]
 
 
 class LocalExecutor:
-    def __init__(self, config: JobConfig):
-        self.worker = ShardWorker(config)
+    """The shards run in this process, in the order given, on `worker` (a ShardWorker of `config` when None; the
+    exact path hands in its ExactWorker, a service its replica's, which keep their loaded model)."""
+
+    def __init__(self, config: JobConfig | None = None, worker: ShardWorker | None = None):
+        if worker is None:
+            if config is None:
+                raise ValueError("LocalExecutor needs a config or a worker")
+            worker = ShardWorker(config)
+        self.worker = worker
 
     def describe(self) -> dict:
         return self.worker.describe()

@@ -28,6 +28,7 @@ from engine.gradients.passes import (
     gradient_pass_without,
     lambda_pass,
 )
+from engine.indexing.exact_sums import PASS_ONE_EXACT, has_pass_one_sums
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
 from engine.projection.fitted import fit_row_positions, fit_shapes, full_width, sketch_matrices
 from engine.store import GradientStore
@@ -58,6 +59,7 @@ class ShardWorker:
         self._factors: dict[str, ModuleFactors] | None = None
         self._scale = None
         self._full_width: ModelContext | None = None
+        self._pass_one_capture: ModelContext | None = None
 
     # ---- facts for the driver --------------------------------------------------------------------
     def describe(self) -> dict:
@@ -204,18 +206,27 @@ class ShardWorker:
         rows = self._tokenized(start, stop)
         ids = self._ids(start, stop)
         fisher_rows = writes_fisher_rows(self.config) and store.has_fisher_rows()
-        result = gradient_pass(self.context, rows, start, fisher_rows=fisher_rows)
+        full = self._pass_one_full(store)
+        result = gradient_pass(self.context, rows, start, fisher_rows=fisher_rows, full=full)
         skipped = []
         if result.nonfinite:
             if self.config.data.on_nonfinite == "error":
                 raise nonfinite_rows_error(result.nonfinite, ids, start, self.config.data.train)
             left_out = result.nonfinite
-            result = gradient_pass_without(self.context, rows, start, left_out, fisher_rows=fisher_rows)
+            result = gradient_pass_without(self.context, rows, start, left_out, fisher_rows=fisher_rows, full=full)
             if result.nonfinite:  # rows finite alone but not in a batch: refuse rather than guess
                 raise nonfinite_rows_error(result.nonfinite, ids, start, self.config.data.train)
             skipped = [{"row": start + p, "id": ids[p], "modules": names} for p, names in left_out.items()]
         checksum, arrays = self._write_pass_one(store, shard, start, ids, result)
         return self._receipt("gradients", shard, started, checksum, arrays, skipped)
+
+    def _pass_one_full(self, store: GradientStore) -> ModelContext | None:
+        """The model captured at full width where pass 1 also sums the full-width covariances (exact.factors)."""
+        if not has_pass_one_sums(store):
+            return None
+        if self._pass_one_capture is None:
+            self._pass_one_capture = with_projection(self.context, full_width(self.context.spec))
+        return self._pass_one_capture
 
     def _write_pass_one(
         self, store: GradientStore, shard: int, start: int, ids: list[str], result: ShardGradients
@@ -231,6 +242,13 @@ class ShardWorker:
         fault_point("actor", "gradients", shard)
         if packed is not None:
             store.write_partial("covariance", shard, *packed)
+        if result.full_covariance:
+            full = full_width(self.context.spec)
+            exact = pack_covariance(result.full_covariance, full)
+            self._check_sums(
+                "full-width covariance", shard, exact[0], [(m.name, m.k_in**2 + m.k_out**2) for m in full.modules]
+            )
+            store.write_partial(PASS_ONE_EXACT, shard, *exact)
         return checksum, arrays
 
     def lambdas(self, shard: int) -> dict:

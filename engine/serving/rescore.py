@@ -15,13 +15,13 @@ import numpy as np
 
 from engine.config import JobConfig, QueryOptions
 from engine.errors import TributaryError
-from engine.exact.local import InProcess
 from engine.exact.queries import ExactQueries, check_exact_method, check_query_rank, exact_queries
 from engine.exact.run import ranked_among_exact, scored_columns
 from engine.exact.stored_factors import full_spec, require_exact_factors
 from engine.exact.worker import ExactWorker
 from engine.gradients.context import with_projection
 from engine.gradients.passes import gradient_pass
+from engine.indexing.executor import LocalExecutor
 from engine.query.attributor import Attributor, QueryGroup
 from engine.query.generate import token_pieces
 from engine.query.records import result_records
@@ -113,7 +113,7 @@ class BatchRescorer:
         if self.worker is None:
             self.worker = ExactWorker(self.config, queries, context=self.attributor.context)
         self.worker.use_queries(queries)
-        total, _ = scored_columns(self.attributor.store, queries, InProcess(self.worker))
+        total, _ = scored_columns(self.attributor.store, queries, LocalExecutor(worker=self.worker))
         return total
 
     def _ranked_records(

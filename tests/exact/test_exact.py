@@ -62,7 +62,7 @@ def queries(tmp_path):
 
 @pytest.mark.parametrize("kind", ["gpt2", pytest.param("llama", marks=pytest.mark.heavy)])
 def test_exact_from_a_projected_store_equals_the_dim0_store(kind, tiny_models, text_train, queries, tmp_path):
-    """Factors fitted at full width beside a dim-4 store (their own covariance and Λ passes) and the streamed
+    """Factors fitted at full width beside a dim-4 store (covariances from pass 1, their own Λ pass) and the streamed
     pass give the dim-0 store's scores, for every exact method, in float64."""
     curvature = {"strategy": "ekfac", "fisher": "empirical"}
     reference = _config(tmp_path, tiny_models[kind], text_train, "dim0", curvature=curvature)
