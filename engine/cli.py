@@ -64,7 +64,7 @@ def _fail(error: Exception) -> None:
 
 
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+def _global_options(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
     _setup_logging(verbose)
     # Quiet start-up: no per-file weight-loading bars (our own bars show progress), and DeepSpeed, which
     # transformers imports when saving, need not probe for an accelerator on a machine without CUDA.
@@ -84,7 +84,7 @@ def index(
 ) -> None:
     """Compute projected training gradients and curvature factors into the store."""
     from engine.config import load_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
 
     try:
         store = run_index(load_config(config), overwrite=overwrite, show_progress=progress, break_lock=break_lock)
@@ -146,7 +146,7 @@ def query(
     """Score queries against every training example and keep the top-k supporters and opposers."""
     from engine.capture.measurement import MEASUREMENTS
     from engine.config import load_config, with_method_name
-    from engine.runner import run_query
+    from engine.local_or_ray import run_query
 
     try:
         if measurement not in MEASUREMENTS:
@@ -208,7 +208,7 @@ def plan(
 
 
 def _query_exact(job, queries: str, options, out, scores_out, report, rescore: int | None) -> None:
-    from engine.runner import run_exact
+    from engine.local_or_ray import run_exact
 
     if report is not None:
         raise TributaryError("--report does not combine with --exact/--rescore yet; drop --report")

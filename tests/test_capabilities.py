@@ -22,7 +22,7 @@ from engine.config.capabilities import (
     check_capability,
 )
 from engine.errors import TributaryError
-from engine.indexing.run import run_index
+from engine.indexing.plan_and_build import plan_and_build
 from engine.spectral.methods import method_from_config
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import SENTENCES, job_config, write_jsonl
@@ -91,7 +91,7 @@ def indexed(tiny_models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("capabilities")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     raw = job_config(root, tiny_models["gpt2"], train)
-    run_index(parse_config(raw), show_progress=False)
+    plan_and_build(parse_config(raw), show_progress=False)
     config_file = root / "job.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     queries = write_jsonl(root / "q.jsonl", [{"id": "q", "prompt": "the fox eats", "completion": " berries"}])

@@ -12,8 +12,8 @@ from benchmarks.kronfluence_side import RowDataset, causal_lm_task, conv1d_to_li
 from engine.config import MethodConfig, QueryOptions
 from engine.data.rows import field_names, read_rows
 from engine.gradients.context import prepare_index_job
+from engine.local_or_ray import run_exact, run_index
 from engine.model.loading import load_model
-from engine.runner import run_exact, run_index
 from tests.conftest import write_jsonl
 from tests.test_kronfluence import QUERIES, _mixed_train
 

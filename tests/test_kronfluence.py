@@ -45,8 +45,8 @@ from benchmarks.kronfluence_side import RowDataset, causal_lm_task, conv1d_to_li
 from engine.config import MethodConfig
 from engine.data.rows import field_names, read_rows
 from engine.gradients.context import prepare_index_job
+from engine.local_or_ray import run_index, run_query
 from engine.model.loading import load_model
-from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, write_jsonl
 

@@ -17,7 +17,7 @@ import torch
 from engine.attribution import Checkpoint, Dataset, InMemoryAttribution, Segment, TrainingRun, squared_error
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from engine.store.run_store import RunStore
 from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl

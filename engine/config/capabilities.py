@@ -6,7 +6,7 @@ and each HTTP request's method (engine.query.attributor.Attributor.method). A re
 combination and what to change. `supported` reads the same table, for `capability_matrix` and the tests.
 
 Not here yet: the exact streamed pass (`--exact`, `--rescore`, `serve.rescore`) still refuses its own
-combinations in engine.exact.queries and engine.exact.run; it belongs here as one more feature column.
+combinations in engine.exact.queries and engine.exact.exact_query; it belongs here as one more feature column.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from engine.exact.stored_factors import (
     read_exact_factors,
     write_exact_factors,
 )
-from engine.indexing.driver import IndexRun
 from engine.indexing.executor import ShardExecutor
+from engine.indexing.single_store import IndexRun
 from engine.progress import progress_bar
 from engine.store import GradientStore
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from engine.capture.modules import select_modules, tracked_shapes
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
-from engine.indexing.driver import _partial_width
 from engine.indexing.inputs import validated_row_count
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
-from engine.indexing.run_driver import check_training_index
+from engine.indexing.single_store import _partial_width
+from engine.indexing.training_run_stores import check_training_index
 from engine.model.loading import check_weight_files
 from engine.projection import ProjectionSpec, build_projection
 from engine.store import location
@@ -81,7 +81,7 @@ class IndexPlan:
 def resolve_index_plan(config: JobConfig) -> IndexPlan:
     """The checks `tributary index` runs before it loads weights (the run's checkpoints and schedule, training
     rows, weight files), with nothing written; the placement's devices and store.path's writability are checked
-    when the index starts. engine.indexing.run.run_index executes the plan this returns."""
+    when the index starts. engine.indexing.plan_and_build.plan_and_build executes the plan this returns."""
     run = resolve_run(config)
     if run is not None:
         check_training_index(config, run)

@@ -15,9 +15,9 @@ import numpy as np
 
 from engine.config import JobConfig, QueryOptions
 from engine.errors import TributaryError
+from engine.exact.exact_query import ranked_among_exact, scored_columns
 from engine.exact.local import InProcess
 from engine.exact.queries import ExactQueries, check_exact_method, check_query_rank, exact_queries
-from engine.exact.run import ranked_among_exact, scored_columns
 from engine.exact.stored_factors import full_spec, require_exact_factors
 from engine.exact.worker import ExactWorker
 from engine.gradients.context import with_projection

@@ -2,7 +2,7 @@
 
 The query side is each query's full-width gradient preconditioned with the store's full-width factors
 (engine.exact.queries); the training side is one forward and backward per batch of training rows, sharded as
-indexing is (the executor is handed in: this process, or Ray actors from engine.runner), each shard's scores
+indexing is (the executor is handed in: this process, or Ray actors from engine.local_or_ray), each shard's scores
 placed by row number, so 1 or N workers give the same matrix. `--rescore K` asks the store (or its ANN index)
 for each query's top-K and bottom-K candidates and runs the exact pass over their union alone.
 """
