@@ -25,8 +25,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
-from engine.capture.measurement import MEASUREMENTS
-from engine.config import JobConfig, QueryOptions, method_names
+from engine.config import MEASUREMENTS, JobConfig, QueryOptions, method_names
 from engine.errors import TributaryError, shown_name
 from engine.query.attributor import Attributor, QueryGroup
 from engine.query.row_range import RowRangeScorer, merge_parts
@@ -294,7 +293,7 @@ def build_api(service: ApiService) -> FastAPI:
     async def attribute(request: AttributeRequest) -> dict:
         return await service.attribute(request)
 
-    api.add_middleware(BodyLimit, max_bytes=service.limits.max_request_bytes)
+    api.add_middleware(BodyLimit, max_bytes=service.limits.serve.max_request_bytes)
     api.add_middleware(BearerAuth, digest=service._digest)  # outermost: nothing runs before the token check
     return api
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from engine.capture.measurement import MEASUREMENTS
-from engine.config import GenerationSettings, JobConfig, QueryOptions, method_names, unknown_method
+from pydantic import ValidationError
+
+from engine.config import GenerationSettings, JobConfig, QueryOptions, ServeConfig, method_names, unknown_method
 from engine.data.rows import Row
 from engine.errors import TributaryError, shown
 from engine.query.attributor import Attributor
@@ -17,38 +18,31 @@ from engine.serving.responses import RequestError, send_json
 from engine.serving.schema import AttributeRequest
 from engine.spectral.methods import Method
 
+# The ServeConfig fields that bound a request, as GET /v1/info lists them.
+LIMIT_FIELDS = (
+    "max_queries_per_request",
+    "max_prompt_chars",
+    "max_prompt_tokens",
+    "max_new_tokens",
+    "max_top_k",
+    "max_request_bytes",
+)
+
 
 @dataclass(frozen=True)
 class Limits:
-    max_queries: int
-    max_chars: int
+    """The config's serve section, with max_prompt_tokens resolved (its default is data.max_length - 1)."""
+
+    serve: ServeConfig
     max_prompt_tokens: int
-    max_new_tokens: int
-    max_top_k: int
-    max_request_bytes: int
 
     @classmethod
     def from_config(cls, config: JobConfig) -> Limits:
-        serve = config.serve
-        prompt_tokens = serve.max_prompt_tokens or config.data.max_length - 1
-        return cls(
-            serve.max_queries_per_request,
-            serve.max_prompt_chars,
-            prompt_tokens,
-            serve.max_new_tokens,
-            serve.max_top_k,
-            serve.max_request_bytes,
-        )
+        return cls(config.serve, config.serve.max_prompt_tokens or config.data.max_length - 1)
 
     def describe(self) -> dict:
-        return {
-            "max_queries_per_request": self.max_queries,
-            "max_prompt_chars": self.max_chars,
-            "max_prompt_tokens": self.max_prompt_tokens,
-            "max_new_tokens": self.max_new_tokens,
-            "max_top_k": self.max_top_k,
-            "max_request_bytes": self.max_request_bytes,
-        }
+        values = dict(self.serve.model_dump(include=set(LIMIT_FIELDS)), max_prompt_tokens=self.max_prompt_tokens)
+        return {name: values[name] for name in LIMIT_FIELDS}
 
 
 @dataclass
@@ -71,37 +65,40 @@ class PreparedRequest:
 
 
 def _check_sizes(request: AttributeRequest, limits: Limits) -> None:
-    if len(request.queries) > limits.max_queries:
+    if len(request.queries) > limits.serve.max_queries_per_request:
         raise RequestError(
             413,
-            f"{len(request.queries)} queries in one request; at most {limits.max_queries} "
+            f"{len(request.queries)} queries in one request; at most {limits.serve.max_queries_per_request} "
             "(serve.max_queries_per_request): split the request",
             "queries",
-            limits.max_queries,
+            limits.serve.max_queries_per_request,
         )
     for i, query in enumerate(request.queries):
         for name in ("prompt", "completion"):
             text = getattr(query, name)
-            if text is not None and len(text) > limits.max_chars:
+            if text is not None and len(text) > limits.serve.max_prompt_chars:
                 raise RequestError(
                     413,
-                    f"queries.{i}.{name} is {len(text)} characters; at most {limits.max_chars} "
+                    f"queries.{i}.{name} is {len(text)} characters; at most {limits.serve.max_prompt_chars} "
                     "(serve.max_prompt_chars)",
                     f"queries.{i}.{name}",
-                    limits.max_chars,
+                    limits.serve.max_prompt_chars,
                 )
-    if request.top_k > limits.max_top_k:
+    if request.top_k > limits.serve.max_top_k:
         raise RequestError(
-            422, f"top_k {request.top_k} is above serve.max_top_k = {limits.max_top_k}", "top_k", limits.max_top_k
+            422,
+            f"top_k {request.top_k} is above serve.max_top_k = {limits.serve.max_top_k}",
+            "top_k",
+            limits.serve.max_top_k,
         )
     generation = request.generation()
-    if generation is not None and generation.max_new_tokens > limits.max_new_tokens:
+    if generation is not None and generation.max_new_tokens > limits.serve.max_new_tokens:
         raise RequestError(
             413,
             f"generate.max_new_tokens {generation.max_new_tokens} is above serve.max_new_tokens "
-            f"= {limits.max_new_tokens}",
+            f"= {limits.serve.max_new_tokens}",
             "generate.max_new_tokens",
-            limits.max_new_tokens,
+            limits.serve.max_new_tokens,
         )
 
 
@@ -117,12 +114,11 @@ def _method(request: AttributeRequest, attributor: Attributor) -> Method:
 
 
 def _check_fields(request: AttributeRequest, tokenizer) -> None:
-    if request.measurement not in MEASUREMENTS:
-        raise RequestError(
-            400,
-            f"unknown measurement {shown(request.measurement)}; use one of {', '.join(MEASUREMENTS)}",
-            "measurement",
-        )
+    try:  # the options a request shares with `tributary query` (measurement) are QueryOptions' to check
+        request.options()
+    except ValidationError as error:
+        item = error.errors()[0]
+        raise RequestError(400, item["msg"], ".".join(str(part) for part in item["loc"])) from None
     generation = request.generation()
     seen: dict[str, int] = {}
     for i, query in enumerate(request.queries):
