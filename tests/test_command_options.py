@@ -153,3 +153,12 @@ def test_a_bad_option_value_names_its_flag():
     assert result.exit_code == 2 and "--top-p:" in result.output and "1.5" in result.output
     result = invoke("query", "missing.yaml", "--queries", "q.jsonl", "--rerank", "-1")
     assert result.exit_code == 2 and "--rerank:" in result.output
+
+
+def test_the_services_limits_are_named_as_the_serve_section_names_them():
+    import dataclasses
+
+    from engine.serving.validation import Limits
+
+    names = [field.name for field in dataclasses.fields(Limits)]
+    assert set(names) <= set(ServeConfig.model_fields), names

@@ -293,7 +293,7 @@ def build_api(service: ApiService) -> FastAPI:
     async def attribute(request: AttributeRequest) -> dict:
         return await service.attribute(request)
 
-    api.add_middleware(BodyLimit, max_bytes=service.limits.serve.max_request_bytes)
+    api.add_middleware(BodyLimit, max_bytes=service.limits.max_request_bytes)
     api.add_middleware(BearerAuth, digest=service._digest)  # outermost: nothing runs before the token check
     return api
 

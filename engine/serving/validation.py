@@ -4,11 +4,11 @@ one request's bad input."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 from pydantic import ValidationError
 
-from engine.config import GenerationSettings, JobConfig, QueryOptions, ServeConfig, method_names, unknown_method
+from engine.config import GenerationSettings, JobConfig, QueryOptions, method_names, unknown_method
 from engine.data.rows import Row
 from engine.errors import TributaryError, shown
 from engine.query.attributor import Attributor
@@ -18,31 +18,27 @@ from engine.serving.responses import RequestError, send_json
 from engine.serving.schema import AttributeRequest
 from engine.spectral.methods import Method
 
-# The ServeConfig fields that bound a request, as GET /v1/info lists them.
-LIMIT_FIELDS = (
-    "max_queries_per_request",
-    "max_prompt_chars",
-    "max_prompt_tokens",
-    "max_new_tokens",
-    "max_top_k",
-    "max_request_bytes",
-)
-
 
 @dataclass(frozen=True)
 class Limits:
-    """The config's serve section, with max_prompt_tokens resolved (its default is data.max_length - 1)."""
+    """What a request may ask: the serve section's limits under their own names, max_prompt_tokens resolved
+    (its default is data.max_length - 1)."""
 
-    serve: ServeConfig
+    max_queries_per_request: int
+    max_prompt_chars: int
     max_prompt_tokens: int
+    max_new_tokens: int
+    max_top_k: int
+    max_request_bytes: int
 
     @classmethod
     def from_config(cls, config: JobConfig) -> Limits:
-        return cls(config.serve, config.serve.max_prompt_tokens or config.data.max_length - 1)
+        serve = config.serve
+        values = {field.name: getattr(serve, field.name) for field in fields(cls)}
+        return cls(**dict(values, max_prompt_tokens=serve.max_prompt_tokens or config.data.max_length - 1))
 
     def describe(self) -> dict:
-        values = dict(self.serve.model_dump(include=set(LIMIT_FIELDS)), max_prompt_tokens=self.max_prompt_tokens)
-        return {name: values[name] for name in LIMIT_FIELDS}
+        return asdict(self)
 
 
 @dataclass
@@ -65,40 +61,40 @@ class PreparedRequest:
 
 
 def _check_sizes(request: AttributeRequest, limits: Limits) -> None:
-    if len(request.queries) > limits.serve.max_queries_per_request:
+    if len(request.queries) > limits.max_queries_per_request:
         raise RequestError(
             413,
-            f"{len(request.queries)} queries in one request; at most {limits.serve.max_queries_per_request} "
+            f"{len(request.queries)} queries in one request; at most {limits.max_queries_per_request} "
             "(serve.max_queries_per_request): split the request",
             "queries",
-            limits.serve.max_queries_per_request,
+            limits.max_queries_per_request,
         )
     for i, query in enumerate(request.queries):
         for name in ("prompt", "completion"):
             text = getattr(query, name)
-            if text is not None and len(text) > limits.serve.max_prompt_chars:
+            if text is not None and len(text) > limits.max_prompt_chars:
                 raise RequestError(
                     413,
-                    f"queries.{i}.{name} is {len(text)} characters; at most {limits.serve.max_prompt_chars} "
+                    f"queries.{i}.{name} is {len(text)} characters; at most {limits.max_prompt_chars} "
                     "(serve.max_prompt_chars)",
                     f"queries.{i}.{name}",
-                    limits.serve.max_prompt_chars,
+                    limits.max_prompt_chars,
                 )
-    if request.top_k > limits.serve.max_top_k:
+    if request.top_k > limits.max_top_k:
         raise RequestError(
             422,
-            f"top_k {request.top_k} is above serve.max_top_k = {limits.serve.max_top_k}",
+            f"top_k {request.top_k} is above serve.max_top_k = {limits.max_top_k}",
             "top_k",
-            limits.serve.max_top_k,
+            limits.max_top_k,
         )
     generation = request.generation()
-    if generation is not None and generation.max_new_tokens > limits.serve.max_new_tokens:
+    if generation is not None and generation.max_new_tokens > limits.max_new_tokens:
         raise RequestError(
             413,
             f"generate.max_new_tokens {generation.max_new_tokens} is above serve.max_new_tokens "
-            f"= {limits.serve.max_new_tokens}",
+            f"= {limits.max_new_tokens}",
             "generate.max_new_tokens",
-            limits.serve.max_new_tokens,
+            limits.max_new_tokens,
         )
 
 
