@@ -102,8 +102,6 @@ def exact_executor(
         return InProcess(ExactWorker(config, queries, context=context))
     connect(config.cluster)
     check_placement(config, gpus=largest_node_gpus())
-    if config.placement.kind == "zero3":
-        raise TributaryError("--exact and exact.factors do not run with placement.kind zero3 yet; use single")
     gpus = config.placement.devices_per_replica if config.placement.kind == "device_map" else None
     return RayExecutor(ExactWorker, (config, queries), config.cluster, pool_size(config.cluster), gpus_per_actor=gpus)
 

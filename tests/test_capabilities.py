@@ -39,6 +39,8 @@ def _expected_supported(method: str, placement: str, store: str, feature: str | 
         return False  # scores at each segment's averaged parameters
     if method == "tracin" and store == "checkpoint":
         return False  # sums over a run's checkpoints with their learning rates
+    if feature == "exact":  # engine.exact streams one full-width term at one checkpoint's weights
+        return method in SINGLE_TERM and store == "checkpoint"
     if feature == "per_token":
         return method in SINGLE_TERM or (method == "source" and store == "checkpoint")
     return True
@@ -72,7 +74,12 @@ def test_each_unsupported_combination_is_refused_in_one_line(key):
         check_capability(method, placement, store, () if feature is None else (feature,))
     message = str(refused.value)
     assert "\n" not in message
-    named = {"per_token": "--per-token", "generate": "--generate", "serve": "tributary serve"}.get(feature or "")
+    named = {
+        "per_token": "--per-token",
+        "generate": "--generate",
+        "serve": "tributary serve",
+        "exact": "--exact/--rescore",
+    }.get(feature or "")
     assert any(part in message for part in (f"method {method}", f"placement.kind {placement}", named) if part)
     assert "; " in message  # and what to change
 
