@@ -43,9 +43,9 @@ def main() -> None:
     from engine.demo_assets.shakespeare import demo_queries
     from engine.demo_assets.smollm2 import ensure_smollm2
     from engine.exact.stored_factors import full_spec
+    from engine.local_or_ray import run_exact, run_index, run_query
     from engine.query.attributor import Attributor
     from engine.query.generate import PromptRow
-    from engine.runner import run_exact, run_index, run_query
     from engine.store import GradientStore
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="demo-exact-"))

@@ -93,7 +93,7 @@ def _timed(call):
 def _ours(work: Path, size: dict) -> dict:
     """Index with exact factors, then two exact query batches; profiled, timings and scores left in `work`."""
     from engine.config import QueryOptions
-    from engine.runner import run_exact, run_index
+    from engine.local_or_ray import run_exact, run_index
 
     config = _config(work, size)
     queries, options = str(work / "queries.jsonl"), QueryOptions(k=10)
@@ -152,8 +152,8 @@ def _prepare(work: Path, size: dict) -> None:
 def _compare(work: Path, size: dict, ours: dict, theirs: dict) -> dict:
     """The bare pass, and the store's and --rescore's agreement with --exact, in this process."""
     from engine.config import QueryOptions
+    from engine.local_or_ray import run_exact, run_query
     from engine.projection.fitted import full_width
-    from engine.runner import run_exact, run_query
 
     config = _config(work, size)
     queries, options = str(work / "queries.jsonl"), QueryOptions(k=10)

@@ -19,7 +19,7 @@ import numpy as np
 from benchmarks.common import first_line, write_result
 from benchmarks.evaluation_common import COLOURS, NAMES, RESULTS, Clock, arguments, machine_line, markdown_table, plt
 from engine.attribution.in_memory import Settings
-from engine.config import MethodConfig
+from engine.config import MethodConfig, ProjectionConfig
 from engine.evaluation.gold_standard import agreement, further_recipe, gold_standard
 from engine.evaluation.methods import final_model_attribution, final_model_scores, scores_with
 from engine.evaluation.tasks import load_task
@@ -41,7 +41,7 @@ def evaluate(name: str, mode: str, left_out_count: int, seeds: int, queries: int
     attribution = final_model_attribution(task, final)
     fixed = scores_with(attribution, task, [m for m in METHODS if m not in ("source", "trak")])
     # TRAK projects its gradients (here to 32 per side: the text model's first layer is 136 x 32 wide)
-    fixed["trak"] = final_model_scores(task, final, ["trak"], Settings(projection_dim=32))["trak"]
+    fixed["trak"] = final_model_scores(task, final, ["trak"], Settings(projection=ProjectionConfig(dim=32)))["trak"]
     source = [
         scores_with(attribution, task, [MethodConfig(name="source", eta=rate, steps=k)])[f"source@{k}"] for k in steps
     ]

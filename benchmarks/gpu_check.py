@@ -145,7 +145,7 @@ def _peak_gpu_bytes() -> int | None:
 def _index_and_query(raw: dict, queries: Path, work: Path) -> dict:
     """Index (timed from the manifest: the passes over the data) and one query of the first rows."""
     from engine.config import parse_config
-    from engine.runner import run_index, run_query
+    from engine.local_or_ray import run_index, run_query
     from engine.store import GradientStore
 
     config = parse_config(raw)

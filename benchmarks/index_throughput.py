@@ -123,7 +123,7 @@ def _child(module_args: list[str]) -> tuple[int, float, int]:
 
 def _tributary(work: Path, name: str, model: Path, train: Path, queries: Path) -> dict:
     from engine.config import parse_config
-    from engine.runner import run_query
+    from engine.local_or_ray import run_query
     from engine.store import GradientStore
 
     raw = _config(work, name, model, train)

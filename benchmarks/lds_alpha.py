@@ -14,6 +14,7 @@ import numpy as np
 from benchmarks.common import first_line, write_result
 from benchmarks.evaluation_common import COLOURS, NAMES, RESULTS, Clock, arguments, machine_line, markdown_table, plt
 from engine.attribution.in_memory import Settings
+from engine.config import ProjectionConfig
 from engine.evaluation.lds import ground_truth, lds
 from engine.evaluation.methods import all_scores, random_scores
 from engine.evaluation.removal import subset_removal
@@ -47,7 +48,7 @@ def main() -> None:
         print("alpha", alpha, clock(), flush=True)
     by_dim: dict[str, list[dict]] = {m: [] for m in PROJECTED}
     for dim in DIMS:
-        projected = all_scores(task, final, run, PROJECTED, Settings(projection_dim=dim))
+        projected = all_scores(task, final, run, PROJECTED, Settings(projection=ProjectionConfig(dim=dim)))
         for method in PROJECTED:
             by_dim[method].append(lds(projected[method], truths[0.5]))
     removal = {m: subset_removal(task, scores[m], removal_k, removal_seeds, workers=args.workers) for m in REMOVED}

@@ -72,7 +72,7 @@ def run_variant(variant: str, work: Path) -> dict:
     import torch
 
     from engine.config import parse_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
 
     torch.set_num_threads(1 if variant.startswith("zero3") else 2)
     config = parse_config(_config(variant, work))
@@ -93,7 +93,7 @@ def resident_parameter_bytes(config) -> list[int]:
     """Bytes of parameters one process holds, per rank (one entry unless zero3), measured on the loaded model:
     for zero3 each rank reports its partition (ds_tensor) bytes itself."""
     if config.placement.kind == "zero3":
-        from engine.runner import shard_executor
+        from engine.local_or_ray import shard_executor
 
         executor = shard_executor(config)
         try:

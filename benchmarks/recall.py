@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.INFO)
     from engine.config import QueryOptions
-    from engine.runner import run_exact, run_index, run_query
+    from engine.local_or_ray import run_exact, run_index, run_query
     from engine.store import GradientStore
 
     spec = TaskSpec(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.common import first_line, gpt2_like, positive_int, random_corpus, write_jsonl, write_result
 from engine.config import parse_config
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 
 SEQUENCE = 128
 

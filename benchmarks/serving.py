@@ -38,7 +38,7 @@ from benchmarks.common import (
     write_result,
 )
 from engine.config import parse_config
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.store.zarr_store import GradientStore
 
 CONCURRENCY = (1, 8, 32)

@@ -28,7 +28,7 @@ from engine.config import parse_config
 from engine.curvature.packing import covariance_width
 from engine.gradients.passes import gradient_pass
 from engine.indexing.worker import ShardWorker
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 
 SEQUENCE = 128
 

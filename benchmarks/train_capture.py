@@ -34,7 +34,7 @@ from benchmarks.common import (
 )
 from engine.config import JobConfig, parse_config
 from engine.integrations import TrainingRows, TributaryCallback
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 
 SEQUENCE = 64
 BATCH = 8

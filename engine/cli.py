@@ -1,20 +1,38 @@
-"""The `tributary` command line: each subcommand reads a validated config and calls the library."""
+"""The `tributary` command line: each subcommand reads a validated config and calls the library.
+
+Every command's options are one pydantic model's fields (engine.config.commands): `_command` makes the typer
+command from the model, so a flag, its default and its help are declared there once."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import sys
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from engine.config import GenerationSettings, QueryOptions, method_names, option_field
+from engine.config import COMMAND_ARGS, EVAL_TASKS, CommandArgs, flags_of, is_argument
+from engine.config.commands import (
+    AnnBuildArgs,
+    DemoArgs,
+    EvalGoldArgs,
+    EvalLdsArgs,
+    EvalRemovalArgs,
+    GlobalArgs,
+    IndexArgs,
+    InfoArgs,
+    PlanArgs,
+    QueryArgs,
+    ServeArgs,
+)
 from engine.errors import TributaryError, shown
 from engine.store.location import redact
 
@@ -63,9 +81,69 @@ def _fail(error: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-@app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
-    _setup_logging(verbose)
+Args = TypeVar("Args", bound=CommandArgs)
+
+# A refusal from QueryOptions names its field; `k` is the command line's --top-k.
+_OPTION_FIELDS = {"k": "top_k"}
+
+
+def _flag_problem(model: type[BaseModel], error: ValidationError) -> str:
+    """A refused option value, named by its flag."""
+    item = error.errors()[0]
+    name = str(item["loc"][0]) if item["loc"] else ""
+    name = _OPTION_FIELDS.get(name, name)
+    field = model.model_fields.get(name)
+    flag = flags_of(name, field)[0].split("/")[0] if field is not None else "--" + name.replace("_", "-")
+    context = item.get("ctx", {})
+    if item["type"] == "unknown_name":
+        return f"{flag} {context['name']} is unknown; use one of {context['choices']}"
+    if item["type"] == "greater_than" and context.get("gt") == 0:
+        return f"{flag} must be positive, got {shown(item['input'])}"
+    return f"{flag}: {item['msg']} (got {shown(item['input'])})"
+
+
+def _parameter(name: str, field: Any) -> Any:
+    if is_argument(field):
+        return typer.Argument(..., help=field.description)
+    default = ... if field.is_required() else field.default
+    return typer.Option(default, *flags_of(name, field), help=field.description)
+
+
+def _command(group: typer.Typer, path: str) -> Callable[[Callable[[Args], None]], Callable[[Args], None]]:
+    """Register `body` as the command typed as `path` (COMMAND_ARGS' key): typer reads the parameters made from
+    the model's fields; the values are validated by the model, a refusal is one line naming the flag."""
+    model = COMMAND_ARGS[path]
+
+    def register(body: Callable[[Args], None]) -> Callable[[Args], None]:
+        parameters = [
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=_parameter(name, field), annotation=field.annotation
+            )
+            for name, field in model.model_fields.items()
+        ]
+
+        def handler(**values: Any) -> None:
+            try:
+                args = model(**values)
+            except ValidationError as error:
+                _fail(TributaryError(_flag_problem(model, error)))
+            body(args)  # pyright: ignore[reportArgumentType]
+
+        handler.__signature__ = inspect.Signature(parameters)  # pyright: ignore[reportFunctionMemberAccess]
+        handler.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+        handler.__name__, handler.__doc__ = body.__name__, body.__doc__
+        if path:
+            group.command(path.split()[-1])(handler)
+        else:
+            group.callback()(handler)
+        return body
+
+    return register
+
+
+@_command(app, "")
+def _global_options(args: GlobalArgs) -> None:
+    _setup_logging(args.verbose)
     # Quiet start-up: no per-file weight-loading bars (our own bars show progress), and DeepSpeed, which
     # transformers imports when saving, need not probe for an accelerator on a machine without CUDA.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -73,133 +151,71 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logg
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-@app.command()
-def index(
-    config: str = typer.Argument(..., help="YAML job config"),
-    overwrite: bool = typer.Option(False, help="replace a store built from different inputs"),
-    progress: bool = typer.Option(True, help="show progress bars"),
-    break_lock: bool = typer.Option(
-        False, "--break-lock", help="remove another run's writer lock (only once that run is gone)"
-    ),
-) -> None:
+@_command(app, "index")
+def index(args: IndexArgs) -> None:
     """Compute projected training gradients and curvature factors into the store."""
     from engine.config import load_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
 
     try:
-        store = run_index(load_config(config), overwrite=overwrite, show_progress=progress, break_lock=break_lock)
+        store = run_index(
+            load_config(args.config), overwrite=args.overwrite, show_progress=args.progress, break_lock=args.break_lock
+        )
     except TributaryError as error:
         _fail(error)
     console.print(f"store: {redact(store.path)} ({store.size_text()})")
 
 
-# The query options' defaults and help come from engine.config's QueryOptions and GenerationSettings (the
-# service's request body reads the same fields); `--top-k` is QueryOptions.k, every other flag is its field.
-_FLAGS = {"k": "--top-k"}
-
-
-def _option(options: type, name: str, *flags: str, needs: str = "") -> Any:
-    field = option_field(options, name)
-    return typer.Option(field.default, *flags, help=f"{needs}: {field.description}" if needs else field.description)
-
-
-def _flag_problem(error: ValidationError) -> str:
-    """A refused option value, named by its flag."""
-    item = error.errors()[0]
-    name = str(item["loc"][-1])
-    flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
-    if item["type"] == "greater_than" and item.get("ctx", {}).get("gt") == 0:
-        return f"{flag} must be positive, got {item['input']}"
-    return f"{flag}: {item['msg']} (got {item['input']!r})"
-
-
-@app.command()
-def query(
-    config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
-    queries: str = typer.Option(
-        ..., "--queries", help="JSONL of {text} or {prompt, completion} rows ({prompt} with --generate)"
-    ),
-    top_k: int = _option(QueryOptions, "k", "--top-k"),
-    out: str | None = typer.Option(None, "--out", help="results JSONL"),
-    scores_out: str | None = typer.Option(None, "--scores-out", help="full Q x N scores (.npy)"),
-    report: str | None = typer.Option(None, "--report", help="self-contained HTML report"),
-    per_module: bool = _option(QueryOptions, "per_module", "--per-module"),
-    per_token: bool = _option(QueryOptions, "per_token", "--per-token"),
-    measurement: str = _option(QueryOptions, "measurement", "--measurement"),
-    method: str | None = typer.Option(None, "--method", help=f"override method.name: {' | '.join(method_names())}"),
-    generate: bool = typer.Option(False, "--generate", help=option_field(QueryOptions, "generation").description),
-    max_new_tokens: int = _option(GenerationSettings, "max_new_tokens", "--max-new-tokens", needs="--generate"),
-    sample: bool = _option(GenerationSettings, "sample", "--sample", needs="--generate"),
-    temperature: float = _option(GenerationSettings, "temperature", "--temperature", needs="--generate --sample"),
-    top_p: float = _option(GenerationSettings, "top_p", "--top-p", needs="--generate --sample"),
-    seed: int = _option(GenerationSettings, "seed", "--seed", needs="--generate --sample"),
-    chat: bool | None = _option(GenerationSettings, "chat", "--chat/--no-chat", needs="--generate"),
-    approximate: bool = _option(QueryOptions, "approximate", "--approximate"),
-    rerank: int = _option(QueryOptions, "rerank", "--rerank", needs="--approximate"),
-    exact: bool = typer.Option(
-        False, "--exact", help="exact scores over every training row from a pass over them (needs exact.factors)"
-    ),
-    rescore: int | None = typer.Option(
-        None, "--rescore", help="the store's (--approximate: the ANN's) top and bottom K, re-scored as --exact"
-    ),
-) -> None:
+@_command(app, "query")
+def query(args: QueryArgs) -> None:
     """Score queries against every training example and keep the top-k supporters and opposers."""
-    from engine.capture.measurement import MEASUREMENTS
     from engine.config import load_config, with_method_name
-    from engine.runner import run_query
+    from engine.local_or_ray import run_query
 
     try:
-        if measurement not in MEASUREMENTS:
-            raise TributaryError(f"--measurement {shown(measurement)} is unknown; use one of {', '.join(MEASUREMENTS)}")
         try:  # the generation flags are checked with or without --generate: a bad value is an error either way
-            generation = GenerationSettings(
-                max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_p=top_p, seed=seed, chat=chat
-            )
-            options = QueryOptions(
-                k=top_k,
-                measurement=measurement,
-                per_module=per_module,
-                per_token=per_token,
-                generation=generation if generate else None,
-                approximate=approximate,
-                rerank=rerank,
-            )
+            args.generation()
+            options = args.options()
         except ValidationError as error:
-            raise TributaryError(_flag_problem(error)) from None
-        job = load_config(config)
-        if method is not None:
-            job = with_method_name(job, method, source=f"{config} with --method {method}")
-        if exact or rescore is not None:
-            _query_exact(job, queries, options, out, scores_out, report, rescore)
+            raise TributaryError(_flag_problem(QueryArgs, error)) from None
+        job = load_config(args.config)
+        if args.method is not None:
+            job = with_method_name(job, args.method, source=f"{args.config} with --method {args.method}")
+        if args.exact or args.rescore is not None:
+            _query_exact(job, args, options)
             return
-        result = run_query(job, queries, top_k, out=out, scores_out=scores_out, options=options, report=report)
+        result = run_query(
+            job,
+            args.queries,
+            args.top_k,
+            out=args.out,
+            scores_out=args.scores_out,
+            options=options,
+            report=args.report,
+        )
     except TributaryError as error:
         _fail(error)
     console.print(f"scored {len(result.top_indices)} queries against every training row")
-    for label, target in (("results", out), ("scores", scores_out), ("report", report)):
+    for label, target in (("results", args.out), ("scores", args.scores_out), ("report", args.report)):
         if target:
             console.print(f"{label}: {target}")
 
 
-@app.command()
-def plan(
-    config: str = typer.Argument(..., help="YAML job config"),
-    queries: str | None = typer.Option(None, "--queries", help="plan `tributary query` with this queries file"),
-    method: str | None = typer.Option(None, "--method", help=f"override method.name: {' | '.join(method_names())}"),
-) -> None:
+@_command(app, "plan")
+def plan(args: PlanArgs) -> None:
     """Print what `index` (or, with --queries, `query`) would run, read and write; loads no weights, writes nothing."""
-    from engine.config import load_config, with_method_name
+    from engine.config import QueryOptions, load_config, with_method_name
     from engine.indexing.plan import describe_index_plan, resolve_index_plan
     from engine.query.plan import describe_query_plan, resolve_query_plan
 
     try:
-        job = load_config(config)
-        if method is not None:
-            job = with_method_name(job, method, source=f"{config} with --method {method}")
-        if queries is None:
+        job = load_config(args.config)
+        if args.method is not None:
+            job = with_method_name(job, args.method, source=f"{args.config} with --method {args.method}")
+        if args.queries is None:
             lines = describe_index_plan(resolve_index_plan(job))
         else:
-            lines = describe_query_plan(resolve_query_plan(job, queries, QueryOptions()))
+            lines = describe_query_plan(resolve_query_plan(job, args.queries, QueryOptions()))
     except TributaryError as error:
         _fail(error)
     width = max(len(what) for what, _ in lines)
@@ -207,14 +223,14 @@ def plan(
         typer.echo(f"{what.ljust(width)}  {value}")
 
 
-def _query_exact(job, queries: str, options, out, scores_out, report, rescore: int | None) -> None:
-    from engine.runner import run_exact
+def _query_exact(job, args: QueryArgs, options) -> None:
+    from engine.local_or_ray import run_exact
 
-    if report is not None:
+    if args.report is not None:
         raise TributaryError("--report does not combine with --exact/--rescore yet; drop --report")
-    result = run_exact(job, queries, options, out=out, scores_out=scores_out, rescore=rescore)
+    result = run_exact(job, args.queries, options, out=args.out, scores_out=args.scores_out, rescore=args.rescore)
     console.print(f"scored {len(result.records)} queries exactly against {int(result.exact.sum())} training rows")
-    for label, target in (("results", out), ("scores", scores_out)):
+    for label, target in (("results", args.out), ("scores", args.scores_out)):
         if target:
             console.print(f"{label}: {target}")
 
@@ -223,57 +239,46 @@ ann_app = typer.Typer(no_args_is_help=True, help="The approximate top-k index be
 app.add_typer(ann_app, name="ann")
 
 
-@ann_app.command("build")
-def ann_build(
-    store: str = typer.Argument(..., help="store path (a local one): the index is written to STORE.ann"),
-    metric: str = typer.Option(
-        "dot,cos", "--metric", help="dot (single-term methods but grad_cos), cos (grad_cos), or both"
-    ),
-    codec: str = typer.Option("SQ8", "--codec", help="FAISS IVF codec: SQ8, SQ4, Flat or PQ<m>"),
-    lists: int | None = typer.Option(None, "--lists", help="IVF cells (default: the square root of the rows)"),
-    probes: int | None = typer.Option(None, "--probes", help="cells searched per query (default: a quarter)"),
-    batch_rows: int | None = typer.Option(
-        None, "--batch-rows", help="rows encoded per resumable step (default: 32 MiB of float32 rows)"
-    ),
-    row_copy: bool = typer.Option(
-        True, help="keep an uncompressed copy of the rows beside the index, so the rerank reads only its candidates"
-    ),
-    progress: bool = typer.Option(True, help="show progress bars"),
-) -> None:
+@_command(ann_app, "ann build")
+def ann_build(args: AnnBuildArgs) -> None:
     """Build (or resume) the FAISS index over the store's rows that `query --approximate` and the service use."""
     from engine.ann.build import build_index
     from engine.ann.layout import METRICS, index_location
 
     try:
-        metrics = tuple(name.strip() for name in metric.split(",") if name.strip())
+        metrics = tuple(name.strip() for name in args.metric.split(",") if name.strip())
         unknown = [name for name in metrics if name not in METRICS]
         if unknown or not metrics:
-            raise TributaryError(f"--metric {metric!r}: use dot, cos or dot,cos")
-        record = build_index(store, metrics, codec, lists, probes, progress, batch_rows, row_copy)  # type: ignore[arg-type]
+            raise TributaryError(f"--metric {args.metric!r}: use dot, cos or dot,cos")
+        record = build_index(
+            args.store,
+            metrics,  # type: ignore[arg-type]
+            args.codec,
+            args.lists,
+            args.probes,
+            args.progress,
+            args.batch_rows,
+            args.row_copy,
+        )
     except TributaryError as error:
         _fail(error)
     settings = record.plan.settings
     console.print(
-        f"ANN index: {index_location(store)} ({record.indexed_rows} rows; IVF{settings.lists},{settings.codec}, "
+        f"ANN index: {index_location(args.store)} ({record.indexed_rows} rows; IVF{settings.lists},{settings.codec}, "
         f"{settings.probes} probes; {', '.join(record.files)})",
         soft_wrap=True,
     )
 
 
-@app.command()
-def serve(
-    config: str = typer.Argument(..., help="YAML job config (the one the store was indexed with)"),
-    host: str | None = typer.Option(None, "--host", help="address to bind (default serve.host, 127.0.0.1)"),
-    port: int | None = typer.Option(None, "--port", help="port (default serve.port, 8000)"),
-    replicas: int | None = typer.Option(None, "--replicas", help="service replicas (default serve.replicas, 1)"),
-) -> None:
+@_command(app, "serve")
+def serve(args: ServeArgs) -> None:
     """Serve attribution over HTTP (Ray Serve): POST /v1/attribute, GET /v1/health, GET /v1/info."""
     from engine.config import load_config
     from engine.serving.service import serve_until_stopped, with_serve_options
 
     try:
         job = with_serve_options(
-            load_config(config), f"{config} with command-line options", host=host, port=port, replicas=replicas
+            load_config(args.config), f"{args.config} with command-line options", **args.overrides()
         )
         serve_until_stopped(
             job,
@@ -285,24 +290,21 @@ def serve(
         _fail(error)
 
 
-@app.command()
-def info(
-    store: str = typer.Argument(..., help="store path or URL"),
-    verify: bool = typer.Option(False, "--verify", help="re-read every shard and check its checksum"),
-) -> None:
+@_command(app, "info")
+def info(args: InfoArgs) -> None:
     """Print a store's manifest and completeness; with --verify, check every shard's checksum."""
     from engine.store.opening import open_store
     from engine.store.summary import store_summary
 
     try:
-        opened = open_store(store)
+        opened = open_store(args.store)
     except TributaryError as error:
         _fail(error)
-    summary, problems = store_summary(opened, verify)
-    if verify:  # the ANN index beside the store is checked with it (what an --approximate query ranks with)
+    summary, problems = store_summary(opened, args.verify)
+    if args.verify:  # the ANN index beside the store is checked with it (what an --approximate query ranks with)
         from engine.ann.integrity import index_problems
 
-        problems = [*problems, *index_problems(store)]
+        problems = [*problems, *index_problems(args.store)]
         summary["verify"]["problems"] = problems
     _print_summary(summary, problems)
 
@@ -317,31 +319,19 @@ def _print_summary(summary: dict, problems: list[str]) -> None:
         raise typer.Exit(code=1)
 
 
-@app.command()
-def demo(
-    workdir: str = typer.Option("runs/demo", help="where the demo writes its data, adapter, store and report"),
-    small: bool = typer.Option(False, "--small", help="generate 8 tokens a prompt instead of 32 (for tests)"),
-    toy: bool = typer.Option(False, "--toy", help="the seconds-long toy: a tiny GPT-2 on template sentences"),
-    retrain: bool = typer.Option(
-        False,
-        "--retrain",
-        help="train the LoRA adapter again from its recipe (~8 min on 2 idle CPU cores), not the committed one",
-    ),
-    exact: bool = typer.Option(
-        False, "--exact", help="also fit full-width factors and print the store's top-10 overlap with exact EK-FAC's"
-    ),
-) -> None:
+@_command(app, "demo")
+def demo(args: DemoArgs) -> None:
     """End to end on the embedded default: SmolLM2 + LoRA on Shakespeare, Ray index, generations attributed."""
     try:
-        _writable_workdir(workdir)
-        if toy:
+        _writable_workdir(args.workdir)
+        if args.toy:
             from engine.demo_assets.toy import run_toy_demo
 
-            run_toy_demo(workdir, small=small, exact=exact)
+            run_toy_demo(args.workdir, small=args.small, exact=args.exact)
         else:
             from engine.demo import run_demo
 
-            run_demo(workdir, small=small, retrain=retrain, exact=exact)
+            run_demo(args.workdir, small=args.small, retrain=args.retrain, exact=args.exact)
     except TributaryError as error:
         _fail(error)
 
@@ -365,8 +355,7 @@ def _writable_workdir(workdir: str) -> None:
 
 eval_app = typer.Typer(
     no_args_is_help=True,
-    help="Evaluate methods: LDS, FiMO's gold standard, subset removal "
-    "(offline tasks: diabetes, breast_cancer, wine, digits, shakespeare)",
+    help=f"Evaluate methods: LDS, FiMO's gold standard, subset removal (offline tasks: {', '.join(EVAL_TASKS)})",
 )
 app.add_typer(eval_app, name="eval")
 
@@ -382,63 +371,58 @@ def _print_json(result: dict) -> None:
     typer.echo(json.dumps(result, indent=2))
 
 
-@eval_app.command("lds")
-def eval_lds(
-    task: str = typer.Option("diabetes", help="diabetes | breast_cancer | wine | digits | shakespeare"),
-    methods: str = typer.Option("grad_dot,if,source", help="comma-separated methods (and 'random')"),
-    alpha: float = typer.Option(0.5, help="fraction of the training rows each subset keeps"),
-    subsets: int = typer.Option(40, help="M random subsets"),
-    seeds: int = typer.Option(2, help="R retraining seeds per subset"),
-    cache: str | None = typer.Option(None, help="Zarr directory of the ground truth (reused next time)"),
-    workers: int = typer.Option(0, help="Ray workers for the retraining (0: in this process)"),
-    projection_dim: int = typer.Option(0, help="gradient projection per side (0: exact)"),
-) -> None:
+@_command(eval_app, "eval lds")
+def eval_lds(args: EvalLdsArgs) -> None:
     """Linear datamodeling score of each method (mean, bootstrap 95% CI over queries)."""
     from engine.evaluation.commands import run_lds
 
     try:
-        _print_json(run_lds(task, methods.split(","), alpha, subsets, seeds, cache, workers, projection_dim))
-    except TributaryError as error:
-        _fail(error)
-
-
-@eval_app.command("gold")
-def eval_gold(
-    task: str = typer.Option("diabetes", help="diabetes | breast_cancer | wine | digits | shakespeare"),
-    methods: str = typer.Option("grad_dot,grad_cos,if,trak,source", help="comma-separated methods"),
-    left_out: int = typer.Option(40, help="left-out training examples"),
-    seeds: int = typer.Option(8, help="S further-training seeds"),
-    steps: str = typer.Option("1,10,100,300", help="further-training steps at which to compare"),
-    mode: str = typer.Option("remove", help="remove (same batch order minus i) | every_batch"),
-    unpaired: bool = typer.Option(False, "--unpaired", help="independent batch orders (for comparison)"),
-    workers: int = typer.Option(0, help="Ray workers for the further training (0: in this process)"),
-) -> None:
-    """Cosine and Spearman of each method against FiMO's further-training gold standard, per step."""
-    from engine.evaluation.commands import run_gold
-
-    try:
         _print_json(
-            run_gold(
-                task, methods.split(","), left_out, seeds, _integers(steps, "--steps"), mode, not unpaired, workers
+            run_lds(
+                args.task,
+                args.methods.split(","),
+                args.alpha,
+                args.subsets,
+                args.seeds,
+                args.cache,
+                args.workers,
+                args.projection_dim,
             )
         )
     except TributaryError as error:
         _fail(error)
 
 
-@eval_app.command("removal")
-def eval_removal(
-    task: str = typer.Option("wine", help="diabetes | breast_cancer | wine | digits | shakespeare"),
-    methods: str = typer.Option("if,source,random", help="comma-separated methods"),
-    k: str = typer.Option("5,10", help="numbers of top supporters removed"),
-    seeds: int = typer.Option(2, help="retraining seeds"),
-    workers: int = typer.Option(0, help="Ray workers (0: in this process)"),
-) -> None:
+@_command(eval_app, "eval gold")
+def eval_gold(args: EvalGoldArgs) -> None:
+    """Cosine and Spearman of each method against FiMO's further-training gold standard, per step."""
+    from engine.evaluation.commands import run_gold
+
+    try:
+        steps = _integers(args.steps, "--steps")
+        _print_json(
+            run_gold(
+                args.task,
+                args.methods.split(","),
+                args.left_out,
+                args.seeds,
+                steps,
+                args.mode,
+                not args.unpaired,
+                args.workers,
+            )
+        )
+    except TributaryError as error:
+        _fail(error)
+
+
+@_command(eval_app, "eval removal")
+def eval_removal(args: EvalRemovalArgs) -> None:
     """Remove each query's top-k supporters, retrain, report queries flipped (or the loss increase)."""
     from engine.evaluation.commands import run_removal
 
     try:
-        _print_json(run_removal(task, methods.split(","), _integers(k, "--k"), seeds, workers))
+        _print_json(run_removal(args.task, args.methods.split(","), _integers(args.k, "--k"), args.seeds, args.workers))
     except TributaryError as error:
         _fail(error)
 

@@ -112,7 +112,7 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False, exact: bo
     from engine.demo_assets.adapter import recipe_rows, rows_jsonl
     from engine.demo_assets.shakespeare import DEMO_PLAYS, demo_queries
     from engine.demo_assets.smollm2 import ensure_smollm2
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
 
     size = SMALL if small else FULL
     started = time.perf_counter()

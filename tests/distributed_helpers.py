@@ -118,7 +118,7 @@ def single_thread_store(model: Path, train: Path, path: str, **sections) -> str:
     distributed store is claimed (and documented) at the same thread count.
     """
     from engine.config import parse_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
 
     with one_torch_thread():
         run_index(parse_config(store_config(model, train, path, **sections)), show_progress=False)

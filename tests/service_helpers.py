@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from engine.config import parse_config
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from tests.conftest import SENTENCES, job_config, write_jsonl
 
 

@@ -19,9 +19,10 @@ training order with the last one the final model. Segments that share a `Dataset
 (one run); different objects are different stages (continual training) and get their own score columns,
 in order of first appearance (`columns(i)`).
 
-Curvature labels (`Settings.fisher`): "exact" (default here) sums over the output dimensions with the
-loss's output-Hessian root, so the factors estimate the Gauss-Newton matrix with no sampling noise;
-True samples labels from the model (the LM path's default); "empirical" uses the data's targets.
+Curvature labels: `Settings.exact_fisher` (default here) sums over the output dimensions with the loss's
+output-Hessian root, so the factors estimate the Gauss-Newton matrix with no sampling noise; without it,
+`Settings.curvature.fisher` True samples labels from the model (the LM path's default) and "empirical" uses
+the data's targets.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from engine.attribution.inputs import Checkpoint, Dataset, Settings, TrainingRun
+from engine.attribution.inputs import ADAM_BETA2, ADAM_EPS, Checkpoint, Dataset, Settings, TrainingRun
 from engine.attribution.losses import ExampleLoss, flatten_outputs
 from engine.capture.capture import ForwardPass, GradientCapture
 from engine.capture.modules import tracked_shapes
@@ -55,9 +56,9 @@ Parameters = dict[str, Tensor]
 
 
 def _segment_rate(rate: float | None, run: TrainingRun) -> float | None:
-    if rate is None or run.optimizer != "sgd":
+    if rate is None or run.optimizer.name != "sgd":
         return rate
-    return rate / (1.0 - run.momentum)
+    return rate / (1.0 - run.optimizer.momentum)
 
 
 class InMemoryAttribution(CachedResources):
@@ -70,11 +71,14 @@ class InMemoryAttribution(CachedResources):
         self.settings = settings
         self.modules = self._tracked(model, settings.modules)
         shapes = tracked_shapes(self.modules, settings.include_bias)
-        spec = build_projection(settings.projection_dim, settings.projection_seed, settings.projection_kind, shapes)
+        projection = settings.projection
+        if projection.budget is not None:
+            raise TributaryError("projection.budget is measured on a store; in-memory attribution takes projection.dim")
+        spec = build_projection(projection.dim, projection.seed, projection.kind, shapes)
         if spec.fitted:
             raise TributaryError(
                 f"projection kind {spec.kind} is fitted by `tributary index` into a store; in-memory attribution "
-                "projects with projection_kind rademacher or gaussian"
+                "projects with projection.kind rademacher or gaussian"
             )
         self.capture = GradientCapture(
             model, self.modules, spec, settings.include_bias, settings.dtype, torch.device("cpu")
@@ -120,10 +124,12 @@ class InMemoryAttribution(CachedResources):
         """The run's plan; fills in the parameters, data and checkpoint of every key, and the datasets."""
         if not run.segments:
             raise TributaryError("the training run has no segments; give at least one Segment")
-        if run.optimizer not in ("sgd", "adam"):
-            raise TributaryError(f"TrainingRun.optimizer {run.optimizer!r} is unknown; use 'sgd' or 'adam'")
-        if run.preconditioned and run.optimizer != "adam":
-            raise TributaryError("TrainingRun.preconditioned needs optimizer 'adam' (P = 1/(sqrt(v)+eps))")
+        if run.optimizer.name not in ("sgd", "adam"):
+            raise TributaryError(
+                f"TrainingRun.optimizer.name {run.optimizer.name!r} is not run in memory; use 'sgd' or 'adam'"
+            )
+        if run.optimizer.preconditioned and run.optimizer.name != "adam":
+            raise TributaryError("TrainingRun.optimizer.preconditioned needs optimizer.name adam (P = 1/(sqrt(v)+eps))")
         checkpoints: list[CheckpointPlan] = []
         segments: list[SegmentPlan] = []
         for index, segment in enumerate(run.segments):
@@ -158,8 +164,8 @@ class InMemoryAttribution(CachedResources):
             tuple(checkpoints),
             tuple(segments),
             tuple(f"dataset{i}" for i in range(len(self._datasets))),
-            run.optimizer,
-            run.preconditioned,
+            run.optimizer.name,
+            run.optimizer.preconditioned,
             run.averaged,
         )
 
@@ -189,24 +195,27 @@ class InMemoryAttribution(CachedResources):
         self, state: ForwardPass, targets: Tensor, generator: torch.Generator
     ) -> list[dict[str, list[Tensor]]]:
         """Output-gradients for the curvature, one dict per label draw (several for the exact Fisher)."""
-        fisher, outputs = self.settings.fisher, state.logits
+        fisher = "exact" if self.settings.exact_fisher else self.settings.curvature.fisher
+        outputs = state.logits
         if fisher == "empirical":
             return [self.capture.output_gradients(state, self.loss.loss(outputs, targets), retain_graph=True)]
         if fisher is True:
             if self.loss.sample is None:
-                raise TributaryError("Settings.fisher True samples labels, but the ExampleLoss has no `sample`")
+                raise TributaryError(
+                    "Settings.curvature.fisher true samples labels, but the ExampleLoss has no `sample`"
+                )
             sampled = self.loss.sample(outputs, generator)
             return [self.capture.output_gradients(state, self.loss.loss(outputs, sampled), retain_graph=True)]
         if fisher == "exact":
             if self.loss.hessian_root is None:
-                raise TributaryError("Settings.fisher 'exact' needs an ExampleLoss with `hessian_root`")
+                raise TributaryError("Settings.exact_fisher needs an ExampleLoss with `hessian_root`")
             roots = self.loss.hessian_root(outputs.detach())
             flat = flatten_outputs(outputs)
             return [
                 self.capture.output_gradients(state, (flat * roots[:, :, k]).sum(dim=1), retain_graph=True)
                 for k in range(roots.shape[2])
             ]
-        raise TributaryError(f"Settings.fisher {fisher!r} is unknown; use 'exact', True or 'empirical'")
+        raise ValueError(f"fisher {fisher!r}: CurvatureConfig admits only true or 'empirical'")
 
     def _gradients(self, parameters: Parameters, data: Dataset, loss: ExampleLoss) -> np.ndarray:
         rows = []
@@ -219,7 +228,7 @@ class InMemoryAttribution(CachedResources):
 
     def _covariance(self, key: ResourceKey) -> dict[str, ModuleCovariance]:
         sums = CovarianceAccumulator(self.spec)
-        generator = torch.Generator().manual_seed(self.settings.seed)
+        generator = torch.Generator().manual_seed(self.settings.curvature.seed)
         with self.capture.hooks():
             for inputs, targets in self._batches(self._data[key]):
                 state, mask = self._forward(self._parameters[key], inputs)
@@ -232,7 +241,7 @@ class InMemoryAttribution(CachedResources):
         self, key: ResourceKey, basis: Factors, scale: dict[str, np.ndarray] | None
     ) -> dict[str, ModuleLambda]:
         sums = LambdaAccumulator(self.spec, basis, scale)
-        generator = torch.Generator().manual_seed(self.settings.seed)
+        generator = torch.Generator().manual_seed(self.settings.curvature.seed)
         with self.capture.hooks():
             for inputs, targets in self._batches(self._data[key]):
                 state, _ = self._forward(self._parameters[key], inputs)
@@ -244,7 +253,7 @@ class InMemoryAttribution(CachedResources):
     def _fit(self, keys: Sequence[ResourceKey], scale: dict[str, np.ndarray] | None) -> Factors:
         """Factors shared by `keys` (one eigenbasis, Λ averaged), of P^{1/2} H P^{1/2} with a scale P^{1/2}."""
         return fit_factors(
-            self.settings.strategy, module_widths(self.spec), keys, self._covariance, self._lambdas, scale
+            self.settings.curvature.strategy, module_widths(self.spec), keys, self._covariance, self._lambdas, scale
         )
 
     def _scale(self, segment: int) -> dict[str, np.ndarray] | None:
@@ -314,8 +323,8 @@ class InMemoryAttribution(CachedResources):
                 module,
                 (state[weight].detach().numpy(), step),
                 None if bias is None else (state[bias].detach().numpy(), step),
-                self.run.beta2,
-                self.run.eps,
+                ADAM_BETA2 if self.run.optimizer.beta2 is None else self.run.optimizer.beta2,
+                ADAM_EPS if self.run.optimizer.eps is None else self.run.optimizer.eps,
                 f"exp_avg_sq at checkpoint {key}",
             )
         return out

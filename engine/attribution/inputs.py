@@ -1,5 +1,5 @@
 """What a caller of in-memory attribution supplies: datasets, the training run's checkpoints and segments,
-and the settings (projection, curvature, labels)."""
+and the settings (the config's projection and curvature sections, labels)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from engine.config import CurvatureConfig, OptimizerConfig, ProjectionConfig
 
 Tensor = torch.Tensor
 
@@ -41,14 +43,16 @@ class Segment:
     steps: int | None = None
 
 
+# Adam's β2 and ε where the optimizer section leaves them to an optimizer state (none in memory): torch's defaults.
+ADAM_BETA2, ADAM_EPS = 0.999, 1e-8
+
+
 @dataclass
 class TrainingRun:
     segments: Sequence[Segment]
-    optimizer: str = "sgd"  # "sgd" (momentum β: η/(1−β)) or "adam"
-    momentum: float = 0.0
-    preconditioned: bool = False  # Adam: Source with P·H, P from the checkpoints' exp_avg_sq
-    beta2: float = 0.999
-    eps: float = 1e-8
+    # the index's training_run.optimizer section: sgd (momentum β: η/(1−β)) or adam, with `preconditioned` Source
+    # uses P·H, P from the checkpoints' exp_avg_sq; its beta2/eps default to ADAM_BETA2/ADAM_EPS here
+    optimizer: OptimizerConfig = OptimizerConfig()
     averaged: bool = False  # Fast-Source: also compute at each segment's averaged parameters
 
     @classmethod
@@ -58,12 +62,13 @@ class TrainingRun:
 
 @dataclass(frozen=True)
 class Settings:
-    projection_dim: int = 0  # 0 = exact
-    projection_seed: int = 0
-    projection_kind: str = "rademacher"
-    strategy: str = "ekfac"  # identity | diagonal | kfac | ekfac
-    fisher: bool | str = "exact"  # "exact" | True (sampled labels) | "empirical"
-    seed: int = 0
+    """The index's own (validated) projection and curvature sections, and what only an in-memory model adds."""
+
+    projection: ProjectionConfig = ProjectionConfig(dim=0)  # dim 0 = exact; a random kind (fitted ones need a store)
+    curvature: CurvatureConfig = CurvatureConfig()  # strategy, seed, and fisher where exact_fisher is off
+    # the Gauss-Newton matrix summed over the output dimensions with the loss's hessian_root (no label sampling),
+    # in place of curvature.fisher's sampled (true) or the data's (empirical) labels
+    exact_fisher: bool = True
     include_bias: bool = True
     batch_size: int | None = None  # None: a whole dataset per forward pass
     dtype: torch.dtype = torch.float64

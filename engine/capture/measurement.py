@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 
 from engine.capture.loss import per_example_loss
+from engine.config.query_options import MEASUREMENTS
 from engine.data.labels import IGNORE
 from engine.errors import shown
-
-MEASUREMENTS = ("logprob_sum", "logprob_mean", "margin")
 
 
 def _margin_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -40,4 +39,5 @@ def measurement_loss(name: str, logits: torch.Tensor, labels: torch.Tensor) -> t
         return per_example_loss(logits, labels) / counts
     if name == "margin":
         return _margin_loss(logits, labels)
+    # QueryOptions refuses an unknown name first, for every route; reaching here is a caller's bug
     raise ValueError(f"unknown measurement {shown(name)}; use one of {', '.join(MEASUREMENTS)}")

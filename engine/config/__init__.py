@@ -6,6 +6,7 @@ serve, exact), `job` for the whole config, `query_options` for what a query run 
 """
 
 from engine.config.cluster import ClusterConfig
+from engine.config.commands import COMMAND_ARGS, EVAL_TASKS, CommandArgs, flags_of, is_argument
 from engine.config.curvature import CurvatureConfig
 from engine.config.data import DataConfig
 from engine.config.exact import ExactConfig
@@ -16,12 +17,18 @@ from engine.config.method import METHODS, MethodConfig, MethodSpec, method_names
 from engine.config.model import ModelConfig
 from engine.config.placement import PlacementConfig
 from engine.config.projection import ProjectionBudget, ProjectionConfig
-from engine.config.query_options import GenerationSettings, QueryOptions, option_field
+from engine.config.query_options import MEASUREMENTS, GenerationSettings, QueryOptions, option_field
 from engine.config.serve import ServeConfig
 from engine.config.store import StoreConfig
 from engine.config.training_run import CheckpointConfig, OptimizerConfig, SegmentConfig, TrainingRunConfig
 
 __all__ = [
+    "COMMAND_ARGS",
+    "EVAL_TASKS",
+    "MEASUREMENTS",
+    "CommandArgs",
+    "flags_of",
+    "is_argument",
     "METHODS",
     "CheckpointConfig",
     "ClusterConfig",

@@ -5,8 +5,9 @@ Every route checks a request against this one table with `check_capability`: a c
 and each HTTP request's method (engine.query.attributor.Attributor.method). A refusal is one line naming the
 combination and what to change. `supported` reads the same table, for `capability_matrix` and the tests.
 
-Not here yet: the exact streamed pass (`--exact`, `--rescore`, `serve.rescore`) still refuses its own
-combinations in engine.exact.queries and engine.exact.run; it belongs here as one more feature column.
+The exact streamed pass (`--exact`, `--rescore`, `serve.rescore`) is the `exact` feature column: the methods with
+an exact streamed form, on a single-checkpoint store, with a placement that holds the model in one process;
+`check_exact_factors` reads the same table for a config's `exact.factors`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from engine.config.placement import PlacementConfig
 from engine.errors import TributaryError
 
 StoreKind = Literal["checkpoint", "training_run", "averaged_run"]
-Feature = Literal["per_token", "generate", "serve"]
+Feature = Literal["per_token", "generate", "serve", "exact"]
 STORE_KINDS: tuple[StoreKind, ...] = get_args(StoreKind)
 FEATURES: tuple[Feature, ...] = get_args(Feature)
 PLACEMENT_KINDS: tuple[str, ...] = get_args(PlacementConfig.model_fields["kind"].annotation)
@@ -30,7 +31,12 @@ STORE_NAMES: dict[StoreKind, str] = {
     "training_run": "a training-run store",
     "averaged_run": "a training-run store indexed with training_run.averaged: true",
 }
-FEATURE_NAMES: dict[Feature, str] = {"per_token": "--per-token", "generate": "--generate", "serve": "tributary serve"}
+FEATURE_NAMES: dict[Feature, str] = {
+    "per_token": "--per-token",
+    "generate": "--generate",
+    "serve": "tributary serve",
+    "exact": "--exact/--rescore",
+}
 _RUNS: frozenset[StoreKind] = frozenset({"training_run", "averaged_run"})
 _ALL_STORES: frozenset[StoreKind] = frozenset(STORE_KINDS)
 
@@ -40,6 +46,7 @@ class MethodCapability:
     stores: frozenset[StoreKind]  # the store kinds the method scores
     per_token: frozenset[StoreKind]  # where it splits a score over the query's tokens
     fix: str  # what to change when the store kind is not one of `stores`
+    exact: bool = False  # has an exact streamed form (engine.exact): a full-width query side, one term
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,9 @@ class PlacementCapability:
 # Per-token needs one query term at the final model: the single-term methods anywhere, a spectral F(Λ) (source's
 # one segment) on a single-checkpoint store only. tracin and fast_source read a training run's checkpoints.
 METHOD_CAPABILITIES: dict[str, MethodCapability] = {
-    "grad_dot": MethodCapability(_ALL_STORES, _ALL_STORES, ""),
-    "grad_cos": MethodCapability(_ALL_STORES, _ALL_STORES, ""),
-    "if": MethodCapability(_ALL_STORES, _ALL_STORES, ""),
+    "grad_dot": MethodCapability(_ALL_STORES, _ALL_STORES, "", exact=True),
+    "grad_cos": MethodCapability(_ALL_STORES, _ALL_STORES, "", exact=True),
+    "if": MethodCapability(_ALL_STORES, _ALL_STORES, "", exact=True),
     "source": MethodCapability(_ALL_STORES, frozenset({"checkpoint"}), ""),
     "fast_source": MethodCapability(
         frozenset({"averaged_run"}), frozenset(), "index a training_run section with averaged: true"
@@ -63,6 +70,10 @@ METHOD_CAPABILITIES: dict[str, MethodCapability] = {
     "trak": MethodCapability(_ALL_STORES, frozenset(), ""),
     "datainf": MethodCapability(_ALL_STORES, frozenset(), ""),
 }
+
+EXACT_METHODS: tuple[str, ...] = tuple(name for name, capability in METHOD_CAPABILITIES.items() if capability.exact)
+# The exact pass reads a single checkpoint's weights and its full-width factors.
+EXACT_STORES: frozenset[StoreKind] = frozenset({"checkpoint"})
 
 # zero3 partitions the model over a group of ranks: no one process holds it to generate, to take a gradient per
 # token or to serve, and a training run's checkpoints are not indexed with it yet.
@@ -120,7 +131,30 @@ def _refusal(method: str, placement: str, store: StoreKind | None, features: tup
             f"--per-token is available for {', '.join(allowed)} on {STORE_NAMES[store]}, not for method {method}; "
             "drop --per-token"
         )
+    if "exact" in features and not capability.exact:
+        return (
+            f"method {method} has no exact streamed form; --exact and --rescore take method.name "
+            f"{', '.join(EXACT_METHODS)} (give --method if, or query the store without --exact)"
+        )
+    if "exact" in features and store is not None and store not in EXACT_STORES:
+        return (
+            f"--exact/--rescore (and serve.rescore) run on {_store_list(EXACT_STORES)}, not {STORE_NAMES[store]}; "
+            "query without --exact/--rescore"
+        )
     return None
+
+
+def check_exact_factors(placement: str, store: StoreKind) -> None:
+    """`exact.factors` (full-width factors fitted at index time, for any method) where the exact pass runs: the
+    table's exact column for the placement and the store kind."""
+    if store not in EXACT_STORES:
+        raise TributaryError(
+            "exact.factors is for a single-checkpoint store; remove the training_run section or exact.factors"
+        )
+    if "exact" not in PLACEMENT_CAPABILITIES[placement].features:
+        raise TributaryError(
+            f"exact.factors does not run with placement.kind {placement} yet; {PLACEMENT_CAPABILITIES[placement].fix}"
+        )
 
 
 def _store_list(stores: frozenset[StoreKind]) -> str:

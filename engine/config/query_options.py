@@ -9,13 +9,30 @@ import copy
 import dataclasses
 from typing import Any
 
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic.dataclasses import dataclass as options_dataclass
 from pydantic.dataclasses import is_pydantic_dataclass
+from pydantic_core import PydanticCustomError
 
 from engine.config.json_types import json_types_as_declared
+from engine.errors import shown
 
 _OPTIONS = ConfigDict(extra="forbid")
+
+# What a query's measurement may be (engine.capture.measurement computes each); checked here once, for the
+# CLI's --measurement, the service's request and the library.
+MEASUREMENTS = ("logprob_sum", "logprob_mean", "margin")
+
+
+def known_measurement(name: str) -> str:
+    """`name`, if it is a measurement; else the error every route reports (a pydantic field validator)."""
+    if name not in MEASUREMENTS:
+        raise PydanticCustomError(
+            "unknown_name",
+            "unknown measurement {name}; use one of {choices}",
+            {"name": shown(name), "choices": ", ".join(MEASUREMENTS)},
+        )
+    return name
 
 
 @options_dataclass(frozen=True, config=_OPTIONS)
@@ -64,10 +81,17 @@ class QueryOptions:
         "rows; 0 keeps the index's quantised scores",
     )
 
+    @field_validator("measurement")
+    @classmethod
+    def _known_measurement(cls, value: str) -> str:
+        return known_measurement(value)
+
 
 def option_field(options: type, name: str) -> Any:
     """A copy of one option's field (default, bounds, description), for a schema that spells the option its
     own way: the service's `top_k` is QueryOptions.k, and the CLI's flags take their defaults and help."""
-    if not is_pydantic_dataclass(options):
-        raise TypeError(f"{options!r} is not an options dataclass")
-    return copy.deepcopy(options.__pydantic_fields__[name])
+    if is_pydantic_dataclass(options):
+        return copy.deepcopy(options.__pydantic_fields__[name])
+    if isinstance(options, type) and issubclass(options, BaseModel):
+        return copy.deepcopy(options.model_fields[name])
+    raise TypeError(f"{options!r} is not an options dataclass or model")

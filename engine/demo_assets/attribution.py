@@ -58,7 +58,7 @@ def attribute_demo(
 
     from engine.query.attributor import Attributor, QueryGroup
     from engine.query.generate import PromptRow, generate
-    from engine.query.run import run_settings
+    from engine.query.plan_and_score import run_settings
 
     local = config.derive(cluster=None)
     attributor = Attributor.load(local)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.config import JobConfig, QueryOptions
-from engine.runner import run_exact, run_query
+from engine.local_or_ray import run_exact, run_query
 
 TOP = 10
 

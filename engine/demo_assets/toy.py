@@ -22,7 +22,7 @@ from engine.config import load_config
 from engine.data.batching import collate
 from engine.data.rows import Row
 from engine.data.tokenize import tokenize_rows
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from engine.testing.tiny import build_model, build_tokenizer
 
 ANIMALS = ["fox", "owl", "bear", "otter", "crow", "hare", "wolf", "seal", "deer", "lynx", "mole", "wren"]

@@ -1,5 +1,5 @@
 """One call on actors started for it: each actor is built from its own arguments, all get the same call, and
-they are stopped afterwards (the query's row-range scorers; engine.runner says which class)."""
+they are stopped afterwards (the query's row-range scorers; engine.local_or_ray says which class)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ actors are killed, a fresh group is built (on a new port) and its unfinished sha
 
 The executor is generic: the worker class is built as `worker(*arguments, threads=n)` and answers `address()`,
 `join(rank, world, address, port) -> facts`, `batch_count(shards) -> int`, `reset()` and one method per
-stage taking `(shard | None, batches)` (indexing's ZeroShardWorker; engine.runner hands it in).
+stage taking `(shard | None, batches)` (indexing's ZeroShardWorker; engine.local_or_ray hands it in).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The pool is generic: it runs any worker class that is built as `worker(*arguments, threads=n)` and answers
 `describe()`, `ping()`, `reset()` and one method per stage taking a shard number (indexing's ShardWorker;
-engine.runner hands it in).
+engine.local_or_ray hands it in).
 
 Actors restart after a crash (max_restarts), and a shard whose call failed because its actor died is put
 back in the queue and handed to the next free actor. An actor that failed takes work again only once it

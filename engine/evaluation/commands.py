@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.attribution.in_memory import Settings
-from engine.config import MethodConfig
+from engine.config import MethodConfig, ProjectionConfig
 from engine.errors import TributaryError
 from engine.evaluation.gold_standard import agreement, further_recipe, gold_standard
 from engine.evaluation.lds import ground_truth, lds
@@ -35,7 +35,7 @@ def _methods(methods: Sequence[str]) -> list[str]:
 
 def _scores(task, methods: list[str], projection_dim: int) -> dict[str, np.ndarray]:
     final, run = task.train_reference(seed=0)
-    settings = Settings(projection_dim=projection_dim)
+    settings = Settings(projection=ProjectionConfig(dim=projection_dim))
     scores = all_scores(task, final, run, [m for m in methods if m != "random"], settings)
     if "random" in methods:
         scores["random"] = random_scores(task)

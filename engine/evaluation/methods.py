@@ -51,15 +51,7 @@ def run_scores(task, run: TrainingRun, method: MethodConfig | str, settings: Set
     """(Q, N) scores of a method that uses the training run's checkpoints, in training-row order."""
     config = method if isinstance(method, MethodConfig) else MethodConfig.model_validate({"name": method})
     if run.averaged != (config.name == "fast_source"):
-        run = TrainingRun(
-            run.segments,
-            run.optimizer,
-            run.momentum,
-            run.preconditioned,
-            run.beta2,
-            run.eps,
-            averaged=config.name == "fast_source",
-        )
+        run = TrainingRun(run.segments, run.optimizer, averaged=config.name == "fast_source")
     attribution = InMemoryAttribution(task.model, task.loss, run, settings)
     raw = attribution.scores(config, task.queries)
     full = np.zeros((len(task.queries), len(task.train)))

@@ -13,6 +13,8 @@ from __future__ import annotations
 import time
 
 from engine.config import JobConfig
+from engine.config.capabilities import check_exact_factors
+from engine.config.validation import config_store_kind
 from engine.curvature.fitting import corrected_factors, module_widths, shared_basis
 from engine.curvature.packing import covariance_width, lambda_width, unpack_covariance, unpack_lambda
 from engine.errors import TributaryError
@@ -26,9 +28,9 @@ from engine.exact.stored_factors import (
     set_lambda_group,
     write_exact_factors,
 )
-from engine.indexing.driver import IndexRun
 from engine.indexing.exact_sums import PASS_ONE_EXACT, has_pass_one_sums
 from engine.indexing.executor import ShardExecutor
+from engine.indexing.single_store import IndexRun
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore
@@ -45,12 +47,7 @@ def check_exact_config(config: JobConfig) -> None:
             f"exact.factors fits K-FAC/EK-FAC at full width, but curvature.strategy is {config.curvature.strategy}; "
             "set curvature.strategy to ekfac or kfac, or remove exact.factors"
         )
-    if config.training_run is not None:
-        raise TributaryError(
-            "exact.factors is for a single-checkpoint store; remove the training_run section or exact.factors"
-        )
-    if config.placement.kind == "zero3":
-        raise TributaryError("exact.factors does not run with placement.kind zero3 yet; use single or device_map")
+    check_exact_factors(config.placement.kind, config_store_kind(config))
 
 
 def fit_exact_factors(config: JobConfig, store: GradientStore, executor: ShardExecutor, show_progress: bool) -> None:

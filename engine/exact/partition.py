@@ -13,7 +13,7 @@ from engine.projection import ProjectionSpec
 GIB = 2**30
 
 
-def factor_bytes(k_in: int, k_out: int) -> int:
+def full_width_factor_bytes(k_in: int, k_out: int) -> int:
     """A module's float64 EK-FAC factors at full width: Q_A (k_in²), Q_S (k_out²) and Λ (k_out k_in)."""
     return 8 * (k_in * k_in + k_out * k_out + k_in * k_out)
 
@@ -26,7 +26,7 @@ def module_groups(spec: ProjectionSpec, memory_gb: float | None) -> list[Project
     groups: list[list] = [[]]
     used = 0
     for module in spec.modules:
-        size = factor_bytes(module.k_in, module.k_out)
+        size = full_width_factor_bytes(module.k_in, module.k_out)
         if size > budget:
             raise TributaryError(
                 f"exact.factor_memory_gb {memory_gb} is below the full-width factors of module {module.name} "

@@ -14,16 +14,6 @@ from engine.projection import ProjectionSpec
 from engine.spectral.core import module_view, transform_queries
 from engine.spectral.methods import Method
 
-EXACT_METHODS = ("if", "grad_dot", "grad_cos")
-
-
-def check_exact_method(method: str) -> None:
-    if method not in EXACT_METHODS:
-        raise TributaryError(
-            f"method {method} has no exact streamed form; --exact and --rescore take method.name "
-            f"{', '.join(EXACT_METHODS)} (give --method if, or query the store without --exact)"
-        )
-
 
 def full_rank(spec: ProjectionSpec) -> dict[str, int]:
     return {m.name: min(m.k_in, m.k_out) for m in spec.modules}

@@ -62,6 +62,20 @@ class ModelContext:
         return table.num_embeddings if isinstance(table, nn.Embedding) else None
 
 
+def configured_projection(config: JobConfig, shapes: list[tuple[str, int, int]]) -> ProjectionSpec:
+    """The config's projection of the tracked modules' (name, d_in, d_out) shapes: what a loaded model's context
+    uses and what `tributary plan` / the index plan resolve from the weightless (meta-device) model."""
+    projection = config.projection
+    return build_projection(
+        projection.dim, projection.seed, projection.kind, shapes, projection.fit_rows, projection.top, projection.fit
+    )
+
+
+def structure_shapes(config: JobConfig, model: nn.Module) -> list[tuple[str, int, int]]:
+    """The tracked modules' shapes of `model` (weights loaded or on the meta device), as the config picks them."""
+    return tracked_shapes(select_modules(model, config.model.modules), config.model.include_bias)
+
+
 def load_model_context(
     config: JobConfig, spec: ProjectionSpec | None = None, device: torch.device | None = None
 ) -> ModelContext:
@@ -77,16 +91,7 @@ def context_for_model(
     modules = select_modules(model, config.model.modules)
     shapes = tracked_shapes(modules, config.model.include_bias)
     if spec is None:
-        projection = config.projection
-        spec = build_projection(
-            projection.dim,
-            projection.seed,
-            projection.kind,
-            shapes,
-            projection.fit_rows,
-            projection.top,
-            projection.fit,
-        )
+        spec = configured_projection(config, shapes)
     elif [(m.name, m.d_in, m.d_out) for m in spec.modules] != shapes:
         raise TributaryError(
             "the tracked modules of model.path (with model.modules / include_bias) differ from those the "

@@ -1,6 +1,6 @@
 """Where shards run: what the driver needs of an executor, and the one that runs them in this process.
 
-A config with a `cluster` section runs them on a Ray actor pool instead; engine.runner hands that executor in
+A config with a `cluster` section runs them on a Ray actor pool instead; engine.local_or_ray hands that executor in
 (indexing does not import engine.distributed, which sits above it).
 """
 
@@ -61,6 +61,6 @@ def in_process(config: JobConfig) -> LocalExecutor:
     if config.cluster is not None:
         raise TributaryError(
             "the config has a `cluster` section, which this entry point does not start; index through "
-            "engine.runner.run_index (as `tributary index` does), or drop the cluster section"
+            "engine.local_or_ray.run_index (as `tributary index` does), or drop the cluster section"
         )
     return LocalExecutor(config)

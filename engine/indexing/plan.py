@@ -8,15 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.capture.experts import refuse_partitioned_experts
-from engine.capture.modules import select_modules, tracked_shapes
 from engine.config import JobConfig
 from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
-from engine.indexing.driver import _partial_width
+from engine.gradients.context import configured_projection, structure_shapes
 from engine.indexing.inputs import validated_row_count
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
-from engine.indexing.run_driver import check_training_index
+from engine.indexing.single_store import _partial_width
+from engine.indexing.training_run_stores import check_training_index
 from engine.model.loading import check_weight_files
-from engine.projection import ProjectionSpec, build_projection
+from engine.projection import ProjectionSpec
 from engine.store import location
 from engine.store.manifest import stored_kind
 from engine.store.opening import open_store
@@ -82,7 +82,7 @@ class IndexPlan:
 def resolve_index_plan(config: JobConfig) -> IndexPlan:
     """The checks `tributary index` runs before it loads weights (the run's checkpoints and schedule, training
     rows, weight files), with nothing written; the placement's devices and store.path's writability are checked
-    when the index starts. engine.indexing.run.run_index executes the plan this returns."""
+    when the index starts. engine.indexing.plan_and_build.plan_and_build executes the plan this returns."""
     run = resolve_run(config)
     if run is not None:
         check_training_index(config, run)
@@ -96,20 +96,8 @@ def resolve_index_plan(config: JobConfig) -> IndexPlan:
     if config.placement.kind == "zero3":
         refuse_partitioned_experts(structure)
     if config.model.adapter is None:  # a training run refuses an adapter (engine.training_run.resolve)
-        projection = config.projection
-        shapes = tracked_shapes(select_modules(structure, config.model.modules), config.model.include_bias)
-        if run is None:
-            spec = build_projection(
-                projection.dim,
-                projection.seed,
-                projection.kind,
-                shapes,
-                projection.fit_rows,
-                projection.top,
-                projection.fit,
-            )
-        else:  # one projection for every checkpoint: a run refuses the fitted kinds (engine.config.validation)
-            spec = build_projection(projection.dim, projection.seed, projection.kind, shapes)
+        # a run has one projection for every checkpoint (it refuses the fitted kinds: engine.config.validation)
+        spec = configured_projection(config, structure_shapes(config, structure))
     return IndexPlan(config, run, rows, spec)
 
 

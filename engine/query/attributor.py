@@ -43,7 +43,7 @@ SNIPPET_CHARS = 200
 
 # One scoring pass: (transformed queries (Q, D), unit-normalise stored rows?, k, keep full scores?) → ranks.
 Scan = Callable[[np.ndarray, bool, int, bool], QueryResult]
-# The scan of the final model's store, for a config with a `cluster` section (engine.runner makes one).
+# The scan of the final model's store, for a config with a `cluster` section (engine.local_or_ray makes one).
 ScanFactory = Callable[[GradientStore], Scan]
 
 
@@ -142,12 +142,12 @@ def store_spec(store: GradientStore) -> ProjectionSpec:
 
 
 def local_scan(config: JobConfig, store: GradientStore) -> Scan:
-    """In this process. A config with a `cluster` section scores there instead, with the scan that engine.runner
+    """In this process. A config with a `cluster` section scores there instead, with the scan that engine.local_or_ray
     (`tributary query`) or the service hands in."""
     if config.cluster is not None:
         raise TributaryError(
             "the config has a `cluster` section, which this entry point does not start; query through "
-            "engine.runner.run_query (as `tributary query` does), or drop the cluster section"
+            "engine.local_or_ray.run_query (as `tributary query` does), or drop the cluster section"
         )
     return lambda transformed, normalise, k, full: rank_store(store, transformed, normalise, k, full)
 

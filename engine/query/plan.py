@@ -1,7 +1,7 @@
 """A query run resolved once, before any model loads: the store, the method, the final model, the queries and
 the outputs, with every check that can fail on the config and the request alone.
 
-`resolve_query_plan` is the only place `tributary query` (engine.query.run.run_query) opens the store, builds
+`resolve_query_plan` is the only place `tributary query` (engine.query.plan_and_score.plan_and_score) opens the store, builds
 the method, picks the final model and reads the queries file; the run then only consumes the plan.
 `tributary plan CONFIG --queries Q` prints one without loading the model.
 """

@@ -2,7 +2,7 @@
 queries against it in one read, and returns its top-k (and, on request, its score columns). The caller
 merges the candidates with the same deterministic order as a dense top-k.
 
-On a cluster, `tributary query` starts one Ray actor per range for a run (engine.runner) and `tributary serve`
+On a cluster, `tributary query` starts one Ray actor per range for a run (engine.local_or_ray) and `tributary serve`
 deploys one long-lived scorer per range that every service replica sends its batches to (engine.serving)."""
 
 from __future__ import annotations

@@ -25,8 +25,7 @@ from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine import __version__
-from engine.capture.measurement import MEASUREMENTS
-from engine.config import JobConfig, QueryOptions, method_names
+from engine.config import MEASUREMENTS, JobConfig, QueryOptions, method_names
 from engine.errors import TributaryError, shown_name
 from engine.query.attributor import Attributor, QueryGroup
 from engine.query.row_range import RowRangeScorer, merge_parts

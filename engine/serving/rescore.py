@@ -14,9 +14,10 @@ from dataclasses import replace
 import numpy as np
 
 from engine.config import JobConfig, QueryOptions
+from engine.config.capabilities import check_capability
 from engine.errors import TributaryError
-from engine.exact.queries import ExactQueries, check_exact_method, check_query_rank, exact_queries
-from engine.exact.run import ranked_among_exact, scored_columns
+from engine.exact.exact_query import ranked_among_exact, scored_columns
+from engine.exact.queries import ExactQueries, check_query_rank, exact_queries
 from engine.exact.stored_factors import full_spec, require_exact_factors
 from engine.exact.worker import ExactWorker
 from engine.gradients.context import with_projection
@@ -33,11 +34,7 @@ def check_rescore_inputs(config: JobConfig, opened) -> None:
     """Refuse, before the service starts, a `serve.rescore` its store or method cannot serve (one line each)."""
     if config.serve.rescore is None:
         return
-    if opened.kind != "checkpoint":
-        raise TributaryError(
-            "serve.rescore runs on a single-checkpoint store, not a training run's; drop serve.rescore"
-        )
-    check_exact_method(config.method.name)
+    check_capability(config.method.name, config.placement.kind, opened.kind, ("exact",))
     if config.method.name == "if":
         require_exact_factors(opened)
     check_query_rank(config.exact.query_rank, full_spec(opened))
@@ -85,7 +82,7 @@ class BatchRescorer:
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _query_side(self, group: QueryGroup) -> ExactQueries:
-        check_exact_method(group.method.name)
+        check_capability(group.method.name, self.config.placement.kind, None, ("exact",))
         factors = self.factors
         if group.method.needs_curvature and factors is None:
             factors = self.factors = require_exact_factors(self.attributor.store)

@@ -4,9 +4,10 @@ one request's bad input."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
-from engine.capture.measurement import MEASUREMENTS
+from pydantic import ValidationError
+
 from engine.config import GenerationSettings, JobConfig, QueryOptions, method_names, unknown_method
 from engine.data.rows import Row
 from engine.errors import TributaryError, shown
@@ -20,8 +21,11 @@ from engine.spectral.methods import Method
 
 @dataclass(frozen=True)
 class Limits:
-    max_queries: int
-    max_chars: int
+    """What a request may ask: the serve section's limits under their own names, max_prompt_tokens resolved
+    (its default is data.max_length - 1)."""
+
+    max_queries_per_request: int
+    max_prompt_chars: int
     max_prompt_tokens: int
     max_new_tokens: int
     max_top_k: int
@@ -30,25 +34,11 @@ class Limits:
     @classmethod
     def from_config(cls, config: JobConfig) -> Limits:
         serve = config.serve
-        prompt_tokens = serve.max_prompt_tokens or config.data.max_length - 1
-        return cls(
-            serve.max_queries_per_request,
-            serve.max_prompt_chars,
-            prompt_tokens,
-            serve.max_new_tokens,
-            serve.max_top_k,
-            serve.max_request_bytes,
-        )
+        values = {field.name: getattr(serve, field.name) for field in fields(cls)}
+        return cls(**dict(values, max_prompt_tokens=serve.max_prompt_tokens or config.data.max_length - 1))
 
     def describe(self) -> dict:
-        return {
-            "max_queries_per_request": self.max_queries,
-            "max_prompt_chars": self.max_chars,
-            "max_prompt_tokens": self.max_prompt_tokens,
-            "max_new_tokens": self.max_new_tokens,
-            "max_top_k": self.max_top_k,
-            "max_request_bytes": self.max_request_bytes,
-        }
+        return asdict(self)
 
 
 @dataclass
@@ -71,28 +61,31 @@ class PreparedRequest:
 
 
 def _check_sizes(request: AttributeRequest, limits: Limits) -> None:
-    if len(request.queries) > limits.max_queries:
+    if len(request.queries) > limits.max_queries_per_request:
         raise RequestError(
             413,
-            f"{len(request.queries)} queries in one request; at most {limits.max_queries} "
+            f"{len(request.queries)} queries in one request; at most {limits.max_queries_per_request} "
             "(serve.max_queries_per_request): split the request",
             "queries",
-            limits.max_queries,
+            limits.max_queries_per_request,
         )
     for i, query in enumerate(request.queries):
         for name in ("prompt", "completion"):
             text = getattr(query, name)
-            if text is not None and len(text) > limits.max_chars:
+            if text is not None and len(text) > limits.max_prompt_chars:
                 raise RequestError(
                     413,
-                    f"queries.{i}.{name} is {len(text)} characters; at most {limits.max_chars} "
+                    f"queries.{i}.{name} is {len(text)} characters; at most {limits.max_prompt_chars} "
                     "(serve.max_prompt_chars)",
                     f"queries.{i}.{name}",
-                    limits.max_chars,
+                    limits.max_prompt_chars,
                 )
     if request.top_k > limits.max_top_k:
         raise RequestError(
-            422, f"top_k {request.top_k} is above serve.max_top_k = {limits.max_top_k}", "top_k", limits.max_top_k
+            422,
+            f"top_k {request.top_k} is above serve.max_top_k = {limits.max_top_k}",
+            "top_k",
+            limits.max_top_k,
         )
     generation = request.generation()
     if generation is not None and generation.max_new_tokens > limits.max_new_tokens:
@@ -117,12 +110,11 @@ def _method(request: AttributeRequest, attributor: Attributor) -> Method:
 
 
 def _check_fields(request: AttributeRequest, tokenizer) -> None:
-    if request.measurement not in MEASUREMENTS:
-        raise RequestError(
-            400,
-            f"unknown measurement {shown(request.measurement)}; use one of {', '.join(MEASUREMENTS)}",
-            "measurement",
-        )
+    try:  # the options a request shares with `tributary query` (measurement) are QueryOptions' to check
+        request.options()
+    except ValidationError as error:
+        item = error.errors()[0]
+        raise RequestError(400, item["msg"], ".".join(str(part) for part in item["loc"])) from None
     generation = request.generation()
     seen: dict[str, int] = {}
     for i, query in enumerate(request.queries):

@@ -53,7 +53,7 @@ def bytes_still_needed(group: zarr.Group) -> int:
     return total
 
 
-def factor_bytes(store) -> int:
+def store_factor_bytes(store) -> int:
     """The float64 factors of every module (Q_A, Q_S, Λ, α, σ), once the curvature is fitted."""
     return 8 * sum(m.k_in**2 + m.k_out**2 + m.k_in * m.k_out + m.k_in + m.k_out for m in store.modules)
 
@@ -66,7 +66,7 @@ def disk_full(store_path: str, error: OSError) -> TributaryError:
         store = GradientStore.open(store_path)
         needed = bytes_still_needed(store.group)
         if not store.manifest.complete:  # the factors are written (again) at the end of the index
-            needed += factor_bytes(store)
+            needed += store_factor_bytes(store)
     except Exception:  # the estimate must not hide the error it explains
         needed = None
     writing = f" writing {error.filename}" if error.filename else ""

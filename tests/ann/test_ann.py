@@ -24,8 +24,8 @@ from engine.ann.index import AnnIndex
 from engine.ann.layout import index_location
 from engine.config import parse_config
 from engine.errors import TributaryError
+from engine.local_or_ray import run_index
 from engine.query.approximate import rank_approximate
-from engine.runner import run_index
 from engine.store import GradientStore
 from engine.store.identity import new_store_id
 from engine.store.manifest import SkippedRow

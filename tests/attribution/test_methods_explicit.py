@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.attribution import Checkpoint, Dataset, InMemoryAttribution, Segment, Settings, TrainingRun, squared_error
+from engine.config import OptimizerConfig, ProjectionConfig
 from tests.unrolling import mlp, module_widths, per_example_gradients, sgd, split_modules, train
 
 N, Q = 12, 3
@@ -45,7 +46,7 @@ def test_tracin_equals_loop_over_checkpoints(setting, momentum):
             Segment([Checkpoint(c, learning_rate=r) for c, r in zip(checkpoints[:2], rates[:2])], train_data),
             Segment([Checkpoint(checkpoints[2], learning_rate=rates[2])], train_data),
         ],
-        momentum=momentum,
+        optimizer=OptimizerConfig(momentum=momentum),
     )
     scores = InMemoryAttribution(model, squared_error(), run).scores("tracin", queries)
     expected = np.zeros((Q, N))
@@ -61,7 +62,7 @@ def test_trak_equals_explicit_damped_gauss_newton_inverse(setting, dim, damping)
     model, train_data, queries, checkpoints, _ = setting
     ensemble = checkpoints[1:]
     run = TrainingRun([Segment([Checkpoint(c) for c in ensemble], train_data)])
-    settings = Settings(projection_dim=dim)
+    settings = Settings(projection=ProjectionConfig(dim=dim))
     scores = InMemoryAttribution(model, squared_error(), run, settings).scores("trak", queries, damping=damping)
     widths = module_widths(model, dim)
     expected = np.zeros((Q, N))
@@ -107,7 +108,10 @@ def test_grad_dot_and_engine_gradients_equal_autograd(setting):
     model, train_data, queries, checkpoints, _ = setting
     for dim in (0, 4):
         attribution = InMemoryAttribution(
-            model, squared_error(), TrainingRun.final_only(checkpoints[-1], train_data), Settings(projection_dim=dim)
+            model,
+            squared_error(),
+            TrainingRun.final_only(checkpoints[-1], train_data),
+            Settings(projection=ProjectionConfig(dim=dim)),
         )
         np.testing.assert_allclose(
             attribution.gradients("c0"), _grads(model, checkpoints[-1], train_data, dim), rtol=1e-12, atol=1e-14

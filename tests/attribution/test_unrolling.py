@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from engine.attribution import Checkpoint, Dataset, InMemoryAttribution, Segment, TrainingRun, squared_error
+from engine.config import OptimizerConfig
 from tests.unrolling import adam, mean_correlation, mlp, per_example_gradients, removal_effect, sgd, train
 
 
@@ -244,12 +245,15 @@ def test_adam_preconditioned_source_equals_unrolled_preconditioned_descent():
         )
         exact = removal_effect(model, final, eps, (queries.inputs, queries.targets))
         checkpoint = Checkpoint({"weight": optimum}, exp_avg_sq={"weight": v}, step=25)
-        run = TrainingRun([Segment([checkpoint], data, eta=eta, steps=steps)], optimizer="adam", preconditioned=True)
+        run = TrainingRun(
+            [Segment([checkpoint], data, eta=eta, steps=steps)],
+            optimizer=OptimizerConfig(name="adam", preconditioned=True),
+        )
         attribution = InMemoryAttribution(model, squared_error(), run)
         discrete = attribution.scores("source", queries, form="discrete") / n
         assert _relative(discrete, exact) < 1e-9, (eta, _relative(discrete, exact))
         errors.append(_relative(attribution.scores("source", queries) / n, exact))
-        plain = TrainingRun([Segment([checkpoint], data, eta=eta, steps=steps)], optimizer="adam")
+        plain = TrainingRun([Segment([checkpoint], data, eta=eta, steps=steps)], optimizer=OptimizerConfig(name="adam"))
         assert (
             _relative(
                 InMemoryAttribution(model, squared_error(), plain).scores("source", queries, form="discrete") / n, exact
@@ -275,10 +279,14 @@ def test_adam_preconditioned_source_tracks_real_adam():
     preconditioned = InMemoryAttribution(
         model,
         squared_error(),
-        TrainingRun([Segment(chain, data, eta=0.05, steps=100)], optimizer="adam", preconditioned=True),
+        TrainingRun(
+            [Segment(chain, data, eta=0.05, steps=100)], optimizer=OptimizerConfig(name="adam", preconditioned=True)
+        ),
     ).scores("source", queries)
     plain = InMemoryAttribution(
-        model, squared_error(), TrainingRun([Segment(chain, data, eta=0.05, steps=100)], optimizer="adam")
+        model,
+        squared_error(),
+        TrainingRun([Segment(chain, data, eta=0.05, steps=100)], optimizer=OptimizerConfig(name="adam")),
     ).scores("source", queries)
     figures = {
         "preconditioned": (mean_correlation(preconditioned, exact), _relative(preconditioned / n, exact)),
@@ -320,7 +328,7 @@ def test_segment_walk_equals_explicit_matrices(method):
             Segment([Checkpoint(c, learning_rate=0.1) for c in checkpoints[:2]], data, eta=0.1, steps=4),
             Segment([Checkpoint(c, learning_rate=0.1) for c in checkpoints[2:]], data, eta=0.1, steps=3),
         ],
-        momentum=0.5,
+        optimizer=OptimizerConfig(momentum=0.5),
         averaged=True,
     )
     attribution = InMemoryAttribution(model, squared_error(), run)

@@ -22,7 +22,7 @@ from engine.config.capabilities import (
     check_capability,
 )
 from engine.errors import TributaryError
-from engine.indexing.run import run_index
+from engine.indexing.plan_and_build import plan_and_build
 from engine.spectral.methods import method_from_config
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import SENTENCES, job_config, write_jsonl
@@ -39,6 +39,8 @@ def _expected_supported(method: str, placement: str, store: str, feature: str | 
         return False  # scores at each segment's averaged parameters
     if method == "tracin" and store == "checkpoint":
         return False  # sums over a run's checkpoints with their learning rates
+    if feature == "exact":  # engine.exact streams one full-width term at one checkpoint's weights
+        return method in SINGLE_TERM and store == "checkpoint"
     if feature == "per_token":
         return method in SINGLE_TERM or (method == "source" and store == "checkpoint")
     return True
@@ -72,7 +74,12 @@ def test_each_unsupported_combination_is_refused_in_one_line(key):
         check_capability(method, placement, store, () if feature is None else (feature,))
     message = str(refused.value)
     assert "\n" not in message
-    named = {"per_token": "--per-token", "generate": "--generate", "serve": "tributary serve"}.get(feature or "")
+    named = {
+        "per_token": "--per-token",
+        "generate": "--generate",
+        "serve": "tributary serve",
+        "exact": "--exact/--rescore",
+    }.get(feature or "")
     assert any(part in message for part in (f"method {method}", f"placement.kind {placement}", named) if part)
     assert "; " in message  # and what to change
 
@@ -91,7 +98,7 @@ def indexed(tiny_models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("capabilities")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     raw = job_config(root, tiny_models["gpt2"], train)
-    run_index(parse_config(raw), show_progress=False)
+    plan_and_build(parse_config(raw), show_progress=False)
     config_file = root / "job.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     queries = write_jsonl(root / "q.jsonl", [{"id": "q", "prompt": "the fox eats", "completion": " berries"}])

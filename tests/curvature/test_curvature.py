@@ -23,7 +23,7 @@ from engine.data.batching import collate
 from engine.data.labels import IGNORE
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass, lambda_pass
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.spectral.core import score_block, transform_queries
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore

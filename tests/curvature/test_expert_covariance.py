@@ -16,7 +16,7 @@ from engine.curvature.packing import covariance_counts, pack_covariance, unpack_
 from engine.data.rows import field_names, read_rows
 from engine.gradients.context import context_for_model, prepare_index_job
 from engine.gradients.passes import covariance_pass
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.store import GradientStore
 from engine.testing.families import build_family_model, save_family
 from engine.testing.tiny import build_tokenizer

@@ -13,7 +13,7 @@ import pytest
 from engine.config import parse_config
 from engine.data.rows import FieldNames, iter_rows, read_rows, row_count, rows_between
 from engine.errors import TributaryError
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import one_torch_thread, store_contents
 from tests.requirements import require

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from engine.config import parse_config
+from engine.local_or_ray import run_index, run_query
 from engine.query.scoring import top_k
-from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from engine.store.nodes import read
 from tests.conftest import SENTENCES, write_jsonl

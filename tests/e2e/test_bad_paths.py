@@ -65,7 +65,7 @@ def built(tiny_models, tmp_path_factory) -> Path:
     """A complete store and the config it was indexed with (built in this process: only the failures
     under test need the real CLI)."""
     from engine.config import load_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
 
     root = tmp_path_factory.mktemp("bad_paths_store")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])

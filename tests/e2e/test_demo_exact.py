@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from engine.cli import app
 from engine.config import parse_config
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 
 
 @pytest.mark.heavy  # ~30 s of CPU: the toy demo, its full-width factors and a dim-0 index

@@ -30,7 +30,7 @@ import pytest
 import zarr
 
 from engine.config import QueryOptions, parse_config
-from engine.runner import run_exact, run_index
+from engine.local_or_ray import run_exact, run_index
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import ROOT, one_torch_thread, single_thread_store, store_config, write_config

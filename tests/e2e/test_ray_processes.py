@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from engine.config import parse_config
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import ROOT, store_config
 from tests.ports import unused_port

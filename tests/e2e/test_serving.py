@@ -21,7 +21,7 @@ import yaml
 
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.serving.auth import read_token, token_digest, token_matches
 from engine.serving.batching import PassQueue
 from engine.serving.client import AttributionClient, ServiceError

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from engine.config import parse_config
-from engine.runner import run_query
+from engine.local_or_ray import run_query
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import (
@@ -158,7 +158,7 @@ def test_exact_factors_and_scores_through_the_cluster(
     """`exact: {factors: true}` added to the two-node store fits the full-width factors on both nodes, and
     `tributary query --exact` through the cluster gives the scores of the exact pass in this process."""
     from engine.config import QueryOptions
-    from engine.runner import run_exact
+    from engine.local_or_ray import run_exact
     from tests.distributed_helpers import one_torch_thread
 
     _, path = two_node_store

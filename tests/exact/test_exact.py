@@ -22,8 +22,8 @@ from engine.exact.row_scores import QuerySide, batch_scores, factored
 from engine.exact.stored_factors import has_exact_factors
 from engine.gradients.context import load_model_context
 from engine.gradients.passes import gradient_pass
+from engine.local_or_ray import run_exact, run_index, run_query
 from engine.projection import build_projection
-from engine.runner import run_exact, run_index, run_query
 from engine.store import GradientStore
 from engine.store.summary import store_summary
 from tests.cli_helpers import assert_clean_failure, invoke

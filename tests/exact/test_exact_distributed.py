@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine.config import QueryOptions, parse_config
-from engine.runner import run_exact, run_index
+from engine.local_or_ray import run_exact, run_index
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import store_config
 

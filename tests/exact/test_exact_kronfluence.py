@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.config import MethodConfig, QueryOptions
-from engine.runner import run_exact, run_index
+from engine.local_or_ray import run_exact, run_index
 from tests.conftest import write_jsonl
 from tests.reference import KRONFLUENCE_QUERIES, KronfluenceEkfac, mixed_train
 

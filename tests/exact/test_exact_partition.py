@@ -10,9 +10,9 @@ import pytest
 
 from engine.config import QueryOptions, parse_config
 from engine.errors import TributaryError
-from engine.exact.partition import GIB, factor_bytes, module_groups
+from engine.exact.partition import GIB, full_width_factor_bytes, module_groups
 from engine.exact.stored_factors import full_spec, read_exact_factors
-from engine.runner import run_exact, run_index
+from engine.local_or_ray import run_exact, run_index
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import store_config
@@ -50,7 +50,7 @@ def test_groups_are_the_fewest_contiguous_under_the_budget(tiny_models, tmp_path
     run_index(parse_config(_raw(tiny_models, tmp_path, "s", None)), show_progress=False)
     spec = full_spec(GradientStore.open(str(tmp_path / "s.zarr")))
     groups = module_groups(spec, BUDGET_GB)
-    sizes = [[factor_bytes(m.k_in, m.k_out) for m in group.modules] for group in groups]
+    sizes = [[full_width_factor_bytes(m.k_in, m.k_out) for m in group.modules] for group in groups]
     assert len(groups) > 1 and [m for g in groups for m in g.modules] == list(spec.modules)
     assert all(sum(s) <= 20_000 for s in sizes)
     # greedy: each group's first module would not have fit in the group before it

@@ -11,7 +11,7 @@ import pytest
 from engine.config import parse_config
 from engine.exact.stored_factors import read_exact_factors
 from engine.indexing.exact_sums import PASS_ONE_EXACT
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.store import GradientStore
 from tests.conftest import job_config
 

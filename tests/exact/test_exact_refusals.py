@@ -10,7 +10,7 @@ import pytest
 
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import store_config
 

@@ -11,7 +11,7 @@ from benchmarks import lm_lds
 from benchmarks.lm_lds_task import Architecture, Recipe, TaskSpec, build_task
 from engine.config import QueryOptions, parse_config
 from engine.evaluation.lds import lds_per_query
-from engine.runner import run_exact, run_index, run_query
+from engine.local_or_ray import run_exact, run_index, run_query
 
 TINY = TaskSpec(
     train=16,

@@ -20,7 +20,7 @@ import yaml
 
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from engine.store import GradientStore
 from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl

@@ -13,7 +13,7 @@ import engine.model.loading
 import engine.training_run.resolve
 from engine.config import parse_config
 from engine.indexing.plan import resolve_index_plan
-from engine.indexing.run import run_index
+from engine.indexing.plan_and_build import plan_and_build
 from engine.store import GradientStore
 from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, job_config, write_jsonl
@@ -34,7 +34,7 @@ def test_a_single_checkpoint_index_resolves_its_plan_once(tiny_models, tmp_path,
     config = parse_config(job_config(tmp_path, tiny_models["gpt2"], train))
     plan = resolve_index_plan(config)
     counts = _counted(monkeypatch)
-    store = run_index(config, show_progress=False)
+    store = plan_and_build(config, show_progress=False)
     assert counts == {"run plan": 1, "rows": 1, "weight files": 1}
     assert (
         isinstance(store, GradientStore) and plan.run is None and store.rows == plan.rows[str(train)] == len(SENTENCES)
@@ -50,7 +50,7 @@ def test_a_training_run_index_resolves_its_plan_once(tiny_models, tmp_path, monk
     )
     plan = resolve_index_plan(config)
     counts = _counted(monkeypatch)
-    store = run_index(config, show_progress=False)
+    store = plan_and_build(config, show_progress=False)
     assert counts == {"run plan": 1, "rows": 1}  # one dataset; a run's weight files are checked by its plan
     assert isinstance(store, RunStore) and plan.run is not None and plan.run == store.plan
 
@@ -76,5 +76,5 @@ def test_the_plan_refuses_a_training_run_before_reading_rows(tiny_models, tmp_pa
     counts: Counter = Counter()
     count_calls(monkeypatch, counts, "rows", engine.indexing.inputs.validated_row_count)
     with pytest.raises(TributaryError, match=message):
-        run_index(parse_config(raw), show_progress=False)
+        plan_and_build(parse_config(raw), show_progress=False)
     assert counts["rows"] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["train.jsonl", "trainer"]

@@ -16,7 +16,7 @@ PROGRAM = """
 import sys
 import yaml
 from engine.config import parse_config
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 run_index(parse_config(yaml.safe_load(open(sys.argv[1]))), overwrite=True)
 print("ray imported:", "ray" in sys.modules)
 """

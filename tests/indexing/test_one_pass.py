@@ -16,7 +16,7 @@ import pytest
 
 from engine.config import parse_config
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import local_ray, run_cli, store_config, store_contents, write_config

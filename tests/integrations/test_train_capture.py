@@ -27,7 +27,7 @@ from engine.gradients.passes import gradient_pass
 from engine.integrations import TrainingCapture, TrainingRows, TributaryCallback
 from engine.integrations.segments import cut_points
 from engine.integrations.store_writer import captured_rows
-from engine.runner import run_query
+from engine.local_or_ray import run_query
 from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from tests.conftest import SENTENCES, job_config, write_jsonl

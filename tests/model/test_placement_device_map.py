@@ -12,7 +12,7 @@ import torch
 
 from engine.config import parse_config
 from engine.gradients.context import load_model_context
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from engine.store import GradientStore
 from engine.testing.offload import memory_for_half_the_layers
 from tests.conftest import PROMPTS, SENTENCES, write_jsonl

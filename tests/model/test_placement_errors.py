@@ -9,7 +9,7 @@ import torch
 
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import run_cli, store_config, write_config
 

@@ -8,7 +8,7 @@ import pytest
 
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from engine.store import GradientStore
 from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, vocabulary_texts, write_jsonl
@@ -105,7 +105,7 @@ def test_zero3_store_equals_single_and_each_rank_holds_a_partition(llama32, trai
     reference = _single(llama32, train_file, str(tmp_path / "single.zarr"))
     path = str(tmp_path / "zero3.zarr")
     raw = store_config(llama32, train_file, path, cluster=CLUSTER, placement=ZERO3)
-    from engine.runner import shard_executor
+    from engine.local_or_ray import shard_executor
 
     executor = shard_executor(parse_config(raw))
     try:

@@ -15,6 +15,7 @@ import torch
 
 from engine.config import parse_config
 from engine.errors import TributaryError
+from engine.local_or_ray import run_index, run_query
 from engine.projection.fitted import (
     fit_row_positions,
     fit_shapes,
@@ -22,7 +23,6 @@ from engine.projection.fitted import (
     sketch_matrix,
     top_eigenvectors,
 )
-from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import local_ray, run_cli, store_config, store_contents, write_config
@@ -220,7 +220,7 @@ def test_fit_rows_are_every_stride_th_row_whatever_the_shards():
 
 
 def test_the_matrices_are_fitted_once_by_the_driver(tmp_path, tiny_models, train, monkeypatch):
-    import engine.indexing.driver as driver
+    import engine.indexing.single_store as driver
 
     calls = []
     fit = driver.fitted_matrices

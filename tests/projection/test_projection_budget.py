@@ -9,8 +9,8 @@ import pytest
 
 from engine.config import parse_config
 from engine.errors import TributaryError
+from engine.local_or_ray import run_index, run_query
 from engine.projection.budget import allocate, effective_dimension, factor_share, shares
-from engine.runner import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import job_config
 
@@ -164,7 +164,7 @@ def test_a_relative_measured_on_is_resolved_as_the_other_paths(tmp_path, tiny_mo
 def test_exact_and_rescore_run_on_a_budgeted_store(tmp_path, tiny_models, text_train):
     """--exact beside a budgeted store gives the dim-0 store's EK-FAC scores; --rescore over every row too."""
     from engine.config import QueryOptions
-    from engine.runner import run_exact
+    from engine.local_or_ray import run_exact
 
     model = tiny_models["gpt2"]
     measured = parse_config(_raw(tmp_path, model, text_train, "dim0", dim=0))

@@ -18,9 +18,9 @@ from engine.data.rows import Row
 from engine.data.tokenize import TokenizedRow, tokenize_rows
 from engine.gradients.context import load_model_context
 from engine.gradients.passes import gradient_pass, token_gradients
+from engine.local_or_ray import run_index, run_query
 from engine.query.generate import GenerationSettings, generate, read_prompts
-from engine.query.run import QueryOptions
-from engine.runner import run_index, run_query
+from engine.query.plan_and_score import QueryOptions
 from engine.testing.tiny import build_model, build_tokenizer
 from tests.conftest import job_config, write_jsonl
 from tests.reference import autograd_per_example

@@ -44,7 +44,7 @@ def _long_text(chars: int) -> str:
 @pytest.fixture(scope="module")
 def indexed(tiny_models, tmp_path_factory):
     from engine.config import parse_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
 
     root = tmp_path_factory.mktemp("echo")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])

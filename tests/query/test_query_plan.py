@@ -17,9 +17,9 @@ import engine.query.generate
 import engine.spectral.methods
 from engine.config import GenerationSettings, QueryOptions, parse_config
 from engine.errors import TributaryError
-from engine.indexing.run import run_index
+from engine.indexing.plan_and_build import plan_and_build
 from engine.query.plan import QueryOutputs, resolve_query_plan
-from engine.query.run import run_query
+from engine.query.plan_and_score import plan_and_score
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 
 QUERIES = [
@@ -35,7 +35,7 @@ def indexed(tiny_models, tmp_path_factory) -> dict:
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     raw = job_config(root, tiny_models["gpt2"], train)
     config = parse_config(raw)
-    run_index(config, show_progress=False)
+    plan_and_build(config, show_progress=False)
     return {
         "root": root,
         "raw": raw,
@@ -67,14 +67,18 @@ def count_calls(monkeypatch, counts: Counter, name: str, original, only_path: Pa
 def test_run_query_resolves_method_final_model_and_queries_once(indexed, monkeypatch, tmp_path, generated):
     queries = indexed["prompts"] if generated else indexed["queries"]
     options = QueryOptions(k=3, generation=GenerationSettings(max_new_tokens=3) if generated else None)
-    expected = run_query(indexed["config"], str(queries), 3, scores_out=str(tmp_path / "expected.npy"), options=options)
+    expected = plan_and_score(
+        indexed["config"], str(queries), 3, scores_out=str(tmp_path / "expected.npy"), options=options
+    )
     counts: Counter = Counter()
     reader = engine.data.lines.json_records
     count_calls(monkeypatch, counts, "method", engine.spectral.methods.method_from_config)
     count_calls(monkeypatch, counts, "final model", engine.query.attributor.final_model)
     count_calls(monkeypatch, counts, "queries file", engine.data.lines.json_records, only_path=queries)
     assert engine.query.generate.json_records is not reader  # the wrapper is where the queries are read
-    result = run_query(indexed["config"], str(queries), 3, scores_out=str(tmp_path / "scores.npy"), options=options)
+    result = plan_and_score(
+        indexed["config"], str(queries), 3, scores_out=str(tmp_path / "scores.npy"), options=options
+    )
     assert counts == {"method": 1, "final model": 1, "queries file": 1}
     np.testing.assert_array_equal(np.load(tmp_path / "scores.npy"), np.load(tmp_path / "expected.npy"))
     np.testing.assert_array_equal(result.top_indices, expected.top_indices)

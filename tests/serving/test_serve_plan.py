@@ -15,8 +15,8 @@ import engine.query.attributor
 import engine.spectral.methods
 from engine.config import QueryOptions, parse_config
 from engine.errors import TributaryError
-from engine.indexing.run import run_index
-from engine.query.run import run_query
+from engine.indexing.plan_and_build import plan_and_build
+from engine.query.plan_and_score import plan_and_score
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.query.test_query_plan import count_calls
 from tests.requirements import require
@@ -27,7 +27,7 @@ def indexed(tiny_models, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("serve_plan")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     raw = job_config(root, tiny_models["gpt2"], train)
-    run_index(parse_config(raw), show_progress=False)
+    plan_and_build(parse_config(raw), show_progress=False)
     return {"root": root, "raw": raw}
 
 
@@ -65,7 +65,9 @@ def test_a_service_resolves_method_and_final_model_once(indexed):
         build_api(service), "POST", "/v1/attribute", json.dumps({"queries": queries, "top_k": 3}).encode()
     )
     assert status == 200, answer
-    expected = run_query(config, str(write_jsonl(indexed["root"] / "q.jsonl", queries)), 3, options=QueryOptions(k=3))
+    expected = plan_and_score(
+        config, str(write_jsonl(indexed["root"] / "q.jsonl", queries)), 3, options=QueryOptions(k=3)
+    )
     for i, result in enumerate(answer["results"]):
         assert [entry["id"] for entry in result["top_k"]] == [f"t{j}" for j in expected.top_indices[i]]
         np.testing.assert_allclose([entry["score"] for entry in result["top_k"]], expected.top_scores[i], rtol=1e-9)

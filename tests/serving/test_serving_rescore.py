@@ -17,7 +17,7 @@ import yaml
 
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.serving.app import AttributionService, build_api
 from engine.serving.plan import resolve_serve_plan
 from engine.serving.schema import AttributeRequest, AttributeResponse

@@ -39,7 +39,7 @@ import numpy as np
 import pytest
 
 from engine.config import MethodConfig
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import write_jsonl
 from tests.reference import KRONFLUENCE_QUERIES, KronfluenceEkfac, mixed_train

@@ -15,8 +15,8 @@ from engine.config import MethodConfig, parse_config
 from engine.curvature.factors import ModuleFactors
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass
+from engine.local_or_ray import run_index
 from engine.projection import build_projection
-from engine.runner import run_index
 from engine.spectral.core import score_block, transform_queries
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore

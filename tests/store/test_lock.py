@@ -20,7 +20,7 @@ import pytest
 
 from engine.config import parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.store import GradientStore
 from engine.store.lock import LOCK_SUFFIX, StoreLock
 from tests.conftest import SENTENCES, write_jsonl

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from engine.config import parse_config
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.store import GradientStore, location
 from engine.store.lock import LOCK_SUFFIX
 from tests.conftest import SENTENCES, write_jsonl

@@ -236,7 +236,7 @@ def test_an_index_of_wide_rows_gets_shards_of_a_batch(tiny_models, tmp_path, mon
     the target, and each shard still holds a batch (3 rows), not one row (Grad-Dot: no partial sums)."""
     import engine.store.zarr_store as zarr_store
     from engine.config import parse_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
     from tests.conftest import SENTENCES, job_config, write_jsonl
 
     monkeypatch.setattr(zarr_store, "TARGET_CHUNK_BYTES", 1024)
@@ -257,7 +257,7 @@ def test_an_exact_ekfac_index_gets_shards_whose_partial_sums_are_a_quarter_of_th
     from the arrays the store holds."""
     import engine.store.zarr_store as zarr_store
     from engine.config import parse_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
     from tests.conftest import job_config, write_jsonl
 
     monkeypatch.setattr(zarr_store, "TARGET_CHUNK_BYTES", 1024)
@@ -282,7 +282,7 @@ def test_resuming_with_another_chunking_is_refused_naming_both_values(tiny_model
     """A partly built store with one-row chunks (the old default for wide rows), resumed under the new default
     (a batch per chunk): one line naming the setting and both values, and the store is left as it was."""
     from engine.config import parse_config
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
     from tests.conftest import SENTENCES, job_config, write_jsonl
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
@@ -307,7 +307,7 @@ def test_a_pass_1_begun_by_an_earlier_version_is_refused_on_resume_naming_the_st
     shape error from Zarr, and the store is left as it was."""
     from engine.config import parse_config
     from engine.curvature.packing import covariance_counts
-    from engine.runner import run_index
+    from engine.local_or_ray import run_index
     from tests.conftest import SENTENCES, job_config, write_jsonl
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 from engine.config import parse_config
-from engine.indexing.run import run_index
+from engine.indexing.plan_and_build import plan_and_build
 from engine.query.attributor import final_model
 from engine.store.opening import open_store
 from tests.conftest import SENTENCES, job_config, write_jsonl
@@ -60,7 +60,7 @@ def test_the_scan_finds_the_questions_it_forbids(tmp_path):
 def test_a_single_checkpoint_store_is_a_run_of_one_checkpoint(tiny_models, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     config = parse_config(job_config(tmp_path, tiny_models["gpt2"], train))
-    run_index(config, show_progress=False)
+    plan_and_build(config, show_progress=False)
     store = open_store(config.store.path)
     plan = store.run_plan(config)
     assert store.kind == "checkpoint" and len(plan.checkpoints) == 1 and len(plan.segments) == 1

@@ -15,8 +15,8 @@ import yaml
 
 from engine.config import QueryOptions, parse_config
 from engine.data.rows import Row
+from engine.local_or_ray import run_index
 from engine.query.attributor import Attributor, QueryGroup
-from engine.runner import run_index
 from engine.store import GradientStore
 from engine.store.identity import StoreChanged, check_unchanged, identity_at, identity_of
 from engine.store.location import remove

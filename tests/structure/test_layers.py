@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("exact",),  # full-width factors and the streamed exact scoring pass (--exact, --rescore)
     ("integrations",),  # capture while training: Trainer callback, step API, the store it writes
     ("distributed",),  # generic Ray plumbing: cluster, actor pool, one call on fresh actors
-    ("runner",),  # where work runs: in this process or on Ray
+    ("local_or_ray",),  # where work runs: in this process or on Ray
     ("demo_assets",),  # the demo's model, data and LoRA
     ("serving", "evaluation", "demo"),
     ("cli",),
@@ -97,7 +97,7 @@ def import_graph(root: Path) -> dict[str, set[str]]:
 
 
 def package_of(module: str) -> str:
-    """engine.indexing.driver → indexing; engine.cli → cli; engine → engine."""
+    """engine.indexing.single_store → indexing; engine.cli → cli; engine → engine."""
     parts = module.split(".")
     return parts[1] if len(parts) > 1 else parts[0]
 
@@ -232,9 +232,9 @@ def test_the_graph_sees_imports_of_every_kind(engine_graph):
     """A check on the reader itself against engine/: a graph that missed imports would pass everything."""
     assert len(engine_graph) == len(list(ENGINE.rglob("*.py")))
     assert "engine.errors" in engine_graph["engine.config.loading"]
-    assert "engine.data.rows" in engine_graph["engine.indexing.driver"]  # a module-level `from engine.x import`
+    assert "engine.data.rows" in engine_graph["engine.indexing.single_store"]  # a module-level `from engine.x import`
     assert "engine.projection.projector" in engine_graph["engine.projection"]  # `from engine.projection.projector`
-    assert "engine.runner" in engine_graph["engine.cli"]  # function-local
+    assert "engine.local_or_ray" in engine_graph["engine.cli"]  # function-local
 
 
 # ---- the checker on small graphs of its own ------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_the_checker_names_a_module_cycle(tmp_path):
 
 def test_the_checker_names_a_package_cycle_and_an_upward_import():
     graph = {
-        "engine.query.run": {"engine.indexing.manifest"},
+        "engine.query.plan_and_score": {"engine.indexing.manifest"},
         "engine.indexing.manifest": set(),
         "engine.indexing.pool": {"engine.query.scoring"},
         "engine.query.scoring": set(),
@@ -292,14 +292,14 @@ def test_the_checker_names_a_package_cycle_and_an_upward_import():
     (problem,) = cycle_problems(graph)
     assert problem.startswith("package import cycle: indexing → query → indexing")
     assert "engine.indexing.pool → engine.query.scoring" in problem
-    assert "engine.query.run → engine.indexing.manifest" in problem
+    assert "engine.query.plan_and_score → engine.indexing.manifest" in problem
     layers = [("indexing",), ("query",)]
     assert layer_problems(graph, layers) == [
         "upward import: engine.indexing.pool imports engine.query.scoring (indexing is below query)"
     ]
     assert layer_problems(graph, [("indexing", "query")]) == [
         "same-layer import: engine.indexing.pool imports engine.query.scoring (indexing and query share a layer)",
-        "same-layer import: engine.query.run imports engine.indexing.manifest (query and indexing share a layer)",
+        "same-layer import: engine.query.plan_and_score imports engine.indexing.manifest (query and indexing share a layer)",
     ]
     assert layer_problems(graph, [("indexing",)]) == [
         "package query is in no layer: add it to LAYERS in tests/structure/test_layers.py"

@@ -21,7 +21,7 @@ from engine.curvature.factors import final_factors, initial_factors
 from engine.curvature.statistics import merge_all
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass, lambda_pass
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.resolve import resolve_run
 from tests.conftest import SENTENCES, job_config, write_jsonl
@@ -193,7 +193,7 @@ def test_methods_on_the_store_equal_their_explicit_formulas(run_setup, tmp_path)
 def test_results_and_per_module_shares_for_a_multi_checkpoint_method(run_setup, tmp_path):
     """The results file lists the top rows of the summed scores, with per-module shares that add up to them."""
     root, raw, checkpoints, store, queries = run_setup
-    from engine.query.run import QueryOptions
+    from engine.query.plan_and_score import QueryOptions
 
     config = parse_config(dict(raw, method={"name": "tracin"}))
     result = run_query(

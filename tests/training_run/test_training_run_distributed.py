@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.config import parse_config
-from engine.runner import run_index
+from engine.local_or_ray import run_index
 from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import assert_same_store, local_ray, store_config, store_contents

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from engine.attribution import Checkpoint, Dataset, InMemoryAttribution, Segment, TrainingRun, squared_error
-from engine.config import parse_config
+from engine.config import OptimizerConfig, parse_config
 from engine.errors import TributaryError
-from engine.runner import run_index, run_query
+from engine.local_or_ray import run_index, run_query
 from engine.store.run_store import RunStore
 from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
@@ -316,8 +316,7 @@ def test_in_memory_bad_input():
     wrong = {n: torch.ones(3, 3) for n in params}
     adam = TrainingRun(
         [Segment([Checkpoint(params, exp_avg_sq=wrong, step=3)], data, eta=0.1, steps=3)],
-        optimizer="adam",
-        preconditioned=True,
+        optimizer=OptimizerConfig(name="adam", preconditioned=True),
     )
     with pytest.raises(TributaryError, match="exp_avg_sq at checkpoint c0 does not match"):
         InMemoryAttribution(model, squared_error(), adam).scores("source", data)

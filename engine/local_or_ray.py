@@ -18,19 +18,19 @@ from engine.distributed.fan_out import call_on_new_actors
 from engine.distributed.groups import GroupExecutor, group_count
 from engine.distributed.pool import RayExecutor, largest_node_gpus
 from engine.errors import TributaryError
+from engine.exact.exact_query import ExactResult, run_exact_query
 from engine.exact.fit import check_exact_config, fit_exact_factors
 from engine.exact.queries import ExactQueries
-from engine.exact.run import ExactResult, run_exact_query
 from engine.exact.worker import ExactWorker
 from engine.gradients.context import ModelContext, remote_model_context
-from engine.indexing import run as indexing
+from engine.indexing import plan_and_build as indexing
 from engine.indexing.executor import LocalExecutor, ShardExecutor
 from engine.indexing.worker import ShardWorker
 from engine.indexing.zero_worker import ZeroShardWorker
 from engine.model.loading import load_tokenizer
 from engine.model.placement import check_placement
 from engine.projection import ProjectionSpec
-from engine.query import run as query
+from engine.query import plan_and_score as query
 from engine.query.row_range import RowRangeScorer, merge_parts, row_ranges
 from engine.query.scoring import QueryResult
 from engine.store import GradientStore
@@ -74,10 +74,10 @@ class ClusterScan:
 def run_index(
     config: JobConfig, overwrite: bool = False, show_progress: bool = True, break_lock: bool = False
 ) -> GradientStore | RunStore:
-    """engine.indexing.run.run_index, on the cluster when the config has a `cluster` section; with
+    """engine.indexing.plan_and_build.plan_and_build, on the cluster when the config has a `cluster` section; with
     `exact: {factors: true}` the full-width factors are fitted after (engine.exact.fit)."""
     check_exact_config(config)
-    store = indexing.run_index(
+    store = indexing.plan_and_build(
         config, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=shard_executor
     )
     if config.exact.factors and store.kind == "checkpoint":
@@ -101,8 +101,6 @@ def exact_executor(
         return LocalExecutor(worker=ExactWorker(config, queries, context=context))
     connect(config.cluster)
     check_placement(config, gpus=largest_node_gpus())
-    if config.placement.kind == "zero3":
-        raise TributaryError("--exact and exact.factors do not run with placement.kind zero3 yet; use single")
     gpus = config.placement.devices_per_replica if config.placement.kind == "device_map" else None
     return RayExecutor(ExactWorker, (config, queries), config.cluster, pool_size(config.cluster), gpus_per_actor=gpus)
 
@@ -115,7 +113,7 @@ def run_exact(
     scores_out: str | None = None,
     rescore: int | None = None,
 ) -> ExactResult:
-    """engine.exact.run.run_exact_query with this module's executors; `rescore` K takes the store's (or with
+    """engine.exact.exact_query.run_exact_query with this module's executors; `rescore` K takes the store's (or with
     options.approximate its ANN index's) top-K and bottom-K candidates from run_query."""
 
     def candidates(k: int) -> QueryResult:
@@ -144,12 +142,12 @@ def run_query(
     options: QueryOptions | None = None,
     report: str | None = None,
 ) -> QueryResult:
-    """engine.query.run.run_query, scored on the cluster when the config has a `cluster` section; with
+    """engine.query.plan_and_score.plan_and_score, scored on the cluster when the config has a `cluster` section; with
     placement.kind zero3 the query gradients come from one group of ranks started for the query."""
     scans = None if config.cluster is None else partial(ClusterScan, config.cluster)
     groups = QueryGroups()
     try:
-        return query.run_query(
+        return query.plan_and_score(
             config,
             queries_path,
             k,

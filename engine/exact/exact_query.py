@@ -2,7 +2,7 @@
 
 The query side is each query's full-width gradient preconditioned with the store's full-width factors
 (engine.exact.queries); the training side is one forward and backward per batch of training rows, sharded as
-indexing is (the executor is handed in: this process, or Ray actors from engine.runner), each shard's scores
+indexing is (the executor is handed in: this process, or Ray actors from engine.local_or_ray), each shard's scores
 placed by row number, so 1 or N workers give the same matrix. `--rescore K` asks the store (or its ANN index)
 for each query's top-K and bottom-K candidates and runs the exact pass over their union alone.
 """
@@ -18,10 +18,11 @@ from typing import cast
 import numpy as np
 
 from engine.config import JobConfig, QueryOptions
+from engine.config.capabilities import check_capability
 from engine.data.rows import field_names, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
-from engine.exact.queries import ExactQueries, check_exact_method, check_query_rank, exact_queries
+from engine.exact.queries import ExactQueries, check_query_rank, exact_queries
 from engine.exact.stored_factors import full_spec, require_exact_factors
 from engine.gradients.context import ModelContext, load_model_context, with_projection
 from engine.gradients.passes import gradient_pass
@@ -76,10 +77,9 @@ def run_exact_query(
     """Exact scores of every query against every training row (or, with `rescore`, the union of the store's
     candidates); `local_context`: the scoring executor runs in this process and may reuse the loaded model."""
     check_exact_options(options, rescore)
-    check_exact_method(config.method.name)
+    check_capability(config.method.name, config.placement.kind, None, ("exact",))
     opened = open_complete_store(config.store.path)
-    if opened.kind != "checkpoint":
-        raise TributaryError("--exact runs on a single-checkpoint store, not a training run's; query without --exact")
+    check_capability(config.method.name, config.placement.kind, opened.kind, ("exact",))
     store = cast(GradientStore, opened)
     method = method_from_config(config.method)
     factors = require_exact_factors(store) if method.needs_curvature else None

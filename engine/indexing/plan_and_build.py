@@ -1,5 +1,5 @@
-"""`tributary index`: a single-checkpoint store (engine/indexing/driver.py), or with a `training_run` section one
-store per checkpoint of the run (engine/indexing/run_driver.py)."""
+"""`tributary index`: a single-checkpoint store (engine/indexing/single_store.py), or with a `training_run` section one
+store per checkpoint of the run (engine/indexing/training_run_stores.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import logging
 import time
 
 from engine.config import JobConfig
-from engine.indexing.driver import build_store
 from engine.indexing.executor import ExecutorFactory, in_process
 from engine.indexing.plan import resolve_index_plan
-from engine.indexing.run_driver import run_training_index
+from engine.indexing.single_store import build_store
+from engine.indexing.training_run_stores import run_training_index
 from engine.model.placement import check_placement
 from engine.store import GradientStore, location
 from engine.store.lock import StoreLock
@@ -21,7 +21,7 @@ from engine.store.writable import check_store_location
 log = logging.getLogger(__name__)
 
 
-def run_index(
+def plan_and_build(
     config: JobConfig,
     overwrite: bool = False,
     show_progress: bool = True,
@@ -29,7 +29,7 @@ def run_index(
     executors: ExecutorFactory = in_process,
 ) -> GradientStore | RunStore:
     """Index `config`, resolved once into an IndexPlan (engine.indexing.plan) and then executed: a GradientStore,
-    or with a `training_run` section a RunStore (one store per checkpoint). `executors` makes the executor of each store's shards (engine.runner passes a Ray-backed one for a cluster)."""
+    or with a `training_run` section a RunStore (one store per checkpoint). `executors` makes the executor of each store's shards (engine.local_or_ray passes a Ray-backed one for a cluster)."""
     started = time.perf_counter()
     plan = resolve_index_plan(config)
     if plan.run is not None:

@@ -27,8 +27,8 @@ from engine.curvature.fitting import corrected_factors, fit_factors, module_widt
 from engine.curvature.packing import lambda_width, unpack_covariance, unpack_lambda
 from engine.curvature.statistics import ModuleLambda
 from engine.errors import TributaryError
-from engine.indexing.driver import IndexRun, build_store
 from engine.indexing.executor import ExecutorFactory
+from engine.indexing.single_store import IndexRun, build_store
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location

@@ -30,7 +30,7 @@ def _queries(attributor: Attributor, plan: QueryPlan) -> list[Query]:
     return attributor.queries_from_rows(plan.rows, plan.queries_path)
 
 
-def run_query(
+def plan_and_score(
     config: JobConfig,
     queries_path: str,
     k: int,
@@ -46,7 +46,7 @@ def run_query(
 
     Queries are scored as one batch, so each stored chunk is read once for all of them; with a
     `cluster` section, `scans` gives the scan of the final model's store that splits the rows over Ray actors
-    that each return their top-k (engine.runner.run_query passes it). Everything that can be checked before
+    that each return their top-k (engine.local_or_ray.run_query passes it). Everything that can be checked before
     the model loads is resolved once, into a QueryPlan (engine.query.plan); the rest only consumes it.
     """
     if k <= 0:
@@ -62,12 +62,12 @@ def execute_query_plan(
     scans: ScanFactory | None = None,
     load_context: Callable[[JobConfig], ModelContext] | None = None,
 ) -> QueryResult:
-    """Load the final model, score the plan's queries and write its outputs (see run_query)."""
+    """Load the final model, score the plan's queries and write its outputs (see plan_and_score)."""
     config, options, outputs = plan.config, plan.options, plan.outputs
     if config.placement.kind == "zero3" and load_context is None:
         raise TributaryError(
             "placement.kind zero3: query gradients come from a group of ranks; run the query through "
-            "engine.runner.run_query (as `tributary query` does), with a cluster section"
+            "engine.local_or_ray.run_query (as `tributary query` does), with a cluster section"
         )
     check_placement(config)  # query gradients are computed with the config's placement
     scan = None if scans is None else scans(plan.store)

@@ -1,0 +1,48 @@
+"""The exact pass's refusals come from the capability matrix's `exact` column (issue 27), not from checks of
+its own: the methods engine.exact scores, on a single-checkpoint store, with a placement holding the model."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.config import method_names
+from engine.config.capabilities import (
+    PLACEMENT_KINDS,
+    STORE_KINDS,
+    capability_matrix,
+    check_capability,
+    check_exact_factors,
+)
+from engine.errors import TributaryError
+
+# What engine.exact implements: one full-width query term preconditioned by nothing (grad_dot), by its norm
+# (grad_cos) or by the store's full-width K-FAC/EK-FAC factors (if); written out here, not read from the table.
+STREAMED = {"grad_dot", "grad_cos", "if"}
+
+
+def test_the_exact_column_is_the_streamed_methods_on_a_checkpoint_store_off_zero3():
+    matrix = capability_matrix()
+    for method in method_names():
+        for placement in PLACEMENT_KINDS:
+            for store in STORE_KINDS:
+                expected = method in STREAMED and store == "checkpoint" and placement != "zero3"
+                assert matrix[(method, placement, store, "exact")] == expected, (method, placement, store)
+
+
+def test_a_method_without_a_streamed_form_is_refused_naming_the_ones_with():
+    with pytest.raises(TributaryError, match="method trak has no exact streamed form.*grad_dot, grad_cos, if"):
+        check_capability("trak", "single", None, ("exact",))
+
+
+def test_a_training_run_store_is_refused_for_the_exact_pass():
+    with pytest.raises(TributaryError, match="not a training-run store; query without --exact/--rescore"):
+        check_capability("if", "single", "training_run", ("exact",))
+
+
+def test_exact_factors_follow_the_same_column():
+    check_exact_factors("single", "checkpoint")
+    check_exact_factors("device_map", "checkpoint")
+    with pytest.raises(TributaryError, match="exact.factors does not run with placement.kind zero3 yet; use"):
+        check_exact_factors("zero3", "checkpoint")
+    with pytest.raises(TributaryError, match="exact.factors is for a single-checkpoint store"):
+        check_exact_factors("single", "averaged_run")
