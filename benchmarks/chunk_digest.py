@@ -19,27 +19,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from benchmarks.common import first_line, positive_int, write_result
-from benchmarks.scoring import GRAD_DOT, build_store
+from benchmarks.scoring import GRAD_DOT, build_store, without_digests
 from engine.query.scoring import score_store
 from engine.store import GradientStore
-
-
-def without_digests(source: Path, target: Path) -> GradientStore:
-    """A copy of the store at `source` whose `grads` chunks carry no digest (as stores before format 4)."""
-    shutil.copytree(source, target)
-    group = zarr.open_group(str(target), mode="r+")
-    old = group["grads"]
-    assert isinstance(old, zarr.Array)
-    rows = np.asarray(old[...])
-    plain = group.create_array(
-        "grads", shape=old.shape, chunks=old.chunks, dtype=old.dtype, fill_value=0, compressors=None, overwrite=True
-    )
-    plain.with_config({"write_empty_chunks": True})[...] = rows
-    plain.attrs["logical_dtype"] = "float32"
-    return GradientStore.open(str(target))
 
 
 def timed(call, store: GradientStore) -> tuple[float, float]:

@@ -1,5 +1,7 @@
 """Scoring read throughput: streaming the store while scoring Q ∈ {1, 16, 128} queries, against a
-plain sequential read of the same array (the roofline here), side by side in one run.
+plain sequential read of the same array (the roofline here), side by side in one run; and what the per-chunk
+xxh3 digest costs: the read and the Q=1 scan of a copy of the store whose chunks carry none (as before store
+format 4), each after a read of its own store, in the same rounds.
 
 Usage: python -m benchmarks.scoring [--rows 40000] [--width 4096] [--rounds 3]
 """
@@ -7,6 +9,7 @@ Usage: python -m benchmarks.scoring [--rows 40000] [--width 4096] [--rounds 3]
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -38,6 +41,21 @@ def build_store(path: Path, rows: int, width: int) -> GradientStore:
     return store
 
 
+def without_digests(source: Path, target: Path) -> GradientStore:
+    """A copy of the store at `source` whose `grads` chunks carry no digest (as stores before format 4)."""
+    shutil.copytree(source, target)
+    group = zarr.open_group(str(target), mode="r+")
+    old = group["grads"]
+    assert isinstance(old, zarr.Array)
+    rows = np.asarray(old[...])
+    plain = group.create_array(
+        "grads", shape=old.shape, chunks=old.chunks, dtype=old.dtype, fill_value=0, compressors=None, overwrite=True
+    )
+    plain.with_config({"write_empty_chunks": True})[...] = rows
+    plain.attrs["logical_dtype"] = "float32"
+    return GradientStore.open(str(target))
+
+
 def sequential_read(store: GradientStore) -> float:
     started = time.perf_counter()
     for start, stop in store.shards():
@@ -62,8 +80,14 @@ def main() -> None:
     try:
         store = build_store(work / "store.zarr", args.rows, args.width)
         size = args.rows * args.width * 4
-        variants = {"sequential read": lambda: sequential_read(store)}
-        for q in (1, 16, 128):
+        plain = without_digests(work / "store.zarr", work / "plain.zarr")
+        variants = {
+            "sequential read": lambda: sequential_read(store),
+            "score Q=1": lambda: scoring(store, 1, args.width),
+            "sequential read, no digests": lambda: sequential_read(plain),
+            "score Q=1, no digests": lambda: scoring(plain, 1, args.width),
+        }
+        for q in (16, 128):
             variants[f"score Q={q}"] = lambda q=q: scoring(store, q, args.width)
         times = side_by_side(variants, args.rounds)
         roofline = statistics.median(times["sequential read"])
@@ -85,7 +109,22 @@ def main() -> None:
         )
         for name, row in table.items():
             print(f"{name:<16} {row['gib_per_s']:>7} GiB/s  {row['fraction_of_roofline']:>6} of roofline")
-        path = write_result("scoring", {"rows": args.rows, "width": args.width, "bytes": size, "results": table})
+        digest_cost = {
+            task: round(table[task]["seconds_median"] / table[f"{task}, no digests"]["seconds_median"] - 1, 3)
+            for task in ("sequential read", "score Q=1")
+        }
+        print(f"digest cost (median with / without - 1): {digest_cost}")
+        path = write_result(
+            "scoring",
+            {
+                "rows": args.rows,
+                "width": args.width,
+                "bytes": size,
+                "results": table,
+                "digest_cost": digest_cost,
+                "load_average": [round(x, 2) for x in os.getloadavg()],
+            },
+        )
         print(f"wrote {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,31 +1,31 @@
-"""Serving throughput and latency: requests/s and p50/p99 at 1, 8 and 32 concurrent clients, with batching
-(up to 64 queries per scoring pass) and without (batch size 1), side by side in one run.
+"""Serving throughput and latency under locust: requests/s, p50/p95/p99 and errors at 1, 8, 32 and 128
+users, with batching (up to 64 queries per scoring pass) and, optionally, without (batch size 1).
 
-Both services run at once on one Ray Serve proxy (two applications, /batched and /single), each one
-replica holding the same model and store; the variants alternate round by round so drift in machine
-speed hits both alike. Every request carries one query (prompt + completion) and asks for the top 10.
-The load generator (one thread per client, each with its own keep-alive connection) runs on the same
-machine as the service.
+The services run on one Ray Serve proxy (one application per variant, /batched and /single), each one
+replica holding the same model and store. The load is locust, headless, in its own process
+(benchmarks/serving_locust.py: closed-loop users, one query per request, top 10), for --seconds at each
+user count; with both variants they alternate so drift in machine speed hits both alike. Locust runs on the
+same machine as the service.
 
 The store: 600 rows of 24 words, projection dim 64 (32,768 floats per row, 75 MiB float32), K-FAC factors,
 method `if`; a pass over it costs far more than a query's own gradient, as with any real store.
 
-Usage: python -m benchmarks.serving [--rows 600] [--dim 64] [--rounds 3] [--requests 96]
+Usage: python -m benchmarks.serving [--rows 600] [--dim 64] [--seconds 60] [--users 1,8,32,128]
+       [--variants batched,single]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import logging
-import math
 import os
-import random
 import shutil
-import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchmarks.common import (
@@ -41,51 +41,58 @@ from engine.config import parse_config
 from engine.local_or_ray import run_index
 from engine.store.zarr_store import GradientStore
 
-CONCURRENCY = (1, 8, 32)
+USERS = (1, 8, 32, 128)
 VARIANTS = {
     "batched": {"batch_max_queries": 64, "max_queries_per_request": 32},
     "single": {"batch_max_queries": 1, "max_queries_per_request": 1},
 }
 WORDS_PER_ROW = 24
+LOCUSTFILE = Path(__file__).with_name("serving_locust.py")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+def locust_run(url: str, users: int, seconds: int, queries_file: Path, work: Path) -> dict:
+    """One headless locust run of `users` users for `seconds` s: its totals from locust's CSV statistics."""
+    prefix = work / f"locust-{users}"
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", url,
+        "--users", str(users), "--spawn-rate", str(users), "--run-time", f"{seconds}s", "--stop-timeout", "30",
+        "--csv", str(prefix), "--only-summary", "--loglevel", "ERROR",
+    ]  # fmt: skip
+    environment = dict(os.environ, TRIBUTARY_LOCUST_QUERIES=str(queries_file))
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=seconds + 120)
+    if done.returncode not in (0, 1):  # 1: some requests failed, counted below
+        raise RuntimeError(f"locust exited {done.returncode}: {done.stderr[-2000:]}")
+    with open(f"{prefix}_stats.csv") as stats:
+        total = next(row for row in csv.DictReader(stats) if row["Name"] == "Aggregated")
+    with open(f"{prefix}_failures.csv") as failures:
+        errors = {row["Error"]: int(row["Occurrences"]) for row in csv.DictReader(failures)}
+    return {
+        "requests": int(total["Request Count"]),
+        "failures": int(total["Failure Count"]),
+        "errors": errors,
+        "requests_per_s": round(float(total["Requests/s"]), 2),
+        "p50_ms": float(total["50%"]),
+        "p95_ms": float(total["95%"]),
+        "p99_ms": float(total["99%"]),
+        "max_ms": round(float(total["Max Response Time"]), 1),
+    }
 
 
-def run_load(url: str, clients: int, total: int, queries: list[dict]) -> tuple[float, list[float]]:
-    """(wall seconds, per-request latencies) of `clients` threads sending `total` requests between them."""
-    from engine.serving.client import AttributionClient
-
-    per_client = math.ceil(total / clients)
-    start = threading.Barrier(clients)
-
-    def client(number: int) -> list[float]:
-        latencies = []
-        rng = random.Random(number)
-        with AttributionClient(url, timeout=300) as own:
-            own.health()  # connect before the clock starts
-            start.wait()
-            for _ in range(per_client):
-                began = time.perf_counter()
-                own.attribute([rng.choice(queries)], top_k=10)
-                latencies.append(time.perf_counter() - began)
-        return latencies
-
-    began = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(client, range(clients)))
-    return time.perf_counter() - began, [latency for result in results for latency in result]
+def counted(text: str) -> tuple[int, ...]:
+    return tuple(positive_int(part) for part in text.split(","))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=first_line(__doc__))
     parser.add_argument("--rows", type=positive_int, default=600)
-    parser.add_argument("--rounds", type=positive_int, default=3)
-    parser.add_argument("--requests", type=positive_int, default=96, help="requests per measurement")
+    parser.add_argument("--seconds", type=positive_int, default=60, help="load at each user count")
+    parser.add_argument("--users", type=counted, default=USERS, help="comma-separated user counts")
+    parser.add_argument("--variants", default="batched", help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--dim", type=non_negative_int, default=64)
     args = parser.parse_args()
+    variants = args.variants.split(",")
+    if not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants: each of {', '.join(VARIANTS)}")
     logging.disable(logging.INFO)
     load_at_start = os.getloadavg()  # other work on the machine shows here
     import ray
@@ -116,66 +123,45 @@ def main() -> None:
             {"prompt": " ".join(text.split()[:6]), "completion": " " + " ".join(text.split()[6:14])}
             for text in random_corpus(64, 14, vocabulary=500, seed=1)
         ]
+        queries_file = work / "queries.json"
+        queries_file.write_text(json.dumps(queries))
 
-        ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level=logging.ERROR)
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.2",
+            logging_level=logging.ERROR,
+            log_to_driver=False,  # no access log line per request
+        )
         urls = {}
-        for name, limits in VARIANTS.items():
-            config = parse_config(dict(raw, serve=dict(limits, port=8765, replica_cpus=1, batch_wait_s=0.005)))
+        for name in variants:
+            config = parse_config(dict(raw, serve=dict(VARIANTS[name], port=8765, replica_cpus=1, batch_wait_s=0.005)))
             urls[name] = start_service(config, name=name, route_prefix=f"/{name}")
-        for url in urls.values():  # warm-up: first request of each replica
-            run_load(url, 1, 4, queries)
+        for url in urls.values():  # warm-up: the first requests of each replica
+            with AttributionClient(url, timeout=300) as warm:
+                for query in queries[:4]:
+                    warm.attribute([query], top_k=10)
 
-        samples = {
-            name: {c: {"rps": [], "latencies": [], "passes": 0, "requests": 0} for c in CONCURRENCY}
-            for name in VARIANTS
-        }
-        for round_ in range(args.rounds):
-            for clients in CONCURRENCY:
-                order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
-                for name in order:
-                    with AttributionClient(urls[name]) as observer:
-                        before = observer.info()["replica"]
-                    wall, latencies = run_load(urls[name], clients, args.requests, queries)
-                    with AttributionClient(urls[name]) as observer:
-                        after = observer.info()["replica"]
-                    cell = samples[name][clients]
-                    cell["rps"].append(len(latencies) / wall)
-                    cell["latencies"] += latencies
-                    cell["passes"] += after["scoring_passes"] - before["scoring_passes"]
-                    cell["requests"] += after["requests"] - before["requests"]
-                    print(f"round {round_} {name:<8} clients {clients:>2}: {len(latencies) / wall:6.1f} req/s")
-
-        table = {}
-        for name in VARIANTS:
-            table[name] = {}
-            for clients in CONCURRENCY:
-                cell = samples[name][clients]
-                table[name][str(clients)] = {
-                    "requests_per_s_median": round(statistics.median(cell["rps"]), 2),
-                    "p50_ms": round(1000 * percentile(cell["latencies"], 50), 1),
-                    "p99_ms": round(1000 * percentile(cell["latencies"], 99), 1),
-                    "requests_per_scoring_pass": round(cell["requests"] / max(1, cell["passes"]), 2),
-                    "requests_per_s_samples": [round(x, 2) for x in cell["rps"]],
-                }
-        gain = {
-            str(c): round(
-                table["batched"][str(c)]["requests_per_s_median"] / table["single"][str(c)]["requests_per_s_median"], 2
-            )
-            for c in CONCURRENCY
-        }
+        table: dict[str, dict[str, dict]] = {name: {} for name in variants}
+        for step, users in enumerate(args.users):
+            for name in variants if step % 2 == 0 else list(reversed(variants)):
+                with AttributionClient(urls[name]) as observer:
+                    before = observer.info()["replica"]
+                row = locust_run(urls[name], users, args.seconds, queries_file, work)
+                with AttributionClient(urls[name]) as observer:
+                    after = observer.info()["replica"]
+                passes = after["scoring_passes"] - before["scoring_passes"]
+                row["requests_per_scoring_pass"] = round((after["requests"] - before["requests"]) / max(1, passes), 2)
+                table[name][str(users)] = row
+                print(
+                    f"{name:<8} users {users:>3}: {row['requests_per_s']:6.1f} req/s, p50/p95/p99 "
+                    f"{row['p50_ms']:.0f}/{row['p95_ms']:.0f}/{row['p99_ms']:.0f} ms, {row['failures']} errors",
+                    flush=True,
+                )
         print(
             f"store: {store.rows} rows x {store.manifest.width} ({store_bytes / 2**20:.0f} MiB float32), "
             f"indexed in {index_s:.0f} s"
         )
-        print(f"{'variant':<8} {'clients':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'req/pass':>8}")
-        for name in VARIANTS:
-            for clients in CONCURRENCY:
-                row = table[name][str(clients)]
-                print(
-                    f"{name:<8} {clients:>7} {row['requests_per_s_median']:>7} {row['p50_ms']:>7} "
-                    f"{row['p99_ms']:>7} {row['requests_per_scoring_pass']:>8}"
-                )
-        print(f"batching gain (req/s batched / single): {gain}")
         path = write_result(
             "serving",
             {
@@ -185,13 +171,12 @@ def main() -> None:
                 "model": "GPT-2-like, hidden 64, 2 layers",
                 "projection_dim": args.dim,
                 "method": "if (kfac)",
-                "requests_per_measurement": args.requests,
-                "rounds": args.rounds,
+                "load": "locust (headless, FastHttpUser, closed loop), same machine as the service",
+                "seconds_per_step": args.seconds,
                 "top_k": 10,
                 "queries_per_request": 1,
                 "results": table,
-                "batching_gain": gain,
-                "variants": VARIANTS,
+                "variants": {name: VARIANTS[name] for name in variants},
                 "batch_wait_s": 0.005,
                 "load_average": {
                     "start": [round(x, 2) for x in load_at_start],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from engine.store import GradientStore
 from engine.store.identity import identity_at, identity_of
 from engine.store.location import redact
 from engine.store.opening import open_store
+from engine.store.space import is_disk_full, out_of_space
 from engine.testing.faults import fault_point
 
 log = logging.getLogger(__name__)
@@ -97,7 +99,17 @@ def build_index(
         log.info("the ANN index at %s is up to date", root)
         return finished
     build = Builder(store, root / "build", plan, show_progress)
-    record = build.run()
+    try:
+        record = build.run()
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        raise out_of_space(
+            f"ANN index {root}",
+            error,
+            build.bytes_still_needed(),
+            f"run `tributary ann build {store_path}` again: it keeps the batches already encoded and does the rest",
+        ) from None
     if identity_at(store.path) != plan.identity:
         raise TributaryError(
             f"store {redact(store_path)} changed while its ANN index was built; run `tributary ann build "
@@ -275,10 +287,37 @@ class Builder:
         if not self.plan.settings.row_copy:
             return None
         path = self.directory / "rows.npy"
-        if path.exists():
-            return np.lib.format.open_memmap(path, mode="r+")
-        dtype = np.float64 if self.store.manifest.dtype == "float64" else np.float32
-        return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(self.store.rows, self.plan.width))
+        created = not path.exists()
+        if not created:
+            copy = np.lib.format.open_memmap(path, mode="r+")
+        else:
+            dtype = np.float64 if self.store.manifest.dtype == "float64" else np.float32
+            copy = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(self.store.rows, self.plan.width))
+        try:  # a page written through the map on a full disk kills the process (SIGBUS): claim the space first
+            with open(path, "r+b") as handle:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+        except OSError as error:
+            del copy
+            if created:  # holds no rows yet; one that does keeps them (a rerun with space allocates the rest)
+                path.unlink()
+            raise OSError(error.errno, error.strerror, str(path)) from None
+        return copy
+
+    def bytes_still_needed(self) -> int:
+        """What the rest of the build writes (estimated from its plan): the batches' codes not committed yet,
+        the assembled index files, and the row copy where it is not allocated yet."""
+        settings, rows, width = self.plan.settings, self.store.rows, self.plan.width
+        codes = self.directory / "codes"
+        pending = sum(stop - start for start, stop in self._batches() if not (codes / f"{start}.npz").exists())
+        code_bytes = 0
+        for metric in settings.metrics:
+            trained = self.directory / f"{metric}.trained.faiss"
+            code_bytes += self.faiss.read_index(str(trained)).sa_code_size() if trained.exists() else 4 * width
+        needed = pending * (8 + code_bytes) + rows * (8 + code_bytes) + 4 * width * settings.lists
+        copy = self.directory / "rows.npy"
+        if settings.row_copy and not copy.exists():
+            needed += rows * width * (8 if self.store.manifest.dtype == "float64" else 4)
+        return needed
 
     def _publish_rows(self) -> str | None:
         if not self.plan.settings.row_copy:
@@ -299,9 +338,9 @@ class Builder:
                     if len(chunk["ids"]):
                         index.add_sa_codes(chunk[metric], chunk["ids"])
             name = f"{metric}-{self.plan.build_id}.faiss"
-            part = self.directory.parent / f"{name}.part"
-            self.faiss.write_index(index, str(part))
-            part.replace(self.directory.parent / name)
+            # written from memory by Python, not by FAISS's own fwrite: a full disk is then an OSError, not
+            # FAISS's RuntimeError, and a failed write leaves no file
+            write_atomically(self.directory.parent / name, self.faiss.serialize_index(index).data)
             files[metric] = name
             indexed = int(index.ntotal)
         return files, indexed

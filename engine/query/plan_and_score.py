@@ -17,6 +17,7 @@ from engine.query.plan import QueryOutputs, QueryPlan, resolve_query_plan, with_
 from engine.query.records import Query
 from engine.query.scoring import QueryResult
 from engine.store.location import redact
+from engine.store.space import is_disk_full, out_of_space
 
 
 def _queries(attributor: Attributor, plan: QueryPlan) -> list[Query]:
@@ -86,17 +87,19 @@ def execute_query_plan(
     writes = []
     if outputs.out is not None:
         text = "".join(json.dumps(record) + "\n" for record in records).encode()
-        writes.append((Path(outputs.out), lambda handle: handle.write(text)))
+        writes.append((Path(outputs.out), len(text), lambda handle: handle.write(text)))
     if outputs.scores_out is not None:
         total = result.total
         if total is None:
             raise RuntimeError("the attributor returned no full scores although --scores-out asked for them")
-        writes.append((Path(outputs.scores_out), lambda handle: np.save(handle, total)))
+        writes.append(
+            (Path(outputs.scores_out), NPY_HEADER_BYTES + total.nbytes, lambda handle: np.save(handle, total))
+        )
     if outputs.report is not None:
         from engine.report.html import render_html_report
 
         page = render_html_report(records, run_settings(config, len(attributor.ids), options)).encode()
-        writes.append((Path(outputs.report), lambda handle: handle.write(page)))
+        writes.append((Path(outputs.report), len(page), lambda handle: handle.write(page)))
     _atomic_write_all(writes)
     return result
 
@@ -121,11 +124,15 @@ def run_settings(config: JobConfig, training_rows: int, options: QueryOptions) -
     return settings
 
 
-def _atomic_write_all(writes) -> None:
-    """Write every target to a `.part` file first and rename them all only when every write succeeded."""
+NPY_HEADER_BYTES = 128  # np.save's header for a 2-D float64 array, padded to 64 bytes
+
+
+def _atomic_write_all(writes: list[tuple[Path, int, Callable]]) -> None:
+    """Write every target (path, its size in bytes, the writer) to a `.part` file first and rename them all
+    only when every write succeeded: a failure leaves no output and no `.part` file behind."""
     parts = []
     try:
-        for path, write in writes:
+        for path, _, write in writes:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(path.name + ".part")
@@ -133,11 +140,15 @@ def _atomic_write_all(writes) -> None:
                 with open(tmp, "wb") as handle:
                     write(handle)
             except OSError as error:
+                if is_disk_full(error):  # every output is written again: all of them need the space
+                    raise out_of_space(
+                        str(path), error, sum(size for _, size, _ in writes), "run the query again"
+                    ) from None
                 raise TributaryError(
                     f"cannot write {path} ({error.strerror or type(error).__name__}); give a path in a directory "
                     "you can write"
                 ) from None
-        for (path, _), tmp in zip(writes, parts):
+        for (path, _, _), tmp in zip(writes, parts):
             tmp.replace(path)
     finally:
         for tmp in parts:

@@ -92,8 +92,13 @@ def deploy(plan: ServePlan, name: str = APP_NAME, route_prefix: str = "/") -> st
     """Start Serve's HTTP proxy and the application of `plan` on the connected Ray; the service's URL."""
     from ray import serve
 
+    from engine.serving.proxy_guard import CALLBACK, CALLBACK_VARIABLE
+
     config = plan.config
-    serve.start(http_options={"host": config.serve.host, "port": config.serve.port})
+    serve.start(  # the proxies inherit the controller's environment: a died replica's requests get 503s
+        http_options={"host": config.serve.host, "port": config.serve.port},
+        controller_options={"runtime_env": {"env_vars": {CALLBACK_VARIABLE: CALLBACK}}},
+    )
     try:
         serve.run(build_application(plan), name=name, route_prefix=route_prefix)
     except (RuntimeError, TributaryError) as error:

@@ -39,6 +39,8 @@ from engine.store.manifest import (
 from engine.store.nodes import subgroup
 from engine.store.zarr_store import (
     GradientStore,
+    check_factors,
+    check_module_arrays,
     read_factor_group,
     read_module_arrays,
     write_factor_group,
@@ -136,7 +138,11 @@ class RunStore(ManifestStore[RunManifest]):
         return f"{self._segment_path(index)}/factors" in self.group
 
     def read_segment_factors(self, index: int) -> dict[str, ModuleFactors]:
-        return read_factor_group(subgroup(self.group, f"{self._segment_path(index)}/factors"), self.modules)
+        """The segment's factors as written, checked against the per-module checksums recorded then."""
+        name = f"{self._segment_path(index)}/factors"
+        factors = read_factor_group(subgroup(self.group, name), self.modules)
+        check_factors(factors, self.modules, self.manifest.array_checksums, name, self.path)
+        return factors
 
     def write_segment_preconditioner(self, index: int, arrays: dict[str, np.ndarray]) -> None:
         path = f"{self._segment_path(index)}/preconditioner"
@@ -144,4 +150,7 @@ class RunStore(ManifestStore[RunManifest]):
         self.record_checksums(path, {path: digests})
 
     def read_segment_preconditioner(self, index: int) -> dict[str, np.ndarray]:
-        return read_module_arrays(subgroup(self.group, self._segment_path(index)), "preconditioner", self.modules)
+        path = f"{self._segment_path(index)}/preconditioner"
+        arrays = read_module_arrays(subgroup(self.group, self._segment_path(index)), "preconditioner", self.modules)
+        check_module_arrays(arrays, self.manifest.array_checksums.get(path, {}), path, self.path)
+        return arrays

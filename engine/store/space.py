@@ -81,3 +81,14 @@ def disk_full(store_path: str, error: OSError) -> TributaryError:
         f"{writing}); {estimate}, or choose another store.path, and run `tributary index` again: it keeps the "
         "shards already written and redoes the rest"
     )
+
+
+def out_of_space(subject: str, error: OSError, needed: int | None, again: str) -> TributaryError:
+    """The one-line error for ENOSPC/EDQUOT while writing `subject` (an output file, an index being built):
+    the file, the bytes still needed when they are known, and what to run once space is freed."""
+    writing = f" writing {error.filename}" if error.filename else ""
+    estimate = f"about {needed:,} bytes more are needed: free that much space there" if needed else "free space there"
+    return TributaryError(
+        f"{subject}: the file system is full ({os.strerror(error.errno or errno.ENOSPC)}{writing}); {estimate}, "
+        f"and {again}"
+    )

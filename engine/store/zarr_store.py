@@ -371,18 +371,7 @@ class GradientStore(ManifestStore[StoreManifest]):
         """The factors as written: each module's values checked against the sha256 recorded when they were
         (a store older than those digests reads unchecked)."""
         factors = read_factor_group(subgroup(self.group, name), self.modules)
-        for field in FACTOR_FIELDS:
-            expected = self.manifest.array_checksums.get(f"{name}/{field}", {})
-            pieces = {m.name: getattr(factors[m.name], field) for m in self.modules if m.name in expected}
-            found = module_checksums({n: piece for n, piece in pieces.items() if piece is not None})
-            changed = [n for n in pieces if found.get(n) != expected[n]]
-            if changed:
-                raise TributaryError(
-                    f"store {redact(self.path)}: {name}/{field} of {', '.join(changed[:3])} does not match its "
-                    f"checksum (changed after it was written), so nothing is scored with it; run `tributary info "
-                    f"--verify {redact(self.path)}` to list what else changed, then re-index with `tributary index "
-                    "--overwrite`"
-                )
+        check_factors(factors, self.modules, self.manifest.array_checksums, name, self.path)
         return factors
 
     def has_group(self, name: str) -> bool:
@@ -393,7 +382,9 @@ class GradientStore(ManifestStore[StoreManifest]):
         self.record_checksums(name, {name: write_module_arrays(self.group, name, arrays, self.modules)})
 
     def read_module_arrays(self, name: str) -> dict[str, np.ndarray]:
-        return read_module_arrays(self.group, name, self.modules)
+        arrays = read_module_arrays(self.group, name, self.modules)
+        check_module_arrays(arrays, self.manifest.array_checksums.get(name, {}), name, self.path)
+        return arrays
 
     # ---- fitted projections -----------------------------------------------------------------------
     def has_projection(self) -> bool:
@@ -467,6 +458,37 @@ def write_factor_group(
         _create_packed(root, field, packed)
         digests[field] = module_checksums({m.name: piece for m, piece in zip(modules, pieces, strict=True)})
     return digests
+
+
+def _refuse_changed(path: str, name: str, changed: list[str]) -> None:
+    if changed:
+        raise TributaryError(
+            f"store {redact(path)}: {name} of {', '.join(changed[:3])} does not match its checksum (changed after "
+            f"it was written), so nothing is scored with it; run `tributary info --verify {redact(path)}` to list "
+            "what else changed, then re-index with `tributary index --overwrite`"
+        )
+
+
+def check_factors(
+    factors: dict[str, ModuleFactors],
+    modules: Sequence[ModuleProjection],
+    recorded: dict[str, dict[str, str]],
+    name: str,
+    path: str,
+) -> None:
+    """Refuse factors read from group `name` whose values differ from the per-module sha256 recorded when they
+    were written (chunk digests catch damaged bytes; these catch values rewritten with fresh chunk digests)."""
+    for field in FACTOR_FIELDS:
+        expected = recorded.get(f"{name}/{field}", {})
+        pieces = {m.name: getattr(factors[m.name], field) for m in modules if m.name in expected}
+        found = module_checksums({n: piece for n, piece in pieces.items() if piece is not None})
+        _refuse_changed(path, f"{name}/{field}", [n for n in pieces if found.get(n) != expected[n]])
+
+
+def check_module_arrays(arrays: dict[str, np.ndarray], expected: dict[str, str], name: str, path: str) -> None:
+    """Refuse per-module arrays (a preconditioner) that differ from the sha256 recorded when they were written."""
+    found = module_checksums({n: arrays[n] for n in expected if n in arrays})
+    _refuse_changed(path, name, [n for n in expected if found.get(n) != expected[n]])
 
 
 def read_factor_group(root: zarr.Group, modules: Sequence[ModuleProjection]) -> dict[str, ModuleFactors]:

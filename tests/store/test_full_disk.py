@@ -1,7 +1,9 @@
 """A full disk under `tributary index`: the store on a small tmpfs (mounted here as root; CI runs as root) that
 fills mid-index. The index stops with one line naming the store and the bytes still needed; nothing half-written
 is recorded as done (every committed shard verifies); once space is freed, the same command resumes to a store
-bit-identical to a clean run's.
+bit-identical to a clean run's. The same for `tributary ann build` (the index beside the store, filling half
+way) and for `query --scores-out` (no output written, none of the others either; the rerun's scores are the
+clean run's bytes).
 """
 
 from __future__ import annotations
@@ -90,3 +92,103 @@ def test_a_full_disk_stops_with_one_line_and_resumes_to_the_clean_store(tiny_mod
             np.testing.assert_array_equal(ours["factors"][name][field], values, err_msg=f"{name}.{field}")
     verify = invoke("info", full, "--verify")
     assert verify.exit_code == 0 and json.loads(verify.stdout)["verify"]["problems"] == [], verify.output
+
+
+# ---- ann build and --scores-out: the outputs beside or apart from the store ------------------------------
+def _fill(mount: Path, leave: int) -> Path:
+    """A file taking all but about `leave` bytes of the tmpfs at `mount`."""
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    filler = mount / "filler"
+    filler.write_bytes(b"\0" * max(0, free - leave))
+    return filler
+
+
+def _error_line(result) -> str:
+    _, marker, error = result.output.partition("error:")
+    lines = [marker + line for line in error.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def _bytes_needed(line: str) -> int:
+    found = re.search(r"about ([\d,]+) bytes more are needed", line)
+    assert found is not None, line
+    return int(found.group(1).replace(",", ""))
+
+
+def _disk_bytes(root: Path) -> int:
+    return sum(-(-f.stat().st_size // 4096) * 4096 for f in root.rglob("*") if f.is_file())
+
+
+@pytest.fixture
+def indexed(tiny_models, tmp_path) -> tuple[Path, Path]:
+    """8 rows in chunks of 3 (projection dim 4), and the config that built them."""
+    from tests.distributed_helpers import single_thread_store
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"r{i}", "text": t} for i, t in enumerate(SENTENCES)])
+    store = tmp_path / "store.zarr"
+    single_thread_store(tiny_models["gpt2"], train, str(store))
+    return store, write_config(tmp_path / "job.yaml", store_config(tiny_models["gpt2"], train, str(store)))
+
+
+@pytest.mark.heavy
+def test_scores_out_on_a_full_disk_writes_nothing_and_reruns_to_the_same_scores(indexed, tmp_path, small_disk):
+    from tests.conftest import PROMPTS
+
+    _, config = indexed
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": p, "completion": " " + c} for p, c in PROMPTS])
+    clean = tmp_path / "clean.npy"
+    with one_torch_thread():
+        assert invoke("query", config, "--queries", queries, "--scores-out", clean).exit_code == 0
+    scores, results = small_disk / "scores.npy", tmp_path / "results.jsonl"
+    filler = _fill(small_disk, leave=0)
+
+    with one_torch_thread():
+        stopped = invoke("query", config, "--queries", queries, "--out", results, "--scores-out", scores)
+    line = _error_line(stopped)
+    assert f"{scores}: the file system is full (No space left on device" in line and "run the query again" in line
+    assert clean.stat().st_size < _bytes_needed(line) < clean.stat().st_size + 2**20  # the scores and the results
+    # nothing half-written, and no output without the others: the results file waits for the scores too
+    assert not scores.exists() and not results.exists()
+    assert not list(small_disk.glob("*.part")) and not list(tmp_path.glob("*.part"))
+
+    filler.unlink()
+    with one_torch_thread():
+        again = invoke("query", config, "--queries", queries, "--out", results, "--scores-out", scores)
+    assert again.exit_code == 0, again.output
+    assert scores.read_bytes() == clean.read_bytes()
+
+
+@pytest.mark.heavy
+def test_ann_build_on_a_full_disk_stops_and_resumes_to_the_clean_index(indexed, tmp_path, small_disk):
+    store, _ = indexed
+    assert invoke("ann", "build", store, "--batch-rows", 3, "--no-progress").exit_code == 0
+    clean = Path(f"{store}.ann")
+    _mount(small_disk, ENOUGH, remount=True)
+    copy = small_disk / "store.zarr"
+    shutil.copytree(store, copy)
+    filler = _fill(small_disk, leave=_disk_bytes(clean) // 2)  # runs out half way through
+
+    stopped = invoke("ann", "build", copy, "--batch-rows", 3, "--no-progress")
+    line = _error_line(stopped)
+    built = Path(f"{copy}.ann")
+    assert f"ANN index {built}: the file system is full (No space left on device" in line
+    assert f"run `tributary ann build {copy}` again" in line
+    assert _bytes_needed(line) > 0
+    # nothing half-written counts as done: no index record, no part files, every committed batch loads
+    assert not (built / "index.json").exists()
+    assert not list(built.rglob("*.part"))
+    for codes in (built / "build" / "codes").glob("*.npz"):
+        with np.load(codes) as loaded:
+            assert set(loaded.files) >= {"ids", "dot", "cos"}
+
+    filler.unlink()
+    resumed = invoke("ann", "build", copy, "--batch-rows", 3, "--no-progress")
+    assert resumed.exit_code == 0, resumed.output
+
+    def contents(root: Path) -> dict[str, bytes]:  # the build id names the files: key them by metric and kind
+        return {f.name.split("-")[0] + f.suffix: f.read_bytes() for f in root.iterdir() if f.suffix != ".json"}
+
+    ours, reference = contents(built), contents(clean)
+    assert sorted(ours) == sorted(reference) == ["cos.faiss", "dot.faiss", "rows.npy"]
+    assert ours == reference

@@ -19,9 +19,11 @@ import torch
 from engine.config import parse_config
 from engine.curvature.factors import final_factors, initial_factors
 from engine.curvature.statistics import merge_all
+from engine.errors import TributaryError
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass, lambda_pass
 from engine.local_or_ray import run_index, run_query
+from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from engine.training_run.resolve import resolve_run
 from tests.conftest import SENTENCES, job_config, write_jsonl
@@ -238,3 +240,57 @@ def test_cli_info_and_query_on_a_run_store(run_setup, tmp_path):
     np.testing.assert_allclose(
         np.load(tmp_path / "cli.npy"), _scores(raw, queries, {"name": "trak"}, tmp_path), rtol=1e-12
     )
+
+
+def test_a_run_stores_segment_factors_are_checked_on_every_read(run_setup, tmp_path):
+    """A segment's factors (Source's averaged basis) are re-hashed on read like a checkpoint's own: values
+    rewritten through Zarr (so their chunk digests are fresh) fail the per-module sha256 recorded when they were
+    written, and `query` refuses them; a flipped byte fails its chunk's digest, and `info --verify` names the
+    chunk."""
+    import shutil
+
+    import yaml
+    import zarr
+
+    from tests.cli_helpers import assert_clean_failure, invoke
+
+    _, raw, _, store, queries = run_setup
+    first = store.modules[0].name
+
+    def damaged_copy(name: str):
+        copy = tmp_path / name
+        shutil.copytree(store.path, copy)
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(
+            yaml.safe_dump({**raw, "method": {"name": "source"}, "store": {**raw["store"], "path": str(copy)}})
+        )
+        return copy, config
+
+    def query(config):
+        return invoke("query", config, "--queries", queries, "--top-k", 3, "--out", tmp_path / "out.jsonl")
+
+    def verify_problems(copy) -> list[str]:
+        result = invoke("info", copy, "--verify")
+        assert result.exit_code == 1, result.output
+        return json.loads(result.stdout[result.stdout.index("{") :])["verify"]["problems"]
+
+    rewritten, config = damaged_copy("rewritten.zarr")
+    lam = zarr.open_group(str(rewritten), mode="r+")["segments/s0/factors/lam"]
+    assert isinstance(lam, zarr.Array)
+    values = np.asarray(lam[...])
+    values[0] *= 2  # the first module's first value
+    lam[...] = values
+    with pytest.raises(TributaryError, match=f"segments/s0/factors/lam of {first} does not match its checksum"):
+        RunStore.open(str(rewritten)).read_segment_factors(0)
+    assert_clean_failure(query(config), f"segments/s0/factors/lam of {first} does not match its checksum", "--verify")
+    assert any(p.startswith(f"segments/s0/factors/{first}/lam (chunk ") for p in verify_problems(rewritten))
+
+    flipped, config = damaged_copy("flipped.zarr")
+    chunk = flipped / "segments" / "s0" / "factors" / "q_a" / "c" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    assert verify_problems(flipped) == [
+        "segments/s0/factors/q_a/c/0: checksum mismatch (stored data changed after it was written)"
+    ]
+    assert_clean_failure(query(config), "segments/s0/factors/q_a/c/0", "--verify")
