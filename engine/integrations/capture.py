@@ -40,7 +40,7 @@ from engine.integrations.segments import (
     segment_arrays,
     tensor_rows,
 )
-from engine.integrations.store_writer import OtherRankWriter, RunWriter, state_path
+from engine.integrations.store_writer import OtherRankWriter, RunWriter, resume_root, state_path
 from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
 from engine.model.loading import DTYPES
 from engine.model.placement import input_device
@@ -61,15 +61,41 @@ def rank() -> int:
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (its module names are the saved model's)."""
+    """The model inside a DistributedDataParallel wrapper or a DeepSpeed engine (its module names are the saved
+    model's)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(model, DistributedDataParallel) or is_deepspeed_engine(model):
+        return cast(nn.Module, model.module)
+    return model
+
+
+def is_deepspeed_engine(model: nn.Module) -> bool:
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """Whether ZeRO-3 partitions the model's parameters (each rank holds a slice in `ds_tensor`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextmanager
+def gathered(model: nn.Module, partitioned: bool):
+    """Every parameter whole on every rank while inside (collective under ZeRO-3: all ranks enter together)."""
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
 
 
 def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's AcceleratedOptimizer (the Trainer's) or a similar wrapper."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) or (
+        not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer")
+    ):  # DeepSpeed's ZeRO optimizer holds the client's torch optimizer over its flat partitions
         optimizer = optimizer.optimizer  # pyright: ignore[reportAttributeAccessIssue]
     return optimizer
 
@@ -102,6 +128,21 @@ def check_capture_config(config: JobConfig) -> None:
         )
 
 
+def check_zero3_capture(config: JobConfig) -> None:
+    """What capture under DeepSpeed ZeRO-3 does not do, each refused in one line."""
+    if config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True:
+        raise TributaryError(
+            "curvature.fisher true is not supported while training under DeepSpeed ZeRO-3 (the sampled-label "
+            "backward is refused by the engine's backward hook); use fisher: empirical"
+        )
+    run = config.training_run
+    if run is not None and run.optimizer.preconditioned:
+        raise TributaryError(
+            "training_run.optimizer.preconditioned is not supported under DeepSpeed ZeRO-3 (Adam's moments are held "
+            "over flat partitions, not per parameter); capture without it"
+        )
+
+
 class TrainingCapture:
     """Per-step capture into the store at config.store.path; see the module docstring."""
 
@@ -122,6 +163,9 @@ class TrainingCapture:
         check_capture_config(config)
         self.config = config
         model = _inner(model)
+        self.partitioned = is_partitioned(model)
+        if self.partitioned:
+            check_zero3_capture(config)
         self.model = model
         self.optimizer = unwrapped(optimizer)
         self.rows = rows or TrainingRows(config)
@@ -150,10 +194,8 @@ class TrainingCapture:
             raise TributaryError(
                 f"training_run.optimizer.preconditioned needs an Adam/AdamW optimizer, not {type(self.optimizer).__name__}"
             )
-        self.ranks = world_size()
-        if self.ranks > 1 and resume_step is not None:
-            raise TributaryError("capture cannot resume a distributed (DDP) run yet; resume it in one process")
-        writer = RunWriter if rank() == 0 else OtherRankWriter
+        self.ranks, self.rank = world_size(), rank()
+        writer = RunWriter if self.rank == 0 else OtherRankWriter
         self.writer = writer(
             config,
             self.spec,
@@ -181,12 +223,13 @@ class TrainingCapture:
         written whole (a temporary file renamed) so that a crash while saving leaves the previous states."""
         if step != self.step_count:
             raise TributaryError(f"capture state asked for step {step}, but capture has recorded {self.step_count}")
-        path = state_path(self.config, step)
+        path = state_path(self.config, step, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = segment_arrays(self.segment, list(self.modules))
         arrays["capture"] = np.array(
             [self.step_count, self.epoch, self.epochs_in_segment, int(self.cut_pending)], dtype=np.int64
         )
+        arrays["world"] = np.array([self.ranks], dtype=np.int64)
         partial = path.with_suffix(".partial")
         with open(partial, "wb") as handle:
             cast(Any, np.savez)(handle, **arrays)  # array names that np.savez's own keywords cannot shadow
@@ -194,19 +237,26 @@ class TrainingCapture:
 
     def keep_states(self, steps: set[int]) -> None:
         """Delete the kept states of every step not in `steps` (the Trainer rotated their checkpoints away)."""
-        directory = state_path(self.config, 0).parent
+        directory = state_path(self.config, 0, self.rank).parent
         for path in directory.glob("step-*.npz"):
             if int(path.stem.removeprefix("step-")) not in steps:
                 path.unlink()
 
     def _state(self, step: int):
-        path = state_path(self.config, step)
+        path = state_path(self.config, step, self.rank)
         if not path.is_file():
             raise TributaryError(
                 f"no capture state for step {step} at {path}; resume from a checkpoint saved while capturing "
                 "(TributaryCallback keeps one at every Trainer save)"
             )
-        return np.load(path)
+        arrays = np.load(path)
+        saved = int(arrays["world"][0]) if "world" in arrays else 1
+        if saved != self.ranks:
+            raise TributaryError(
+                f"the capture state of step {step} was saved by {saved} process(es), but this run has {self.ranks}; "
+                f"resume with {saved} (each rank holds the rows of its own micro-batches)"
+            )
+        return arrays
 
     def _saved_segment(self, step: int) -> int:
         return int(self._state(step)["meta"][0])
@@ -267,6 +317,11 @@ class TrainingCapture:
             return
         if self.ranks > 1:  # every rank reaches each boundary at the same step; rank 0 writes the whole segment
             reduce_over_ranks(self.segment)
+        with gathered(self.model, self.partitioned):  # the weights saved at a boundary are the whole model's
+            self._write_segment(final)
+        self.segment = self._new_segment()
+
+    def _write_segment(self, final: bool) -> None:
         fingerprint = model_fingerprint(self.model, self.modules)
         preconditioner = None
         if self.preconditioned:  # P at the segment's end, as a checkpoint saved at its boundary holds it
@@ -281,7 +336,6 @@ class TrainingCapture:
                 optimizer.eps if optimizer else None,
             )
         self.writer.write_segment(self.segment, self.model, fingerprint, final, preconditioner)
-        self.segment = self._new_segment()
 
     def close(self):
         """End the last segment (its weights are the final model's) and complete the store."""
@@ -292,13 +346,18 @@ class TrainingCapture:
         self.closed = True
         if self.segment.steps:
             self._end_segment(final=True)
-        elif self.writer.checkpoints:
+        elif self.writer.segments:  # every rank: a ZeRO-3 gather is collective
             self._keep_final_weights()
         store = self.writer.complete()
-        shutil.rmtree(state_path(self.config, 0).parent, ignore_errors=True)  # a complete store resumes nothing
+        # a complete store resumes nothing (rank 0 removes every rank's states; the others their own)
+        shutil.rmtree(
+            resume_root(self.config) if self.rank == 0 else state_path(self.config, 0, self.rank).parent,
+            ignore_errors=True,
+        )
         return store
 
     def _keep_final_weights(self) -> None:
         """Training ended right at a cut: the last written segment's weights are the final model's."""
-        if self.writer.checkpoints[-1].path is None:
-            self.writer.keep_final_weights(self.model)
+        with gathered(self.model, self.partitioned):
+            if self.writer.checkpoints and self.writer.checkpoints[-1].path is None:
+                self.writer.keep_final_weights(self.model)
