@@ -651,7 +651,7 @@ def _trainer_rank(rank: int, world: int, port: int, config: JobConfig, model_dir
             dist.destroy_process_group()
 
 
-@pytest.mark.heavy  # two spawned Trainer ranks and a one-process Trainer run
+@pytest.mark.heavy  # two spawned Trainer ranks and a one-process run: 11 min on 2 cores shared with 8 jobs
 def test_trainer_under_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
     """The Trainer under DDP (2 gloo ranks, 2 rows each a step) with the callback writes the store of one process
     training on 4 rows a step: the same shuffled rows a step, the same weights along the way."""
