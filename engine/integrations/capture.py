@@ -61,41 +61,25 @@ def rank() -> int:
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper or a DeepSpeed engine (its module names are the saved
-    model's)."""
+    """The model inside a DistributedDataParallel wrapper (its module names are the saved model's)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if isinstance(model, DistributedDataParallel) or is_deepspeed_engine(model):
-        return cast(nn.Module, model.module)
-    return model
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def is_deepspeed_engine(model: nn.Module) -> bool:
-    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
-
-
-def is_partitioned(model: nn.Module) -> bool:
-    """Whether ZeRO-3 partitions the model's parameters (each rank holds a slice in `ds_tensor`)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
-@contextmanager
-def gathered(model: nn.Module, partitioned: bool):
-    """Every parameter whole on every rank while inside (collective under ZeRO-3: all ranks enter together)."""
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        yield
+def check_not_partitioned(model: nn.Module) -> None:
+    """DeepSpeed training (its engine, or parameters ZeRO-3 partitioned) is refused: not supported yet."""
+    engine = any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+    if engine or any(hasattr(p, "ds_id") for p in _inner(model).parameters()):
+        raise TributaryError(
+            "capture while training under DeepSpeed (ZeRO-3 partitioned parameters) is not supported yet; capture "
+            "under DDP, or save checkpoints and run `tributary index` (placement.kind zero3 indexes them partitioned)"
+        )
 
 
 def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's AcceleratedOptimizer (the Trainer's) or a similar wrapper."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer) or (
-        not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer")
-    ):  # DeepSpeed's ZeRO optimizer holds the client's torch optimizer over its flat partitions
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
         optimizer = optimizer.optimizer  # pyright: ignore[reportAttributeAccessIssue]
     return optimizer
 
@@ -128,21 +112,6 @@ def check_capture_config(config: JobConfig) -> None:
         )
 
 
-def check_zero3_capture(config: JobConfig) -> None:
-    """What capture under DeepSpeed ZeRO-3 does not do, each refused in one line."""
-    if config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True:
-        raise TributaryError(
-            "curvature.fisher true is not supported while training under DeepSpeed ZeRO-3 (the sampled-label "
-            "backward is refused by the engine's backward hook); use fisher: empirical"
-        )
-    run = config.training_run
-    if run is not None and run.optimizer.preconditioned:
-        raise TributaryError(
-            "training_run.optimizer.preconditioned is not supported under DeepSpeed ZeRO-3 (Adam's moments are held "
-            "over flat partitions, not per parameter); capture without it"
-        )
-
-
 class TrainingCapture:
     """Per-step capture into the store at config.store.path; see the module docstring."""
 
@@ -161,11 +130,9 @@ class TrainingCapture:
         tracin and trak); the final model's are always saved. `resume_step`: continue the store of an interrupted
         run from the state `save_state(resume_step)` kept (the model and optimizer restored to that step)."""
         check_capture_config(config)
+        check_not_partitioned(model)
         self.config = config
         model = _inner(model)
-        self.partitioned = is_partitioned(model)
-        if self.partitioned:
-            check_zero3_capture(config)
         self.model = model
         self.optimizer = unwrapped(optimizer)
         self.rows = rows or TrainingRows(config)
@@ -317,11 +284,6 @@ class TrainingCapture:
             return
         if self.ranks > 1:  # every rank reaches each boundary at the same step; rank 0 writes the whole segment
             reduce_over_ranks(self.segment)
-        with gathered(self.model, self.partitioned):  # the weights saved at a boundary are the whole model's
-            self._write_segment(final)
-        self.segment = self._new_segment()
-
-    def _write_segment(self, final: bool) -> None:
         fingerprint = model_fingerprint(self.model, self.modules)
         preconditioner = None
         if self.preconditioned:  # P at the segment's end, as a checkpoint saved at its boundary holds it
@@ -336,6 +298,7 @@ class TrainingCapture:
                 optimizer.eps if optimizer else None,
             )
         self.writer.write_segment(self.segment, self.model, fingerprint, final, preconditioner)
+        self.segment = self._new_segment()
 
     def close(self):
         """End the last segment (its weights are the final model's) and complete the store."""
@@ -346,7 +309,7 @@ class TrainingCapture:
         self.closed = True
         if self.segment.steps:
             self._end_segment(final=True)
-        elif self.writer.segments:  # every rank: a ZeRO-3 gather is collective
+        elif self.writer.checkpoints:
             self._keep_final_weights()
         store = self.writer.complete()
         # a complete store resumes nothing (rank 0 removes every rank's states; the others their own)
@@ -358,6 +321,5 @@ class TrainingCapture:
 
     def _keep_final_weights(self) -> None:
         """Training ended right at a cut: the last written segment's weights are the final model's."""
-        with gathered(self.model, self.partitioned):
-            if self.writer.checkpoints and self.writer.checkpoints[-1].path is None:
-                self.writer.keep_final_weights(self.model)
+        if self.writer.checkpoints[-1].path is None:
+            self.writer.keep_final_weights(self.model)
