@@ -325,7 +325,8 @@ def demo(
     retrain: bool = typer.Option(
         False,
         "--retrain",
-        help="train the LoRA adapter again from its recipe (~8 min on 2 idle CPU cores), not the committed one",
+        help="fine-tune the LoRA adapter from its recipe with TributaryCallback, which writes the store as it "
+        "trains (no index pass); --small: 16 steps",
     ),
 ) -> None:
     """End to end on the embedded default: SmolLM2 + LoRA on Shakespeare, Ray index, generations attributed."""
