@@ -224,7 +224,7 @@ def test_smollm2_demo_learned_and_attributions_follow_the_play(smollm2_dir, tmp_
     assert png_summary(shot)[:2] == LAPTOP
 
 
-@pytest.mark.heavy
+@pytest.mark.heavy  # 16 SmolLM2 LoRA steps: 68 min on 2 cores shared with ~30 processes (~1.5 s a step idle)
 def test_smollm2_demo_retrain_builds_its_store_through_the_callback(smollm2_dir, tmp_path, monkeypatch):
     """`--retrain --small`: 16 LoRA steps through the Trainer with TributaryCallback write a training-run store
     (no index pass, no Ray); the demo's queries are answered from it."""
