@@ -4,6 +4,10 @@ boundaries, then `tributary index` them), side by side in one run.
 
 Usage: python -m benchmarks.train_capture [--rows 64] [--rounds 1] [--dim 16]   (about 3 minutes on 2 quiet CPU cores)
 
+Each run writes its own file, benchmarks/results/train_capture-rows<R>-dim<D>-rounds<N>-<UTC time>.json, with the
+machine's load average before and after: no run overwrites another's (train_capture.json is the quiet run of
+the first round, kept as it was).
+
 Times per variant: the whole `trainer.train()` (capture included: rows, factors, segment stores, the final
 weights), the optimizer steps alone (on_step_begin to on_step_end, the capture's per-step work included), and
 for the alternative the index of its checkpoints after training.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import statistics
 import tempfile
@@ -97,6 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="tributary-train-capture-"))
+    load_before = os.getloadavg()
     try:
         texts = random_corpus(args.rows, SEQUENCE, vocabulary=2000)
         model_dir = gpt2_like(work / "model", texts, hidden=128, layers=4, heads=4, positions=SEQUENCE + 8)
@@ -185,9 +191,13 @@ def main() -> None:
             "capture_steps_over_train_steps": step_medians["train_capture"] / step_medians["train"],
             "true_fisher_over_train": medians["train_capture_true_fisher"] / medians["train"],
             "true_fisher_steps_over_train_steps": step_medians["train_capture_true_fisher"] / step_medians["train"],
+            "true_fisher_over_capture": medians["train_capture_true_fisher"] / medians["train_capture"],
             "index_path_over_train": medians["train_checkpoints_index"] / medians["train"],
+            "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()},
+            "cpus": os.cpu_count(),
         }
-        path = write_result("train_capture", payload)
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        path = write_result(f"train_capture-rows{args.rows}-dim{args.dim}-rounds{args.rounds}-{stamp}", payload)
         for name, value in medians.items():
             print(f"{name:<26} {value:7.2f} s   steps {step_medians[name]:6.2f} s")
         print(

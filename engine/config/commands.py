@@ -185,7 +185,9 @@ class DemoArgs(CommandArgs):
     small: bool = option(False, "generate 8 tokens a prompt instead of 32 (for tests)")
     toy: bool = option(False, "the seconds-long toy: a tiny GPT-2 on template sentences")
     retrain: bool = option(
-        False, "train the LoRA adapter again from its recipe (~8 min on 2 idle CPU cores), not the committed one"
+        False,
+        "fine-tune the LoRA adapter from its recipe with TributaryCallback, which writes the store as it trains "
+        "(no index pass); --small: 16 steps",
     )
     exact: bool = option(False, "also fit full-width factors and print the store's top-10 overlap with exact EK-FAC's")
 

@@ -3,8 +3,9 @@
 A 2-core CPU fits a few dozen LoRA steps into the demo's time, too few for SmolLM2 to leave its assistant
 prose; the recipe's 320 steps take ~1.5 s each on an idle machine, about 8 minutes (43 when the committed
 adapter was trained on a busy one; training.json has every step's time). So the adapter is trained once, with
-`python -m engine.demo_assets.adapter` (or `tributary demo --retrain`, which trains it into the demo's
-workdir), and `committed_adapter/` beside this file holds the result: `adapter_config.json`,
+`python -m engine.demo_assets.adapter` (`tributary demo --retrain` fine-tunes one by the recipe through the
+Trainer instead, capturing the store: engine.demo_assets.captured), and `committed_adapter/` beside this file
+holds the result: `adapter_config.json`,
 `adapter_model.safetensors`, `training.json` (losses, timings) and `fingerprint.json`.
 
 The fingerprint ties the weights to their inputs: the recipe, the SHA-256 of the training rows (as the

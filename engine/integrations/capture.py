@@ -40,7 +40,7 @@ from engine.integrations.segments import (
     segment_arrays,
     tensor_rows,
 )
-from engine.integrations.store_writer import OtherRankWriter, RunWriter, state_path
+from engine.integrations.store_writer import OtherRankWriter, RunWriter, resume_root, state_path
 from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
 from engine.model.loading import DTYPES
 from engine.model.placement import input_device
@@ -65,6 +65,16 @@ def _inner(model: nn.Module) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def check_not_partitioned(model: nn.Module) -> None:
+    """DeepSpeed training (its engine, or parameters ZeRO-3 partitioned) is refused: not supported yet."""
+    engine = any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+    if engine or any(hasattr(p, "ds_id") for p in _inner(model).parameters()):
+        raise TributaryError(
+            "capture while training under DeepSpeed (ZeRO-3 partitioned parameters) is not supported yet; capture "
+            "under DDP, or save checkpoints and run `tributary index` (placement.kind zero3 indexes them partitioned)"
+        )
 
 
 def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -120,6 +130,7 @@ class TrainingCapture:
         tracin and trak); the final model's are always saved. `resume_step`: continue the store of an interrupted
         run from the state `save_state(resume_step)` kept (the model and optimizer restored to that step)."""
         check_capture_config(config)
+        check_not_partitioned(model)
         self.config = config
         model = _inner(model)
         self.model = model
@@ -150,10 +161,8 @@ class TrainingCapture:
             raise TributaryError(
                 f"training_run.optimizer.preconditioned needs an Adam/AdamW optimizer, not {type(self.optimizer).__name__}"
             )
-        self.ranks = world_size()
-        if self.ranks > 1 and resume_step is not None:
-            raise TributaryError("capture cannot resume a distributed (DDP) run yet; resume it in one process")
-        writer = RunWriter if rank() == 0 else OtherRankWriter
+        self.ranks, self.rank = world_size(), rank()
+        writer = RunWriter if self.rank == 0 else OtherRankWriter
         self.writer = writer(
             config,
             self.spec,
@@ -181,12 +190,13 @@ class TrainingCapture:
         written whole (a temporary file renamed) so that a crash while saving leaves the previous states."""
         if step != self.step_count:
             raise TributaryError(f"capture state asked for step {step}, but capture has recorded {self.step_count}")
-        path = state_path(self.config, step)
+        path = state_path(self.config, step, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = segment_arrays(self.segment, list(self.modules))
         arrays["capture"] = np.array(
             [self.step_count, self.epoch, self.epochs_in_segment, int(self.cut_pending)], dtype=np.int64
         )
+        arrays["world"] = np.array([self.ranks], dtype=np.int64)
         partial = path.with_suffix(".partial")
         with open(partial, "wb") as handle:
             cast(Any, np.savez)(handle, **arrays)  # array names that np.savez's own keywords cannot shadow
@@ -194,19 +204,26 @@ class TrainingCapture:
 
     def keep_states(self, steps: set[int]) -> None:
         """Delete the kept states of every step not in `steps` (the Trainer rotated their checkpoints away)."""
-        directory = state_path(self.config, 0).parent
+        directory = state_path(self.config, 0, self.rank).parent
         for path in directory.glob("step-*.npz"):
             if int(path.stem.removeprefix("step-")) not in steps:
                 path.unlink()
 
     def _state(self, step: int):
-        path = state_path(self.config, step)
+        path = state_path(self.config, step, self.rank)
         if not path.is_file():
             raise TributaryError(
                 f"no capture state for step {step} at {path}; resume from a checkpoint saved while capturing "
                 "(TributaryCallback keeps one at every Trainer save)"
             )
-        return np.load(path)
+        arrays = np.load(path)
+        saved = int(arrays["world"][0]) if "world" in arrays else 1
+        if saved != self.ranks:
+            raise TributaryError(
+                f"the capture state of step {step} was saved by {saved} process(es), but this run has {self.ranks}; "
+                f"resume with {saved} (each rank holds the rows of its own micro-batches)"
+            )
+        return arrays
 
     def _saved_segment(self, step: int) -> int:
         return int(self._state(step)["meta"][0])
@@ -295,7 +312,11 @@ class TrainingCapture:
         elif self.writer.checkpoints:
             self._keep_final_weights()
         store = self.writer.complete()
-        shutil.rmtree(state_path(self.config, 0).parent, ignore_errors=True)  # a complete store resumes nothing
+        # a complete store resumes nothing (rank 0 removes every rank's states; the others their own)
+        shutil.rmtree(
+            resume_root(self.config) if self.rank == 0 else state_path(self.config, 0, self.rank).parent,
+            ignore_errors=True,
+        )
         return store
 
     def _keep_final_weights(self) -> None:

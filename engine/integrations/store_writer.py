@@ -252,9 +252,11 @@ def captured_rows(store: GradientStore) -> dict[str, np.ndarray]:
 class OtherRankWriter(RunWriter):
     """A rank other than 0 of a distributed run: it takes part in each segment's reduction, writes nothing."""
 
-    def __init__(self, config: JobConfig, spec: ProjectionSpec, *args, **kwargs):
+    def __init__(self, config: JobConfig, spec: ProjectionSpec, *args, resume_segments: int | None = None, **kwargs):
         self.config, self.spec = config, spec
-        self.checkpoints, self.segments = [], []
+        self.checkpoints = []
+        # a resumed run's finished segments (rank 0 keeps their plan; here only their count numbers the next)
+        self.segments = [SegmentPlan(index, (), None, 0) for index in range(resume_segments or 0)]
         self.root = cast(RunStore, None)  # never read: close() returns complete()'s None on these ranks
 
     def write_segment(self, segment: SegmentRows, *args, **kwargs) -> None:
@@ -267,9 +269,16 @@ class OtherRankWriter(RunWriter):
         return None
 
 
-def state_path(config: JobConfig, step: int) -> Path:
-    """Where the capture state after optimizer step `step` is kept for a resumed run (beside the store)."""
+def resume_root(config: JobConfig) -> Path:
+    """The folder of the capture states kept for a resumed run (beside the store)."""
     local = location.local_path(config.store.path)
     if local is None:
         raise TributaryError("capture keeps its resume state next to the store, so store.path must be local")
-    return Path(local + ".resume") / f"step-{step}.npz"
+    return Path(local + ".resume")
+
+
+def state_path(config: JobConfig, step: int, rank: int = 0) -> Path:
+    """Where rank `rank`'s capture state after optimizer step `step` is kept (a distributed run's ranks each
+    keep their own: each holds the rows of its own micro-batches until the segment ends)."""
+    root = resume_root(config)
+    return (root if rank == 0 else root / f"rank-{rank}") / f"step-{step}.npz"

@@ -222,3 +222,48 @@ def test_smollm2_demo_learned_and_attributions_follow_the_play(smollm2_dir, tmp_
     shot = tmp_path / "report.png"
     run_chromium(tmp_path, "shot", f"--screenshot={shot}", "--window-size=1366,900", (workdir / "report.html").as_uri())
     assert png_summary(shot)[:2] == LAPTOP
+
+
+@pytest.mark.heavy  # 16 SmolLM2 LoRA steps: 68 min on 2 cores shared with ~30 processes (~1.5 s a step idle)
+def test_smollm2_demo_retrain_builds_its_store_through_the_callback(smollm2_dir, tmp_path, monkeypatch):
+    """`--retrain --small`: 16 LoRA steps through the Trainer with TributaryCallback write a training-run store
+    (no index pass, no Ray); the demo's queries are answered from it."""
+    workdir = tmp_path / "demo"
+    output = _words(_run_demo(smollm2_dir, workdir, monkeypatch, "--small", "--retrain"))
+    assert "TributaryCallback writes the store" in output and "indexing the" not in output
+    assert_retrained_demo(workdir, smollm2_dir, tmp_path / "start")
+
+
+def assert_retrained_demo(workdir: Path, model_dir: Path, scratch: Path) -> None:
+    """What a `--retrain --small` run in `workdir` must hold. The rows captured at step 1 equal `tributary index`'s
+    gradient pass at the adapter the fine-tune started from (its seeded initialisation, saved to `scratch`)."""
+    import numpy as np
+
+    from engine.config import load_config
+    from engine.demo_assets.captured import recipe_lora
+    from engine.gradients.context import prepare_index_job
+    from engine.gradients.passes import gradient_pass
+    from engine.integrations.store_writer import captured_rows
+    from engine.store.run_store import RunStore
+
+    train_ids = [json.loads(line)["id"] for line in (workdir / "train.jsonl").read_text().splitlines()]
+    run = RunStore.open(str(workdir / "store.zarr"))
+    assert run.manifest.complete and [s.steps for s in run.plan.segments] == [8, 8]  # the last epoch apart
+    records = [json.loads(line) for line in (workdir / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 4
+    for record in records:
+        assert record["generated"] and record["completion"].strip()
+        assert {entry["id"] for entry in record["top_k"] + record["bottom_k"]} <= set(train_ids)
+        for entry in record["top_k"]:
+            assert sum(entry["per_token"]) == pytest.approx(entry["score"], rel=1e-3, abs=1e-6)
+    first = run.checkpoint(run.plan.checkpoints[0].name)
+    rows = np.flatnonzero(captured_rows(first)["step"] == 1).tolist()
+    assert len(rows) == 8
+    recipe_lora(model_dir).save_pretrained(str(scratch))
+    config = load_config(str(workdir / "config.yaml"))
+    job = prepare_index_job(
+        config.derive(model={"adapter": str(scratch)}, training_run=None, store={"path": f"{scratch}.zarr"})
+    )
+    expected = gradient_pass(job.context, [job.tokenized[i] for i in rows], with_covariance=False).grads
+    stored = first.read_rows(0, first.rows)[rows]
+    np.testing.assert_allclose(stored, expected, rtol=0, atol=1e-4 * np.abs(expected).max())

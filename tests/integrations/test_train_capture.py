@@ -62,6 +62,7 @@ def _train(
     epochs_per_segment: int | None = 1,
     crash_at: int | None = None,
     resume: Path | None = None,
+    ddp: bool = False,
 ):
     """A Trainer run (SGD, linear decay, float64, seeded), with or without the callback, saving a checkpoint every
     `save` steps (0: none); the trained model."""
@@ -88,6 +89,7 @@ def _train(
         seed=0,
         disable_tqdm=True,
         logging_strategy="no",
+        **({"ddp_backend": "gloo", "ddp_timeout": 180} if ddp else {}),  # a rank left waiting fails in minutes
     )
     callbacks: list[TrainerCallback] = (
         [TributaryCallback(config, rows, epochs_per_segment=epochs_per_segment, keep_weights=True)] if capture else []
@@ -502,6 +504,181 @@ def test_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
         np.testing.assert_allclose(ours.read_factors()[name].lam, factors.lam, rtol=0, atol=1e-5 * factors.lam.max())
 
 
+RESUME_STEPS = [[5, 1, 6, 0], [2, 7, 3, 4], [0, 4, 7, 1]]  # segment 0: step 1; segment 1: steps 2-3
+
+
+def _ddp_steps(capture, ddp, rows, optimizer, rank: int, steps: list[list[int]]) -> None:
+    for indices in steps:
+        with capture.step():
+            ddp(**rows.collate([rows[i] for i in indices[rank * 2 : rank * 2 + 2]])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def _ddp_resume_rank(rank: int, world: int, init: str, whole: JobConfig, resumed: JobConfig, model_dir: str) -> None:
+    """One rank: an uninterrupted 3-step run into `whole`; then the same run into `resumed`, saved after step 2 and
+    stopped inside step 3 (a crash), and resumed from the saved weights, optimizer and capture state."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import AutoModelForCausalLM
+
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180)
+    )
+    saved = Path(resumed.store.path + ".trainer")
+
+    def start(config: JobConfig, weights: str, resume_step: int | None = None):
+        model = AutoModelForCausalLM.from_pretrained(weights, dtype=torch.float64)
+        model.train()
+        ddp = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.5)
+        if resume_step is not None:
+            optimizer.load_state_dict(torch.load(saved / "optimizer.pt"))
+        rows = TrainingRows(config)
+        capture = TrainingCapture(config, ddp, optimizer, rows, keep_weights=True, resume_step=resume_step)
+        return model, ddp, optimizer, rows, capture
+
+    try:
+        _, ddp, optimizer, rows, capture = start(whole, model_dir)
+        _ddp_steps(capture, ddp, rows, optimizer, rank, RESUME_STEPS)
+        capture.close()
+
+        model, ddp, optimizer, rows, capture = start(resumed, model_dir)
+        _ddp_steps(capture, ddp, rows, optimizer, rank, RESUME_STEPS[:2])
+        capture.save_state(2)  # what TributaryCallback does at a Trainer save
+        if rank == 0:
+            model.save_pretrained(saved)
+            torch.save(optimizer.state_dict(), saved / "optimizer.pt")
+        dist.barrier()
+        with capture.step():  # the crash: step 3's backward ran, its update and the store's end never came
+            ddp(**rows.collate([rows[i] for i in RESUME_STEPS[2][rank * 2 : rank * 2 + 2]])).loss.backward()
+        capture.hooks.remove()
+        dist.barrier()
+        if rank == 0:
+            assert not RunStore.open(resumed.store.path).manifest.complete
+
+        _, ddp, optimizer, rows, capture = start(resumed, str(saved), resume_step=2)
+        _ddp_steps(capture, ddp, rows, optimizer, rank, RESUME_STEPS[2:])
+        capture.close()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.heavy  # two spawned gloo ranks running 3 + 2 + 1 steps: 6 min on 2 cores shared with 8 jobs
+def test_resumed_ddp_run_continues_the_store_of_an_uninterrupted_one(tiny_models, tmp_path):
+    """Each rank keeps its own capture state (its micro-batches' rows of the segment in progress); resumed with
+    them, the 2-rank store has every row once and equals the uninterrupted 2-rank run's."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    run = {"boundaries": [1], "total_steps": 3}
+    whole = _config(tmp_path, tiny_models["llama"], train, "whole.zarr", training_run=run)
+    resumed = _config(tmp_path, tiny_models["llama"], train, "resumed.zarr", training_run=run)
+    spawn(
+        _ddp_resume_rank,
+        args=(2, f"file://{tmp_path / 'init'}", whole, resumed, str(tiny_models["llama"])),
+        nprocs=2,
+        join=True,
+    )
+    ours, theirs = RunStore.open(resumed.store.path), RunStore.open(whole.store.path)
+    assert ours.manifest.complete and ours.manifest.segments_done == [0, 1]
+    assert not Path(resumed.store.path + ".resume").exists()
+    assert [(s.steps, s.eta) for s in ours.plan.segments] == [(s.steps, s.eta) for s in theirs.plan.segments]
+    seen = [captured_rows(ours.checkpoint(c.name))["seen"] for c in ours.plan.checkpoints]
+    np.testing.assert_array_equal(seen[0], np.isin(np.arange(8), RESUME_STEPS[0]).astype(int))
+    np.testing.assert_array_equal(seen[1], np.bincount(RESUME_STEPS[1] + RESUME_STEPS[2], minlength=8))
+    for mine, expected in zip(ours.plan.checkpoints, theirs.plan.checkpoints, strict=True):
+        a, b = ours.checkpoint(mine.name), theirs.checkpoint(expected.name)
+        for name in ("step", "seen", "epoch"):
+            np.testing.assert_array_equal(captured_rows(a)[name], captured_rows(b)[name])
+        rows = b.read_rows(0, b.rows)
+        np.testing.assert_allclose(a.read_rows(0, a.rows), rows, rtol=0, atol=1e-12 * np.abs(rows).max())
+        for name, factors in b.read_factors().items():
+            np.testing.assert_allclose(a.read_factors()[name].lam, factors.lam, rtol=1e-10)
+
+
+def test_a_capture_state_saved_by_other_ranks_is_refused(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from engine.integrations.store_writer import state_path
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(tmp_path, tiny_models["llama"], train, "world.zarr")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    model.train()
+    rows = TrainingRows(config)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    capture = TrainingCapture(config, model, optimizer, rows)
+    with capture.step():
+        model(**rows.collate([rows[0], rows[1]])).loss.backward()
+    optimizer.step()
+    capture.save_state(1)
+    capture.hooks.remove()
+    path = state_path(config, 1)
+    arrays = dict(np.load(path))
+    arrays["world"] = np.array([2])  # as rank 0 of a 2-rank run saves it
+    np.savez(path, **arrays)
+    with pytest.raises(TributaryError, match="saved by 2 process"):
+        TrainingCapture(config, model, optimizer, rows, resume_step=1)
+
+
+def _free_port() -> int:
+    """A TCP port in 20000-32000 that binds now (Ray's and the OS's ephemeral ports lie elsewhere)."""
+    import random
+    import socket
+
+    for port in random.Random().sample(range(20000, 32000), 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-32000")
+
+
+def _trainer_rank(rank: int, world: int, port: int, config: JobConfig, model_dir: str, out: str) -> None:
+    """One rank of a 2-process Trainer run (as torchrun starts it: the environment names the group)."""
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    try:
+        _train(config, Path(model_dir), Path(out), capture=True, batch=2, epochs=2, ddp=True)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.heavy  # two spawned Trainer ranks and a one-process run: 11 min on 2 cores shared with 8 jobs
+def test_trainer_under_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
+    """The Trainer under DDP (2 gloo ranks, 2 rows each a step) with the callback writes the store of one process
+    training on 4 rows a step: the same shuffled rows a step, the same weights along the way."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    ranks = _config(tmp_path, tiny_models["llama"], train, "ddp.zarr")
+    single = _config(tmp_path, tiny_models["llama"], train, "single.zarr")
+    spawn(
+        _trainer_rank,
+        args=(2, _free_port(), ranks, str(tiny_models["llama"]), str(tmp_path / "ddp")),
+        nprocs=2,
+        join=True,
+    )
+    _train(single, tiny_models["llama"], tmp_path / "single", capture=True, batch=4, epochs=2)
+    distributed, alone = RunStore.open(ranks.store.path), RunStore.open(single.store.path)
+    assert distributed.manifest.complete and [s.steps for s in distributed.plan.segments] == [2, 2]
+    assert [(s.steps, s.eta) for s in distributed.plan.segments] == [(s.steps, s.eta) for s in alone.plan.segments]
+    for ours, theirs in zip(distributed.plan.checkpoints, alone.plan.checkpoints, strict=True):
+        a, b = distributed.checkpoint(ours.name), alone.checkpoint(theirs.name)
+        for name in ("step", "seen", "epoch"):
+            np.testing.assert_array_equal(captured_rows(a)[name], captured_rows(b)[name])
+        assert (captured_rows(a)["seen"] == 1).all()  # one epoch a segment: every row once, on one rank
+        expected = b.read_rows(0, b.rows)
+        np.testing.assert_allclose(a.read_rows(0, a.rows), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+        for name, factors in b.read_factors().items():
+            np.testing.assert_allclose(a.read_factors()[name].lam, factors.lam, rtol=0, atol=1e-5 * factors.lam.max())
+
+
 def test_segments_cut_at_boundaries_or_equal_parts_of_the_steps():
     assert cut_points([6, 2], segments=1, total_steps=None) == [2, 6]
     assert cut_points(None, segments=3, total_steps=9) == [3, 6]
@@ -518,3 +695,17 @@ def test_callback_refuses_a_trainer_that_drops_the_row_indices(tiny_models, tmp_
     args = SimpleNamespace(remove_unused_columns=True, gradient_checkpointing=False)
     with pytest.raises(TributaryError, match="remove_unused_columns=False"):
         callback.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=1), None, model=None, optimizer=None)
+
+
+def test_capture_under_deepspeed_zero3_is_refused_in_one_line(tiny_models, tmp_path):
+    """A model whose parameters ZeRO-3 partitioned (DeepSpeed marks each with ds_id) is refused before any hook."""
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(tmp_path, tiny_models["llama"], train, "zero3.zarr")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    next(model.parameters()).ds_id = 0  # pyright: ignore[reportAttributeAccessIssue]
+    with pytest.raises(TributaryError, match=r"^capture while training under DeepSpeed \(ZeRO-3 .*\)") as refused:
+        TrainingCapture(config, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "\n" not in str(refused.value)
+    assert not Path(config.store.path).exists()  # nothing written
