@@ -25,9 +25,10 @@ import yaml
 
 from tests.cli_helpers import invoke
 from tests.conftest import PROMPTS, write_jsonl
+from tests.e2e.test_serving import assert_same_records, read_jsonl
+from tests.ports import unused_port
 from tests.requirements import require
 from tests.service_helpers import indexed_config
-from tests.test_serving import assert_same_records, free_port, read_jsonl
 
 ray = require("ray")
 require("ray.serve")
@@ -104,7 +105,7 @@ def test_a_replica_killed_under_load(tiny_models, tmp_path):
     raw = indexed_config(
         tmp_path,
         tiny_models["gpt2"],
-        port=free_port(),
+        port=unused_port(),
         replicas=2,
         replica_cpus=0.5,
         request_timeout_s=REQUEST_TIMEOUT_S,

@@ -31,6 +31,7 @@ from engine.local_or_ray import run_query
 from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from tests.conftest import SENTENCES, job_config, write_jsonl
+from tests.ports import unused_port
 
 QUERY = [{"id": "q0", "text": "the fox eats seeds in the snow"}]
 
@@ -620,21 +621,6 @@ def test_a_capture_state_saved_by_other_ranks_is_refused(tiny_models, tmp_path):
         TrainingCapture(config, model, optimizer, rows, resume_step=1)
 
 
-def _free_port() -> int:
-    """A TCP port in 20000-32000 that binds now (Ray's and the OS's ephemeral ports lie elsewhere)."""
-    import random
-    import socket
-
-    for port in random.Random().sample(range(20000, 32000), 50):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port in 20000-32000")
-
-
 def _trainer_rank(rank: int, world: int, port: int, config: JobConfig, model_dir: str, out: str) -> None:
     """One rank of a 2-process Trainer run (as torchrun starts it: the environment names the group)."""
     import os
@@ -660,7 +646,7 @@ def test_trainer_under_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_pa
     single = _config(tmp_path, tiny_models["llama"], train, "single.zarr")
     spawn(
         _trainer_rank,
-        args=(2, _free_port(), ranks, str(tiny_models["llama"]), str(tmp_path / "ddp")),
+        args=(2, unused_port(), ranks, str(tiny_models["llama"]), str(tmp_path / "ddp")),
         nprocs=2,
         join=True,
     )
