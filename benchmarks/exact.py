@@ -39,7 +39,10 @@ from benchmarks.common import (
     first_line,
     gpt2_like,
     mean_spearman,
+    print_table,
     random_corpus,
+    ratio_table,
+    top_overlap,
     write_jsonl,
     write_result,
 )
@@ -63,10 +66,6 @@ def _config(work: Path, model: Path, train: Path):
             "exact": {"factors": True},
         }
     )
-
-
-def _overlap(ours: np.ndarray, reference: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ours, reference)]))
 
 
 def _timed(call):
@@ -106,7 +105,7 @@ def main() -> None:
             "exact again": {"seconds": again_s},
             "store (dim 16)": {
                 "seconds": store_s,
-                "top10_overlap_with_exact": _overlap(stored.top_indices, reference),
+                "top10_overlap_with_exact": top_overlap(stored.top_indices, reference),
                 "spearman_vs_exact": mean_spearman(np.asarray(stored.total), exact.scores),
             },
         }
@@ -114,19 +113,15 @@ def main() -> None:
             rescored, seconds = _timed(lambda k=k: run_exact(config, queries, options, rescore=k))
             rows[f"rescore {k}"] = {
                 "seconds": seconds,
-                "top10_overlap_with_exact": _overlap(rescored.result.top_indices, reference),
+                "top10_overlap_with_exact": top_overlap(rescored.result.top_indices, reference),
                 "rows_scored_exactly": int(rescored.exact.sum()),
             }
-        for row in rows.values():
-            row["ratio_to_bare"] = round(row["seconds"] / bare, 2)
-            row["seconds"] = round(row["seconds"], 3)
+        ratio_table(rows, bare)
         first = (index_s + exact_s) / kron_s
         print(
             f"{ROWS} rows x {SEQUENCE} tokens, {QUERIES} queries; (index + first exact batch) / kronfluence: {first:.2f}"
         )
-        for name, row in rows.items():
-            extras = {k: round(v, 3) for k, v in row.items() if isinstance(v, float) and k != "seconds"}
-            print(f"{name:<32}{row['seconds']:>9.2f} s  {extras}")
+        print_table(rows)
         path = write_result(
             args.result,
             {

@@ -70,7 +70,7 @@ def _raw(tmp_path, model, train, name, **projection):
     [
         ({"budget": {"numbers_per_row": 0, "measured_on": "x"}}, "numbers_per_row"),
         ({"budget": {"numbers_per_row": 64, "measured_on": "x"}, "dim": 16}, "budget replaces dim"),
-        ({"budget": {"numbers_per_row": 64}}, "measured_on"),
+        ({"budget": {"numbers_per_row": 64, "measured_on": 3}}, "measured_on"),
         ({"budget": {"numbers_per_row": 64, "measured_on": "x"}, "kind": "kfac_eigen"}, "budget is for kind"),
     ],
 )
@@ -181,3 +181,52 @@ def test_exact_and_rescore_run_on_a_budgeted_store(tmp_path, tiny_models, text_t
     np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
     every = run_exact(config, str(text_train), QueryOptions(k=3), rescore=len(expected[0]))
     assert np.array_equal(every.scores, ours)
+
+
+def _fit_measured(tmp_path, model, train, name: str, budget: int, **extra):
+    raw = _raw(tmp_path, model, train, name, budget={"numbers_per_row": budget})
+    raw.update(extra)
+    return parse_config(raw)
+
+
+def test_a_budget_measured_in_the_fit_pass_splits_by_the_kfac_effective_dimension(tmp_path, tiny_models, text_train):
+    """No measured_on: index measures Σ Λ/(Λ+λ) of the K-FAC eigenvalues in its own fit pass. Reference: the
+    K-FAC factors of a dim-0 store (pass 1's covariances, another code path), split by the same rule."""
+    from engine.store.budget import MEASURED, measurement_path
+
+    model = tiny_models["gpt2"]
+    reference = parse_config(_raw(tmp_path, model, text_train, "kfac0", dim=0))
+    reference = reference.model_copy(update={"curvature": reference.curvature.model_copy(update={"strategy": "kfac"})})
+    run_index(reference, show_progress=False)
+    lam = {name: f.lam for name, f in GradientStore.open(reference.store.path).read_factors().items()}
+    budget = 150
+    config = _fit_measured(tmp_path, model, text_train, "fit", budget)
+    store = run_index(config, show_progress=False)
+    assert isinstance(store, GradientStore)
+    measured = GradientStore.open(measurement_path(config)).read_module_arrays(MEASURED)
+    expected = {name: effective_dimension(value, None) for name, value in lam.items()}
+    for name, value in expected.items():
+        assert measured[name][0, 0] == pytest.approx(value, rel=1e-6)
+    spec = store.manifest.projection
+    shapes = [(m.name, m.d_in, m.d_out) for m in spec.modules]
+    ours = {m.name: (m.k_in, m.k_out) for m in spec.modules}
+    assert ours == allocate(budget, shapes, {name: float(measured[name][0, 0]) for name in measured})
+    assert ours == allocate(budget, shapes, expected)
+    assert spec.budget == budget and store.manifest.width == sum(a * b for a, b in ours.values()) <= budget
+    assert len(set(ours.values())) > 1
+    again = run_index(_fit_measured(tmp_path, model, text_train, "again", budget), show_progress=False)
+    assert isinstance(again, GradientStore)
+    assert again.manifest.projection == spec  # deterministic
+    assert np.array_equal(again.read_rows(0, again.rows), store.read_rows(0, store.rows))
+    scores = run_query(config, str(text_train), k=3).total  # the query rebuilds the same k from the measurement
+    assert scores is not None and scores.shape == (store.rows, store.rows)
+
+
+def test_a_budget_read_before_it_is_measured_is_refused_in_one_line(tmp_path, tiny_models, text_train):
+    """(A query of a store whose measurement was deleted meets this refusal.)"""
+    from engine.store.budget import measured_effective_dimensions
+
+    config = _fit_measured(tmp_path, tiny_models["gpt2"], text_train, "unmeasured", 64)
+    with pytest.raises(TributaryError, match="effective dimensions are not measured yet") as refused:
+        measured_effective_dimensions(config, [("a", 2, 2)])
+    assert len(str(refused.value).splitlines()) == 1

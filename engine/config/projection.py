@@ -12,9 +12,12 @@ from engine.config.section import Section as _Section
 
 class ProjectionBudget(_Section):
     numbers_per_row: int = Field(gt=0, description="stored numbers per row, split over the modules")
-    measured_on: str = Field(
+    measured_on: str | None = Field(
+        default=None,
         description="a store with full-width factors (`exact: {factors: true}`, or projection.dim 0) of the same "
-        "model and modules: its Λ gives each module's effective dimension Σ Λ/(Λ+λ), by which the budget is split"
+        "model and modules: its Λ gives each module's effective dimension Σ Λ/(Λ+λ), by which the budget is split. "
+        "Default: measured by `tributary index` itself, from the K-FAC eigenvalues of a fit pass over the rows "
+        "(kept beside the store, at store.path + '.budget')",
     )
 
 
