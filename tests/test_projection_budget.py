@@ -230,3 +230,65 @@ def test_a_budget_read_before_it_is_measured_is_refused_in_one_line(tmp_path, ti
     with pytest.raises(TributaryError, match="effective dimensions are not measured yet") as refused:
         measured_effective_dimensions(config, [("a", 2, 2)])
     assert len(str(refused.value).splitlines()) == 1
+
+
+def _budget_raw(model, train, path: str, cluster: dict | None = None) -> dict:
+    from tests.distributed_helpers import store_config
+
+    raw = store_config(model, train, path, cluster=cluster)
+    raw["projection"] = {"seed": 3, "budget": {"numbers_per_row": 40}}
+    return raw
+
+
+def _measured(config_path: str) -> dict[str, np.ndarray]:
+    from engine.store.budget import MEASURED
+
+    return GradientStore.open(config_path + ".budget").read_module_arrays(MEASURED)
+
+
+@pytest.mark.heavy  # CLI processes killed and resumed: ~1 min on 2 cores
+def test_an_index_killed_during_the_budget_fit_resumes_it_and_gives_the_same_store(tmp_path, tiny_models, text_train):
+    from tests.distributed_helpers import run_cli, write_config
+
+    single_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    path = str(tmp_path / "store.zarr")
+    config = write_config(tmp_path / "job.yaml", _budget_raw(tiny_models["gpt2"], text_train, path))
+    killed = run_cli(
+        "index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": "driver:projection:1", **single_thread}
+    )
+    assert killed.returncode == -9, killed.stderr
+    measuring = GradientStore.open(path + ".budget")
+    assert len(measuring.manifest.shards["projection"]) == 1 and not measuring.has_group("effective_dimension")
+    assert not GradientStore.exists(path), "the store is created only once the budget is measured"
+    resumed = run_cli("index", str(config), "--no-progress", env=single_thread)
+    assert resumed.returncode == 0, resumed.stderr
+    runs = GradientStore.open(path + ".budget").manifest.runs
+    assert measuring.manifest.runs[0].computed["projection"][0] not in runs[1].computed["projection"]
+    reference_path = str(tmp_path / "reference.zarr")
+    reference = write_config(tmp_path / "ref.yaml", _budget_raw(tiny_models["gpt2"], text_train, reference_path))
+    assert run_cli("index", str(reference), "--no-progress", env=single_thread).returncode == 0
+    for name, value in _measured(reference_path).items():
+        assert np.array_equal(_measured(path)[name], value), name
+    ours, theirs = GradientStore.open(path), GradientStore.open(reference_path)
+    assert ours.manifest.projection == theirs.manifest.projection
+    assert np.array_equal(ours.read_rows(0, ours.rows), theirs.read_rows(0, theirs.rows))
+
+
+@pytest.mark.heavy  # a Ray cluster: ~1 min on 2 cores
+@pytest.mark.requires_ray
+def test_one_and_two_ray_workers_measure_the_same_budget(tmp_path, tiny_models, text_train):
+    from tests.distributed_helpers import local_ray
+
+    stores = {}
+    with local_ray():
+        for workers in (1, 2):
+            path = str(tmp_path / f"store-{workers}.zarr")
+            raw = _budget_raw(tiny_models["gpt2"], text_train, path, cluster={"address": "local", "workers": workers})
+            run_index(parse_config(raw), show_progress=False)
+            stores[workers] = GradientStore.open(path)
+            pids = {entry.pid for entry in GradientStore.open(path + ".budget").manifest.shards["projection"].values()}
+            assert len(pids) == workers, "the fit shards are spread over the workers"
+    for name, value in _measured(stores[1].path).items():
+        assert np.array_equal(_measured(stores[2].path)[name], value), name
+    assert stores[1].manifest.projection == stores[2].manifest.projection
+    assert np.array_equal(stores[1].read_rows(0, stores[1].rows), stores[2].read_rows(0, stores[2].rows))
