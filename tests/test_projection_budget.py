@@ -71,6 +71,7 @@ def _raw(tmp_path, model, train, name, **projection):
         ({"budget": {"numbers_per_row": 0, "measured_on": "x"}}, "numbers_per_row"),
         ({"budget": {"numbers_per_row": 64, "measured_on": "x"}, "dim": 16}, "budget replaces dim"),
         ({"budget": {"numbers_per_row": 64, "measured_on": 3}}, "measured_on"),
+        ({"budget": {"numbers_per_row": 64, "measured_on": "x", "fit_rows": 4}}, "fit_rows is for a budget"),
         ({"budget": {"numbers_per_row": 64, "measured_on": "x"}, "kind": "kfac_eigen"}, "budget is for kind"),
     ],
 )
@@ -292,3 +293,29 @@ def test_one_and_two_ray_workers_measure_the_same_budget(tmp_path, tiny_models, 
         assert np.array_equal(_measured(stores[2].path)[name], value), name
     assert stores[1].manifest.projection == stores[2].manifest.projection
     assert np.array_equal(stores[1].read_rows(0, stores[1].rows), stores[2].read_rows(0, stores[2].rows))
+
+
+def test_a_budget_fitted_on_fit_rows_measures_every_stride_th_row(tmp_path, tiny_models, text_train):
+    """fit_rows: the measurement equals that of a dim-0 K-FAC store of every ⌈N/fit_rows⌉-th row alone."""
+    import json
+
+    from engine.store.budget import MEASURED, measurement_path
+
+    model = tiny_models["gpt2"]
+    lines = text_train.read_text().splitlines()
+    stride = -(-len(lines) // 3)
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join(line + "\n" for line in lines[::stride]))
+    assert len(lines[::stride]) >= 2 and json.loads(lines[0])
+    raw = _raw(tmp_path, model, subset, "kfac_subset", dim=0)
+    raw["curvature"]["strategy"] = "kfac"
+    reference = parse_config(raw)
+    run_index(reference, show_progress=False)
+    lam = {name: f.lam for name, f in GradientStore.open(reference.store.path).read_factors().items()}
+    raw = _raw(tmp_path, model, text_train, "fit3", budget={"numbers_per_row": 100, "fit_rows": 3})
+    raw["store"]["rows_per_chunk"] = 2  # fit rows in several shards
+    config = parse_config(raw)
+    run_index(config, show_progress=False)
+    measured = GradientStore.open(measurement_path(config)).read_module_arrays(MEASURED)
+    for name, value in lam.items():
+        assert measured[name][0, 0] == pytest.approx(effective_dimension(value, None), rel=1e-6)

@@ -19,6 +19,20 @@ class ProjectionBudget(_Section):
         "Default: measured by `tributary index` itself, from the K-FAC eigenvalues of a fit pass over the rows "
         "(kept beside the store, at store.path + '.budget')",
     )
+    fit_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="without measured_on: measure on about this many rows (every ⌈N/fit_rows⌉-th row), so the "
+        "fit pass costs a fraction of a pass; default all rows",
+    )
+
+    @model_validator(mode="after")
+    def _measured_or_fitted(self) -> ProjectionBudget:
+        if self.fit_rows is not None and self.measured_on is not None:
+            raise PydanticCustomError(
+                "projection_options", "fit_rows is for a budget the index measures itself; remove it or measured_on"
+            )
+        return self
 
 
 class ProjectionConfig(_Section):

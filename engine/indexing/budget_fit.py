@@ -1,7 +1,8 @@
 """projection.budget without measured_on: the fit pass that measures each module's effective dimension before the
 store is built, so the budget is split without a prior full-width store.
 
-The pass is the fitted kinds' `projection` stage (full-width K-FAC covariance sums of every row, per shard, summed
+The pass is the fitted kinds' `projection` stage (full-width K-FAC covariance sums of every row, or with
+projection.budget.fit_rows of every ⌈N/fit_rows⌉-th row, per shard, summed
 in shard order by the driver), run into the measurement store at store.path + ".budget" (engine.store.budget).
 That store is resumable as any index is (each shard is committed once in its manifest), and 1 or N workers give
 the same sums, so the same k. From the sums: the K-FAC eigenvalues a_i·s_j per module, and Σ Λ/(Λ+λ) over them
@@ -23,7 +24,7 @@ from engine.indexing.manifest import build_manifest
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
 from engine.projection.budget import effective_dimension
-from engine.projection.fitted import fit_shapes, full_width
+from engine.projection.fitted import fit_shapes, fit_shards, full_width
 from engine.store import GradientStore
 from engine.store.budget import MEASURED, measurement_path
 from engine.store.lock import StoreLock
@@ -34,7 +35,9 @@ from engine.store.opening import open_or_create
 def measuring_config(config: JobConfig) -> JobConfig:
     """The config of the measurement store: the same model, data and curvature, a fitted kind of width 1 (so its
     fit pass is the full-width covariance pass), no budget, no exact factors."""
-    projection = {"kind": "kfac_eigen", "dim": 1, "seed": config.projection.seed}
+    budget = config.projection.budget
+    fit_rows = None if budget is None else budget.fit_rows
+    projection = {"kind": "kfac_eigen", "dim": 1, "seed": config.projection.seed, "fit_rows": fit_rows}
     return JobConfig.model_validate(
         {
             **config.model_dump(exclude_unset=True),
@@ -82,10 +85,11 @@ def _fit(store: GradientStore, executor, spec: ProjectionSpec, damping: float | 
     full, shapes = full_width(spec), fit_shapes(spec)
     if not store.manifest.shards.get("projection"):
         store.create_partials("projection_covariance", shapes_width(shapes), covariance_counts(full))
+    fitted = fit_shards(store.shards(), store.rows, spec.fit_rows)
     with progress_bar(show_progress) as progress:
         run = IndexRun(store, executor, spec, progress, len(getattr(executor, "actors", [None])))
-        run.stage("projection")
-    sums = unpack_covariance(*store.summed_partials("projection_covariance"), full, shapes)
+        run.stage("projection", only=fitted)
+    sums = unpack_covariance(*store.summed_partials("projection_covariance", fitted), full, shapes)
     effective = {
         name: np.array([effective_dimension(eigendecompose(sums[name], "kfac").lam, damping)])
         for name in (m.name for m in spec.modules)
