@@ -215,6 +215,7 @@ def test_a_budget_measured_in_the_fit_pass_splits_by_the_kfac_effective_dimensio
     assert ours == allocate(budget, shapes, expected)
     assert spec.budget == budget and store.manifest.width == sum(a * b for a, b in ours.values()) <= budget
     assert len(set(ours.values())) > 1
+    assert "partials" not in GradientStore.open(measurement_path(config)).group  # the full-width sums are dropped
     again = run_index(_fit_measured(tmp_path, model, text_train, "again", budget), show_progress=False)
     assert isinstance(again, GradientStore)
     assert again.manifest.projection == spec  # deterministic

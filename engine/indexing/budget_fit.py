@@ -96,3 +96,5 @@ def _fit(store: GradientStore, executor, spec: ProjectionSpec, damping: float | 
     }
     store.write_module_arrays(MEASURED, effective)
     store.update_manifest(complete=True)
+    if "partials" in store.group:  # full-width sums, ~100 MB a shard at 256 wide: only the numbers are kept
+        del store.group["partials"]
