@@ -167,3 +167,25 @@ def mean_spearman(ours, reference) -> float:
     a -= a.mean(axis=1, keepdims=True)
     b -= b.mean(axis=1, keepdims=True)
     return float(np.mean((a * b).sum(axis=1) / np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))))
+
+
+def top_overlap(ours, reference, k: int = 10) -> float:
+    """|top-k ∩ reference top-k| / k, averaged over queries (rows of index lists, best first)."""
+    import numpy as np
+
+    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ours, reference)]))
+
+
+def ratio_table(rows: dict[str, dict], bare: float) -> dict[str, dict]:
+    """Each row's `seconds` over the bare pass (`ratio_to_bare`), seconds rounded; changes and returns `rows`."""
+    for row in rows.values():
+        row["ratio_to_bare"] = round(row["seconds"] / bare, 2)
+        row["seconds"] = round(row["seconds"], 3)
+    return rows
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    """One line per row: its seconds and its other float figures."""
+    for name, row in rows.items():
+        extras = {k: round(v, 3) for k, v in row.items() if isinstance(v, float) and k != "seconds"}
+        print(f"{name:<32}{row['seconds']:>9.2f} s  {extras}")

@@ -49,7 +49,10 @@ from benchmarks.common import (
     first_line,
     gpt2_like,
     mean_spearman,
+    print_table,
     random_corpus,
+    ratio_table,
+    top_overlap,
     write_jsonl,
     write_result,
 )
@@ -78,10 +81,6 @@ def _config(work: Path, size: dict):
             "exact": {"factors": True},
         }
     )
-
-
-def _overlap(ours: np.ndarray, reference: np.ndarray, k: int = 10) -> float:
-    return float(np.mean([len(set(a[:k]) & set(b[:k])) / k for a, b in zip(ours, reference)]))
 
 
 def _timed(call):
@@ -173,7 +172,7 @@ def _compare(work: Path, size: dict, ours: dict, theirs: dict) -> dict:
         "exact again": {"seconds": ours["exact_again_s"]},
         "store (dim 16)": {
             "seconds": store_s,
-            "top10_overlap_with_exact": _overlap(stored.top_indices, reference),
+            "top10_overlap_with_exact": top_overlap(stored.top_indices, reference),
             "spearman_vs_exact": mean_spearman(np.asarray(stored.total), exact_scores),
         },
     }
@@ -181,12 +180,10 @@ def _compare(work: Path, size: dict, ours: dict, theirs: dict) -> dict:
         rescored, seconds = _timed(lambda k=k: run_exact(config, queries, options, rescore=k))
         rows[f"rescore {k}"] = {
             "seconds": seconds,
-            "top10_overlap_with_exact": _overlap(rescored.result.top_indices, reference),
+            "top10_overlap_with_exact": top_overlap(rescored.result.top_indices, reference),
             "rows_scored_exactly": int(rescored.exact.sum()),
         }
-    for row in rows.values():
-        row["ratio_to_bare"] = round(row["seconds"] / bare, 2)
-        row["seconds"] = round(row["seconds"], 3)
+    ratio_table(rows, bare)
     dim0_bytes = full_width(store.manifest.projection).total_width * 4 * store.rows
     return {"rows": rows, "dim0_rows_bytes_float32": dim0_bytes}
 
@@ -230,9 +227,7 @@ def main() -> None:
             },
         }
         print(f"{size}: {json.dumps(summary)}")
-        for name, row in compared["rows"].items():
-            extras = {k: round(v, 3) for k, v in row.items() if isinstance(v, float) and k != "seconds"}
-            print(f"{name:<32}{row['seconds']:>9.2f} s  {extras}")
+        print_table(compared["rows"])
         path = write_result(
             args.result,
             {

@@ -19,6 +19,10 @@ compression keeps k numbers of z per module (a fixed linear map z ↦ R z) and s
                neither training nor query rows; k > F keeps all F
   kron_fit     the best r × r Kronecker pair (P_out, P_in) for the held-out whitened matrices (GLRAM): k = r²
   pca_train    top-k principal directions of the training rows' own z (in-sample: exact once k ≥ N = 256)
+  asym_jl      the asymmetric form (issues 29, 30): the query preconditioned at full width, (H + λ)⁻¹ g_q, then
+               both it and the raw training gradient g_n sketched by the same Gaussian R ~ N(0, 1/k) in parameter
+               coordinates (what a store of R g_n rows and full-width factors can score): ⟨R (H + λ)⁻¹ g_q, R g_n⟩,
+               unbiased for the exact score like jl, but of the raw rows, not the whitened ones (mean over seeds)
 
 Exact EK-FAC itself is also run at several dampings (0.001–10 × mean Λ) and with the empirical Λ (data labels),
 with each module's effective dimension Σ Λ/(Λ+λ). The model is trained again (seed 0), so the exact LDS may
@@ -275,6 +279,9 @@ def module_scores(m: Module, factor: float) -> dict[tuple[str, int, int], np.nda
     q = len(zq)
     gram = rows @ rows.T
     span = gram_coordinates(gram)
+    # C is an orthogonal rotation of the gradient (Q_S ⊗ Q_A), so a Gaussian sketch of it is one of the gradient
+    preconditioned = np.vstack([m.queries / (m.lam + damping_of(m.lam, factor)), m.train])
+    asymmetric_span = gram_coordinates(preconditioned @ preconditioned.T)
     fit_pca = Principal.of(zf - zf.mean(axis=0), rows)
     train_pca = Principal.of(zn, rows)
     fit_variance = zf.var(axis=0)
@@ -302,11 +309,23 @@ def module_scores(m: Module, factor: float) -> dict[tuple[str, int, int], np.nda
         for seed in range(JL_SEEDS):
             rng = np.random.default_rng([seed, k, m.size])
             out["jl", k, seed] = pairs(gaussian_sketch(span, k, rng))
+            out["asym_jl", k, seed] = pairs(gaussian_sketch(asymmetric_span, k, rng))
             out["hybrid", k, seed] = kept(head) + pairs(gaussian_sketch(rest, k - k // 2, rng))
     return out
 
 
-ORDER = ("block", "top_lambda", "top_fit_var", "top_train_m2", "jl", "hybrid", "pca_fit", "kron_fit", "pca_train")
+ORDER = (
+    "block",
+    "top_lambda",
+    "top_fit_var",
+    "top_train_m2",
+    "jl",
+    "asym_jl",
+    "hybrid",
+    "pca_fit",
+    "kron_fit",
+    "pca_train",
+)
 
 
 def compression_study(modules: list[Module], reference: Reference, factor: float) -> list[dict]:

@@ -51,7 +51,7 @@ def _resolved_paths(config: JobConfig, base_dir: Path) -> dict[str, Any]:
         "training_run": _resolved_run_paths(config.training_run, base_dir),
     }
     budget = config.projection.budget
-    if budget is not None:
+    if budget is not None and budget.measured_on is not None:
         changes["projection"] = {
             "budget": {**budget.model_dump(), "measured_on": _resolve(budget.measured_on, base_dir)}
         }

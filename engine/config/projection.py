@@ -12,10 +12,27 @@ from engine.config.section import Section as _Section
 
 class ProjectionBudget(_Section):
     numbers_per_row: int = Field(gt=0, description="stored numbers per row, split over the modules")
-    measured_on: str = Field(
+    measured_on: str | None = Field(
+        default=None,
         description="a store with full-width factors (`exact: {factors: true}`, or projection.dim 0) of the same "
-        "model and modules: its Λ gives each module's effective dimension Σ Λ/(Λ+λ), by which the budget is split"
+        "model and modules: its Λ gives each module's effective dimension Σ Λ/(Λ+λ), by which the budget is split. "
+        "Default: measured by `tributary index` itself, from the K-FAC eigenvalues of a fit pass over the rows "
+        "(kept beside the store, at store.path + '.budget')",
     )
+    fit_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="without measured_on: measure on about this many rows (every ⌈N/fit_rows⌉-th row), so the "
+        "fit pass costs a fraction of a pass; default all rows",
+    )
+
+    @model_validator(mode="after")
+    def _measured_or_fitted(self) -> ProjectionBudget:
+        if self.fit_rows is not None and self.measured_on is not None:
+            raise PydanticCustomError(
+                "projection_options", "fit_rows is for a budget the index measures itself; remove it or measured_on"
+            )
+        return self
 
 
 class ProjectionConfig(_Section):

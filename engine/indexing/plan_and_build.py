@@ -7,6 +7,7 @@ import logging
 import time
 
 from engine.config import JobConfig
+from engine.indexing.budget_fit import measure_budget, needs_measuring
 from engine.indexing.executor import ExecutorFactory, in_process
 from engine.indexing.plan import resolve_index_plan
 from engine.indexing.single_store import build_store
@@ -48,6 +49,8 @@ def plan_and_build(
     rows = plan.rows[config.data.train]
     check_placement(config, count_devices=config.cluster is None)  # a cluster's devices: by its executor
     check_store_location(config.store.path)
+    if needs_measuring(config):
+        measure_budget(config, rows, executors, show_progress, break_lock)
     executor = executors(config)
     try:
         with StoreLock(config.store.path, break_lock=break_lock):

@@ -194,8 +194,9 @@ def _fit_projection(store: GradientStore, run: IndexRun, spec: ProjectionSpec) -
     shard order and turned into each side's matrix once, here; the workers then read the matrices from the store."""
     full, shapes = full_width(spec), fit_shapes(spec)
     store.create_partials("projection_covariance", shapes_width(shapes), covariance_counts(full))
-    run.stage("projection", only=fit_shards(store.shards(), store.rows, spec.fit_rows))
-    sums = unpack_covariance(*store.summed_partials("projection_covariance"), full, shapes)
+    fitted = fit_shards(store.shards(), store.rows, spec.fit_rows)
+    run.stage("projection", only=fitted)
+    sums = unpack_covariance(*store.summed_partials("projection_covariance", fitted), full, shapes)
     store.write_projection(fitted_matrices(spec, {name: (c.a_sum, c.s_sum) for name, c in sums.items()}))
     run.mark("projection")
 

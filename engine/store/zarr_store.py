@@ -318,15 +318,19 @@ class GradientStore(ManifestStore[StoreManifest]):
     def read_partials(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self._partial(f"partials/{name}", slice(None)), self._partial(f"partials/{name}_counts", slice(None))
 
-    def summed_partials(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def summed_partials(self, name: str, shards: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The shards' partial sums added in shard order (a fixed order, so the result does not depend on the
         workers), one shard's row read at a time: at projection dim 0 a row of covariance sums is ~100 MB, and
-        reading every shard's at once held gigabytes."""
+        reading every shard's at once held gigabytes. `shards`: only those (a fit's, which skips shards without
+        fit rows, so their chunks were never written)."""
         sums = array(self.group, f"partials/{name}")
         total = np.zeros(sums.shape[1])
-        for shard in range(sums.shape[0]):
+        chosen = range(sums.shape[0]) if shards is None else sorted(shards)
+        counts = np.zeros(array(self.group, f"partials/{name}_counts").shape[1], dtype=np.int64)
+        for shard in chosen:
             total += self._partial(f"partials/{name}", slice(shard, shard + 1))[0]
-        return total, self._partial(f"partials/{name}_counts", slice(None)).sum(axis=0)
+            counts += self._partial(f"partials/{name}_counts", slice(shard, shard + 1))[0]
+        return total, counts
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
         return decode(self._checked("grads", slice(start, stop)), self.manifest.dtype)

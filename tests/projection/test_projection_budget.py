@@ -70,7 +70,8 @@ def _raw(tmp_path, model, train, name, **projection):
     [
         ({"budget": {"numbers_per_row": 0, "measured_on": "x"}}, "numbers_per_row"),
         ({"budget": {"numbers_per_row": 64, "measured_on": "x"}, "dim": 16}, "budget replaces dim"),
-        ({"budget": {"numbers_per_row": 64}}, "measured_on"),
+        ({"budget": {"numbers_per_row": 64, "measured_on": 3}}, "measured_on"),
+        ({"budget": {"numbers_per_row": 64, "measured_on": "x", "fit_rows": 4}}, "fit_rows is for a budget"),
         ({"budget": {"numbers_per_row": 64, "measured_on": "x"}, "kind": "kfac_eigen"}, "budget is for kind"),
     ],
 )
@@ -181,3 +182,141 @@ def test_exact_and_rescore_run_on_a_budgeted_store(tmp_path, tiny_models, text_t
     np.testing.assert_allclose(ours, expected, rtol=1e-9, atol=1e-10 * np.abs(expected).max())
     every = run_exact(config, str(text_train), QueryOptions(k=3), rescore=len(expected[0]))
     assert np.array_equal(every.scores, ours)
+
+
+def _fit_measured(tmp_path, model, train, name: str, budget: int, **extra):
+    raw = _raw(tmp_path, model, train, name, budget={"numbers_per_row": budget})
+    raw.update(extra)
+    return parse_config(raw)
+
+
+def test_a_budget_measured_in_the_fit_pass_splits_by_the_kfac_effective_dimension(tmp_path, tiny_models, text_train):
+    """No measured_on: index measures Σ Λ/(Λ+λ) of the K-FAC eigenvalues in its own fit pass. Reference: the
+    K-FAC factors of a dim-0 store (pass 1's covariances, another code path), split by the same rule."""
+    from engine.store.budget import MEASURED, measurement_path
+
+    model = tiny_models["gpt2"]
+    reference = parse_config(_raw(tmp_path, model, text_train, "kfac0", dim=0))
+    reference = reference.model_copy(update={"curvature": reference.curvature.model_copy(update={"strategy": "kfac"})})
+    run_index(reference, show_progress=False)
+    lam = {name: f.lam for name, f in GradientStore.open(reference.store.path).read_factors().items()}
+    budget = 150
+    config = _fit_measured(tmp_path, model, text_train, "fit", budget)
+    store = run_index(config, show_progress=False)
+    assert isinstance(store, GradientStore)
+    measured = GradientStore.open(measurement_path(config)).read_module_arrays(MEASURED)
+    expected = {name: effective_dimension(value, None) for name, value in lam.items()}
+    for name, value in expected.items():
+        assert measured[name][0, 0] == pytest.approx(value, rel=1e-6)
+    spec = store.manifest.projection
+    shapes = [(m.name, m.d_in, m.d_out) for m in spec.modules]
+    ours = {m.name: (m.k_in, m.k_out) for m in spec.modules}
+    assert ours == allocate(budget, shapes, {name: float(measured[name][0, 0]) for name in measured})
+    assert ours == allocate(budget, shapes, expected)
+    assert spec.budget == budget and store.manifest.width == sum(a * b for a, b in ours.values()) <= budget
+    assert len(set(ours.values())) > 1
+    assert "partials" not in GradientStore.open(measurement_path(config)).group  # the full-width sums are dropped
+    again = run_index(_fit_measured(tmp_path, model, text_train, "again", budget), show_progress=False)
+    assert isinstance(again, GradientStore)
+    assert again.manifest.projection == spec  # deterministic
+    assert np.array_equal(again.read_rows(0, again.rows), store.read_rows(0, store.rows))
+    scores = run_query(config, str(text_train), k=3).total  # the query rebuilds the same k from the measurement
+    assert scores is not None and scores.shape == (store.rows, store.rows)
+
+
+def test_a_budget_read_before_it_is_measured_is_refused_in_one_line(tmp_path, tiny_models, text_train):
+    """(A query of a store whose measurement was deleted meets this refusal.)"""
+    from engine.store.budget import measured_effective_dimensions
+
+    config = _fit_measured(tmp_path, tiny_models["gpt2"], text_train, "unmeasured", 64)
+    with pytest.raises(TributaryError, match="effective dimensions are not measured yet") as refused:
+        measured_effective_dimensions(config, [("a", 2, 2)])
+    assert len(str(refused.value).splitlines()) == 1
+
+
+def _budget_raw(model, train, path: str, cluster: dict | None = None) -> dict:
+    from tests.distributed_helpers import store_config
+
+    raw = store_config(model, train, path, cluster=cluster)
+    raw["projection"] = {"seed": 3, "budget": {"numbers_per_row": 40}}
+    return raw
+
+
+def _measured(config_path: str) -> dict[str, np.ndarray]:
+    from engine.store.budget import MEASURED
+
+    return GradientStore.open(config_path + ".budget").read_module_arrays(MEASURED)
+
+
+@pytest.mark.heavy  # CLI processes killed and resumed: ~1 min on 2 cores
+def test_an_index_killed_during_the_budget_fit_resumes_it_and_gives_the_same_store(tmp_path, tiny_models, text_train):
+    from tests.distributed_helpers import run_cli, write_config
+
+    single_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    path = str(tmp_path / "store.zarr")
+    config = write_config(tmp_path / "job.yaml", _budget_raw(tiny_models["gpt2"], text_train, path))
+    killed = run_cli(
+        "index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": "driver:projection:1", **single_thread}
+    )
+    assert killed.returncode == -9, killed.stderr
+    measuring = GradientStore.open(path + ".budget")
+    assert len(measuring.manifest.shards["projection"]) == 1 and not measuring.has_group("effective_dimension")
+    assert not GradientStore.exists(path), "the store is created only once the budget is measured"
+    resumed = run_cli("index", str(config), "--no-progress", env=single_thread)
+    assert resumed.returncode == 0, resumed.stderr
+    runs = GradientStore.open(path + ".budget").manifest.runs
+    assert measuring.manifest.runs[0].computed["projection"][0] not in runs[1].computed["projection"]
+    reference_path = str(tmp_path / "reference.zarr")
+    reference = write_config(tmp_path / "ref.yaml", _budget_raw(tiny_models["gpt2"], text_train, reference_path))
+    assert run_cli("index", str(reference), "--no-progress", env=single_thread).returncode == 0
+    for name, value in _measured(reference_path).items():
+        assert np.array_equal(_measured(path)[name], value), name
+    ours, theirs = GradientStore.open(path), GradientStore.open(reference_path)
+    assert ours.manifest.projection == theirs.manifest.projection
+    assert np.array_equal(ours.read_rows(0, ours.rows), theirs.read_rows(0, theirs.rows))
+
+
+@pytest.mark.heavy  # a Ray cluster: ~1 min on 2 cores
+@pytest.mark.requires_ray
+def test_one_and_two_ray_workers_measure_the_same_budget(tmp_path, tiny_models, text_train):
+    from tests.distributed_helpers import local_ray
+
+    stores = {}
+    with local_ray():
+        for workers in (1, 2):
+            path = str(tmp_path / f"store-{workers}.zarr")
+            raw = _budget_raw(tiny_models["gpt2"], text_train, path, cluster={"address": "local", "workers": workers})
+            run_index(parse_config(raw), show_progress=False)
+            stores[workers] = GradientStore.open(path)
+            pids = {entry.pid for entry in GradientStore.open(path + ".budget").manifest.shards["projection"].values()}
+            assert len(pids) == workers, "the fit shards are spread over the workers"
+    for name, value in _measured(stores[1].path).items():
+        assert np.array_equal(_measured(stores[2].path)[name], value), name
+    assert stores[1].manifest.projection == stores[2].manifest.projection
+    assert np.array_equal(stores[1].read_rows(0, stores[1].rows), stores[2].read_rows(0, stores[2].rows))
+
+
+def test_a_budget_fitted_on_fit_rows_measures_every_stride_th_row(tmp_path, tiny_models, text_train):
+    """fit_rows: the measurement equals that of a dim-0 K-FAC store of every ⌈N/fit_rows⌉-th row alone."""
+    import json
+
+    from engine.store.budget import MEASURED, measurement_path
+
+    model = tiny_models["gpt2"]
+    lines = text_train.read_text().splitlines()
+    stride = -(-len(lines) // 3)
+    subset = tmp_path / "subset.jsonl"
+    subset.write_text("".join(line + "\n" for line in lines[::stride]))
+    assert len(lines[::stride]) >= 2 and json.loads(lines[0])
+    raw = _raw(tmp_path, model, subset, "kfac_subset", dim=0)
+    raw["curvature"]["strategy"] = "kfac"
+    reference = parse_config(raw)
+    run_index(reference, show_progress=False)
+    lam = {name: f.lam for name, f in GradientStore.open(reference.store.path).read_factors().items()}
+    raw = _raw(tmp_path, model, text_train, "fit3", budget={"numbers_per_row": 100, "fit_rows": 3})
+    raw["store"]["rows_per_chunk"] = 2  # fit rows in several shards
+    config = parse_config(raw)
+    run_index(config, show_progress=False)
+    measured = GradientStore.open(measurement_path(config)).read_module_arrays(MEASURED)
+    for name, value in lam.items():
+        assert measured[name][0, 0] == pytest.approx(effective_dimension(value, None), rel=1e-6)
