@@ -20,7 +20,7 @@ from tests.requirements import require
 
 pq = require("pyarrow.parquet")
 pa = require("pyarrow")
-datasets = pytest.importorskip("datasets")
+datasets = require("datasets")
 
 # text rows and prompt/completion rows mixed: in a table the absent fields are nulls
 ROWS = [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)] + [

@@ -14,10 +14,11 @@ from transformers import AutoTokenizer
 from engine.store import GradientStore
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
+from tests.requirements import require
 
-pa = pytest.importorskip("pyarrow")
-pq = pytest.importorskip("pyarrow.parquet")
-datasets = pytest.importorskip("datasets")
+pa = require("pyarrow")
+pq = require("pyarrow.parquet")
+datasets = require("datasets")
 
 
 def _index(tmp_path: Path, name: str, model: Path, train: Path | str) -> np.ndarray:

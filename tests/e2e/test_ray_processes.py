@@ -29,7 +29,7 @@ from tests.ports import unused_port
 from tests.requirements import require
 
 require("ray")
-psutil = pytest.importorskip("psutil")
+psutil = require("psutil")
 
 READY_TIMEOUT_S = 300
 STOP_TIMEOUT_S = 10

@@ -30,6 +30,7 @@ from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import write_config
 from tests.gradients.test_nonfinite import SKIPPED_IDS, _all_rows, _skip_config, _train, nan_word_model  # noqa: F401
+from tests.requirements import require
 
 QUERIES = [
     {"id": "q0", "text": "the fox eats clams in the snow"},
@@ -278,7 +279,7 @@ def test_cli_exact_and_its_refusals(tiny_models, text_train, queries, tmp_path):
 def test_rescore_takes_its_candidates_from_the_ann_index(tiny_models, text_train, queries, tmp_path):
     """With --approximate the ANN index picks the candidates: the exact pass scores exactly their union, and
     with every row a candidate the scores are --exact's."""
-    pytest.importorskip("faiss")
+    require("faiss")
     from engine.ann.build import build_index
 
     config = _config(tmp_path, tiny_models["gpt2"], text_train, "dim4", projection={"dim": 4}, exact={"factors": True})

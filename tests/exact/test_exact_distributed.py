@@ -10,8 +10,9 @@ from engine.config import QueryOptions, parse_config
 from engine.local_or_ray import run_exact, run_index
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import store_config
+from tests.requirements import require
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 pytestmark = pytest.mark.heavy  # Ray start and actors that each load the model: about a minute each
 
 TRAIN = SENTENCES + ["the owl eats mice at night", "a bear eats honey in the valley", "a crow eats seeds"]

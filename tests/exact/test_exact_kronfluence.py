@@ -12,8 +12,9 @@ from engine.config import MethodConfig, QueryOptions
 from engine.local_or_ray import run_exact, run_index
 from tests.conftest import write_jsonl
 from tests.reference import KRONFLUENCE_QUERIES, KronfluenceEkfac, mixed_train
+from tests.requirements import require
 
-kronfluence = pytest.importorskip("kronfluence")
+kronfluence = require("kronfluence")
 
 
 @pytest.mark.heavy  # kronfluence's factors and scores, then an index and the exact pass: ~35 s on 2 cores

@@ -16,6 +16,7 @@ from engine.local_or_ray import run_exact, run_index
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import store_config
+from tests.requirements import require
 
 BUDGET_GB = 20_000 / GIB  # two or three of the tiny GPT-2's modules a group
 QUERIES = [{"id": "q0", "text": "the fox eats clams in the snow"}, {"id": "q1", "text": "a wolf eats honey"}]
@@ -71,7 +72,7 @@ def test_grouped_factors_and_scores_equal_one_group(tiny_models, tmp_path):
 
 @pytest.mark.heavy  # two Ray indexes, actors that each load the model
 def test_one_and_two_workers_give_identical_grouped_factors_and_scores(tiny_models, tmp_path):
-    ray = pytest.importorskip("ray")
+    ray = require("ray")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.2", logging_level="ERROR")
     try:
         queries = str(write_jsonl(tmp_path / "queries.jsonl", QUERIES))

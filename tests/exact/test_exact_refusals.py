@@ -13,10 +13,11 @@ from engine.errors import TributaryError
 from engine.local_or_ray import run_index
 from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import store_config
+from tests.requirements import require
 
 
 def test_exact_factors_with_zero3_are_refused_before_the_store_or_a_cluster(tiny_models, tmp_path):
-    ray = pytest.importorskip("ray")
+    ray = require("ray")
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": str(i), "text": s} for i, s in enumerate(SENTENCES)])
     store = tmp_path / "s.zarr"
     raw = store_config(

@@ -14,8 +14,10 @@ from collections import Counter
 
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis")
-pytest.importorskip("ray.serve")
+from tests.requirements import require
+
+schemathesis = require("schemathesis")
+require("ray.serve")
 
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis.errors import Unsatisfiable  # noqa: E402

@@ -24,8 +24,9 @@ from engine.serving.schema import AttributeRequest, AttributeResponse
 from engine.serving.validation import prepare
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, job_config, write_jsonl
+from tests.requirements import require
 
-pytest.importorskip("ray.serve")
+require("ray.serve")
 
 K, TOP_K = 2, 3
 QUERIES = [

@@ -43,8 +43,9 @@ from engine.local_or_ray import run_index, run_query
 from engine.store import GradientStore
 from tests.conftest import write_jsonl
 from tests.reference import KRONFLUENCE_QUERIES, KronfluenceEkfac, mixed_train
+from tests.requirements import require
 
-kronfluence = pytest.importorskip("kronfluence")
+kronfluence = require("kronfluence")
 
 
 def _compare(ours: np.ndarray, theirs: np.ndarray) -> tuple[float, float]:

@@ -18,6 +18,7 @@ from engine.store import GradientStore
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, SENTENCES, write_jsonl
 from tests.distributed_helpers import single_thread_store, store_config
+from tests.requirements import require
 
 QUERIES = [{"id": f"q{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)]
 
@@ -229,7 +230,7 @@ def test_a_damaged_ann_index_file_is_named_by_verify_and_refused_by_an_approxima
 
     import xxhash
 
-    pytest.importorskip("faiss")
+    require("faiss")
     from engine.ann.layout import index_location
 
     store, config = copy

@@ -24,9 +24,10 @@ from engine.store.lock import LOCK_SUFFIX
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import assert_same_store, run_cli, store_config, store_contents, write_config
 from tests.ports import unused_port
+from tests.requirements import require
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+require("s3fs")
+moto_server = require("moto.server")
 
 KEY_ID = "tributary-test-key-ID"
 SECRET = "tributary-test-SECRET-value"
