@@ -48,7 +48,7 @@ while True:
     if len(alive) >= want or time.monotonic() > deadline:
         break
     time.sleep(0.5)
-print(json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in alive]))
+print("NODES " + json.dumps([{"id": n["NodeID"], "resources": n["Resources"]} for n in alive]), flush=True)
 """
 
 
@@ -223,7 +223,11 @@ class TwoNodeCluster:
             raise  # _fail raised already
         if probe.returncode != 0:
             self._fail(f"asking the cluster for its nodes failed:\n{probe.stderr[-3000:]}")
-        return json.loads(probe.stdout.strip().splitlines()[-1])
+        # Ray may print to stdout too (a killed node's "raylet has lagging heartbeats" notice, after the answer)
+        answers = [line for line in probe.stdout.splitlines() if line.startswith("NODES ")]
+        if not answers:
+            self._fail(f"asking the cluster for its nodes gave no answer:\n{probe.stdout[-3000:]}")
+        return json.loads(answers[-1].removeprefix("NODES "))
 
     def kill(self, name: str) -> None:
         """SIGKILL every process of node `name`'s session at once (its raylet, object store, workers): a lost

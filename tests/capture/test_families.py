@@ -60,8 +60,10 @@ def _save_lora(path, family, root):
 
     base = _reference_model(path, family)
     torch.manual_seed(2)
-    # the attention and MLP projections: the tracked linear modules (not routers, not fused experts)
-    targets = sorted({name.rpartition(".")[2] for name, module in base.named_modules() if _is_projection(name, module)})
+    # the attention and MLP projections: the tracked linear modules (not routers, not fused experts), named in
+    # full: peft 0.22 also wraps a fused experts module whose 3-D parameter shares a projection's short name
+    # (qwen2_moe's experts.down_proj beside shared_expert.down_proj)
+    targets = sorted(name for name, module in base.named_modules() if _is_projection(name, module))
     lora = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=0.0))
     for name, param in lora.named_parameters():
         if "lora_B" in name:
