@@ -439,6 +439,19 @@ def test_resume_from_a_trainer_checkpoint_gives_the_uninterrupted_store(
 DDP_STEPS = [[5, 1, 6, 0], [2, 7, 3, 4]]  # each step's rows; rank r takes the r-th half
 
 
+def _leave_rank() -> None:
+    """End a spawned rank that finished without error, skipping its interpreter's teardown: freeing a DDP
+    Reducer there can deadlock in torch 2.13 (~ProcessGroupGloo waits on a mutex holding the GIL while gloo's
+    worker thread waits for the GIL to free a finished allreduce's tensors; seen in a fresh-clone heavy run, the
+    rank's work done and written), and spawn's join would wait for it forever."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _ddp_rank(rank: int, world: int, init: str, config: JobConfig, model_dir: str) -> None:
     """One rank of a 2-rank gloo DDP run of the step API (spawned)."""
     import torch.distributed as dist
@@ -466,6 +479,7 @@ def _ddp_rank(rank: int, world: int, init: str, config: JobConfig, model_dir: st
         capture.close()
     finally:
         dist.destroy_process_group()
+    _leave_rank()
 
 
 @pytest.mark.heavy  # two spawned gloo ranks and a one-process run: about 40 s on 2 busy cores
@@ -563,6 +577,7 @@ def _ddp_resume_rank(rank: int, world: int, init: str, whole: JobConfig, resumed
         capture.close()
     finally:
         dist.destroy_process_group()
+    _leave_rank()
 
 
 @pytest.mark.heavy  # two spawned gloo ranks running 3 + 2 + 1 steps: 6 min on 2 cores shared with 8 jobs
@@ -635,6 +650,7 @@ def _trainer_rank(rank: int, world: int, port: int, config: JobConfig, model_dir
 
         if dist.is_initialized():
             dist.destroy_process_group()
+    _leave_rank()
 
 
 @pytest.mark.heavy  # two spawned Trainer ranks and a one-process run: 11 min on 2 cores shared with 8 jobs
