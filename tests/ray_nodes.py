@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -269,3 +273,22 @@ class TwoNodeCluster:
                 process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+
+
+@contextmanager
+def running_cluster(prefix: str, environment: dict[str, str] | None = None) -> Iterator[TwoNodeCluster]:
+    """A started two-node cluster under a fresh short temp folder, stopped and removed on exit."""
+    # Short: Ray puts unix sockets under <temp dir>/session_*/sockets, and their paths are limited to 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    nodes = TwoNodeCluster(temp_dir / "ray", environment=environment)
+    try:
+        nodes.start()
+        yield nodes
+    finally:
+        nodes.stop()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def cluster_section(cluster: TwoNodeCluster, **more) -> dict:
+    """The config's `cluster` section for two one-CPU workers on this cluster, plus `more` keys."""
+    return {"address": cluster.address, "workers": 2, "cpus_per_worker": 1, "node_ip_address": IP, **more}

@@ -17,10 +17,8 @@ the clean ones; with cluster.min_nodes the run stops with one line and a store t
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,7 +32,7 @@ from engine.local_or_ray import run_exact, run_index
 from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import ROOT, one_torch_thread, single_thread_store, store_config, write_config
-from tests.ray_nodes import IP, TwoNodeCluster, require_ray_cli
+from tests.ray_nodes import TwoNodeCluster, cluster_section, require_ray_cli, running_cluster
 
 require_ray_cli()
 pytestmark = [pytest.mark.heavy, pytest.mark.requires_ray]  # a cluster, a kill and a CLI run each: ~60 s
@@ -60,14 +58,8 @@ REPLACE_WAIT_S = 90  # a replacement `ray start` joins in ~10-30 s on a loaded m
 
 @pytest.fixture(scope="module")
 def cluster():
-    temp_dir = Path(tempfile.mkdtemp(prefix="tribln-", dir="/tmp"))  # short: Ray's socket paths are limited
-    nodes = TwoNodeCluster(temp_dir / "ray", environment=HEALTH_CHECKS)
-    try:
-        nodes.start()
+    with running_cluster("tribln-", environment=HEALTH_CHECKS) as nodes:
         yield nodes
-    finally:
-        nodes.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -91,10 +83,6 @@ def clean_store(tiny_models, data, tmp_path_factory) -> str:
     """The clean store: one process at one torch thread (the workers' count at cpus_per_worker = 1)."""
     path = str(tmp_path_factory.mktemp("lost_node_clean") / "store.zarr")
     return single_thread_store(tiny_models["gpt2"], data[0], path)
-
-
-def cluster_section(cluster: TwoNodeCluster, **more) -> dict:
-    return {"address": cluster.address, "workers": 2, "cpus_per_worker": 1, "node_ip_address": IP, **more}
 
 
 class Driver:

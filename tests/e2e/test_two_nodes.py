@@ -12,9 +12,6 @@ freshly whatever Ray state this pytest process holds. tests/ray_nodes.py starts 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +28,7 @@ from tests.distributed_helpers import (
     store_contents,
     write_config,
 )
-from tests.ray_nodes import IP, TwoNodeCluster, require_ray_cli
+from tests.ray_nodes import cluster_section, require_ray_cli, running_cluster
 
 require_ray_cli()
 
@@ -46,15 +43,8 @@ SINGLE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    # A short root: Ray puts unix sockets under <temp dir>/session_*/sockets (paths are limited to 107 bytes).
-    temp_dir = Path(tempfile.mkdtemp(prefix="trib2n-", dir="/tmp"))
-    cluster = TwoNodeCluster(temp_dir / "ray")
-    try:
-        cluster.start()
+    with running_cluster("trib2n-") as cluster:
         yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +65,6 @@ def single_process_store(tiny_models, train_file, tmp_path_factory):
     return single_thread_store(
         tiny_models["gpt2"], train_file, str(tmp_path_factory.mktemp("two_nodes_reference") / "store.zarr")
     )
-
-
-def cluster_section(cluster: TwoNodeCluster) -> dict:
-    return {"address": cluster.address, "workers": 2, "cpus_per_worker": 1, "node_ip_address": IP}
 
 
 @pytest.fixture(scope="module")
