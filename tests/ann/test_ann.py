@@ -281,10 +281,10 @@ def test_query_approximate_with_rerank_equals_the_exact_query(model_store, metho
 @pytest.fixture(scope="module")
 def run_store(tiny_models, tmp_path_factory):
     """A training-run store of three checkpoints: TracIn sums a term per checkpoint, which no index ranks."""
-    from tests.training_run.test_training_run import _train_checkpoints
+    from tests.trained_checkpoints import train_checkpoints
 
     root = tmp_path_factory.mktemp("ann_run")
-    _train_checkpoints(tiny_models["gpt2"], root / "trainer")
+    train_checkpoints(tiny_models["gpt2"], root / "trainer")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     raw = job_config(root, tiny_models["gpt2"], train, training_run={"trainer_dir": str(root / "trainer")})
     run_index(parse_config(raw), show_progress=False)

@@ -24,9 +24,9 @@ from engine.config.capabilities import (
 from engine.errors import TributaryError
 from engine.indexing.plan_and_build import plan_and_build
 from engine.spectral.methods import method_from_config
+from tests.call_counting import count_calls
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import SENTENCES, job_config, write_jsonl
-from tests.query.test_query_plan import count_calls
 from tests.requirements import require
 
 SINGLE_TERM = {"grad_dot", "grad_cos", "if"}  # one query term at the final model, F = 1 or F(Λ)
@@ -143,10 +143,9 @@ def test_an_http_request_goes_through_the_matrix(indexed, validator_calls):
     require("ray.serve")
     from engine.serving.app import build_api
     from engine.serving.plan import resolve_serve_plan
-    from tests.e2e.test_serving import asgi_request
-    from tests.serving.test_serve_plan import _replica
+    from tests.service_helpers import asgi_request, replica
 
-    service = _replica(resolve_serve_plan(parse_config(indexed["raw"])))
+    service = replica(resolve_serve_plan(parse_config(indexed["raw"])))
     before = validator_calls["check_capability"]
     body = {"queries": [{"prompt": "the fox eats", "completion": " berries"}], "top_k": 2, "method": "tracin"}
     status, answer = asgi_request(build_api(service), "POST", "/v1/attribute", json.dumps(body).encode())

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from engine.cli import app
-from tests.report.test_report import png_summary, require_chromium, run_chromium, screenshot_and_dom
+from tests.chromium import png_summary, require_chromium, run_chromium, screenshot_and_dom
 
 LAPTOP = (1366, 900)
 

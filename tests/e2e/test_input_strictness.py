@@ -119,7 +119,7 @@ def service(tiny_models, tmp_path_factory):
 
 
 def _post(api, body: dict | bytes) -> tuple[int, dict, int]:
-    from tests.e2e.test_serving import asgi_request
+    from tests.service_helpers import asgi_request
 
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
     status, answer = asgi_request(api, "POST", "/v1/attribute", payload)
@@ -192,7 +192,7 @@ def test_the_body_limit_refuses_in_the_shape_of_every_other_refusal(service):
 
 
 def test_info_answers_503_once_the_store_was_replaced(service, tmp_path):
-    from tests.e2e.test_serving import asgi_request
+    from tests.service_helpers import asgi_request
 
     raw, replica, api = service
     store = Path(raw["store"]["path"])

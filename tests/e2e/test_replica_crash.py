@@ -25,10 +25,9 @@ import yaml
 
 from tests.cli_helpers import invoke
 from tests.conftest import PROMPTS, write_jsonl
-from tests.e2e.test_serving import assert_same_records, read_jsonl
 from tests.ports import unused_port
 from tests.requirements import require
-from tests.service_helpers import indexed_config
+from tests.service_helpers import assert_same_records, indexed_config, read_jsonl
 
 ray = require("ray")
 require("ray.serve")

@@ -15,7 +15,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -29,6 +28,7 @@ from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.ports import unused_port
 from tests.requirements import require
+from tests.service_helpers import asgi_request, assert_same_records, read_jsonl
 
 ray = require("ray")
 require("ray.serve")
@@ -53,10 +53,6 @@ def store_snapshot(path: Path) -> dict[str, tuple[str, int]]:
         )
         for entry in sorted([path, *path.rglob("*")])
     }
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -112,20 +108,6 @@ def cli_records(served, name: str, rows: list[dict], *options) -> list[dict]:
 @pytest.fixture(scope="module")
 def reference(served):
     return cli_records(served, "queries", QUERIES)
-
-
-def assert_same_records(served_records: list[dict], cli: list[dict]) -> None:
-    """Everything equal; scores to float64 rounding (a batch's padding and BLAS blocking may differ)."""
-    served_records, cli = json.loads(json.dumps(served_records)), json.loads(json.dumps(cli))
-    assert len(served_records) == len(cli)
-    for ours, theirs in zip(served_records, cli):
-        for kind in ("top_k", "bottom_k"):
-            np.testing.assert_allclose(
-                [e["score"] for e in ours[kind]], [e["score"] for e in theirs[kind]], rtol=1e-9, atol=1e-9
-            )
-            for entry in ours[kind] + theirs[kind]:
-                entry.pop("score")
-        assert ours == theirs
 
 
 # ---- results --------------------------------------------------------------------------------------
@@ -299,43 +281,6 @@ def test_unknown_paths_and_methods_are_refused_in_the_error_shape(served):
         assert_error_shape(answer)
         if expected == 405:
             assert "allow" in headers, headers  # the allowed methods are still named
-
-
-def asgi_request(app, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
-    """One request straight to an ASGI app (no server, no HTTP client library)."""
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    incoming = [{"type": "http.request", "body": body, "more_body": False}]
-    sent: list[dict] = []
-
-    async def receive() -> dict:
-        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        sent.append(message)
-
-    async def call() -> None:
-        try:
-            await app(scope, receive, send)
-        except Exception:  # Starlette re-raises an unexpected error after answering it
-            pass
-
-    asyncio.run(call())
-    status = next(message["status"] for message in sent if message["type"] == "http.response.start")
-    payload = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
-    return status, json.loads(payload)
 
 
 def test_the_api_answers_in_the_error_shape_at_the_default_body_limit():

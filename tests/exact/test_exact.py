@@ -29,8 +29,14 @@ from engine.store.summary import store_summary
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import write_config
-from tests.gradients.test_nonfinite import SKIPPED_IDS, _all_rows, _skip_config, _train, nan_word_model  # noqa: F401
+from tests.nonfinite_models import SKIPPED_IDS, all_rows, nan_word_model_in, rows_file, skip_config
 from tests.requirements import require
+
+
+@pytest.fixture(scope="module")
+def nan_word_model(tmp_path_factory):
+    return nan_word_model_in(tmp_path_factory.mktemp("nan_words"))
+
 
 QUERIES = [
     {"id": "q0", "text": "the fox eats clams in the snow"},
@@ -319,14 +325,14 @@ def test_exact_with_a_lora_adapter(mode, tiny_models, lora_adapters, text_train,
 
 
 @pytest.mark.heavy  # two indexes and two queries of the NaN-word model: ~10 s
-def test_skipped_rows_and_a_nonfinite_query(tmp_path, nan_word_model):  # noqa: F811 (the imported fixture)
+def test_skipped_rows_and_a_nonfinite_query(tmp_path, nan_word_model):
     """Rows pass 1 skipped (data.on_nonfinite: skip) are out of the full-width factors and never scored: the
     other rows' exact scores equal a dim-0 store of those rows alone; a query with a NaN gradient is refused."""
-    raw = _skip_config(tmp_path, nan_word_model, _all_rows(tmp_path), "skip.zarr", projection={"dim": 4})
+    raw = skip_config(tmp_path, nan_word_model, all_rows(tmp_path), "skip.zarr", projection={"dim": 4})
     raw["exact"] = {"factors": True}
     run_index(parse_config(raw), show_progress=False)
     kept = [(f"t{i}", s) for i, s in enumerate(SENTENCES) if f"t{i}" not in SKIPPED_IDS]
-    reference = _skip_config(tmp_path, nan_word_model, _train(tmp_path, kept, "kept.jsonl"), "kept.zarr")
+    reference = skip_config(tmp_path, nan_word_model, rows_file(tmp_path, kept, "kept.jsonl"), "kept.zarr")
     run_index(parse_config(reference), show_progress=False)
     queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q0", "prompt": "the fox eats", "completion": " berries"}])
     exact = run_exact(parse_config(raw), str(queries), QueryOptions(k=8))

@@ -22,26 +22,17 @@ from engine.config import parse_config
 from engine.errors import TributaryError
 from engine.local_or_ray import run_index, run_query
 from engine.store import GradientStore
-from engine.testing.tiny import save_tiny
-from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
+from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import run_cli, store_contents
+from tests.nonfinite_models import (
+    SKIPPED_IDS,
+    all_rows,
+    edited_model,
+    nan_word_model_in,
+    rows_file,
+    skip_config,
+)
 from tests.requirements import require
-
-NAN_WORDS = ("owl", "otter")  # SENTENCES[1] and SENTENCES[3]: the rows a NaN embedding of these words spoils
-SKIPPED_IDS = ["t1", "t3"]
-
-
-def _edited_model(directory: Path, edit, dtype: torch.dtype = torch.float32) -> Path:
-    """A tiny Llama (untied embeddings: a NaN embedding row spoils only the rows holding that word) after `edit`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = save_tiny(directory, "llama", vocabulary_texts(), hidden=8, layers=2, heads=2, seed=1)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    with torch.no_grad():
-        edit(model, tokenizer)
-    model.to(dtype).save_pretrained(path)  # pyright: ignore[reportArgumentType] (PreTrainedModel.to is typed through functools.wraps)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +40,12 @@ def nan_weight_model(tmp_path_factory) -> Path:
     def one_nan(model, _tokenizer):
         model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
 
-    return _edited_model(tmp_path_factory.mktemp("nan_weight"), one_nan)
+    return edited_model(tmp_path_factory.mktemp("nan_weight"), one_nan)
 
 
 @pytest.fixture(scope="module")
 def nan_word_model(tmp_path_factory) -> Path:
-    def nan_words(model, tokenizer):
-        for word in NAN_WORDS:
-            (token,) = tokenizer(word, add_special_tokens=False)["input_ids"]
-            model.model.embed_tokens.weight[token] = float("nan")
-
-    return _edited_model(tmp_path_factory.mktemp("nan_words"), nan_words)
-
-
-def _train(tmp_path: Path, sentences: list[tuple[str, str]], name: str = "train.jsonl") -> Path:
-    return write_jsonl(tmp_path / name, [{"id": row_id, "text": text} for row_id, text in sentences])
-
-
-def _all_rows(tmp_path: Path) -> Path:
-    return _train(tmp_path, [(f"t{i}", s) for i, s in enumerate(SENTENCES)])
+    return nan_word_model_in(tmp_path_factory.mktemp("nan_words"))
 
 
 def _committed_rows_are_finite(path: str) -> None:
@@ -90,7 +68,7 @@ def _committed_rows_are_finite(path: str) -> None:
 )
 def test_a_nan_weight_stops_index_naming_a_row_and_a_module(tmp_path, nan_weight_model, strategy, method, cluster):
     raw = job_config(
-        tmp_path, nan_weight_model, _all_rows(tmp_path), curvature={"strategy": strategy}, method={"name": method}
+        tmp_path, nan_weight_model, all_rows(tmp_path), curvature={"strategy": strategy}, method={"name": method}
     )
     raw["store"]["rows_per_chunk"] = 3
     if cluster is not None:
@@ -107,18 +85,11 @@ def test_a_nan_weight_stops_index_naming_a_row_and_a_module(tmp_path, nan_weight
     _committed_rows_are_finite(raw["store"]["path"])
 
 
-def _skip_config(tmp_path: Path, model: Path, train: Path, store: str, **sections) -> dict:
-    raw = job_config(tmp_path, model, train, curvature={"strategy": "ekfac", "fisher": "empirical"}, **sections)
-    raw["data"]["on_nonfinite"] = "skip"
-    raw["store"].update(path=str(tmp_path / store), rows_per_chunk=3)
-    return raw
-
-
 def test_skip_leaves_out_exactly_the_nonfinite_rows(tmp_path, nan_word_model, caplog):
     """The skipped rows are listed, stored as zeros, out of the curvature sums (the factors equal those of a
     store of the other rows alone) and never ranked."""
-    train = _all_rows(tmp_path)
-    raw = _skip_config(tmp_path, nan_word_model, train, "skip.zarr")
+    train = all_rows(tmp_path)
+    raw = skip_config(tmp_path, nan_word_model, train, "skip.zarr")
     with caplog.at_level("WARNING"):
         run_index(parse_config(raw), show_progress=False)
     assert "skipped 2 of 8 rows" in caplog.text
@@ -129,7 +100,7 @@ def test_skip_leaves_out_exactly_the_nonfinite_rows(tmp_path, nan_word_model, ca
     assert all(row.modules for row in manifest.skipped)
 
     kept = [(f"t{i}", s) for i, s in enumerate(SENTENCES) if f"t{i}" not in SKIPPED_IDS]
-    reference_raw = _skip_config(tmp_path, nan_word_model, _train(tmp_path, kept, "kept.jsonl"), "kept.zarr")
+    reference_raw = skip_config(tmp_path, nan_word_model, rows_file(tmp_path, kept, "kept.jsonl"), "kept.zarr")
     reference_raw["data"]["on_nonfinite"] = "error"  # the other rows alone are finite
     run_index(parse_config(reference_raw), show_progress=False)
     ours, reference = store_contents(raw["store"]["path"]), store_contents(reference_raw["store"]["path"])
@@ -155,7 +126,7 @@ def test_skip_leaves_out_exactly_the_nonfinite_rows(tmp_path, nan_word_model, ca
 
 def test_a_nonfinite_query_is_refused_by_id(tmp_path, nan_word_model):
     """On the CLI (exit 2, one line) and by the service (422 naming the query; the other requests answered)."""
-    raw = _skip_config(tmp_path, nan_word_model, _all_rows(tmp_path), "skip.zarr")
+    raw = skip_config(tmp_path, nan_word_model, all_rows(tmp_path), "skip.zarr")
     run_index(parse_config(raw), show_progress=False)
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(raw))
@@ -175,7 +146,7 @@ def test_a_nonfinite_query_is_refused_by_id(tmp_path, nan_word_model):
 
     require("ray.serve")
     from engine.serving.app import AttributionService, build_api
-    from tests.e2e.test_serving import asgi_request
+    from tests.service_helpers import asgi_request
 
     # the replica class itself, in this process (Serve's ingress wrapper around it needs a running Serve)
     wrapped = cast(type, AttributionService.func_or_class)  # Serve types it as a class or an import path
@@ -223,8 +194,8 @@ def test_a_float16_model_that_overflows_is_an_error(tmp_path):
                 projection.weight.mul_(1e3)
         assert all(torch.isfinite(p.to(torch.float16)).all() for p in model.parameters())
 
-    model = _edited_model(tmp_path / "fp16", overflowing, torch.float16)
-    raw = job_config(tmp_path, model, _all_rows(tmp_path), curvature={"strategy": "identity"})
+    model = edited_model(tmp_path / "fp16", overflowing, torch.float16)
+    raw = job_config(tmp_path, model, all_rows(tmp_path), curvature={"strategy": "identity"})
     raw["model"]["dtype"] = "float16"
     raw["store"].update(dtype="float16", rows_per_chunk=3)
     with pytest.raises(TributaryError, match=r'row \d+ \(id "t\d+"'):
@@ -248,11 +219,11 @@ def test_a_workers_error_comes_back_as_its_own_line():
 
 def test_skip_is_refused_for_a_training_run(tmp_path, tiny_models):
     """Each checkpoint would skip its own rows, so no one set of rows could be ranked: refused before any work."""
-    from tests.training_run.test_training_run import _train_checkpoints
+    from tests.trained_checkpoints import train_checkpoints
 
-    _train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2,))
+    train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2,))
     raw = job_config(
-        tmp_path, tiny_models["gpt2"], _all_rows(tmp_path), training_run={"trainer_dir": str(tmp_path / "trainer")}
+        tmp_path, tiny_models["gpt2"], all_rows(tmp_path), training_run={"trainer_dir": str(tmp_path / "trainer")}
     )
     raw["data"]["on_nonfinite"] = "skip"
     with pytest.raises(TributaryError, match="on_nonfinite: skip is for single-checkpoint stores"):
@@ -263,8 +234,8 @@ def test_skip_is_refused_for_a_training_run(tmp_path, tiny_models):
 def test_skip_with_every_row_non_finite_is_a_clean_error(tmp_path, nan_weight_model):
     """A model that is NaN everywhere leaves no row to fit the curvature on: an error naming the file, not
     numpy's "covariance has no data", and the store stays incomplete."""
-    train = _all_rows(tmp_path)
-    raw = _skip_config(tmp_path, nan_weight_model, train, "all.zarr")
+    train = all_rows(tmp_path)
+    raw = skip_config(tmp_path, nan_weight_model, train, "all.zarr")
     with pytest.raises(TributaryError, match="every row of .*train.jsonl has non-finite values"):
         run_index(parse_config(raw), show_progress=False)
     assert not GradientStore.open(raw["store"]["path"]).manifest.complete
@@ -274,14 +245,14 @@ def test_the_fitting_pass_follows_on_nonfinite(tmp_path, nan_word_model):
     """projection.kind kfac_eigen: with data.on_nonfinite: skip the fit leaves out the NaN rows, so its matrices
     equal those fitted on the other rows alone; with error it stops naming a row, before any gradient is stored."""
     fitted = {"dim": 4, "kind": "kfac_eigen"}
-    raw = _skip_config(tmp_path, nan_word_model, _all_rows(tmp_path), "skip.zarr", projection=fitted)
+    raw = skip_config(tmp_path, nan_word_model, all_rows(tmp_path), "skip.zarr", projection=fitted)
     run_index(parse_config(raw), show_progress=False)
     ours = GradientStore.open(raw["store"]["path"])
     assert ours.manifest.complete and [row.id for row in ours.manifest.skipped] == SKIPPED_IDS
 
     kept = [(f"t{i}", s) for i, s in enumerate(SENTENCES) if f"t{i}" not in SKIPPED_IDS]
-    reference_raw = _skip_config(
-        tmp_path, nan_word_model, _train(tmp_path, kept, "kept.jsonl"), "kept.zarr", projection=fitted
+    reference_raw = skip_config(
+        tmp_path, nan_word_model, rows_file(tmp_path, kept, "kept.jsonl"), "kept.zarr", projection=fitted
     )
     reference_raw["data"]["on_nonfinite"] = "error"
     run_index(parse_config(reference_raw), show_progress=False)
@@ -291,7 +262,7 @@ def test_the_fitting_pass_follows_on_nonfinite(tmp_path, nan_word_model):
         np.testing.assert_allclose(p_in, reference[name][0], atol=1e-5)
         np.testing.assert_allclose(p_out, reference[name][1], atol=1e-5)
 
-    strict = _skip_config(tmp_path, nan_word_model, _all_rows(tmp_path), "strict.zarr", projection=fitted)
+    strict = skip_config(tmp_path, nan_word_model, all_rows(tmp_path), "strict.zarr", projection=fitted)
     strict["data"]["on_nonfinite"] = "error"
     with pytest.raises(TributaryError, match=r'non-finite gradient \(NaN/inf\) at row 1 \(id "t1"'):
         run_index(parse_config(strict), show_progress=False)

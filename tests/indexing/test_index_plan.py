@@ -16,9 +16,9 @@ from engine.indexing.plan import resolve_index_plan
 from engine.indexing.plan_and_build import plan_and_build
 from engine.store import GradientStore
 from engine.store.run_store import RunStore
+from tests.call_counting import count_calls
 from tests.conftest import SENTENCES, job_config, write_jsonl
-from tests.query.test_query_plan import count_calls
-from tests.training_run.test_training_run import _train_checkpoints
+from tests.trained_checkpoints import train_checkpoints
 
 
 def _counted(monkeypatch) -> Counter:
@@ -43,7 +43,7 @@ def test_a_single_checkpoint_index_resolves_its_plan_once(tiny_models, tmp_path,
 
 
 def test_a_training_run_index_resolves_its_plan_once(tiny_models, tmp_path, monkeypatch):
-    _train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2, 4))
+    train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2, 4))
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     config = parse_config(
         job_config(tmp_path, tiny_models["gpt2"], train, training_run={"trainer_dir": str(tmp_path / "trainer")})
@@ -69,7 +69,7 @@ def test_a_training_run_index_resolves_its_plan_once(tiny_models, tmp_path, monk
 def test_the_plan_refuses_a_training_run_before_reading_rows(tiny_models, tmp_path, monkeypatch, sections, message):
     from engine.errors import TributaryError
 
-    _train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2,))
+    train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2,))
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     run = {"trainer_dir": str(tmp_path / "trainer"), **sections.pop("training_run", {})}
     raw = job_config(tmp_path, tiny_models["gpt2"], train, training_run=run, **sections)

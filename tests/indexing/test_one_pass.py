@@ -117,17 +117,12 @@ def test_kept_fisher_rows_are_the_sampled_label_gradients(tmp_path, tiny_models,
 
 def test_skipped_rows_are_left_out_of_the_stored_lambda(tmp_path):
     """data.on_nonfinite: skip with the true Fisher: the Λ read leaves out the same rows as pass 2 does."""
-    from tests.gradients.test_nonfinite import NAN_WORDS, SKIPPED_IDS, _all_rows, _edited_model
+    from tests.nonfinite_models import SKIPPED_IDS, all_rows, nan_word_model_in
 
-    def nan_words(model, tokenizer):
-        for word in NAN_WORDS:
-            (token,) = tokenizer(word, add_special_tokens=False)["input_ids"]
-            model.model.embed_tokens.weight[token] = float("nan")
-
-    model = _edited_model(tmp_path / "nan_words", nan_words)
+    model = nan_word_model_in(tmp_path / "nan_words")
     stores = {}
     for lambdas in ("store", "model"):
-        raw = job_config(tmp_path, model, _all_rows(tmp_path), curvature={"lambdas": lambdas})
+        raw = job_config(tmp_path, model, all_rows(tmp_path), curvature={"lambdas": lambdas})
         raw["data"]["on_nonfinite"] = "skip"
         raw["store"].update(path=str(tmp_path / f"{lambdas}.zarr"), rows_per_chunk=3)
         run_index(parse_config(raw), show_progress=False)

@@ -16,8 +16,7 @@ from engine.data.rows import Row
 from engine.data.tokenize import tokenize_row
 from engine.query.records import ECHO_CHARS
 from tests.conftest import SENTENCES, job_config, write_jsonl
-from tests.distributed_helpers import ROOT
-from tests.e2e.test_bad_paths import write_config
+from tests.distributed_helpers import ROOT, write_config
 
 TEN_MB = 10_000_000
 PEAK_LIMIT_MB = 900  # tokenising the whole row peaked at 1.6 GB; the process itself needs about 450 MB

@@ -4,9 +4,7 @@ model loads."""
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from engine.errors import TributaryError
 from engine.indexing.plan_and_build import plan_and_build
 from engine.query.plan import QueryOutputs, resolve_query_plan
 from engine.query.plan_and_score import plan_and_score
+from tests.call_counting import count_calls
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 
 QUERIES = [
@@ -45,22 +44,6 @@ def indexed(tiny_models, tmp_path_factory) -> dict:
             root / "prompts.jsonl", [{"id": f"g{i}", "prompt": p} for i, (p, _) in enumerate(PROMPTS)]
         ),
     }
-
-
-def count_calls(monkeypatch, counts: Counter, name: str, original, only_path: Path | None = None) -> None:
-    """Wrap `original` wherever an engine module holds it (its own module and every `from ... import`), counting
-    calls (those whose first argument is `only_path`, when given)."""
-
-    def counting(*args, **kwargs):
-        if only_path is None or Path(args[0]).resolve() == only_path.resolve():
-            counts[name] += 1
-        return original(*args, **kwargs)
-
-    for module_name, module in list(sys.modules.items()):
-        if module_name.startswith("engine") and module is not None:
-            for attribute, value in list(vars(module).items()):
-                if value is original:
-                    monkeypatch.setattr(module, attribute, counting)
 
 
 @pytest.mark.parametrize("generated", [False, True], ids=["rows", "generate"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -17,9 +16,10 @@ from engine.config import QueryOptions, parse_config
 from engine.errors import TributaryError
 from engine.indexing.plan_and_build import plan_and_build
 from engine.query.plan_and_score import plan_and_score
+from tests.call_counting import count_calls
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
-from tests.query.test_query_plan import count_calls
 from tests.requirements import require
+from tests.service_helpers import asgi_request, replica
 
 
 @pytest.fixture(scope="module")
@@ -31,23 +31,11 @@ def indexed(tiny_models, tmp_path_factory) -> dict:
     return {"root": root, "raw": raw}
 
 
-def _replica(plan) -> Any:
-    """The replica class itself, in this process (Serve's ingress wrapper around it needs a running Serve)."""
-    from engine.serving.app import AttributionService
-
-    wrapped = cast(type, AttributionService.func_or_class)
-    replica: Any = next(c for c in wrapped.__mro__ if "_score_batch" in vars(c))
-    service = replica.__new__(replica)
-    replica.__init__(service, plan)
-    return service
-
-
 def test_a_service_resolves_method_and_final_model_once(indexed):
     require("ray.serve")
     from engine.serving.app import build_api
     from engine.serving.plan import resolve_serve_plan
     from engine.serving.service import build_application
-    from tests.e2e.test_serving import asgi_request
 
     config = parse_config(indexed["raw"])
     counts: Counter = Counter()
@@ -56,7 +44,7 @@ def test_a_service_resolves_method_and_final_model_once(indexed):
         count_calls(monkeypatch, counts, "final model", engine.query.attributor.final_model)
         plan = resolve_serve_plan(config)
         build_application(plan)  # what `tributary serve` deploys: built from the plan alone
-        service = _replica(plan)
+        service = replica(plan)
     assert counts == {"method": 1, "final model": 1}
     assert plan.final_store == indexed["raw"]["store"]["path"] and plan.method.name == "if"
 

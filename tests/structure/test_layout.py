@@ -3,7 +3,8 @@ whole runs (the CLI, index + query pipelines, services, clusters), tests/structu
 shape. A test file left at tests/ top level, or in a folder named after no package, is named with the rule.
 
 Shared helpers (conftest.py, cli_helpers.py, reference.py, ...) stay at tests/ top level, so `tests.reference`
-and the like import the same from every folder.
+and the like import the same from every folder. A test file imports no other test file: what two test files share
+is a helper module at top level (importing a test module runs its module-level code and ties the two together).
 """
 
 from __future__ import annotations
@@ -78,6 +79,32 @@ def layout_problems(tests: Path, engine: Path) -> list[str]:
 def test_the_tests_mirror_the_packages_of_engine():
     problems = layout_problems(ROOT / "tests", ROOT / "engine")
     assert not problems, "\n".join(problems)
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The test modules (tests/**/test_*.py) that `path` imports, at any depth of its code."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module]
+        found += [name for name in names if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_")]
+    return found
+
+
+def test_no_test_file_imports_another():
+    problems = [
+        f"{path.relative_to(ROOT)} imports {name}: move what both use into a helper module at tests/ top level"
+        for path in sorted((ROOT / "tests").rglob("test_*.py"))
+        for name in imported_test_modules(path)
+    ]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_import_reader_sees_nested_imports(tmp_path):
+    path = tmp_path / "test_x.py"
+    path.write_text("import tests.reference\ndef f():\n    from tests.e2e.test_serving import helper\n")
+    assert imported_test_modules(path) == ["tests.e2e.test_serving"]
 
 
 def test_every_package_of_engine_is_seen():

@@ -14,57 +14,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.config import parse_config
 from engine.curvature.factors import final_factors, initial_factors
 from engine.curvature.statistics import merge_all
 from engine.errors import TributaryError
-from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass, lambda_pass
 from engine.local_or_ray import run_index, run_query
 from engine.store.run_store import RunStore
-from engine.training_run.configs import checkpoint_config
 from engine.training_run.resolve import resolve_run
 from tests.conftest import SENTENCES, job_config, write_jsonl
-from tests.reference import autograd_per_example
+from tests.trained_checkpoints import RATES, checkpoint_context, reference_rows, train_checkpoints
 
 QUERIES = [{"id": "q0", "text": "the fox eats seeds in the snow"}, {"id": "q1", "text": SENTENCES[3]}]
-RATES = [0.05, 0.04, 0.03, 0.02, 0.01, 0.005]  # the learning rate of steps 1..6, as a linear-decay schedule logs it
-
-
-def _train_checkpoints(base: Path, out: Path, saves=(2, 4, 6), log_every: int = 1) -> list[Path]:
-    """SGD on the tiny GPT-2 (mean token loss over SENTENCES, batch = all), a checkpoint-STEP directory at each
-    step in `saves`, each with the trainer_state.json an HF Trainer writes (log_history with learning_rate)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
-    batch = tokenizer(SENTENCES, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    paths, history = [], []
-    for step in range(1, max(saves) + 1):
-        loss = model(**batch, labels=labels).loss
-        grads = torch.autograd.grad(loss, [p for p in model.parameters()])
-        with torch.no_grad():
-            for p, g in zip(model.parameters(), grads):
-                p -= RATES[step - 1] * g
-        if step % log_every == 0:
-            history.append({"step": step, "learning_rate": RATES[step - 1], "loss": float(loss.detach())})
-        if step in saves:
-            path = out / f"checkpoint-{step}"
-            model.save_pretrained(path)
-            (path / "trainer_state.json").write_text(
-                json.dumps({"global_step": step, "max_steps": max(saves), "log_history": history})
-            )
-            paths.append(path)
-    return paths
 
 
 @pytest.fixture(scope="module")
 def run_setup(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    checkpoints = _train_checkpoints(tiny_models["gpt2"], root / "trainer")
+    checkpoints = train_checkpoints(tiny_models["gpt2"], root / "trainer")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     queries = write_jsonl(root / "queries.jsonl", QUERIES)
     raw = job_config(
@@ -72,17 +40,6 @@ def run_setup(tiny_models, tmp_path_factory):
     )
     store = run_index(parse_config(raw), show_progress=False)
     return root, raw, checkpoints, store, queries
-
-
-def _context(raw: dict, weights: Path, rows_file: Path):
-    config = checkpoint_config(parse_config(raw), str(weights), str(rows_file), "unused")
-    return prepare_index_job(config)
-
-
-def _reference_rows(raw, weights, rows_file) -> np.ndarray:
-    job = _context(raw, weights, rows_file)
-    context = job.context
-    return autograd_per_example(context.model, context.modules, job.tokenized, context.pad_id).numpy()
 
 
 def test_plan_comes_from_trainer_state(run_setup):
@@ -107,7 +64,7 @@ def test_each_checkpoint_store_holds_that_checkpoints_gradients(run_setup):
     for index, weights in enumerate(checkpoints):
         rows = store.checkpoint(f"c{index}").read_rows(0, len(SENTENCES))
         np.testing.assert_allclose(
-            rows, _reference_rows(raw, weights, Path(raw["data"]["train"])), rtol=1e-9, atol=1e-12
+            rows, reference_rows(raw, weights, Path(raw["data"]["train"])), rtol=1e-9, atol=1e-12
         )
 
 
@@ -115,7 +72,7 @@ def test_segment_factors_average_over_checkpoints_in_one_basis(run_setup):
     """Segment 0's factors equal: covariance sums of both checkpoints added, one eigendecomposition, Λ from a
     lambda pass at each checkpoint in that basis, averaged — computed here outside the driver."""
     root, raw, checkpoints, store, _ = run_setup
-    jobs = [_context(raw, weights, Path(raw["data"]["train"])) for weights in checkpoints[:2]]
+    jobs = [checkpoint_context(raw, weights, Path(raw["data"]["train"])) for weights in checkpoints[:2]]
     widths = {m.name: (m.k_in, m.k_out) for m in jobs[0].context.spec.modules}
     covariance = merge_all([gradient_pass(job.context, job.tokenized).sums for job in jobs]).covariance
     basis = initial_factors("ekfac", covariance, widths)
@@ -147,10 +104,10 @@ def test_methods_on_the_store_equal_their_explicit_formulas(run_setup, tmp_path)
     u·S₂R₁·(g^(c0) + g^(c1))/2 with R, S dense matrices of the stored segment factors. Every gradient by autograd."""
     root, raw, checkpoints, store, queries = run_setup
     train_file = Path(raw["data"]["train"])
-    rows = [_reference_rows(raw, w, train_file) for w in checkpoints]
-    query_rows = [_reference_rows(raw, w, queries) for w in checkpoints]
+    rows = [reference_rows(raw, w, train_file) for w in checkpoints]
+    query_rows = [reference_rows(raw, w, queries) for w in checkpoints]
     plan = store.plan
-    spec = _context(raw, checkpoints[0], train_file).context.spec
+    spec = checkpoint_context(raw, checkpoints[0], train_file).context.spec
 
     tracin = sum(c.learning_rate * q @ r.T for c, q, r in zip(plan.checkpoints, query_rows, rows))
     np.testing.assert_allclose(_scores(raw, queries, {"name": "tracin"}, tmp_path), tracin, rtol=1e-8)

@@ -16,7 +16,7 @@ from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import assert_same_store, local_ray, store_config, store_contents
 from tests.requirements import require
-from tests.training_run.test_training_run import _train_checkpoints
+from tests.trained_checkpoints import train_checkpoints
 
 ray = require("ray")
 
@@ -29,7 +29,7 @@ def local_ray_fixture():
 
 @pytest.mark.heavy
 def test_run_on_two_workers_equals_single_process(local_ray, tiny_models, tmp_path):
-    _train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2, 4))
+    train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2, 4))
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     run = {"trainer_dir": str(tmp_path / "trainer")}
 

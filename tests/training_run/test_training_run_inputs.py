@@ -21,7 +21,7 @@ from engine.local_or_ray import run_index, run_query
 from engine.store.run_store import RunStore
 from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, job_config, vocabulary_texts, write_jsonl
-from tests.training_run.test_training_run import _reference_rows, _train_checkpoints
+from tests.trained_checkpoints import reference_rows, train_checkpoints
 from tests.unrolling import mlp
 
 
@@ -111,8 +111,8 @@ def test_adam_run_from_trainer_output(adam_run, tmp_path):
     np.testing.assert_allclose(stored[module], expected, rtol=1e-12)
 
     train_file = Path(raw["data"]["train"])
-    rows = np.mean([_reference_rows(raw, c, train_file) for c in checkpoints], axis=0)
-    u = _reference_rows(raw, checkpoints[-1], queries)
+    rows = np.mean([reference_rows(raw, c, train_file) for c in checkpoints], axis=0)
+    u = reference_rows(raw, checkpoints[-1], queries)
     spec = store.manifest.projection
     factors = store.read_segment_factors(0)
     eta, steps = plan.segments[0].eta, plan.segments[0].steps
@@ -138,7 +138,7 @@ def test_fast_source_indexes_the_averaged_parameters(tiny_models, tmp_path):
     fast_source scores against them."""
     from transformers import AutoModelForCausalLM
 
-    checkpoints = _train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2, 4))
+    checkpoints = train_checkpoints(tiny_models["gpt2"], tmp_path / "trainer", saves=(2, 4))
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     raw = job_config(
         tmp_path,
@@ -157,7 +157,7 @@ def test_fast_source_indexes_the_averaged_parameters(tiny_models, tmp_path):
     average.save_pretrained(tmp_path / "average")
     np.testing.assert_allclose(
         store.checkpoint("avg0").read_rows(0, len(SENTENCES)),
-        _reference_rows(raw, tmp_path / "average", train),
+        reference_rows(raw, tmp_path / "average", train),
         rtol=1e-9,
         atol=1e-12,
     )
@@ -174,7 +174,7 @@ def test_fast_source_indexes_the_averaged_parameters(tiny_models, tmp_path):
 def plain_checkpoints(tiny_models, tmp_path_factory) -> tuple[Path, list[Path], Path]:
     """Two checkpoints without trainer_state.json (copied model directories) and a wider model."""
     root = tmp_path_factory.mktemp("bad")
-    trained = _train_checkpoints(tiny_models["gpt2"], root / "trainer", saves=(2, 4))
+    trained = train_checkpoints(tiny_models["gpt2"], root / "trainer", saves=(2, 4))
     plain = []
     for path in trained:
         target = root / f"plain-{path.name}"
