@@ -92,7 +92,7 @@ def resolve_index_plan(config: JobConfig) -> IndexPlan:
     if run is None:
         check_weight_files(weights)
     spec = None
-    structure = meta_model(weights)
+    structure = meta_model(weights, config.model.trust_remote_code)
     if config.placement.kind == "zero3":
         refuse_partitioned_experts(structure)
     if config.model.adapter is None:  # a training run refuses an adapter (engine.training_run.resolve)

@@ -180,7 +180,7 @@ def run_training_index(
     if plan.preconditioned:
         if config.training_run is None:
             raise ValueError("a preconditioned plan comes from a config with a training_run section")
-        model = meta_model(plan.final.weights)
+        model = meta_model(plan.final.weights, config.model.trust_remote_code)
         modules = select_modules(model, config.model.modules)
         for checkpoint in plan.checkpoints:
             preconditioners[checkpoint.name] = read_preconditioner(

@@ -121,9 +121,13 @@ def read_preconditioner(
     return out
 
 
-def meta_model(path: str) -> nn.Module:
-    """The model's structure without its weights (meta device): names, shapes and module types."""
+def meta_model(path: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model's structure without its weights (meta device): names, shapes and module types. With
+    `trust_remote_code` the checkpoint's own code builds it, as it builds the loaded model."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    trust = {"trust_remote_code": trust_remote_code}
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+        return AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(path, local_files_only=True, **trust), **trust
+        )

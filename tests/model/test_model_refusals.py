@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -114,3 +115,43 @@ def test_experts_that_cannot_be_split_are_refused_before_the_store_exists(text_t
     monkeypatch.setattr(context, "load_model", unsplittable)
     raw = job_config(tmp_path, path, text_train, model={"tokenizer": str(path / "tokenizer")})
     _index_fails(tmp_path, raw, "cannot split per expert", "model.modules")
+
+
+TRUSTED_CONFIG = """
+from transformers import LlamaConfig
+
+
+class CustomConfig(LlamaConfig):
+    model_type = "tributary_custom"
+"""
+
+TRUSTED_MODEL = """
+from transformers import LlamaForCausalLM
+
+from .configuration_custom import CustomConfig
+
+
+class CustomForCausalLM(LlamaForCausalLM):
+    config_class = CustomConfig
+"""
+
+
+def test_trusted_remote_code_is_indexed_like_the_family_it_wraps(tiny_models, text_train, tmp_path):
+    """model.trust_remote_code: true on a checkpoint whose own code subclasses Llama: every step that reads the
+    model (the plan's structure included) runs that code, and the rows equal the plain Llama's."""
+    from engine.config import parse_config
+    from engine.local_or_ray import run_index
+    from engine.store import GradientStore
+
+    path = _remote_code_checkpoint(tiny_models["llama"], tmp_path / "custom", auto_map=True)
+    (path / "configuration_custom.py").write_text(TRUSTED_CONFIG)
+    (path / "modeling_custom.py").write_text(TRUSTED_MODEL)
+    stores = {}
+    for name, model, trust in (("plain", tiny_models["llama"], False), ("custom", path, True)):
+        raw = job_config(tmp_path / name, model, text_train)
+        raw["model"]["trust_remote_code"] = trust
+        stores[name] = run_index(parse_config(raw), show_progress=False)
+    custom = GradientStore.open(str(stores["custom"].path))
+    plain = GradientStore.open(str(stores["plain"].path))
+    assert custom.manifest.complete
+    np.testing.assert_array_equal(custom.read_rows(0, 8), plain.read_rows(0, 8))
