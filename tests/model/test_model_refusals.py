@@ -16,7 +16,7 @@ import yaml
 from engine.testing.families import save_family
 from engine.testing.tiny import save_tiny
 from tests.cli_helpers import assert_clean_failure, invoke
-from tests.conftest import job_config, vocabulary_texts
+from tests.conftest import job_config, vocabulary_texts, write_jsonl
 
 
 def _index_fails(tmp_path: Path, raw: dict, *expected: str):
@@ -138,20 +138,25 @@ class CustomForCausalLM(LlamaForCausalLM):
 
 def test_trusted_remote_code_is_indexed_like_the_family_it_wraps(tiny_models, text_train, tmp_path):
     """model.trust_remote_code: true on a checkpoint whose own code subclasses Llama: every step that reads the
-    model (the plan's structure included) runs that code, and the rows equal the plain Llama's."""
+    model (the plan's structure included) runs that code, and the rows and a query's scores equal the plain
+    Llama's."""
     from engine.config import parse_config
-    from engine.local_or_ray import run_index
+    from engine.local_or_ray import run_index, run_query
     from engine.store import GradientStore
 
     path = _remote_code_checkpoint(tiny_models["llama"], tmp_path / "custom", auto_map=True)
     (path / "configuration_custom.py").write_text(TRUSTED_CONFIG)
     (path / "modeling_custom.py").write_text(TRUSTED_MODEL)
-    stores = {}
+    queries = write_jsonl(tmp_path / "queries.jsonl", [{"prompt": "the fox eats", "completion": " berries"}])
+    stores, scores = {}, {}
     for name, model, trust in (("plain", tiny_models["llama"], False), ("custom", path, True)):
         raw = job_config(tmp_path / name, model, text_train)
         raw["model"]["trust_remote_code"] = trust
         stores[name] = run_index(parse_config(raw), show_progress=False)
+        scores[name] = run_query(parse_config(raw), str(queries), 3).total
     custom = GradientStore.open(str(stores["custom"].path))
     plain = GradientStore.open(str(stores["plain"].path))
     assert custom.manifest.complete
     np.testing.assert_array_equal(custom.read_rows(0, 8), plain.read_rows(0, 8))
+    assert scores["plain"] is not None and scores["plain"].shape == (1, 8)
+    np.testing.assert_array_equal(scores["custom"], scores["plain"])
