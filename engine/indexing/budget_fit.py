@@ -54,13 +54,19 @@ def needs_measuring(config: JobConfig) -> bool:
 
 
 def measure_budget(
-    config: JobConfig, rows: int, executors: ExecutorFactory, show_progress: bool, break_lock: bool = False
+    config: JobConfig,
+    rows: int,
+    executors: ExecutorFactory,
+    show_progress: bool,
+    break_lock: bool = False,
+    overwrite: bool = False,
 ) -> None:
-    """Fit (or resume, or find done) the measurement store of `config`'s projection.budget."""
+    """Fit (or resume, or find done) the measurement store of `config`'s projection.budget. A measurement made on
+    another model, data or settings is refused like any store's resume (with `overwrite` it is made again), so
+    a changed model never inherits the old split: that check needs the model's fingerprint, hence the executor
+    even when the measurement is done."""
     measuring = measuring_config(config)
     path = measuring.store.path
-    if GradientStore.exists(path) and GradientStore.open(path).has_group(MEASURED):
-        return
     executor = executors(measuring)
     try:
         with StoreLock(path, break_lock=break_lock):
@@ -75,8 +81,9 @@ def measure_budget(
                     rows_per_chunk=measuring.store.rows_per_chunk or config.data.batch_size,
                 )
             )
-            store, _ = open_or_create(GradientStore, path, manifest, overwrite=False)
-            _fit(store, executor, spec, config.method.damping, show_progress)
+            store, _ = open_or_create(GradientStore, path, manifest, overwrite=overwrite)
+            if not store.has_group(MEASURED):
+                _fit(store, executor, spec, config.method.damping, show_progress)
     finally:
         executor.shutdown()
 

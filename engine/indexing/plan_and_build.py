@@ -50,7 +50,7 @@ def plan_and_build(
     check_placement(config, count_devices=config.cluster is None)  # a cluster's devices: by its executor
     check_store_location(config.store.path)
     if needs_measuring(config):
-        measure_budget(config, rows, executors, show_progress, break_lock)
+        measure_budget(config, rows, executors, show_progress, break_lock, overwrite)
     executor = executors(config)
     try:
         with StoreLock(config.store.path, break_lock=break_lock):

@@ -320,3 +320,35 @@ def test_a_budget_fitted_on_fit_rows_measures_every_stride_th_row(tmp_path, tiny
     measured = GradientStore.open(measurement_path(config)).read_module_arrays(MEASURED)
     for name, value in lam.items():
         assert measured[name][0, 0] == pytest.approx(effective_dimension(value, None), rel=1e-6)
+
+
+def test_a_measurement_made_on_another_model_is_refused_and_remade_with_overwrite(tmp_path, tiny_models, text_train):
+    """The store at store.path is gone but its .budget measurement stays; the model changes (same shapes, other
+    weights): the old split is refused in one line naming the measurement, and --overwrite measures the new model
+    (equal to measuring it at a fresh path)."""
+    import shutil
+
+    from engine.store.budget import MEASURED, measurement_path
+    from engine.testing.tiny import save_tiny
+    from tests.conftest import vocabulary_texts
+
+    other = save_tiny(tmp_path / "other", "gpt2", vocabulary_texts(), hidden=8, layers=2, heads=2, seed=7)
+    first = _fit_measured(tmp_path, tiny_models["gpt2"], text_train, "changing", 40)
+    run_index(first, show_progress=False)
+    shutil.rmtree(first.store.path)
+    changed = first.derive(model={"path": str(other)})
+    with pytest.raises(TributaryError, match=r"changing\.zarr\.budget was built from a different model") as refused:
+        run_index(changed, show_progress=False)
+    assert len(str(refused.value).splitlines()) == 1
+    assert not GradientStore.exists(changed.store.path)
+    run_index(changed, show_progress=False, overwrite=True)
+    fresh = _fit_measured(tmp_path, other, text_train, "fresh", 40)
+    run_index(fresh, show_progress=False)
+    remade = GradientStore.open(measurement_path(changed)).read_module_arrays(MEASURED)
+    expected = GradientStore.open(measurement_path(fresh)).read_module_arrays(MEASURED)
+    assert remade.keys() == expected.keys()
+    assert all(np.array_equal(remade[name], expected[name]) for name in expected)
+    assert (
+        GradientStore.open(changed.store.path).manifest.projection
+        == GradientStore.open(fresh.store.path).manifest.projection
+    )
