@@ -6,7 +6,7 @@ and each HTTP request's method (engine.query.attributor.Attributor.method). A re
 combination and what to change. `supported` reads the same table, for `capability_matrix` and the tests.
 
 The exact streamed pass (`--exact`, `--rescore`, `serve.rescore`) is the `exact` feature column: the methods with
-an exact streamed form, on a single-checkpoint store, with a placement that holds the model in one process;
+an exact streamed form, on a single-checkpoint store, on every placement (zero3's ranks in lockstep);
 `check_exact_factors` reads the same table for a config's `exact.factors`.
 """
 
@@ -76,11 +76,14 @@ EXACT_METHODS: tuple[str, ...] = tuple(name for name, capability in METHOD_CAPAB
 EXACT_STORES: frozenset[StoreKind] = frozenset({"checkpoint"})
 
 # zero3 partitions the model over a group of ranks: no one process holds it to generate, to take a gradient per
-# token or to serve, and a training run's checkpoints are not indexed with it yet.
+# token or to serve, and a training run's checkpoints are not indexed with it yet. Its ranks run the exact
+# stages in lockstep (engine.exact.zero_worker): activations and output gradients are whole there.
 PLACEMENT_CAPABILITIES: dict[str, PlacementCapability] = {
     "single": PlacementCapability(_ALL_STORES, frozenset(FEATURES), ""),
     "device_map": PlacementCapability(_ALL_STORES, frozenset(FEATURES), ""),
-    "zero3": PlacementCapability(frozenset({"checkpoint"}), frozenset(), "use placement.kind single or device_map"),
+    "zero3": PlacementCapability(
+        frozenset({"checkpoint"}), frozenset({"exact"}), "use placement.kind single or device_map"
+    ),
 }
 
 

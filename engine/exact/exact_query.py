@@ -27,6 +27,7 @@ from engine.exact.stored_factors import full_spec, require_exact_factors
 from engine.gradients.context import ModelContext, load_model_context, with_projection
 from engine.gradients.passes import gradient_pass
 from engine.indexing.executor import ShardExecutor
+from engine.projection import ProjectionSpec
 from engine.query.attributor import check_compatible, open_complete_store
 from engine.query.scoring import QueryResult, top_k
 from engine.spectral.methods import method_from_config
@@ -73,9 +74,12 @@ def run_exact_query(
     rescore: int | None = None,
     candidates: Candidates | None = None,
     local_context: bool = True,
+    load_context: Callable[[JobConfig], ModelContext] = load_model_context,
 ) -> ExactResult:
     """Exact scores of every query against every training row (or, with `rescore`, the union of the store's
-    candidates); `local_context`: the scoring executor runs in this process and may reuse the loaded model."""
+    candidates); `local_context`: the scoring executor runs in this process and may reuse the loaded model.
+    `load_context`: the model, here or (placement zero3) held by a group of ranks that also gives the queries'
+    full-width gradients."""
     check_exact_options(options, rescore)
     check_capability(config.method.name, config.placement.kind, None, ("exact",))
     opened = open_complete_store(config.store.path)
@@ -86,18 +90,18 @@ def run_exact_query(
     full = full_spec(store)
     check_query_rank(config.exact.query_rank, full)
     rows = read_rows(queries_path, field_names(config), what="queries file")
-    context = budgeted_context(config, load_model_context(config))
-    check_compatible(store, context, config)
-    full_context = with_projection(context, full)
-    tokenized = tokenize_rows(rows, context.tokenizer, config.data.max_length, queries_path)
-    grads = gradient_pass(full_context, tokenized, with_covariance=False, measurement=options.measurement).grads
-    _require_finite(grads, [row.id for row in rows])
-    queries = exact_queries(grads, full, method, factors, config.exact.query_rank)
     stored = None
-    if rescore is not None:
+    if rescore is not None:  # before the model is loaded: a zero3 query's candidates need the cluster's CPUs free
         if candidates is None:
             raise RuntimeError("--rescore needs the store's candidates")
         stored = candidates(rescore)
+    context = budgeted_context(config, load_context(config))
+    check_compatible(store, context, config)
+    tokenized = tokenize_rows(rows, context.tokenizer, config.data.max_length, queries_path)
+    grads = _full_gradients(context, full, tokenized, options.measurement)
+    _require_finite(grads, [row.id for row in rows])
+    queries = exact_queries(grads, full, method, factors, config.exact.query_rank)
+    if stored is not None:
         union = np.union1d(stored.top_indices.ravel(), stored.bottom_indices.ravel()).astype(np.int64)
         queries = queries.restricted(union)
     total, exact = _score(store, queries, executors(config, queries, context if local_context else None))
@@ -113,6 +117,14 @@ def run_exact_query(
     ]
     _write(out, scores_out, records, total)
     return ExactResult(result, total, exact, records)
+
+
+def _full_gradients(context: ModelContext, full: ProjectionSpec, rows: list, measurement: str) -> np.ndarray:
+    """The queries' full-width gradients: from the model here, or from the zero3 group holding it (its ranks
+    capture at full width themselves, engine.exact.zero_worker)."""
+    if context.remote_gradients is not None:
+        return context.remote_gradients(rows, measurement)
+    return gradient_pass(with_projection(context, full), rows, with_covariance=False, measurement=measurement).grads
 
 
 def _require_finite(grads: np.ndarray, ids: list[str]) -> None:

@@ -33,8 +33,8 @@ SINGLE_TERM = {"grad_dot", "grad_cos", "if"}  # one query term at the final mode
 
 
 def _expected_supported(method: str, placement: str, store: str, feature: str | None) -> bool:
-    if placement == "zero3" and (feature is not None or store != "checkpoint"):
-        return False  # no one process holds a zero3 model; runs are not indexed with it yet
+    if placement == "zero3" and (feature not in (None, "exact") or store != "checkpoint"):
+        return False  # no one process holds a zero3 model (its ranks stream exact scores in lockstep); no runs yet
     if method == "fast_source" and store != "averaged_run":
         return False  # scores at each segment's averaged parameters
     if method == "tracin" and store == "checkpoint":

@@ -1,0 +1,75 @@
+"""`--exact` and `exact: {factors: true}` under placement zero3: two gloo ranks in Ray actors hold a tiny Llama
+partitioned and run the exact stages in lockstep (engine.exact.zero_worker). The full-width factors, the queries'
+full-width gradients and the streamed scores equal those of the single placement: ZeRO-3 partitions the weights,
+but each module's activations and output gradients are whole in the forward and backward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import QueryOptions, parse_config
+from engine.exact.stored_factors import read_exact_factors
+from engine.local_or_ray import run_exact, run_index
+from engine.store import GradientStore
+from engine.testing.tiny import save_tiny
+from tests.conftest import SENTENCES, vocabulary_texts, write_jsonl
+from tests.distributed_helpers import store_config
+from tests.requirements import require
+
+ray = require("ray")
+require("deepspeed")
+
+pytestmark = pytest.mark.heavy  # a zero3 group loads DeepSpeed (a JIT-built op on first use) and two ranks
+
+# 13 rows in shards of 3: the last step gives rank 0 one row (rank 1 pads to its batch count) and rank 1 no shard
+TRAIN = SENTENCES + [
+    "the owl eats mice at night",
+    "a bear eats honey in the valley",
+    "the fox eats berries",
+    "a crow eats seeds",
+    "the wolf eats deer in the cold snow",
+]
+QUERIES = [{"id": "q0", "text": "the fox eats clams in the snow"}, {"id": "q1", "text": "a crow eats honey"}]
+CLUSTER = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
+ZERO3 = {"kind": "zero3", "devices_per_replica": 2}
+
+
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory):
+    """A tiny Llama wide enough (hidden 32) that every weight partitions over two ranks."""
+    root = tmp_path_factory.mktemp("zero3_exact_models")
+    return save_tiny(root / "llama", "llama", vocabulary_texts(), hidden=32, layers=2, heads=2, seed=1)
+
+
+@pytest.fixture
+def ray_cleanup():
+    yield
+    ray.shutdown()
+
+
+def _raw(model, train, path: str, zero3: bool) -> dict:
+    extra = {"cluster": CLUSTER, "placement": ZERO3} if zero3 else {}
+    return store_config(model, train, path, exact={"factors": True}, **extra)
+
+
+def test_zero3_exact_factors_and_scores_equal_single(llama32, tmp_path, ray_cleanup):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"r{i:02d}", "text": t} for i, t in enumerate(TRAIN)])
+    queries = str(write_jsonl(tmp_path / "q.jsonl", QUERIES))
+    options = QueryOptions(k=3)
+    single = parse_config(_raw(llama32, train, str(tmp_path / "single.zarr"), zero3=False))
+    run_index(single, show_progress=False)
+    expected = run_exact(single, queries, options).scores
+    zero3 = parse_config(_raw(llama32, train, str(tmp_path / "zero3.zarr"), zero3=True))
+    run_index(zero3, show_progress=False)
+    ours, theirs = GradientStore.open(zero3.store.path), GradientStore.open(single.store.path)
+    assert ours.manifest.stages.get("exact_factors")
+    reference = read_exact_factors(theirs)
+    for name, factors in read_exact_factors(ours).items():
+        lam = reference[name].lam
+        np.testing.assert_allclose(factors.lam, lam, rtol=0, atol=1e-6 * np.abs(lam).max())
+    result = run_exact(zero3, queries, options)
+    assert result.scores.shape == expected.shape == (len(QUERIES), len(TRAIN))
+    assert result.exact.all()
+    np.testing.assert_allclose(result.scores, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_array_equal(result.result.top_indices, run_exact(single, queries, options).result.top_indices)
