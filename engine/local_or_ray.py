@@ -81,15 +81,16 @@ def run_index(
     store = indexing.plan_and_build(
         config, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=shard_executor
     )
-    if config.exact.factors and store.kind == "checkpoint":
-        executor = exact_executor(config)
+    if config.exact.factors:  # a training run's at its final checkpoint, where its exact pass scores
+        final = store.final_config(config)
+        executor = exact_executor(final)
         try:
             with StoreLock(config.store.path, break_lock=break_lock):
-                writable = GradientStore.open(config.store.path, mode="r+")
-                fit_exact_factors(config, writable, executor, show_progress)
+                writable = GradientStore.open(final.store.path, mode="r+")
+                fit_exact_factors(final, writable, executor, show_progress)
         finally:
             executor.shutdown()
-        store = GradientStore.open(config.store.path)
+        store = type(store).open(config.store.path)
     return store
 
 

@@ -13,7 +13,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from engine.query.scoring import QueryResult, top_k
 from engine.spectral.methods import method_from_config
 from engine.store import GradientStore
 from engine.store.budget import budgeted_context
+from engine.store.run_store import RunStore
 
 # (config, queries, the driver's loaded model or None) → the executor of the `exact_scores` stage
 ExactExecutors = Callable[[JobConfig, ExactQueries, ModelContext | None], ShardExecutor]
@@ -84,7 +84,11 @@ def run_exact_query(
     check_capability(config.method.name, config.placement.kind, None, ("exact",))
     opened = open_complete_store(config.store.path)
     check_capability(config.method.name, config.placement.kind, opened.kind, ("exact",))
-    store = cast(GradientStore, opened)
+    if isinstance(opened, RunStore):
+        check_exact_run(opened)
+    # A training run's single-term methods score at its final checkpoint: its weights, rows, sub-store and factors.
+    config = opened.final_config(config)
+    store = opened.final_store()
     method = method_from_config(config.method)
     factors = require_exact_factors(store) if method.needs_curvature else None
     full = full_spec(store)
@@ -117,6 +121,16 @@ def run_exact_query(
     ]
     _write(out, scores_out, records, total)
     return ExactResult(result, total, exact, records)
+
+
+def check_exact_run(opened: RunStore) -> None:
+    """The exact pass scores the final checkpoint's rows: a run over several datasets has others."""
+    datasets = len(opened.plan.datasets)
+    if datasets > 1:
+        raise TributaryError(
+            f"--exact/--rescore score the final checkpoint's training rows, but this training run has {datasets} "
+            "datasets; index the run with one dataset, or query without --exact/--rescore"
+        )
 
 
 def _full_gradients(context: ModelContext, full: ProjectionSpec, rows: list, measurement: str) -> np.ndarray:

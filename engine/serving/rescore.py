@@ -35,9 +35,10 @@ def check_rescore_inputs(config: JobConfig, opened) -> None:
     if config.serve.rescore is None:
         return
     check_capability(config.method.name, config.placement.kind, opened.kind, ("exact",))
+    final = opened.final_store()  # a training run's exact pass runs at its final checkpoint
     if config.method.name == "if":
-        require_exact_factors(opened)
-    check_query_rank(config.exact.query_rank, full_spec(opened))
+        require_exact_factors(final)
+    check_query_rank(config.exact.query_rank, full_spec(final))
 
 
 def candidate_options(options: QueryOptions, rescore: int) -> QueryOptions:
@@ -50,7 +51,7 @@ class BatchRescorer:
 
     def __init__(self, attributor: Attributor):
         self.attributor = attributor
-        self.config = attributor.config
+        self.config = attributor.opened.final_config(attributor.config)  # a training run's final checkpoint's
         store = attributor.store
         self.full = full_spec(store)
         self.full_context = with_projection(attributor.context, self.full)

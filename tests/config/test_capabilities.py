@@ -39,8 +39,8 @@ def _expected_supported(method: str, placement: str, store: str, feature: str | 
         return False  # scores at each segment's averaged parameters
     if method == "tracin" and store == "checkpoint":
         return False  # sums over a run's checkpoints with their learning rates
-    if feature == "exact":  # engine.exact streams one full-width term at one checkpoint's weights
-        return method in SINGLE_TERM and store == "checkpoint"
+    if feature == "exact":  # engine.exact streams one full-width term at one checkpoint's (a run's final) weights
+        return method in SINGLE_TERM
     if feature == "per_token":
         return method in SINGLE_TERM or (method == "source" and store == "checkpoint")
     return True
