@@ -12,9 +12,9 @@ from engine.config import QueryOptions, parse_config
 from engine.exact.stored_factors import read_exact_factors
 from engine.local_or_ray import run_exact, run_index
 from engine.store import GradientStore
-from engine.testing.tiny import save_tiny
-from tests.conftest import SENTENCES, vocabulary_texts, write_jsonl
+from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import store_config
+from tests.model.test_placement_zero3 import llama32, lora32  # noqa: F401 (fixtures: a tiny Llama wide enough to partition)
 from tests.requirements import require
 
 ray = require("ray")
@@ -35,32 +35,30 @@ CLUSTER = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
 ZERO3 = {"kind": "zero3", "devices_per_replica": 2}
 
 
-@pytest.fixture(scope="module")
-def llama32(tmp_path_factory):
-    """A tiny Llama wide enough (hidden 32) that every weight partitions over two ranks."""
-    root = tmp_path_factory.mktemp("zero3_exact_models")
-    return save_tiny(root / "llama", "llama", vocabulary_texts(), hidden=32, layers=2, heads=2, seed=1)
-
-
 @pytest.fixture
 def ray_cleanup():
     yield
     ray.shutdown()
 
 
-def _raw(model, train, path: str, zero3: bool) -> dict:
+def _raw(model, train, path: str, zero3: bool, adapter) -> dict:
     extra = {"cluster": CLUSTER, "placement": ZERO3} if zero3 else {}
-    return store_config(model, train, path, exact={"factors": True}, **extra)
+    raw = store_config(model, train, path, exact={"factors": True}, **extra)
+    if adapter is not None:  # zero3 takes adapter_mode adapter: the adapter's modules on the partitioned base
+        raw["model"] = dict(raw["model"], adapter=str(adapter))
+    return raw
 
 
-def test_zero3_exact_factors_and_scores_equal_single(llama32, tmp_path, ray_cleanup):
+@pytest.mark.parametrize("adapted", [False, True], ids=["no_adapter", "lora"])
+def test_zero3_exact_factors_and_scores_equal_single(adapted, llama32, tmp_path, request, ray_cleanup):  # noqa: F811
+    adapter = request.getfixturevalue("lora32") if adapted else None
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"r{i:02d}", "text": t} for i, t in enumerate(TRAIN)])
     queries = str(write_jsonl(tmp_path / "q.jsonl", QUERIES))
     options = QueryOptions(k=3)
-    single = parse_config(_raw(llama32, train, str(tmp_path / "single.zarr"), zero3=False))
+    single = parse_config(_raw(llama32, train, str(tmp_path / "single.zarr"), False, adapter))
     run_index(single, show_progress=False)
     expected = run_exact(single, queries, options).scores
-    zero3 = parse_config(_raw(llama32, train, str(tmp_path / "zero3.zarr"), zero3=True))
+    zero3 = parse_config(_raw(llama32, train, str(tmp_path / "zero3.zarr"), True, adapter))
     run_index(zero3, show_progress=False)
     ours, theirs = GradientStore.open(zero3.store.path), GradientStore.open(single.store.path)
     assert ours.manifest.stages.get("exact_factors")
