@@ -67,15 +67,17 @@ METHOD_CAPABILITIES: dict[str, MethodCapability] = {
     "fast_source": MethodCapability(
         frozenset({"averaged_run"}), frozenset(), "index a training_run section with averaged: true"
     ),
-    "tracin": MethodCapability(_RUNS, frozenset(), "index a training_run section (tracin sums over its checkpoints)"),
+    "tracin": MethodCapability(
+        _RUNS, frozenset(), "index a training_run section (tracin sums over its checkpoints)", exact=True
+    ),
     "trak": MethodCapability(_ALL_STORES, frozenset(), ""),
     "datainf": MethodCapability(_ALL_STORES, frozenset(), ""),
 }
 
 EXACT_METHODS: tuple[str, ...] = tuple(name for name, capability in METHOD_CAPABILITIES.items() if capability.exact)
 # The exact pass reads one checkpoint's weights and its full-width factors: a training run's final checkpoint,
-# which is where its single-term methods (the exact ones) score; tracin and source, which sum over the run's
-# checkpoints, have no exact form (their per-checkpoint streamed passes are not built).
+# which is where its single-term methods score; tracin runs a grad_dot pass at each checkpoint (engine.exact.
+# checkpoints). source, which needs full-width factors per segment, has no exact form yet.
 EXACT_STORES: frozenset[StoreKind] = _ALL_STORES
 
 # zero3 partitions the model over a group of ranks: no one process holds it to generate, to take a gradient per

@@ -40,7 +40,7 @@ def _expected_supported(method: str, placement: str, store: str, feature: str | 
     if method == "tracin" and store == "checkpoint":
         return False  # sums over a run's checkpoints with their learning rates
     if feature == "exact":  # engine.exact streams one full-width term at one checkpoint's (a run's final) weights
-        return method in SINGLE_TERM
+        return method in SINGLE_TERM or method == "tracin"  # tracin: a grad_dot pass at each checkpoint
     if feature == "per_token":
         return method in SINGLE_TERM or (method == "source" and store == "checkpoint")
     return True

@@ -25,7 +25,8 @@ def test_the_exact_column_is_the_streamed_methods_wherever_the_placement_holds_t
     for method in method_names():
         for placement in PLACEMENT_KINDS:
             for store in STORE_KINDS:
-                expected = method in STREAMED and (store == "checkpoint" or placement != "zero3")
+                held = store == "checkpoint" or placement != "zero3"
+                expected = held and (method in STREAMED or (method == "tracin" and store != "checkpoint"))
                 assert matrix[(method, placement, store, "exact")] == expected, (method, placement, store)
 
 
@@ -34,11 +35,12 @@ def test_a_method_without_a_streamed_form_is_refused_naming_the_ones_with():
         check_capability("trak", "single", None, ("exact",))
 
 
-def test_a_training_run_store_takes_the_final_checkpoint_methods_and_refuses_tracin_by_name():
+def test_a_training_run_store_takes_the_final_checkpoint_methods_and_tracin_and_refuses_source_by_name():
     check_capability("if", "single", "training_run", ("exact",))
     check_capability("grad_cos", "device_map", "averaged_run", ("exact",))
-    with pytest.raises(TributaryError, match="method tracin has no exact streamed form.*give --method if"):
-        check_capability("tracin", "single", "training_run", ("exact",))
+    check_capability("tracin", "single", "training_run", ("exact",))  # a grad_dot pass at each checkpoint
+    with pytest.raises(TributaryError, match="method source has no exact streamed form.*give --method if"):
+        check_capability("source", "single", "training_run", ("exact",))
 
 
 def test_exact_factors_follow_the_same_column():

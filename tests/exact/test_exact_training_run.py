@@ -2,7 +2,8 @@
 checkpoint, so their exact form is the streamed pass there, with full-width factors fitted on the final
 checkpoint's rows (`exact: {factors: true}` with a training_run section). The reference is the dim-0 store of
 the same run: its rows are the final checkpoint's full per-example gradients and its factors full-width EK-FAC
-fitted there. tracin and source, which sum over the run's checkpoints, are refused by name."""
+fitted there. tracin is a grad_dot pass at every checkpoint, summed with the learning rates; source (full-width
+factors per segment, not built) is refused by name."""
 
 from __future__ import annotations
 
@@ -78,10 +79,20 @@ def test_rescore_on_a_run_store_equals_exact(runs):
     np.testing.assert_array_equal(every.scores, exact.scores)
 
 
-@pytest.mark.parametrize("method", ["tracin", "source"])
-def test_methods_over_the_run_s_checkpoints_are_refused_by_name(runs, method):
+def test_tracin_sums_a_grad_dot_pass_per_checkpoint_as_the_dim0_run_store(runs):
+    """Σ_c η_c ⟨g_q^c, g_i^c⟩ over the run's 3 checkpoints, each pass at that checkpoint's weights."""
+    reference, projected, queries = runs
+    ours = run_exact(parse_config(_with_method(projected, "tracin")), str(queries), QueryOptions(k=3)).scores
+    theirs = run_query(parse_config(_with_method(reference, "tracin")), str(queries), k=3).total
+    final_only = run_exact(parse_config(_with_method(projected, "grad_dot")), str(queries), QueryOptions(k=3)).scores
+    assert theirs is not None
+    assert _relative(ours, theirs) <= 1e-10
+    assert _relative(final_only, theirs) > 1e-3  # the earlier checkpoints' passes count
+
+
+def test_source_is_refused_by_name(runs):
     _, projected, queries = runs
-    raw = dict(projected, method={"name": method, "eta": 0.1, "steps": 3} if method == "source" else {"name": method})
-    with pytest.raises(TributaryError, match=f"method {method} has no exact streamed form.*give --method if") as error:
+    raw = dict(projected, method={"name": "source", "eta": 0.1, "steps": 3})
+    with pytest.raises(TributaryError, match="method source has no exact streamed form.*give --method if") as error:
         run_exact(parse_config(raw), str(queries), QueryOptions(k=2))
     assert "\n" not in str(error.value)
