@@ -22,6 +22,7 @@ from engine.exact.exact_query import ExactResult, run_exact_query
 from engine.exact.fit import check_exact_config, fit_exact_factors
 from engine.exact.queries import ExactQueries
 from engine.exact.worker import ExactWorker
+from engine.exact.zero_worker import ZeroExactWorker
 from engine.gradients.context import ModelContext, remote_model_context
 from engine.indexing import plan_and_build as indexing
 from engine.indexing.executor import LocalExecutor, ShardExecutor
@@ -80,15 +81,16 @@ def run_index(
     store = indexing.plan_and_build(
         config, overwrite=overwrite, show_progress=show_progress, break_lock=break_lock, executors=shard_executor
     )
-    if config.exact.factors and store.kind == "checkpoint":
-        executor = exact_executor(config)
+    if config.exact.factors:  # a training run's at its final checkpoint, where its exact pass scores
+        final = store.final_config(config)
+        executor = exact_executor(final)
         try:
             with StoreLock(config.store.path, break_lock=break_lock):
-                writable = GradientStore.open(config.store.path, mode="r+")
-                fit_exact_factors(config, writable, executor, show_progress)
+                writable = GradientStore.open(final.store.path, mode="r+")
+                fit_exact_factors(final, writable, executor, show_progress)
         finally:
             executor.shutdown()
-        store = GradientStore.open(config.store.path)
+        store = type(store).open(config.store.path)
     return store
 
 
@@ -101,6 +103,10 @@ def exact_executor(
         return LocalExecutor(worker=ExactWorker(config, queries, context=context))
     connect(config.cluster)
     check_placement(config, gpus=largest_node_gpus())
+    if config.placement.kind == "zero3":
+        world = config.placement.devices_per_replica
+        groups = group_count(config.cluster, world)
+        return GroupExecutor(ZeroExactWorker, (config, queries), config.cluster, groups, world)
     gpus = config.placement.devices_per_replica if config.placement.kind == "device_map" else None
     return RayExecutor(ExactWorker, (config, queries), config.cluster, pool_size(config.cluster), gpus_per_actor=gpus)
 
@@ -119,17 +125,73 @@ def run_exact(
     def candidates(k: int) -> QueryResult:
         return run_query(config, queries_path, k, options=replace(options, k=k))
 
-    return run_exact_query(
-        config,
-        queries_path,
-        options,
-        exact_executor,
-        out=out,
-        scores_out=scores_out,
-        rescore=rescore,
-        candidates=candidates,
-        local_context=config.cluster is None,
-    )
+    if config.placement.kind != "zero3":
+        return run_exact_query(
+            config,
+            queries_path,
+            options,
+            exact_executor,
+            out=out,
+            scores_out=scores_out,
+            rescore=rescore,
+            candidates=candidates,
+            local_context=config.cluster is None,
+        )
+    groups = ExactGroups()
+    try:
+        return run_exact_query(
+            config,
+            queries_path,
+            options,
+            groups.scoring,
+            out=out,
+            scores_out=scores_out,
+            rescore=rescore,
+            candidates=candidates,
+            local_context=False,
+            load_context=groups.context,
+        )
+    finally:
+        groups.shutdown()
+
+
+class ExactGroups:
+    """The zero3 groups of an exact query: started when the query needs the model (its inputs checked by then),
+    the first group's ranks give the queries' full-width gradients, then every group scores the training rows
+    against them (one model load for both)."""
+
+    def __init__(self) -> None:
+        self._executor: GroupExecutor | None = None
+
+    def context(self, config: JobConfig) -> ModelContext:
+        executor = exact_executor(config)
+        if not isinstance(executor, GroupExecutor):
+            raise RuntimeError("ExactGroups is for placement.kind zero3")
+        self._executor = executor
+        facts = executor.describe()
+        return remote_model_context(
+            config,
+            load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code),
+            ProjectionSpec.from_dict(facts["spec"]),
+            facts["fingerprints"],
+            self._gradients,
+        )
+
+    def _gradients(self, rows: list, measurement: str) -> np.ndarray:
+        if self._executor is None:
+            raise RuntimeError("ExactGroups gradients before context()")
+        return self._executor.call_all("exact_query_gradients", rows, measurement)[0]
+
+    def scoring(self, config: JobConfig, queries: ExactQueries, context: ModelContext | None) -> ShardExecutor:
+        if self._executor is None:
+            raise RuntimeError("ExactGroups scoring before context()")
+        self._executor.call_every_rank("use_queries", queries)
+        return self._executor
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
 
 
 def run_query(

@@ -6,7 +6,8 @@ and each HTTP request's method (engine.query.attributor.Attributor.method). A re
 combination and what to change. `supported` reads the same table, for `capability_matrix` and the tests.
 
 The exact streamed pass (`--exact`, `--rescore`, `serve.rescore`) is the `exact` feature column: the methods with
-an exact streamed form, on a single-checkpoint store, with a placement that holds the model in one process;
+an exact streamed form, on any store (a training run's at its final checkpoint), on every placement (zero3's ranks in
+lockstep);
 `check_exact_factors` reads the same table for a config's `exact.factors`.
 """
 
@@ -66,21 +67,28 @@ METHOD_CAPABILITIES: dict[str, MethodCapability] = {
     "fast_source": MethodCapability(
         frozenset({"averaged_run"}), frozenset(), "index a training_run section with averaged: true"
     ),
-    "tracin": MethodCapability(_RUNS, frozenset(), "index a training_run section (tracin sums over its checkpoints)"),
+    "tracin": MethodCapability(
+        _RUNS, frozenset(), "index a training_run section (tracin sums over its checkpoints)", exact=True
+    ),
     "trak": MethodCapability(_ALL_STORES, frozenset(), ""),
     "datainf": MethodCapability(_ALL_STORES, frozenset(), ""),
 }
 
 EXACT_METHODS: tuple[str, ...] = tuple(name for name, capability in METHOD_CAPABILITIES.items() if capability.exact)
-# The exact pass reads a single checkpoint's weights and its full-width factors.
-EXACT_STORES: frozenset[StoreKind] = frozenset({"checkpoint"})
+# The exact pass reads one checkpoint's weights and its full-width factors: a training run's final checkpoint,
+# which is where its single-term methods score; tracin runs a grad_dot pass at each checkpoint (engine.exact.
+# checkpoints). source, which needs full-width factors per segment, has no exact form yet.
+EXACT_STORES: frozenset[StoreKind] = _ALL_STORES
 
 # zero3 partitions the model over a group of ranks: no one process holds it to generate, to take a gradient per
-# token or to serve, and a training run's checkpoints are not indexed with it yet.
+# token or to serve, and a training run's checkpoints are not indexed with it yet. Its ranks run the exact
+# stages in lockstep (engine.exact.zero_worker): activations and output gradients are whole there.
 PLACEMENT_CAPABILITIES: dict[str, PlacementCapability] = {
     "single": PlacementCapability(_ALL_STORES, frozenset(FEATURES), ""),
     "device_map": PlacementCapability(_ALL_STORES, frozenset(FEATURES), ""),
-    "zero3": PlacementCapability(frozenset({"checkpoint"}), frozenset(), "use placement.kind single or device_map"),
+    "zero3": PlacementCapability(
+        frozenset({"checkpoint"}), frozenset({"exact"}), "use placement.kind single or device_map"
+    ),
 }
 
 
@@ -145,11 +153,16 @@ def _refusal(method: str, placement: str, store: StoreKind | None, features: tup
 
 
 def check_exact_factors(placement: str, store: StoreKind) -> None:
-    """`exact.factors` (full-width factors fitted at index time, for any method) where the exact pass runs: the
-    table's exact column for the placement and the store kind."""
+    """`exact.factors` (full-width factors fitted at index time, for any method; a training run's at its final
+    checkpoint) where the exact pass runs: the table's exact column for the placement and the store kind."""
     if store not in EXACT_STORES:
         raise TributaryError(
-            "exact.factors is for a single-checkpoint store; remove the training_run section or exact.factors"
+            f"exact.factors is not fitted for {STORE_NAMES[store]}; remove the training_run section or exact.factors"
+        )
+    if store not in PLACEMENT_CAPABILITIES[placement].stores:
+        raise TributaryError(
+            f"placement.kind {placement} is not supported with {STORE_NAMES[store]} yet; "
+            f"{PLACEMENT_CAPABILITIES[placement].fix}"
         )
     if "exact" not in PLACEMENT_CAPABILITIES[placement].features:
         raise TributaryError(

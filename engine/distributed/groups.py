@@ -171,6 +171,11 @@ class GroupExecutor:
                 f"a rank of the zero3 group failed during {method}: {unwrapped}; run it again"
             ) from None
 
+    def call_every_rank(self, method: str, *arguments) -> None:
+        """`method(*arguments)` on every rank of every group (no collectives: a setting, such as the queries a
+        scoring pass scores against)."""
+        self._ray.get([getattr(actor, method).remote(*arguments) for actor in self.actors])
+
     def reset(self) -> None:
         for group in self.groups:
             self._ray.get([actor.reset.remote() for actor in group.actors])

@@ -13,7 +13,6 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
@@ -22,16 +21,18 @@ from engine.config.capabilities import check_capability
 from engine.data.rows import field_names, read_rows
 from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
+from engine.exact.checkpoints import ScoredCheckpoint, scored_checkpoints
 from engine.exact.queries import ExactQueries, check_query_rank, exact_queries
-from engine.exact.stored_factors import full_spec, require_exact_factors
+from engine.exact.stored_factors import full_spec, read_exact_factors, require_exact_factors
 from engine.gradients.context import ModelContext, load_model_context, with_projection
 from engine.gradients.passes import gradient_pass
 from engine.indexing.executor import ShardExecutor
+from engine.projection import ProjectionSpec
 from engine.query.attributor import check_compatible, open_complete_store
 from engine.query.scoring import QueryResult, top_k
-from engine.spectral.methods import method_from_config
 from engine.store import GradientStore
 from engine.store.budget import budgeted_context
+from engine.store.run_store import RunStore
 
 # (config, queries, the driver's loaded model or None) → the executor of the `exact_scores` stage
 ExactExecutors = Callable[[JobConfig, ExactQueries, ModelContext | None], ShardExecutor]
@@ -73,34 +74,42 @@ def run_exact_query(
     rescore: int | None = None,
     candidates: Candidates | None = None,
     local_context: bool = True,
+    load_context: Callable[[JobConfig], ModelContext] = load_model_context,
 ) -> ExactResult:
     """Exact scores of every query against every training row (or, with `rescore`, the union of the store's
-    candidates); `local_context`: the scoring executor runs in this process and may reuse the loaded model."""
+    candidates); `local_context`: the scoring executor runs in this process and may reuse the loaded model.
+    `load_context`: the model, here or (placement zero3) held by a group of ranks that also gives the queries'
+    full-width gradients."""
     check_exact_options(options, rescore)
     check_capability(config.method.name, config.placement.kind, None, ("exact",))
     opened = open_complete_store(config.store.path)
     check_capability(config.method.name, config.placement.kind, opened.kind, ("exact",))
-    store = cast(GradientStore, opened)
-    method = method_from_config(config.method)
-    factors = require_exact_factors(store) if method.needs_curvature else None
-    full = full_spec(store)
-    check_query_rank(config.exact.query_rank, full)
+    if isinstance(opened, RunStore):
+        check_exact_run(opened)
+    # A training run's single-term methods score at its final checkpoint (its weights, rows, sub-store and
+    # factors); tracin at every checkpoint, weighted by its learning rate (engine.exact.checkpoints).
+    checkpoints = scored_checkpoints(config, opened)
+    for checkpoint in checkpoints:
+        if checkpoint.method.needs_curvature:
+            require_exact_factors(checkpoint.store)
+        check_query_rank(config.exact.query_rank, full_spec(checkpoint.store))
+    final = checkpoints[-1]
+    config, store = final.config, final.store
     rows = read_rows(queries_path, field_names(config), what="queries file")
-    context = budgeted_context(config, load_model_context(config))
-    check_compatible(store, context, config)
-    full_context = with_projection(context, full)
-    tokenized = tokenize_rows(rows, context.tokenizer, config.data.max_length, queries_path)
-    grads = gradient_pass(full_context, tokenized, with_covariance=False, measurement=options.measurement).grads
-    _require_finite(grads, [row.id for row in rows])
-    queries = exact_queries(grads, full, method, factors, config.exact.query_rank)
     stored = None
-    if rescore is not None:
+    union = None
+    if rescore is not None:  # before the model is loaded: a zero3 query's candidates need the cluster's CPUs free
         if candidates is None:
             raise RuntimeError("--rescore needs the store's candidates")
         stored = candidates(rescore)
         union = np.union1d(stored.top_indices.ravel(), stored.bottom_indices.ravel()).astype(np.int64)
-        queries = queries.restricted(union)
-    total, exact = _score(store, queries, executors(config, queries, context if local_context else None))
+    total = np.zeros((len(rows), store.rows))
+    exact = np.zeros(store.rows, dtype=bool)
+    for checkpoint in checkpoints:
+        scores, exact = _checkpoint_scores(
+            checkpoint, rows, queries_path, options.measurement, union, executors, local_context, load_context
+        )
+        total += checkpoint.weight * scores
     if stored is not None and stored.total is not None:
         total = np.where(exact[None, :], total, stored.total)
     result = _ranked(total, exact, options.k, [row.row for row in store.manifest.skipped])
@@ -113,6 +122,48 @@ def run_exact_query(
     ]
     _write(out, scores_out, records, total)
     return ExactResult(result, total, exact, records)
+
+
+def _checkpoint_scores(
+    checkpoint: ScoredCheckpoint,
+    rows: list,
+    queries_path: str,
+    measurement: str,
+    union: np.ndarray | None,
+    executors: ExactExecutors,
+    local_context: bool,
+    load_context: Callable[[JobConfig], ModelContext],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact pass at one checkpoint: its model's full-width query gradients, preconditioned by its method,
+    scored against its rows (`union`: those alone)."""
+    config, store, method = checkpoint.config, checkpoint.store, checkpoint.method
+    full = full_spec(store)
+    factors = read_exact_factors(store) if method.needs_curvature else None
+    context = budgeted_context(config, load_context(config))
+    check_compatible(store, context, config)
+    tokenized = tokenize_rows(rows, context.tokenizer, config.data.max_length, queries_path)
+    grads = _full_gradients(context, full, tokenized, measurement)
+    _require_finite(grads, [row.id for row in rows])
+    queries = exact_queries(grads, full, method, factors, config.exact.query_rank).restricted(union)
+    return _score(store, queries, executors(config, queries, context if local_context else None))
+
+
+def check_exact_run(opened: RunStore) -> None:
+    """The exact pass scores the final checkpoint's rows: a run over several datasets has others."""
+    datasets = len(opened.plan.datasets)
+    if datasets > 1:
+        raise TributaryError(
+            f"--exact/--rescore score the final checkpoint's training rows, but this training run has {datasets} "
+            "datasets; index the run with one dataset, or query without --exact/--rescore"
+        )
+
+
+def _full_gradients(context: ModelContext, full: ProjectionSpec, rows: list, measurement: str) -> np.ndarray:
+    """The queries' full-width gradients: from the model here, or from the zero3 group holding it (its ranks
+    capture at full width themselves, engine.exact.zero_worker)."""
+    if context.remote_gradients is not None:
+        return context.remote_gradients(rows, measurement)
+    return gradient_pass(with_projection(context, full), rows, with_covariance=False, measurement=measurement).grads
 
 
 def _require_finite(grads: np.ndarray, ids: list[str]) -> None:

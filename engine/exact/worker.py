@@ -14,7 +14,6 @@ from engine.capture.loss import NextTokenLoss
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
 from engine.curvature.packing import pack_covariance, pack_lambda
-from engine.data.batching import batches
 from engine.data.tokenize import TokenizedRow
 from engine.exact.partition import lambda_stage, module_groups
 from engine.exact.queries import ExactQueries
@@ -22,7 +21,7 @@ from engine.exact.row_scores import QuerySide, batch_scores
 from engine.exact.stored_factors import BASIS, lambda_group, read_exact_factors
 from engine.gradients.context import ModelContext, with_projection
 from engine.gradients.finite import nonfinite_rows_error
-from engine.gradients.passes import covariance_pass, lambda_pass
+from engine.gradients.passes import covariance_pass, lambda_pass, padded_batches
 from engine.indexing.worker import ShardWorker
 from engine.projection.fitted import full_width
 from engine.testing.faults import fault_point
@@ -42,8 +41,11 @@ class ExactWorker(ShardWorker):
         self._side: QuerySide | None = None
         self._basis: dict[str, ModuleFactors] | None = None
 
-    def _kept_rows(self, shard: int) -> tuple[int, list[int], list[TokenizedRow]]:
-        """(start, positions in the shard of the rows pass 1 kept, those rows tokenised)."""
+    def _kept_rows(self, shard: int | None) -> tuple[int, list[int], list[TokenizedRow]]:
+        """(start, positions in the shard of the rows pass 1 kept, those rows tokenised); None: no rows (a ZeRO-3
+        rank with padding only this step)."""
+        if shard is None:
+            return 0, [], []
         store = self._open()
         start, stop = store.shards()[shard]
         rows = self._tokenized(start, stop)
@@ -52,9 +54,25 @@ class ExactWorker(ShardWorker):
 
     def exact_covariance(self, shard: int) -> dict:
         """Full-width K-FAC covariance sums of the shard's rows (curvature labels), as pass 1's at dim 0."""
+        return _given(self._exact_covariance(shard, None))
+
+    def exact_lambdas(self, shard: int) -> dict:
+        """Full-width Σ (Q_Sᵀ G Q_A)² of the shard's rows in the full-width eigenbasis, for the modules of the group
+        the driver runs (engine.exact.partition: this worker holds that group's bases alone)."""
+        return _given(self._exact_lambdas(shard, None))
+
+    def exact_scores(self, shard: int) -> dict:
+        """(Q, n) scores of the shard's wanted rows against the queries, with their global row numbers."""
+        return _given(self._exact_scores(shard, None))
+
+    # Each stage's body: `shard` None runs `pad_batches` padding batches only and returns None, and `pad_batches`
+    # pads a shard's own batches up to that count (a ZeRO-3 group's lockstep, engine.exact.zero_worker).
+    def _exact_covariance(self, shard: int | None, pad_batches: int | None) -> dict | None:
         started = time.perf_counter()
         start, kept, rows = self._kept_rows(shard)
-        sums, found = covariance_pass(self.full, rows, upcast=True)
+        sums, found = covariance_pass(self.full, rows, upcast=True, pad_batches=pad_batches)
+        if shard is None:
+            return None
         if found:
             raise nonfinite_rows_error(
                 {kept[p]: names for p, names in found.items()},
@@ -66,9 +84,7 @@ class ExactWorker(ShardWorker):
         self._open().write_partial("exact_covariance", shard, *pack_covariance(sums, self.full.spec))
         return self._receipt("exact_covariance", shard, started)
 
-    def exact_lambdas(self, shard: int) -> dict:
-        """Full-width Σ (Q_Sᵀ G Q_A)² of the shard's rows in the full-width eigenbasis, for the modules of the group
-        the driver runs (engine.exact.partition: this worker holds that group's bases alone)."""
+    def _exact_lambdas(self, shard: int | None, pad_batches: int | None) -> dict | None:
         started = time.perf_counter()
         store = self._open()
         groups = module_groups(self.full.spec, self.config.exact.factor_memory_gb)
@@ -77,8 +93,10 @@ class ExactWorker(ShardWorker):
         if self._basis is None:
             self._basis = read_exact_factors(store, BASIS, {m.name for m in group.modules})
         start, kept, rows = self._kept_rows(shard)
-        check = self._row_check(self._ids(*store.shards()[shard]), start, kept)
-        sums = lambda_pass(self.full, rows, self._basis, on_nonfinite=check, spec=group)
+        check = None if shard is None else self._row_check(self._ids(*store.shards()[shard]), start, kept)
+        sums = lambda_pass(self.full, rows, self._basis, on_nonfinite=check, pad_batches=pad_batches, spec=group)
+        if shard is None:
+            return None
         key, partials = lambda_stage(number, len(groups))
         fault_point("actor", key, shard)
         store.write_partial(partials, shard, *pack_lambda(sums.lambdas, group))
@@ -89,8 +107,7 @@ class ExactWorker(ShardWorker):
         self.queries = queries
         self._side = None
 
-    def exact_scores(self, shard: int) -> dict:
-        """(Q, n) scores of the shard's wanted rows against the queries, with their global row numbers."""
+    def _exact_scores(self, shard: int | None, pad_batches: int | None) -> dict | None:
         started = time.perf_counter()
         if self.queries is None:
             raise RuntimeError("exact_scores needs the queries the worker was built with")
@@ -100,26 +117,30 @@ class ExactWorker(ShardWorker):
             chosen = set(wanted.tolist())
             rows = [row for p, row in zip(kept, rows) if start + p in chosen]
             kept = [p for p in kept if start + p in chosen]
-        scores = self._scores(rows)
+        scores = self._scores(rows, pad_batches)
+        if shard is None:
+            return None
         fault_point("actor", "exact_scores", shard)
         receipt = self._receipt("exact_scores", shard, started)
         receipt.update(rows=np.asarray([start + p for p in kept], dtype=np.int64), scores=scores)
         return receipt
 
-    def _scores(self, rows: list[TokenizedRow]) -> np.ndarray:
+    def _scores(self, rows: list[TokenizedRow], pad_batches: int | None) -> np.ndarray:
         assert self.queries is not None
-        context, data = self.full, self.config.data
+        context = self.full
         capture = context.capture
         if self._side is None:
             self._side = QuerySide.of(self.queries, capture.compute_dtype, context.device)
         out = np.zeros((self.queries.count, len(rows)))
         done = 0
         with capture.hooks():
-            for batch in batches(rows, data.batch_size, context.pad_id, data.padding_side):
+            for batch, padding in padded_batches(context, rows, pad_batches):
                 batch = batch.to(context.device)
                 state = capture.forward(batch)
                 logit_gradient = NextTokenLoss(state.logits).logit_gradient(batch.labels)
                 deltas = capture.output_gradients_of_logits(state, logit_gradient, retain_graph=False)
+                if padding:
+                    continue
                 with torch.no_grad():
                     scores = batch_scores(self._side, state.activations, deltas)
                 out[:, done : done + len(batch.indices)] = scores.double().cpu().numpy()
@@ -129,3 +150,10 @@ class ExactWorker(ShardWorker):
     def reset(self) -> None:
         super().reset()
         self._basis = None
+
+
+def _given(receipt: dict | None) -> dict:
+    """A stage's receipt for a shard (only a padding-only ZeRO-3 step has none)."""
+    if receipt is None:
+        raise RuntimeError("a stage run on a shard returned no receipt")
+    return receipt

@@ -57,7 +57,7 @@ def batch_count(rows: int, batch_size: int) -> int:
     return -(-rows // batch_size)
 
 
-def _padded_batches(
+def padded_batches(
     context: ModelContext, rows: list[TokenizedRow], pad_batches: int | None
 ) -> Iterator[tuple[Batch, bool]]:
     """(batch, is_padding): the batches of `rows`, then padding batches up to `pad_batches` in all.
@@ -112,7 +112,7 @@ def gradient_pass(
     # the curvature-label backward gets a forward of its own there (same logits, same sampled labels).
     reforward = context.config.placement.kind == "zero3"
     with runner.capture.hooks():
-        for batch, padding in _padded_batches(context, rows, pad_batches):
+        for batch, padding in padded_batches(context, rows, pad_batches):
             state = runner.capture.forward(batch)
             separate_fisher = (want_covariance or want_fisher_rows) and curvature.fisher is True
             retain = separate_fisher and not reforward
@@ -204,21 +204,28 @@ def _curvature_deltas(
 
 
 def covariance_pass(
-    context: ModelContext, rows: list[TokenizedRow], sketch: Sketch | None = None, upcast: bool = False
+    context: ModelContext,
+    rows: list[TokenizedRow],
+    sketch: Sketch | None = None,
+    upcast: bool = False,
+    pad_batches: int | None = None,
 ) -> tuple[dict[str, ModuleCovariance], NonFinite]:
     """K-FAC covariance sums of `rows` at `context`'s projection, and nothing else: one forward and one backward of
     the curvature labels' loss per batch (the fitted projections' fitting pass, at full width; `sketch`: C Ω in
     place of C where it gives an Ω). Also the rows (positions in `rows`) whose activations or δ̃ are not finite:
     the sums then hold them and must not be used. `upcast`: products in float64, as pass 1's (full-width factors
-    that give the scores, not only eigenvectors to project with)."""
+    that give the scores, not only eigenvectors to project with). `pad_batches`: as in gradient_pass (ZeRO-3
+    lockstep)."""
     capture = context.capture
     covariance = CovarianceAccumulator(context.spec, upcast=upcast, sketch=sketch)
     nonfinite: list[NonFinite] = []
     done = 0
     with capture.hooks():
-        for batch in _batches(context, rows):
+        for batch, padding in padded_batches(context, rows, pad_batches):
             state = capture.forward(batch)
             deltas = _curvature_deltas(context, batch, state, NextTokenLoss(state.logits))
+            if padding:
+                continue
             nonfinite += [nonfinite_statistics(state.activations, done), nonfinite_statistics(deltas, done)]
             covariance.add(state.activations, deltas, batch.attention_mask, state.routed_tokens)
             done += len(batch.indices)
@@ -299,7 +306,7 @@ def lambda_pass(
     lambdas = LambdaAccumulator(spec or context.spec, factors, scale, context.device)
     done = 0
     with capture.hooks():
-        for batch, padding in _padded_batches(context, rows, pad_batches):
+        for batch, padding in padded_batches(context, rows, pad_batches):
             state = capture.forward(batch)
             deltas = _curvature_deltas(context, batch, state, NextTokenLoss(state.logits))
             if padding:

@@ -21,7 +21,7 @@ PASS_ONE_EXACT = "pass1_exact_covariance"
 def fuses_exact_covariance(config: JobConfig, spec: ProjectionSpec) -> bool:
     """Whether pass 1 sums the full-width covariances: exact factors wanted, K-FAC/EK-FAC, a random projection
     (dim 0's pass-1 sums are full width already; a fitted kind's fitting pass gives them where it covers every
-    row), on placements that capture in one process (zero3 refuses exact.factors)."""
+    row), on placements that capture in one process (a zero3 group runs the exact covariance stage instead)."""
     return (
         config.exact.factors
         and config.curvature.strategy in ("kfac", "ekfac")

@@ -196,6 +196,11 @@ def run_training_index(
         )
         for c in plan.checkpoints
     }
+    if config.exact.factors:  # fitted at the final checkpoint only: the others' pass 1 sums no full-width covariances
+        configs = {
+            name: c if name == plan.final.name else c.derive(part_of_run=True, exact={"factors": False})
+            for name, c in configs.items()
+        }
     with StoreLock(config.store.path, break_lock=break_lock):
         root, _ = open_or_create(RunStore, config.store.path, _run_manifest(config, plan, spec), overwrite)
         if root.manifest.complete:

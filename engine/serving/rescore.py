@@ -35,9 +35,20 @@ def check_rescore_inputs(config: JobConfig, opened) -> None:
     if config.serve.rescore is None:
         return
     check_capability(config.method.name, config.placement.kind, opened.kind, ("exact",))
+    check_one_checkpoint(config.method.name)
+    final = opened.final_store()  # a training run's exact pass runs at its final checkpoint
     if config.method.name == "if":
-        require_exact_factors(opened)
-    check_query_rank(config.exact.query_rank, full_spec(opened))
+        require_exact_factors(final)
+    check_query_rank(config.exact.query_rank, full_spec(final))
+
+
+def check_one_checkpoint(method: str) -> None:
+    """The replica's exact pass runs at the final checkpoint alone: tracin's pass per checkpoint is the query's."""
+    if method == "tracin":
+        raise TributaryError(
+            "serve.rescore scores at the final checkpoint, and method tracin sums over the run's checkpoints; "
+            "use tributary query --exact for tracin, or serve another method"
+        )
 
 
 def candidate_options(options: QueryOptions, rescore: int) -> QueryOptions:
@@ -50,7 +61,7 @@ class BatchRescorer:
 
     def __init__(self, attributor: Attributor):
         self.attributor = attributor
-        self.config = attributor.config
+        self.config = attributor.opened.final_config(attributor.config)  # a training run's final checkpoint's
         store = attributor.store
         self.full = full_spec(store)
         self.full_context = with_projection(attributor.context, self.full)
@@ -83,6 +94,7 @@ class BatchRescorer:
 
     def _query_side(self, group: QueryGroup) -> ExactQueries:
         check_capability(group.method.name, self.config.placement.kind, None, ("exact",))
+        check_one_checkpoint(group.method.name)
         factors = self.factors
         if group.method.needs_curvature and factors is None:
             factors = self.factors = require_exact_factors(self.attributor.store)

@@ -41,7 +41,7 @@ from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
 from engine.spectral.core import ModuleArrays, QueryTerm, apply_spectral, module_view, transform_queries
 from engine.training_run.keys import ResourceKey
-from engine.training_run.plan import RunPlan, SegmentPlan
+from engine.training_run.plan import CheckpointPlan, RunPlan, SegmentPlan
 
 SpectralFunction = Callable[[np.ndarray], np.ndarray]
 
@@ -156,18 +156,23 @@ SOURCE_FORMS = {
 def _tracin_terms(resources: Resources) -> list[QueryTerm]:
     """TracInCP: Σ_c η_c ⟨g_q^c, g_i^c⟩ (η_c the effective learning rate at checkpoint c)."""
     plan = resources.plan
-    terms = []
-    for checkpoint in plan.checkpoints:
-        eta = checkpoint.learning_rate
-        if eta is None:
-            if plan.multi:
-                raise TributaryError(
-                    f"method tracin needs the learning rate at checkpoint {checkpoint.name} ({checkpoint.path}); "
-                    "give training_run.learning_rate or the checkpoint's learning_rate"
-                )
-            eta = 1.0  # the final model alone: TracIn-last, i.e. Grad-Dot
-        terms.append(QueryTerm(checkpoint.key, eta * resources.query_gradients(checkpoint.key)))
-    return terms
+    return [
+        QueryTerm(checkpoint.key, tracin_rate(plan, checkpoint) * resources.query_gradients(checkpoint.key))
+        for checkpoint in plan.checkpoints
+    ]
+
+
+def tracin_rate(plan: RunPlan, checkpoint: CheckpointPlan) -> float:
+    """TracInCP's η_c at `checkpoint` (also engine.exact's per-checkpoint weight)."""
+    eta = checkpoint.learning_rate
+    if eta is None:
+        if plan.multi:
+            raise TributaryError(
+                f"method tracin needs the learning rate at checkpoint {checkpoint.name} ({checkpoint.path}); "
+                "give training_run.learning_rate or the checkpoint's learning_rate"
+            )
+        eta = 1.0  # the final model alone: TracIn-last, i.e. Grad-Dot
+    return eta
 
 
 def _trak_terms(damping: float | None) -> Callable[[Resources], list[QueryTerm]]:

@@ -33,14 +33,14 @@ SINGLE_TERM = {"grad_dot", "grad_cos", "if"}  # one query term at the final mode
 
 
 def _expected_supported(method: str, placement: str, store: str, feature: str | None) -> bool:
-    if placement == "zero3" and (feature is not None or store != "checkpoint"):
-        return False  # no one process holds a zero3 model; runs are not indexed with it yet
+    if placement == "zero3" and (feature not in (None, "exact") or store != "checkpoint"):
+        return False  # no one process holds a zero3 model (its ranks stream exact scores in lockstep); no runs yet
     if method == "fast_source" and store != "averaged_run":
         return False  # scores at each segment's averaged parameters
     if method == "tracin" and store == "checkpoint":
         return False  # sums over a run's checkpoints with their learning rates
-    if feature == "exact":  # engine.exact streams one full-width term at one checkpoint's weights
-        return method in SINGLE_TERM and store == "checkpoint"
+    if feature == "exact":  # engine.exact streams one full-width term at one checkpoint's (a run's final) weights
+        return method in SINGLE_TERM or method == "tracin"  # tracin: a grad_dot pass at each checkpoint
     if feature == "per_token":
         return method in SINGLE_TERM or (method == "source" and store == "checkpoint")
     return True

@@ -20,12 +20,13 @@ from engine.errors import TributaryError
 STREAMED = {"grad_dot", "grad_cos", "if"}
 
 
-def test_the_exact_column_is_the_streamed_methods_on_a_checkpoint_store_off_zero3():
+def test_the_exact_column_is_the_streamed_methods_wherever_the_placement_holds_the_store():
     matrix = capability_matrix()
     for method in method_names():
         for placement in PLACEMENT_KINDS:
             for store in STORE_KINDS:
-                expected = method in STREAMED and store == "checkpoint" and placement != "zero3"
+                held = store == "checkpoint" or placement != "zero3"
+                expected = held and (method in STREAMED or (method == "tracin" and store != "checkpoint"))
                 assert matrix[(method, placement, store, "exact")] == expected, (method, placement, store)
 
 
@@ -34,15 +35,21 @@ def test_a_method_without_a_streamed_form_is_refused_naming_the_ones_with():
         check_capability("trak", "single", None, ("exact",))
 
 
-def test_a_training_run_store_is_refused_for_the_exact_pass():
-    with pytest.raises(TributaryError, match="not a training-run store; query without --exact/--rescore"):
-        check_capability("if", "single", "training_run", ("exact",))
+def test_a_training_run_store_takes_the_final_checkpoint_methods_and_tracin_and_refuses_source_by_name():
+    check_capability("if", "single", "training_run", ("exact",))
+    check_capability("grad_cos", "device_map", "averaged_run", ("exact",))
+    check_capability("tracin", "single", "training_run", ("exact",))  # a grad_dot pass at each checkpoint
+    with pytest.raises(TributaryError, match="method source has no exact streamed form.*give --method if"):
+        check_capability("source", "single", "training_run", ("exact",))
 
 
 def test_exact_factors_follow_the_same_column():
     check_exact_factors("single", "checkpoint")
     check_exact_factors("device_map", "checkpoint")
-    with pytest.raises(TributaryError, match="exact.factors does not run with placement.kind zero3 yet; use"):
-        check_exact_factors("zero3", "checkpoint")
-    with pytest.raises(TributaryError, match="exact.factors is for a single-checkpoint store"):
-        check_exact_factors("single", "averaged_run")
+    check_exact_factors(
+        "zero3", "checkpoint"
+    )  # its ranks run the exact stages in lockstep (tests/exact/test_exact_zero3.py)
+    check_exact_factors("single", "training_run")  # fitted at the run's final checkpoint
+    check_exact_factors("single", "averaged_run")
+    with pytest.raises(TributaryError, match="placement.kind zero3 is not supported with a training-run store yet"):
+        check_exact_factors("zero3", "training_run")

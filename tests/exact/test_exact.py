@@ -301,10 +301,10 @@ def test_rescore_takes_its_candidates_from_the_ann_index(tiny_models, text_train
 
 
 @pytest.mark.heavy  # two indexes of the adapted model each: 10-16 s
-@pytest.mark.parametrize("mode", ["adapter", "merged"])
+@pytest.mark.parametrize("mode", ["adapter", "merged", "base"])
 def test_exact_with_a_lora_adapter(mode, tiny_models, lora_adapters, text_train, queries, tmp_path):
-    """The adapter's lora_A/lora_B modules (mode adapter) or the merged model's: exact scores from a dim-2 store
-    equal the dim-0 store's."""
+    """The adapter's lora_A/lora_B modules (mode adapter), the merged model's or the base model's under the
+    adapter's config (mode base): exact scores from a dim-2 store equal the dim-0 store's."""
     model = {"adapter": str(lora_adapters["llama"]), "adapter_mode": mode}
     curvature = {"strategy": "ekfac", "fisher": "empirical"}
     reference = _config(tmp_path, tiny_models["llama"], text_train, "dim0", model=model, curvature=curvature)
