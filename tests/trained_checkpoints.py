@@ -15,6 +15,10 @@ from engine.training_run.configs import checkpoint_config
 from tests.conftest import SENTENCES
 from tests.reference import autograd_per_example
 
+QUERIES = [
+    {"id": "q0", "text": "the fox eats seeds in the snow"},
+    {"id": "q1", "text": SENTENCES[3]},
+]  # queries of the run tests
 RATES = [0.05, 0.04, 0.03, 0.02, 0.01, 0.005]  # the learning rate of steps 1..6, as a linear-decay schedule logs it
 
 

@@ -17,7 +17,7 @@ from engine.indexing.exact_sums import has_pass_one_sums
 from engine.local_or_ray import run_exact, run_index, run_query
 from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, job_config, write_jsonl
-from tests.training_run.test_training_run import QUERIES, _train_checkpoints
+from tests.trained_checkpoints import QUERIES, train_checkpoints
 
 pytestmark = pytest.mark.heavy  # two run stores of three checkpoints each
 
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.heavy  # two run stores of three checkpoints each
 def runs(tiny_models, tmp_path_factory):
     """The same run (3 checkpoints, 2 segments) indexed at dim 0 and at dim 4 with full-width factors."""
     root = tmp_path_factory.mktemp("exact_run")
-    _train_checkpoints(tiny_models["gpt2"], root / "trainer")
+    train_checkpoints(tiny_models["gpt2"], root / "trainer")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     queries = write_jsonl(root / "queries.jsonl", QUERIES)
     common = {

@@ -10,10 +10,10 @@ from engine.config import parse_config
 from engine.errors import TributaryError
 from engine.local_or_ray import run_index, run_query
 from engine.store import GradientStore
-from engine.testing.tiny import save_tiny
 from tests.conftest import SENTENCES, vocabulary_texts, write_jsonl
 from tests.distributed_helpers import store_config, store_contents
 from tests.requirements import require
+from tests.zero3_models import llama32_in, lora32_in
 
 ray = require("ray")
 require("deepspeed")
@@ -32,26 +32,12 @@ ZERO3 = {"kind": "zero3", "devices_per_replica": 2}
 
 @pytest.fixture(scope="module")
 def llama32(tmp_path_factory):
-    """A tiny Llama wide enough (hidden 32) that every weight partitions over two ranks."""
-    root = tmp_path_factory.mktemp("zero3_models")
-    return save_tiny(root / "llama", "llama", vocabulary_texts(), hidden=32, layers=2, heads=2, seed=1)
+    return llama32_in(tmp_path_factory.mktemp("zero3_models"))
 
 
 @pytest.fixture(scope="module")
 def lora32(llama32, tmp_path_factory):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(2)
-    base = AutoModelForCausalLM.from_pretrained(llama32)
-    adapted = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    for name, param in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.3)
-    path = tmp_path_factory.mktemp("zero3_adapter") / "lora"
-    adapted.save_pretrained(path)
-    return path
+    return lora32_in(llama32, tmp_path_factory.mktemp("zero3_adapter"))
 
 
 @pytest.fixture(scope="module")

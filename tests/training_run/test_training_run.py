@@ -24,9 +24,7 @@ from engine.local_or_ray import run_index, run_query
 from engine.store.run_store import RunStore
 from engine.training_run.resolve import resolve_run
 from tests.conftest import SENTENCES, job_config, write_jsonl
-from tests.trained_checkpoints import RATES, checkpoint_context, reference_rows, train_checkpoints
-
-QUERIES = [{"id": "q0", "text": "the fox eats seeds in the snow"}, {"id": "q1", "text": SENTENCES[3]}]
+from tests.trained_checkpoints import QUERIES, RATES, checkpoint_context, reference_rows, train_checkpoints
 
 
 @pytest.fixture(scope="module")
