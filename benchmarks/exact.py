@@ -132,7 +132,7 @@ def _ours(work: Path, size: dict) -> dict:
     first_batch = dict(clock)
     _, again_s = _timed(lambda: run_exact(config, queries, options))
     breakdown = {
-        "covariances (pass 1: dim-16 rows + full-width covariances)": store.manifest.timings.get("pass1_s"),
+        "covariances (pass 1: dim-16 rows + full-width covariances)": (store.manifest.timings or {}).get("pass1_s"),
         **{key: round(value, 3) for key, value in first_batch.items()},
     }
     profile = cProfile.Profile()  # a third batch, untimed: where a query batch's time goes
