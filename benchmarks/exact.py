@@ -20,8 +20,10 @@ peak RSS (VmHWM) is its own; the bare pass and the store/rescore rows run in thi
   rescore K       `query --rescore K`: the store's top/bottom K, re-scored exactly
   store           the dim-16 store's own query
 
-Breakdown: our side's stage timings (the manifest's pass1_s, pass2_s, exact_lambda_s), kronfluence's
-factors/scores split, and a cProfile of a third exact batch, untimed (the top functions by own time).
+Breakdown per pass: ours (pass 1 from the manifest's pass1_s; the eigendecomposition, the full-width Λ pass,
+the query gradients, their preconditioning and the scoring pass timed by wrapping the functions that run them),
+kronfluence's (its covariance, eigendecomposition and Λ stages, and its scores), and a cProfile of a third exact
+batch, untimed (the top functions by own time). The load average (uptime) before and after is recorded.
 Rows written: the bytes of the store's rows array against what a dim-0 store of the same rows would hold.
 
 Usage: python -m benchmarks.exact [--result exact] [--issue13]
