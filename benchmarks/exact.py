@@ -20,8 +20,10 @@ peak RSS (VmHWM) is its own; the bare pass and the store/rescore rows run in thi
   rescore K       `query --rescore K`: the store's top/bottom K, re-scored exactly
   store           the dim-16 store's own query
 
-Breakdown: our side's stage timings (the manifest's pass1_s, pass2_s, exact_lambda_s), kronfluence's
-factors/scores split, and a cProfile of a third exact batch, untimed (the top functions by own time).
+Breakdown per pass: ours (pass 1 from the manifest's pass1_s; the eigendecomposition, the full-width Λ pass,
+the query gradients, their preconditioning and the scoring pass timed by wrapping the functions that run them),
+kronfluence's (its covariance, eigendecomposition and Λ stages, and its scores), and a cProfile of a third exact
+batch, untimed (the top functions by own time). The load average (uptime) before and after is recorded.
 Rows written: the bytes of the store's rows array against what a dim-0 store of the same rows would hold.
 
 Usage: python -m benchmarks.exact [--result exact] [--issue13]
@@ -89,6 +91,36 @@ def _timed(call):
     return value, time.perf_counter() - started
 
 
+def _clocked(clock: dict[str, float], module, name: str, label: str) -> None:
+    """Wrap `module.name` so that its wall time adds to clock[label] (the per-pass breakdown)."""
+    inner = getattr(module, name)
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            clock[label] = clock.get(label, 0.0) + time.perf_counter() - started
+
+    setattr(module, name, timed)
+
+
+def _pass_clock() -> dict[str, float]:
+    """Seconds per pass of our side, by wrapping the functions that run each one (pass 1, with the full-width
+    covariances, is the manifest's pass1_s)."""
+    import engine.exact.exact_query as exact_query
+    import engine.exact.fit as fit
+    import engine.exact.worker as worker
+
+    clock: dict[str, float] = {}
+    _clocked(clock, fit, "shared_basis", "eigendecomposition")
+    _clocked(clock, worker, "lambda_pass", "full-width lambda pass")
+    _clocked(clock, exact_query, "gradient_pass", "query gradients")
+    _clocked(clock, exact_query, "exact_queries", "query preconditioning")
+    _clocked(clock, exact_query, "_score", "scoring pass")
+    return clock
+
+
 def _ours(work: Path, size: dict) -> dict:
     """Index with exact factors, then two exact query batches; profiled, timings and scores left in `work`."""
     from engine.config import QueryOptions
@@ -96,9 +128,15 @@ def _ours(work: Path, size: dict) -> dict:
 
     config = _config(work, size)
     queries, options = str(work / "queries.jsonl"), QueryOptions(k=10)
+    clock = _pass_clock()
     store, index_s = _timed(lambda: run_index(config, show_progress=False))
     exact, exact_s = _timed(lambda: run_exact(config, queries, options))
+    first_batch = dict(clock)
     _, again_s = _timed(lambda: run_exact(config, queries, options))
+    breakdown = {
+        "covariances (pass 1: dim-16 rows + full-width covariances)": (store.manifest.timings or {}).get("pass1_s"),
+        **{key: round(value, 3) for key, value in first_batch.items()},
+    }
     profile = cProfile.Profile()  # a third batch, untimed: where a query batch's time goes
     profile.runcall(run_exact, config, queries, options)
     np.save(work / "exact_scores.npy", exact.scores)
@@ -115,6 +153,7 @@ def _ours(work: Path, size: dict) -> dict:
         "exact_again_s": again_s,
         "index_timings": store.manifest.timings,
         "rows_bytes_stored": int(rows_bytes),
+        "breakdown_s": breakdown,
         "profile_top_own_time": top,
     }
 
@@ -188,6 +227,11 @@ def _compare(work: Path, size: dict, ours: dict, theirs: dict) -> dict:
     return {"rows": rows, "dim0_rows_bytes_float32": dim0_bytes}
 
 
+def _uptime() -> str:
+    """The machine's load average (the machine is shared: ratios, not seconds, carry between runs)."""
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def stored_store(config):
     from engine.store import GradientStore
 
@@ -210,6 +254,7 @@ def main() -> None:
         (work / f"{args.side}.json").write_text(json.dumps(result, default=str))
         return
     work = Path(tempfile.mkdtemp(prefix="tributary-exact-"))
+    load_before = _uptime()
     try:
         _prepare(work, size)
         theirs = _child("kronfluence", work, args.issue13)
@@ -227,6 +272,7 @@ def main() -> None:
             },
         }
         print(f"{size}: {json.dumps(summary)}")
+        print(f"breakdown (s): ours {json.dumps(ours['breakdown_s'])}; kronfluence {json.dumps(theirs)}")
         print_table(compared["rows"])
         path = write_result(
             args.result,
@@ -235,6 +281,8 @@ def main() -> None:
                 **summary,
                 "machine_note": "loaded: 2 cores shared with other jobs; ratios are measured within this one run",
                 "results": compared["rows"],
+                "breakdown_s": {"ours (index + first batch)": ours["breakdown_s"], "kronfluence": theirs},
+                "uptime": {"before": load_before, "after": _uptime()},
                 "profile_top_own_time": ours["profile_top_own_time"],
             },
         )

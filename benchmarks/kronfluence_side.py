@@ -114,6 +114,20 @@ def conv1d_to_linear(model: nn.Module, names: list[str]) -> None:
         setattr(parent, child, linear)
 
 
+def _clock_method(instance, name: str, stages: dict[str, float]) -> None:
+    """Shadow `instance.name` by a wrapper that records its seconds in stages[name + "_s"]."""
+    inner = getattr(instance, name)
+
+    def timed(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            stages[f"{name}_s"] = time.perf_counter() - started
+
+    setattr(instance, name, timed)
+
+
 def kronfluence_scores(
     config, queries: str, batch: int, work: Path, stages: dict[str, float] | None = None
 ) -> tuple[np.ndarray, float]:
@@ -147,6 +161,9 @@ def kronfluence_scores(
         disable_model_save=True,
     )
     analyzer.set_dataloader_kwargs(DataLoaderKwargs(num_workers=0))
+    if stages is not None:  # fit_all_factors calls these three in turn: each one's seconds
+        for name in ("fit_covariance_matrices", "perform_eigendecomposition", "fit_lambda_matrices"):
+            _clock_method(analyzer, name, stages)
     torch.manual_seed(0)
     started = time.perf_counter()
     analyzer.fit_all_factors(
