@@ -107,6 +107,21 @@ def asymmetric_store_scores(modules: list[Module], store: GradientStore) -> tupl
     return scores, worst
 
 
+def noise_ratio(modules: list[Module]) -> dict:
+    """Why the asymmetric sketch is noisier at equal k. A Gaussian sketch's ⟨Rx, Ry⟩ has variance
+    (‖x‖²‖y‖² + ⟨x, y⟩²)/k, summed over modules; both forms estimate the same ⟨x, y⟩, with x, y = z_q, z_n
+    (symmetric, whitened) or (H + λ)⁻¹ g_q, g_n (asymmetric). Per (query, row): √(Σ_m ‖x‖²‖y‖²) of the asymmetric
+    form over the symmetric one's (rotation-invariant, so in the eigenbasis)."""
+    symmetric = np.zeros((len(modules[0].queries), len(modules[0].train)))
+    asymmetric = np.zeros_like(symmetric)
+    for m in modules:
+        shifted = m.lam + damping_of(m.lam, DAMPING)
+        symmetric += np.outer((m.queries**2 / shifted).sum(axis=1), (m.train**2 / shifted).sum(axis=1))
+        asymmetric += np.outer((m.queries**2 / shifted**2).sum(axis=1), (m.train**2).sum(axis=1))
+    ratio = np.sqrt(asymmetric / symmetric)
+    return {"median": float(np.median(ratio)), "quartiles": [float(np.quantile(ratio, q)) for q in (0.25, 0.75)]}
+
+
 def oracle_rows(modules: list[Module], reference: Reference, exact: np.ndarray) -> list[dict]:
     totals: dict[tuple[str, int, int], np.ndarray] = {}
     for m in modules:
@@ -150,6 +165,12 @@ def markdown(payload: dict) -> str:
         cells += [f"{r[f'recall_top10_in_top{k}']:.2f}" for k in CUTOFFS] + [f"{r['spearman']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"stored rows = P_outᵀ G P_in of the dim-0 rows: {payload['row_check']}", ""]
+    noise = payload["noise_ratio_asymmetric_over_symmetric"]
+    lines += [
+        "A Gaussian sketch's noise on each (query, row) score, asymmetric over symmetric at equal k (median "
+        f"{noise['median']:.1f}, quartiles {noise['quartiles'][0]:.1f}-{noise['quartiles'][1]:.1f})",
+        "",
+    ]
     lines += [f"load average before {payload['load_before']}, after {payload['load_after']}", "", machine_line(), ""]
     return "\n".join(lines)
 
@@ -217,6 +238,7 @@ def main() -> None:
         "row_check": row_check,
         "store": store_rows,
         "oracle": oracle,
+        "noise_ratio_asymmetric_over_symmetric": noise_ratio(modules),
         "cli_seconds": {k: round(v, 1) for k, v in seconds.items()},
         "seconds": round(time.perf_counter() - start, 1),
         "load_before": load_before,
