@@ -23,6 +23,8 @@ compression keeps k numbers of z per module (a fixed linear map z ↦ R z) and s
                both it and the raw training gradient g_n sketched by the same Gaussian R ~ N(0, 1/k) in parameter
                coordinates (what a store of R g_n rows and full-width factors can score): ⟨R (H + λ)⁻¹ g_q, R g_n⟩,
                unbiased for the exact score like jl, but of the raw rows, not the whitened ones (mean over seeds)
+               (results/lm_lds_oracle.{json,md} predate it; its figures, beside jl's and the store's own, are in
+               results/lm_lds_asymmetric.{json,md}, from benchmarks/lm_lds_asymmetric.py)
 
 Exact EK-FAC itself is also run at several dampings (0.001–10 × mean Λ) and with the empirical Λ (data labels),
 with each module's effective dimension Σ Λ/(Λ+λ). The model is trained again (seed 0), so the exact LDS may
