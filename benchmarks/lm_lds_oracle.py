@@ -23,6 +23,8 @@ compression keeps k numbers of z per module (a fixed linear map z ↦ R z) and s
                both it and the raw training gradient g_n sketched by the same Gaussian R ~ N(0, 1/k) in parameter
                coordinates (what a store of R g_n rows and full-width factors can score): ⟨R (H + λ)⁻¹ g_q, R g_n⟩,
                unbiased for the exact score like jl, but of the raw rows, not the whitened ones (mean over seeds)
+               (results/lm_lds_oracle.{json,md} predate it; its figures, beside jl's and the store's own, are in
+               results/lm_lds_asymmetric.{json,md}, from benchmarks/lm_lds_asymmetric.py)
 
 Exact EK-FAC itself is also run at several dampings (0.001–10 × mean Λ) and with the empirical Λ (data labels),
 with each module's effective dimension Σ Λ/(Λ+λ). The model is trained again (seed 0), so the exact LDS may
@@ -72,13 +74,14 @@ def held_out_texts(task: LMTask) -> tuple[str, ...]:
     return tuple(" ".join(windows[i]) for i in order[spec.train + spec.queries :])
 
 
-def index_stores(task: LMTask, work: Path) -> dict[str, Path]:
-    """The exact EK-FAC store of the training rows and raw-gradient (dim 0) stores of the queries and the held-out
-    rows, all through the CLI; plus the CLI's own EK-FAC scores of the queries."""
-    write_rows(work / "fit.jsonl", "fit", held_out_texts(task))
+def index_stores(task: LMTask, work: Path, with_fit: bool = True) -> dict[str, Path]:
+    """The exact EK-FAC store of the training rows and raw-gradient (dim 0) stores of the queries and (`with_fit`)
+    the held-out rows, all through the CLI; plus the CLI's own EK-FAC scores of the queries."""
     window = task.spec.window
     configs = {"train": job_config(Setting("ekfac", "exact", 0), work, None, window)}
-    for name in ("queries", "fit"):
+    if with_fit:
+        write_rows(work / "fit.jsonl", "fit", held_out_texts(task))
+    for name in ("queries", "fit") if with_fit else ("queries",):
         config = job_config(Setting("grad_dot", "exact", 0), work, None, window)
         config["data"]["train"] = str(work / f"{name}.jsonl")
         config["store"]["path"] = str(work / "stores" / f"{name}.zarr")
@@ -102,10 +105,12 @@ class Module:
     shape: tuple[int, int]  # (k_out, k_in)
     queries: np.ndarray  # (Q, D) C of the query rows
     train: np.ndarray  # (N, D)
-    fit: np.ndarray  # (F, D) held-out rows
+    fit: np.ndarray  # (F, D) held-out rows (F = 0 where the fit store was not made)
     lam: np.ndarray  # (D,) EK-FAC Λ (true Fisher)
     sigma: np.ndarray  # (k_out,) eigenvalues of S
     alpha: np.ndarray  # (k_in,) eigenvalues of A
+    q_s: np.ndarray  # (k_out, k_out) eigenbasis of S: G = Q_S C Q_Aᵀ
+    q_a: np.ndarray  # (k_in, k_in) eigenbasis of A
 
     @property
     def size(self) -> int:
@@ -119,7 +124,8 @@ def rotated(rows: np.ndarray, spec: ModuleProjection, q_s: np.ndarray, q_a: np.n
 
 
 def load_modules(paths: dict[str, Path]) -> list[Module]:
-    stores = {name: GradientStore.open(str(paths[name])) for name in ("train", "queries", "fit")}
+    """Every module's rows in its eigenbasis; `fit` is empty where `paths` has no fit store."""
+    stores = {name: GradientStore.open(str(paths[name])) for name in ("train", "queries", "fit") if name in paths}
     rows = {name: store.read_rows(0, store.rows) for name, store in stores.items()}  # float32
     factors = stores["train"].read_factors()
     modules = []
@@ -133,10 +139,16 @@ def load_modules(paths: dict[str, Path]) -> list[Module]:
                 shape=(spec.k_out, spec.k_in),
                 queries=rotated(rows["queries"], spec, f.q_s, f.q_a),
                 train=rotated(rows["train"], spec, f.q_s, f.q_a),
-                fit=rotated(rows["fit"], spec, f.q_s, f.q_a).astype(np.float32),
+                fit=(
+                    rotated(rows["fit"], spec, f.q_s, f.q_a).astype(np.float32)
+                    if "fit" in rows
+                    else np.zeros((0, spec.width), np.float32)
+                ),
                 lam=f.lam.ravel().copy(),
                 sigma=f.sigma.copy(),
                 alpha=f.alpha.copy(),
+                q_s=f.q_s.astype(np.float64),
+                q_a=f.q_a.astype(np.float64),
             )
         )
     return modules
@@ -271,8 +283,12 @@ def glram(fit: np.ndarray, shape: tuple[int, int], r: int) -> tuple[np.ndarray, 
     return p_out, p_in
 
 
-def module_scores(m: Module, factor: float) -> dict[tuple[str, int, int], np.ndarray]:
-    """One module's (Q, N) score share for every (method, budget k, seed) at damping `factor` × mean Λ."""
+def module_scores(
+    m: Module, factor: float, methods: tuple[str, ...] | None = None, budgets: tuple[int, ...] = BUDGETS
+) -> dict[tuple[str, int, int], np.ndarray]:
+    """One module's (Q, N) score share for every (method, budget k, seed) at damping `factor` × mean Λ; `methods`
+    (default: every one in ORDER) limits what is computed."""
+    wanted = set(ORDER if methods is None else methods)
     weight = 1 / np.sqrt(m.lam + damping_of(m.lam, factor))
     zq, zn, zf = m.queries * weight, m.train * weight, m.fit.astype(np.float64) * weight
     rows = np.vstack([zq, zn])
@@ -282,9 +298,9 @@ def module_scores(m: Module, factor: float) -> dict[tuple[str, int, int], np.nda
     # C is an orthogonal rotation of the gradient (Q_S ⊗ Q_A), so a Gaussian sketch of it is one of the gradient
     preconditioned = np.vstack([m.queries / (m.lam + damping_of(m.lam, factor)), m.train])
     asymmetric_span = gram_coordinates(preconditioned @ preconditioned.T)
-    fit_pca = Principal.of(zf - zf.mean(axis=0), rows)
-    train_pca = Principal.of(zn, rows)
-    fit_variance = zf.var(axis=0)
+    fit_pca = Principal.of(zf - zf.mean(axis=0), rows) if "pca_fit" in wanted else None
+    train_pca = Principal.of(zn, rows) if "pca_train" in wanted else None
+    fit_variance = zf.var(axis=0) if "top_fit_var" in wanted else None
     train_m2 = (zn**2).mean(axis=0)
     by_lambda = top(m.lam, m.size)
 
@@ -295,22 +311,34 @@ def module_scores(m: Module, factor: float) -> dict[tuple[str, int, int], np.nda
         return zq[:, keep] @ zn[:, keep].T
 
     out: dict[tuple[str, int, int], np.ndarray] = {}
-    for k in BUDGETS:
-        out["block", k, 0] = kept(block_keep(m, k))
-        out["top_lambda", k, 0] = kept(by_lambda[:k])
-        out["top_fit_var", k, 0] = kept(top(fit_variance, k))
-        out["top_train_m2", k, 0] = kept(top(train_m2, k))
-        out["pca_fit", k, 0] = pairs(fit_pca.coordinates(k))
-        out["pca_train", k, 0] = pairs(train_pca.coordinates(k))
-        p_out, p_in = glram(zf, m.shape, int(round(np.sqrt(k))))
-        out["kron_fit", k, 0] = pairs((p_out.T @ rows.reshape(-1, *m.shape) @ p_in).reshape(len(rows), -1))
+    for k in budgets:
+        if "block" in wanted:
+            out["block", k, 0] = kept(block_keep(m, k))
+        if "top_lambda" in wanted:
+            out["top_lambda", k, 0] = kept(by_lambda[:k])
+        if fit_variance is not None:
+            out["top_fit_var", k, 0] = kept(top(fit_variance, k))
+        if "top_train_m2" in wanted:
+            out["top_train_m2", k, 0] = kept(top(train_m2, k))
+        if fit_pca is not None:
+            out["pca_fit", k, 0] = pairs(fit_pca.coordinates(k))
+        if train_pca is not None:
+            out["pca_train", k, 0] = pairs(train_pca.coordinates(k))
+        if "kron_fit" in wanted:
+            p_out, p_in = glram(zf, m.shape, int(round(np.sqrt(k))))
+            out["kron_fit", k, 0] = pairs((p_out.T @ rows.reshape(-1, *m.shape) @ p_in).reshape(len(rows), -1))
         head = by_lambda[: k // 2]
         rest = gram_coordinates(gram - rows[:, head] @ rows[:, head].T)
         for seed in range(JL_SEEDS):
+            # the three sketches draw in this order from one generator whatever is kept, so a subset run draws
+            # the same matrices as a full one (they are small: the spans have rank ≤ Q + N)
             rng = np.random.default_rng([seed, k, m.size])
-            out["jl", k, seed] = pairs(gaussian_sketch(span, k, rng))
-            out["asym_jl", k, seed] = pairs(gaussian_sketch(asymmetric_span, k, rng))
-            out["hybrid", k, seed] = kept(head) + pairs(gaussian_sketch(rest, k - k // 2, rng))
+            sketches = {
+                "jl": pairs(gaussian_sketch(span, k, rng)),
+                "asym_jl": pairs(gaussian_sketch(asymmetric_span, k, rng)),
+                "hybrid": kept(head) + pairs(gaussian_sketch(rest, k - k // 2, rng)),
+            }
+            out.update({(name, k, seed): scores for name, scores in sketches.items() if name in wanted})
     return out
 
 

@@ -234,7 +234,9 @@ def _exact_overlap(config, root: Path, records: list[dict], stages: _Stages) -> 
         [{"id": r["id"], "prompt": r["prompt"], "completion": r["completion"]} for r in records],
     )
     overlap = exact_overlap(config.derive(cluster=None), str(queries))
-    (root / "exact_overlap.json").write_text(json.dumps({"ids": overlap.ids, "top10_overlap": overlap.shares}))
+    (root / "exact_overlap.json").write_text(
+        json.dumps({"ids": overlap.ids, "top10_overlap": overlap.shares, "seconds": overlap.seconds})
+    )
     return overlap.line()
 
 

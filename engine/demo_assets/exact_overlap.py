@@ -8,7 +8,8 @@ on the SmolLM2 demo the extra passes take minutes on 2 CPU cores (README "Exact 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,6 +23,7 @@ TOP = 10
 class Overlap:
     ids: list[str]  # the queries' ids, in the queries file's order
     shares: list[float]  # per query: |store top-10 ∩ exact top-10| / 10
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of the store query and of `query --exact`
 
     @property
     def mean(self) -> float:
@@ -35,10 +37,13 @@ class Overlap:
 def exact_overlap(config: JobConfig, queries_path: str) -> Overlap:
     """The store's and the exact pass's top-10 of every query in `queries_path`, compared."""
     options = QueryOptions(k=TOP)
+    started = time.perf_counter()
     stored = run_query(config, queries_path, TOP, options=options)
+    queried = time.perf_counter()
     exact = run_exact(config, queries_path, options)
+    seconds = {"store_query": round(queried - started, 1), "exact_query": round(time.perf_counter() - queried, 1)}
     shares = [
         len(set(ours.tolist()) & set(theirs.tolist())) / TOP
         for ours, theirs in zip(stored.top_indices, exact.result.top_indices)
     ]
-    return Overlap([record["id"] for record in exact.records], shares)
+    return Overlap([record["id"] for record in exact.records], shares, seconds)

@@ -122,5 +122,7 @@ def _print_overlap(job, root: Path) -> None:
     from engine.demo_assets.exact_overlap import exact_overlap
 
     overlap = exact_overlap(job, str(root / "queries.jsonl"))
-    (root / "exact_overlap.json").write_text(json.dumps({"ids": overlap.ids, "top10_overlap": overlap.shares}))
+    (root / "exact_overlap.json").write_text(
+        json.dumps({"ids": overlap.ids, "top10_overlap": overlap.shares, "seconds": overlap.seconds})
+    )
     console.print(overlap.line())
