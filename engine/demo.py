@@ -124,7 +124,9 @@ def _demo_config(model_dir: Path, adapter: Path | None, root: Path, workers: int
 
 
 def _write_config(root: Path, config) -> None:
-    (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
+    # exclude_unset: the file says what the demo set, so it reads back as the same config (a default written out
+    # would read as given: cluster.node_wait_s without min_nodes is refused)
+    (root / "config.yaml").write_text(yaml.safe_dump(config.model_dump(exclude_unset=True), sort_keys=False))
 
 
 def _indexed_store(config, adapter: Path, rows: list[dict], root: Path, stages: _Stages, workers: int) -> None:

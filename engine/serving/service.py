@@ -8,7 +8,7 @@ import signal
 import time
 from typing import TYPE_CHECKING
 
-from engine.config import ClusterConfig, JobConfig, parse_config
+from engine.config import ClusterConfig, JobConfig
 from engine.errors import TributaryError
 from engine.store.location import redact
 
@@ -24,9 +24,7 @@ def with_serve_options(config: JobConfig, source: str, **options) -> JobConfig:
     changes = {key: value for key, value in options.items() if value is not None}
     if not changes:
         return config
-    raw = config.model_dump()
-    raw["serve"] = dict(raw["serve"], **changes)
-    return parse_config(raw, source=source)
+    return config.derive(serve=changes, source=source)
 
 
 def _range_scorers(plan: ServePlan) -> list:

@@ -267,3 +267,20 @@ def assert_retrained_demo(workdir: Path, model_dir: Path, scratch: Path) -> None
     expected = gradient_pass(job.context, [job.tokenized[i] for i in rows], with_covariance=False).grads
     stored = first.read_rows(0, first.rows)[rows]
     np.testing.assert_allclose(stored, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", ["index", "exact", "retrain"])
+def test_the_demos_written_config_reads_back_as_the_same_config(tmp_path, kind):
+    """runs/demo/config.yaml is what a user passes to `tributary query`: read back, it is the demo's config (a
+    default written out would read as given, and cluster.node_wait_s without min_nodes is refused)."""
+    import yaml
+
+    from engine.config import parse_config
+    from engine.demo import _demo_config, _write_config
+    from engine.demo_assets.captured import capture_config
+
+    config = _demo_config(tmp_path / "model", tmp_path / "adapter", tmp_path, workers=2, exact=kind == "exact")
+    if kind == "retrain":
+        config = capture_config(config, steps=16, rows=64)
+    _write_config(tmp_path, config)
+    assert parse_config(yaml.safe_load((tmp_path / "config.yaml").read_text())) == config
