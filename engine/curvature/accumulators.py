@@ -8,7 +8,13 @@ import torch
 
 from engine.capture.capture import example_gradient
 from engine.curvature.factors import ModuleFactors
-from engine.curvature.statistics import ModuleCovariance, ModuleLambda, add_covariance, add_lambda
+from engine.curvature.statistics import (
+    ModuleCovariance,
+    ModuleLambda,
+    add_covariance,
+    add_gradient_gram,
+    add_lambda,
+)
 from engine.projection import ProjectionSpec
 
 Sketch = dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]  # module → (Ω_in, Ω_out), None: that side exact
@@ -45,6 +51,25 @@ class CovarianceAccumulator:
         for name, target in self.sums.items():
             sketch = self.sketch.get(name, (None, None))
             add_covariance(target, activations[name], deltas[name], mask, self.upcast, sketch, routed.get(name))
+
+
+class GradientGramAccumulator(CovarianceAccumulator):
+    """The grad_pca fitting pass's sums: per module, Σ_n G_nᵀ G_n and Σ_n G_n G_nᵀ of the per-example gradients
+    G_n = Σ_t δ̃_t ã_tᵀ at full width (`add_gradient_gram`), in ModuleCovariance's a_sum and s_sum."""
+
+    def __init__(self, spec: ProjectionSpec, sketch: Sketch | None = None):
+        super().__init__(spec, upcast=False, sketch=sketch)
+
+    def add(
+        self,
+        activations: dict[str, list[torch.Tensor]],
+        deltas: dict[str, list[torch.Tensor]],
+        mask: torch.Tensor,
+        routed_tokens: dict[str, int] | None = None,
+    ) -> None:
+        for name, target in self.sums.items():
+            grads = example_gradient(deltas[name], activations[name])
+            add_gradient_gram(target, grads, mask, self.sketch.get(name, (None, None)))
 
 
 class LambdaAccumulator:

@@ -107,6 +107,21 @@ def add_covariance(
     target.examples += int(mask.shape[0])
 
 
+def add_gradient_gram(
+    target: ModuleCovariance,
+    grads: torch.Tensor,
+    mask: torch.Tensor,
+    sketch: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+) -> None:
+    """Accumulate one batch of per-example gradients G_n (B, d_out, d_in) as the two sides' second moments:
+    Σ_n G_nᵀ G_n into a_sum and Σ_n G_n G_nᵀ into s_sum (projection kind grad_pca), each times Ω where `sketch`
+    gives one; products in float32 (they only choose eigenvectors), summed in float64."""
+    target.a_sum += _gram(grads, False, sketch[0])
+    target.s_sum += _gram(grads.transpose(1, 2), False, sketch[1])
+    target.tokens += int(mask.sum())
+    target.examples += int(mask.shape[0])
+
+
 def add_lambda(
     target: ModuleLambda,
     grads: torch.Tensor,

@@ -16,7 +16,7 @@ import torch
 from engine.capture.capture import ForwardPass
 from engine.capture.loss import NextTokenLoss, sample_labels
 from engine.capture.measurement import measurement_loss
-from engine.curvature.accumulators import CovarianceAccumulator, LambdaAccumulator, Sketch
+from engine.curvature.accumulators import CovarianceAccumulator, GradientGramAccumulator, LambdaAccumulator, Sketch
 from engine.curvature.factors import NEEDS_COVARIANCE, ModuleFactors
 from engine.curvature.statistics import ModuleCovariance, PartialSums
 from engine.data.batching import Batch, batches
@@ -209,15 +209,21 @@ def covariance_pass(
     sketch: Sketch | None = None,
     upcast: bool = False,
     pad_batches: int | None = None,
+    per_example: bool = False,
 ) -> tuple[dict[str, ModuleCovariance], NonFinite]:
     """K-FAC covariance sums of `rows` at `context`'s projection, and nothing else: one forward and one backward of
     the curvature labels' loss per batch (the fitted projections' fitting pass, at full width; `sketch`: C Ω in
     place of C where it gives an Ω). Also the rows (positions in `rows`) whose activations or δ̃ are not finite:
     the sums then hold them and must not be used. `upcast`: products in float64, as pass 1's (full-width factors
     that give the scores, not only eigenvectors to project with). `pad_batches`: as in gradient_pass (ZeRO-3
-    lockstep)."""
+    lockstep). `per_example`: each side's second moment of the per-example gradients in place of the token
+    covariances (projection kind grad_pca, `GradientGramAccumulator`)."""
     capture = context.capture
-    covariance = CovarianceAccumulator(context.spec, upcast=upcast, sketch=sketch)
+    covariance = (
+        GradientGramAccumulator(context.spec, sketch=sketch)
+        if per_example
+        else CovarianceAccumulator(context.spec, upcast=upcast, sketch=sketch)
+    )
     nonfinite: list[NonFinite] = []
     done = 0
     with capture.hooks():

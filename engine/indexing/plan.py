@@ -59,9 +59,10 @@ class IndexPlan:
         config = self.config
         strategy = config.curvature.strategy
         passes = []
-        if config.projection.kind in ("kfac_eigen", "eigen_sketch") and config.projection.dim > 0:
+        if config.projection.kind in ("kfac_eigen", "eigen_sketch", "grad_pca") and config.projection.dim > 0:
             fitted = config.projection.fit_rows or "every"
-            passes.append(f"projection fit: full-width K-FAC covariances of {fitted} rows")
+            statistic = "per-example gradient Grams" if config.projection.kind == "grad_pca" else "K-FAC covariances"
+            passes.append(f"projection fit: full-width {statistic} of {fitted} rows")
         gradients = "gradients: one forward and backward per row"
         if strategy in NEEDS_COVARIANCE:
             gradients += ", summing K-FAC covariances"

@@ -166,14 +166,17 @@ class ShardWorker:
         sketch = self._fit_sketch()
         rows = self._tokenized(start, stop)
         positions = fit_row_positions(store.rows, spec.fit_rows, start, stop)
-        sums, found = covariance_pass(self._full_width, [rows[p] for p in positions], sketch)
+        per_example = spec.kind == "grad_pca"
+        sums, found = covariance_pass(self._full_width, [rows[p] for p in positions], sketch, per_example=per_example)
         if found:  # as pass 1 treats them: stop, or fit on the finite rows alone (pass 1 then records the skip)
             ids = self._ids(start, stop)
             at = {positions[p]: names for p, names in found.items()}
             if self.config.data.on_nonfinite == "error":
                 raise nonfinite_rows_error(at, ids, start, self.config.data.train)
             positions = [p for i, p in enumerate(positions) if i not in found]
-            sums, again = covariance_pass(self._full_width, [rows[p] for p in positions], sketch)
+            sums, again = covariance_pass(
+                self._full_width, [rows[p] for p in positions], sketch, per_example=per_example
+            )
             if again:  # rows finite alone but not in a batch: refuse rather than guess
                 raise nonfinite_rows_error(
                     {positions[p]: n for p, n in again.items()}, ids, start, self.config.data.train

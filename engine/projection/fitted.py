@@ -13,6 +13,13 @@ seeded orthonormal Ω of width l = 4 x the eigenvectors kept (Σ_t x_t (x_tᵀ �
 per shard, instead of d² and d²), and the driver takes the eigenvectors of the Nyström approximation
 Y (Ωᵀ Y)⁺ Yᵀ (Tropp, Yurtsever, Udell, Cevher 2017, "Fixed-rank approximation of a positive-semidefinite
 matrix from streaming data"). A side where l would not be narrower than d is fitted exactly.
+
+grad_pca is fitted on the training rows themselves (in-sample): each side keeps the top-k eigenvectors of the
+per-example gradients' own second moments, Σ_n G_nᵀ G_n (d_in x d_in) and Σ_n G_n G_nᵀ (d_out x d_out), where K-FAC's
+A and S are sums over tokens: the directions in which the rows the store will hold differ most, never the
+d_in·d_out x d_in·d_out Gram of the flattened rows. The fitting pass forms G_n at full width per example, one
+batch at a time (`covariance_pass(per_example=True)`); the rest (sketch, eigenvectors, storage, resume) is
+kfac_eigen's.
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ def _sides(module: ModuleProjection, side: str) -> tuple[int, int]:
 def eigenvectors_kept(spec: ProjectionSpec, module: ModuleProjection, side: str) -> int:
     """How many of the side's eigenvectors its matrix keeps (the rest of eigen_sketch's columns are random)."""
     _, k = _sides(module, side)
-    if spec.kind == "kfac_eigen":
+    if spec.kind in ("kfac_eigen", "grad_pca"):
         return k
     if spec.kind == "eigen_sketch":
         return min(spec.top if spec.top is not None else spec.dim // 2, k)
@@ -115,7 +122,7 @@ def side_matrix(spec: ProjectionSpec, module: ModuleProjection, side: str, stati
     kept = eigenvectors_kept(spec, module, side)
     omega = sketch_matrix(spec, module, side)
     basis = top_eigenvectors(statistic, kept) if omega is None else nystrom_eigenvectors(statistic, omega, kept)
-    if spec.kind == "kfac_eigen":
+    if spec.kind in ("kfac_eigen", "grad_pca"):
         return basis
     return np.hstack([basis, complement_sketch(basis, k - kept, spec.seed, module.name, side)])
 

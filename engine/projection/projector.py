@@ -17,7 +17,11 @@ import numpy as np
 import torch
 from pydantic import Field as PydanticField
 
-FITTED_KINDS = ("kfac_eigen", "eigen_sketch")  # data-dependent matrices, fitted before pass 1 and kept in the store
+FITTED_KINDS = (
+    "kfac_eigen",
+    "eigen_sketch",
+    "grad_pca",
+)  # data-dependent matrices, fitted before pass 1 and kept in the store
 RANDOM_KINDS = ("rademacher", "gaussian")
 
 

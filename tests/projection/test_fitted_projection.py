@@ -1,4 +1,4 @@
-"""Curvature-aware projections (projection.kind kfac_eigen / eigen_sketch, issue 14).
+"""Curvature-aware projections (projection.kind kfac_eigen / eigen_sketch, issue 14; grad_pca, issue 30).
 
 Independent computations: exact EK-FAC scores (projection.dim 0) for the full-width rotation; covariances and
 their eigenvalues computed here with forward hooks and autograd on the model itself; orthogonality checked from
@@ -55,7 +55,7 @@ def _scores(tmp_path: Path, config, queries: Path, name: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model_kind", ["gpt2", "llama"])
-@pytest.mark.parametrize("kind", ["kfac_eigen", "eigen_sketch"])
+@pytest.mark.parametrize("kind", ["kfac_eigen", "eigen_sketch", "grad_pca"])
 def test_full_width_fitted_projection_gives_exact_ekfac_scores(tmp_path, tiny_models, train, queries, model_kind, kind):
     """dim above every module's width: each side is a rotation, so EK-FAC inside it is exact EK-FAC."""
     model = tiny_models[model_kind]
@@ -134,6 +134,68 @@ def test_kfac_eigen_keeps_the_top_eigenvectors_of_each_sides_covariance(tmp_path
         np.testing.assert_allclose(np.diag(matrix.T @ covariance @ matrix), top, rtol=1e-7)
         # the columns span an invariant subspace: C P = P (Pᵀ C P)
         np.testing.assert_allclose(covariance @ matrix, matrix @ (matrix.T @ covariance @ matrix), atol=1e-7 * top[0])
+
+
+def _per_example_gradient_grams(model_path: Path, texts: list[str], module_name: str):
+    """Σ_n G_nᵀ G_n and Σ_n G_n G_nᵀ of the per-row gradients G_n of the summed data-label loss with respect to the
+    module's weight, by autograd on the HF model directly, one row at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.data.rows import Row
+    from engine.data.tokenize import tokenize_rows
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    weight = dict(model.named_modules())[module_name].weight
+    assert isinstance(weight, torch.Tensor)
+    rows = tokenize_rows([Row(index=i, id=str(i), line=i, text=t) for i, t in enumerate(texts)], tokenizer, 32, "test")
+    in_sum = out_sum = 0.0
+    for row in rows:
+        ids, labels = torch.tensor([row.input_ids]), torch.tensor(row.labels)
+        logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[1:], ignore_index=-100, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, weight)
+        in_sum, out_sum = in_sum + grad.T @ grad, out_sum + grad @ grad.T
+    assert isinstance(in_sum, torch.Tensor) and isinstance(out_sum, torch.Tensor)
+    return in_sum.numpy(), out_sum.numpy()
+
+
+def test_grad_pca_keeps_the_top_eigenvectors_of_the_rows_own_gradient_grams(tmp_path, tiny_models):
+    """In-sample: each side spans the top eigenvectors of Σ_n G_nᵀ G_n (in) and Σ_n G_n G_nᵀ (out) of the training
+    rows' gradients, not of K-FAC's token covariances (which the same check against kfac_eigen's matrices fails);
+    with fit: sketch, the Nyström eigenvectors of those Grams."""
+    texts = SENTENCES
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(texts)])
+    matrices, specs = {}, {}
+    for kind, fit in (("grad_pca", "exact"), ("grad_pca", "sketch"), ("kfac_eigen", "exact")):
+        raw = job_config(tmp_path, tiny_models["llama"], train, projection={"dim": 3, "kind": kind, "fit": fit})
+        raw["curvature"]["fisher"] = "empirical"
+        raw["store"]["path"] = str(tmp_path / f"{kind}-{fit}.zarr")
+        config = parse_config(raw)
+        run_index(config, show_progress=False)
+        store = GradientStore.open(config.store.path)
+        matrices[kind, fit], specs[kind, fit] = store.read_projection(), store.manifest.projection
+    name = "model.layers.0.mlp.down_proj"
+    in_gram, out_gram = _per_example_gradient_grams(tiny_models["llama"], texts, name)
+    module = next(m for m in specs["grad_pca", "sketch"].modules if m.name == name)
+    omega = sketch_matrix(specs["grad_pca", "sketch"], module, "in")
+    assert omega is not None and sketch_matrix(specs["grad_pca", "sketch"], module, "out") is None
+    sketched_in, sketched_out = matrices["grad_pca", "sketch"][name]
+    reference = top_eigenvectors(_nystrom_by_pseudo_inverse(in_gram, omega), 3)
+    np.testing.assert_allclose(sketched_in @ sketched_in.T, reference @ reference.T, atol=1e-5)
+    exact_out = matrices["grad_pca", "exact"][name][1]
+    np.testing.assert_allclose(sketched_out @ sketched_out.T, exact_out @ exact_out.T, atol=1e-8)
+    for side, gram in enumerate((in_gram, out_gram)):
+        matrix = matrices["grad_pca", "exact"][name][side]
+        k = matrix.shape[1]
+        values = np.sort(np.linalg.eigvalsh(gram))[::-1]
+        assert values[k - 1] > 1.01 * values[k], "a gap after the k-th eigenvalue (else the subspace is not unique)"
+        np.testing.assert_allclose(matrix.T @ matrix, np.eye(k), atol=1e-8)
+        # the columns span the top-k invariant subspace: G P = P (Pᵀ G P), with the top-k eigenvalues
+        np.testing.assert_allclose(gram @ matrix, matrix @ (matrix.T @ gram @ matrix), atol=1e-5 * values[0])
+        np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(matrix.T @ gram @ matrix))[::-1], values[:k], rtol=1e-5)
+        other = matrices["kfac_eigen", "exact"][name][side]
+        assert not np.allclose(gram @ other, other @ (other.T @ gram @ other), atol=1e-5 * values[0])
 
 
 def _nystrom_by_pseudo_inverse(covariance: np.ndarray, omega: np.ndarray) -> np.ndarray:
@@ -278,9 +340,10 @@ def test_bad_fitted_projection_settings_are_refused_naming_them(
 
 
 @pytest.mark.heavy  # a CLI process killed and resumed / a Ray cluster: ~30 s each on 2 cores
-def test_a_run_killed_during_the_fit_resumes_it_and_gives_the_same_store(tmp_path, tiny_models, train):
+@pytest.mark.parametrize("kind", [{"kind": "eigen_sketch"}, {"kind": "grad_pca"}], ids=lambda k: k["kind"])
+def test_a_run_killed_during_the_fit_resumes_it_and_gives_the_same_store(tmp_path, tiny_models, train, kind):
     single_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    projection = {"dim": 4, "seed": 3, "kind": "eigen_sketch", "fit_rows": 9}
+    projection = {"dim": 4, "seed": 3, "fit_rows": 9, **kind}
     path = str(tmp_path / "store.zarr")
     config = write_config(tmp_path / "job.yaml", store_config(tiny_models["gpt2"], train, path, projection=projection))
     killed = run_cli(
@@ -316,7 +379,8 @@ def _assert_same(ours: dict, theirs: dict) -> None:
 
 @pytest.mark.heavy  # a CLI process killed and resumed / a Ray cluster: ~30 s each on 2 cores
 @pytest.mark.requires_ray
-def test_one_and_two_ray_workers_fit_the_same_matrices_and_rows(tmp_path, tiny_models, train):
+@pytest.mark.parametrize("kind", ["kfac_eigen", "grad_pca"])
+def test_one_and_two_ray_workers_fit_the_same_matrices_and_rows(tmp_path, tiny_models, train, kind):
     with local_ray():
         stores = {}
         for workers in (1, 2):
@@ -326,7 +390,7 @@ def test_one_and_two_ray_workers_fit_the_same_matrices_and_rows(tmp_path, tiny_m
                 train,
                 path,
                 cluster={"address": "local", "workers": workers},
-                projection={"dim": 4, "seed": 3, "kind": "kfac_eigen"},
+                projection={"dim": 4, "seed": 3, "kind": kind},
             )
             run_index(parse_config(raw), show_progress=False)
             stores[workers] = GradientStore.open(path)
