@@ -255,6 +255,7 @@ class OtherRankWriter(RunWriter):
     def __init__(self, config: JobConfig, spec: ProjectionSpec, *args, resume_segments: int | None = None, **kwargs):
         self.config, self.spec = config, spec
         self.checkpoints = []
+        self.keep_all_weights = bool(kwargs.get("keep_all_weights", False))
         # a resumed run's finished segments (rank 0 keeps their plan; here only their count numbers the next)
         self.segments = [SegmentPlan(index, (), None, 0) for index in range(resume_segments or 0)]
         self.root = cast(RunStore, None)  # never read: close() returns complete()'s None on these ranks

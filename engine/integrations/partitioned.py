@@ -1,0 +1,46 @@
+"""Capture under DeepSpeed ZeRO-3: each rank holds 1/world of every parameter. The capture hooks need no
+weights (a tracked module's inputs and output gradients are full on every rank), so only what reads the weights
+themselves, the fingerprint and the saved boundaries, gathers them, on every rank at once (a collective)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+from engine.config import JobConfig
+from engine.curvature.factors import NEEDS_COVARIANCE
+from engine.errors import TributaryError
+
+
+def is_partitioned(model: nn.Module) -> bool:
+    """ZeRO-3 marks every parameter it partitions with ds_id."""
+    return any(hasattr(param, "ds_id") for param in model.parameters())
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every parameter whole on this rank inside the block (each rank must enter it: the gather is collective)."""
+    if not is_partitioned(model):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        yield
+
+
+def check_partitioned_capture(config: JobConfig) -> None:
+    """What capture does not do on ZeRO-3 partitioned parameters, refused in one line each."""
+    if config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True:
+        raise TributaryError(
+            "curvature.fisher true is not captured under DeepSpeed ZeRO-3: its sampled-label backward, nested in the "
+            "training backward, sets off ZeRO-3's backward hooks, which re-partition weights the training backward "
+            "still needs; use fisher empirical, or index saved checkpoints with placement.kind zero3"
+        )
+    if config.training_run is not None and config.training_run.optimizer.preconditioned:
+        raise TributaryError(
+            "training_run.optimizer.preconditioned is not captured under DeepSpeed ZeRO-3 yet (Adam's exp_avg_sq "
+            "is held over each rank's flat partitions, not per parameter); turn it off, or index saved checkpoints"
+        )
