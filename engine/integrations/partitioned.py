@@ -39,8 +39,3 @@ def check_partitioned_capture(config: JobConfig) -> None:
             "training backward, sets off ZeRO-3's backward hooks, which re-partition weights the training backward "
             "still needs; use fisher empirical, or index saved checkpoints with placement.kind zero3"
         )
-    if config.training_run is not None and config.training_run.optimizer.preconditioned:
-        raise TributaryError(
-            "training_run.optimizer.preconditioned is not captured under DeepSpeed ZeRO-3 yet (Adam's exp_avg_sq "
-            "is held over each rank's flat partitions, not per parameter); turn it off, or index saved checkpoints"
-        )
