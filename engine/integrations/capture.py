@@ -77,17 +77,14 @@ def is_deepspeed_engine(model: nn.Module) -> bool:
 
 def unwrapped(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's AcceleratedOptimizer (the Trainer's), DeepSpeed's ZeRO optimizer
-    (the client's; under ZeRO-3 its groups hold the rank's flat partitions) or a similar wrapper."""
-    while not isinstance(optimizer, torch.optim.Optimizer) or isinstance(
-        getattr(optimizer, "optimizer", None), torch.optim.Optimizer
-    ):
-        inner = getattr(optimizer, "optimizer", None)
-        if inner is None:
-            raise TributaryError(
-                f"capture needs the training's torch optimizer (or a wrapper holding it as .optimizer), not "
-                f"{type(optimizer).__name__}"
-            )
-        optimizer = inner
+    (the client's; under ZeRO-3 its groups hold the rank's flat partitions), both nested, or a similar wrapper."""
+    while getattr(optimizer, "optimizer", None) is not None:
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TributaryError(
+            f"capture needs the training's torch optimizer (or a wrapper holding it as .optimizer), not "
+            f"{type(optimizer).__name__}"
+        )
     return optimizer
 
 
