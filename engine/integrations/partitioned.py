@@ -31,6 +31,24 @@ def gathered(model: nn.Module) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def loading_whole() -> Iterator[None]:
+    """Models loaded inside the block are not partitioned, even while a ZeRO-3 training (the Trainer's) keeps
+    transformers' DeepSpeed config alive: rank 0 alone loads a saved boundary back, and a partitioned load would
+    start collectives that the other ranks never join."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # pyright: ignore[reportPrivateUsage]
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+
+
 def check_partitioned_capture(config: JobConfig) -> None:
     """What capture does not do on ZeRO-3 partitioned parameters, refused in one line each."""
     if config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True:

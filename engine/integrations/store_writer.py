@@ -30,6 +30,7 @@ from engine.data.rows import dataset_fingerprint
 from engine.errors import TributaryError
 from engine.gradients.context import load_model_context
 from engine.indexing.manifest import build_manifest
+from engine.integrations.partitioned import loading_whole
 from engine.integrations.segments import SegmentRows
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
@@ -179,7 +180,8 @@ class RunWriter:
     def _saved(self, sub: JobConfig) -> str:
         """The fingerprint a query will see of the weights saved for `sub`: loaded back as the query loads them
         (the Trainer changes the in-memory config, e.g. use_cache, which a saved adapter does not carry)."""
-        return load_model_context(sub, spec=self.spec, device=torch.device("cpu")).fingerprints["model"]
+        with loading_whole():
+            return load_model_context(sub, spec=self.spec, device=torch.device("cpu")).fingerprints["model"]
 
     def complete(self) -> RunStore:
         if not self.segments:
