@@ -140,7 +140,7 @@ def _spawn(config: JobConfig, capture: bool, adam: bool, model_dir: Path, out: P
     return torch.load(out)
 
 
-@pytest.mark.heavy  # two spawned ZeRO-3 runs of 2 gloo ranks and a one-process run: 107 s at load 15-22
+@pytest.mark.heavy  # two spawned ZeRO-3 runs of 2 gloo ranks and a one-process run: 107 s at load 15-22, 26 s at load 2
 @pytest.mark.requires_deepspeed
 @pytest.mark.parametrize("adam", [False, True], ids=["sgd", "adamw-preconditioned"])
 def test_zero3_capture_with_two_ranks_equals_one_process(tiny_models, tmp_path, adam):
