@@ -89,9 +89,11 @@ class TrainingHooks:
                     f"tracked module {name} is frozen in this training run; capture tracks trained weights only: "
                     "set model.modules to the trained modules (LoRA adapters are chosen by default)"
                 )
-            self._handles.append(module.register_forward_hook(self._module_hook(name)))
-        self._handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True))
-        self._handles.append(self.model.register_forward_hook(self._logits_hook))
+            self._handles.append(module.register_forward_hook(self._module_hook(name), prepend=True))
+        # prepended: ahead of hooks installed before ours (DeepSpeed ZeRO-3's) that swap the outputs for copies
+        # the loss, computed inside the forward from the originals, does not depend on
+        self._handles.append(self.model.register_forward_pre_hook(self._begin, with_kwargs=True, prepend=True))
+        self._handles.append(self.model.register_forward_hook(self._logits_hook, prepend=True))
 
     def remove(self) -> None:
         for handle in self._handles:

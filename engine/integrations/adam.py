@@ -16,6 +16,8 @@ from engine.training_run.preconditioner import module_preconditioner
 def _moments(
     optimizer: torch.optim.Optimizer, parameter: torch.Tensor | nn.Module, name: str
 ) -> tuple[np.ndarray, int]:
+    if hasattr(parameter, "ds_id"):
+        return _partitioned_moments(optimizer, parameter, name)
     state = optimizer.state.get(parameter, {}) if isinstance(parameter, torch.Tensor) else {}
     if "exp_avg_sq" not in state:
         raise TributaryError(
@@ -23,6 +25,21 @@ def _moments(
             "preconditioned needs an Adam/AdamW optimizer over the tracked modules"
         )
     return state["exp_avg_sq"].detach().double().cpu().numpy(), int(torch.as_tensor(state.get("step", 1)).item())
+
+
+def _partitioned_moments(optimizer: torch.optim.Optimizer, parameter, name: str) -> tuple[np.ndarray, int]:
+    """A ZeRO-3 parameter's exp_avg_sq, gathered whole from the ranks' flat partitions (collective: every rank
+    asks for the same parameters in the same order); the step from the flat partitions' own state."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    steps = [state["step"] for state in optimizer.state.values() if "step" in state]
+    moments = safe_get_full_optimizer_state(parameter, "exp_avg_sq") if steps else None
+    if moments is None:
+        raise TributaryError(
+            f"the ZeRO-3 optimizer holds no exp_avg_sq (Adam second moments) for {name}; training_run.optimizer."
+            "preconditioned needs an Adam/AdamW client optimizer over the tracked modules"
+        )
+    return moments.detach().double().cpu().numpy(), int(torch.as_tensor(steps[0]).item())
 
 
 def live_preconditioner(

@@ -31,6 +31,7 @@ from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
 from engine.errors import TributaryError
 from engine.gradients.context import context_for_model
 from engine.integrations.adam import live_preconditioner
+from engine.integrations.partitioned import check_partitioned_capture, gathered, is_partitioned
 from engine.integrations.rows import TrainingRows
 from engine.integrations.segments import (
     SegmentRows,
@@ -61,26 +62,29 @@ def rank() -> int:
 
 
 def _inner(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (its module names are the saved model's)."""
+    """The model inside a DistributedDataParallel wrapper or a DeepSpeed engine (its module names are the saved
+    model's)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(model, DistributedDataParallel) or is_deepspeed_engine(model):
+        return cast(nn.Module, model.module)
+    return model
 
 
-def check_not_partitioned(model: nn.Module) -> None:
-    """DeepSpeed training (its engine, or parameters ZeRO-3 partitioned) is refused: not supported yet."""
-    engine = any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
-    if engine or any(hasattr(p, "ds_id") for p in _inner(model).parameters()):
+def is_deepspeed_engine(model: nn.Module) -> bool:
+    return any(cls.__name__ == "DeepSpeedEngine" for cls in type(model).__mro__)
+
+
+def unwrapped(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's AcceleratedOptimizer (the Trainer's), DeepSpeed's ZeRO optimizer
+    (the client's; under ZeRO-3 its groups hold the rank's flat partitions), both nested, or a similar wrapper."""
+    while getattr(optimizer, "optimizer", None) is not None:
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
         raise TributaryError(
-            "capture while training under DeepSpeed (ZeRO-3 partitioned parameters) is not supported yet; capture "
-            "under DDP, or save checkpoints and run `tributary index` (placement.kind zero3 indexes them partitioned)"
+            f"capture needs the training's torch optimizer (or a wrapper holding it as .optimizer), not "
+            f"{type(optimizer).__name__}"
         )
-
-
-def unwrapped(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer inside accelerate's AcceleratedOptimizer (the Trainer's) or a similar wrapper."""
-    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
-        optimizer = optimizer.optimizer  # pyright: ignore[reportAttributeAccessIssue]
     return optimizer
 
 
@@ -119,7 +123,7 @@ class TrainingCapture:
         self,
         config: JobConfig,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Any,  # a torch optimizer, or accelerate's or DeepSpeed's wrapper of one
         rows: TrainingRows | None = None,
         total_steps: int | None = None,
         epochs_per_segment: int | None = None,
@@ -130,9 +134,10 @@ class TrainingCapture:
         tracin and trak); the final model's are always saved. `resume_step`: continue the store of an interrupted
         run from the state `save_state(resume_step)` kept (the model and optimizer restored to that step)."""
         check_capture_config(config)
-        check_not_partitioned(model)
         self.config = config
         model = _inner(model)
+        if is_partitioned(model):  # before any hook is installed
+            check_partitioned_capture(config)
         self.model = model
         self.optimizer = unwrapped(optimizer)
         self.rows = rows or TrainingRows(config)
@@ -284,6 +289,10 @@ class TrainingCapture:
             return
         if self.ranks > 1:  # every rank reaches each boundary at the same step; rank 0 writes the whole segment
             reduce_over_ranks(self.segment)
+        with gathered(self.model):  # ZeRO-3: the weights whole for the fingerprint and the saved boundary
+            self._write_segment(final)
+
+    def _write_segment(self, final: bool) -> None:
         fingerprint = model_fingerprint(self.model, self.modules)
         preconditioner = None
         if self.preconditioned:  # P at the segment's end, as a checkpoint saved at its boundary holds it
@@ -309,7 +318,7 @@ class TrainingCapture:
         self.closed = True
         if self.segment.steps:
             self._end_segment(final=True)
-        elif self.writer.checkpoints:
+        elif self.writer.segments:
             self._keep_final_weights()
         store = self.writer.complete()
         # a complete store resumes nothing (rank 0 removes every rank's states; the others their own)
@@ -320,6 +329,8 @@ class TrainingCapture:
         return store
 
     def _keep_final_weights(self) -> None:
-        """Training ended right at a cut: the last written segment's weights are the final model's."""
-        if self.writer.checkpoints[-1].path is None:
-            self.writer.keep_final_weights(self.model)
+        """Training ended right at a cut: the last written segment's weights are the final model's (every rank
+        decides alike, so that ZeRO-3's gather runs on all of them)."""
+        if not self.writer.keep_all_weights:
+            with gathered(self.model):
+                self.writer.keep_final_weights(self.model)

@@ -30,6 +30,7 @@ from engine.data.rows import dataset_fingerprint
 from engine.errors import TributaryError
 from engine.gradients.context import load_model_context
 from engine.indexing.manifest import build_manifest
+from engine.integrations.partitioned import loading_whole
 from engine.integrations.segments import SegmentRows
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
@@ -179,7 +180,8 @@ class RunWriter:
     def _saved(self, sub: JobConfig) -> str:
         """The fingerprint a query will see of the weights saved for `sub`: loaded back as the query loads them
         (the Trainer changes the in-memory config, e.g. use_cache, which a saved adapter does not carry)."""
-        return load_model_context(sub, spec=self.spec, device=torch.device("cpu")).fingerprints["model"]
+        with loading_whole():
+            return load_model_context(sub, spec=self.spec, device=torch.device("cpu")).fingerprints["model"]
 
     def complete(self) -> RunStore:
         if not self.segments:
@@ -255,6 +257,7 @@ class OtherRankWriter(RunWriter):
     def __init__(self, config: JobConfig, spec: ProjectionSpec, *args, resume_segments: int | None = None, **kwargs):
         self.config, self.spec = config, spec
         self.checkpoints = []
+        self.keep_all_weights = bool(kwargs.get("keep_all_weights", False))
         # a resumed run's finished segments (rank 0 keeps their plan; here only their count numbers the next)
         self.segments = [SegmentPlan(index, (), None, 0) for index in range(resume_segments or 0)]
         self.root = cast(RunStore, None)  # never read: close() returns complete()'s None on these ranks

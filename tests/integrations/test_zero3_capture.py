@@ -1,0 +1,184 @@
+"""Capture while training under DeepSpeed ZeRO-3 (2 gloo ranks on CPU) against one process running the same steps
+without DeepSpeed: the same rows, factors (with SGD, and with AdamW preconditioning) and trained weights.
+
+Independent computation: a plain torch model in one process, its two ranks' halves as two half-weighted
+micro-batches (ZeRO-3 averages the ranks' gradients as DDP does), captured by the same step API; the weights
+against DeepSpeed's own training of the same steps without capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.multiprocessing.spawn import spawn
+
+from engine.config import JobConfig
+from engine.errors import TributaryError
+from engine.integrations import TrainingCapture, TrainingRows
+from engine.integrations.store_writer import captured_rows
+from engine.store.run_store import RunStore
+from tests.conftest import SENTENCES, write_jsonl
+from tests.integrations.test_train_capture import _config, _leave_rank
+from tests.ports import unused_port
+from tests.requirements import require
+
+require("deepspeed")
+
+STEPS = [[5, 1, 6, 0], [2, 7, 3, 4], [0, 4, 7, 1]]  # each rank takes its half of a step's 4 rows
+
+
+def _zero3_config() -> dict:
+    """ZeRO-3 with the client's torch SGD (zero_force_ds_cpu_optimizer off: no DeepSpeed CPU Adam to build)."""
+    return {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {
+            "stage": 3,
+            "stage3_param_persistence_threshold": 0,  # every parameter partitioned, the small ones too
+            "stage3_allgather_sequential": True,
+        },
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+        "wall_clock_breakdown": False,
+    }
+
+
+def _without_shm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory op (deepspeed_shm_comm, for its inference
+    all-reduce only) at every process group it wraps; training uses torch.distributed's own collectives. The
+    build takes minutes on 2 loaded cores and rewrites the shared torch_extensions cache, so it is skipped."""
+    import importlib
+
+    # by its module path: the package deepspeed.comm re-exports the torch library itself under the name torch
+    setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)  # noqa: B010
+
+
+def _float32_config(root: Path, model: Path, train: Path, store: str, adam: bool) -> JobConfig:
+    """Two segments of the three steps, the model trained in float32 (DeepSpeed's ZeRO-3 dtype here); with Adam,
+    Source preconditioned by its second moments."""
+    run = {"segments": 2, "total_steps": len(STEPS), "optimizer": {"preconditioned": adam}}
+    config = _config(root, model, train, f"{store}.zarr", training_run=run)
+    return config.model_copy(update={"model": config.model.model_copy(update={"dtype": "float32"})})
+
+
+def _optimizer(model: nn.Module, adam: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=0.01) if adam else torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _zero3_rank(
+    rank: int, world: int, port: int, config: JobConfig, capture: bool, adam: bool, model_dir: str, out: str
+) -> None:
+    """One rank: ZeRO-3 training of STEPS, with or without capture; rank 0 saves the trained weights to `out`."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import torch.distributed as dist
+
+    # bounded: a rank left waiting in a collective fails the test in minutes instead of holding the heavy group
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))
+    try:
+        _without_shm_op()
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.train()
+        optimizer = _optimizer(model, adam)
+        engine, zero_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_zero3_config())
+        trained = cast(nn.Module, cast(nn.Module, engine).module)
+        rows = TrainingRows(config)
+        capturing = TrainingCapture(config, engine, zero_optimizer, rows, keep_weights=True) if capture else None
+        for indices in STEPS:
+            batch = rows.collate([rows[i] for i in indices[rank * 2 : rank * 2 + 2]])
+            with capturing.step() if capturing else contextlib.nullcontext():
+                engine.backward(engine(**batch).loss)
+            engine.step()
+        if capturing is not None:
+            capturing.close()
+        with deepspeed.zero.GatheredParameters(list(trained.parameters()), modifier_rank=None):
+            if rank == 0:
+                torch.save({name: p.detach().clone() for name, p in trained.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+    _leave_rank()
+
+
+def _one_process(config: JobConfig, adam: bool, model_dir: str) -> dict[str, torch.Tensor]:
+    """The same steps in one process without DeepSpeed: each rank's half a half-weighted micro-batch."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    rows = TrainingRows(config)
+    optimizer = _optimizer(model, adam)
+    capture = TrainingCapture(config, model, optimizer, rows, keep_weights=True)
+    for indices in STEPS:
+        with capture.step():
+            for half in (indices[:2], indices[2:]):
+                (model(**rows.collate([rows[i] for i in half])).loss / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    capture.close()
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _spawn(config: JobConfig, capture: bool, adam: bool, model_dir: Path, out: Path) -> dict[str, torch.Tensor]:
+    spawn(_zero3_rank, args=(2, unused_port(), config, capture, adam, str(model_dir), str(out)), nprocs=2, join=True)
+    return torch.load(out)
+
+
+@pytest.mark.heavy  # two spawned ZeRO-3 runs of 2 gloo ranks and a one-process run: 107 s at load 15-22, 26 s at load 2
+@pytest.mark.requires_deepspeed
+@pytest.mark.parametrize("adam", [False, True], ids=["sgd", "adamw-preconditioned"])
+def test_zero3_capture_with_two_ranks_equals_one_process(tiny_models, tmp_path, adam):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    ranks, single = (
+        _float32_config(tmp_path, tiny_models["llama"], train, store, adam) for store in ("zero3", "single")
+    )
+    captured = _spawn(ranks, True, adam, tiny_models["llama"], tmp_path / "captured.pt")
+    alone = _one_process(single, adam, str(tiny_models["llama"]))
+    distributed, expected_store = RunStore.open(ranks.store.path), RunStore.open(single.store.path)
+    assert distributed.manifest.complete and distributed.plan.segments == expected_store.plan.segments
+    for key in ("c0", "c1"):
+        ours, theirs = distributed.checkpoint(key), expected_store.checkpoint(key)
+        np.testing.assert_array_equal(captured_rows(ours)["step"], captured_rows(theirs)["step"])
+        expected = theirs.read_rows(0, theirs.rows)
+        assert np.abs(expected).max() > 0
+        np.testing.assert_allclose(ours.read_rows(0, ours.rows), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+        for name, factors in theirs.read_factors().items():
+            lam = ours.read_factors()[name].lam
+            np.testing.assert_allclose(lam, factors.lam, rtol=0, atol=1e-5 * factors.lam.max())
+    for name, weight in alone.items():  # ZeRO-3 trained the same model as one process
+        torch.testing.assert_close(captured[name], weight, rtol=1e-5, atol=1e-6)
+    plain = _spawn(ranks, False, adam, tiny_models["llama"], tmp_path / "plain.pt")
+    for name, weight in plain.items():  # and capture left DeepSpeed's training bit-identical
+        assert torch.equal(captured[name], weight), name
+
+
+def test_the_true_fisher_under_zero3_is_refused_before_any_hook(tiny_models, tmp_path):
+    """A model whose parameters ZeRO-3 partitioned (DeepSpeed marks each with ds_id): one line, nothing hooked."""
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = _config(tmp_path, tiny_models["llama"], train, "zero3.zarr", curvature={"fisher": True})
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    next(model.parameters()).ds_id = 0  # pyright: ignore[reportAttributeAccessIssue]
+    refusal = r"^curvature\.fisher true is not captured under DeepSpeed ZeRO-3: "
+    with pytest.raises(TributaryError, match=refusal) as refused:
+        TrainingCapture(config, model, torch.optim.Adam(model.parameters(), lr=0.1))
+    assert "\n" not in str(refused.value)
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+    assert not Path(config.store.path).exists()  # nothing written
