@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 
 from engine.capture.loss import per_example_loss
 from engine.capture.training import ROW_KEY, loss_scale
-from engine.config import JobConfig, parse_config
+from engine.config import JobConfig
 from engine.errors import TributaryError
 from engine.gradients.context import prepare_index_job
 from engine.gradients.passes import gradient_pass
@@ -30,23 +30,11 @@ from engine.integrations.store_writer import captured_rows
 from engine.local_or_ray import run_query
 from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
-from tests.conftest import SENTENCES, job_config, write_jsonl
+from tests.conftest import SENTENCES, write_jsonl
 from tests.ports import unused_port
+from tests.train_capture_helpers import capture_job_config, leave_rank
 
 QUERY = [{"id": "q0", "text": "the fox eats seeds in the snow"}]
-
-
-def _config(root: Path, model: Path, train: Path, store: str, **sections) -> JobConfig:
-    settings = {
-        "projection": {"dim": 4, "kind": "rademacher"},
-        "curvature": {"strategy": "ekfac", "fisher": "empirical"},
-        "method": {"name": "source"},
-        "training_run": {"segments": 1},
-        "store": {"path": str(root / store)},
-    }
-    for section, values in sections.items():
-        settings[section] = dict(settings.get(section, {}), **values)
-    return parse_config(job_config(root, model, train, **settings))
 
 
 def _train(
@@ -128,7 +116,7 @@ def _index_rows(config: JobConfig, weights: Path, rows: list[int], adapter: Path
 def trainer_runs(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("capture")
     train = write_jsonl(root / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(root, tiny_models["llama"], train, "store.zarr")
+    config = capture_job_config(root, tiny_models["llama"], train, "store.zarr")
     plain = _train(config, tiny_models["llama"], root / "plain", capture=False, save=1)
     captured = _train(config, tiny_models["llama"], root / "captured", capture=True)
     return root, config, plain, captured
@@ -182,8 +170,8 @@ def test_query_every_method_from_the_captured_store(trainer_runs):
 @pytest.mark.parametrize("fisher", ["empirical", True])
 def test_gradient_accumulation_of_two_micro_batches_equals_one_batch(tiny_models, tmp_path, fisher):
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    whole = _config(tmp_path, tiny_models["llama"], train, "whole.zarr", curvature={"fisher": fisher})
-    split = _config(tmp_path, tiny_models["llama"], train, "split.zarr", curvature={"fisher": fisher})
+    whole = capture_job_config(tmp_path, tiny_models["llama"], train, "whole.zarr", curvature={"fisher": fisher})
+    split = capture_job_config(tmp_path, tiny_models["llama"], train, "split.zarr", curvature={"fisher": fisher})
     _train(whole, tiny_models["llama"], tmp_path / "a", capture=True, batch=4, epochs=1)
     _train(split, tiny_models["llama"], tmp_path / "b", capture=True, batch=2, accumulate=2, epochs=1)
     one, two = RunStore.open(whole.store.path).checkpoint("c0"), RunStore.open(split.store.path).checkpoint("c0")
@@ -221,7 +209,7 @@ def test_step_api_crash_leaves_finished_segments_and_an_incomplete_store(tiny_mo
     from transformers import AutoModelForCausalLM
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(tmp_path, tiny_models["llama"], train, "loop.zarr")
+    config = capture_job_config(tmp_path, tiny_models["llama"], train, "loop.zarr")
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
     model.train()
     rows = TrainingRows(config)
@@ -274,7 +262,7 @@ def test_lora_fine_tune_through_trainer_is_queried_without_an_index_pass(tiny_mo
         return peft_model
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(tmp_path, tiny_models["llama"], train, "lora.zarr")
+    config = capture_job_config(tmp_path, tiny_models["llama"], train, "lora.zarr")
     _train(config, tiny_models["llama"], tmp_path / "out", capture=True, batch=4, epochs=2, adapter=lora)
     run = RunStore.open(config.store.path)
     assert all(".lora_" in m.name for m in run.modules) and len(run.plan.checkpoints) == 2
@@ -320,7 +308,9 @@ def test_true_fisher_sums_are_the_index_s_at_the_weights_before_the_step(tiny_mo
     from transformers import AutoModelForCausalLM
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(tmp_path, tiny_models["llama"], train, "fisher.zarr", curvature={"fisher": True, "seed": 3})
+    config = capture_job_config(
+        tmp_path, tiny_models["llama"], train, "fisher.zarr", curvature={"fisher": True, "seed": 3}
+    )
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
     model.train()
     rows = TrainingRows(config)
@@ -356,7 +346,7 @@ def test_true_fisher_refuses_a_batch_without_row_indices(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(tmp_path, tiny_models["llama"], train, "refused.zarr", curvature={"fisher": True})
+    config = capture_job_config(tmp_path, tiny_models["llama"], train, "refused.zarr", curvature={"fisher": True})
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
     model.train()
     rows = TrainingRows(config)
@@ -375,7 +365,7 @@ def test_adam_preconditioner_at_step_boundaries_is_the_saved_optimizer_states(ti
     from engine.training_run.optimizer_state import read_preconditioner
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(
+    config = capture_job_config(
         tmp_path,
         tiny_models["llama"],
         train,
@@ -439,19 +429,6 @@ def test_resume_from_a_trainer_checkpoint_gives_the_uninterrupted_store(
 DDP_STEPS = [[5, 1, 6, 0], [2, 7, 3, 4]]  # each step's rows; rank r takes the r-th half
 
 
-def _leave_rank() -> None:
-    """End a spawned rank that finished without error, skipping its interpreter's teardown: freeing a DDP
-    Reducer there can deadlock in torch 2.13 (~ProcessGroupGloo waits on a mutex holding the GIL while gloo's
-    worker thread waits for the GIL to free a finished allreduce's tensors; seen in a fresh-clone heavy run, the
-    rank's work done and written), and spawn's join would wait for it forever."""
-    import os
-    import sys
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _ddp_rank(rank: int, world: int, init: str, config: JobConfig, model_dir: str) -> None:
     """One rank of a 2-rank gloo DDP run of the step API (spawned)."""
     import torch.distributed as dist
@@ -479,7 +456,7 @@ def _ddp_rank(rank: int, world: int, init: str, config: JobConfig, model_dir: st
         capture.close()
     finally:
         dist.destroy_process_group()
-    _leave_rank()
+    leave_rank()
 
 
 @pytest.mark.heavy  # two spawned gloo ranks and a one-process run: about 40 s on 2 busy cores
@@ -488,8 +465,8 @@ def test_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    ranks = _config(tmp_path, tiny_models["llama"], train, "ddp.zarr")
-    single = _config(tmp_path, tiny_models["llama"], train, "single.zarr")
+    ranks = capture_job_config(tmp_path, tiny_models["llama"], train, "ddp.zarr")
+    single = capture_job_config(tmp_path, tiny_models["llama"], train, "single.zarr")
     spawn(
         _ddp_rank,
         args=(2, f"file://{tmp_path / 'init'}", ranks, str(tiny_models["llama"])),
@@ -577,7 +554,7 @@ def _ddp_resume_rank(rank: int, world: int, init: str, whole: JobConfig, resumed
         capture.close()
     finally:
         dist.destroy_process_group()
-    _leave_rank()
+    leave_rank()
 
 
 @pytest.mark.heavy  # two spawned gloo ranks running 3 + 2 + 1 steps: 6 min on 2 cores shared with 8 jobs
@@ -586,8 +563,8 @@ def test_resumed_ddp_run_continues_the_store_of_an_uninterrupted_one(tiny_models
     them, the 2-rank store has every row once and equals the uninterrupted 2-rank run's."""
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     run = {"boundaries": [1], "total_steps": 3}
-    whole = _config(tmp_path, tiny_models["llama"], train, "whole.zarr", training_run=run)
-    resumed = _config(tmp_path, tiny_models["llama"], train, "resumed.zarr", training_run=run)
+    whole = capture_job_config(tmp_path, tiny_models["llama"], train, "whole.zarr", training_run=run)
+    resumed = capture_job_config(tmp_path, tiny_models["llama"], train, "resumed.zarr", training_run=run)
     spawn(
         _ddp_resume_rank,
         args=(2, f"file://{tmp_path / 'init'}", whole, resumed, str(tiny_models["llama"])),
@@ -617,7 +594,7 @@ def test_a_capture_state_saved_by_other_ranks_is_refused(tiny_models, tmp_path):
     from engine.integrations.store_writer import state_path
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(tmp_path, tiny_models["llama"], train, "world.zarr")
+    config = capture_job_config(tmp_path, tiny_models["llama"], train, "world.zarr")
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
     model.train()
     rows = TrainingRows(config)
@@ -650,7 +627,7 @@ def _trainer_rank(rank: int, world: int, port: int, config: JobConfig, model_dir
 
         if dist.is_initialized():
             dist.destroy_process_group()
-    _leave_rank()
+    leave_rank()
 
 
 @pytest.mark.heavy  # two spawned Trainer ranks and a one-process run: 11 min on 2 cores shared with 8 jobs
@@ -658,8 +635,8 @@ def test_trainer_under_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_pa
     """The Trainer under DDP (2 gloo ranks, 2 rows each a step) with the callback writes the store of one process
     training on 4 rows a step: the same shuffled rows a step, the same weights along the way."""
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    ranks = _config(tmp_path, tiny_models["llama"], train, "ddp.zarr")
-    single = _config(tmp_path, tiny_models["llama"], train, "single.zarr")
+    ranks = capture_job_config(tmp_path, tiny_models["llama"], train, "ddp.zarr")
+    single = capture_job_config(tmp_path, tiny_models["llama"], train, "single.zarr")
     spawn(
         _trainer_rank,
         args=(2, unused_port(), ranks, str(tiny_models["llama"]), str(tmp_path / "ddp")),
@@ -693,7 +670,7 @@ def test_callback_refuses_a_trainer_that_drops_the_row_indices(tiny_models, tmp_
     from types import SimpleNamespace
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    callback = TributaryCallback(_config(tmp_path, tiny_models["llama"], train, "cb.zarr"))
+    callback = TributaryCallback(capture_job_config(tmp_path, tiny_models["llama"], train, "cb.zarr"))
     args = SimpleNamespace(remove_unused_columns=True, gradient_checkpointing=False)
     with pytest.raises(TributaryError, match="remove_unused_columns=False"):
         callback.on_train_begin(args, SimpleNamespace(global_step=0, max_steps=1), None, model=None, optimizer=None)

@@ -26,9 +26,9 @@ from engine.integrations import TrainingCapture, TrainingRows
 from engine.integrations.store_writer import captured_rows
 from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, write_jsonl
-from tests.integrations.test_train_capture import _config, _leave_rank
 from tests.ports import unused_port
 from tests.requirements import require
+from tests.train_capture_helpers import capture_job_config, leave_rank
 
 require("deepspeed")
 
@@ -67,7 +67,7 @@ def _float32_config(root: Path, model: Path, train: Path, store: str, adam: bool
     """Two segments of the three steps, the model trained in float32 (DeepSpeed's ZeRO-3 dtype here); with Adam,
     Source preconditioned by its second moments."""
     run = {"segments": 2, "total_steps": len(STEPS), "optimizer": {"preconditioned": adam}}
-    config = _config(root, model, train, f"{store}.zarr", training_run=run)
+    config = capture_job_config(root, model, train, f"{store}.zarr", training_run=run)
     return config.model_copy(update={"model": config.model.model_copy(update={"dtype": "float32"})})
 
 
@@ -112,7 +112,7 @@ def _zero3_rank(
                 torch.save({name: p.detach().clone() for name, p in trained.named_parameters()}, out)
     finally:
         dist.destroy_process_group()
-    _leave_rank()
+    leave_rank()
 
 
 def _one_process(config: JobConfig, adam: bool, model_dir: str) -> dict[str, torch.Tensor]:
@@ -173,7 +173,7 @@ def test_the_true_fisher_under_zero3_is_refused_before_any_hook(tiny_models, tmp
     from transformers import AutoModelForCausalLM
 
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = _config(tmp_path, tiny_models["llama"], train, "zero3.zarr", curvature={"fisher": True})
+    config = capture_job_config(tmp_path, tiny_models["llama"], train, "zero3.zarr", curvature={"fisher": True})
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
     next(model.parameters()).ds_id = 0  # pyright: ignore[reportAttributeAccessIssue]
     refusal = r"^curvature\.fisher true is not captured under DeepSpeed ZeRO-3: "

@@ -1,0 +1,34 @@
+"""What the training-capture tests share: their job config, and how a spawned rank that finished leaves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.config import JobConfig, parse_config
+from tests.conftest import job_config
+
+
+def capture_job_config(root: Path, model: Path, train: Path, store: str, **sections) -> JobConfig:
+    settings = {
+        "projection": {"dim": 4, "kind": "rademacher"},
+        "curvature": {"strategy": "ekfac", "fisher": "empirical"},
+        "method": {"name": "source"},
+        "training_run": {"segments": 1},
+        "store": {"path": str(root / store)},
+    }
+    for section, values in sections.items():
+        settings[section] = dict(settings.get(section, {}), **values)
+    return parse_config(job_config(root, model, train, **settings))
+
+
+def leave_rank() -> None:
+    """End a spawned rank that finished without error, skipping its interpreter's teardown: freeing a DDP
+    Reducer there can deadlock in torch 2.13 (~ProcessGroupGloo waits on a mutex holding the GIL while gloo's
+    worker thread waits for the GIL to free a finished allreduce's tensors; seen in a fresh-clone heavy run, the
+    rank's work done and written), and spawn's join would wait for it forever."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
