@@ -2,11 +2,15 @@
 Fisher, and the true Fisher's sampled-label backward), and the alternative (save checkpoints at the segment
 boundaries, then `tributary index` them), side by side in one run.
 
-Usage: python -m benchmarks.train_capture [--rows 64] [--rounds 1] [--dim 16]   (about 3 minutes on 2 quiet CPU cores)
+Usage: python -m benchmarks.train_capture [--rows 64] [--rounds 1] [--dim 16] [--hidden 128] [--layers 4]
+       [--sequence 64]   (the default, 4 layers x 128 on 64 tokens, takes about a minute on 2 quiet CPU cores)
 
-Each run writes its own file, benchmarks/results/train_capture-rows<R>-dim<D>-rounds<N>-<UTC time>.json, with the
-machine's load average before and after: no run overwrites another's (train_capture.json is the quiet run of
-the first round, kept as it was).
+The default model is so small that fixed per-step costs (Python hooks, per-module kernel launches) weigh on
+every step; `--hidden 256 --sequence 128` is a size whose training step is dominated by its arithmetic.
+
+Each run writes its own file, benchmarks/results/train_capture-rows<R>-dim<D>-rounds<N>-<UTC time>.json (with
+-h<H>-l<L>-s<S> before the time where the model is not the default), with the machine's load average before and
+after: no run overwrites another's (train_capture.json is the quiet run of the first round, kept as it was).
 
 Times per variant: the whole `trainer.train()` (capture included: rows, factors, segment stores, the final
 weights), the optimizer steps alone (on_step_begin to on_step_end, the capture's per-step work included), and
@@ -41,8 +45,8 @@ from engine.config import JobConfig, parse_config
 from engine.integrations import TrainingRows, TributaryCallback
 from engine.local_or_ray import run_index
 
-SEQUENCE = 64
 BATCH = 8
+HEADS = 4
 SEGMENTS = 2
 
 
@@ -99,20 +103,28 @@ def main() -> None:
     parser.add_argument("--rows", type=positive_int, default=64)
     parser.add_argument("--rounds", type=positive_int, default=1)
     parser.add_argument("--dim", type=non_negative_int, default=16)
+    parser.add_argument("--hidden", type=positive_int, default=128, help="model width (a multiple of 4, the heads)")
+    parser.add_argument("--layers", type=positive_int, default=4)
+    parser.add_argument("--sequence", type=positive_int, default=64, help="words (tokens) per training row")
     args = parser.parse_args()
+    if args.hidden % HEADS:
+        parser.error(f"--hidden {args.hidden} is not a multiple of the {HEADS} attention heads")
+    sequence = args.sequence
     logging.disable(logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="tributary-train-capture-"))
     load_before = os.getloadavg()
     try:
-        texts = random_corpus(args.rows, SEQUENCE, vocabulary=2000)
-        model_dir = gpt2_like(work / "model", texts, hidden=128, layers=4, heads=4, positions=SEQUENCE + 8)
+        texts = random_corpus(args.rows, sequence, vocabulary=2000)
+        model_dir = gpt2_like(
+            work / "model", texts, hidden=args.hidden, layers=args.layers, heads=HEADS, positions=sequence + 8
+        )
         train = write_jsonl(work / "train.jsonl", texts)
         steps = -(-args.rows // BATCH)
 
         def config(store: str, fisher: bool | str = "empirical", **extra) -> JobConfig:
             raw = {
                 "model": {"path": str(model_dir), "dtype": "float32"},
-                "data": {"train": str(train), "max_length": SEQUENCE + 8, "batch_size": BATCH},
+                "data": {"train": str(train), "max_length": sequence + 8, "batch_size": BATCH},
                 "projection": {"dim": args.dim, "kind": "rademacher"},
                 "curvature": {"strategy": "ekfac", "fisher": fisher},
                 "method": {"name": "source"},
@@ -173,11 +185,13 @@ def main() -> None:
 
         step_medians = {name: median_of(name, "steps_s") for name in details}
         payload = {
-            "what": "Trainer fine-tune of a GPT-2-like model (4 layers, hidden 128) on CPU: plain, with "
+            "what": f"Trainer fine-tune of a GPT-2-like model ({args.layers} layers, hidden {args.hidden}) on CPU: plain, with "
             "TributaryCallback (EK-FAC, empirical and true Fisher, rademacher projection), and with checkpoints at the "
             f"{SEGMENTS} segment boundaries then `tributary index` of them (the post-hoc alternative)",
             "rows": args.rows,
-            "sequence": SEQUENCE,
+            "hidden": args.hidden,
+            "layers": args.layers,
+            "sequence": sequence,
             "batch": BATCH,
             "optimizer_steps": steps,
             "segments": SEGMENTS,
@@ -197,7 +211,12 @@ def main() -> None:
             "cpus": os.cpu_count(),
         }
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        path = write_result(f"train_capture-rows{args.rows}-dim{args.dim}-rounds{args.rounds}-{stamp}", payload)
+        size = (
+            ""
+            if (args.hidden, args.layers, sequence) == (128, 4, 64)
+            else f"-h{args.hidden}-l{args.layers}-s{sequence}"
+        )
+        path = write_result(f"train_capture-rows{args.rows}-dim{args.dim}-rounds{args.rounds}{size}-{stamp}", payload)
         for name, value in medians.items():
             print(f"{name:<26} {value:7.2f} s   steps {step_medians[name]:6.2f} s")
         print(

@@ -69,6 +69,7 @@ class GradientCapture:
         self.p_in = {m.name: spec.side_matrix(m, "in", compute_dtype, where.get(m.name, device)) for m in sides}
         self.p_out = {m.name: spec.side_matrix(m, "out", compute_dtype, where.get(m.name, device)) for m in sides}
         self._mask: torch.Tensor | None = None
+        self._kept: tuple[torch.Tensor, torch.Tensor, bool] | None = None  # `_keep`'s last mask and its answer
         self._current: ForwardPass | None = None
         self._checking = False  # check_routed_forward: hooks record without projecting
 
@@ -110,10 +111,18 @@ class GradientCapture:
         self, values: torch.Tensor, mask: torch.Tensor | None = None, fresh: bool = False
     ) -> torch.Tensor:
         # where(), not a product: fully masked attention rows can leave NaN at padding positions.
-        keep = (self._current_mask() if mask is None else mask).unsqueeze(-1).bool()
-        if fresh and bool(keep.all()):  # no padding: `values` (made here, aliasing nothing) as they are
+        keep, padded = self._keep(self._current_mask() if mask is None else mask)
+        if fresh and not padded:  # no padding: `values` (made here, aliasing nothing) as they are
             return values
         return torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    def _keep(self, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """(mask as a (B, T, 1) bool, whether any position is padding), worked out once per batch mask: every
+        tracked module's projections in a batch use the same mask (the cache holds it, so its identity is its own)."""
+        if self._kept is None or self._kept[0] is not mask:
+            keep = mask.unsqueeze(-1).bool()
+            self._kept = (mask, keep, not bool(keep.all()))
+        return self._kept[1], self._kept[2]
 
     def project_activations(self, name: str, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ã (B, T, k_in) of one call of module `name` on a batch whose counted positions `mask` (B, T) marks,
@@ -129,7 +138,8 @@ class GradientCapture:
         delta = grad.reshape(mask.shape[0], -1, grad.shape[-1]).to(self.compute_dtype)
         projection = self.p_out[name]
         projected = delta if projection is None else delta @ projection
-        return self._zero_padding(projected.to(self.device), mask)
+        # a product is a fresh tensor: without padding it is returned as it is (no copy through where)
+        return self._zero_padding(projected.to(self.device), mask, fresh=projection is not None)
 
     def projected_activations(self, activations: dict[str, list[torch.Tensor]], mask: torch.Tensor):
         """ã of this capture's projection from a full-width capture's a of the same batch (bias column appended,

@@ -46,13 +46,14 @@ class SegmentRows:
                 f"a captured batch names rows {rows.tolist()[:4]} for {batch.grads.shape[0]} examples; rows are "
                 f"indices 0..{len(self.seen) - 1} of data.train"
             )
-        np.add.at(self.sums, rows, batch.grads.cpu().numpy().astype(self.sums.dtype, copy=False))
+        add = _add_at if len(np.unique(rows)) == len(rows) else np.add.at
+        add(self.sums, rows, batch.grads.cpu().numpy().astype(self.sums.dtype, copy=False))
         if self.fisher_sums is not None:
             if batch.fisher_grads is None:
                 raise TributaryError("a true-Fisher segment got a captured batch without sampled-label rows")
-            np.add.at(self.fisher_sums, rows, batch.fisher_grads.cpu().numpy().astype(self.sums.dtype, copy=False))
-        np.add.at(self.seen, rows, 1)
-        np.add.at(self.loss, rows, batch.losses.detach().cpu().double().numpy())
+            add(self.fisher_sums, rows, batch.fisher_grads.cpu().numpy().astype(self.sums.dtype, copy=False))
+        add(self.seen, rows, 1)
+        add(self.loss, rows, batch.losses.detach().cpu().double().numpy())
         self.num_tokens[rows] = batch.num_tokens.cpu().numpy()
         self.step[rows] = step
         self.epoch[rows] = epoch
@@ -82,6 +83,12 @@ class SegmentRows:
 
     def losses(self) -> np.ndarray:
         return (self.loss / np.maximum(self.seen, 1)).astype(np.float32)
+
+
+def _add_at(target: np.ndarray, rows: np.ndarray, values) -> None:
+    """np.add.at for distinct `rows`: the same one addition per element, without ufunc.at's per-element loop
+    (about 25x slower on a batch's rows)."""
+    target[rows] += values
 
 
 def cut_points(boundaries: list[int] | None, segments: int, total_steps: int | None) -> list[int]:
