@@ -168,14 +168,7 @@ class ExactGroups:
         if not isinstance(executor, GroupExecutor):
             raise RuntimeError("ExactGroups is for placement.kind zero3")
         self._executor = executor
-        facts = executor.describe()
-        return remote_model_context(
-            config,
-            load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code),
-            ProjectionSpec.from_dict(facts["spec"]),
-            facts["fingerprints"],
-            self._gradients,
-        )
+        return _group_model_context(config, executor.describe(), self._gradients)
 
     def _gradients(self, rows: list, measurement: str) -> np.ndarray:
         if self._executor is None:
@@ -225,6 +218,18 @@ def run_query(
         groups.shutdown()
 
 
+def _group_model_context(config: JobConfig, facts: dict, gradients) -> ModelContext:
+    """The driver's model context for a zero3 group: the tokenizer here, the spec and fingerprints the group's
+    ranks described, and query gradients computed by the group."""
+    return remote_model_context(
+        config,
+        load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code),
+        ProjectionSpec.from_dict(facts["spec"]),
+        facts["fingerprints"],
+        gradients,
+    )
+
+
 class QueryGroups:
     """The zero3 group a query's gradients come from: started when the query needs the model (its inputs
     checked by then) and stopped as soon as the gradients are back, so that the scan's actors find the
@@ -247,14 +252,7 @@ class QueryGroups:
         return self._executor
 
     def context(self, config: JobConfig) -> ModelContext:
-        facts = self._start(config).describe()
-        return remote_model_context(
-            config,
-            load_tokenizer(config.model.tokenizer or config.model.path, config.model.trust_remote_code),
-            ProjectionSpec.from_dict(facts["spec"]),
-            facts["fingerprints"],
-            self.gradients,
-        )
+        return _group_model_context(config, self._start(config).describe(), self.gradients)
 
     def gradients(self, rows: list, measurement: str) -> np.ndarray:
         if self._config is None:

@@ -130,3 +130,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     from tests.requirements import require_markers
 
     require_markers(item)
+
+
+@pytest.fixture(scope="module")
+def llama32(tmp_path_factory):
+    """A tiny Llama wide enough for ZeRO-3 to partition every weight over two ranks (tests/zero3_models.py)."""
+    from tests.zero3_models import llama32_in
+
+    return llama32_in(tmp_path_factory.mktemp("zero3_models"))
+
+
+@pytest.fixture(scope="module")
+def lora32(llama32, tmp_path_factory):
+    """A LoRA adapter on llama32."""
+    from tests.zero3_models import lora32_in
+
+    return lora32_in(llama32, tmp_path_factory.mktemp("zero3_adapter"))

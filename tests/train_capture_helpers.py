@@ -32,3 +32,15 @@ def leave_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def one_process_steps(capture, model, rows, optimizer, steps: list[list[int]]) -> None:
+    """The one-process reference of a 2-rank run: each step's 4 rows as two half-weighted micro-batches (DDP and
+    ZeRO-3 average the ranks' mean losses), one optimizer step each, then the capture closed."""
+    for indices in steps:
+        with capture.step():
+            for half in (indices[:2], indices[2:]):
+                (model(**rows.collate([rows[i] for i in half])).loss / 2).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    capture.close()

@@ -15,7 +15,6 @@ from engine.store import GradientStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.distributed_helpers import store_config
 from tests.requirements import require
-from tests.zero3_models import llama32_in, lora32_in
 
 ray = require("ray")
 require("deepspeed")
@@ -33,16 +32,6 @@ TRAIN = SENTENCES + [
 QUERIES = [{"id": "q0", "text": "the fox eats clams in the snow"}, {"id": "q1", "text": "a crow eats honey"}]
 CLUSTER = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
 ZERO3 = {"kind": "zero3", "devices_per_replica": 2}
-
-
-@pytest.fixture(scope="module")
-def llama32(tmp_path_factory):
-    return llama32_in(tmp_path_factory.mktemp("zero3_models"))
-
-
-@pytest.fixture(scope="module")
-def lora32(llama32, tmp_path_factory):
-    return lora32_in(llama32, tmp_path_factory.mktemp("zero3_adapter"))
 
 
 @pytest.fixture

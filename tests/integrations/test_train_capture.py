@@ -32,7 +32,7 @@ from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from tests.conftest import SENTENCES, write_jsonl
 from tests.ports import unused_port
-from tests.train_capture_helpers import capture_job_config, leave_rank
+from tests.train_capture_helpers import capture_job_config, leave_rank, one_process_steps
 
 QUERY = [{"id": "q0", "text": "the fox eats seeds in the snow"}]
 
@@ -479,13 +479,7 @@ def test_ddp_with_two_ranks_equals_one_process(tiny_models, tmp_path):
     rows = TrainingRows(single)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     capture = TrainingCapture(single, model, optimizer, rows, keep_weights=True)
-    for indices in DDP_STEPS:
-        with capture.step():
-            for half in (indices[:2], indices[2:]):
-                (model(**rows.collate([rows[i] for i in half])).loss / 2).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    capture.close()
+    one_process_steps(capture, model, rows, optimizer, DDP_STEPS)
     distributed, alone = RunStore.open(ranks.store.path), RunStore.open(single.store.path)
     assert distributed.manifest.complete and distributed.plan.segments == alone.plan.segments
     ours, theirs = distributed.checkpoint("c0"), alone.checkpoint("c0")

@@ -28,7 +28,7 @@ from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.ports import unused_port
 from tests.requirements import require
-from tests.train_capture_helpers import capture_job_config, leave_rank
+from tests.train_capture_helpers import capture_job_config, leave_rank, one_process_steps
 
 require("deepspeed")
 
@@ -125,13 +125,7 @@ def _one_process(config: JobConfig, adam: bool, model_dir: str) -> dict[str, tor
     rows = TrainingRows(config)
     optimizer = _optimizer(model, adam)
     capture = TrainingCapture(config, model, optimizer, rows, keep_weights=True)
-    for indices in STEPS:
-        with capture.step():
-            for half in (indices[:2], indices[2:]):
-                (model(**rows.collate([rows[i] for i in half])).loss / 2).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    capture.close()
+    one_process_steps(capture, model, rows, optimizer, STEPS)
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 

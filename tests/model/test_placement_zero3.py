@@ -13,7 +13,6 @@ from engine.store import GradientStore
 from tests.conftest import SENTENCES, vocabulary_texts, write_jsonl
 from tests.distributed_helpers import store_config, store_contents
 from tests.requirements import require
-from tests.zero3_models import llama32_in, lora32_in
 
 ray = require("ray")
 require("deepspeed")
@@ -28,16 +27,6 @@ TRAIN = SENTENCES + [
 ]
 CLUSTER = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
 ZERO3 = {"kind": "zero3", "devices_per_replica": 2}
-
-
-@pytest.fixture(scope="module")
-def llama32(tmp_path_factory):
-    return llama32_in(tmp_path_factory.mktemp("zero3_models"))
-
-
-@pytest.fixture(scope="module")
-def lora32(llama32, tmp_path_factory):
-    return lora32_in(llama32, tmp_path_factory.mktemp("zero3_adapter"))
 
 
 @pytest.fixture(scope="module")
