@@ -23,10 +23,10 @@ class ScoredCheckpoint:
 
 
 def scored_checkpoints(config: JobConfig, opened: GradientStore | RunStore) -> list[ScoredCheckpoint]:
-    if config.method.name != "tracin" or not isinstance(opened, RunStore):
+    if config.method.name != "tracin":  # tracin is refused on a single-checkpoint store before this
         final = opened.final_config(config)
         return [ScoredCheckpoint(final, opened.final_store(), method_from_config(config.method), 1.0)]
-    plan = opened.plan
+    plan = opened.run_plan(config)
     grad_dot = method_from_config(MethodConfig(name="grad_dot"))
     out = []
     for checkpoint in plan.checkpoints:
@@ -36,7 +36,7 @@ def scored_checkpoints(config: JobConfig, opened: GradientStore | RunStore) -> l
                 "method tracin runs at; capture with keep_weights=True, or query without --exact/--rescore"
             )
         dataset = plan.datasets[plan.segments[checkpoint.segment].dataset]
-        sub = checkpoint_config(config, checkpoint.weights, dataset, opened.checkpoint_path(checkpoint.name))
-        rate = tracin_rate(plan, checkpoint)
-        out.append(ScoredCheckpoint(sub, opened.checkpoint(checkpoint.name), grad_dot, rate))
+        store = opened.checkpoint_store(checkpoint.name)
+        sub = checkpoint_config(config, checkpoint.weights, dataset, store.path)
+        out.append(ScoredCheckpoint(sub, store, grad_dot, tracin_rate(plan, checkpoint)))
     return out

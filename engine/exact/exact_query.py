@@ -32,7 +32,7 @@ from engine.query.attributor import check_compatible, open_complete_store
 from engine.query.scoring import QueryResult, top_k
 from engine.store import GradientStore
 from engine.store.budget import budgeted_context
-from engine.store.run_store import RunStore
+from engine.training_run.plan import RunPlan
 
 # (config, queries, the driver's loaded model or None) → the executor of the `exact_scores` stage
 ExactExecutors = Callable[[JobConfig, ExactQueries, ModelContext | None], ShardExecutor]
@@ -84,8 +84,7 @@ def run_exact_query(
     check_capability(config.method.name, config.placement.kind, None, ("exact",))
     opened = open_complete_store(config.store.path)
     check_capability(config.method.name, config.placement.kind, opened.kind, ("exact",))
-    if isinstance(opened, RunStore):
-        check_exact_run(opened)
+    check_exact_run(opened.run_plan(config))
     # A training run's single-term methods score at its final checkpoint (its weights, rows, sub-store and
     # factors); tracin at every checkpoint, weighted by its learning rate (engine.exact.checkpoints).
     checkpoints = scored_checkpoints(config, opened)
@@ -148,9 +147,9 @@ def _checkpoint_scores(
     return _score(store, queries, executors(config, queries, context if local_context else None))
 
 
-def check_exact_run(opened: RunStore) -> None:
+def check_exact_run(plan: RunPlan) -> None:
     """The exact pass scores the final checkpoint's rows: a run over several datasets has others."""
-    datasets = len(opened.plan.datasets)
+    datasets = len(plan.datasets)
     if datasets > 1:
         raise TributaryError(
             f"--exact/--rescore score the final checkpoint's training rows, but this training run has {datasets} "

@@ -13,7 +13,7 @@ import pytest
 from engine.config import parse_config
 from engine.errors import TributaryError
 from engine.exact.exact_query import check_exact_run
-from engine.store.run_store import RunStore
+from engine.training_run.plan import RunPlan
 from tests.conftest import SENTENCES, job_config, write_jsonl
 
 
@@ -36,8 +36,8 @@ def test_exact_factors_for_a_training_run_under_zero3_are_refused_when_the_confi
 
 
 def test_exact_on_a_run_of_several_datasets_is_refused_naming_the_fix():
-    run = cast(RunStore, SimpleNamespace(plan=SimpleNamespace(datasets=["a.jsonl", "b.jsonl"])))
+    run = cast(RunPlan, SimpleNamespace(datasets=["a.jsonl", "b.jsonl"]))
     with pytest.raises(TributaryError, match="this training run has 2 datasets; index the run with one") as error:
         check_exact_run(run)
     assert "\n" not in str(error.value)
-    check_exact_run(cast(RunStore, SimpleNamespace(plan=SimpleNamespace(datasets=["a.jsonl"]))))
+    check_exact_run(cast(RunPlan, SimpleNamespace(datasets=["a.jsonl"])))
