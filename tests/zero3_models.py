@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.testing.tiny import save_tiny
-from tests.conftest import vocabulary_texts
+from tests.conftest import SENTENCES, vocabulary_texts
+
+# 13 rows: in shards of 3 the last step gives rank 0 one row (rank 1 pads to its batch count) and rank 1 no shard
+TRAIN = SENTENCES + [
+    "the owl eats mice at night",
+    "a bear eats honey in the valley",
+    "the fox eats berries",
+    "a crow eats seeds",
+    "the wolf eats deer in the cold snow",
+]
 
 
 def llama32_in(directory: Path) -> Path:

@@ -12,23 +12,16 @@ from engine.config import QueryOptions, parse_config
 from engine.exact.stored_factors import read_exact_factors
 from engine.local_or_ray import run_exact, run_index
 from engine.store import GradientStore
-from tests.conftest import SENTENCES, write_jsonl
+from tests.conftest import write_jsonl
 from tests.distributed_helpers import store_config
 from tests.requirements import require
+from tests.zero3_models import TRAIN
 
 ray = require("ray")
 require("deepspeed")
 
 pytestmark = pytest.mark.heavy  # a zero3 group loads DeepSpeed (a JIT-built op on first use) and two ranks
 
-# 13 rows in shards of 3: the last step gives rank 0 one row (rank 1 pads to its batch count) and rank 1 no shard
-TRAIN = SENTENCES + [
-    "the owl eats mice at night",
-    "a bear eats honey in the valley",
-    "the fox eats berries",
-    "a crow eats seeds",
-    "the wolf eats deer in the cold snow",
-]
 QUERIES = [{"id": "q0", "text": "the fox eats clams in the snow"}, {"id": "q1", "text": "a crow eats honey"}]
 CLUSTER = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
 ZERO3 = {"kind": "zero3", "devices_per_replica": 2}

@@ -10,21 +10,14 @@ from engine.config import parse_config
 from engine.errors import TributaryError
 from engine.local_or_ray import run_index, run_query
 from engine.store import GradientStore
-from tests.conftest import SENTENCES, vocabulary_texts, write_jsonl
+from tests.conftest import vocabulary_texts, write_jsonl
 from tests.distributed_helpers import store_config, store_contents
 from tests.requirements import require
+from tests.zero3_models import TRAIN
 
 ray = require("ray")
 require("deepspeed")
 
-# 13 rows in shards of 3: the last step gives rank 0 one row (rank 1 pads to its batch count) and rank 1 no shard
-TRAIN = SENTENCES + [
-    "the owl eats mice at night",
-    "a bear eats honey in the valley",
-    "the fox eats berries",
-    "a crow eats seeds",
-    "the wolf eats deer in the cold snow",
-]
 CLUSTER = {"address": "local", "cpus_per_worker": 1, "local_cpus": 2}
 ZERO3 = {"kind": "zero3", "devices_per_replica": 2}
 
