@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.curvature.factors import ModuleFactors
+from engine.curvature.factors import ModuleFactors, rotate, unrotate
 from engine.errors import TributaryError
 from engine.projection import ProjectionSpec
-from engine.spectral.core import module_view, normalise_rows, transform_queries
+from engine.spectral.core import module_view
 from engine.spectral.methods import Method
 
 
@@ -62,14 +62,18 @@ def exact_queries(
     factors: dict[str, ModuleFactors] | None,
     rank: int | None,
 ) -> ExactQueries:
-    """`grads` (Q, D) full-width query gradients → the preconditioned query side of `method`."""
+    """`grads` (Q, D) full-width query gradients → the preconditioned query side of `method`, module by module in
+    the gradients' own precision (float32 unless they are float64), as kronfluence preconditions: a float64 copy
+    of every query's full width (and its float64 result) would hold several times the gradients' memory, and
+    float64 rotations take about twice as long, for no more accuracy than float32 rows can carry."""
     check_query_rank(rank, spec)
-    transformed = _preconditioned(grads, spec, method, factors)
+    dtype = np.float64 if grads.dtype == np.float64 else np.float32
+    scale = _normalising_scale(grads) if method.normalise else None
     whole, low_rank = {}, {}
     for module in spec.modules:
-        matrices = module_view(transformed, spec, module.name)
+        matrices = _preconditioned_module(grads, spec, module.name, method, factors, scale, dtype)
         if rank is None:
-            whole[module.name] = np.ascontiguousarray(matrices)
+            whole[module.name] = matrices
             continue
         left, values, right = np.linalg.svd(matrices, full_matrices=False)
         left = left[:, :, :rank] * values[:, None, :rank]
@@ -79,27 +83,39 @@ def exact_queries(
     return ExactQueries(spec, method.normalise, whole, low_rank)
 
 
-def _preconditioned(
-    grads: np.ndarray, spec: ProjectionSpec, method: Method, factors: dict[str, ModuleFactors] | None
+def _normalising_scale(grads: np.ndarray) -> np.ndarray:
+    """1/‖g_q‖ per query over every module (Grad-Cos), 1 for a zero gradient, accumulated in float64."""
+    norms = np.sqrt(np.einsum("qd,qd->q", grads, grads, dtype=np.float64))
+    return 1.0 / np.where(norms > 0, norms, 1.0)
+
+
+def _preconditioned_module(
+    grads: np.ndarray,
+    spec: ProjectionSpec,
+    name: str,
+    method: Method,
+    factors: dict[str, ModuleFactors] | None,
+    scale: np.ndarray | None,
+    dtype: type[np.floating],
 ) -> np.ndarray:
-    """transform_queries's float64 arithmetic, Q_S (F(Λ) ⊙ (Q_Sᵀ G Q_A)) Q_Aᵀ per module, with the rotations as
-    torch matmuls: numpy's stacked float64 matmul took about five times as long at full width on the 2-core
-    machine, and it ran once per query batch (about 40% of a small batch's time in its profile)."""
-    eigenbases = factors is not None and all(
-        factors[m.name].rotated and not factors[m.name].dense for m in spec.modules
-    )
-    if method.spectral is None or factors is None or not eigenbases:
-        return transform_queries(grads, spec, method, factors)  # no Kronecker rotation to speed up
-    rows = np.asarray(grads, dtype=np.float64)
-    if method.normalise:
-        rows = normalise_rows(rows)
-    out = np.empty_like(rows)
-    for module in spec.modules:
-        module_factors = factors[module.name]
-        q_s = torch.from_numpy(np.asarray(module_factors.q_s, dtype=np.float64))
-        q_a = torch.from_numpy(np.asarray(module_factors.q_a, dtype=np.float64))
-        weights = torch.from_numpy(np.asarray(method.spectral(module_factors.lam), dtype=np.float64))
-        matrices = torch.from_numpy(np.ascontiguousarray(module_view(rows, spec, module.name)))
-        result = q_s @ (((q_s.T @ matrices) @ q_a) * weights) @ q_a.T
-        out[:, module.offset : module.offset + module.width] = result.reshape(len(rows), -1).numpy()
-    return out
+    """One module's (Q, d_out, d_in) query side: Q_S (F(Λ) ⊙ (Q_Sᵀ G Q_A)) Q_Aᵀ as torch matmuls (numpy's stacked
+    matmul took about five times as long at full width on the 2-core machine)."""
+    matrices = torch.from_numpy(np.ascontiguousarray(module_view(grads, spec, name), dtype=dtype))
+    if scale is not None:
+        matrices *= torch.from_numpy(scale.astype(dtype))[:, None, None]
+    if method.spectral is None:
+        return matrices.numpy()
+    if factors is None:
+        raise ValueError(f"method {method.name} needs curvature factors")
+    module_factors = factors[name]
+    if not module_factors.rotated or module_factors.dense:  # no Kronecker rotation to speed up: as the store does
+        blocks = matrices.numpy().astype(np.float64)
+        rotated = rotate(blocks, module_factors) * method.spectral(module_factors.lam)
+        return unrotate(rotated, module_factors, blocks.shape[1:]).astype(dtype)
+
+    def tensor(values: np.ndarray | None) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(values, dtype=dtype))
+
+    q_s, q_a = tensor(module_factors.q_s), tensor(module_factors.q_a)
+    weights = tensor(method.spectral(module_factors.lam))
+    return (q_s @ (((q_s.T @ matrices) @ q_a) * weights) @ q_a.T).numpy()
