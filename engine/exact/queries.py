@@ -71,6 +71,8 @@ def exact_queries(
     check_query_rank(rank, spec)
     dtype = np.float64 if grads.dtype == np.float64 else np.float32
     buffer = np.asarray(grads, dtype=dtype)
+    if not buffer.flags.writeable:  # gradients a ZeRO-3 group returned through Ray's object store
+        buffer = buffer.copy()
     scale = _normalising_scale(buffer) if method.normalise else None
     whole, low_rank = {}, {}
     for module in spec.modules:
