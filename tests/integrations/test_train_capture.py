@@ -20,14 +20,15 @@ from transformers import TrainerCallback
 
 from engine.capture.loss import per_example_loss
 from engine.capture.training import ROW_KEY, loss_scale
-from engine.config import JobConfig
+from engine.config import JobConfig, QueryOptions
 from engine.errors import TributaryError
-from engine.gradients.context import prepare_index_job
+from engine.gradients.context import prepare_index_job, with_projection
 from engine.gradients.passes import gradient_pass
 from engine.integrations import TrainingCapture, TrainingRows, TributaryCallback
 from engine.integrations.segments import cut_points
 from engine.integrations.store_writer import captured_rows
-from engine.local_or_ray import run_query
+from engine.local_or_ray import run_exact, run_query
+from engine.projection.fitted import full_width
 from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from tests.conftest import SENTENCES, write_jsonl
@@ -165,6 +166,27 @@ def test_query_every_method_from_the_captured_store(trainer_runs):
         method_config = config.model_copy(update={"method": config.method.model_copy(update={"name": method})})
         total = run_query(method_config, str(queries), k=3).total
         assert total is not None and np.isfinite(total).all() and total.shape == (1, len(SENTENCES))
+
+
+def test_exact_grad_dot_on_the_captured_store_scores_at_the_final_weights(trainer_runs):
+    """`--exact` on a callback-captured store recomputes every row's gradient at the final checkpoint's weights (the
+    captured rows are each from the step before it was seen, and projected): against the index's gradient pass at
+    full width over the rows and the query, at the weights the plain Trainer run saved after its last step."""
+    root, config, _, _ = trainer_runs
+    queries = write_jsonl(root / "queries_exact.jsonl", QUERY)
+    grad_dot = config.model_copy(update={"method": config.method.model_copy(update={"name": "grad_dot"})})
+    ours = run_exact(grad_dot, str(queries), QueryOptions(k=3)).scores
+    final = str(root / "plain" / "checkpoint-6")
+
+    def full_width_gradients(path: str) -> np.ndarray:
+        job = prepare_index_job(checkpoint_config(config, final, path, "unused"))
+        context = with_projection(job.context, full_width(job.context.spec))
+        return gradient_pass(context, job.tokenized, with_covariance=False).grads
+
+    expected = full_width_gradients(str(queries)) @ full_width_gradients(str(config.data.train)).T
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    stored = run_query(grad_dot, str(queries), k=3).total  # the captured rows: not the final weights' gradients
+    assert stored is not None and not np.allclose(stored, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
 
 
 @pytest.mark.parametrize("fisher", ["empirical", True])
