@@ -7,6 +7,8 @@ factors per segment, not built) is refused by name."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -15,8 +17,10 @@ from engine.errors import TributaryError
 from engine.exact.stored_factors import has_exact_factors
 from engine.indexing.exact_sums import has_pass_one_sums
 from engine.local_or_ray import run_exact, run_index, run_query
+from engine.serving.schema import AttributeRequest, AttributeResponse
 from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, job_config, write_jsonl
+from tests.service_helpers import replica
 from tests.trained_checkpoints import QUERIES, train_checkpoints
 
 pytestmark = pytest.mark.heavy  # two run stores of three checkpoints each
@@ -96,3 +100,34 @@ def test_source_is_refused_by_name(runs):
     with pytest.raises(TributaryError, match="method source has no exact streamed form.*give --method if") as error:
         run_exact(parse_config(raw), str(queries), QueryOptions(k=2))
     assert "\n" not in str(error.value)
+
+
+def test_serve_rescore_on_a_run_store_answers_what_query_rescore_writes(runs):
+    """The replica rescores at the final checkpoint (its own loaded model and the final sub-store's candidates):
+    each listed example, its source and its score equal `tributary query --rescore K` on the same run store,
+    which the tests above tie to the dim-0 run store."""
+    _, projected, queries = runs
+    asked = [
+        {"id": "q0", "prompt": "the fox eats", "completion": " seeds in the snow"},
+        {"id": "q1", "prompt": "the owl", "completion": " eats mice at night"},
+    ]
+    service = replica(parse_config(dict(projected, serve={"rescore": 2})))
+    body = asyncio.run(service.attribute(AttributeRequest.model_validate({"queries": asked, "top_k": 3})))
+    served = AttributeResponse.model_validate(body).model_dump(exclude_none=True)["results"]
+    path = write_jsonl(queries.parent / "prompts.jsonl", asked)
+    cli = run_exact(parse_config(projected), str(path), QueryOptions(k=3), rescore=2).records
+
+    def listed(records: list[dict]) -> list[tuple]:
+        return [
+            (r["id"], kind, e["rank"], e["index"], e["id"], e["source"])
+            for r in records
+            for kind in ("top_k", "bottom_k")
+            for e in r[kind]
+        ]
+
+    def scores(records: list[dict]) -> list[float]:
+        return [e["score"] for r in records for kind in ("top_k", "bottom_k") for e in r[kind]]
+
+    assert listed(served) == listed(cli)
+    assert {"exact"} <= {entry[-1] for entry in listed(served)}
+    np.testing.assert_allclose(scores(served), scores(cli), rtol=1e-9, atol=1e-12)
