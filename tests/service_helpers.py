@@ -97,3 +97,17 @@ def asgi_request(app, method: str, path: str, body: bytes = b"") -> tuple[int, d
     status = next(message["status"] for message in sent if message["type"] == "http.response.start")
     payload = b"".join(message.get("body", b"") for message in sent if message["type"] == "http.response.body")
     return status, json.loads(payload)
+
+
+def listed_examples(records: list[dict]) -> list[tuple]:
+    """(query, side, rank, row index, row id, source) of every listed example of query records, in order."""
+    return [
+        (record["id"], side, entry["rank"], entry["index"], entry["id"], entry["source"])
+        for record in records
+        for side in ("top_k", "bottom_k")
+        for entry in record[side]
+    ]
+
+
+def listed_scores(records: list[dict]) -> list[float]:
+    return [entry["score"] for record in records for side in ("top_k", "bottom_k") for entry in record[side]]

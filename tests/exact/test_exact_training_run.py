@@ -20,7 +20,7 @@ from engine.local_or_ray import run_exact, run_index, run_query
 from engine.serving.schema import AttributeRequest, AttributeResponse
 from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, job_config, write_jsonl
-from tests.service_helpers import replica
+from tests.service_helpers import listed_examples, listed_scores, replica
 from tests.trained_checkpoints import QUERIES, train_checkpoints
 
 pytestmark = pytest.mark.heavy  # two run stores of three checkpoints each
@@ -117,17 +117,6 @@ def test_serve_rescore_on_a_run_store_answers_what_query_rescore_writes(runs):
     path = write_jsonl(queries.parent / "prompts.jsonl", asked)
     cli = run_exact(parse_config(projected), str(path), QueryOptions(k=3), rescore=2).records
 
-    def listed(records: list[dict]) -> list[tuple]:
-        return [
-            (r["id"], kind, e["rank"], e["index"], e["id"], e["source"])
-            for r in records
-            for kind in ("top_k", "bottom_k")
-            for e in r[kind]
-        ]
-
-    def scores(records: list[dict]) -> list[float]:
-        return [e["score"] for r in records for kind in ("top_k", "bottom_k") for e in r[kind]]
-
-    assert listed(served) == listed(cli)
-    assert {"exact"} <= {entry[-1] for entry in listed(served)}
-    np.testing.assert_allclose(scores(served), scores(cli), rtol=1e-9, atol=1e-12)
+    assert listed_examples(served) == listed_examples(cli)
+    assert {"exact"} <= {entry[-1] for entry in listed_examples(served)}
+    np.testing.assert_allclose(listed_scores(served), listed_scores(cli), rtol=1e-9, atol=1e-12)

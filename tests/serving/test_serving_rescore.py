@@ -25,6 +25,7 @@ from engine.serving.validation import prepare
 from tests.cli_helpers import assert_clean_failure, invoke
 from tests.conftest import PROMPTS, job_config, write_jsonl
 from tests.requirements import require
+from tests.service_helpers import listed_examples, listed_scores
 
 require("ray.serve")
 
@@ -69,24 +70,11 @@ def _cli(rescoring, name: str, queries: list[dict]) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
-def _listed(records: list[dict]) -> list[tuple]:
-    return [
-        (record["id"], kind, entry["rank"], entry["index"], entry["id"], entry["source"])
-        for record in records
-        for kind in ("top_k", "bottom_k")
-        for entry in record[kind]
-    ]
-
-
-def _scores(records: list[dict]) -> list[float]:
-    return [entry["score"] for record in records for kind in ("top_k", "bottom_k") for entry in record[kind]]
-
-
 def test_a_rescored_request_equals_tributary_query_rescore(rescoring):
     served = _served(rescoring["service"], QUERIES)
     cli = _cli(rescoring, "all", QUERIES)
-    assert _listed(served) == _listed(cli)
-    np.testing.assert_allclose(_scores(served), _scores(cli), rtol=1e-9, atol=1e-12)
+    assert listed_examples(served) == listed_examples(cli)
+    np.testing.assert_allclose(listed_scores(served), listed_scores(cli), rtol=1e-9, atol=1e-12)
     assert [r["method"] for r in served] == [r["method"] for r in cli]
     assert {e["source"] for r in served for e in r["top_k"] + r["bottom_k"]} == {"exact"}
 
@@ -109,8 +97,8 @@ def test_a_request_is_ranked_among_its_own_candidates_whoever_shares_its_batch(r
     for records, queries, name in zip(together, (first, second), ("first", "second")):
         cli = _cli(rescoring, name, queries)
         records = json.loads(json.dumps(records))
-        assert _listed(records) == _listed(cli)
-        np.testing.assert_allclose(_scores(records), _scores(cli), rtol=1e-9, atol=1e-12)
+        assert listed_examples(records) == listed_examples(cli)
+        np.testing.assert_allclose(listed_scores(records), listed_scores(cli), rtol=1e-9, atol=1e-12)
 
 
 def test_a_request_with_a_method_that_has_no_exact_form_is_refused_alone(rescoring):
@@ -126,7 +114,7 @@ def test_a_request_with_a_method_that_has_no_exact_form_is_refused_alone(rescori
     ]
     refused, answered = service._score_batch(items)
     assert refused.status == 422 and "has no exact streamed form" in refused.message
-    assert _listed(json.loads(json.dumps(answered))) == _listed(_cli(rescoring, "one", QUERIES[:1]))
+    assert listed_examples(json.loads(json.dumps(answered))) == listed_examples(_cli(rescoring, "one", QUERIES[:1]))
 
 
 def test_the_published_schema_names_the_source_and_stays_optional(rescoring):
