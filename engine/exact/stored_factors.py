@@ -59,9 +59,15 @@ def read_exact_factors(
 
 
 def require_exact_factors(store: GradientStore) -> dict[str, ModuleFactors]:
+    check_exact_factors(store)
+    return read_exact_factors(store)
+
+
+def check_exact_factors(store: GradientStore) -> None:
+    """Refused in one line where the store has no full-width factors, without reading them (the pass reads them
+    once, when it runs: reading them here as well cost 0.45 s of a 21 s batch on issue 13's model)."""
     if not has_exact_factors(store):
         raise TributaryError(
             f"store {redact(store.path)} has no full-width factors, which --exact needs for method if; add "
             "`exact: {factors: true}` to the config and run `tributary index` again (the rows stay as they are)"
         )
-    return read_exact_factors(store)
