@@ -23,7 +23,7 @@ from engine.data.tokenize import tokenize_rows
 from engine.errors import TributaryError
 from engine.exact.checkpoints import ScoredCheckpoint, scored_checkpoints
 from engine.exact.queries import ExactQueries, check_query_rank, exact_queries
-from engine.exact.stored_factors import check_exact_factors, full_spec, read_exact_factors
+from engine.exact.stored_factors import full_spec, read_exact_factors, require_stored_factors
 from engine.gradients.context import ModelContext, load_model_context, with_projection
 from engine.gradients.passes import gradient_pass
 from engine.indexing.executor import ShardExecutor
@@ -90,7 +90,7 @@ def run_exact_query(
     checkpoints = scored_checkpoints(config, opened)
     for checkpoint in checkpoints:
         if checkpoint.method.needs_curvature:
-            check_exact_factors(checkpoint.store)
+            require_stored_factors(checkpoint.store)
         check_query_rank(config.exact.query_rank, full_spec(checkpoint.store))
     final = checkpoints[-1]
     config, store = final.config, final.store
