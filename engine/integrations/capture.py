@@ -42,7 +42,7 @@ from engine.integrations.segments import (
     tensor_rows,
 )
 from engine.integrations.store_writer import OtherRankWriter, RunWriter, resume_root, state_path
-from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
+from engine.model.fingerprint import tokenizer_fingerprint
 from engine.model.loading import DTYPES
 from engine.model.placement import input_device
 
@@ -293,7 +293,6 @@ class TrainingCapture:
             self._write_segment(final)
 
     def _write_segment(self, final: bool) -> None:
-        fingerprint = model_fingerprint(self.model, self.modules)
         preconditioner = None
         if self.preconditioned:  # P at the segment's end, as a checkpoint saved at its boundary holds it
             run = self.config.training_run
@@ -306,7 +305,7 @@ class TrainingCapture:
                 optimizer.beta2 if optimizer else None,
                 optimizer.eps if optimizer else None,
             )
-        self.writer.write_segment(self.segment, self.model, fingerprint, final, preconditioner)
+        self.writer.write_segment(self.segment, self.model, self.modules, final, preconditioner)
         self.segment = self._new_segment()
 
     def close(self):
@@ -333,4 +332,4 @@ class TrainingCapture:
         decides alike, so that ZeRO-3's gather runs on all of them)."""
         if not self.writer.keep_all_weights:
             with gathered(self.model):
-                self.writer.keep_final_weights(self.model)
+                self.writer.keep_final_weights(self.model, self.modules)

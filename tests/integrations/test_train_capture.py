@@ -22,7 +22,7 @@ from engine.capture.loss import per_example_loss
 from engine.capture.training import ROW_KEY, loss_scale
 from engine.config import JobConfig
 from engine.errors import TributaryError
-from engine.gradients.context import prepare_index_job
+from engine.gradients.context import load_model_context, prepare_index_job
 from engine.gradients.passes import gradient_pass
 from engine.integrations import TrainingCapture, TrainingRows, TributaryCallback
 from engine.integrations.segments import cut_points
@@ -167,6 +167,26 @@ def test_query_every_method_from_the_captured_store(trainer_runs):
         assert total is not None and np.isfinite(total).all() and total.shape == (1, len(SENTENCES))
 
 
+def _reloaded_fingerprints(run: RunStore, config: JobConfig) -> list[tuple[str, str]]:
+    """(recorded, reloaded) model fingerprint of every checkpoint with saved weights: the recorded one is taken
+    from the live weights, the reloaded one as a query takes it, from the saved files."""
+    pairs = []
+    for checkpoint in run.plan.checkpoints:
+        if checkpoint.path is None:
+            continue
+        sub = checkpoint_config(config, checkpoint.path, config.data.train, "unused")
+        pairs.append(
+            (run.checkpoint(checkpoint.name).manifest.fingerprints.model, load_model_context(sub).fingerprints["model"])
+        )
+    return pairs
+
+
+def test_saved_boundaries_carry_the_fingerprint_their_reloaded_weights_have(trainer_runs):
+    _, config, _, _ = trainer_runs
+    pairs = _reloaded_fingerprints(RunStore.open(config.store.path), config)
+    assert len(pairs) == 2 and all(recorded == reloaded for recorded, reloaded in pairs)
+
+
 @pytest.mark.parametrize("fisher", ["empirical", True])
 def test_gradient_accumulation_of_two_micro_batches_equals_one_batch(tiny_models, tmp_path, fisher):
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
@@ -266,6 +286,8 @@ def test_lora_fine_tune_through_trainer_is_queried_without_an_index_pass(tiny_mo
     _train(config, tiny_models["llama"], tmp_path / "out", capture=True, batch=4, epochs=2, adapter=lora)
     run = RunStore.open(config.store.path)
     assert all(".lora_" in m.name for m in run.modules) and len(run.plan.checkpoints) == 2
+    pairs = _reloaded_fingerprints(run, config)
+    assert len(pairs) == 2 and all(recorded == reloaded for recorded, reloaded in pairs)
     queries = write_jsonl(tmp_path / "queries.jsonl", QUERY)
     results = {}
     for method in ("source", "tracin"):
