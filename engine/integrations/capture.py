@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -186,6 +187,7 @@ class TrainingCapture:
         self.segment = self._new_segment()
         self.cut_pending = False  # a cut ends its segment once the step's update is done (the next step or close)
         self.closed = False
+        self.segment_write_s = 0.0  # seconds spent ending segments (reduction, fingerprint, store, saved weights)
         if resume_step is not None:
             self._restore(resume_step)
 
@@ -287,10 +289,12 @@ class TrainingCapture:
         self.epochs_in_segment = 0
         if not self.segment.steps:
             return
+        started = time.perf_counter()
         if self.ranks > 1:  # every rank reaches each boundary at the same step; rank 0 writes the whole segment
             reduce_over_ranks(self.segment)
         with gathered(self.model):  # ZeRO-3: the weights whole for the fingerprint and the saved boundary
             self._write_segment(final)
+        self.segment_write_s += time.perf_counter() - started
 
     def _write_segment(self, final: bool) -> None:
         preconditioner = None
