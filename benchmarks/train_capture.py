@@ -13,8 +13,9 @@ Each run writes its own file, benchmarks/results/train_capture-rows<R>-dim<D>-ro
 after: no run overwrites another's (train_capture.json is the quiet run of the first round, kept as it was).
 
 Times per variant: the whole `trainer.train()` (capture included: rows, factors, segment stores, the final
-weights), the optimizer steps alone (on_step_begin to on_step_end, the capture's per-step work included), and
-for the alternative the index of its checkpoints after training.
+weights), the optimizer steps alone (on_step_begin to on_step_end, the capture's per-step work included, and
+the write of every segment but the last, which happens when the step after its boundary begins), the capture's
+segment writes alone (all of them), and for the alternative the index of its checkpoints after training.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def _train(model_dir: Path, config: JobConfig, out: Path, capture: bool, save_st
         logging_steps=1,
     )
     clock = StepClock()
-    callbacks: list[TrainerCallback] = [TributaryCallback(config, rows)] if capture else []
+    tributary = TributaryCallback(config, rows)
+    callbacks: list[TrainerCallback] = [tributary] if capture else []
     trainer = Trainer(
         model=model,
         args=args,
@@ -95,7 +97,10 @@ def _train(model_dir: Path, config: JobConfig, out: Path, capture: bool, save_st
     trainer.train()
     if save_steps:
         trainer.save_model(str(out))  # the final model, as the run's last checkpoint
-    return {"train_s": time.perf_counter() - started, "steps_s": clock.seconds}
+    result = {"train_s": time.perf_counter() - started, "steps_s": clock.seconds}
+    if tributary.capture is not None:  # per segment, not per step: the steps time holds every segment but the last
+        result["segment_writes_s"] = tributary.capture.segment_write_s
+    return result
 
 
 def main() -> None:
@@ -184,6 +189,9 @@ def main() -> None:
             return statistics.median(d[key] for d in details[name][1:])  # the warm-up run left out
 
         step_medians = {name: median_of(name, "steps_s") for name in details}
+        segment_writes = {
+            name: median_of(name, "segment_writes_s") for name in ("train_capture", "train_capture_true_fisher")
+        }
         payload = {
             "what": f"Trainer fine-tune of a GPT-2-like model ({args.layers} layers, hidden {args.hidden}) on CPU: plain, with "
             "TributaryCallback (EK-FAC, empirical and true Fisher, rademacher projection), and with checkpoints at the "
@@ -200,6 +208,7 @@ def main() -> None:
             "seconds": times,
             "median_s": medians,
             "median_steps_s": step_medians,
+            "median_segment_writes_s": segment_writes,
             "index_s": median_of("train_checkpoints_index", "index_s"),
             "capture_over_train": medians["train_capture"] / medians["train"],
             "capture_steps_over_train_steps": step_medians["train_capture"] / step_medians["train"],
@@ -218,7 +227,8 @@ def main() -> None:
         )
         path = write_result(f"train_capture-rows{args.rows}-dim{args.dim}-rounds{args.rounds}{size}-{stamp}", payload)
         for name, value in medians.items():
-            print(f"{name:<26} {value:7.2f} s   steps {step_medians[name]:6.2f} s")
+            writes = f"   segment writes {segment_writes[name]:5.2f} s" if name in segment_writes else ""
+            print(f"{name:<26} {value:7.2f} s   steps {step_medians[name]:6.2f} s{writes}")
         print(
             f"capture / train: {payload['capture_over_train']:.2f}x (steps {payload['capture_steps_over_train_steps']:.2f}x)"
         )

@@ -39,9 +39,14 @@ class NextTokenLoss:
     closed form, softmax − one-hot at the counted positions. One log-softmax then serves the data labels and the
     sampled ones, and no backward runs through the loss itself (`GradientCapture.output_gradients_of_logits`)."""
 
-    def __init__(self, logits: torch.Tensor):
-        with torch.no_grad():
-            self.log_probs = torch.log_softmax(_loss_logits(logits.detach()), dim=-1)
+    def __init__(self, logits: torch.Tensor, log_probs: torch.Tensor | None = None):
+        """`log_probs`: the log-softmax of these logits where it is already computed (the training loss's), used
+        where it is in the dtype this class computes it in."""
+        scored = _loss_logits(logits.detach())
+        if log_probs is None or log_probs.dtype != scored.dtype:
+            with torch.no_grad():
+                log_probs = torch.log_softmax(scored, dim=-1)
+        self.log_probs = log_probs.detach()
         self.logits_dtype = logits.dtype
 
     def _targets(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,7 @@ class MicroBatch:
     position_ids: torch.Tensor | None = None  # (B, T), for the true Fisher's sampled labels
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # the modules' outputs (true Fisher)
     fisher_deltas: dict[str, list[torch.Tensor]] | None = None  # δ̃ of the summed sampled-label loss
+    log_probs: torch.Tensor | None = None  # the training loss's own log-softmax of the logits, where it has one
 
 
 @dataclass
@@ -161,13 +162,15 @@ class TrainingHooks:
         if logits is None or not logits.requires_grad:
             raise TributaryError("the trained model returned no logits that need a gradient; capture needs a causal LM")
         values = logits.detach()
+        batch.log_probs = training_log_softmax(getattr(output, "loss", None), logits)
 
         def gradient(grad: torch.Tensor) -> None:
             if self.sampling:
                 return
-            batch.scale, batch.losses = loss_scale(values, grad.detach(), batch.labels)
+            batch.scale, batch.losses = loss_scale(values, grad.detach(), batch.labels, batch.log_probs)
             if self.fisher_seed is not None:
                 self._sampled_backward(batch, logits, values)
+            batch.log_probs = None  # held from the forward only until here
 
         logits.register_hook(gradient)
 
@@ -175,7 +178,7 @@ class TrainingHooks:
         """δ̃ of the summed loss on sampled labels, by a backward from `logits` to the modules' outputs only."""
         assert batch.rows is not None and batch.position_ids is not None and self.fisher_seed is not None
         labels = sample_labels(values, batch.labels, batch.position_ids, batch.rows, self.fisher_seed)
-        root_gradient = NextTokenLoss(values).logit_gradient(labels)
+        root_gradient = NextTokenLoss(values, batch.log_probs).logit_gradient(labels)
         names = [(name, i) for name, outs in batch.outputs.items() for i in range(len(outs))]
         outputs = [batch.outputs[name][i] for name, i in names]
         self.sampling = True
@@ -233,14 +236,46 @@ class TrainingHooks:
         )
 
 
-def loss_scale(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+def training_log_softmax(loss: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor | None:
+    """The log-softmax of `logits` (B, T, V) that the training loss computed in the forward and autograd keeps for
+    its backward, so that the capture does not compute it again: found where the loss is HF's cross-entropy of
+    the logits themselves (log_softmax of a view of them, in their own dtype); None otherwise (a float64 model,
+    whose loss HF computes on a float32 copy; a custom loss; a slice of the logits)."""
+    node = getattr(loss, "grad_fn", None)
+    for _ in range(4):  # the loss's own head: a division by the counted tokens, the nll, then the log-softmax
+        if node is None or type(node).__name__ == "LogSoftmaxBackward0":
+            break
+        node = node.next_functions[0][0] if node.next_functions else None
+    if node is None or type(node).__name__ != "LogSoftmaxBackward0":
+        return None
+    result = getattr(node, "_saved_result", None)  # autograd's own saved output: absent, the capture computes it
+    if not isinstance(result, torch.Tensor):
+        return None
+    source = node.next_functions[0][0]
+    while source is not None and source is not logits.grad_fn and type(source).__name__ in VIEW_NODES:
+        source = source.next_functions[0][0]
+    if source is not logits.grad_fn or result.dtype != logits.dtype or result.numel() != logits.numel():
+        return None
+    return result.view(logits.shape)
+
+
+VIEW_NODES = ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0")
+
+
+def loss_scale(
+    logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, log_probs: torch.Tensor | None = None
+) -> tuple[float, torch.Tensor]:
     """(c, per-example summed losses) for a loss L = c Σ_i loss_i whose gradient with respect to `logits` is
-    `grad`: c by least squares over the counted positions from ∂L/∂z_{t,y} = −c (1 − p_{t,y})."""
+    `grad`: c by least squares over the counted positions from ∂L/∂z_{t,y} = −c (1 − p_{t,y}). `log_probs`: the
+    logits' log-softmax where the training loss computed it (`training_log_softmax`), used in their own dtype."""
     targets = next_token_labels(labels.to(logits.device))
     counted = targets != IGNORE
     safe = torch.where(counted, targets, torch.zeros_like(targets)).unsqueeze(-1)
     scored = logits.double() if logits.dtype == torch.float64 else logits.float()
-    log_p = (torch.gather(scored, -1, safe) - torch.logsumexp(scored, dim=-1, keepdim=True)).squeeze(-1).double()
+    if log_probs is not None and log_probs.dtype == scored.dtype:
+        log_p = torch.gather(log_probs, -1, safe).squeeze(-1).double()
+    else:
+        log_p = (torch.gather(scored, -1, safe) - torch.logsumexp(scored, dim=-1, keepdim=True)).squeeze(-1).double()
     one_minus_p = -torch.expm1(log_p)[counted]
     g = torch.gather(grad, -1, safe).squeeze(-1).double()[counted]
     losses = torch.where(counted, -log_p, torch.zeros_like(log_p)).sum(dim=1).float()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from contextlib import contextmanager
 from typing import Any, cast
 
@@ -42,7 +43,7 @@ from engine.integrations.segments import (
     tensor_rows,
 )
 from engine.integrations.store_writer import OtherRankWriter, RunWriter, resume_root, state_path
-from engine.model.fingerprint import model_fingerprint, tokenizer_fingerprint
+from engine.model.fingerprint import tokenizer_fingerprint
 from engine.model.loading import DTYPES
 from engine.model.placement import input_device
 
@@ -186,6 +187,7 @@ class TrainingCapture:
         self.segment = self._new_segment()
         self.cut_pending = False  # a cut ends its segment once the step's update is done (the next step or close)
         self.closed = False
+        self.segment_write_s = 0.0  # seconds spent ending segments (reduction, fingerprint, store, saved weights)
         if resume_step is not None:
             self._restore(resume_step)
 
@@ -287,13 +289,14 @@ class TrainingCapture:
         self.epochs_in_segment = 0
         if not self.segment.steps:
             return
+        started = time.perf_counter()
         if self.ranks > 1:  # every rank reaches each boundary at the same step; rank 0 writes the whole segment
             reduce_over_ranks(self.segment)
         with gathered(self.model):  # ZeRO-3: the weights whole for the fingerprint and the saved boundary
             self._write_segment(final)
+        self.segment_write_s += time.perf_counter() - started
 
     def _write_segment(self, final: bool) -> None:
-        fingerprint = model_fingerprint(self.model, self.modules)
         preconditioner = None
         if self.preconditioned:  # P at the segment's end, as a checkpoint saved at its boundary holds it
             run = self.config.training_run
@@ -306,7 +309,7 @@ class TrainingCapture:
                 optimizer.beta2 if optimizer else None,
                 optimizer.eps if optimizer else None,
             )
-        self.writer.write_segment(self.segment, self.model, fingerprint, final, preconditioner)
+        self.writer.write_segment(self.segment, self.model, self.modules, final, preconditioner)
         self.segment = self._new_segment()
 
     def close(self):
@@ -333,4 +336,4 @@ class TrainingCapture:
         decides alike, so that ZeRO-3's gather runs on all of them)."""
         if not self.writer.keep_all_weights:
             with gathered(self.model):
-                self.writer.keep_final_weights(self.model)
+                self.writer.keep_final_weights(self.model, self.modules)

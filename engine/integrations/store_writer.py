@@ -32,6 +32,8 @@ from engine.gradients.context import load_model_context
 from engine.indexing.manifest import build_manifest
 from engine.integrations.partitioned import loading_whole
 from engine.integrations.segments import SegmentRows
+from engine.model.fingerprint import model_fingerprint
+from engine.model.loading import loaded_model_config
 from engine.projection import ProjectionSpec
 from engine.store import GradientStore, location
 from engine.store.manifest import RunManifest, RunStoreSettings, ShardCommit, StoreManifest
@@ -125,17 +127,19 @@ class RunWriter:
         self,
         segment: SegmentRows,
         model: nn.Module,
-        model_fingerprint: str,
+        modules: dict[str, nn.Module],
         final: bool,
         preconditioner: dict[str, np.ndarray] | None = None,
     ) -> None:
-        """`preconditioner`: Adam's P at the segment's end (a preconditioned run): kept as the segment's P̄, and
+        """`modules`: the tracked modules of `model`, whose weights at the segment's end are fingerprinted.
+        `preconditioner`: Adam's P at the segment's end (a preconditioned run): kept as the segment's P̄, and
         the segment's own factors are then those of P̄^{1/2} H P̄^{1/2}, as `tributary index` fits them."""
         key = ResourceKey.checkpoint(segment.index).group_name
         weights = self._save_weights(model, key) if final or self.keep_all_weights else None
         eta = segment.mean_rate * self.scale
         sub = self._checkpoint_config(key, weights)
-        store = self._write_rows(segment, sub, key, model_fingerprint if weights is None else self._saved(sub))
+        fingerprint = model_fingerprint(model, modules) if weights is None else self._saved(sub, model, modules)
+        store = self._write_rows(segment, sub, key, fingerprint)
         store.write_factors(self._factors(segment))
         if preconditioner is not None:
             store.write_module_arrays("preconditioner", preconditioner)
@@ -161,13 +165,13 @@ class RunWriter:
         save(target)  # a peft model saves its adapter
         return str(target.resolve())
 
-    def keep_final_weights(self, model: nn.Module) -> None:
+    def keep_final_weights(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
         """Save the last segment's weights after all (training ended at its boundary)."""
         last = self.checkpoints[-1]
         weights = self._save_weights(model, last.name)
         store = self.root.checkpoint(last.name, mode="r+")
         recorded = store.manifest.fingerprints
-        saved = self._saved(self._checkpoint_config(last.name, weights))
+        saved = self._saved(self._checkpoint_config(last.name, weights), model, modules)
         fingerprints = type(recorded).model_validate({**recorded.model_dump(), "model": saved})
         store.update_manifest(fingerprints=fingerprints)
         self.checkpoints[-1] = replace(last, path=weights)
@@ -177,11 +181,14 @@ class RunWriter:
         path = self.root.checkpoint_path(key)
         return checkpoint_config(self.config, weights or self.config.model.path, self.config.data.train, path)
 
-    def _saved(self, sub: JobConfig) -> str:
-        """The fingerprint a query will see of the weights saved for `sub`: loaded back as the query loads them
-        (the Trainer changes the in-memory config, e.g. use_cache, which a saved adapter does not carry)."""
+    def _saved(self, sub: JobConfig, model: nn.Module, modules: dict[str, nn.Module]) -> str:
+        """The fingerprint a query will see of the weights just saved for `sub`: the live tracked weights (the
+        bytes saved) with the config the saved model loads back with (the Trainer changes the in-memory config,
+        e.g. use_cache, which a saved adapter does not carry), so nothing is read back from disk."""
         with loading_whole():
-            return load_model_context(sub, spec=self.spec, device=torch.device("cpu")).fingerprints["model"]
+            if sub.model.adapter is not None and sub.model.adapter_mode != "adapter":  # other modules: load it
+                return load_model_context(sub, spec=self.spec, device=torch.device("cpu")).fingerprints["model"]
+            return model_fingerprint(model, modules, loaded_model_config(sub.model, sub.placement))
 
     def complete(self) -> RunStore:
         if not self.segments:
@@ -265,7 +272,7 @@ class OtherRankWriter(RunWriter):
     def write_segment(self, segment: SegmentRows, *args, **kwargs) -> None:
         self.segments.append(SegmentPlan(segment.index, (), None, segment.steps))
 
-    def keep_final_weights(self, model: nn.Module) -> None:
+    def keep_final_weights(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
         return None
 
     def complete(self) -> RunStore | None:  # pyright: ignore[reportIncompatibleMethodOverride]

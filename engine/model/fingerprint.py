@@ -18,9 +18,10 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     return flat.numpy().tobytes()
 
 
-def model_fingerprint(model: nn.Module, modules: dict[str, nn.Module]) -> str:
+def model_fingerprint(model: nn.Module, modules: dict[str, nn.Module], config=None) -> str:
+    """`config`: the model config to hash in place of model.config (the one its saved weights load back with)."""
     digest = hashlib.sha256()
-    config = getattr(model, "config", None)
+    config = config if config is not None else getattr(model, "config", None)
     if config is not None:
         raw = config.to_dict()
         for volatile in (

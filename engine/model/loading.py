@@ -159,6 +159,20 @@ def load_model(
     return model, load_tokenizer(config.tokenizer or path, trust)
 
 
+def loaded_model_config(config: ModelConfig, placement: PlacementConfig | None = None):
+    """The config that `load_model`'s model carries (what its fingerprint hashes), without reading any weights:
+    model.path's config as `from_pretrained` reads it, given to the model class built on the meta device (which
+    sets the dtype and whatever else the class sets on its config). A peft model's config is its base model's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = config.trust_remote_code
+    model_config = AutoConfig.from_pretrained(config.path, local_files_only=True, trust_remote_code=trust)
+    dtype = DTYPES[(placement or PlacementConfig()).dtype or config.dtype]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=trust)
+    return model.config
+
+
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 

@@ -19,10 +19,10 @@ from torch.multiprocessing.spawn import spawn
 from transformers import TrainerCallback
 
 from engine.capture.loss import per_example_loss
-from engine.capture.training import ROW_KEY, loss_scale
+from engine.capture.training import ROW_KEY, loss_scale, training_log_softmax
 from engine.config import JobConfig, QueryOptions
 from engine.errors import TributaryError
-from engine.gradients.context import prepare_index_job, with_projection
+from engine.gradients.context import load_model_context, prepare_index_job, with_projection
 from engine.gradients.passes import gradient_pass
 from engine.integrations import TrainingCapture, TrainingRows, TributaryCallback
 from engine.integrations.segments import cut_points
@@ -189,6 +189,26 @@ def test_exact_grad_dot_on_the_captured_store_scores_at_the_final_weights(traine
     assert stored is not None and not np.allclose(stored, expected, rtol=0, atol=1e-3 * np.abs(expected).max())
 
 
+def _reloaded_fingerprints(run: RunStore, config: JobConfig) -> list[tuple[str, str]]:
+    """(recorded, reloaded) model fingerprint of every checkpoint with saved weights: the recorded one is taken
+    from the live weights, the reloaded one as a query takes it, from the saved files."""
+    pairs = []
+    for checkpoint in run.plan.checkpoints:
+        if checkpoint.path is None:
+            continue
+        sub = checkpoint_config(config, checkpoint.path, config.data.train, "unused")
+        pairs.append(
+            (run.checkpoint(checkpoint.name).manifest.fingerprints.model, load_model_context(sub).fingerprints["model"])
+        )
+    return pairs
+
+
+def test_saved_boundaries_carry_the_fingerprint_their_reloaded_weights_have(trainer_runs):
+    _, config, _, _ = trainer_runs
+    pairs = _reloaded_fingerprints(RunStore.open(config.store.path), config)
+    assert len(pairs) == 2 and all(recorded == reloaded for recorded, reloaded in pairs)
+
+
 @pytest.mark.parametrize("fisher", ["empirical", True])
 def test_gradient_accumulation_of_two_micro_batches_equals_one_batch(tiny_models, tmp_path, fisher):
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
@@ -218,6 +238,41 @@ def test_loss_scale_is_exact_for_a_mean_token_loss():
     c, losses = loss_scale(logits.detach(), grad, labels)
     assert c == pytest.approx(1 / counted / 2, rel=1e-12)
     np.testing.assert_allclose(losses.double().numpy(), summed.detach().numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_the_training_loss_s_log_softmax_is_found_only_where_it_is_the_logits_own(tiny_models, kind):
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[3, 5, 7, 2, 9], [4, 6, 8, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float32)
+    for extra in ({}, {"num_items_in_batch": torch.tensor(7)}):
+        out = model(input_ids=ids, attention_mask=mask, labels=ids, **extra)
+        found = training_log_softmax(out.loss, out.logits)
+        assert found is not None and torch.equal(found, torch.log_softmax(out.logits.detach(), dim=-1))
+    out = model(input_ids=ids, attention_mask=mask)
+    sliced = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+    assert training_log_softmax(sliced, out.logits) is None  # a loss of a slice: not the logits' own
+    assert training_log_softmax(None, out.logits) is None
+    wide = AutoModelForCausalLM.from_pretrained(tiny_models[kind], dtype=torch.float64)
+    out = wide(input_ids=ids, attention_mask=mask, labels=ids)
+    assert training_log_softmax(out.loss, out.logits) is None  # HF's loss runs on a float32 copy
+
+
+def test_loss_scale_from_the_training_loss_s_log_softmax_equals_its_own():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7, dtype=torch.float32, requires_grad=True)
+    labels = torch.randint(0, 7, (3, 5))
+    labels[0, :2] = -100
+    summed = per_example_loss(logits, labels)
+    (grad,) = torch.autograd.grad(summed.sum() / 11, logits)
+    own = loss_scale(logits.detach(), grad, labels)
+    reused = loss_scale(logits.detach(), grad, labels, torch.log_softmax(logits.detach(), dim=-1))
+    assert reused[0] == pytest.approx(own[0], rel=1e-6) and own[0] == pytest.approx(1 / 11, rel=1e-5)
+    np.testing.assert_allclose(reused[1].numpy(), own[1].numpy(), rtol=1e-6)
 
 
 def test_a_loss_that_is_not_cross_entropy_is_refused():
@@ -288,6 +343,8 @@ def test_lora_fine_tune_through_trainer_is_queried_without_an_index_pass(tiny_mo
     _train(config, tiny_models["llama"], tmp_path / "out", capture=True, batch=4, epochs=2, adapter=lora)
     run = RunStore.open(config.store.path)
     assert all(".lora_" in m.name for m in run.modules) and len(run.plan.checkpoints) == 2
+    pairs = _reloaded_fingerprints(run, config)
+    assert len(pairs) == 2 and all(recorded == reloaded for recorded, reloaded in pairs)
     queries = write_jsonl(tmp_path / "queries.jsonl", QUERY)
     results = {}
     for method in ("source", "tracin"):
@@ -362,6 +419,37 @@ def test_true_fisher_sums_are_the_index_s_at_the_weights_before_the_step(tiny_mo
         capture.end_epoch()  # one segment a step: the next step's sums start from zero
     capture.close()
     assert RunStore.open(config.store.path).manifest.complete
+
+
+def test_a_float32_step_s_rows_and_sampled_rows_are_the_index_s(tiny_models, tmp_path):
+    """A float32 model, whose training loss's log-softmax the capture reuses for the loss scale and the sampled
+    labels' gradient: the step's rows, sampled-label rows and losses equal `tributary index`'s at the weights
+    the step started from, to float32 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = capture_job_config(tmp_path, tiny_models["gpt2"], train, "f32.zarr", curvature={"fisher": True})
+    config = config.model_copy(update={"model": config.model.model_copy(update={"dtype": "float32"})})
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gpt2"], dtype=torch.float32)
+    model.train()
+    rows = TrainingRows(config)
+    indices = [5, 1, 6, 0]
+    before = tmp_path / "before"
+    model.save_pretrained(before)
+    job = prepare_index_job(checkpoint_config(config, str(before), config.data.train, "unused"))
+    expected = gradient_pass(job.context, [job.tokenized[i] for i in indices], fisher_rows=True)
+    capture = TrainingCapture(config, model, torch.optim.SGD(model.parameters(), lr=0.1), rows)
+    with capture.step():
+        model(**rows.collate([rows[i] for i in indices])).loss.backward()
+    assert expected.fisher_grads is not None and capture.segment.fisher_sums is not None
+    scale = np.abs(expected.grads).max()
+    np.testing.assert_allclose(capture.segment.sums[indices], expected.grads, rtol=0, atol=1e-5 * scale)
+    fisher_scale = np.abs(expected.fisher_grads).max()
+    np.testing.assert_allclose(
+        capture.segment.fisher_sums[indices], expected.fisher_grads, rtol=0, atol=1e-5 * fisher_scale
+    )
+    np.testing.assert_allclose(capture.segment.loss[indices], expected.losses, rtol=1e-5)
+    capture.close()
 
 
 def test_true_fisher_refuses_a_batch_without_row_indices(tiny_models, tmp_path):
