@@ -397,25 +397,34 @@ def test_bad_fitted_projection_settings_are_refused_naming_them(
 
 @pytest.mark.heavy  # a CLI process killed and resumed / a Ray cluster: ~30 s each on 2 cores
 @pytest.mark.parametrize(
-    "kind", [{"kind": "eigen_sketch"}, {"kind": "grad_pca"}, {"kind": "grad_pca_whitened"}], ids=lambda k: k["kind"]
+    ("kind", "stage"),
+    [
+        ({"kind": "eigen_sketch"}, "projection"),
+        ({"kind": "grad_pca"}, "projection"),
+        ({"kind": "grad_pca_whitened"}, "projection"),
+        ({"kind": "grad_pca_whitened"}, "projection_gram"),  # killed in its second sweep, the whitened Grams
+    ],
+    ids=lambda value: value["kind"] if isinstance(value, dict) else value,
 )
-def test_a_run_killed_during_the_fit_resumes_it_and_gives_the_same_store(tmp_path, tiny_models, train, kind):
+def test_a_run_killed_during_the_fit_resumes_it_and_gives_the_same_store(tmp_path, tiny_models, train, kind, stage):
     single_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     projection = {"dim": 4, "seed": 3, "fit_rows": 9, **kind}
     path = str(tmp_path / "store.zarr")
     config = write_config(tmp_path / "job.yaml", store_config(tiny_models["gpt2"], train, path, projection=projection))
     killed = run_cli(
-        "index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": "driver:projection:1", **single_thread}
+        "index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": f"driver:{stage}:1", **single_thread}
     )
     assert killed.returncode == -9, killed.stderr
     manifest = GradientStore.open(path).manifest
-    assert not manifest.stages.get("projection") and len(manifest.shards["projection"]) == 1
+    assert not manifest.stages.get("projection") and len(manifest.shards[stage]) == 1
     assert not manifest.shards.get("gradients")
     resumed = run_cli("index", str(config), "--no-progress", env=single_thread)
     assert resumed.returncode == 0, resumed.stderr
     store = GradientStore.open(path)
     computed = store.manifest.runs[1].computed
-    assert manifest.runs[0].computed["projection"][0] not in computed["projection"], "a committed fit shard is redone"
+    assert manifest.runs[0].computed[stage][0] not in computed[stage], "a committed fit shard is redone"
+    if stage == "projection_gram":
+        assert not computed.get("projection"), "the first sweep, finished before the kill, is redone"
     reference_path = str(tmp_path / "reference.zarr")
     reference = write_config(
         tmp_path / "reference.yaml", store_config(tiny_models["gpt2"], train, reference_path, projection=projection)
