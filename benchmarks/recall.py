@@ -18,6 +18,8 @@ Variants at the bytes per row of 16 x 16 float32 per module (1x) and 4x that (`-
                              prior store; engine.indexing.budget_fit)
   grad_pca dim k             the in-sample fitted kind: each side's top-k eigenvectors of the rows' own per-example
                              gradient Grams, fitted on 128 of the rows (fit_rows)
+  grad_pca_whitened dim k    the same of the K-FAC-whitened gradients S^-1/2 G A^-1/2 (two sweeps over the 128 fit
+                             rows; engine.projection.whitened)
   kfac_eigen / eigen_sketch  the fitted kinds at dim k (fit: exact, all rows)
   bf16 ...                   bfloat16 rows at twice the numbers: budget 2B, and rademacher at dim ⌊k√2⌋
 
@@ -112,6 +114,7 @@ def variants(modules: int, measured: str, scales: list[str]) -> dict[str, tuple[
         fitted = {"fit_rows": FIT_ROWS}
         bf16_k = int(k * math.sqrt(2))
         out[f"{scale} grad_pca dim {k}"] = ({"dim": k, "kind": "grad_pca", **fitted}, "float32")
+        out[f"{scale} grad_pca_whitened dim {k}"] = ({"dim": k, "kind": "grad_pca_whitened", **fitted}, "float32")
         out[f"{scale} bf16 grad_pca dim {bf16_k}"] = ({"dim": bf16_k, "kind": "grad_pca", **fitted}, "bfloat16")
         out[f"{scale} budget-fit {numbers}"] = ({"budget": {"numbers_per_row": numbers, **fitted}}, "float32")
         out[f"{scale} bf16 budget-fit {2 * numbers}"] = (

@@ -38,12 +38,14 @@ class ProjectionBudget(_Section):
 class ProjectionConfig(_Section):
     dim: int = Field(default=16, ge=0, description="per-side projection width k; 0 = identity (exact)")
     seed: int = 0
-    kind: Literal["rademacher", "gaussian", "kfac_eigen", "eigen_sketch", "grad_pca"] = Field(
+    kind: Literal["rademacher", "gaussian", "kfac_eigen", "eigen_sketch", "grad_pca", "grad_pca_whitened"] = Field(
         default="rademacher",
         description="rademacher/gaussian: seeded random matrices; kfac_eigen: each side's top-k eigenvectors of "
         "its K-FAC covariance (fitted by a pass before the gradients); eigen_sketch: the top `top` eigenvectors "
         "and a seeded random sketch of their orthogonal complement; grad_pca: each side's top-k eigenvectors of the "
-        "training rows' own per-example gradients, Σ_n G_nᵀ G_n and Σ_n G_n G_nᵀ (in-sample, fitted by a pass)",
+        "training rows' own per-example gradients, Σ_n G_nᵀ G_n and Σ_n G_n G_nᵀ (in-sample, fitted by a pass); "
+        "grad_pca_whitened: the same of the K-FAC-whitened gradients S^-1/2 G A^-1/2 (two sweeps over the fit rows; "
+        "engine.projection.whitened)",
     )
     fit_rows: int | None = Field(
         default=None,
@@ -75,11 +77,11 @@ class ProjectionConfig(_Section):
             raise PydanticCustomError("projection_options", "budget replaces dim; remove one of them")
         if self.budget is not None and self.kind not in ("rademacher", "gaussian"):
             raise PydanticCustomError("projection_options", "budget is for kind rademacher or gaussian")
-        fitted = self.kind in ("kfac_eigen", "eigen_sketch", "grad_pca")
+        fitted = self.kind in ("kfac_eigen", "eigen_sketch", "grad_pca", "grad_pca_whitened")
         if not fitted and (self.fit_rows is not None or self.top is not None or self.fit != "exact"):
             raise PydanticCustomError(
                 "projection_options",
-                "fit_rows, top and fit are for kind kfac_eigen or eigen_sketch (fit_rows and fit also for grad_pca); remove "
+                "fit_rows, top and fit are for kind kfac_eigen or eigen_sketch (fit_rows and fit also for grad_pca and grad_pca_whitened); remove "
                 "them or change projection.kind",
             )
         if self.top is not None and self.kind != "eigen_sketch":

@@ -101,7 +101,7 @@ def _check_budget(config: JobConfig, source: str) -> None:
 def _check_fitted_projection(config: JobConfig, source: str) -> None:
     """Where the fitted projection kinds are not available yet, said before anything runs."""
     kind = config.projection.kind
-    if kind not in ("kfac_eigen", "eigen_sketch", "grad_pca") or config.projection.dim == 0:
+    if kind not in ("kfac_eigen", "eigen_sketch", "grad_pca", "grad_pca_whitened") or config.projection.dim == 0:
         return
     if config.placement.kind == "zero3":
         raise TributaryError(

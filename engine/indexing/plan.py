@@ -59,10 +59,15 @@ class IndexPlan:
         config = self.config
         strategy = config.curvature.strategy
         passes = []
-        if config.projection.kind in ("kfac_eigen", "eigen_sketch", "grad_pca") and config.projection.dim > 0:
+        if (
+            config.projection.kind in ("kfac_eigen", "eigen_sketch", "grad_pca", "grad_pca_whitened")
+            and config.projection.dim > 0
+        ):
             fitted = config.projection.fit_rows or "every"
             statistic = "per-example gradient Grams" if config.projection.kind == "grad_pca" else "K-FAC covariances"
             passes.append(f"projection fit: full-width {statistic} of {fitted} rows")
+            if config.projection.kind == "grad_pca_whitened":
+                passes.append(f"projection fit: whitened per-example gradient Grams of the same {fitted} rows")
         gradients = "gradients: one forward and backward per row"
         if strategy in NEEDS_COVARIANCE:
             gradients += ", summing K-FAC covariances"

@@ -3,7 +3,7 @@ each finished shard once in the manifest, reduces the per-shard statistics, and 
 an earlier run left incomplete.
 
 Stages: `projection` (fitted projection kinds only: full-width covariance sums of the fit rows, made into each
-side's matrix by the driver) → `gradients` (pass 1: rows + covariance sums per shard, and with the true Fisher the sampled-label rows
+side's matrix by the driver; grad_pca_whitened then `projection_gram`, its whitened Grams) → `gradients` (pass 1: rows + covariance sums per shard, and with the true Fisher the sampled-label rows
 `fisher_grads`) → `eigen` (driver: reduce in shard order, eigendecompose in float64) → `lambdas` (EK-FAC/diagonal
 Λ sums per shard: a read of the store, or pass 2 where engine.indexing.lambda_source says so) → `final`.
 """
@@ -35,7 +35,8 @@ from engine.indexing.lambda_source import writes_fisher_rows
 from engine.indexing.manifest import build_manifest
 from engine.progress import progress_bar
 from engine.projection import ProjectionSpec
-from engine.projection.fitted import fit_shapes, fit_shards, fitted_matrices, full_width
+from engine.projection.fitted import covariance_shapes, fit_shapes, fit_shards, fitted_matrices, full_width
+from engine.projection.whitened import WHITENED_KIND, whitened_matrices, whitening_matrices
 from engine.store import GradientStore, location
 from engine.store.manifest import IndexRunRecord, ShardCommit, SkippedRow, StoreManifest
 from engine.store.opening import open_or_create
@@ -166,7 +167,11 @@ def _check_resumable(store: GradientStore, config: JobConfig, spec: ProjectionSp
     """A resumed store's partial sums have the layout this version writes (one line and nothing written if not)."""
     if spec.fitted:
         full = full_width(spec)
-        store.check_partials_layout("projection_covariance", shapes_width(fit_shapes(spec)), covariance_counts(full))
+        store.check_partials_layout(
+            "projection_covariance", shapes_width(covariance_shapes(spec)), covariance_counts(full)
+        )
+        if spec.kind == WHITENED_KIND:
+            store.check_partials_layout("projection_gram", shapes_width(fit_shapes(spec)), covariance_counts(full))
     if config.curvature.strategy in NEEDS_COVARIANCE:
         store.check_partials_layout("covariance", covariance_width(spec), covariance_counts(spec))
     if config.curvature.strategy in NEEDS_LAMBDA_PASS:
@@ -191,13 +196,25 @@ def _partial_width(config: JobConfig, spec: ProjectionSpec) -> int:
 
 def _fit_projection(store: GradientStore, run: IndexRun, spec: ProjectionSpec) -> None:
     """Stage `projection` (fitted kinds): full-width K-FAC covariance sums of the fit rows per shard, reduced in
-    shard order and turned into each side's matrix once, here; the workers then read the matrices from the store."""
-    full, shapes = full_width(spec), fit_shapes(spec)
+    shard order and turned into each side's matrix once, here; the workers then read the matrices from the store.
+    grad_pca_whitened adds stage `projection_gram` over the same rows (engine.projection.whitened)."""
+    full, shapes = full_width(spec), covariance_shapes(spec)
     store.create_partials("projection_covariance", shapes_width(shapes), covariance_counts(full))
     fitted = fit_shards(store.shards(), store.rows, spec.fit_rows)
     run.stage("projection", only=fitted)
     sums = unpack_covariance(*store.summed_partials("projection_covariance", fitted), full, shapes)
-    store.write_projection(fitted_matrices(spec, {name: (c.a_sum, c.s_sum) for name, c in sums.items()}))
+    covariances = {name: (c.a_sum, c.s_sum) for name, c in sums.items()}
+    if spec.kind == WHITENED_KIND:
+        run.executor.reset()
+        store.create_partials("projection_gram", shapes_width(fit_shapes(spec)), covariance_counts(full))
+        run.stage("projection_gram", only=fitted)
+        grams = unpack_covariance(*store.summed_partials("projection_gram", fitted), full, fit_shapes(spec))
+        matrices = whitened_matrices(
+            spec, {name: (c.a_sum, c.s_sum) for name, c in grams.items()}, whitening_matrices(covariances)
+        )
+    else:
+        matrices = fitted_matrices(spec, covariances)
+    store.write_projection(matrices)
     run.mark("projection")
 
 

@@ -13,7 +13,7 @@ import time
 
 from engine.config import JobConfig
 from engine.curvature.factors import ModuleFactors
-from engine.curvature.packing import pack_covariance, pack_lambda, shapes_width
+from engine.curvature.packing import pack_covariance, pack_lambda, shapes_width, unpack_covariance
 from engine.curvature.row_lambdas import row_lambda_sums
 from engine.data.rows import Row, field_names, read_rows, rows_between
 from engine.data.sources import is_table_source
@@ -30,7 +30,15 @@ from engine.gradients.passes import (
 )
 from engine.indexing.exact_sums import PASS_ONE_EXACT, has_pass_one_sums
 from engine.indexing.lambda_source import lambda_source, writes_fisher_rows
-from engine.projection.fitted import fit_row_positions, fit_shapes, full_width, sketch_matrices
+from engine.projection.fitted import (
+    covariance_shapes,
+    fit_row_positions,
+    fit_shapes,
+    fit_shards,
+    full_width,
+    sketch_matrices,
+)
+from engine.projection.whitened import whitening_matrices, whitening_spec
 from engine.store import GradientStore
 from engine.store.budget import budgeted_context
 from engine.testing.faults import fault_point
@@ -59,6 +67,7 @@ class ShardWorker:
         self._factors: dict[str, ModuleFactors] | None = None
         self._scale = None
         self._full_width: ModelContext | None = None
+        self._whitened: ModelContext | None = None  # grad_pca_whitened's second fit sweep's capture
         self._pass_one_capture: ModelContext | None = None
 
     # ---- facts for the driver --------------------------------------------------------------------
@@ -155,38 +164,60 @@ class ShardWorker:
 
     # ---- stages ---------------------------------------------------------------------------------
     def projection(self, shard: int) -> dict:
-        """The fitting pass for one shard (fitted projection kinds): full-width covariance sums of its fit rows."""
+        """The fitting pass for one shard (fitted projection kinds): full-width covariance sums of its fit rows
+        (grad_pca's per-example gradient Grams; grad_pca_whitened's whole K-FAC covariances, unsketched)."""
+        if self._full_width is None:
+            self._full_width = with_projection(self.context, full_width(self.context.spec))
+        kind = self.context.spec.kind
+        sketch = None if kind == "grad_pca_whitened" else self._fit_sketch()
+        shapes = covariance_shapes(self.context.spec)
+        return self._fit_sums(shard, "projection", self._full_width, sketch, kind == "grad_pca", shapes)
+
+    def projection_gram(self, shard: int) -> dict:
+        """grad_pca_whitened's second sweep over one shard's fit rows: Σ G̃ᵀ G̃ and Σ G̃ G̃ᵀ of the per-example
+        gradients whitened by the inverse roots of the first sweep's summed covariances (engine.projection.whitened)."""
+        if self._whitened is None:
+            store = self._open()
+            spec = self.context.spec
+            full = full_width(spec)
+            shards = fit_shards(store.shards(), store.rows, spec.fit_rows)
+            sums = unpack_covariance(
+                *store.summed_partials("projection_covariance", shards), full, covariance_shapes(spec)
+            )
+            whitening = whitening_matrices({name: (c.a_sum, c.s_sum) for name, c in sums.items()})
+            self._whitened = with_projection(self.context, whitening_spec(spec, whitening))
+        return self._fit_sums(
+            shard, "projection_gram", self._whitened, self._fit_sketch(), True, fit_shapes(self.context.spec)
+        )
+
+    def _fit_sums(self, shard: int, stage: str, context: ModelContext, sketch, per_example: bool, shapes) -> dict:
+        """One fit sweep over a shard's fit rows with `context`'s capture, its sums written as the partial `stage`
+        + "_covariance" (stage projection) or `stage` (the others)."""
         started = time.perf_counter()
         store = self._open()
         start, stop = store.shards()[shard]
         spec = self.context.spec
         full = full_width(spec)
-        if self._full_width is None:
-            self._full_width = with_projection(self.context, full)
-        sketch = self._fit_sketch()
         rows = self._tokenized(start, stop)
         positions = fit_row_positions(store.rows, spec.fit_rows, start, stop)
-        per_example = spec.kind == "grad_pca"
-        sums, found = covariance_pass(self._full_width, [rows[p] for p in positions], sketch, per_example=per_example)
+        sums, found = covariance_pass(context, [rows[p] for p in positions], sketch, per_example=per_example)
         if found:  # as pass 1 treats them: stop, or fit on the finite rows alone (pass 1 then records the skip)
             ids = self._ids(start, stop)
             at = {positions[p]: names for p, names in found.items()}
             if self.config.data.on_nonfinite == "error":
                 raise nonfinite_rows_error(at, ids, start, self.config.data.train)
             positions = [p for i, p in enumerate(positions) if i not in found]
-            sums, again = covariance_pass(
-                self._full_width, [rows[p] for p in positions], sketch, per_example=per_example
-            )
+            sums, again = covariance_pass(context, [rows[p] for p in positions], sketch, per_example=per_example)
             if again:  # rows finite alone but not in a batch: refuse rather than guess
                 raise nonfinite_rows_error(
                     {positions[p]: n for p, n in again.items()}, ids, start, self.config.data.train
                 )
         packed = pack_covariance(sums, full)
-        widths = [(m.name, shapes_width([shapes])) for m, shapes in zip(full.modules, fit_shapes(spec))]
-        self._check_sums("projection covariance", shard, packed[0], widths)
-        fault_point("actor", "projection", shard)
-        store.write_partial("projection_covariance", shard, *packed)
-        return self._receipt("projection", shard, started)
+        widths = [(m.name, shapes_width([module_shapes])) for m, module_shapes in zip(full.modules, shapes)]
+        self._check_sums(f"{stage} covariance", shard, packed[0], widths)
+        fault_point("actor", stage, shard)
+        store.write_partial("projection_covariance" if stage == "projection" else stage, shard, *packed)
+        return self._receipt(stage, shard, started)
 
     def _fit_sketch(self):
         """The fitting pass's Ω per module and side (projection.fit: sketch), in the capture's dtype and device."""
@@ -204,7 +235,7 @@ class ShardWorker:
         started = time.perf_counter()
         store = self._open()
         self._fitted(store)
-        self._full_width = None  # the fitting pass is over: its capture is not needed again
+        self._full_width = self._whitened = None  # the fitting pass is over: its captures are not needed again
         start, stop = store.shards()[shard]
         rows = self._tokenized(start, stop)
         ids = self._ids(start, stop)
@@ -313,3 +344,4 @@ class ShardWorker:
         """Forget cached store state (a new stage may have written new factors)."""
         self._store = None
         self._factors = None
+        self._whitened = None

@@ -19,7 +19,8 @@ per-example gradients' own second moments, Σ_n G_nᵀ G_n (d_in x d_in) and Σ_
 A and S are sums over tokens: the directions in which the rows the store will hold differ most, never the
 d_in·d_out x d_in·d_out Gram of the flattened rows. The fitting pass forms G_n at full width per example, one
 batch at a time (`covariance_pass(per_example=True)`); the rest (sketch, eigenvectors, storage, resume) is
-kfac_eigen's.
+kfac_eigen's. grad_pca_whitened does the same on the K-FAC-whitened gradients after a first sweep for the
+whitening (engine.projection.whitened).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ def complement_sketch(basis: np.ndarray, count: int, seed: int, module: str, sid
     return orthonormal * np.sqrt((d - r) / count)
 
 
+EIGENVECTOR_KINDS = ("kfac_eigen", "grad_pca", "grad_pca_whitened")  # every column an eigenvector (no sketch)
+PER_EXAMPLE_KINDS = ("grad_pca", "grad_pca_whitened")  # fitted on per-example gradient Grams
+
+
 def _sides(module: ModuleProjection, side: str) -> tuple[int, int]:
     return (module.d_in, module.k_in) if side == "in" else (module.d_out, module.k_out)
 
@@ -60,7 +65,7 @@ def _sides(module: ModuleProjection, side: str) -> tuple[int, int]:
 def eigenvectors_kept(spec: ProjectionSpec, module: ModuleProjection, side: str) -> int:
     """How many of the side's eigenvectors its matrix keeps (the rest of eigen_sketch's columns are random)."""
     _, k = _sides(module, side)
-    if spec.kind in ("kfac_eigen", "grad_pca"):
+    if spec.kind in EIGENVECTOR_KINDS:
         return k
     if spec.kind == "eigen_sketch":
         return min(spec.top if spec.top is not None else spec.dim // 2, k)
@@ -79,6 +84,14 @@ def fit_width(spec: ProjectionSpec, module: ModuleProjection, side: str) -> int:
 def fit_shapes(spec: ProjectionSpec) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """Per module, the shapes of the fitting pass's (activation, output-gradient) statistics."""
     return [((m.d_in, fit_width(spec, m, "in")), (m.d_out, fit_width(spec, m, "out"))) for m in spec.modules]
+
+
+def covariance_shapes(spec: ProjectionSpec) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """Per module, the shapes of the fit's first sums (stage `projection`): grad_pca_whitened's K-FAC covariances
+    are whole (its inverse roots need them, engine.projection.whitened), every other kind's are `fit_shapes`."""
+    if spec.kind == "grad_pca_whitened":
+        return [((m.d_in, m.d_in), (m.d_out, m.d_out)) for m in spec.modules]
+    return fit_shapes(spec)
 
 
 def sketch_matrix(spec: ProjectionSpec, module: ModuleProjection, side: str) -> np.ndarray | None:
@@ -122,7 +135,7 @@ def side_matrix(spec: ProjectionSpec, module: ModuleProjection, side: str, stati
     kept = eigenvectors_kept(spec, module, side)
     omega = sketch_matrix(spec, module, side)
     basis = top_eigenvectors(statistic, kept) if omega is None else nystrom_eigenvectors(statistic, omega, kept)
-    if spec.kind in ("kfac_eigen", "grad_pca"):
+    if spec.kind in EIGENVECTOR_KINDS:
         return basis
     return np.hstack([basis, complement_sketch(basis, k - kept, spec.seed, module.name, side)])
 

@@ -21,6 +21,7 @@ FITTED_KINDS = (
     "kfac_eigen",
     "eigen_sketch",
     "grad_pca",
+    "grad_pca_whitened",
 )  # data-dependent matrices, fitted before pass 1 and kept in the store
 RANDOM_KINDS = ("rademacher", "gaussian")
 

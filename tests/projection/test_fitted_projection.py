@@ -1,4 +1,5 @@
-"""Curvature-aware projections (projection.kind kfac_eigen / eigen_sketch, issue 14; grad_pca, issue 30).
+"""Curvature-aware projections (projection.kind kfac_eigen / eigen_sketch, issue 14; grad_pca, grad_pca_whitened,
+issue 30).
 
 Independent computations: exact EK-FAC scores (projection.dim 0) for the full-width rotation; covariances and
 their eigenvalues computed here with forward hooks and autograd on the model itself; orthogonality checked from
@@ -14,11 +15,14 @@ import pytest
 import torch
 
 from engine.config import parse_config
+from engine.curvature.packing import unpack_covariance
 from engine.errors import TributaryError
 from engine.local_or_ray import run_index, run_query
 from engine.projection.fitted import (
     fit_row_positions,
     fit_shapes,
+    fit_shards,
+    full_width,
     nystrom_eigenvectors,
     sketch_matrix,
     top_eigenvectors,
@@ -26,6 +30,7 @@ from engine.projection.fitted import (
 from engine.store import GradientStore
 from tests.conftest import PROMPTS, SENTENCES, job_config, write_jsonl
 from tests.distributed_helpers import local_ray, run_cli, store_config, store_contents, write_config
+from tests.requirements import require
 
 TRAIN = [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)] + [
     {"id": f"p{i}", "prompt": p, "completion": " " + c} for i, (p, c) in enumerate(PROMPTS)
@@ -55,7 +60,7 @@ def _scores(tmp_path: Path, config, queries: Path, name: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model_kind", ["gpt2", "llama"])
-@pytest.mark.parametrize("kind", ["kfac_eigen", "eigen_sketch", "grad_pca"])
+@pytest.mark.parametrize("kind", ["kfac_eigen", "eigen_sketch", "grad_pca", "grad_pca_whitened"])
 def test_full_width_fitted_projection_gives_exact_ekfac_scores(tmp_path, tiny_models, train, queries, model_kind, kind):
     """dim above every module's width: each side is a rotation, so EK-FAC inside it is exact EK-FAC."""
     model = tiny_models[model_kind]
@@ -136,9 +141,9 @@ def test_kfac_eigen_keeps_the_top_eigenvectors_of_each_sides_covariance(tmp_path
         np.testing.assert_allclose(covariance @ matrix, matrix @ (matrix.T @ covariance @ matrix), atol=1e-7 * top[0])
 
 
-def _per_example_gradient_grams(model_path: Path, texts: list[str], module_name: str):
-    """Σ_n G_nᵀ G_n and Σ_n G_n G_nᵀ of the per-row gradients G_n of the summed data-label loss with respect to the
-    module's weight, by autograd on the HF model directly, one row at a time."""
+def _per_example_gradients(model_path: Path, texts: list[str], module_name: str) -> list[np.ndarray]:
+    """The per-row gradients G_n (d_out x d_in) of the summed data-label loss with respect to the module's weight, by
+    autograd on the HF model directly, one row at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.data.rows import Row
@@ -149,15 +154,20 @@ def _per_example_gradient_grams(model_path: Path, texts: list[str], module_name:
     weight = dict(model.named_modules())[module_name].weight
     assert isinstance(weight, torch.Tensor)
     rows = tokenize_rows([Row(index=i, id=str(i), line=i, text=t) for i, t in enumerate(texts)], tokenizer, 32, "test")
-    in_sum = out_sum = 0.0
+    grads = []
     for row in rows:
         ids, labels = torch.tensor([row.input_ids]), torch.tensor(row.labels)
         logits = model(input_ids=ids).logits
         loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[1:], ignore_index=-100, reduction="sum")
         (grad,) = torch.autograd.grad(loss, weight)
-        in_sum, out_sum = in_sum + grad.T @ grad, out_sum + grad @ grad.T
-    assert isinstance(in_sum, torch.Tensor) and isinstance(out_sum, torch.Tensor)
-    return in_sum.numpy(), out_sum.numpy()
+        grads.append(grad.numpy())
+    return grads
+
+
+def _per_example_gradient_grams(model_path: Path, texts: list[str], module_name: str):
+    """Σ_n G_nᵀ G_n and Σ_n G_n G_nᵀ of `_per_example_gradients`."""
+    grads = _per_example_gradients(model_path, texts, module_name)
+    return np.sum([g.T @ g for g in grads], axis=0), np.sum([g @ g.T for g in grads], axis=0)
 
 
 def test_grad_pca_keeps_the_top_eigenvectors_of_the_rows_own_gradient_grams(tmp_path, tiny_models):
@@ -196,6 +206,52 @@ def test_grad_pca_keeps_the_top_eigenvectors_of_the_rows_own_gradient_grams(tmp_
         np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(matrix.T @ gram @ matrix))[::-1], values[:k], rtol=1e-5)
         other = matrices["kfac_eigen", "exact"][name][side]
         assert not np.allclose(gram @ other, other @ (other.T @ gram @ other), atol=1e-5 * values[0])
+
+
+def _damped_inverse_root_by_sqrtm(covariance: np.ndarray) -> np.ndarray:
+    """(C + 0.1 mean-eigenvalue I)^{-1/2} by scipy's matrix square root (Schur) and an explicit inverse."""
+    linalg = require("scipy.linalg")
+    d = covariance.shape[0]
+    damped = covariance + 0.1 * np.trace(covariance) / d * np.eye(d)
+    return np.linalg.inv(np.real(linalg.sqrtm(damped)))
+
+
+def test_grad_pca_whitened_keeps_the_principal_subspace_of_the_whitened_gradients(tmp_path, tiny_models):
+    """Σ G̃ᵀG̃ and Σ G̃G̃ᵀ of G̃_n = S_λ^{-1/2} G_n A_λ^{-1/2} (G_n by autograd per row; A, S by hooks; the inverse roots
+    by scipy's sqrtm) are the sums the second fit sweep wrote, and each stored side is an orthonormal basis of
+    span(C_λ^{-1/2} U), U the whitened Gram's top-k eigenvectors, which grad_pca's raw-Gram basis is not."""
+    texts = SENTENCES
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(texts)])
+    stores = {}
+    for kind in ("grad_pca_whitened", "grad_pca"):
+        raw = job_config(tmp_path, tiny_models["llama"], train, projection={"dim": 3, "kind": kind})
+        raw["curvature"]["fisher"] = "empirical"
+        raw["store"]["path"] = str(tmp_path / f"{kind}.zarr")
+        config = parse_config(raw)
+        run_index(config, show_progress=False)
+        stores[kind] = GradientStore.open(config.store.path)
+    store = stores["grad_pca_whitened"]
+    spec = store.manifest.projection
+    name = "model.layers.0.mlp.down_proj"
+    a_sum, s_sum = _tracked_inputs_and_output_grads(tiny_models["llama"], texts, name)
+    a_root, s_root = _damped_inverse_root_by_sqrtm(a_sum), _damped_inverse_root_by_sqrtm(s_sum)
+    whitened = [s_root @ g @ a_root for g in _per_example_gradients(tiny_models["llama"], texts, name)]
+    in_gram, out_gram = np.sum([g.T @ g for g in whitened], axis=0), np.sum([g @ g.T for g in whitened], axis=0)
+    fitted = fit_shards(store.shards(), store.rows, None)
+    vector, counts = store.summed_partials("projection_gram", fitted)
+    grams = unpack_covariance(vector, counts, full_width(spec), fit_shapes(spec))
+    np.testing.assert_allclose(grams[name].a_sum, in_gram, rtol=1e-8, atol=1e-10 * np.abs(in_gram).max())
+    np.testing.assert_allclose(grams[name].s_sum, out_gram, rtol=1e-8, atol=1e-10 * np.abs(out_gram).max())
+    for side, (gram, root) in enumerate(((in_gram, a_root), (out_gram, s_root))):
+        matrix = store.read_projection()[name][side]
+        k = matrix.shape[1]
+        values, vectors = np.linalg.eigh(gram)
+        assert values[-k] > 1.01 * values[-k - 1], "a gap after the k-th eigenvalue (else the subspace is not unique)"
+        np.testing.assert_allclose(matrix.T @ matrix, np.eye(k), atol=1e-8)
+        span, _ = np.linalg.qr(root @ vectors[:, -k:])
+        np.testing.assert_allclose(matrix @ matrix.T, span @ span.T, atol=1e-8)
+        raw = stores["grad_pca"].read_projection()[name][side]
+        assert not np.allclose(raw @ raw.T, span @ span.T, atol=1e-2), "whitening changed nothing"
 
 
 def _nystrom_by_pseudo_inverse(covariance: np.ndarray, omega: np.ndarray) -> np.ndarray:
@@ -340,24 +396,35 @@ def test_bad_fitted_projection_settings_are_refused_naming_them(
 
 
 @pytest.mark.heavy  # a CLI process killed and resumed / a Ray cluster: ~30 s each on 2 cores
-@pytest.mark.parametrize("kind", [{"kind": "eigen_sketch"}, {"kind": "grad_pca"}], ids=lambda k: k["kind"])
-def test_a_run_killed_during_the_fit_resumes_it_and_gives_the_same_store(tmp_path, tiny_models, train, kind):
+@pytest.mark.parametrize(
+    ("kind", "stage"),
+    [
+        ({"kind": "eigen_sketch"}, "projection"),
+        ({"kind": "grad_pca"}, "projection"),
+        ({"kind": "grad_pca_whitened"}, "projection"),
+        ({"kind": "grad_pca_whitened"}, "projection_gram"),  # killed in its second sweep, the whitened Grams
+    ],
+    ids=lambda value: value["kind"] if isinstance(value, dict) else value,
+)
+def test_a_run_killed_during_the_fit_resumes_it_and_gives_the_same_store(tmp_path, tiny_models, train, kind, stage):
     single_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     projection = {"dim": 4, "seed": 3, "fit_rows": 9, **kind}
     path = str(tmp_path / "store.zarr")
     config = write_config(tmp_path / "job.yaml", store_config(tiny_models["gpt2"], train, path, projection=projection))
     killed = run_cli(
-        "index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": "driver:projection:1", **single_thread}
+        "index", str(config), "--no-progress", env={"TRIBUTARY_CHAOS": f"driver:{stage}:1", **single_thread}
     )
     assert killed.returncode == -9, killed.stderr
     manifest = GradientStore.open(path).manifest
-    assert not manifest.stages.get("projection") and len(manifest.shards["projection"]) == 1
+    assert not manifest.stages.get("projection") and len(manifest.shards[stage]) == 1
     assert not manifest.shards.get("gradients")
     resumed = run_cli("index", str(config), "--no-progress", env=single_thread)
     assert resumed.returncode == 0, resumed.stderr
     store = GradientStore.open(path)
     computed = store.manifest.runs[1].computed
-    assert manifest.runs[0].computed["projection"][0] not in computed["projection"], "a committed fit shard is redone"
+    assert manifest.runs[0].computed[stage][0] not in computed[stage], "a committed fit shard is redone"
+    if stage == "projection_gram":
+        assert not computed.get("projection"), "the first sweep, finished before the kill, is redone"
     reference_path = str(tmp_path / "reference.zarr")
     reference = write_config(
         tmp_path / "reference.yaml", store_config(tiny_models["gpt2"], train, reference_path, projection=projection)
@@ -379,7 +446,7 @@ def _assert_same(ours: dict, theirs: dict) -> None:
 
 @pytest.mark.heavy  # a CLI process killed and resumed / a Ray cluster: ~30 s each on 2 cores
 @pytest.mark.requires_ray
-@pytest.mark.parametrize("kind", ["kfac_eigen", "grad_pca"])
+@pytest.mark.parametrize("kind", ["kfac_eigen", "grad_pca", "grad_pca_whitened"])
 def test_one_and_two_ray_workers_fit_the_same_matrices_and_rows(tmp_path, tiny_models, train, kind):
     with local_ray():
         stores = {}
