@@ -62,4 +62,11 @@ def test_zero3_exact_factors_and_scores_equal_single(adapted, llama32, tmp_path,
     assert result.scores.shape == expected.shape == (len(QUERIES), len(TRAIN))
     assert result.exact.all()
     np.testing.assert_allclose(result.scores, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
-    np.testing.assert_array_equal(result.result.top_indices, run_exact(single, queries, options).result.top_indices)
+    # the same ranking, up to the order of rows whose scores tie within float32 (TRAIN holds duplicate rows)
+    top, reference_top = result.result.top_indices, run_exact(single, queries, options).result.top_indices
+    np.testing.assert_allclose(
+        np.take_along_axis(expected, top, 1),
+        np.take_along_axis(expected, reference_top, 1),
+        rtol=1e-6,
+        atol=1e-6 * np.abs(expected).max(),
+    )
