@@ -42,30 +42,86 @@ def factored(tokens: int, rank: int, d_in: int, d_out: int) -> bool:
     return tokens * rank * (d_in + d_out) < d_in * d_out
 
 
+Captures = tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]  # one batch's (a, δ) per module
+
+# A block of batches is scored together so that each module's queries, (Q, d_out · d_in), are read once per block
+# and not once per batch: that product is memory-bound (Q·d numbers read for B·d formed), and on issue 13's
+# workload, at 8 rows a batch, it took nearly as long as forming the gradients. A block ends once the captures it holds, or its
+# largest module's formed gradients, reach these sizes (at least one batch: a batch is never split).
+BLOCK_CAPTURE_BYTES = 256 * 2**20
+BLOCK_GRADIENT_BYTES = 64 * 2**20
+
+
+class ScoringBlock:
+    """Batches' captures held until the block is full; `scores()` then empties it."""
+
+    def __init__(self, side: QuerySide):
+        self.side = side
+        self.batches: list[Captures] = []
+        self.rows = 0
+        self._capture_bytes = 0
+        largest = max((w.shape[1] for w in side.whole.values()), default=0)
+        self._row_gradient_bytes = largest * next(iter(side.whole.values())).element_size() if side.whole else 0
+
+    def add(self, activations: dict[str, list[torch.Tensor]], deltas: dict[str, list[torch.Tensor]]) -> None:
+        self.batches.append((activations, deltas))
+        self.rows += _rows(activations)
+        self._capture_bytes += sum(t.nbytes for calls in (*activations.values(), *deltas.values()) for t in calls)
+
+    def full(self) -> bool:
+        gradients = self.rows * self._row_gradient_bytes
+        return self._capture_bytes >= BLOCK_CAPTURE_BYTES or gradients >= BLOCK_GRADIENT_BYTES
+
+    def scores(self) -> torch.Tensor:
+        """(Q, rows) of the held batches, in the order added; the block is empty after."""
+        scores = block_scores(self.side, self.batches)
+        self.batches, self.rows, self._capture_bytes = [], 0, 0
+        return scores
+
+
+def _rows(activations: dict[str, list[torch.Tensor]]) -> int:
+    return next(iter(activations.values()))[0].shape[0]
+
+
 def batch_scores(
     side: QuerySide, activations: dict[str, list[torch.Tensor]], deltas: dict[str, list[torch.Tensor]]
 ) -> torch.Tensor:
-    """(Q, B) scores of one batch's rows, summed over modules in layout order (a fixed order: deterministic)."""
+    """(Q, B) scores of one batch's rows."""
+    return block_scores(side, [(activations, deltas)])
+
+
+def block_scores(side: QuerySide, batches: list[Captures]) -> torch.Tensor:
+    """(Q, ΣB) scores of the batches' rows, in order, summed over modules in layout order (a fixed order:
+    deterministic). A module's formed gradients are stacked over the block and met by its queries in one product."""
     total: torch.Tensor | None = None
     norms: torch.Tensor | None = None
     for name, whole in side.whole.items():
-        acts, dels = activations[name], deltas[name]
-        d_in, d_out = acts[0].shape[-1], dels[0].shape[-1]
-        tokens = sum(a.shape[1] for a in acts)
-        gradient = None
-        if name in side.low_rank and factored(tokens, side.low_rank[name][1].shape[1], d_in, d_out):
-            left, right = side.low_rank[name]
-            part = sum(
-                (torch.einsum("btk,qkr->bqtr", d, left) * torch.einsum("btj,qrj->bqtr", a, right)).sum((2, 3))
-                for a, d in zip(acts, dels, strict=True)
-            )
-            scores = torch.as_tensor(part).T
-        else:
-            gradient = example_gradient(dels, acts).flatten(start_dim=1)  # (B, d_out · d_in)
-            scores = whole @ gradient.T
+        parts: list[torch.Tensor | None] = []  # None: a formed batch, scored by the block's one product below
+        squares: list[torch.Tensor] = []
+        formed: list[torch.Tensor] = []
+        for activations, deltas in batches:
+            acts, dels = activations[name], deltas[name]
+            d_in, d_out = acts[0].shape[-1], dels[0].shape[-1]
+            tokens = sum(a.shape[1] for a in acts)
+            gradient = None
+            if name in side.low_rank and factored(tokens, side.low_rank[name][1].shape[1], d_in, d_out):
+                left, right = side.low_rank[name]
+                part = sum(
+                    (torch.einsum("btk,qkr->bqtr", d, left) * torch.einsum("btj,qrj->bqtr", a, right)).sum((2, 3))
+                    for a, d in zip(acts, dels, strict=True)
+                )
+                parts.append(torch.as_tensor(part).T)
+            else:
+                gradient = example_gradient(dels, acts).flatten(start_dim=1)  # (B, d_out · d_in)
+                formed.append(gradient)
+                parts.append(None)
+            if side.normalise:
+                squares.append(_squared_norms(acts, dels, gradient))
+        products = iter((whole @ torch.cat(formed).T).split([g.shape[0] for g in formed], dim=1) if formed else [])
+        scores = torch.cat([next(products) if part is None else part for part in parts], dim=1)
         total = scores if total is None else total + scores
         if side.normalise:
-            square = _squared_norms(acts, dels, gradient)
+            square = torch.cat(squares)
             norms = square if norms is None else norms + square
     if total is None:
         raise ValueError("no tracked modules to score")

@@ -17,7 +17,7 @@ from engine.curvature.packing import pack_covariance, pack_lambda
 from engine.data.tokenize import TokenizedRow
 from engine.exact.partition import lambda_stage, module_groups
 from engine.exact.queries import ExactQueries
-from engine.exact.row_scores import QuerySide, batch_scores
+from engine.exact.row_scores import QuerySide, ScoringBlock
 from engine.exact.stored_factors import BASIS, lambda_group, read_exact_factors
 from engine.gradients.context import ModelContext, with_projection
 from engine.gradients.finite import nonfinite_rows_error
@@ -131,8 +131,8 @@ class ExactWorker(ShardWorker):
         capture = context.capture
         if self._side is None:
             self._side = QuerySide.of(self.queries, capture.compute_dtype, context.device)
-        out = np.zeros((self.queries.count, len(rows)))
-        done = 0
+        block = ScoringBlock(self._side)
+        parts = [np.zeros((self.queries.count, 0))]
         with capture.hooks():
             for batch, padding in padded_batches(context, rows, pad_batches):
                 batch = batch.to(context.device)
@@ -141,15 +141,22 @@ class ExactWorker(ShardWorker):
                 deltas = capture.output_gradients_of_logits(state, logit_gradient, retain_graph=False)
                 if padding:
                     continue
-                with torch.no_grad():
-                    scores = batch_scores(self._side, state.activations, deltas)
-                out[:, done : done + len(batch.indices)] = scores.double().cpu().numpy()
-                done += len(batch.indices)
-        return out
+                block.add(state.activations, deltas)
+                del state  # its outputs hold the batch's autograd graph; the block keeps the captures alone
+                if block.full():
+                    parts.append(_scored(block))
+        if block.rows:
+            parts.append(_scored(block))
+        return np.concatenate(parts, axis=1)
 
     def reset(self) -> None:
         super().reset()
         self._basis = None
+
+
+def _scored(block: ScoringBlock) -> np.ndarray:
+    with torch.no_grad():
+        return block.scores().double().cpu().numpy()
 
 
 def _given(receipt: dict | None) -> dict:

@@ -134,7 +134,7 @@ def gradient_pass(
                 state = replace(state, activations=capture.projected_activations(full_activations, mask))
                 deltas = capture.projected_deltas(full_deltas, mask)
             rows_here = slice(done, done + len(batch.indices))
-            out.grads[rows_here] = capture.flatten(capture.example_gradients(state, deltas)).detach()
+            capture.write_example_gradients(state, deltas, out.grads[rows_here])
             out.losses[rows_here] = loss.detach()
             out.tokens[rows_here] = batch.num_tokens
             batch_losses = out.losses[rows_here].numpy()
@@ -144,7 +144,7 @@ def gradient_pass(
                 if full is not None:
                     deltas = capture.projected_deltas(full_deltas, batch.attention_mask)
             if out.fisher is not None:
-                out.fisher[rows_here] = capture.flatten(capture.example_gradients(state, deltas)).detach()
+                capture.write_example_gradients(state, deltas, out.fisher[rows_here])
                 nonfinite.append(nonfinite_gradients(out.fisher[rows_here].numpy(), batch_losses, context.spec, done))
             if want_covariance:
                 nonfinite.append(nonfinite_statistics(state.activations, done))

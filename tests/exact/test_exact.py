@@ -17,8 +17,9 @@ import torch
 from engine.config import QueryOptions, parse_config
 from engine.data.rows import field_names, read_rows
 from engine.errors import TributaryError
+from engine.exact import row_scores
 from engine.exact.queries import ExactQueries
-from engine.exact.row_scores import QuerySide, batch_scores, factored
+from engine.exact.row_scores import QuerySide, ScoringBlock, batch_scores, factored
 from engine.exact.stored_factors import has_exact_factors
 from engine.gradients.context import load_model_context
 from engine.gradients.passes import gradient_pass
@@ -219,6 +220,58 @@ def test_factored_scores_equal_the_formed_gradient():
     formed = QuerySide.of(ExactQueries(spec, False, {"m": whole}, {}), torch.float64, torch.device("cpu"))
     expected = np.einsum("qkj,bkj->qb", whole, gradient.numpy())
     assert np.allclose(batch_scores(formed, {"m": acts}, {"m": dels}).numpy(), expected, rtol=1e-12, atol=0)
+
+
+def test_scoring_blocks_equal_each_row_scored_alone(monkeypatch):
+    """Batches scored in blocks (each module's queries met by the block's stacked gradients in one product) give
+    each row's ⟨q, G_i⟩, G_i formed here row by row with einsum: blocks of one, two and all batches, batches of
+    different lengths, one short enough for the factored form and the others not, with and without grad_cos's
+    normalisation."""
+    generator = torch.Generator().manual_seed(1)
+    d_in, d_out, rank, count = 40, 30, 2, 3
+    left = torch.randn(count, d_out, rank, generator=generator, dtype=torch.float64)
+    right = torch.randn(count, rank, d_in, generator=generator, dtype=torch.float64)
+    whole = torch.randn(count, d_out, d_in, generator=generator, dtype=torch.float64).numpy()
+    spec = build_projection(0, 0, "rademacher", [("m", d_in, d_out), ("n", d_out, d_in)])
+    lengths, rows = [3, 40, 25, 40], [4, 3, 5, 2]
+    assert factored(lengths[0], rank, d_in, d_out) and not factored(lengths[1], rank, d_in, d_out)
+    batches = []
+    for tokens, size in zip(lengths, rows):
+        shapes = {"m": (d_in, d_out), "n": (d_out, d_in)}
+        acts = {
+            m: [torch.randn(size, tokens, i, generator=generator, dtype=torch.float64)] for m, (i, _) in shapes.items()
+        }
+        dels = {
+            m: [torch.randn(size, tokens, o, generator=generator, dtype=torch.float64)] for m, (_, o) in shapes.items()
+        }
+        batches.append((acts, dels))
+    queries = {"m": whole, "n": whole.transpose(0, 2, 1).copy()}
+    gradients = {
+        m: np.concatenate([torch.einsum("btk,btj->bkj", d[m][0], a[m][0]).numpy() for a, d in batches]) for m in queries
+    }
+    norms = np.sqrt(sum((gradients[m] ** 2).sum((1, 2)) for m in queries))
+    for normalise in (False, True):
+        exact = ExactQueries(spec, normalise, queries, {"m": (left.numpy(), right.numpy())})
+        # the factored module's query is U Vᵀ: its whole form must agree for the reference to hold
+        exact.whole["m"] = (left @ right).numpy()
+        reference = np.einsum("qkj,bkj->qb", exact.whole["m"], gradients["m"])
+        reference = reference + np.einsum("qkj,bkj->qb", queries["n"], gradients["n"])
+        expected = reference / norms[None, :] if normalise else reference
+        side = QuerySide.of(exact, torch.float64, torch.device("cpu"))
+        # a batch's captures take 140 · 8 bytes a token and row: blocks of one batch, of three then one, of all
+        for capture_bytes, blocks in ((1, rows), (200_000, [12, 2]), (2**40, [14])):
+            monkeypatch.setattr(row_scores, "BLOCK_CAPTURE_BYTES", capture_bytes)
+            block, parts, sizes = ScoringBlock(side), [], []
+            for acts, dels in batches:
+                block.add(acts, dels)
+                if block.full():
+                    sizes.append(block.rows)
+                    parts.append(block.scores().numpy())
+            if block.rows:
+                sizes.append(block.rows)
+                parts.append(block.scores().numpy())
+            assert sizes == blocks
+            assert np.allclose(np.concatenate(parts, axis=1), expected, rtol=1e-12, atol=0)
 
 
 def test_query_rank_truncates_each_module(tiny_models, queries, tmp_path):
