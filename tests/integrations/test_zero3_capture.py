@@ -29,38 +29,11 @@ from tests.conftest import SENTENCES, write_jsonl
 from tests.ports import unused_port
 from tests.requirements import require
 from tests.train_capture_helpers import capture_job_config, leave_rank, one_process_steps
+from tests.zero3_training import without_shm_op, zero3_config
 
 require("deepspeed")
 
 STEPS = [[5, 1, 6, 0], [2, 7, 3, 4], [0, 4, 7, 1]]  # each rank takes its half of a step's 4 rows
-
-
-def _zero3_config() -> dict:
-    """ZeRO-3 with the client's torch SGD (zero_force_ds_cpu_optimizer off: no DeepSpeed CPU Adam to build)."""
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_param_persistence_threshold": 0,  # every parameter partitioned, the small ones too
-            "stage3_allgather_sequential": True,
-        },
-        "zero_force_ds_cpu_optimizer": False,
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "wall_clock_breakdown": False,
-    }
-
-
-def _without_shm_op() -> None:
-    """DeepSpeed's CPU backend JIT-compiles its shared-memory op (deepspeed_shm_comm, for its inference
-    all-reduce only) at every process group it wraps; training uses torch.distributed's own collectives. The
-    build takes minutes on 2 loaded cores and rewrites the shared torch_extensions cache, so it is skipped."""
-    import importlib
-
-    # by its module path: the package deepspeed.comm re-exports the torch library itself under the name torch
-    setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)  # noqa: B010
 
 
 def _float32_config(root: Path, model: Path, train: Path, store: str, adam: bool) -> JobConfig:
@@ -88,7 +61,7 @@ def _zero3_rank(
     # bounded: a rank left waiting in a collective fails the test in minutes instead of holding the heavy group
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))
     try:
-        _without_shm_op()
+        without_shm_op()
         import deepspeed
         from transformers import AutoModelForCausalLM
 
@@ -96,7 +69,7 @@ def _zero3_rank(
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model.train()
         optimizer = _optimizer(model, adam)
-        engine, zero_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_zero3_config())
+        engine, zero_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero3_config())
         trained = cast(nn.Module, cast(nn.Module, engine).module)
         rows = TrainingRows(config)
         capturing = TrainingCapture(config, engine, zero_optimizer, rows, keep_weights=True) if capture else None
