@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from torch.multiprocessing.spawn import spawn
+from transformers import TrainerCallback
 
 from engine.config import JobConfig
 from engine.errors import TributaryError
@@ -41,9 +42,10 @@ def _float32(config: JobConfig) -> JobConfig:
     return config.model_copy(update={"model": config.model.model_copy(update={"dtype": "float32"})})
 
 
-def _arguments(out: Path, batch: int, deepspeed: dict | None, configured: bool = True):
-    """SGD with linear decay, 2 epochs of the 8 rows, seeded; under DeepSpeed its micro-batch and clipping are
-    the Trainer's ("auto"), with accelerate's state made before (`configured`) or by TrainingArguments."""
+def _arguments(out: Path, batch: int, deepspeed: dict | None, configured: bool = True, save: int = 0):
+    """SGD with linear decay, 2 epochs of the 8 rows, seeded, a checkpoint every `save` steps (0: none); under
+    DeepSpeed its micro-batch and clipping are the Trainer's ("auto"), with accelerate's state made before
+    (`configured`) or by TrainingArguments."""
     from transformers import TrainingArguments
 
     placement: dict[str, Any] = (
@@ -58,7 +60,8 @@ def _arguments(out: Path, batch: int, deepspeed: dict | None, configured: bool =
         optim="sgd",
         learning_rate=0.05,
         lr_scheduler_type="linear",
-        save_strategy="no",
+        save_strategy="steps" if save else "no",
+        save_steps=max(save, 1),
         report_to=[],
         remove_unused_columns=False,
         seed=0,
@@ -68,17 +71,21 @@ def _arguments(out: Path, batch: int, deepspeed: dict | None, configured: bool =
     )
 
 
-def _train(config: JobConfig, model_dir: str, args) -> tuple[dict[str, torch.Tensor], bool]:
-    """A Trainer run with the callback (one segment an epoch); the trained weights, whole, and whether ZeRO-3
-    had partitioned them."""
+def _train(
+    config: JobConfig, model_dir: str, args, crash_at: int | None = None, resume: Path | None = None
+) -> tuple[dict[str, torch.Tensor], bool]:
+    """A Trainer run with the callback (one segment an epoch), stopped inside step `crash_at` or resumed from the
+    checkpoint `resume`; the trained weights, whole, and whether ZeRO-3 had partitioned them."""
     from transformers import AutoModelForCausalLM, Trainer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = TrainingRows(config)
-    callback = TributaryCallback(config, rows, epochs_per_segment=1, keep_weights=True)
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=rows.collate, callbacks=[callback])
-    trainer.train()
+    callbacks: list[TrainerCallback] = [TributaryCallback(config, rows, epochs_per_segment=1, keep_weights=True)]
+    if crash_at is not None:
+        callbacks.append(CrashAt(crash_at))
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=rows.collate, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     parameters = list(model.parameters())  # under ZeRO-3 DeepSpeed's engine wraps this same module
     if hasattr(parameters[0], "ds_id"):  # ZeRO-3: each rank holds a partition; gather them whole (collective)
         import deepspeed
@@ -86,6 +93,17 @@ def _train(config: JobConfig, model_dir: str, args) -> tuple[dict[str, torch.Ten
         with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
             return {name: p.detach().clone() for name, p in model.named_parameters()}, True
     return {name: p.detach().clone() for name, p in model.named_parameters()}, False
+
+
+class CrashAt(TrainerCallback):
+    """Raise inside step `step` (after the capture has begun it), as a killed run would stop."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise RuntimeError(f"crash in step {self.step}")
 
 
 def _configured_state() -> None:
@@ -209,3 +227,81 @@ def test_callback_refuses_a_trainer_that_counts_other_processes_than_torch_distr
     assert "\n" not in str(e.value)
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
     assert not Path(config.store.path).exists()  # nothing written
+
+
+def _next_accelerator() -> None:
+    """Let the next Trainer in this process make its own Accelerator with a DeepSpeed plugin (accelerate refuses a
+    second one while the first's state lives; the process state, with its gloo backend, is kept)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # pyright: ignore[reportPrivateUsage]
+
+
+def _zero3_trainer_resume_rank(
+    rank: int, world: int, port: int, whole: JobConfig, resumed: JobConfig, model_dir: str, out: str
+) -> None:
+    """One rank: an uninterrupted ZeRO-3 Trainer run into `whole`; then the same run into `resumed`, saving a
+    checkpoint at step 3 (inside the second segment) and stopped inside step 4, resumed from checkpoint-3 (the
+    Trainer loads DeepSpeed's checkpoint of each rank's partitions; the callback each rank's capture state).
+    Rank 0 keeps both runs' trained weights."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
+    )
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        without_shm_op()
+        _configured_state()
+        deepspeed = dict(zero3_config("auto"), gradient_clipping="auto")
+        uninterrupted, _ = _train(whole, model_dir, _arguments(Path(out) / "whole", 2, deepspeed))
+        saving = _arguments(Path(out) / "resumed", 2, deepspeed, save=3)
+        _next_accelerator()
+        try:
+            _train(resumed, model_dir, saving, crash_at=4)
+        except RuntimeError as crash:
+            if str(crash) != "crash in step 4":
+                raise
+        if rank == 0:
+            assert not RunStore.open(resumed.store.path).manifest.complete
+        _next_accelerator()
+        weights, _ = _train(resumed, model_dir, saving, resume=Path(out) / "resumed" / "checkpoint-3")
+        if rank == 0:
+            torch.save({"uninterrupted": uninterrupted, "resumed": weights}, Path(out) / "weights.pt")
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    leave_rank()
+
+
+@pytest.mark.heavy  # one spawn of 2 ZeRO-3 Trainer ranks running 4 + 4 + 1 steps
+@pytest.mark.requires_deepspeed
+def test_trainer_under_zero3_resumed_from_a_checkpoint_gives_the_uninterrupted_store(tiny_models, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    whole, resumed = (
+        _float32(capture_job_config(tmp_path, tiny_models["llama"], train, store))
+        for store in ("whole.zarr", "resumed.zarr")
+    )
+    out = tmp_path / "runs"
+    spawn(
+        _zero3_trainer_resume_rank,
+        args=(2, unused_port(), whole, resumed, str(tiny_models["llama"]), str(out)),
+        nprocs=2,
+        join=True,
+    )
+    ours, theirs = RunStore.open(resumed.store.path), RunStore.open(whole.store.path)
+    assert ours.manifest.complete and ours.manifest.segments_done == [0, 1]
+    assert not Path(resumed.store.path + ".resume").exists()  # a complete store resumes nothing
+    assert [(s.steps, s.eta) for s in ours.plan.segments] == [(s.steps, s.eta) for s in theirs.plan.segments]
+    for mine, expected in zip(ours.plan.checkpoints, theirs.plan.checkpoints, strict=True):
+        a, b = ours.checkpoint(mine.name), theirs.checkpoint(expected.name)
+        for name in ("step", "seen", "epoch"):
+            np.testing.assert_array_equal(captured_rows(a)[name], captured_rows(b)[name])
+        assert (captured_rows(a)["seen"] == 1).all()  # one epoch a segment: every row once
+        rows = b.read_rows(0, b.rows)
+        np.testing.assert_allclose(a.read_rows(0, a.rows), rows, rtol=0, atol=1e-12 * np.abs(rows).max())
+        for name, factors in b.read_factors().items():
+            np.testing.assert_allclose(a.read_factors()[name].lam, factors.lam, rtol=1e-10)
+    weights = torch.load(out / "weights.pt")
+    for name, weight in weights["uninterrupted"].items():  # the resumed training is the uninterrupted one
+        assert torch.equal(weights["resumed"][name], weight), name
