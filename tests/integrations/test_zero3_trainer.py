@@ -1,8 +1,10 @@
 """transformers.Trainer under DeepSpeed ZeRO-3 (2 gloo ranks on CPU) with TributaryCallback against one process
-without DeepSpeed training on both ranks' rows a step: the same rows, factors and trained weights.
+without DeepSpeed training on both ranks' rows a step: the same rows, factors and trained weights; and resumed
+from a Trainer checkpoint against the uninterrupted 2-rank run.
 
-Independent computation: a one-process Trainer run (no DeepSpeed, no DDP) of 4 rows a step, the two ranks' 2 each,
-captured by the same callback; its trained weights against the ones DeepSpeed gathered from the partitions.
+Independent computations: a one-process Trainer run (no DeepSpeed, no DDP) of 4 rows a step, the two ranks' 2
+each, captured by the same callback, its trained weights against the ones DeepSpeed gathered from the
+partitions; for resume, the same ZeRO-3 run without the interruption.
 
 On CPU, transformers passes accelerate no backend under DeepSpeed and accelerate finds none for the device, so
 each rank's Trainer takes itself for the only process and iterates over every row (TributaryCallback refuses
@@ -30,7 +32,7 @@ from engine.store.run_store import RunStore
 from tests.conftest import SENTENCES, write_jsonl
 from tests.ports import unused_port
 from tests.requirements import require
-from tests.train_capture_helpers import capture_job_config, leave_rank
+from tests.train_capture_helpers import CrashAt, capture_job_config, leave_rank
 from tests.zero3_training import without_shm_op, zero3_config
 
 require("deepspeed")
@@ -93,17 +95,6 @@ def _train(
         with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None):
             return {name: p.detach().clone() for name, p in model.named_parameters()}, True
     return {name: p.detach().clone() for name, p in model.named_parameters()}, False
-
-
-class CrashAt(TrainerCallback):
-    """Raise inside step `step` (after the capture has begun it), as a killed run would stop."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            raise RuntimeError(f"crash in step {self.step}")
 
 
 def _configured_state() -> None:
