@@ -1,8 +1,11 @@
-"""What the training-capture tests share: their job config, and how a spawned rank that finished leaves."""
+"""What the training-capture tests share: their job config, how a spawned rank that finished leaves, and a Trainer
+callback that stops a run inside a step."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from engine.config import JobConfig, parse_config
 from tests.conftest import job_config
@@ -44,3 +47,14 @@ def one_process_steps(capture, model, rows, optimizer, steps: list[list[int]]) -
         optimizer.step()
         optimizer.zero_grad()
     capture.close()
+
+
+class CrashAt(TrainerCallback):
+    """Raise inside step `step` (after the capture has begun it), as a killed run would stop."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            raise RuntimeError(f"crash in step {self.step}")

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from engine.config import JobConfig, load_config
 from engine.errors import TributaryError
-from engine.integrations.capture import TrainingCapture
+from engine.integrations.capture import TrainingCapture, world_size
 from engine.integrations.rows import TrainingRows
 from engine.training_run.resolve import CHECKPOINT_DIR
 
@@ -59,6 +59,7 @@ class TributaryCallback(TrainerCallback):
             )
         if model is None or optimizer is None:
             raise TributaryError("the Trainer gave TributaryCallback no model or optimizer at on_train_begin")
+        check_trainer_processes(args.world_size)
         self.capture = TrainingCapture(
             self.config,
             model,
@@ -96,3 +97,18 @@ class TributaryCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._require().close()
+
+
+def check_trainer_processes(trainer_processes: int) -> None:
+    """The Trainer must shard its rows over as many processes as torch.distributed has ranks: otherwise every
+    rank trains on every row and the ranks' rows, added at each segment's end, would count each row world times.
+    transformers passes no backend to accelerate under DeepSpeed, and accelerate has no default one for the CPU,
+    so a ZeRO-3 Trainer on CPU sees one process while DeepSpeed runs its group (on GPUs NCCL is found)."""
+    ranks = world_size()
+    if trainer_processes != ranks:
+        raise TributaryError(
+            f"the Trainer runs as {trainer_processes} process(es) but torch.distributed has {ranks} ranks, so every "
+            "rank would train on every row; under DeepSpeed on CPU create accelerate's state with its backend "
+            "first (PartialState(backend='gloo') with ACCELERATE_USE_DEEPSPEED=true) and pass "
+            "TrainingArguments(accelerator_config={'use_configured_state': True})"
+        )

@@ -33,7 +33,7 @@ from engine.store.run_store import RunStore
 from engine.training_run.configs import checkpoint_config
 from tests.conftest import SENTENCES, write_jsonl
 from tests.ports import unused_port
-from tests.train_capture_helpers import capture_job_config, leave_rank, one_process_steps
+from tests.train_capture_helpers import CrashAt, capture_job_config, leave_rank, one_process_steps
 
 QUERY = [{"id": "q0", "text": "the fox eats seeds in the snow"}]
 
@@ -90,17 +90,6 @@ def _train(
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=None if resume is None else str(resume))
     return model
-
-
-class CrashAt(TrainerCallback):
-    """Raise inside step `step` (after the capture has begun it), as a killed run would stop."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step + 1 == self.step:
-            raise RuntimeError(f"crash in step {self.step}")
 
 
 def _index_rows(config: JobConfig, weights: Path, rows: list[int], adapter: Path | None = None) -> np.ndarray:

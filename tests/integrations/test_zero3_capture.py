@@ -29,45 +29,21 @@ from tests.conftest import SENTENCES, write_jsonl
 from tests.ports import unused_port
 from tests.requirements import require
 from tests.train_capture_helpers import capture_job_config, leave_rank, one_process_steps
+from tests.zero3_training import without_shm_op, zero3_config
 
 require("deepspeed")
 
 STEPS = [[5, 1, 6, 0], [2, 7, 3, 4], [0, 4, 7, 1]]  # each rank takes its half of a step's 4 rows
 
 
-def _zero3_config() -> dict:
-    """ZeRO-3 with the client's torch SGD (zero_force_ds_cpu_optimizer off: no DeepSpeed CPU Adam to build)."""
-    return {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "zero_optimization": {
-            "stage": 3,
-            "stage3_param_persistence_threshold": 0,  # every parameter partitioned, the small ones too
-            "stage3_allgather_sequential": True,
-        },
-        "zero_force_ds_cpu_optimizer": False,
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": False},
-        "fp16": {"enabled": False},
-        "wall_clock_breakdown": False,
-    }
-
-
-def _without_shm_op() -> None:
-    """DeepSpeed's CPU backend JIT-compiles its shared-memory op (deepspeed_shm_comm, for its inference
-    all-reduce only) at every process group it wraps; training uses torch.distributed's own collectives. The
-    build takes minutes on 2 loaded cores and rewrites the shared torch_extensions cache, so it is skipped."""
-    import importlib
-
-    # by its module path: the package deepspeed.comm re-exports the torch library itself under the name torch
-    setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)  # noqa: B010
-
-
 def _float32_config(root: Path, model: Path, train: Path, store: str, adam: bool) -> JobConfig:
     """Two segments of the three steps, the model trained in float32 (DeepSpeed's ZeRO-3 dtype here); with Adam,
     Source preconditioned by its second moments."""
     run = {"segments": 2, "total_steps": len(STEPS), "optimizer": {"preconditioned": adam}}
-    config = capture_job_config(root, model, train, f"{store}.zarr", training_run=run)
+    return _float32(capture_job_config(root, model, train, f"{store}.zarr", training_run=run))
+
+
+def _float32(config: JobConfig) -> JobConfig:
     return config.model_copy(update={"model": config.model.model_copy(update={"dtype": "float32"})})
 
 
@@ -88,7 +64,7 @@ def _zero3_rank(
     # bounded: a rank left waiting in a collective fails the test in minutes instead of holding the heavy group
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))
     try:
-        _without_shm_op()
+        without_shm_op()
         import deepspeed
         from transformers import AutoModelForCausalLM
 
@@ -96,7 +72,7 @@ def _zero3_rank(
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model.train()
         optimizer = _optimizer(model, adam)
-        engine, zero_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_zero3_config())
+        engine, zero_optimizer, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=zero3_config())
         trained = cast(nn.Module, cast(nn.Module, engine).module)
         rows = TrainingRows(config)
         capturing = TrainingCapture(config, engine, zero_optimizer, rows, keep_weights=True) if capture else None
@@ -176,3 +152,115 @@ def test_the_true_fisher_under_zero3_is_refused_before_any_hook(tiny_models, tmp
     assert "\n" not in str(refused.value)
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
     assert not Path(config.store.path).exists()  # nothing written
+
+
+def _zero3_resume_rank(
+    rank: int, world: int, port: int, whole: JobConfig, resumed: JobConfig, model_dir: str, out: str
+) -> None:
+    """One rank: an uninterrupted 3-step ZeRO-3 run (AdamW) into `whole`; then the same run into `resumed`, saved
+    after step 2 (DeepSpeed's checkpoint of the partitioned weights and optimizer, and the capture state) and
+    stopped inside step 3 (a crash), and resumed from that checkpoint. Rank 0 keeps both runs' trained weights."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=180))
+    saved = Path(resumed.store.path + ".deepspeed")
+    try:
+        without_shm_op()
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        def start(config: JobConfig, resume_step: int | None = None):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            model.train()
+            engine, optimizer, *_ = deepspeed.initialize(
+                model=model, optimizer=_optimizer(model, adam=True), config=zero3_config()
+            )
+            if resume_step is not None:  # the partitioned weights and the optimizer's partitions of that step
+                engine.load_checkpoint(str(saved), tag=f"step-{resume_step}")
+            rows = TrainingRows(config)
+            capture = TrainingCapture(config, engine, optimizer, rows, keep_weights=True, resume_step=resume_step)
+            return engine, rows, capture
+
+        def steps(engine, rows, capture, indices: list[list[int]]) -> None:
+            for step in indices:
+                with capture.step():
+                    engine.backward(engine(**rows.collate([rows[i] for i in step[rank * 2 : rank * 2 + 2]])).loss)
+                engine.step()
+
+        def trained(engine) -> dict[str, torch.Tensor]:
+            module = cast(nn.Module, engine.module)
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+        engine, rows, capture = start(whole)
+        steps(engine, rows, capture, STEPS)
+        capture.close()
+        uninterrupted = trained(engine)
+
+        engine, rows, capture = start(resumed)
+        steps(engine, rows, capture, STEPS[:2])
+        capture.save_state(2)  # what TributaryCallback does at a Trainer save
+        engine.save_checkpoint(str(saved), tag="step-2")  # collective: each rank saves its partitions
+        with capture.step():  # the crash: step 3's backward ran, its update and the store's end never came
+            engine.backward(engine(**rows.collate([rows[i] for i in STEPS[2][rank * 2 : rank * 2 + 2]])).loss)
+        capture.hooks.remove()
+        dist.barrier()
+        if rank == 0:
+            assert not RunStore.open(resumed.store.path).manifest.complete
+
+        engine, rows, capture = start(resumed, resume_step=2)
+        steps(engine, rows, capture, STEPS[2:])
+        capture.close()
+        weights = trained(engine)
+        if rank == 0:
+            torch.save({"uninterrupted": uninterrupted, "resumed": weights}, out)
+    finally:
+        dist.destroy_process_group()
+    leave_rank()
+
+
+@pytest.mark.heavy  # one spawn of 2 gloo ranks running 3 + 2 + 1 ZeRO-3 steps
+@pytest.mark.requires_deepspeed
+def test_resumed_zero3_run_continues_the_store_of_an_uninterrupted_one(tiny_models, tmp_path):
+    """Each rank keeps its own capture state (its micro-batches' rows of the segment in progress) beside
+    DeepSpeed's checkpoint of its partitions; resumed with both, the 2-rank store has every row once a segment
+    and equals the uninterrupted 2-rank run's, Adam's gathered second moments included."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    run = {"boundaries": [1], "total_steps": len(STEPS), "optimizer": {"preconditioned": True}}
+    whole, resumed = (
+        _float32(capture_job_config(tmp_path, tiny_models["llama"], train, store, training_run=run))
+        for store in ("whole.zarr", "resumed.zarr")
+    )
+    out = tmp_path / "weights.pt"
+    spawn(
+        _zero3_resume_rank,
+        args=(2, unused_port(), whole, resumed, str(tiny_models["llama"]), str(out)),
+        nprocs=2,
+        join=True,
+    )
+    ours, theirs = RunStore.open(resumed.store.path), RunStore.open(whole.store.path)
+    assert ours.manifest.complete and ours.manifest.segments_done == [0, 1]
+    assert not Path(resumed.store.path + ".resume").exists()
+    assert [(s.steps, s.eta) for s in ours.plan.segments] == [(s.steps, s.eta) for s in theirs.plan.segments]
+    seen = [captured_rows(ours.checkpoint(c.name))["seen"] for c in ours.plan.checkpoints]
+    np.testing.assert_array_equal(seen[0], np.isin(np.arange(8), STEPS[0]).astype(int))
+    np.testing.assert_array_equal(seen[1], np.bincount(STEPS[1] + STEPS[2], minlength=8))
+    for index, (mine, expected) in enumerate(zip(ours.plan.checkpoints, theirs.plan.checkpoints, strict=True)):
+        a, b = ours.checkpoint(mine.name), theirs.checkpoint(expected.name)
+        for name in ("step", "seen", "epoch"):
+            np.testing.assert_array_equal(captured_rows(a)[name], captured_rows(b)[name])
+        rows = b.read_rows(0, b.rows)
+        np.testing.assert_allclose(a.read_rows(0, a.rows), rows, rtol=0, atol=1e-12 * np.abs(rows).max())
+        for name, factors in b.read_factors().items():
+            np.testing.assert_allclose(a.read_factors()[name].lam, factors.lam, rtol=1e-10)
+        for name, p in theirs.read_segment_preconditioner(index).items():  # Adam's P from the restored partitions
+            np.testing.assert_allclose(ours.read_segment_preconditioner(index)[name], p, rtol=1e-10)
+        for name, factors in theirs.read_segment_factors(index).items():
+            np.testing.assert_allclose(ours.read_segment_factors(index)[name].lam, factors.lam, rtol=1e-10)
+    weights = torch.load(out)
+    for name, weight in weights["uninterrupted"].items():  # the resumed training is the uninterrupted one
+        assert torch.equal(weights["resumed"][name], weight), name
