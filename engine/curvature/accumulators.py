@@ -104,19 +104,28 @@ class LambdaAccumulator:
         self, activations: dict[str, list[torch.Tensor]], deltas: dict[str, list[torch.Tensor]]
     ) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
         """One batch's per-example gradients from per-token ã (B, T, k_in) and δ̃ (B, T, k_out) per module call, for
-        `add`, and the modules among them already rotated: Q_Sᵀ (Σ_t δ̃ ãᵀ) Q_A = Σ_t (Q_Sᵀ δ̃)(Q_Aᵀ ã)ᵀ, so where
-        rotating the tokens costs less than rotating each example's gradient (`tokens_first`: at full width on
-        rows shorter than the module is wide) the tokens are rotated before the product."""
+        `add`, and the modules among them already rotated (`module_token_gradient`)."""
         grads, rotated = {}, set()
         for name in self.sums:
-            acts, dels, basis = activations[name], deltas[name], self._bases[name]
-            if basis is not None and name not in self._scales and tokens_first(acts, dels):
-                q_s, q_a = basis
-                acts = [a @ q_a.to(a.dtype) for a in acts]
-                dels = [d @ q_s.to(d.dtype) for d in dels]
+            grads[name], was_rotated = self.module_token_gradient(name, activations[name], deltas[name])
+            if was_rotated:
                 rotated.add(name)
-            grads[name] = example_gradient(dels, acts)
         return grads, frozenset(rotated)
+
+    def module_token_gradient(
+        self, name: str, acts: list[torch.Tensor], dels: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, bool]:
+        """One module's per-example gradients (B, k_out, k_in) and whether they are in the eigenbasis already:
+        Q_Sᵀ (Σ_t δ̃ ãᵀ) Q_A = Σ_t (Q_Sᵀ δ̃)(Q_Aᵀ ã)ᵀ, so where rotating the tokens costs less than rotating each
+        example's gradient (`tokens_first`: at full width on rows shorter than the module is wide) the tokens are
+        rotated before the product."""
+        basis = self._bases[name]
+        if basis is not None and name not in self._scales and tokens_first(acts, dels):
+            q_s, q_a = basis
+            acts = [a @ q_a.to(a.dtype) for a in acts]
+            dels = [d @ q_s.to(d.dtype) for d in dels]
+            return example_gradient(dels, acts), True
+        return example_gradient(dels, acts), False
 
 
 def tokens_first(activations: list[torch.Tensor], deltas: list[torch.Tensor]) -> bool:
