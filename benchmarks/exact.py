@@ -232,6 +232,14 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
+def _load_note(uptime: str) -> str:
+    """Whether the run started quiet (1-minute load average under 1.5 on the 2 cores) or beside other work."""
+    load = float(uptime.split("load average:")[1].split(",")[0])
+    if load < 1.5:
+        return f"quiet: load average {load} at the start; ratios are measured within this one run"
+    return f"loaded: load average {load} at the start (shared cores); ratios are measured within this one run"
+
+
 def stored_store(config):
     from engine.store import GradientStore
 
@@ -279,7 +287,7 @@ def main() -> None:
             {
                 **size,
                 **summary,
-                "machine_note": "loaded: 2 cores shared with other jobs; ratios are measured within this one run",
+                "machine_note": _load_note(load_before),
                 "results": compared["rows"],
                 "breakdown_s": {"ours (index + first batch)": ours["breakdown_s"], "kronfluence": theirs},
                 "uptime": {"before": load_before, "after": _uptime()},

@@ -96,28 +96,36 @@ def block_scores(side: QuerySide, batches: list[Captures]) -> torch.Tensor:
     total: torch.Tensor | None = None
     norms: torch.Tensor | None = None
     for name, whole in side.whole.items():
+        calls = [(activations[name], deltas[name]) for activations, deltas in batches]
+        low_rank = side.low_rank.get(name)
+        takes_factored = [
+            low_rank is not None and _factored_batch(acts, dels, low_rank[1].shape[1]) for acts, dels in calls
+        ]
+        # the formed batches' gradients go straight into one block buffer (B_formed, d_out · d_in)
+        sizes = [acts[0].shape[0] for (acts, _), f in zip(calls, takes_factored) if not f]
+        stacked = whole.new_empty((sum(sizes), whole.shape[1]))
         parts: list[torch.Tensor | None] = []  # None: a formed batch, scored by the block's one product below
         squares: list[torch.Tensor] = []
-        formed: list[torch.Tensor] = []
-        for activations, deltas in batches:
-            acts, dels = activations[name], deltas[name]
-            d_in, d_out = acts[0].shape[-1], dels[0].shape[-1]
-            tokens = sum(a.shape[1] for a in acts)
+        row = 0
+        for (acts, dels), is_factored in zip(calls, takes_factored):
             gradient = None
-            if name in side.low_rank and factored(tokens, side.low_rank[name][1].shape[1], d_in, d_out):
-                left, right = side.low_rank[name]
+            if is_factored:
+                assert low_rank is not None
+                left, right = low_rank
                 part = sum(
                     (torch.einsum("btk,qkr->bqtr", d, left) * torch.einsum("btj,qrj->bqtr", a, right)).sum((2, 3))
                     for a, d in zip(acts, dels, strict=True)
                 )
                 parts.append(torch.as_tensor(part).T)
             else:
-                gradient = example_gradient(dels, acts).flatten(start_dim=1)  # (B, d_out · d_in)
-                formed.append(gradient)
+                count = acts[0].shape[0]
+                gradient = stacked[row : row + count]
+                _example_gradient_into(gradient.view(count, dels[0].shape[-1], acts[0].shape[-1]), acts, dels)
+                row += count
                 parts.append(None)
             if side.normalise:
                 squares.append(_squared_norms(acts, dels, gradient))
-        products = iter((whole @ torch.cat(formed).T).split([g.shape[0] for g in formed], dim=1) if formed else [])
+        products = iter((whole @ stacked.T).split(sizes, dim=1) if sizes else [])
         scores = torch.cat([next(products) if part is None else part for part in parts], dim=1)
         total = scores if total is None else total + scores
         if side.normalise:
@@ -129,6 +137,17 @@ def block_scores(side: QuerySide, batches: list[Captures]) -> torch.Tensor:
         root = norms.sqrt()
         total = total / torch.where(root > 0, root, torch.ones_like(root))[None, :]
     return total
+
+
+def _factored_batch(acts: list[torch.Tensor], dels: list[torch.Tensor], rank: int) -> bool:
+    return factored(sum(a.shape[1] for a in acts), rank, acts[0].shape[-1], dels[0].shape[-1])
+
+
+def _example_gradient_into(out: torch.Tensor, acts: list[torch.Tensor], dels: list[torch.Tensor]) -> None:
+    """Σ_calls Σ_t δ_t a_tᵀ (B, d_out, d_in) written into `out`, a view of the block's buffer (no copy after)."""
+    torch.bmm(dels[0].transpose(1, 2), acts[0], out=out)
+    for a, d in zip(acts[1:], dels[1:], strict=True):
+        out.baddbmm_(d.transpose(1, 2), a)
 
 
 def _squared_norms(acts: list[torch.Tensor], dels: list[torch.Tensor], gradient: torch.Tensor | None) -> torch.Tensor:
