@@ -142,7 +142,7 @@ def _checkpoint_scores(
     check_compatible(store, context, config)
     tokenized = tokenize_rows(rows, context.tokenizer, config.data.max_length, queries_path)
     grads = _full_gradients(context, full, tokenized, measurement)
-    _require_finite(grads, [row.id for row in rows])
+    require_finite_query_gradients(grads, [row.id for row in rows])
     queries = exact_queries(grads, full, method, factors, config.exact.query_rank).restricted(union)
     return _score(store, queries, executors(config, queries, context if local_context else None))
 
@@ -165,9 +165,13 @@ def _full_gradients(context: ModelContext, full: ProjectionSpec, rows: list, mea
     return gradient_pass(with_projection(context, full), rows, with_covariance=False, measurement=measurement).grads
 
 
-def _require_finite(grads: np.ndarray, ids: list[str]) -> None:
+def require_finite_query_gradients(grads: np.ndarray, ids: list[str]) -> None:
     """A query whose gradient is NaN/inf would score every row NaN (which the merge reads as not scored)."""
-    bad = np.flatnonzero(~np.isfinite(grads).all(axis=1))
+    # NaN and inf carry into a sum, so a row whose float64 sum is finite is; only the others (non-finite, or float64
+    # numbers near the limit overflowing the sum) are checked number by number, and no (Q, D) boolean array is made
+    # (0.13 GB on issue 13's workload)
+    suspects = np.flatnonzero(~np.isfinite(grads.sum(axis=1, dtype=np.float64)))
+    bad = [q for q in suspects if not np.isfinite(grads[q]).all()]
     if len(bad):
         names = ", ".join(f'"{ids[q]}"' for q in bad[:5])
         raise TributaryError(

@@ -18,6 +18,7 @@ from engine.config import QueryOptions, parse_config
 from engine.data.rows import field_names, read_rows
 from engine.errors import TributaryError
 from engine.exact import row_scores
+from engine.exact.exact_query import require_finite_query_gradients
 from engine.exact.queries import ExactQueries
 from engine.exact.row_scores import QuerySide, ScoringBlock, batch_scores, factored
 from engine.exact.stored_factors import has_exact_factors
@@ -272,6 +273,21 @@ def test_scoring_blocks_equal_each_row_scored_alone(monkeypatch):
                 parts.append(block.scores().numpy())
             assert sizes == blocks
             assert np.allclose(np.concatenate(parts, axis=1), expected, rtol=1e-12, atol=0)
+
+
+def test_non_finite_query_gradients_are_named_and_overflowing_sums_are_not():
+    """Rows with NaN or inf are refused by id, as an elementwise check finds them; a float64 row of finite numbers
+    whose sum overflows is not refused."""
+    grads = np.ones((4, 6))
+    grads[1, 2] = np.nan
+    grads[3, 0] = -np.inf
+    grads[2, :2] = np.finfo(np.float64).max  # finite, the sum is inf
+    expected = [f'"q{i}"' for i in np.flatnonzero(~np.isfinite(grads).all(axis=1))]
+    with pytest.raises(TributaryError) as raised:
+        require_finite_query_gradients(grads, [f"q{i}" for i in range(4)])
+    assert f"query {', '.join(expected)}: its gradient is not finite" in str(raised.value)
+    require_finite_query_gradients(grads[[0, 2]], ["q0", "q2"])
+    require_finite_query_gradients(np.ones((2, 3), dtype=np.float32), ["a", "b"])
 
 
 def test_query_rank_truncates_each_module(tiny_models, queries, tmp_path):
