@@ -16,15 +16,20 @@ def store_summary(opened: GradientStore | RunStore, verify: bool = False) -> tup
     """(summary, verification problems) of either kind of store; no problems without `verify`."""
     if isinstance(opened, RunStore):
         return run_summary(opened, verify)
-    summary = manifest_summary(opened)
-    if opened.manifest.stages.get("exact_factors"):  # only then: a store without them reads as it always did
-        summary["exact_factors"] = "full-width curvature factors, one group per module (tributary query --exact)"
+    summary = {**manifest_summary(opened), **_exact_factors(opened)}
     problems: list[str] = []
     if verify:
         found = verify_store(opened)
         summary["verify"] = verification_summary(found)
         problems = found.problems
     return summary, problems
+
+
+def _exact_factors(store: GradientStore) -> dict[str, str]:
+    """The note on full-width factors, only where there are some: a store without them reads as it always did."""
+    if not store.manifest.stages.get("exact_factors"):
+        return {}
+    return {"exact_factors": "full-width curvature factors, one group per module (tributary query --exact)"}
 
 
 def verification_summary(found: Verification) -> dict[str, Any]:
@@ -90,6 +95,7 @@ def run_summary(run: RunStore, verify: bool = False) -> tuple[dict[str, Any], li
             "rows": sub.rows,
             "complete": sub.manifest.complete,
             "shards_completed": f"{len(sub.manifest.completed_shards)} of {len(sub.shards())}",
+            **_exact_factors(sub),
         }
         if verify:
             found = verify_store(sub)

@@ -19,6 +19,7 @@ from engine.indexing.exact_sums import has_pass_one_sums
 from engine.local_or_ray import run_exact, run_index, run_query
 from engine.serving.schema import AttributeRequest, AttributeResponse
 from engine.store.run_store import RunStore
+from engine.store.summary import store_summary
 from tests.conftest import SENTENCES, job_config, write_jsonl
 from tests.service_helpers import listed_examples, listed_scores, replica
 from tests.trained_checkpoints import QUERIES, train_checkpoints
@@ -65,6 +66,8 @@ def test_exact_on_a_run_store_equals_the_dim0_run_store(runs):
     run = RunStore.open(projected["store"]["path"])
     final = run.plan.final.name
     assert has_exact_factors(run.final_store())
+    listed = store_summary(run)[0]["checkpoints"]  # `tributary info` names them where they are
+    assert [name for name, entry in listed.items() if "exact_factors" in entry] == [final]
     for checkpoint in run.plan.checkpoints:  # only the final checkpoint summed full-width covariances in pass 1
         assert has_pass_one_sums(run.checkpoint(checkpoint.name)) == (checkpoint.name == final)
     for method in ("if", "grad_dot", "grad_cos"):
