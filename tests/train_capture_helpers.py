@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from transformers import TrainerCallback
 
 from engine.config import JobConfig, parse_config
+from engine.integrations.store_writer import captured_rows
+from engine.store.run_store import RunStore
 from tests.conftest import job_config
 
 
@@ -22,6 +25,27 @@ def capture_job_config(root: Path, model: Path, train: Path, store: str, **secti
     for section, values in sections.items():
         settings[section] = dict(settings.get(section, {}), **values)
     return parse_config(job_config(root, model, train, **settings))
+
+
+def resumed_run_checkpoints(resumed: JobConfig, whole: JobConfig) -> tuple[RunStore, RunStore, list[tuple]]:
+    """(resumed run, uninterrupted run, their checkpoint stores in pairs), after checking what every resume test
+    checks: the resumed store complete with nothing left to resume, the same segments, and each checkpoint's rows
+    seen at the same steps and epochs. Rows (1e-12) and Λ (1e-10) are compared too."""
+    ours, theirs = RunStore.open(resumed.store.path), RunStore.open(whole.store.path)
+    assert ours.manifest.complete and ours.manifest.segments_done == [0, 1]
+    assert not Path(resumed.store.path + ".resume").exists()  # a complete store resumes nothing
+    assert [(s.steps, s.eta) for s in ours.plan.segments] == [(s.steps, s.eta) for s in theirs.plan.segments]
+    pairs = []
+    for mine, expected in zip(ours.plan.checkpoints, theirs.plan.checkpoints, strict=True):
+        a, b = ours.checkpoint(mine.name), theirs.checkpoint(expected.name)
+        for name in ("step", "seen", "epoch"):
+            np.testing.assert_array_equal(captured_rows(a)[name], captured_rows(b)[name])
+        rows = b.read_rows(0, b.rows)
+        np.testing.assert_allclose(a.read_rows(0, a.rows), rows, rtol=0, atol=1e-12 * np.abs(rows).max())
+        for name, factors in b.read_factors().items():
+            np.testing.assert_allclose(a.read_factors()[name].lam, factors.lam, rtol=1e-10)
+        pairs.append((a, b))
+    return ours, theirs, pairs
 
 
 def leave_rank() -> None:
