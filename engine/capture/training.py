@@ -20,6 +20,13 @@ index and positions), from the logits down to the tracked modules' outputs only,
 training backward that then goes on. Parameter gradients are untouched (the nested backward's inputs are the
 module outputs); a guard keeps the hooks from recording the nested backward as the training one. Its δ̃ give
 the covariance sums and the sampled-label rows Λ is read from; the stored rows stay the training gradient's.
+
+Under DeepSpeed ZeRO-3 (`reforward`) the sampled-label backward is not nested: a backward inside the training
+backward sets off ZeRO-3's module backward hooks, which re-partition weights the training backward still needs.
+The labels are drawn in the logits hook as above; `finish`, called after the training backward and before the
+optimizer step, runs each micro-batch's forward again (on every rank: ZeRO-3's gathers are collective) with the
+weights of the step's forward and takes the sampled-label δ̃ by a data-only backward of that forward's graph.
+The extra forward is the cost; the re-forward's losses must equal the training forward's (no dropout).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from engine.errors import TributaryError
 
 ROW_KEY = "tributary_rows"  # the batch key that carries each example's row index; popped before the model sees it
 SCALE_TOLERANCE = 1e-4  # relative residual of ∂L/∂z_label = −c (1 − p) above which the loss is not cross-entropy
+REFORWARD_TOLERANCE = 1e-4  # relative loss difference above which a re-forward is not the training forward
+DROPPED_KEYS = ("labels", "num_items_in_batch")  # the re-forward needs the logits only, not HF's loss
 
 
 @dataclass
@@ -53,6 +62,8 @@ class MicroBatch:
     outputs: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # the modules' outputs (true Fisher)
     fisher_deltas: dict[str, list[torch.Tensor]] | None = None  # δ̃ of the summed sampled-label loss
     log_probs: torch.Tensor | None = None  # the training loss's own log-softmax of the logits, where it has one
+    call: tuple[tuple, dict] | None = None  # the forward's arguments, for the re-forward (ZeRO-3's true Fisher)
+    sampled: torch.Tensor | None = None  # (B, T) the sampled labels, drawn in the training backward (re-forward)
 
 
 @dataclass
@@ -71,13 +82,19 @@ class CapturedBatch:
 
 class TrainingHooks:
     """Hooks on a model being trained; `armed` says whether a forward belongs to a captured step.
-    `fisher_seed`: take the covariance from a sampled-label backward with this seed (the true Fisher)."""
+    `fisher_seed`: take the covariance from a sampled-label backward with this seed (the true Fisher).
+    `reforward`: take it from a forward of its own in `finish` instead of a backward nested in the training one
+    (ZeRO-3)."""
 
-    def __init__(self, model: nn.Module, capture: GradientCapture, fisher_seed: int | None = None):
+    def __init__(
+        self, model: nn.Module, capture: GradientCapture, fisher_seed: int | None = None, reforward: bool = False
+    ):
         self.model = model
         self.capture = capture
         self.fisher_seed = fisher_seed
-        self.sampling = False  # inside the sampled-label backward: the hooks record nothing
+        self.reforward = reforward and fisher_seed is not None
+        self.sampling = False  # inside the sampled-label backward or re-forward: the training hooks record nothing
+        self.reforward_outputs: dict[str, list[torch.Tensor]] | None = None  # the re-forward's module outputs
         self.armed = False
         self.pending: list[MicroBatch] = []
         self._handles: list = []
@@ -104,7 +121,7 @@ class TrainingHooks:
     # ---- hooks --------------------------------------------------------------------------------------
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict):
         rows = kwargs.pop(ROW_KEY, None)  # always popped: an evaluation batch carries it too
-        if not (self.armed and module.training and torch.is_grad_enabled()):
+        if self.sampling or not (self.armed and module.training and torch.is_grad_enabled()):
             return args, kwargs
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         labels = kwargs.get("labels")
@@ -124,9 +141,10 @@ class TrainingHooks:
         positions = kwargs.get("position_ids")
         if positions is None:  # as the index's batches count them: over real tokens only
             positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        self.pending.append(
-            MicroBatch(mask=mask.detach(), labels=labels.detach(), rows=ids, position_ids=positions.detach())
-        )
+        batch = MicroBatch(mask=mask.detach(), labels=labels.detach(), rows=ids, position_ids=positions.detach())
+        if self.reforward:
+            batch.call = (args, {key: value for key, value in kwargs.items() if key not in DROPPED_KEYS})
+        self.pending.append(batch)
         return args, kwargs
 
     def _current(self) -> MicroBatch | None:
@@ -136,11 +154,14 @@ class TrainingHooks:
 
     def _module_hook(self, name: str):
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self.reforward_outputs is not None:
+                self.reforward_outputs.setdefault(name, []).append(output)
+                return
             batch = self._current()
             if batch is None:
                 return
             batch.activations.setdefault(name, []).append(self.capture.project_activations(name, args[0], batch.mask))
-            if self.fisher_seed is not None:
+            if self.fisher_seed is not None and not self.reforward:
                 batch.outputs.setdefault(name, []).append(output)
             slot = batch.deltas.setdefault(name, [])
             position = len(slot)
@@ -168,7 +189,10 @@ class TrainingHooks:
             if self.sampling:
                 return
             batch.scale, batch.losses = loss_scale(values, grad.detach(), batch.labels, batch.log_probs)
-            if self.fisher_seed is not None:
+            if self.reforward:  # drawn from the training forward's logits, as the nested backward draws them
+                assert batch.rows is not None and batch.position_ids is not None and self.fisher_seed is not None
+                batch.sampled = sample_labels(values, batch.labels, batch.position_ids, batch.rows, self.fisher_seed)
+            elif self.fisher_seed is not None:
                 self._sampled_backward(batch, logits, values)
             batch.log_probs = None  # held from the forward only until here
 
@@ -188,17 +212,56 @@ class TrainingHooks:
             )
         finally:
             self.sampling = False
+        batch.fisher_deltas = self._projected_deltas(names, outputs, grads, batch.mask)
+        batch.outputs = {}  # the graph holds them while the training backward still needs them
+
+    def _projected_deltas(
+        self, names: list[tuple[str, int]], outputs: list[torch.Tensor], grads, mask: torch.Tensor
+    ) -> dict[str, list[torch.Tensor]]:
         deltas: dict[str, list[torch.Tensor]] = {}
         for (name, _), output, grad in zip(names, outputs, grads, strict=True):
             grad = torch.zeros_like(output) if grad is None else grad
-            deltas.setdefault(name, []).append(self.capture.project_output_gradient(name, grad, batch.mask))
-        batch.fisher_deltas = deltas
-        batch.outputs = {}  # the graph holds them while the training backward still needs them
+            deltas.setdefault(name, []).append(self.capture.project_output_gradient(name, grad, mask))
+        return deltas
+
+    def _reforwarded_backward(self, batch: MicroBatch) -> None:
+        """δ̃ of the summed loss on `batch.sampled`, from a forward of its own and a backward from its logits to the
+        modules' outputs only (no parameter gradient): the weights must still be those of the training forward."""
+        if batch.call is None or batch.sampled is None or batch.losses is None:
+            return  # no training backward reached this forward: `_finished` refuses it
+        args, kwargs = batch.call
+        self.sampling, self.reforward_outputs = True, {}
+        try:
+            with torch.enable_grad():  # DeepSpeed's optimizer step may call us under no_grad
+                logits = self.model(*args, **kwargs).logits
+            outputs_by_name, self.reforward_outputs = self.reforward_outputs, None
+        finally:
+            self.sampling, self.reforward_outputs = False, None
+        token_loss = NextTokenLoss(logits)
+        losses = token_loss.losses(batch.labels).float()
+        difference = float((losses - batch.losses.to(losses.device)).abs().max())
+        if difference > REFORWARD_TOLERANCE * max(float(batch.losses.abs().max()), 1.0):
+            raise TributaryError(
+                "the true Fisher's re-forward under ZeRO-3 gave other losses than the training forward (by "
+                f"{difference:.2e}): the forward is not deterministic, e.g. dropout is on; set every dropout to 0 or "
+                "use curvature.fisher empirical"
+            )
+        names = [(name, i) for name, outs in outputs_by_name.items() for i in range(len(outs))]
+        outputs = [outputs_by_name[name][i] for name, i in names]
+        grads = torch.autograd.grad(
+            logits, outputs, grad_outputs=token_loss.logit_gradient(batch.sampled), allow_unused=True
+        )
+        batch.fisher_deltas = self._projected_deltas(names, outputs, grads, batch.mask)
+        batch.call = batch.sampled = None
 
     # ---- after the backward -------------------------------------------------------------------------
     def finish(self) -> list[CapturedBatch]:
-        """The micro-batches recorded since the last call, with rows of the summed per-example loss."""
+        """The micro-batches recorded since the last call, with rows of the summed per-example loss. With
+        `reforward`, call it after the training backward and before the optimizer step, on every rank at once."""
         done, self.pending = self.pending, []
+        if self.reforward:
+            for batch in done:
+                self._reforwarded_backward(batch)
         return [self._finished(batch) for batch in done]
 
     def _finished(self, batch: MicroBatch) -> CapturedBatch:

@@ -28,11 +28,11 @@ from torch import nn
 
 from engine.capture.training import TrainingHooks
 from engine.config import JobConfig
-from engine.curvature.factors import NEEDS_COVARIANCE, NEEDS_LAMBDA_PASS
+from engine.curvature.factors import NEEDS_LAMBDA_PASS
 from engine.errors import TributaryError
 from engine.gradients.context import context_for_model
 from engine.integrations.adam import live_preconditioner
-from engine.integrations.partitioned import check_partitioned_capture, gathered, is_partitioned
+from engine.integrations.partitioned import check_partitioned_capture, gathered, is_partitioned, takes_true_fisher
 from engine.integrations.rows import TrainingRows
 from engine.integrations.segments import (
     SegmentRows,
@@ -137,8 +137,9 @@ class TrainingCapture:
         check_capture_config(config)
         self.config = config
         model = _inner(model)
-        if is_partitioned(model):  # before any hook is installed
-            check_partitioned_capture(config)
+        partitioned = is_partitioned(model)
+        if partitioned:  # before any hook is installed
+            check_partitioned_capture(config, model)
         self.model = model
         self.optimizer = unwrapped(optimizer)
         self.rows = rows or TrainingRows(config)
@@ -151,8 +152,10 @@ class TrainingCapture:
         context = context_for_model(config, model, self.rows.tokenizer, input_device(model))
         self.spec = context.spec
         self.modules = context.modules
-        self.true_fisher = config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True
-        self.hooks = TrainingHooks(model, context.capture, config.curvature.seed if self.true_fisher else None)
+        self.true_fisher = takes_true_fisher(config)
+        # ZeRO-3: the sampled-label backward gets a forward of its own when the step's block ends (TrainingHooks)
+        seed = config.curvature.seed if self.true_fisher else None
+        self.hooks = TrainingHooks(model, context.capture, seed, reforward=partitioned)
         self.hooks.install()
         run = config.training_run
         self.cuts = cut_points(
@@ -249,7 +252,9 @@ class TrainingCapture:
     @contextmanager
     def step(self, rows=None):
         """One optimizer step: run every micro-batch's forward and backward inside. `rows`: the step's row
-        indices in micro-batch order (None: each batch carries its own, under ROW_KEY)."""
+        indices in micro-batch order (None: each batch carries its own, under ROW_KEY). Under ZeRO-3 with the
+        true Fisher the block's end runs each micro-batch's forward again, so it must come before the optimizer
+        step (engine.step())."""
         if self.closed:
             raise TributaryError("this capture is closed; start a new one for another training run")
         self._end_pending_cut()

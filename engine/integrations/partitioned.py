@@ -49,11 +49,39 @@ def loading_whole() -> Iterator[None]:
         hf_deepspeed._hf_deepspeed_config_weak_ref = live
 
 
-def check_partitioned_capture(config: JobConfig) -> None:
-    """What capture does not do on ZeRO-3 partitioned parameters, refused in one line each."""
-    if config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True:
+def check_partitioned_capture(config: JobConfig, model: nn.Module) -> None:
+    """What capture does not do on ZeRO-3 partitioned parameters, refused in one line each. The true Fisher's
+    sampled-label gradients come from a second forward of each micro-batch there (TrainingHooks `reforward`),
+    which gives the training forward's graph again only where the forward draws nothing at random."""
+    if takes_true_fisher(config) and (dropout := active_dropout(model)):
         raise TributaryError(
-            "curvature.fisher true is not captured under DeepSpeed ZeRO-3: its sampled-label backward, nested in the "
-            "training backward, sets off ZeRO-3's backward hooks, which re-partition weights the training backward "
-            "still needs; use fisher empirical, or index saved checkpoints with placement.kind zero3"
+            f"curvature.fisher true under DeepSpeed ZeRO-3 runs each micro-batch's forward a second time, which "
+            f"dropout would change ({dropout}); set the model's dropout to 0, or use fisher empirical"
         )
+
+
+def check_partitioned_trainer_capture(config: JobConfig) -> None:
+    """The Trainer under DeepSpeed steps the optimizer inside accelerate's backward call, so no callback runs
+    between the training backward and the update, where the true Fisher's re-forward must run."""
+    if takes_true_fisher(config):
+        raise TributaryError(
+            "curvature.fisher true is not captured by TributaryCallback under DeepSpeed ZeRO-3: the Trainer updates "
+            "the weights inside its backward call, before any callback could re-run the forward; use fisher "
+            "empirical, or the step API (TrainingCapture.step) around deepspeed.initialize's engine"
+        )
+
+
+def takes_true_fisher(config: JobConfig) -> bool:
+    return config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True
+
+
+def active_dropout(model: nn.Module) -> str | None:
+    """A dropout the model's forward applies in training mode, named, or None: nn.Dropout modules with p > 0 and
+    the attention dropout HF models read from their config (applied functionally, not as a module)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:  # pyright: ignore[reportPrivateUsage]
+            return f"{name} p={module.p}"
+    rate = getattr(getattr(model, "config", None), "attention_dropout", 0.0)
+    if isinstance(rate, int | float) and rate > 0:
+        return f"config.attention_dropout={rate}"
+    return None

@@ -220,6 +220,34 @@ def test_callback_refuses_a_trainer_that_counts_other_processes_than_torch_distr
     assert not Path(config.store.path).exists()  # nothing written
 
 
+def test_callback_refuses_the_true_fisher_under_zero3(tiny_models, tmp_path):
+    """Under DeepSpeed the Trainer updates the weights inside its backward call (accelerate runs engine.step
+    there), so no callback point lies between the training backward and the update, where the true Fisher's
+    re-forward must run: one line at on_train_begin, before any hook; the empirical Fisher goes on."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = capture_job_config(tmp_path, tiny_models["llama"], train, "cb.zarr", curvature={"fisher": True})
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
+    next(model.parameters()).ds_id = 0  # pyright: ignore[reportAttributeAccessIssue]  # as ZeRO-3 marks them
+    args = SimpleNamespace(remove_unused_columns=False, gradient_checkpointing=False, world_size=1)
+    state = SimpleNamespace(global_step=0, max_steps=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    refusal = r"^curvature\.fisher true is not captured by TributaryCallback under DeepSpeed ZeRO-3: "
+    with pytest.raises(TributaryError, match=refusal) as e:
+        TributaryCallback(config).on_train_begin(args, state, None, model=model, optimizer=optimizer)
+    assert "\n" not in str(e.value)
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+    assert not Path(config.store.path).exists()  # nothing written
+    empirical = capture_job_config(tmp_path, tiny_models["llama"], train, "empirical.zarr")
+    callback = TributaryCallback(empirical)
+    callback.on_train_begin(args, state, None, model=model, optimizer=optimizer)
+    assert callback.capture is not None
+    callback.capture.hooks.remove()
+
+
 def _next_accelerator() -> None:
     """Let the next Trainer in this process make its own Accelerator with a DeepSpeed plugin (accelerate refuses a
     second one while the first's state lives; the process state, with its gloo backend, is kept)."""
