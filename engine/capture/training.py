@@ -31,6 +31,7 @@ The extra forward is the cost; the re-forward's losses must equal the training f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,10 @@ class TrainingHooks:
         self.reforward = reforward and fisher_seed is not None
         self.sampling = False  # inside the sampled-label backward or re-forward: the training hooks record nothing
         self.reforward_outputs: dict[str, list[torch.Tensor]] | None = None  # the re-forward's module outputs
+        # ZeRO-3: the data-only backward never reaches the modules before the first tracked one (the embedding),
+        # so their gathered weights stay whole until released here (else an update inside DeepSpeed's step
+        # leaves them stale for the next forward)
+        self.release_gathered: Callable[[], None] | None = None
         self.armed = False
         self.pending: list[MicroBatch] = []
         self._handles: list = []
@@ -256,13 +261,21 @@ class TrainingHooks:
 
     # ---- after the backward -------------------------------------------------------------------------
     def finish(self) -> list[CapturedBatch]:
-        """The micro-batches recorded since the last call, with rows of the summed per-example loss. With
-        `reforward`, call it after the training backward and before the optimizer step, on every rank at once."""
+        """The micro-batches recorded since the last call, with rows of the summed per-example loss (see
+        `run_reforwards`)."""
+        self.run_reforwards()
         done, self.pending = self.pending, []
-        if self.reforward:
-            for batch in done:
-                self._reforwarded_backward(batch)
         return [self._finished(batch) for batch in done]
+
+    def run_reforwards(self) -> None:
+        """With `reforward`, the sampled-label δ̃ of every micro-batch recorded and not yet re-run, then
+        `release_gathered`; call it after the training backward and before the optimizer step, on every rank at
+        once (`finish` calls it, and so does a pre-step hook on the optimizer where the update comes first)."""
+        waiting = [batch for batch in self.pending if batch.call is not None] if self.reforward else []
+        for batch in waiting:
+            self._reforwarded_backward(batch)
+        if waiting and self.release_gathered is not None:
+            self.release_gathered()
 
     def _finished(self, batch: MicroBatch) -> CapturedBatch:
         if batch.scale is None or batch.losses is None:

@@ -22,7 +22,6 @@ from transformers import TrainerCallback
 from engine.config import JobConfig, load_config
 from engine.errors import TributaryError
 from engine.integrations.capture import TrainingCapture, world_size
-from engine.integrations.partitioned import check_partitioned_trainer_capture, is_partitioned
 from engine.integrations.rows import TrainingRows
 from engine.training_run.resolve import CHECKPOINT_DIR
 
@@ -61,8 +60,6 @@ class TributaryCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise TributaryError("the Trainer gave TributaryCallback no model or optimizer at on_train_begin")
         check_trainer_processes(args.world_size)
-        if is_partitioned(model):
-            check_partitioned_trainer_capture(self.config)
         self.capture = TrainingCapture(
             self.config,
             model,

@@ -32,7 +32,13 @@ from engine.curvature.factors import NEEDS_LAMBDA_PASS
 from engine.errors import TributaryError
 from engine.gradients.context import context_for_model
 from engine.integrations.adam import live_preconditioner
-from engine.integrations.partitioned import check_partitioned_capture, gathered, is_partitioned, takes_true_fisher
+from engine.integrations.partitioned import (
+    check_partitioned_capture,
+    gathered,
+    is_partitioned,
+    takes_true_fisher,
+    zero3_release,
+)
 from engine.integrations.rows import TrainingRows
 from engine.integrations.segments import (
     SegmentRows,
@@ -136,7 +142,7 @@ class TrainingCapture:
         run from the state `save_state(resume_step)` kept (the model and optimizer restored to that step)."""
         check_capture_config(config)
         self.config = config
-        model = _inner(model)
+        wrapper, model = model, _inner(model)
         partitioned = is_partitioned(model)
         if partitioned:  # before any hook is installed
             check_partitioned_capture(config, model)
@@ -156,7 +162,21 @@ class TrainingCapture:
         # ZeRO-3: the sampled-label backward gets a forward of its own when the step's block ends (TrainingHooks)
         seed = config.curvature.seed if self.true_fisher else None
         self.hooks = TrainingHooks(model, context.capture, seed, reforward=partitioned)
+        if self.hooks.reforward:
+            self.hooks.release_gathered = zero3_release(optimizer, wrapper)
+            if self.hooks.release_gathered is None:
+                raise TributaryError(
+                    "curvature.fisher true under DeepSpeed ZeRO-3 needs deepspeed.initialize's engine or optimizer "
+                    "(to release the weights its re-forward gathers); pass the engine and the optimizer it returned"
+                )
         self.hooks.install()
+        # the Trainer under DeepSpeed updates inside its backward call, before any callback: the re-forward runs
+        # from the optimizer's own pre-step hook there (after the step API's block it finds nothing left to run)
+        self._pre_step = (
+            self.optimizer.register_step_pre_hook(lambda *_: self.hooks.run_reforwards())
+            if self.hooks.reforward
+            else None
+        )
         run = config.training_run
         self.cuts = cut_points(
             run.boundaries if run else None,
@@ -322,6 +342,8 @@ class TrainingCapture:
         if self.closed:
             return self.writer.root
         self.hooks.remove()
+        if self._pre_step is not None:
+            self._pre_step.remove()
         self._end_pending_cut()
         self.closed = True
         if self.segment.steps:

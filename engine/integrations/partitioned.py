@@ -5,7 +5,8 @@ themselves, the fingerprint and the saved boundaries, gathers them, on every ran
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from torch import nn
 
@@ -60,17 +61,6 @@ def check_partitioned_capture(config: JobConfig, model: nn.Module) -> None:
         )
 
 
-def check_partitioned_trainer_capture(config: JobConfig) -> None:
-    """The Trainer under DeepSpeed steps the optimizer inside accelerate's backward call, so no callback runs
-    between the training backward and the update, where the true Fisher's re-forward must run."""
-    if takes_true_fisher(config):
-        raise TributaryError(
-            "curvature.fisher true is not captured by TributaryCallback under DeepSpeed ZeRO-3: the Trainer updates "
-            "the weights inside its backward call, before any callback could re-run the forward; use fisher "
-            "empirical, or the step API (TrainingCapture.step) around deepspeed.initialize's engine"
-        )
-
-
 def takes_true_fisher(config: JobConfig) -> bool:
     return config.curvature.strategy in NEEDS_COVARIANCE and config.curvature.fisher is True
 
@@ -84,4 +74,19 @@ def active_dropout(model: nn.Module) -> str | None:
     rate = getattr(getattr(model, "config", None), "attention_dropout", 0.0)
     if isinstance(rate, int | float) and rate > 0:
         return f"config.attention_dropout={rate}"
+    return None
+
+
+def zero3_release(*holders: Any) -> Callable[[], None] | None:
+    """DeepSpeed's own release of every gathered ZeRO-3 parameter (`partition_all_parameters` of its offload
+    manager, which its optimizer step runs first for modules whose backward never ran), found on a DeepSpeed
+    engine or a ZeRO-3 optimizer, or one of them wrapped (`.optimizer`, accelerate's and the engine's); None
+    where there is none."""
+    for holder in holders:
+        seen = 0
+        while holder is not None and seen < 8:
+            offload = getattr(holder, "parameter_offload", None)
+            if offload is not None and callable(getattr(offload, "partition_all_parameters", None)):
+                return offload.partition_all_parameters
+            holder, seen = getattr(holder, "optimizer", None), seen + 1
     return None

@@ -112,6 +112,8 @@ def _zero3_rank(
             batch = rows.collate([rows[i] for i in indices[rank * 2 : rank * 2 + 2]])
             with capturing.step() if capturing else contextlib.nullcontext():
                 engine.backward(engine(**batch).loss)
+            if capturing is not None and capturing.true_fisher:  # the re-forward's gathered weights released
+                assert all(p.ds_status.name == "NOT_AVAILABLE" for p in trained.parameters())  # pyright: ignore[reportAttributeAccessIssue]
             engine.step()
         if capturing is not None:
             capturing.close()
@@ -255,6 +257,8 @@ def test_the_re_forward_gives_the_index_s_sampled_rows_and_touches_no_gradient(t
     import engine.integrations.capture as capture_module
 
     monkeypatch.setattr(capture_module, "is_partitioned", lambda model: True)
+    released: list[int] = []  # DeepSpeed's release of the gathered weights, once a step after its re-forwards
+    monkeypatch.setattr(capture_module, "zero3_release", lambda *holders: lambda: released.append(1))
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     config = capture_job_config(tmp_path, tiny_models["llama"], train, "re.zarr", curvature={"fisher": True, "seed": 3})
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
@@ -288,11 +292,12 @@ def test_the_re_forward_gives_the_index_s_sampled_rows_and_touches_no_gradient(t
         np.testing.assert_allclose(fisher_rows, expected.fisher_grads, rtol=0, atol=1e-6 * scale)
         assert not np.allclose(fisher_rows, expected.grads, rtol=0, atol=1e-3 * scale)  # labels were sampled
         np.testing.assert_allclose(capture.segment.sums[indices], expected.grads, rtol=0, atol=1e-6 * scale)
+        assert len(released) == number + 1
         optimizer.step()
         optimizer.zero_grad()
         capture.end_epoch()
     capture.close()
-    assert RunStore.open(config.store.path).manifest.complete
+    assert RunStore.open(config.store.path).manifest.complete and len(released) == 2
 
 
 def test_a_re_forward_that_differs_from_the_training_forward_is_refused(tiny_models, tmp_path, monkeypatch):
@@ -302,6 +307,7 @@ def test_a_re_forward_that_differs_from_the_training_forward_is_refused(tiny_mod
     import engine.integrations.partitioned as partitioned
 
     monkeypatch.setattr(capture_module, "is_partitioned", lambda model: True)
+    monkeypatch.setattr(capture_module, "zero3_release", lambda *holders: lambda: None)
     monkeypatch.setattr(partitioned, "active_dropout", lambda model: None)
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
     config = capture_job_config(tmp_path, tiny_models["llama"], train, "drop.zarr", curvature={"fisher": True})

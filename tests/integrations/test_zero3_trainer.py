@@ -74,16 +74,24 @@ def _arguments(out: Path, batch: int, deepspeed: dict | None, configured: bool =
 
 
 def _train(
-    config: JobConfig, model_dir: str, args, crash_at: int | None = None, resume: Path | None = None
+    config: JobConfig,
+    model_dir: str,
+    args,
+    crash_at: int | None = None,
+    resume: Path | None = None,
+    capture: bool = True,
 ) -> tuple[dict[str, torch.Tensor], bool]:
-    """A Trainer run with the callback (one segment an epoch), stopped inside step `crash_at` or resumed from the
-    checkpoint `resume`; the trained weights, whole, and whether ZeRO-3 had partitioned them."""
+    """A Trainer run with the callback (one segment an epoch; `capture` False: without it), stopped inside step
+    `crash_at` or resumed from the checkpoint `resume`; the trained weights, whole, and whether ZeRO-3 had
+    partitioned them."""
     from transformers import AutoModelForCausalLM, Trainer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = TrainingRows(config)
-    callbacks: list[TrainerCallback] = [TributaryCallback(config, rows, epochs_per_segment=1, keep_weights=True)]
+    callbacks: list[TrainerCallback] = (
+        [TributaryCallback(config, rows, epochs_per_segment=1, keep_weights=True)] if capture else []
+    )
     if crash_at is not None:
         callbacks.append(CrashAt(crash_at))
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=rows.collate, callbacks=callbacks)
@@ -110,10 +118,18 @@ def _configured_state() -> None:
 
 
 def _zero3_trainer_rank(
-    rank: int, world: int, port: int, config: JobConfig, model_dir: str, out: str, configured: bool
+    rank: int,
+    world: int,
+    port: int,
+    config: JobConfig,
+    model_dir: str,
+    out: str,
+    configured: bool,
+    capture: bool = True,
 ) -> None:
     """One rank of a 2-process Trainer run under ZeRO-3 (as torchrun starts it: the environment names the group).
-    `configured` False: accelerate's state left to TrainingArguments; rank 0 keeps the callback's refusal."""
+    `configured` False: accelerate's state left to TrainingArguments; rank 0 keeps the callback's refusal.
+    `capture` False: the same run without the callback."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world)
     )
@@ -125,7 +141,7 @@ def _zero3_trainer_rank(
         deepspeed = dict(zero3_config("auto"), gradient_clipping="auto")
         args = _arguments(Path(out), 2, deepspeed, configured)
         try:
-            weights, partitioned = _train(config, model_dir, args)
+            weights, partitioned = _train(config, model_dir, args, capture=capture)
         except TributaryError as refusal:
             if configured:
                 raise
@@ -142,14 +158,19 @@ def _zero3_trainer_rank(
     leave_rank()
 
 
-@pytest.mark.heavy  # two spawned ZeRO-3 Trainer ranks and a one-process Trainer run
+@pytest.mark.heavy  # two spawned ZeRO-3 Trainer runs of 2 ranks (with and without capture) and a one-process run
 @pytest.mark.requires_deepspeed
-def test_trainer_under_zero3_with_two_ranks_equals_one_process(tiny_models, tmp_path):
+@pytest.mark.parametrize("fisher", ["empirical", True], ids=["empirical", "true-fisher"])
+def test_trainer_under_zero3_with_two_ranks_equals_one_process(tiny_models, tmp_path, fisher):
     """2 rows a rank a step under ZeRO-3 against 4 rows a step in one process: the same shuffled rows a step
-    (accelerate gives the ranks consecutive batches of the sampler's order), every row once a segment."""
+    (accelerate gives the ranks consecutive batches of the sampler's order), every row once a segment. The true
+    Fisher: ZeRO-3's re-forward (run from the optimizer's pre-step hook, inside DeepSpeed's step, since the
+    Trainer updates inside its backward call) against the one process's nested backward; and the weights
+    bit-identical to the same ZeRO-3 Trainer run without the callback."""
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    ranks = _float32(capture_job_config(tmp_path, tiny_models["llama"], train, "zero3.zarr"))
-    single = _float32(capture_job_config(tmp_path, tiny_models["llama"], train, "single.zarr"))
+    curvature = {"fisher": fisher, "seed": 3}
+    ranks = _float32(capture_job_config(tmp_path, tiny_models["llama"], train, "zero3.zarr", curvature=curvature))
+    single = _float32(capture_job_config(tmp_path, tiny_models["llama"], train, "single.zarr", curvature=curvature))
     out = tmp_path / "zero3"
     spawn(
         _zero3_trainer_rank,
@@ -175,6 +196,11 @@ def test_trainer_under_zero3_with_two_ranks_equals_one_process(tiny_models, tmp_
     assert captured["partitioned"]  # the Trainer did train under ZeRO-3
     for name, weight in alone.items():  # ZeRO-3 trained the same model as one process
         torch.testing.assert_close(captured["weights"][name], weight, rtol=1e-5, atol=1e-6)
+    plain = tmp_path / "plain"
+    arguments = (2, unused_port(), ranks, str(tiny_models["llama"]), str(plain), True, False)
+    spawn(_zero3_trainer_rank, args=arguments, nprocs=2, join=True)
+    for name, weight in torch.load(plain / "weights.pt")["weights"].items():  # capture left training bit-identical
+        assert torch.equal(captured["weights"][name], weight), name
 
 
 @pytest.mark.heavy  # two spawned ZeRO-3 Trainer ranks, refused at on_train_begin
@@ -218,34 +244,6 @@ def test_callback_refuses_a_trainer_that_counts_other_processes_than_torch_distr
     assert "\n" not in str(e.value)
     assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
     assert not Path(config.store.path).exists()  # nothing written
-
-
-def test_callback_refuses_the_true_fisher_under_zero3(tiny_models, tmp_path):
-    """Under DeepSpeed the Trainer updates the weights inside its backward call (accelerate runs engine.step
-    there), so no callback point lies between the training backward and the update, where the true Fisher's
-    re-forward must run: one line at on_train_begin, before any hook; the empirical Fisher goes on."""
-    from types import SimpleNamespace
-
-    from transformers import AutoModelForCausalLM
-
-    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    config = capture_job_config(tmp_path, tiny_models["llama"], train, "cb.zarr", curvature={"fisher": True})
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float64)
-    next(model.parameters()).ds_id = 0  # pyright: ignore[reportAttributeAccessIssue]  # as ZeRO-3 marks them
-    args = SimpleNamespace(remove_unused_columns=False, gradient_checkpointing=False, world_size=1)
-    state = SimpleNamespace(global_step=0, max_steps=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    refusal = r"^curvature\.fisher true is not captured by TributaryCallback under DeepSpeed ZeRO-3: "
-    with pytest.raises(TributaryError, match=refusal) as e:
-        TributaryCallback(config).on_train_begin(args, state, None, model=model, optimizer=optimizer)
-    assert "\n" not in str(e.value)
-    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
-    assert not Path(config.store.path).exists()  # nothing written
-    empirical = capture_job_config(tmp_path, tiny_models["llama"], train, "empirical.zarr")
-    callback = TributaryCallback(empirical)
-    callback.on_train_begin(args, state, None, model=model, optimizer=optimizer)
-    assert callback.capture is not None
-    callback.capture.hooks.remove()
 
 
 def _next_accelerator() -> None:
