@@ -23,10 +23,11 @@ the covariance sums and the sampled-label rows Λ is read from; the stored rows 
 
 Under DeepSpeed ZeRO-3 (`reforward`) the sampled-label backward is not nested: a backward inside the training
 backward sets off ZeRO-3's module backward hooks, which re-partition weights the training backward still needs.
-The labels are drawn in the logits hook as above; `finish`, called after the training backward and before the
-optimizer step, runs each micro-batch's forward again (on every rank: ZeRO-3's gathers are collective) with the
-weights of the step's forward and takes the sampled-label δ̃ by a data-only backward of that forward's graph.
-The extra forward is the cost; the re-forward's losses must equal the training forward's (no dropout).
+The labels are drawn in the logits hook as above; `run_reforwards` (from `finish`, or from a pre-step hook on
+the optimizer), after the training backward and before the update, runs each micro-batch's forward again (on
+every rank: ZeRO-3's gathers are collective) with the weights of the step's forward, takes the sampled-label δ̃
+by a data-only backward of that forward's graph and has ZeRO-3 release what it gathered. The extra forward is
+the cost; the re-forward's losses must equal the training forward's (no dropout).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ class CapturedBatch:
 class TrainingHooks:
     """Hooks on a model being trained; `armed` says whether a forward belongs to a captured step.
     `fisher_seed`: take the covariance from a sampled-label backward with this seed (the true Fisher).
-    `reforward`: take it from a forward of its own in `finish` instead of a backward nested in the training one
-    (ZeRO-3)."""
+    `reforward`: take it from a forward of its own (`run_reforwards`) instead of a backward nested in the
+    training one (ZeRO-3)."""
 
     def __init__(
         self, model: nn.Module, capture: GradientCapture, fisher_seed: int | None = None, reforward: bool = False

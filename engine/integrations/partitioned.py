@@ -1,6 +1,8 @@
 """Capture under DeepSpeed ZeRO-3: each rank holds 1/world of every parameter. The capture hooks need no
 weights (a tracked module's inputs and output gradients are full on every rank), so only what reads the weights
-themselves, the fingerprint and the saved boundaries, gathers them, on every rank at once (a collective)."""
+themselves, the fingerprint and the saved boundaries, gathers them, on every rank at once (a collective). The
+true Fisher's re-forward (engine.capture.training) gathers through ZeRO-3's own hooks, and `zero3_release` hands
+back what its data-only backward leaves gathered."""
 
 from __future__ import annotations
 

@@ -247,6 +247,20 @@ def test_the_true_fisher_under_zero3_with_dropout_is_refused_before_any_hook(tin
     TrainingCapture(empirical, model, torch.optim.Adam(model.parameters(), lr=0.1)).hooks.remove()  # accepted
 
 
+def test_the_true_fisher_under_zero3_without_deepspeed_s_engine_or_optimizer_is_refused(tiny_models, tmp_path):
+    """The re-forward's gathered weights are released by DeepSpeed's offload manager, found on its engine or
+    optimizer; a bare module with the client's torch optimizer gives neither: one line, nothing hooked."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"t{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    config = capture_job_config(tmp_path, tiny_models["llama"], train, "bare.zarr", curvature={"fisher": True})
+    model = _partitioned_llama(tiny_models["llama"])
+    refusal = r"^curvature\.fisher true under DeepSpeed ZeRO-3 needs deepspeed\.initialize's engine or optimizer "
+    with pytest.raises(TributaryError, match=refusal) as refused:
+        TrainingCapture(config, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "\n" not in str(refused.value)
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
+    assert not Path(config.store.path).exists()  # nothing written
+
+
 def test_the_re_forward_gives_the_index_s_sampled_rows_and_touches_no_gradient(tiny_models, tmp_path, monkeypatch):
     """ZeRO-3's path taken in one process without DeepSpeed (the model taken for partitioned): after each step's
     backward the covariance sums and sampled-label rows equal `tributary index`'s true-Fisher pass at the weights
