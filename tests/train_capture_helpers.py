@@ -27,11 +27,18 @@ def capture_job_config(root: Path, model: Path, train: Path, store: str, **secti
     return parse_config(job_config(root, model, train, **settings))
 
 
-def resumed_run_checkpoints(resumed: JobConfig, whole: JobConfig) -> tuple[RunStore, RunStore, list[tuple]]:
+def resumed_run_checkpoints(
+    resumed: JobConfig, whole: JobConfig, steps: list[list[int]] | None = None
+) -> tuple[RunStore, RunStore, list[tuple]]:
     """(resumed run, uninterrupted run, their checkpoint stores in pairs), after checking what every resume test
     checks: the resumed store complete with nothing left to resume, the same segments, and each checkpoint's rows
-    seen at the same steps and epochs. Rows (1e-12) and Λ (1e-10) are compared too."""
+    seen at the same steps and epochs. Rows (1e-12) and Λ (1e-10) are compared too. `steps`: the 8 rows' steps of
+    a run cut after its first step, whose rows each segment must have seen that often."""
     ours, theirs = RunStore.open(resumed.store.path), RunStore.open(whole.store.path)
+    if steps is not None:
+        seen = [captured_rows(ours.checkpoint(c.name))["seen"] for c in ours.plan.checkpoints]
+        np.testing.assert_array_equal(seen[0], np.isin(np.arange(8), steps[0]).astype(int))
+        np.testing.assert_array_equal(seen[1], np.bincount(steps[1] + steps[2], minlength=8))
     assert ours.manifest.complete and ours.manifest.segments_done == [0, 1]
     assert not Path(resumed.store.path + ".resume").exists()  # a complete store resumes nothing
     assert [(s.steps, s.eta) for s in ours.plan.segments] == [(s.steps, s.eta) for s in theirs.plan.segments]

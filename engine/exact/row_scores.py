@@ -83,13 +83,6 @@ def _rows(activations: dict[str, list[torch.Tensor]]) -> int:
     return next(iter(activations.values()))[0].shape[0]
 
 
-def batch_scores(
-    side: QuerySide, activations: dict[str, list[torch.Tensor]], deltas: dict[str, list[torch.Tensor]]
-) -> torch.Tensor:
-    """(Q, B) scores of one batch's rows."""
-    return block_scores(side, [(activations, deltas)])
-
-
 def block_scores(side: QuerySide, batches: list[Captures]) -> torch.Tensor:
     """(Q, ΣB) scores of the batches' rows, in order, summed over modules in layout order (a fixed order:
     deterministic). A module's formed gradients are stacked over the block and met by its queries in one product."""

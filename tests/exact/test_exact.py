@@ -20,7 +20,7 @@ from engine.errors import TributaryError
 from engine.exact import row_scores
 from engine.exact.exact_query import require_finite_query_gradients
 from engine.exact.queries import ExactQueries
-from engine.exact.row_scores import QuerySide, ScoringBlock, batch_scores, factored
+from engine.exact.row_scores import QuerySide, ScoringBlock, block_scores, factored
 from engine.exact.stored_factors import has_exact_factors
 from engine.gradients.context import load_model_context
 from engine.gradients.passes import gradient_pass
@@ -213,14 +213,14 @@ def test_factored_scores_equal_the_formed_gradient():
     for normalise in (False, True):
         queries = ExactQueries(spec, normalise, {"m": whole}, {"m": (left.numpy(), right.numpy())})
         side = QuerySide.of(queries, torch.float64, torch.device("cpu"))
-        ours = batch_scores(side, {"m": acts}, {"m": dels}).numpy()
+        ours = block_scores(side, [({"m": acts}, {"m": dels})]).numpy()
         expected = np.einsum("qkj,bkj->qb", whole, gradient.numpy())
         if normalise:
             expected = expected / np.linalg.norm(gradient.reshape(5, -1).numpy(), axis=1)[None, :]
         assert np.allclose(ours, expected, rtol=1e-12, atol=0)
     formed = QuerySide.of(ExactQueries(spec, False, {"m": whole}, {}), torch.float64, torch.device("cpu"))
     expected = np.einsum("qkj,bkj->qb", whole, gradient.numpy())
-    assert np.allclose(batch_scores(formed, {"m": acts}, {"m": dels}).numpy(), expected, rtol=1e-12, atol=0)
+    assert np.allclose(block_scores(formed, [({"m": acts}, {"m": dels})]).numpy(), expected, rtol=1e-12, atol=0)
 
 
 def test_scoring_blocks_equal_each_row_scored_alone(monkeypatch):

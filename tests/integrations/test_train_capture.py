@@ -670,10 +670,7 @@ def test_resumed_ddp_run_continues_the_store_of_an_uninterrupted_one(tiny_models
         nprocs=2,
         join=True,
     )
-    ours, _, _ = resumed_run_checkpoints(resumed, whole)
-    seen = [captured_rows(ours.checkpoint(c.name))["seen"] for c in ours.plan.checkpoints]
-    np.testing.assert_array_equal(seen[0], np.isin(np.arange(8), RESUME_STEPS[0]).astype(int))
-    np.testing.assert_array_equal(seen[1], np.bincount(RESUME_STEPS[1] + RESUME_STEPS[2], minlength=8))
+    resumed_run_checkpoints(resumed, whole, RESUME_STEPS)
 
 
 def test_a_capture_state_saved_by_other_ranks_is_refused(tiny_models, tmp_path):
